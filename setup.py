@@ -1,0 +1,30 @@
+"""lseg-jax: Language-driven Semantic Segmentation (LSeg) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lseg-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of LSeg (Li et al., ICLR 2022)",
+    packages=find_packages(include=["lseg_jax", "lseg_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax",
+        "orbax-checkpoint",
+        "transformers",
+        "safetensors",
+        "tensorflow-cpu",
+        "tensorflow-datasets",
+        "ml_collections",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        # PyTorch interop (checkpoint import/export, the self-contained PyTorch LSeg).
+        "torch": ["torch", "torchvision", "timm"],
+        "test": ["pytest", "pytest-xdist"],
+    },
+)
