@@ -1,0 +1,1 @@
+"""Checkpoint conversion: one mapping table per source layout, run in both directions."""

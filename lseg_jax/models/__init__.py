@@ -1,0 +1,1 @@
+"""Flax NNX modules of LSeg: ViT, DPT decoder, CLIP text tower, spatial regularisation."""
