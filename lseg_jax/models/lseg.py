@@ -1,0 +1,228 @@
+"""LSeg: ViT-DPT pixel embeddings scored against frozen CLIP label embeddings.
+
+    images [B, H, W, 3] --ViT--> 4 hooked token maps --DPT--> [B, H/2, W/2, D]
+    pixel embeddings (L2-normalised) . label embeddings [L, D] or [B, L, D] (L2-normalised)
+    * 1/0.07 -> spatial regularisation (optional) -> bilinear x2 -> logits [B, H, W, L]
+
+Module names follow lang-seg's `LSegNet` (`pretrained.model`, `pretrained.act_postprocessN`,
+`scratch.*`, `clip_pretrained`), so its checkpoints map onto this model key by key.
+The text tower lives in the model (for checkpoint interop) but the forward pass takes
+label embeddings: they are computed once per label set (`lseg_jax.text.LabelEmbedder`)
+and a training step never runs the text tower.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lseg_jax.models import clip_text, dpt, resize, spatial_reg, vit
+
+# lang-seg backbone name -> (ViT variant, CLIP text variant).
+BACKBONES = {
+    "clip_vitl16_384": ("L/16", "B/32"),
+    "clip_vitb32_384": ("B/32", "B/32"),
+    "clipRN50x16_vitl16_384": ("L/16", "RN50x16"),
+    # Same structure, tiny dimensions: for tests and the CPU default config.
+    "tiny_vit16": ("tiny/16", "tiny"),
+    "tiny_vit32": ("tiny/32", "tiny"),
+}
+DPT_WIDTHS = {
+    "L/16": (256, 512, 1024, 1024),
+    "B/32": (96, 192, 384, 768),
+    "tiny/16": (8, 16, 32, 32),
+    "tiny/32": (8, 16, 32, 32),
+}
+# CLIP's initial temperature, exp(log(1/0.07)) in float32 as lang-seg computes it.
+LOGIT_SCALE = float(np.exp(np.float32(np.log(1 / 0.07)), dtype=np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class LSegConfig:
+  """Everything that defines an LSeg model; stored beside every checkpoint."""
+  backbone: str = "clip_vitb32_384"
+  features: int | None = None  # DPT width; None: 256, or 16 for the tiny backbones
+  readout: str = "project"  # "ignore" | "add" | "project"
+  arch_option: int = 0  # 0: none, 1: BottleneckBlock, 2: DepthwiseBlock
+  block_depth: int = 0
+  activation: str = "lrelu"  # "relu" | "lrelu" | "tanh"
+  dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
+  attention: str = "xla"  # "xla" | "cudnn"
+  text_vocab_size: int | None = None  # None: the variant's (49408); smaller in tiny tests
+
+  def __post_init__(self):
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {sorted(BACKBONES)}")
+    if self.arch_option not in spatial_reg.ARCH_OPTIONS:
+      raise ValueError(f"arch_option must be 0, 1 or 2, got {self.arch_option!r}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+  @property
+  def vit_variant(self) -> str:
+    return BACKBONES[self.backbone][0]
+
+  @property
+  def text_variant(self) -> str:
+    return BACKBONES[self.backbone][1]
+
+  @property
+  def num_features(self) -> int:
+    if self.features is not None:
+      return self.features
+    return 16 if self.backbone.startswith("tiny") else 256
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "LSegConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown LSegConfig fields {unknown}; expected a subset of {sorted(known)}")
+    return cls(**d)
+
+
+class Pretrained(nnx.Module):
+  """lang-seg's `pretrained`: the ViT (`model`) and the four reassemble stages."""
+
+  def __init__(self, cfg: LSegConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.model = vit.VisionTransformer(
+        vit.decode_variant(cfg.vit_variant, dtype=dtype, attention=cfg.attention), rngs=rngs)
+    vcfg = self.model.cfg
+    styles = dpt.REASSEMBLE[vcfg.patch]
+    widths = DPT_WIDTHS[cfg.vit_variant]
+    for i in range(4):
+      setattr(self, f"act_postprocess{i + 1}", dpt.Reassemble(
+          cfg.readout, vcfg.width, widths[i], styles[i], dtype=dtype, rngs=rngs))
+
+  def __call__(self, images):
+    """images [B, H, W, 3] -> 4 feature maps at strides p/4, p/2, p, 2p (p=16) or
+    p/8, p/4, p/2, p (p=32)."""
+    grid = self.model.grid_size(images.shape[1], images.shape[2])
+    tokens = self.model(images)
+    stages = (self.act_postprocess1, self.act_postprocess2, self.act_postprocess3,
+              self.act_postprocess4)
+    return [stage(t, grid) for stage, t in zip(stages, tokens)]
+
+
+class Scratch(nnx.Module):
+  """lang-seg's `scratch`: 3x3 projections, fusion blocks, `head1`, `head_block`."""
+
+  def __init__(self, cfg: LSegConfig, text_dim: int, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    f = cfg.num_features
+    for i, w in enumerate(DPT_WIDTHS[cfg.vit_variant]):
+      setattr(self, f"layer{i + 1}_rn", nnx.Conv(
+          w, f, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype, rngs=rngs))
+    for i in range(4):
+      setattr(self, f"refinenet{i + 1}", dpt.FusionBlock(f, dtype=dtype, rngs=rngs))
+    self.head1 = nnx.Conv(f, text_dim, (1, 1), dtype=dtype, rngs=rngs)
+    self.head_block = (
+        spatial_reg.SpatialRegularization(cfg.arch_option, cfg.block_depth, cfg.activation,
+                                          rngs=rngs)
+        if cfg.arch_option else None)
+
+  def __call__(self, layers):
+    """4 reassembled maps -> pixel features [B, H/2, W/2, D] (not normalised)."""
+    l1, l2, l3, l4 = (getattr(self, f"layer{i + 1}_rn")(x) for i, x in enumerate(layers))
+    path = self.refinenet4(l4)
+    path = self.refinenet3(path, l3)
+    path = self.refinenet2(path, l2)
+    path = self.refinenet1(path, l1)
+    return self.head1(path)
+
+
+class LSeg(nnx.Module):
+  """The LSeg model (`LSegNet` of lang-seg) as a Flax NNX module."""
+
+  def __init__(self, cfg: LSegConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    text_cfg = clip_text.decode_variant(
+        cfg.text_variant,
+        **({"vocab_size": cfg.text_vocab_size} if cfg.text_vocab_size else {}))
+    self.clip_pretrained = clip_text.CLIPTextTransformer(text_cfg, rngs=rngs)
+    self.text_dim = text_cfg.embed_dim
+    self.pretrained = Pretrained(cfg, rngs=rngs)
+    self.scratch = Scratch(cfg, self.text_dim, rngs=rngs)
+
+  @property
+  def patch_size(self) -> int:
+    return self.pretrained.model.cfg.patch
+
+  @property
+  def size_multiple(self) -> int:
+    """Input sides must be multiples of this: the patch size, or twice it for the
+    patch-16 decoder, whose coarsest level halves the token grid."""
+    return 32 if self.patch_size == 16 else self.patch_size
+
+  def check_images(self, images):
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(
+          f"expected images [B, H, W, 3] (NHWC, RGB, normalised with mean 0.5, std 0.5), "
+          f"got shape {tuple(images.shape)}")
+    h, w = images.shape[1:3]
+    m = self.size_multiple
+    if h % m or w % m:
+      raise ValueError(
+          f"image size {h}x{w} is not a multiple of {m} (backbone {self.cfg.backbone}, "
+          f"patch {self.patch_size}); resize or pad to a multiple of {m} pixels")
+
+  def encode_text(self, tokens):
+    """tokens [L, 77] int32 -> label embeddings [L, D] float32 (not normalised)."""
+    return self.clip_pretrained(tokens)
+
+  def embed_pixels(self, images):
+    """images [B, H, W, 3] -> L2-normalised pixel embeddings [B, H/2, W/2, D] float32."""
+    self.check_images(images)
+    x = self.scratch(self.pretrained(images)).astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+  def __call__(self, images, text_emb, label_mask=None):
+    """Per-pixel logits over a label set.
+
+    Args:
+      images: [B, H, W, 3] float, normalised with mean 0.5 and std 0.5; H and W
+        multiples of `size_multiple`.
+      text_emb: label embeddings [L, D] shared by the batch, or [B, L, D] per example
+        (not necessarily normalised).
+      label_mask: optional bool [B, L]; False marks labels that are not candidates
+        for that example: their logits are -inf and they do not enter the
+        bottleneck max. Every row needs at least one True.
+
+    Returns:
+      logits [B, H, W, L] float32.
+    """
+    b = images.shape[0]
+    if text_emb.ndim not in (2, 3) or text_emb.shape[-1] != self.text_dim:
+      raise ValueError(f"expected text_emb [L, {self.text_dim}] or [B, L, {self.text_dim}], "
+                       f"got shape {tuple(text_emb.shape)}")
+    if text_emb.ndim == 3 and text_emb.shape[0] != b:
+      raise ValueError(f"text_emb has batch {text_emb.shape[0]} but images have batch {b}")
+    num_labels = text_emb.shape[-2]
+    if num_labels == 0:
+      raise ValueError("empty label set: text_emb has 0 labels")
+    if label_mask is not None and tuple(label_mask.shape) != (b, num_labels):
+      raise ValueError(f"expected label_mask [{b}, {num_labels}], got shape "
+                       f"{tuple(label_mask.shape)}")
+
+    pix = self.embed_pixels(images)
+    text = text_emb.astype(jnp.float32)
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    eq = "bhwd,ld->bhwl" if text.ndim == 2 else "bhwd,bld->bhwl"
+    logits = LOGIT_SCALE * jnp.einsum(eq, pix, text, precision=jax.lax.Precision.HIGHEST)
+    if self.scratch.head_block is not None:
+      logits = self.scratch.head_block(logits, label_mask)
+    if label_mask is not None:
+      # Zero (not -inf) through the resize: -inf * 0 weights would give NaN.
+      logits = jnp.where(label_mask[:, None, None, :], logits, 0.0)
+    logits = resize.upsample2x_align_corners(logits)
+    if label_mask is not None:
+      logits = jnp.where(label_mask[:, None, None, :], logits, -jnp.inf)
+    return logits
