@@ -16,6 +16,7 @@ setup(
         "safetensors",
         "tensorflow-cpu",
         "tensorflow-datasets",
+        "importlib_resources",  # Needed by tensorflow-datasets when building datasets.
         "ml_collections",
         "absl-py",
         "numpy",

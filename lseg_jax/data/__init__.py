@@ -1,0 +1,19 @@
+"""Input data: dataset sources, preprocessing and per-host tf.data pipelines.
+
+Data contract (shared by training, evaluation and prediction):
+
+* Raw example (a source's output, before augmentation): `image` uint8
+  [H, W, 3]; `mask` int32 [H, W] indexing the source's `label_names`, -1 =
+  ignore; `file_name` tf.string. Episodic (zero-shot) sources: the mask is
+  binary (0 = "other", 1 = the episode class, -1 = ignore) and examples also
+  carry `class_index` int32 (into the fold's `class_names`) and `class_name`.
+* Batch (numpy, per host): `image` float32 [B, H, W, 3] normalised as
+  (x / 255 - 0.5) / 0.5; `label` int32 [B, H, W] indexing the pipeline's
+  `label_names`, -1 = ignore; `label_mask` bool [B, L], the candidate labels
+  of each example. Eval batches add `valid` bool [B], `image_size` int32
+  [B, 2] and, for episodes, `class_index` int32 [B].
+"""
+from lseg_jax.data.preprocess import IGNORE_INDEX
+from lseg_jax.data.registry import get_source, register, Source
+
+__all__ = ["IGNORE_INDEX", "Source", "get_source", "register"]

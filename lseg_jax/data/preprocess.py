@@ -1,0 +1,191 @@
+"""Decoding, augmentation and normalisation ops (TF graph ops, one example at a time).
+
+Training augmentation follows the official LSeg recipe (PyTorch-Encoding's
+`BaseDataset._sync_transform`, base_size 520, crop_size 480):
+
+  1. horizontal flip with probability 0.5;
+  2. long side := an integer drawn uniformly from
+     [int(base_size * lo), int(base_size * hi)] (both ends included, default
+     lo, hi = 0.5, 2.0); short side := int(short * long_new / long + 0.5).
+     Image: bicubic (antialiased when shrinking, like PIL's BICUBIC), rounded
+     back to uint8 values; mask: nearest neighbour ONLY;
+  3. pad bottom/right up to crop_size: image with 0 (black), mask with ignore;
+  4. random crop_size x crop_size crop;
+  5. normalise with mean 0.5, std 0.5: x / 255 * 2 - 1.
+
+Evaluation (`eval_resize` in the data config):
+  "none": the official test path (`test_lseg.py`, dataset mode "testval"):
+    the image and mask stay at their original resolution; the evaluator's
+    multi-scale sliding window (long side = base_size * scale) does the
+    resizing and scores against the full-resolution mask. Batches are padded
+    (image 0, mask ignore) and carry each example's true `image_size`.
+  "long_side": resize so the long side is base_size (bicubic image, nearest
+    mask), as the official test code does at scale 1.0.
+  "center_crop": PyTorch-Encoding's "val" mode (`_val_sync_transform`, used
+    by the official validation during training): short side := crop_size,
+    other side truncated, centre crop crop_size x crop_size.
+
+All randomness comes from stateless ops seeded by the caller, so the same
+(seed, example position) always gives the same augmentation.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+IGNORE_INDEX = -1
+EVAL_RESIZE_MODES = ("none", "long_side", "center_crop")
+# A PNG's colour type byte (IHDR) sits at offset 25; 3 means "palette".
+_PNG_COLOR_TYPE_OFFSET = 25
+
+
+def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
+                   file_name: tf.Tensor, *,
+                   mask_ignore: int = 255) -> dict[str, tf.Tensor]:
+  """Decodes an encoded image and a label PNG into a raw example.
+
+  Args:
+    image_bytes: JPEG/PNG/BMP/GIF bytes (scalar tf.string).
+    mask_bytes: single-channel PNG bytes, pixel value = label index.
+    file_name: scalar tf.string, kept for error messages.
+    mask_ignore: mask pixel value meaning "ignore" (mapped to -1).
+
+  Returns:
+    {"image": uint8 [H, W, 3], "mask": int32 [H, W], "file_name": string}.
+  """
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  is_palette = tf.logical_and(
+      tf.strings.substr(mask_bytes, 0, 4) == b"\x89PNG",
+      tf.strings.substr(mask_bytes, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x03")
+  tf.debugging.Assert(tf.logical_not(is_palette), [tf.strings.join([
+      "Mask of ", file_name, " is a palette PNG; expected a greyscale PNG "
+      "whose pixel values are label indices (convert it with PIL: "
+      "Image.fromarray(np.array(img)))."])])
+  mask = tf.io.decode_png(mask_bytes, channels=1)[..., 0]
+  mask = tf.cast(mask, tf.int32)
+  mask = tf.where(mask == mask_ignore, IGNORE_INDEX, mask)
+  return {"image": image, "mask": mask, "file_name": file_name}
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """uint8/float [..., 3] in [0, 255] -> float32 (x / 255 - 0.5) / 0.5."""
+  return tf.cast(image, tf.float32) / 127.5 - 1.0
+
+
+def resize_image(image: tf.Tensor, size) -> tf.Tensor:
+  """Bicubic resize of uint8 [H, W, 3] to `size` (h, w), rounded, float32."""
+  out = tf.image.resize(tf.cast(image, tf.float32), size, method="bicubic",
+                        antialias=True)
+  return tf.clip_by_value(tf.round(out), 0.0, 255.0)
+
+
+def resize_nearest(x: tf.Tensor, size) -> tf.Tensor:
+  """Nearest-neighbour resize of [H, W, ...] to `size` (h, w), any dtype.
+
+  Source pixel of output pixel o is floor((o + 0.5) * in / out), as PIL's
+  NEAREST; written as a gather so labels are never interpolated.
+  """
+  def src(out_len, in_len):
+    o = tf.cast(tf.range(out_len), tf.float64)
+    idx = tf.cast(tf.floor((o + 0.5) * tf.cast(in_len, tf.float64)
+                           / tf.cast(out_len, tf.float64)), tf.int32)
+    return tf.minimum(idx, in_len - 1)
+  shape = tf.shape(x)
+  x = tf.gather(x, src(size[0], shape[0]), axis=0)
+  return tf.gather(x, src(size[1], shape[1]), axis=1)
+
+
+def _long_side_size(h, w, long_size):
+  """(oh, ow) with the long side = long_size, short side rounded half up."""
+  h64, w64, l64 = (tf.cast(v, tf.float64) for v in (h, w, long_size))
+  oh = tf.where(h > w, l64, tf.floor(h64 * l64 / w64 + 0.5))
+  ow = tf.where(h > w, tf.floor(w64 * l64 / h64 + 0.5), l64)
+  return tf.cast(oh, tf.int32), tf.cast(ow, tf.int32)
+
+
+def _pad_to(image, mask, height, width):
+  """Pads image (0) and mask (ignore) at the bottom/right to >= (height, width)."""
+  shape = tf.shape(mask)
+  pad_h = tf.maximum(height - shape[0], 0)
+  pad_w = tf.maximum(width - shape[1], 0)
+  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
+  mask = tf.pad(mask, [[0, pad_h], [0, pad_w]], constant_values=IGNORE_INDEX)
+  return image, mask
+
+
+def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
+                  crop_size: int = 480, base_size: int = 520,
+                  scale_range=(0.5, 2.0), flip: bool = True):
+  """The official training augmentation (module docstring) of one example.
+
+  Args:
+    image: uint8 [H, W, 3].
+    mask: int32 [H, W], -1 = ignore.
+    seed: int64 [2], stateless seed of this example.
+
+  Returns:
+    image float32 [crop_size, crop_size, 3] normalised, mask int32
+    [crop_size, crop_size].
+  """
+  flip_seed, scale_seed, y_seed, x_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  if flip:
+    do_flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+    image = tf.cond(do_flip, lambda: image[:, ::-1], lambda: image)
+    mask = tf.cond(do_flip, lambda: mask[:, ::-1], lambda: mask)
+  lo, hi = int(base_size * scale_range[0]), int(base_size * scale_range[1])
+  long_size = tf.random.stateless_uniform([], scale_seed, lo, hi + 1,
+                                          dtype=tf.int32)
+  shape = tf.shape(mask)
+  size = _long_side_size(shape[0], shape[1], long_size)
+  image = resize_image(image, size)
+  mask = resize_nearest(mask, size)
+  image, mask = _pad_to(image, mask, crop_size, crop_size)
+  shape = tf.shape(mask)
+  y0 = tf.random.stateless_uniform([], y_seed, 0, shape[0] - crop_size + 1,
+                                   dtype=tf.int32)
+  x0 = tf.random.stateless_uniform([], x_seed, 0, shape[1] - crop_size + 1,
+                                   dtype=tf.int32)
+  image = image[y0:y0 + crop_size, x0:x0 + crop_size]
+  mask = mask[y0:y0 + crop_size, x0:x0 + crop_size]
+  image = tf.ensure_shape(normalize(image), [crop_size, crop_size, 3])
+  mask = tf.ensure_shape(mask, [crop_size, crop_size])
+  return image, mask
+
+
+def eval_preprocess(image: tf.Tensor, mask: tf.Tensor, *, mode: str = "none",
+                    crop_size: int = 480, base_size: int = 520):
+  """Deterministic evaluation preprocessing (module docstring).
+
+  Args:
+    image: uint8 [H, W, 3].
+    mask: int32 [H, W].
+    mode: one of EVAL_RESIZE_MODES.
+
+  Returns:
+    image float32 [h, w, 3] normalised, mask int32 [h, w] ([crop_size,
+    crop_size] for "center_crop", long side base_size for "long_side",
+    [H, W] for "none").
+  """
+  if mode not in EVAL_RESIZE_MODES:
+    raise ValueError(f"eval_resize={mode!r}; expected one of "
+                     f"{EVAL_RESIZE_MODES}.")
+  if mode == "none":
+    return normalize(image), mask
+  shape = tf.shape(mask)
+  h, w = shape[0], shape[1]
+  if mode == "long_side":
+    size = _long_side_size(h, w, base_size)
+    return normalize(resize_image(image, size)), resize_nearest(mask, size)
+  # center_crop: the short side becomes crop_size, the other is truncated.
+  h64, w64, c64 = (tf.cast(v, tf.float64) for v in (h, w, crop_size))
+  oh = tf.cast(tf.where(w > h, c64, tf.floor(h64 * c64 / w64)), tf.int32)
+  ow = tf.cast(tf.where(w > h, tf.floor(w64 * c64 / h64), c64), tf.int32)
+  image = resize_image(image, (oh, ow))
+  mask = resize_nearest(mask, (oh, ow))
+  # Python's round() (half to even), as the reference; tf.round does the same.
+  y0 = tf.cast(tf.round(tf.cast(oh - crop_size, tf.float64) / 2), tf.int32)
+  x0 = tf.cast(tf.round(tf.cast(ow - crop_size, tf.float64) / 2), tf.int32)
+  image = image[y0:y0 + crop_size, x0:x0 + crop_size]
+  mask = mask[y0:y0 + crop_size, x0:x0 + crop_size]
+  return (tf.ensure_shape(normalize(image), [crop_size, crop_size, 3]),
+          tf.ensure_shape(mask, [crop_size, crop_size]))

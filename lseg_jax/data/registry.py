@@ -1,0 +1,117 @@
+"""Dataset sources: a name -> factory registry and the `Source` interface.
+
+A *source* yields raw examples (see `lseg_jax.data` for the data contract):
+`image` uint8 [H, W, 3], `mask` int32 [H, W] (-1 = ignore), `file_name` string,
+and for episodic (zero-shot) sources also `class_index` int32 and `class_name`.
+
+Most sources are *indexed*: they know their `num_examples` and can load example
+`i` inside a tf.data graph (`load(i)`). The input pipeline then shuffles
+indices, not decoded images, so per-epoch shuffling is a full permutation and
+resuming at step k skips indices without decoding anything. A source that can
+only stream overrides `as_dataset` instead (`is_indexed = False`).
+
+Registering a source:
+
+  @registry.register("my_data")
+  def _make(split, *, data_dir=None, **kwargs) -> Source: ...
+
+  source = registry.get_source("my_data", "train", data_dir=...)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+_FACTORIES: dict[str, Callable[..., "Source"]] = {}
+
+
+def register(name: str):
+  """Decorator registering `factory(split, **kwargs) -> Source` under `name`."""
+  def decorator(factory):
+    if name in _FACTORIES and _FACTORIES[name] is not factory:
+      raise ValueError(f"Dataset source {name!r} is already registered.")
+    _FACTORIES[name] = factory
+    return factory
+  return decorator
+
+
+def available_sources() -> list[str]:
+  _import_builtin_sources()
+  return sorted(_FACTORIES)
+
+
+def get_source(name: str, split: str, **kwargs) -> "Source":
+  """Builds the source registered as `name` for `split` (kwargs go to its factory)."""
+  _import_builtin_sources()
+  if name not in _FACTORIES:
+    raise ValueError(f"Unknown dataset source {name!r}; expected one of "
+                     f"{sorted(_FACTORIES)}.")
+  return _FACTORIES[name](split, **kwargs)
+
+
+def _import_builtin_sources():
+  # Sources register themselves on import; importing here avoids a cycle with
+  # modules that import `register` from this file.
+  import importlib
+  for module in ("synthetic", "folder", "ade20k", "fewshot", "mix_datasets"):
+    try:
+      importlib.import_module(f"lseg_jax.data.{module}")
+    except ModuleNotFoundError as e:
+      if e.name != f"lseg_jax.data.{module}":
+        raise
+
+
+class Source:
+  """A dataset split. Subclasses set the attributes and implement `load`.
+
+  Attributes:
+    label_names: names of the mask values 0..L-1 (for episodic sources the
+      binary mask's table is ["other", class_name] per example; `class_names`
+      lists the fold's classes).
+    num_examples: number of examples in the split (None if unknown).
+    is_episodic: True for zero-shot episode sources.
+    is_indexed: True if `load(index)` is implemented.
+  """
+  label_names: list[str] = []
+  num_examples: int | None = None
+  is_episodic: bool = False
+  is_indexed: bool = True
+  class_names: list[str] = []
+
+  def load(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Raw example `index` (int64 scalar tensor), written with TF ops only."""
+    raise NotImplementedError
+
+  def file_name(self, index: tf.Tensor) -> tf.Tensor:
+    """tf.string naming example `index` (used when its loading fails)."""
+    return tf.strings.as_string(index)
+
+  def host_indices(self, process_index: int, process_count: int) -> np.ndarray:
+    """This process's disjoint slice of the example indices, int64 [N_host]."""
+    _check_process(process_index, process_count)
+    if self.num_examples is None:
+      raise ValueError(f"{type(self).__name__} has no num_examples.")
+    return np.arange(process_index, self.num_examples, process_count,
+                     dtype=np.int64)
+
+  def as_dataset(self, *, process_index: int = 0, process_count: int = 1,
+                 shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+    """One pass over this process's slice of raw examples.
+
+    With `shuffle`, the order is a permutation drawn from `seed` alone, so the
+    same seed gives the same order on every run.
+    """
+    indices = tf.constant(self.host_indices(process_index, process_count))
+    if shuffle:
+      indices = tf.random.experimental.stateless_shuffle(
+          indices, seed=tf.constant([seed, 0], tf.int64))
+    return tf.data.Dataset.from_tensor_slices(indices).map(
+        self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _check_process(process_index, process_count):
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in "
+                     f"[0, process_count={process_count}).")
