@@ -1,0 +1,272 @@
+"""Segmentation metrics: confusion matrices on device, exact totals on the host.
+
+Two protocols, each reproducing the code the paper's numbers come from.
+
+Fixed label sets (ADE20K, `test_lseg.py` with PyTorch-Encoding's
+`SegmentationMetric`): intersections, unions, correct and labelled pixel
+counts are summed over the whole dataset, then
+
+  pixAcc = correct / (eps + labelled)
+  IoU_c  = I_c / (eps + U_c)             eps = np.spacing(1) ~ 2.2e-16
+  mIoU   = mean of IoU_c over ALL C classes.
+
+Ignored pixels (label -1) count nowhere: not in labelled, and their prediction
+enters neither I nor U. A class absent from both the predictions and the
+ground truth of the whole dataset has U = 0, so IoU = 0 and it still counts in
+the mean (it lowers mIoU). `miou_pixacc` also reports `mIoU_present`, the mean
+over classes with U > 0, clearly named as a non-official extra.
+
+Few-shot episodes (HSNet's `Evaluator` + `AverageMeter`, used by
+`test_lseg_zs.py`): each episode is a binary problem (0 = background/"other",
+1 = the episode class). Per class of the fold, foreground and background
+intersections and unions are summed over that class's episodes, then
+
+  IoU_fg(k) = I_fg(k) / max(U_fg(k), 1)
+  mIoU      = mean over the fold's classes of IoU_fg(k)
+  FB-IoU    = mean over {bg, fg} of (sum_k I(k)) / (sum_k U(k)).
+
+Ignored pixels (-1; HSNet's PASCAL boundary value 255) are removed from both
+the prediction and the ground truth. A fold class without any episode has
+IoU 0 and still counts in the mean, as in HSNet.
+
+All values here are fractions in [0, 1] (HSNet prints x100).
+
+Counts: per batch, `confusion_matrix`/`episode_confusion` are jitted and
+return int32 (exact below 2^31 pixels per batch). With global arrays sharded
+over devices (and hosts) the result is the global sum, replicated; meters
+accumulate it on the host in int64, so dataset totals cannot overflow.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE_INDEX = -1
+# PyTorch-Encoding's epsilon in pixAcc and IoU denominators.
+EPS = float(np.spacing(1))
+
+
+# --------------------------------------------------------------------------
+# Device side: per-batch counts.
+# --------------------------------------------------------------------------
+def _pixel_weights(label, valid, num_classes):
+  """int32 [B, H, W]: 1 where the pixel is scored, 0 where ignored or padding."""
+  w = (label >= 0) & (label < num_classes)
+  if valid is not None:
+    w &= valid.reshape((-1,) + (1,) * (label.ndim - 1))
+  return w.astype(jnp.int32)
+
+
+def _batched_bincount(index, weights, length):
+  """Per-example bincount summed over the batch: [B, N] -> int32 [length].
+
+  Counting per example (a scatter along the batch dimension) keeps the work
+  local to the devices holding each example; the sum over the batch is then
+  one small all-reduce instead of gathering every pixel.
+  """
+  counts = jax.vmap(
+      lambda i, w: jnp.zeros((length,), jnp.int32).at[i].add(w))(index, weights)
+  return counts.sum(axis=0)
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def confusion_matrix(pred, label, num_classes: int, valid=None):
+  """Confusion matrix of a batch, summed over the batch.
+
+  Args:
+    pred: int [B, H, W] predicted class indices in [0, num_classes).
+    label: int [B, H, W] ground truth in [0, num_classes), -1 = ignore
+      (any value outside [0, num_classes) is ignored).
+    num_classes: C.
+    valid: optional bool [B]; False drops that example (eval padding).
+
+  Returns:
+    int32 [C, C]: entry [g, p] counts pixels of ground truth g predicted as p.
+  """
+  if pred.shape != label.shape or pred.ndim < 1:
+    raise ValueError(f"pred {pred.shape} and label {label.shape} must have the "
+                     "same shape [B, H, W]")
+  b = pred.shape[0]
+  w = _pixel_weights(label, valid, num_classes).reshape(b, -1)
+  # Ignored pixels are sent to bin 0 with weight 0.
+  index = jnp.where(w > 0, (label * num_classes + pred).reshape(b, -1), 0)
+  counts = _batched_bincount(index.astype(jnp.int32), w, num_classes * num_classes)
+  return counts.reshape(num_classes, num_classes)
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def episode_confusion(pred, label, class_index, num_classes: int, valid=None):
+  """Binary confusion matrices of a batch of episodes, per episode class.
+
+  Args:
+    pred: int [B, H, W], 1 = the episode class predicted, 0 = background.
+    label: int [B, H, W], 1 = episode class, 0 = background, -1 = ignore.
+    class_index: int [B], index of each episode's class in the fold's class
+      list, in [0, num_classes).
+    num_classes: K, classes of the fold.
+    valid: optional bool [B]; False drops that episode (eval padding).
+
+  Returns:
+    int32 [K, 2, 2]: [k, g, p] counts pixels with ground truth g predicted as
+    p, over the episodes of class k.
+  """
+  if pred.shape != label.shape or pred.ndim < 1:
+    raise ValueError(f"pred {pred.shape} and label {label.shape} must have the "
+                     "same shape [B, H, W]")
+  b = pred.shape[0]
+  if class_index.shape != (b,):
+    raise ValueError(f"class_index has shape {class_index.shape}; expected [{b}]")
+  w = _pixel_weights(label, valid, 2)
+  # An episode whose class index is out of range is dropped, not clipped.
+  w &= ((class_index >= 0) & (class_index < num_classes)).reshape(b, 1, 1)
+  w = w.reshape(b, -1)
+  cell = label * 2 + (pred > 0).astype(label.dtype)
+  index = class_index.reshape(b, 1, 1) * 4 + cell
+  index = jnp.where(w > 0, index.reshape(b, -1), 0)
+  counts = _batched_bincount(index.astype(jnp.int32), w, num_classes * 4)
+  return counts.reshape(num_classes, 2, 2)
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host, sharded) jax.Array -> numpy, the same on every host."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# --------------------------------------------------------------------------
+# Host side: dataset totals and the official formulas.
+# --------------------------------------------------------------------------
+def miou_pixacc(conf) -> dict:
+  """pixAcc and mIoU of a confusion matrix, as PyTorch-Encoding computes them.
+
+  Args:
+    conf: int [C, C] ([ground truth, prediction]) summed over the dataset.
+
+  Returns:
+    dict with floats "pixAcc", "mIoU" (mean over all C classes),
+    "mIoU_present" (mean over classes with union > 0; not official) and
+    numpy arrays "iou" float64 [C], "intersection" and "union" int64 [C],
+    plus ints "correct" and "labeled".
+  """
+  conf = np.asarray(conf, np.int64)
+  if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
+    raise ValueError(f"expected a square confusion matrix [C, C], got shape {conf.shape}")
+  inter = np.diag(conf)
+  union = conf.sum(0) + conf.sum(1) - inter
+  correct, labeled = int(inter.sum()), int(conf.sum())
+  iou = inter / (EPS + union)
+  present = union > 0
+  return {
+      "pixAcc": float(correct / (EPS + labeled)),
+      "mIoU": float(iou.mean()),
+      "mIoU_present": float(iou[present].mean()) if present.any() else 0.0,
+      "iou": iou, "intersection": inter, "union": union,
+      "correct": correct, "labeled": labeled,
+  }
+
+
+def fewshot_iou(conf, class_ids: Sequence[int] | None = None) -> dict:
+  """HSNet's mIoU and FB-IoU from per-class binary confusion matrices.
+
+  Args:
+    conf: int [K, 2, 2] from `episode_confusion`, summed over the episodes.
+    class_ids: the classes of interest (HSNet's `class_ids`); default all K.
+
+  Returns:
+    dict with floats "mIoU", "FB-IoU" and numpy arrays over the classes of
+    interest: "iou" float64 (foreground IoU), "intersection" and "union" int64
+    [n, 2] (background, foreground), and "episodes_pixels" int64 (scored
+    pixels per class).
+  """
+  conf = np.asarray(conf, np.int64)
+  if conf.ndim != 3 or conf.shape[1:] != (2, 2):
+    raise ValueError(f"expected per-class binary confusion matrices [K, 2, 2], got "
+                     f"shape {conf.shape}")
+  if class_ids is not None:
+    class_ids = np.asarray(class_ids, np.int64)
+    if class_ids.size and (class_ids.min() < 0 or class_ids.max() >= conf.shape[0]):
+      raise ValueError(f"class_ids {class_ids.tolist()} out of range [0, {conf.shape[0]})")
+    conf = conf[class_ids]
+  # [n, 2]: column 0 background, column 1 foreground.
+  inter = np.stack([conf[:, 0, 0], conf[:, 1, 1]], axis=1)
+  off = conf[:, 0, 1] + conf[:, 1, 0]
+  union = inter + off[:, None]
+  iou = inter[:, 1] / np.maximum(union[:, 1], 1)
+  tot_inter, tot_union = inter.sum(0), union.sum(0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    fb = tot_inter / tot_union  # NaN without any scored pixel, as HSNet.
+  return {
+      "mIoU": float(iou.mean()) if iou.size else float("nan"),
+      "FB-IoU": float(fb.mean()),
+      "iou": iou, "intersection": inter, "union": union,
+      "episodes_pixels": conf.sum((1, 2)),
+  }
+
+
+class SegmentationMeter:
+  """Sums per-batch confusion matrices (int64, host) for `miou_pixacc`."""
+
+  def __init__(self, num_classes: int):
+    if num_classes < 1:
+      raise ValueError(f"num_classes={num_classes}; expected >= 1")
+    self.num_classes = num_classes
+    self.reset()
+
+  def reset(self):
+    self.conf = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+  def update(self, conf) -> None:
+    """Adds an int [C, C] confusion matrix (jax or numpy)."""
+    conf = to_host(conf)
+    if conf.shape != self.conf.shape:
+      raise ValueError(f"confusion matrix has shape {conf.shape}; expected {self.conf.shape}")
+    self.conf += conf.astype(np.int64)
+
+  def result(self) -> dict:
+    return miou_pixacc(self.conf)
+
+
+class FewShotMeter:
+  """Sums per-class binary confusion matrices of episodes (HSNet's AverageMeter)."""
+
+  def __init__(self, num_classes: int, class_ids: Sequence[int] | None = None):
+    if num_classes < 1:
+      raise ValueError(f"num_classes={num_classes}; expected >= 1")
+    self.num_classes = num_classes
+    self.class_ids = None if class_ids is None else list(class_ids)
+    self.reset()
+
+  def reset(self):
+    self.conf = np.zeros((self.num_classes, 2, 2), np.int64)
+    self.num_episodes = np.zeros((self.num_classes,), np.int64)
+
+  def update(self, conf, class_index=None, valid=None) -> None:
+    """Adds an int [K, 2, 2] from `episode_confusion`; `class_index` [B] and
+    `valid` [B] (optional) only count episodes per class."""
+    conf = to_host(conf)
+    if conf.shape != self.conf.shape:
+      raise ValueError(f"episode confusion has shape {conf.shape}; expected {self.conf.shape}")
+    self.conf += conf.astype(np.int64)
+    if class_index is not None:
+      ci = to_host(class_index).reshape(-1)
+      keep = np.ones(ci.shape, bool) if valid is None else to_host(valid).reshape(-1)
+      keep &= (ci >= 0) & (ci < self.num_classes)
+      np.add.at(self.num_episodes, ci[keep], 1)
+
+  def result(self) -> dict:
+    out = fewshot_iou(self.conf, self.class_ids)
+    ids = slice(None) if self.class_ids is None else self.class_ids
+    out["episodes"] = self.num_episodes[ids]
+    return out
+
+
+__all__ = ["EPS", "IGNORE_INDEX", "FewShotMeter", "SegmentationMeter", "confusion_matrix",
+           "episode_confusion", "fewshot_iou", "miou_pixacc", "to_host"]
