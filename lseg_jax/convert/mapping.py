@@ -1,0 +1,425 @@
+"""One mapping table between PyTorch state dicts and Flax NNX parameters, both ways.
+
+A `MappingTable` is a list of `Rule`s. A rule ties one flat NNX path pattern
+(`"transformer/resblocks/{i}/attn/in_proj/kernel"`) to one or more torch key
+patterns (`"transformer.resblocks.{i}.attn.in_proj_weight"`) through a `Hook`: a
+pair of functions converting the arrays torch -> NNX and NNX -> torch. The same
+table imports (`torch_to_nnx`) and exports (`nnx_to_torch`); `{name}` placeholders
+match integer path segments (layer indices) and carry over between the two sides.
+
+Everything works on numpy arrays; `numpy_state_dict` turns torch tensors into
+numpy without importing torch. Flat NNX paths join the path segments with "/"
+(`flatten_params`); every other module of the project goes through these helpers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import warnings
+import zipfile
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SEP = "/"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+_MAX_LISTED = 100  # per category in a MappingError message
+
+
+# ---------------------------------------------------------------------------
+# Flat NNX paths.
+# ---------------------------------------------------------------------------
+def flatten_params(tree) -> dict[str, Any]:
+  """nnx.Module | nnx.State | nested dict -> {"a/b/c": leaf}.
+
+  Variables are replaced by their values (arrays, or `jax.ShapeDtypeStruct` for
+  an abstract state); list indices become decimal path segments ("resblocks/0/...").
+  A dict that is already flat is returned as a copy.
+  """
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree)
+  if isinstance(tree, nnx.State):
+    tree = tree.to_pure_dict()
+  if not isinstance(tree, Mapping):
+    raise TypeError(f"expected an nnx.Module, nnx.State or dict of arrays, got {type(tree)}")
+  flat = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      path = f"{prefix}{SEP}{key}" if prefix else str(key)
+      if isinstance(value, Mapping):
+        walk(value, path)
+      else:
+        flat[path] = value.get_value() if isinstance(value, nnx.Variable) else value
+
+  walk(tree, "")
+  return flat
+
+
+def _path_tuple(path: str) -> tuple[str | int, ...]:
+  # NNX list items are keyed by int; no attribute name is all digits.
+  return tuple(int(s) if s.isdigit() else s for s in path.split(SEP))
+
+
+def unflatten(flat: Mapping[str, Any]) -> nnx.State:
+  """{"a/b/c": array} -> nested nnx.State (digit segments become list indices)."""
+  return nnx.from_flat_state([(_path_tuple(k), v) for k, v in sorted(flat.items())])
+
+
+def update(model: nnx.Module, params) -> None:
+  """Writes `params` ({"a/b/c": array}, nested dict or State) into `model` in place.
+
+  Values are converted to jax arrays in the dtype of the variable they replace;
+  variables not named in `params` keep their values.
+  """
+  current = flatten_params(model)
+  flat = flatten_params(params)
+  unknown = sorted(set(flat) - set(current))
+  if unknown:
+    raise ValueError(f"params name paths the model does not have: {unknown[:_MAX_LISTED]}")
+  bad = [f"{k}: {np.shape(v)} vs model {current[k].shape}" for k, v in flat.items()
+         if tuple(np.shape(v)) != tuple(current[k].shape)]
+  if bad:
+    raise ValueError(f"params do not match the model's shapes: {bad[:_MAX_LISTED]}")
+  nnx.update(model, unflatten(
+      {k: jnp.asarray(v, dtype=current[k].dtype) for k, v in flat.items()}))
+
+
+def numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """torch tensors (any device, bf16 included) or arrays -> {key: np.ndarray}.
+
+  Duck-typed so that this module never imports torch.
+  """
+  out = {}
+  for key, value in state_dict.items():
+    if hasattr(value, "detach"):  # a torch.Tensor
+      value = value.detach().cpu()
+      if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+        value = value.float()
+      value = value.numpy()
+    out[key] = np.asarray(value)
+  return out
+
+
+def _is_torchscript(path: str) -> bool:
+  # Both formats are zip archives; only TorchScript ones hold code and constants.pkl.
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def load_state_dict_file(path, *, weights_only: bool = True) -> dict[str, np.ndarray]:
+  """Reads a checkpoint file into {key: np.ndarray}.
+
+  `.safetensors` files are read with safetensors' numpy API (no torch needed).
+  Anything else needs torch: a TorchScript archive (e.g. OpenAI CLIP's `.pt`
+  files), or a pickled state dict, also inside a dict under "state_dict"
+  (PyTorch Lightning `.ckpt`) or "model". `weights_only=False` unpickles arbitrary
+  objects: only for files you trust.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(path, framework="np") as f:
+      return {k: f.get_tensor(k) for k in f.keys()}
+  import torch  # pylint: disable=g-import-not-at-top
+  if _is_torchscript(path):
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but CLIP ships such files
+      warnings.simplefilter("ignore", FutureWarning)
+      obj = torch.jit.load(path, map_location="cpu").state_dict()
+  else:
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # pylint: disable=broad-except
+      if not weights_only:
+        raise
+      raise ValueError(
+          f"could not read {path!r} with torch.load(weights_only=True) ({e}); if the file "
+          f"is trusted, pass weights_only=False") from e
+  if isinstance(obj, Mapping):
+    for key in ("state_dict", "model"):
+      if isinstance(obj.get(key), Mapping):
+        obj = obj[key]
+        break
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
+  return numpy_state_dict(obj)
+
+
+# ---------------------------------------------------------------------------
+# Hooks: array conversions that run in both directions.
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """to_nnx: torch arrays (one per torch key of the rule) -> the NNX array;
+  to_torch: the NNX array -> torch arrays, inverse of to_nnx."""
+  name: str
+  to_nnx: Callable[[Sequence[np.ndarray]], np.ndarray]
+  to_torch: Callable[[np.ndarray], Sequence[np.ndarray]]
+
+
+def permute(axes: Sequence[int], name: str | None = None) -> Hook:
+  """NNX array = torch array transposed by `axes` (one torch key)."""
+  axes = tuple(axes)
+  inverse = tuple(int(i) for i in np.argsort(axes))
+
+  def to_nnx(xs):
+    (x,) = xs
+    if x.ndim != len(axes):
+      raise ValueError(f"expected a {len(axes)}-d array, got shape {x.shape}")
+    return np.transpose(x, axes)
+
+  return Hook(name or f"permute{axes}", to_nnx, lambda x: (np.transpose(x, inverse),))
+
+
+def reshape(torch_shape: Sequence[int], nnx_shape: Sequence[int]) -> Hook:
+  """NNX array = torch array reshaped (one torch key), e.g. [1, C] <-> [C]."""
+  torch_shape, nnx_shape = tuple(torch_shape), tuple(nnx_shape)
+
+  def to_nnx(xs):
+    (x,) = xs
+    if x.shape != torch_shape:
+      raise ValueError(f"expected shape {torch_shape}, got {x.shape}")
+    return x.reshape(nnx_shape)
+
+  return Hook(f"reshape{torch_shape}->{nnx_shape}", to_nnx,
+              lambda x: (np.reshape(x, torch_shape),))
+
+
+def concat(n: int, axis: int, then: Hook | None = None) -> Hook:
+  """n torch arrays concatenated along `axis` (torch layout), then `then`.
+
+  E.g. separate q, k, v Linear weights [W, W] -> one fused kernel [W, 3W]:
+  `concat(3, 0, then=TRANSPOSE)`. Export splits into n equal parts.
+  """
+  then = then or IDENTITY
+
+  def to_nnx(xs):
+    if len(xs) != n:
+      raise ValueError(f"expected {n} arrays, got {len(xs)}")
+    if len({x.shape for x in xs}) != 1:
+      raise ValueError(f"arrays to concatenate differ in shape: {[x.shape for x in xs]}")
+    return then.to_nnx((np.concatenate(xs, axis=axis),))
+
+  def to_torch(x):
+    (y,) = then.to_torch(x)
+    return tuple(np.split(y, n, axis=axis))
+
+  return Hook(f"concat{n}@{axis}+{then.name}", to_nnx, to_torch)
+
+
+IDENTITY = Hook("identity", lambda xs: xs[0], lambda x: (x,))
+# nn.Linear weight [out, in] <-> nnx.Linear kernel [in, out].
+TRANSPOSE = permute((1, 0), "transpose")
+# nn.Conv2d weight [O, I, kH, kW] <-> nnx.Conv kernel [kH, kW, I, O].
+CONV = permute((2, 3, 1, 0), "conv_oihw_hwio")
+
+
+# ---------------------------------------------------------------------------
+# Rules and tables.
+# ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _pattern_regex(pattern: str) -> re.Pattern:
+  """"a/{i}/b" -> regex with a named group per placeholder; placeholders match
+  digits only, so they never cross a separator."""
+  parts, pos = [], 0
+  for m in _PLACEHOLDER.finditer(pattern):
+    parts.append(re.escape(pattern[pos:m.start()]))
+    parts.append(f"(?P<{m.group(1)}>\\d+)")
+    pos = m.end()
+  parts.append(re.escape(pattern[pos:]))
+  return re.compile("".join(parts))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One NNX path pattern <-> one or more torch key patterns.
+
+  Attributes:
+    nnx: flat NNX path pattern, "/"-separated, e.g. "blocks/{i}/attn/qkv/kernel".
+    torch: torch key pattern(s), "."-separated, e.g. "blocks.{i}.attn.qkv.weight".
+      Several keys (for fused parameters) are given to the hook in this order.
+    hook: converts the arrays; IDENTITY by default.
+  """
+  nnx: str
+  torch: str | tuple[str, ...]
+  hook: Hook = IDENTITY
+
+  @property
+  def torch_keys(self) -> tuple[str, ...]:
+    return (self.torch,) if isinstance(self.torch, str) else tuple(self.torch)
+
+  def __post_init__(self):
+    names = set(_PLACEHOLDER.findall(self.nnx))
+    for key in self.torch_keys:
+      if set(_PLACEHOLDER.findall(key)) != names:
+        raise ValueError(f"rule {self.nnx!r} <-> {key!r}: placeholders differ")
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingTable:
+  """Rules plus the keys either side deliberately leaves out.
+
+  Attributes:
+    rules: the `Rule`s; every NNX path must match exactly one.
+    ignore_torch: regexes (full match) of torch keys skipped on import, e.g. the
+      CLIP vision tower when only the text tower is loaded.
+    ignore_nnx: regexes (full match) of NNX paths that have no torch counterpart;
+      import leaves them untouched and export leaves them out.
+  """
+  rules: tuple[Rule, ...]
+  ignore_torch: tuple[str, ...] = ()
+  ignore_nnx: tuple[str, ...] = ()
+
+  def prefixed(self, torch_prefix: str = "", nnx_prefix: str = "") -> MappingTable:
+    """The same table for a submodule: keys become `torch_prefix + key`, paths
+    `nnx_prefix + path` (include the separator: "clip_pretrained." / "clip_pretrained/")."""
+    def tk(keys):
+      return tuple(torch_prefix + k for k in keys)
+    return MappingTable(
+        rules=tuple(Rule(nnx_prefix + r.nnx, tk(r.torch_keys), r.hook) for r in self.rules),
+        ignore_torch=tuple(re.escape(torch_prefix) + p for p in self.ignore_torch),
+        ignore_nnx=tuple(re.escape(nnx_prefix) + p for p in self.ignore_nnx))
+
+  def __add__(self, other: MappingTable) -> MappingTable:
+    return MappingTable(self.rules + other.rules, self.ignore_torch + other.ignore_torch,
+                        self.ignore_nnx + other.ignore_nnx)
+
+
+class MappingError(ValueError):
+  """A state dict that does not fit the table; lists every offending key at once."""
+
+  def __init__(self, unknown=(), missing=(), mis_shaped=(), unmapped=()):
+    self.unknown = list(unknown)
+    self.missing = list(missing)
+    self.mis_shaped = list(mis_shaped)
+    self.unmapped = list(unmapped)
+    lines = ["state dict does not match the model:"]
+    for title, items in (
+        ("unknown torch keys (no rule uses them)", self.unknown),
+        ("missing torch keys (the model needs them)", self.missing),
+        ("mis-shaped keys", self.mis_shaped),
+        ("NNX params without a rule (a table bug)", self.unmapped)):
+      if items:
+        lines.append(f"  {len(items)} {title}:")
+        lines += [f"    {x}" for x in items[:_MAX_LISTED]]
+        if len(items) > _MAX_LISTED:
+          lines.append(f"    ... and {len(items) - _MAX_LISTED} more")
+    super().__init__("\n".join(lines))
+
+
+def _fullmatch_any(patterns: Iterable[str], s: str) -> bool:
+  return any(re.fullmatch(p, s) for p in patterns)
+
+
+def _match_rule(table: MappingTable, path: str):
+  """-> (rule, placeholder values) for an NNX path, or (None, None)."""
+  found = []
+  for rule in table.rules:
+    m = _pattern_regex(rule.nnx).fullmatch(path)
+    if m:
+      found.append((rule, m.groupdict()))
+  assert len(found) <= 1, f"NNX path {path!r} matches several rules: {[r.nnx for r, _ in found]}"
+  return found[0] if found else (None, None)
+
+
+def torch_to_nnx(state_dict: Mapping[str, Any], table: MappingTable, abstract_state,
+                 ) -> nnx.State:
+  """Imports a torch state dict into NNX params.
+
+  Args:
+    state_dict: {torch key: array} (numpy, or anything `numpy_state_dict` takes).
+    table: the `MappingTable` of the source layout.
+    abstract_state: the target's structure, e.g. `nnx.state(nnx.eval_shape(...))`,
+      a module, or flat {"a/b": array or ShapeDtypeStruct}; every leaf it holds
+      (except `ignore_nnx` paths) is filled.
+
+  Returns:
+    nested nnx.State of numpy arrays in the abstract dtypes; apply with
+    `nnx.update(model, params)` or `update(model, params)`.
+
+  Raises:
+    MappingError listing all unknown, missing and mis-shaped keys at once.
+  """
+  state_dict = numpy_state_dict(state_dict)
+  targets = flatten_params(abstract_state)
+  out, used = {}, set()
+  missing, mis_shaped, unmapped = [], [], []
+  for path, target in sorted(targets.items()):
+    if _fullmatch_any(table.ignore_nnx, path):
+      continue
+    rule, groups = _match_rule(table, path)
+    if rule is None:
+      unmapped.append(path)
+      continue
+    keys = [k.format(**groups) for k in rule.torch_keys]
+    used.update(keys)
+    absent = [k for k in keys if k not in state_dict]
+    if absent:
+      missing += absent
+      continue
+    arrays = tuple(state_dict[k] for k in keys)
+    shapes = ", ".join(f"{k} {tuple(a.shape)}" for k, a in zip(keys, arrays))
+    try:
+      value = rule.hook.to_nnx(arrays)
+    except ValueError as e:
+      mis_shaped.append(f"{shapes} -> {path}: {rule.hook.name} failed ({e})")
+      continue
+    if tuple(value.shape) != tuple(target.shape):
+      mis_shaped.append(f"{shapes} -> {path} {tuple(value.shape)}, "
+                        f"expected {tuple(target.shape)}")
+      continue
+    out[path] = np.asarray(value, dtype=target.dtype)
+  unknown = sorted(k for k in state_dict
+                   if k not in used and not _fullmatch_any(table.ignore_torch, k))
+  if unknown or missing or mis_shaped or unmapped:
+    raise MappingError(unknown, sorted(missing), mis_shaped, unmapped)
+  return unflatten(out)
+
+
+def nnx_to_torch(params, table: MappingTable) -> dict[str, np.ndarray]:
+  """Exports NNX params (module, State, nested or flat dict) to {torch key: np.ndarray}."""
+  out: dict[str, np.ndarray] = {}
+  unmapped = []
+  for path, value in sorted(flatten_params(params).items()):
+    if _fullmatch_any(table.ignore_nnx, path):
+      continue
+    rule, groups = _match_rule(table, path)
+    if rule is None:
+      unmapped.append(path)
+      continue
+    arrays = rule.hook.to_torch(np.asarray(jax.device_get(value)))
+    keys = [k.format(**groups) for k in rule.torch_keys]
+    assert len(arrays) == len(keys), (rule, len(arrays))
+    for key, array in zip(keys, arrays):
+      assert key not in out, f"torch key {key!r} produced twice"
+      out[key] = np.ascontiguousarray(array)
+  if unmapped:
+    raise MappingError(unmapped=unmapped)
+  return out
+
+
+def load_module(state_dict: Mapping[str, Any], table: MappingTable, model):
+  """Imports `state_dict` into a module and returns it.
+
+  `model` is either an nnx.Module, updated in place, or a zero-argument factory
+  (`lambda: Model(cfg, rngs=nnx.Rngs(0))`) whose module is built from the
+  converted arrays without running its random initialisation. With a factory the
+  table may not ignore any NNX path (`ignore_nnx`): those would have no value.
+  """
+  if isinstance(model, nnx.Module):
+    update(model, torch_to_nnx(state_dict, table, model))
+    return model
+  abstract = nnx.eval_shape(model)
+  assert not table.ignore_nnx, "build the module first: ignored NNX paths need values"
+  graphdef, _ = nnx.split(abstract)
+  params = torch_to_nnx(state_dict, table, abstract)
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
