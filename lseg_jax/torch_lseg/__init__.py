@@ -1,0 +1,1 @@
+"""Self-contained PyTorch LSeg (no dependency on the official lang-seg repository)."""
