@@ -1,0 +1,193 @@
+"""Zero-shot episode sources, following HSNet's few-shot protocol (as LSeg does).
+
+  source = registry.get_source("pascal5i", "validation", data_dir=DIR, fold=0)
+
+Each example is one query image with the binary mask of its episode class
+(0 other, 1 the class, -1 ignore), `class_index` (position of the class in
+`source.class_names`, the fold's classes) and `class_name`. LSeg evaluates
+zero-shot on the query images only, so no support images are produced.
+
+Episode lists and order follow HSNet's loaders (`fewshot_data/data/*.py` of
+the official LSeg code):
+  * pascal5i: "validation" = the fold's val list (`splits/pascal5i/val`)
+    cycled to 1000 episodes; "train" = the other folds' train lists, one
+    episode per (image, class) line. Classes 5*fold .. 5*fold+4 are the
+    fold's (held-out) classes. Label 255 (object boundaries) -> ignore.
+  * coco20i: classes fold, fold+4, ..., fold+76 are the fold's. An episode
+    draws a class uniformly, then an image uniformly from that class's list
+    (HSNet's fold pickles, shipped as `splits/coco20i/*.txt.gz`: line k lists
+    the ids of COCO 2014 images holding class k). "validation" has 1000
+    episodes, "train" as many as the listed images; drawn from
+    `episode_seed`.
+  * fss1000: classes of the split (`splits/fss1000/{trn,val,test}.txt`),
+    sorted. "test" = HSNet's 1-shot test queries: every image of a class but
+    the first (sorted by file name, "1.jpg"), which HSNet uses as the support;
+    2,160 episodes. Masks: grey level >= 128 -> 1.
+"""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+
+from lseg_jax.data import dataset_files
+from lseg_jax.data import registry
+from lseg_jax.data.label_names import COCO_FEWSHOT_NAMES, PASCAL_VOC_NAMES
+
+NUM_FOLDS = 4
+NUM_EVAL_EPISODES = 1000
+_SPLITS = {"train": "trn", "validation": "val", "val": "val", "test": "val"}
+_FSS_SPLITS = {"train": "trn", "validation": "val", "val": "val",
+               "test": "test"}
+
+HSNET_URL = "https://github.com/juhongm999/hsnet"
+PASCAL_EXPECTED = (
+    "HSNet's PASCAL-5i layout: the VOC2012 devkit (VOCtrainval_11-May-2012.tar "
+    "from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/) extracted so that "
+    "{d}/VOC2012/JPEGImages/*.jpg exist, and HSNet's SegmentationClassAug "
+    f"masks (the Google Drive link in {HSNET_URL}) at "
+    "{d}/VOC2012/SegmentationClassAug/*.png.")
+COCO_EXPECTED = (
+    "HSNet's COCO-20i layout: COCO 2014 images (train2014.zip, val2014.zip from "
+    "http://images.cocodataset.org/zips/) extracted to "
+    "{d}/COCO2014/train2014/*.jpg and {d}/COCO2014/val2014/*.jpg, and HSNet's "
+    f"COCO 2014 masks (train2014.zip, val2014.zip: Google Drive links in "
+    f"{HSNET_URL}) extracted to {{d}}/COCO2014/annotations/train2014/*.png "
+    "and {d}/COCO2014/annotations/val2014/*.png.")
+FSS_EXPECTED = (
+    f"the FSS-1000 release of HSNet (Google Drive link in {HSNET_URL}) "
+    "extracted to {d}/FSS-1000/<class>/<n>.jpg with masks <n>.png.")
+
+
+def _check_fold(fold, dataset):
+  if fold not in range(NUM_FOLDS):
+    raise ValueError(f"{dataset} fold={fold!r}; expected one of "
+                     f"{list(range(NUM_FOLDS))}.")
+
+
+def fold_classes(dataset: str, fold: int, split: str) -> list[int]:
+  """Class ids (0-based) of `fold`'s "val" classes, or of the other folds'."""
+  _check_fold(fold, dataset)
+  if dataset == "pascal5i":
+    held_out = [fold * 5 + i for i in range(5)]
+    num_classes = 20
+  else:
+    held_out = [fold + NUM_FOLDS * i for i in range(20)]
+    num_classes = 80
+  if split == "val":
+    return held_out
+  return [c for c in range(num_classes) if c not in held_out]
+
+
+def _read_pascal_list(split: str, fold: int) -> list[tuple[str, int]]:
+  """(image name, class id) lines of HSNet's PASCAL-5i split file."""
+  with open(dataset_files.splits_file("pascal5i", split, f"fold{fold}.txt")
+            ) as f:
+    lines = f.read().split()
+  return [(line.split("__")[0], int(line.split("__")[1]) - 1)
+          for line in lines]
+
+
+@registry.register("pascal5i")
+def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0
+                  ) -> dataset_files.FileEpisodes:
+  """PASCAL-5i episodes of `fold` (0-3): "validation" (1000) or "train"."""
+  split = dataset_files.split_folder(split, _SPLITS, "PASCAL-5i")
+  classes = fold_classes("pascal5i", fold, split)
+  if split == "val":
+    listed = _read_pascal_list("val", fold)
+    episodes = [listed[i % len(listed)] for i in range(NUM_EVAL_EPISODES)]
+  else:
+    episodes = [e for f in range(NUM_FOLDS) if f != fold
+                for e in _read_pascal_list("trn", f)]
+  expected = PASCAL_EXPECTED.format(d=data_dir)
+  tree = dataset_files.find_root(
+      data_dir, marker="SegmentationClassAug", dataset="PASCAL-5i",
+      expected=expected, folders=("VOC2012", "VOCdevkit/VOC2012"))
+  images = [f"JPEGImages/{name}.jpg" for name, _ in episodes]
+  masks = [f"SegmentationClassAug/{name}.png" for name, _ in episodes]
+  for paths, pattern in ((images, "JPEGImages/*.jpg"),
+                         (masks, "SegmentationClassAug/*.png")):
+    dataset_files.check_present(tree, paths, pattern, dataset="PASCAL-5i",
+                                expected=expected)
+  return dataset_files.FileEpisodes(
+      class_names=[PASCAL_VOC_NAMES[c] for c in classes], image_tree=tree,
+      images=images, mask_tree=tree, masks=masks,
+      class_index=[classes.index(c) for _, c in episodes],
+      foreground=[c + 1 for _, c in episodes], ignore_value=255)
+
+
+def coco20i_image_lists(coco_split: str) -> list[list[int]]:
+  """80 lists: the ids of the COCO `coco_split` images listed for each class."""
+  with gzip.open(dataset_files.splits_file("coco20i", f"{coco_split}.txt.gz"),
+                 "rt") as f:
+    return [[int(i) for i in line.split()] for line in f]
+
+
+@registry.register("coco20i")
+def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
+                 num_episodes: int | None = None, episode_seed: int = 0
+                 ) -> dataset_files.FileEpisodes:
+  """COCO-20i episodes of `fold` (0-3), drawn from `episode_seed`."""
+  split = dataset_files.split_folder(split, _SPLITS, "COCO-20i")
+  classes = fold_classes("coco20i", fold, split)
+  coco_split = "val2014" if split == "val" else "train2014"
+  lists = coco20i_image_lists(coco_split)
+  if num_episodes is None:
+    num_episodes = (NUM_EVAL_EPISODES if split == "val" else
+                    len({i for c in classes for i in lists[c]}))
+  rng = np.random.default_rng(episode_seed)
+  class_pos = rng.integers(len(classes), size=num_episodes)
+  image_ids = [lists[classes[p]][rng.integers(len(lists[classes[p]]))]
+               for p in class_pos]
+  expected = COCO_EXPECTED.format(d=data_dir)
+  tree = dataset_files.find_root(
+      data_dir, marker="annotations", dataset="COCO-20i", expected=expected,
+      folders=("COCO2014",))
+  stems = [f"{coco_split}/COCO_{coco_split}_{i:012d}" for i in image_ids]
+  images = [s + ".jpg" for s in stems]
+  masks = [f"annotations/{s}.png" for s in stems]
+  for paths, pattern in ((images, f"{coco_split}/*.jpg"),
+                         (masks, f"annotations/{coco_split}/*.png")):
+    dataset_files.check_present(tree, paths, pattern, dataset="COCO-20i",
+                                expected=expected)
+  return dataset_files.FileEpisodes(
+      class_names=[COCO_FEWSHOT_NAMES[c] for c in classes], image_tree=tree,
+      images=images, mask_tree=tree, masks=masks, class_index=class_pos,
+      foreground=[classes[p] + 1 for p in class_pos])
+
+
+@registry.register("fss1000")
+def make_fss1000(split: str, *, data_dir: str | None = None
+                 ) -> dataset_files.FileEpisodes:
+  """FSS-1000 episodes: "train" (520 classes), "validation" / "test" (240)."""
+  split = dataset_files.split_folder(split, _FSS_SPLITS, "FSS-1000")
+  with open(dataset_files.splits_file("fss1000", f"{split}.txt")) as f:
+    categories = sorted(f.read().split("\n")[:-1])
+  expected = FSS_EXPECTED.format(d=data_dir)
+  tree = dataset_files.find_root(
+      data_dir, marker=categories[0], dataset="FSS-1000", expected=expected,
+      folders=("FSS-1000",), archives=("FSS-1000.zip",))
+  files = {}
+  for path in tree.glob("*/*"):
+    files.setdefault(path.split("/")[0], []).append(path)
+  images, class_index = [], []
+  for index, category in enumerate(categories):
+    paths = sorted(files.get(category, []))
+    if not paths:
+      raise FileNotFoundError(
+          f"FSS-1000: class folder {tree.describe(category)}/ is missing or "
+          f"empty. Expected: {expected}")
+    if split == "test":
+      paths = paths[1:]  # HSNet's 1-shot support image.
+    queries = [p for p in paths if p.split("/")[1].split(".")[1] == "jpg"]
+    images += queries
+    class_index += [index] * len(queries)
+  masks = [p.split("/")[0] + "/" + p.split("/")[1].split(".")[0] + ".png"
+           for p in images]
+  dataset_files.check_present(tree, masks, "*/*.png", dataset="FSS-1000",
+                              expected=expected)
+  return dataset_files.FileEpisodes(
+      class_names=categories, image_tree=tree, images=images, mask_tree=tree,
+      masks=masks, class_index=class_index, foreground=[1] * len(images),
+      luma_threshold=128)

@@ -1,0 +1,313 @@
+"""The real dataset sources read their official on-disk layouts.
+
+Every test writes a tiny fixture of the layout (a few small images and label
+files) into a temporary directory and reads it through the registry.
+"""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from lseg_jax.data import dataset_files
+from lseg_jax.data import fewshot
+from lseg_jax.data import label_names
+from lseg_jax.data import registry
+
+
+def _examples(source, **kwargs):
+  return list(source.as_dataset(**kwargs).as_numpy_iterator())
+
+
+def _save(path, array, mode=None, palette=False):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image = Image.fromarray(np.asarray(array), mode)
+  if palette:  # VOC-style: a palette PNG whose indices are the labels.
+    image = image.convert("L").convert("P")
+    image.putpalette(list(np.random.default_rng(0).integers(
+        0, 256, 768, dtype=np.uint8)))
+    image.putdata(list(np.asarray(array).reshape(-1)))
+  image.save(path, quality=100)
+
+
+def _zip_folder(folder, archive, arc_root):
+  """Zips every file under `folder` with names relative to `arc_root`."""
+  with zipfile.ZipFile(archive, "w") as z:
+    for d, _, files in os.walk(folder):
+      for f in sorted(files):
+        path = os.path.join(d, f)
+        z.write(path, os.path.relpath(path, arc_root))
+
+
+def _colour(i):
+  return np.full((6, 8, 3), [40 * i % 256, 90, 200 - 30 * i], np.uint8)
+
+
+# ------------------------------------------------------------------ ADE20K --
+def _write_ade(root, num=3):
+  """ADEChallengeData2016 under `root`; returns {split: [label arrays]}."""
+  labels = {}
+  rng = np.random.default_rng(1)
+  for split in ("training", "validation"):
+    labels[split] = []
+    for i in range(num):
+      name = f"ADE_{split[:5]}_{i:08d}"
+      _save(f"{root}/ADEChallengeData2016/images/{split}/{name}.jpg",
+            _colour(i))
+      label = rng.integers(0, 151, (6, 8)).astype(np.uint8)
+      label[0, 0] = 0
+      _save(f"{root}/ADEChallengeData2016/annotations/{split}/{name}.png",
+            label)
+      labels[split].append(label)
+  return labels
+
+
+@pytest.mark.parametrize("layout", ["folder", "zip"])
+def test_ade20k_layouts(tmp_path, layout):
+  labels = _write_ade(tmp_path / "src")
+  if layout == "zip":
+    data_dir = tmp_path / "zip"
+    data_dir.mkdir()
+    _zip_folder(tmp_path / "src", data_dir / "ADEChallengeData2016.zip",
+                tmp_path / "src")
+  else:
+    data_dir = tmp_path / "src"
+  for split, folder in (("train", "training"), ("validation", "validation")):
+    source = registry.get_source("ade20k", split, data_dir=str(data_dir))
+    assert source.label_names == list(label_names.ADE20K_NAMES)
+    assert source.num_examples == 3 and not source.is_episodic
+    examples = _examples(source)
+    for i, ex in enumerate(examples):
+      assert ex["image"].dtype == np.uint8 and ex["image"].shape == (6, 8, 3)
+      np.testing.assert_allclose(ex["image"], _colour(i), atol=3)
+      assert ex["mask"].dtype == np.int32
+      # Stored 0 ("other") -> ignore; k -> class k - 1.
+      np.testing.assert_array_equal(ex["mask"],
+                                    labels[folder][i].astype(np.int32) - 1)
+      assert ex["file_name"].decode().endswith(
+          f"images/{folder}/ADE_{folder[:5]}_{i:08d}.jpg")
+
+
+def test_ade20k_shards_and_shuffle(tmp_path):
+  _write_ade(tmp_path, num=5)
+  source = registry.get_source("ade20k", "train", data_dir=str(tmp_path))
+  names = lambda **kw: [ex["file_name"] for ex in _examples(source, **kw)]
+  shards = [names(process_index=p, process_count=2) for p in range(2)]
+  assert not set(shards[0]) & set(shards[1])
+  assert sorted(shards[0] + shards[1]) == names()
+  assert names(shuffle=True, seed=3) == names(shuffle=True, seed=3)
+  assert sorted(names(shuffle=True, seed=3)) == names()
+
+
+def test_ade20k_missing_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="ADEChallengeData2016.zip"):
+    registry.get_source("ade20k", "train", data_dir=str(tmp_path))
+  _write_ade(tmp_path)
+  os.remove(tmp_path / "ADEChallengeData2016/annotations/validation/"
+            "ADE_valid_00000001.png")
+  with pytest.raises(FileNotFoundError,
+                     match="annotations/validation/ADE_valid_00000001.png"):
+    registry.get_source("ade20k", "validation", data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="'testing'"):
+    registry.get_source("ade20k", "testing", data_dir=str(tmp_path))
+
+
+# -------------------------------------------------------------- PASCAL-5i --
+def _pascal_val_list(fold):
+  with open(dataset_files.splits_file("pascal5i", "val", f"fold{fold}.txt")
+            ) as f:
+    return [(line.split("__")[0], int(line.split("__")[1]) - 1)
+            for line in f.read().split()]
+
+
+def test_pascal5i_episodes(tmp_path):
+  fold = 1
+  listed = _pascal_val_list(fold)
+  voc = tmp_path / "VOCdevkit" / "VOC2012"
+  rng = np.random.default_rng(2)
+  labels = {}
+  for i, name in enumerate(sorted({n for n, _ in listed})):
+    _save(f"{voc}/JPEGImages/{name}.jpg", _colour(i % 5))
+    label = rng.choice([0, 6, 7, 8, 9, 10, 15, 255], (6, 8)).astype(np.uint8)
+    labels[name] = label
+    _save(f"{voc}/SegmentationClassAug/{name}.png", label,
+          palette=i % 2 == 0)
+  source = registry.get_source("pascal5i", "validation",
+                               data_dir=str(tmp_path), fold=fold)
+  assert source.is_episodic and source.num_examples == 1000
+  assert source.class_names == ["bus", "car", "cat", "chair", "cow"]
+  assert source.label_names == ["other", *source.class_names]
+  # HSNet cycles through the fold's list: episode i is list[i % len].
+  examples = dict(enumerate(source.as_dataset().take(3).as_numpy_iterator()))
+  for i in (len(listed), 999):
+    examples[i] = tf.nest.map_structure(
+        lambda t: t.numpy(), source.load(tf.constant(i, tf.int64)))
+  for i, ex in examples.items():
+    name, class_id = listed[i % len(listed)]
+    assert ex["file_name"].decode().endswith(f"JPEGImages/{name}.jpg")
+    assert source.class_names[ex["class_index"]] == ex["class_name"].decode()
+    assert label_names.PASCAL_VOC_NAMES[class_id] == ex["class_name"].decode()
+    label = labels[name]
+    expected = np.where(label == 255, -1, (label == class_id + 1)
+                        ).astype(np.int32)
+    np.testing.assert_array_equal(ex["mask"], expected)
+    assert ex["class_index"].dtype == np.int32
+
+
+def test_pascal5i_train_needs_all_images(tmp_path):
+  (tmp_path / "VOC2012" / "SegmentationClassAug").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match=r"VOC2012/JPEGImages/\S+\.jpg"):
+    registry.get_source("pascal5i", "train", data_dir=str(tmp_path), fold=0)
+  with pytest.raises(FileNotFoundError, match="SegmentationClassAug"):
+    registry.get_source("pascal5i", "validation", data_dir=str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="fold=4"):
+    registry.get_source("pascal5i", "validation", data_dir=str(tmp_path),
+                        fold=4)
+
+
+def test_fold_classes():
+  assert fewshot.fold_classes("pascal5i", 3, "val") == [15, 16, 17, 18, 19]
+  assert len(fewshot.fold_classes("pascal5i", 3, "trn")) == 15
+  assert fewshot.fold_classes("coco20i", 2, "val")[:3] == [2, 6, 10]
+  assert len(fewshot.fold_classes("coco20i", 2, "trn")) == 60
+
+
+# --------------------------------------------------------------- COCO-20i --
+def test_coco20i_shipped_lists_match_hsnet_pickles():
+  # Entry counts of HSNet's fold pickles (fold 0: val / trn).
+  val, trn = (fewshot.coco20i_image_lists(s) for s in ("val2014", "train2014"))
+  assert len(val) == len(trn) == 80
+  assert sum(len(val[c]) for c in fewshot.fold_classes("coco20i", 0, "val")
+             ) == 35783
+  assert sum(len(trn[c]) for c in fewshot.fold_classes("coco20i", 0, "trn")
+             ) == 95476
+  assert val[0][:2] == [429717, 48044]
+
+
+def test_coco20i_episodes(tmp_path, monkeypatch):
+  lists = [[100 * c + 1, 100 * c + 2] for c in range(80)]
+  monkeypatch.setattr(fewshot, "coco20i_image_lists", lambda split: lists)
+  root = tmp_path / "COCO2014"
+  labels = {}
+  rng = np.random.default_rng(3)
+  for c in range(80):
+    for image_id in lists[c]:
+      stem = f"val2014/COCO_val2014_{image_id:012d}"
+      _save(f"{root}/{stem}.jpg", _colour(c % 7))
+      label = rng.choice([0, c + 1, (c + 1) % 80 + 1], (6, 8)).astype(np.uint8)
+      _save(f"{root}/annotations/{stem}.png", label)
+      labels[image_id] = label
+  make = lambda seed: registry.get_source(  # noqa: E731
+      "coco20i", "validation", data_dir=str(tmp_path), fold=2,
+      num_episodes=12, episode_seed=seed)
+  source = make(0)
+  assert source.num_examples == 12
+  assert source.class_names == [
+      label_names.COCO_FEWSHOT_NAMES[c] for c in range(2, 80, 4)]
+  examples = _examples(source)
+  for ex in examples:
+    class_id = 2 + 4 * int(ex["class_index"])
+    image_id = int(ex["file_name"].decode()[-16:-4])
+    assert image_id in lists[class_id]
+    assert ex["class_name"].decode() == label_names.COCO_FEWSHOT_NAMES[
+        class_id]
+    np.testing.assert_array_equal(
+        ex["mask"], (labels[image_id] == class_id + 1).astype(np.int32))
+  names = lambda s: [ex["file_name"] for ex in _examples(make(s))]  # noqa
+  assert names(0) == [ex["file_name"] for ex in examples]
+  assert names(1) != names(0)
+
+
+# --------------------------------------------------------------- FSS-1000 --
+def test_fss1000_test_episodes(tmp_path):
+  with open(dataset_files.splits_file("fss1000", "test.txt")) as f:
+    categories = sorted(f.read().split())
+  rng = np.random.default_rng(4)
+  masks = {}
+  for i, category in enumerate(categories):
+    for n in (1, 2, 10):
+      _save(f"{tmp_path}/FSS-1000/{category}/{n}.jpg", _colour(n))
+      colours = np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0],
+                          [0, 255, 0], [128, 128, 128], [127, 127, 127]],
+                         np.uint8)
+      mask = colours[rng.integers(0, 6, (6, 8))]
+      _save(f"{tmp_path}/FSS-1000/{category}/{n}.png", mask)
+      masks[f"{category}/{n}"] = mask
+  source = registry.get_source("fss1000", "test", data_dir=str(tmp_path))
+  assert source.class_names == categories and len(categories) == 240
+  # HSNet's 1-shot test: every image but the first by name ("1.jpg").
+  assert source.num_examples == 2 * 240
+  dataset = source.as_dataset().take(6)
+  for i, ex in enumerate(dataset.as_numpy_iterator()):
+    category = categories[i // 2]
+    n = (10, 2)[i % 2]
+    assert ex["file_name"].decode().endswith(f"FSS-1000/{category}/{n}.jpg")
+    assert ex["class_index"] == i // 2
+    assert ex["class_name"].decode() == category
+    # HSNet: PIL convert("L"), then >= 128 is the class.
+    grey = np.asarray(Image.fromarray(masks[f"{category}/{n}"]).convert("L"))
+    np.testing.assert_array_equal(ex["mask"], (grey >= 128).astype(np.int32))
+  os.remove(tmp_path / "FSS-1000" / categories[5] / "2.png")
+  with pytest.raises(FileNotFoundError, match=f"{categories[5]}/2.png"):
+    registry.get_source("fss1000", "test", data_dir=str(tmp_path))
+  for f in os.listdir(tmp_path / "FSS-1000" / categories[7]):
+    os.remove(tmp_path / "FSS-1000" / categories[7] / f)
+  with pytest.raises(FileNotFoundError, match=f"class folder .*{categories[7]}"):
+    registry.get_source("fss1000", "test", data_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------- Cityscapes --
+# cityscapesScripts labels.py: label id -> train id; all other ids ignored.
+_CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7,
+                         21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
+                         28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def _write_cityscapes(root):
+  ids = np.arange(48).reshape(6, 8) % 36  # 34, 35: unknown ids -> ignore.
+  for split, city in (("train", "aachen"), ("val", "lindau")):
+    for i in range(2):
+      stem = f"{city}_{i:06d}_000019"
+      _save(f"{root}/leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
+            _colour(i))
+      _save(f"{root}/gtFine/{split}/{city}/{stem}_gtFine_labelIds.png",
+            ((ids + i) % 36).astype(np.uint8))
+  return ids
+
+
+@pytest.mark.parametrize("layout", ["folder", "zip"])
+def test_cityscapes_layouts(tmp_path, layout):
+  ids = _write_cityscapes(tmp_path / "src")
+  data_dir = tmp_path / "src"
+  if layout == "zip":
+    data_dir = tmp_path / "zips"
+    data_dir.mkdir()
+    for part in ("leftImg8bit", "gtFine"):
+      _zip_folder(tmp_path / "src" / part,
+                  data_dir / f"{part}_trainvaltest.zip", tmp_path / "src")
+  source = registry.get_source("cityscapes", "validation",
+                               data_dir=str(data_dir))
+  assert source.label_names == list(label_names.CITYSCAPES_NAMES)
+  examples = _examples(source)
+  assert len(examples) == 2
+  for i, ex in enumerate(examples):
+    np.testing.assert_array_equal(ex["image"], _colour(i))
+    raw = (ids + i) % 36
+    expected = np.full(raw.shape, -1, np.int32)
+    for label_id, train_id in _CITYSCAPES_TRAIN_IDS.items():
+      expected[raw == label_id] = train_id
+    np.testing.assert_array_equal(ex["mask"], expected)
+
+
+def test_cityscapes_missing_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="leftImg8bit_trainvaltest.zip"):
+    registry.get_source("cityscapes", "train", data_dir=str(tmp_path))
+  _write_cityscapes(tmp_path)
+  os.remove(tmp_path / "gtFine/train/aachen/aachen_000001_000019_gtFine_"
+            "labelIds.png")
+  with pytest.raises(FileNotFoundError,
+                     match="aachen_000001_000019_gtFine_labelIds.png"):
+    registry.get_source("cityscapes", "train", data_dir=str(tmp_path))
