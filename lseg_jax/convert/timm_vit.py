@@ -1,0 +1,130 @@
+"""timm `VisionTransformer` state dict <-> our `models.vit.VisionTransformer`.
+
+Our ViT names its modules as timm does (`patch_embed.proj`, `blocks.N.attn.qkv`,
+`blocks.N.mlp.fc1`, `norm`, `head`), so the table is the identity up to layouts:
+Linear weights [out, in] <-> kernels [in, out], the patch-embedding Conv2d
+[O, I, kH, kW] <-> [kH, kW, I, O], and LayerNorm `weight` <-> `scale`.
+
+The same table, prefixed with `pretrained.model.`, is the ViT part of lang-seg's
+`LSegNet` checkpoints (`lseg_jax.convert.langseg`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from lseg_jax.convert import mapping
+from lseg_jax.convert.mapping import CONV, TRANSPOSE, MappingTable, Rule
+from lseg_jax.models import vit
+
+_BLOCK = "blocks.{i}."
+_NNX_BLOCK = "blocks/{i}/"
+
+
+def _layer_norm(nnx_name: str, torch_name: str) -> list[Rule]:
+  return [Rule(f"{nnx_name}/scale", f"{torch_name}.weight"),
+          Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
+
+
+def _linear(nnx_name: str, torch_name: str) -> list[Rule]:
+  return [Rule(f"{nnx_name}/kernel", f"{torch_name}.weight", TRANSPOSE),
+          Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
+
+
+def _block_rules() -> list[Rule]:
+  rules = _layer_norm(_NNX_BLOCK + "norm1", _BLOCK + "norm1")
+  rules += _layer_norm(_NNX_BLOCK + "norm2", _BLOCK + "norm2")
+  for name in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2"):
+    rules += _linear(_NNX_BLOCK + name, _BLOCK + name.replace("/", "."))
+  return rules
+
+
+TABLE = MappingTable(
+    rules=(
+        Rule("cls_token", "cls_token"),
+        Rule("pos_embed", "pos_embed"),
+        Rule("patch_embed/proj/kernel", "patch_embed.proj.weight", CONV),
+        Rule("patch_embed/proj/bias", "patch_embed.proj.bias"),
+        *_block_rules(),
+        *_layer_norm("norm", "norm"),
+        *_linear("head", "head"),
+    ),
+)
+
+
+def table(torch_prefix: str = "", nnx_prefix: str = "", *, head: bool = True) -> MappingTable:
+  """The timm ViT table, e.g. `table("pretrained.model.", "pretrained/model/")` for
+  lang-seg's LSegNet keys and our LSeg model.
+
+  head=False is for a ViT built with `num_classes=0`: a checkpoint's classifier
+  (`head.*`) is then skipped on import.
+  """
+  base = TABLE
+  if not head:
+    base = MappingTable(tuple(r for r in TABLE.rules if not r.nnx.startswith("head/")),
+                        ignore_torch=(r"head\..*",))
+  return base.prefixed(torch_prefix, nnx_prefix)
+
+
+def find_prefix(state_dict: Mapping[str, Any]) -> str:
+  """The key prefix of the timm ViT in `state_dict` ("" for a bare timm model,
+  "pretrained.model." for lang-seg, "net.pretrained.model." for its Lightning
+  checkpoints, "model." for some training wrappers)."""
+  found = [k[:-len("cls_token")] for k in state_dict
+           if k.endswith("cls_token") and k[:-len("cls_token")] + "pos_embed" in state_dict]
+  if len(found) != 1:
+    raise ValueError(
+        "expected exactly one timm ViT (keys '<prefix>cls_token' and '<prefix>pos_embed'), "
+        f"found prefixes {found}; first keys: {sorted(state_dict)[:10]}")
+  return found[0]
+
+
+def infer_variant(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
+  """{"width", "patch", "depth", "grid"} from the shapes of a timm ViT state dict."""
+  patch_key = prefix + "patch_embed.proj.weight"
+  for key in (prefix + "cls_token", prefix + "pos_embed", patch_key):
+    if key not in state_dict:
+      raise mapping.MappingError(missing=[key])
+  depth = len({k[len(prefix):].split(".")[1] for k in state_dict
+               if k.startswith(prefix + "blocks.")})
+  num_tokens = state_dict[prefix + "pos_embed"].shape[1]
+  return dict(width=int(state_dict[prefix + "cls_token"].shape[-1]),
+              patch=int(state_dict[patch_key].shape[-1]), depth=depth,
+              grid=int(round((num_tokens - 1) ** 0.5)))
+
+
+def _read(path_or_state_dict) -> dict[str, Any]:
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    return mapping.load_state_dict_file(path_or_state_dict)
+  return mapping.numpy_state_dict(path_or_state_dict)
+
+
+def load_timm_vit(path_or_state_dict, vit_module: vit.VisionTransformer, *,
+                  prefix: str | None = None) -> vit.VisionTransformer:
+  """Loads timm ViT weights into `vit_module` (in place) and returns it.
+
+  Args:
+    path_or_state_dict: a timm ViT state dict (numpy arrays or torch tensors), or a
+      file: `.safetensors` (read without torch), or a torch file (`.pth`, `.bin`,
+      `.pt`, Lightning `.ckpt`; needs torch).
+    vit_module: our ViT, built with the matching variant (`vit.decode_variant`).
+    prefix: key prefix of the ViT in the state dict; None finds it (`find_prefix`),
+      so lang-seg checkpoints (`pretrained.model.`) work too. Keys outside the prefix
+      are ignored.
+
+  Raises:
+    mapping.MappingError listing every missing, unknown and mis-shaped key, e.g.
+    for a ViT of another size or a position-embedding grid other than the model's
+    (`pretrain_size // patch`).
+  """
+  state_dict = _read(path_or_state_dict)
+  if prefix is None:
+    prefix = find_prefix(state_dict)
+  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  return mapping.load_module(state_dict, table(prefix, head=vit_module.head is not None),
+                             vit_module)
+
+
+def export_timm_vit(vit_module: vit.VisionTransformer, prefix: str = "") -> dict[str, Any]:
+  """Our ViT -> timm keys {prefix + key: np.ndarray float32}."""
+  return mapping.nnx_to_torch(vit_module, table(prefix, head=vit_module.head is not None))
