@@ -13,6 +13,7 @@ setup(
         "optax",
         "orbax-checkpoint",
         "transformers",
+        "ftfy",  # clip.tokenize's text cleaning (lseg_jax.text)
         "safetensors",
         "tensorflow-cpu",
         "tensorflow-datasets",

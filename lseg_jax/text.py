@@ -1,0 +1,159 @@
+"""CLIP tokenizer and the label-embedding cache.
+
+`tokenize` reproduces OpenAI's `clip.tokenize` (its text cleaning with ftfy, the
+CLIP BPE through transformers' `CLIPTokenizer`, start/end tokens, zero padding to
+77). The text tower is frozen, so `LabelEmbedder` runs it once per label set and
+caches the result: a training or evaluation step only ever sees `[L, D]` arrays.
+"""
+from __future__ import annotations
+
+import html
+import os
+import re
+from typing import Sequence
+import warnings
+
+from flax import nnx
+import ftfy
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONTEXT_LENGTH = 77
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+DEFAULT_TOKENIZER = "openai/clip-vit-base-patch32"
+
+
+def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
+  """A transformers `CLIPTokenizer` from a local folder (vocab.json + merges.txt,
+  or a saved tokenizer) or a Hugging Face hub name (local cache first)."""
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path_or_name)
+  if os.path.isdir(path):
+    missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(
+        os.path.join(path, f))]
+    if missing and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+      raise FileNotFoundError(f"tokenizer folder {path!r} lacks {missing}")
+  tokenizer = CLIPTokenizer.from_pretrained(path)
+  for token in (START_TOKEN, END_TOKEN):
+    if token not in tokenizer.get_vocab():
+      raise ValueError(f"tokenizer {path!r} has no {token!r} token; not a CLIP vocabulary")
+  return tokenizer
+
+
+def clean_text(text: str) -> str:
+  """OpenAI CLIP's text cleaning: ftfy, HTML unescaping, whitespace collapsing,
+  lower case."""
+  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+  return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def validate_labels(labels: Sequence[str]) -> list[str]:
+  """Checks a label set; returns it as a list.
+
+  Raises:
+    ValueError: a bare string, an empty set, a blank label, or labels that are
+      equal after cleaning (they would get the same embedding).
+  """
+  if isinstance(labels, (str, bytes)):
+    raise ValueError(f"expected a sequence of label names, got the single string {labels!r}")
+  labels = list(labels)
+  if not labels:
+    raise ValueError("the label set is empty; expected at least one label name")
+  seen = {}
+  for i, label in enumerate(labels):
+    if not isinstance(label, str):
+      raise ValueError(f"label {i} is {label!r} ({type(label).__name__}); expected a string")
+    key = clean_text(label)
+    if not key:
+      raise ValueError(f"label {i} is blank ({label!r}); expected a non-empty name")
+    if key in seen:
+      j = seen[key]
+      raise ValueError(f"duplicate labels: {labels[j]!r} (index {j}) and {label!r} (index {i})")
+    seen[key] = i
+  return labels
+
+
+def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LENGTH
+             ) -> np.ndarray:
+  """Label names -> token ids [N, context_length] int32, as `clip.tokenize`.
+
+  Each row is [start, BPE tokens..., end, 0, ...]. A label too long for the
+  context is truncated and its last token set to end-of-text (as
+  `clip.tokenize(..., truncate=True)`), with a warning naming the label.
+  """
+  labels = validate_labels(labels)
+  if context_length < 2:
+    raise ValueError(f"context_length {context_length} cannot hold start and end tokens")
+  start, end = tokenizer.convert_tokens_to_ids([START_TOKEN, END_TOKEN])
+  encoded = tokenizer([clean_text(s) for s in labels], add_special_tokens=False)["input_ids"]
+  tokens = np.zeros((len(labels), context_length), np.int32)
+  for i, (label, ids) in enumerate(zip(labels, encoded)):
+    ids = [start, *ids, end]
+    if len(ids) > context_length:
+      warnings.warn(f"label {label!r} has {len(ids)} tokens; truncated to the context "
+                    f"length {context_length}")
+      ids = ids[:context_length - 1] + [end]
+    tokens[i, :len(ids)] = ids
+  return tokens
+
+
+class LabelEmbedder:
+  """Label names -> text embeddings [L, D], computed once per label set.
+
+  The embeddings are the tower's raw outputs (not normalised; LSeg normalises
+  them). Each new label set costs one jitted tower call; a set seen before is
+  served from the cache (keyed by the tuple of labels), so the tower is not run
+  again. The tower's weights are read at each cache miss: call `clear()` after
+  changing them.
+  """
+
+  def __init__(self, text_model: nnx.Module, tokenizer, template: str | None = None,
+               context_length: int | None = None):
+    """
+    Args:
+      text_model: a module mapping tokens [N, T] int32 -> [N, D], e.g.
+        `CLIPTextTransformer`.
+      tokenizer: from `load_tokenizer`.
+      template: optional prompt with one "{}", e.g. "a photo of a {}."; None uses
+        the bare names, as LSeg does.
+      context_length: defaults to the model's `cfg.context_length`, else 77.
+    """
+    if template is not None and template.count("{}") != 1:
+      raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+    if context_length is None:
+      context_length = getattr(getattr(text_model, "cfg", None), "context_length",
+                               CONTEXT_LENGTH)
+    self.text_model = text_model
+    self.tokenizer = tokenizer
+    self.template = template
+    self.context_length = context_length
+    self.num_computed = 0  # tower runs so far (cache misses)
+    self._cache: dict[tuple[str, ...], jax.Array] = {}
+    graphdef, _ = nnx.split(text_model)
+    self._encode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+
+  def prompts(self, labels: Sequence[str]) -> list[str]:
+    labels = validate_labels(labels)
+    return labels if self.template is None else [self.template.format(s) for s in labels]
+
+  def __call__(self, labels: Sequence[str]) -> jax.Array:
+    """labels (L names) -> float32 [L, D]."""
+    key = tuple(validate_labels(labels))
+    if key not in self._cache:
+      tokens = tokenize(self.prompts(key), self.tokenizer, self.context_length)
+      self._cache[key] = self._encode(nnx.state(self.text_model), jnp.asarray(tokens)).astype(
+          jnp.float32)
+      self.num_computed += 1
+    return self._cache[key]
+
+  def clear(self) -> None:
+    self._cache.clear()
+
+  def __len__(self) -> int:
+    return len(self._cache)
+
+
+__all__ = ["CONTEXT_LENGTH", "DEFAULT_TOKENIZER", "LabelEmbedder", "clean_text", "load_tokenizer",
+           "tokenize", "validate_labels"]
