@@ -255,7 +255,7 @@ def test_fss1000_test_episodes(tmp_path):
     registry.get_source("fss1000", "test", data_dir=str(tmp_path))
   for f in os.listdir(tmp_path / "FSS-1000" / categories[7]):
     os.remove(tmp_path / "FSS-1000" / categories[7] / f)
-  with pytest.raises(FileNotFoundError, match=f"class folder .*{categories[7]}"):
+  with pytest.raises(FileNotFoundError, match=f"folder .*{categories[7]}/"):
     registry.get_source("fss1000", "test", data_dir=str(tmp_path))
 
 
@@ -311,3 +311,132 @@ def test_cityscapes_missing_files(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match="aachen_000001_000019_gtFine_labelIds.png"):
     registry.get_source("cityscapes", "train", data_dir=str(tmp_path))
+
+
+def test_cityscapes_from_tfds(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=2):
+    source = registry.get_source("cityscapes", "validation",
+                                 data_dir=str(tmp_path), use_tfds=True,
+                                 tfds_data_dir=str(tmp_path / "tfds"))
+    examples = _examples(source, process_index=1, process_count=2)
+  assert source.label_names == list(label_names.CITYSCAPES_NAMES)
+  for ex in examples:
+    assert ex["image"].shape == (1024, 2048, 3)
+    assert ex["image"].dtype == np.uint8
+    assert ex["mask"].shape == (1024, 2048) and ex["mask"].dtype == np.int32
+    assert ex["mask"].min() >= -1 and ex["mask"].max() <= 18
+
+
+# ------------------------------------------------- other mixture datasets --
+def _raw_labels(seed, values):
+  return np.random.default_rng(seed).choice(values, (6, 8)).astype(np.uint8)
+
+
+def _write_bdd(root, legacy):
+  raw = _raw_labels(5, [0, 5, 18, 19, 255])
+  if legacy:
+    _save(f"{root}/bdd100k/seg/images/val/7d2f7975-e0c1c5a7.jpg", _colour(1))
+    _save(f"{root}/bdd100k/seg/labels/val/7d2f7975-e0c1c5a7_train_id.png", raw)
+  else:
+    _save(f"{root}/bdd100k/images/10k/val/7d2f7975-e0c1c5a7.jpg", _colour(1))
+    _save(f"{root}/bdd100k/labels/sem_seg/masks/val/7d2f7975-e0c1c5a7.png",
+          raw)
+  return raw, np.where(raw < 19, raw.astype(np.int32), -1)
+
+
+def _write_idd(root):
+  raw = _raw_labels(6, [0, 4, 25, 26, 255])
+  base = f"{root}/IDD_Segmentation"
+  _save(f"{base}/leftImg8bit/val/119/000123_leftImg8bit.png", _colour(1))
+  _save(f"{base}/gtFine/val/119/000123_gtFine_labellevel3Ids.png", raw)
+  return raw, np.where(raw < 26, raw.astype(np.int32), -1)
+
+
+def _write_mapillary(root):
+  raw = _raw_labels(7, [0, 13, 64, 65])
+  _save(f"{root}/validation/images/-abc_DEF.jpg", _colour(1))
+  _save(f"{root}/validation/labels/-abc_DEF.png", raw, palette=True)
+  labels = [{"readable": n.title(), "name": n}
+            for n in (*label_names.MAPILLARY_VISTAS_NAMES, "unlabeled")]
+  with open(f"{root}/config.json", "w") as f:
+    json.dump({"labels": labels}, f)
+  return raw, np.where(raw < 65, raw.astype(np.int32), -1)
+
+
+def _write_sunrgbd(root):
+  raw = _raw_labels(8, [0, 1, 37])
+  _save(f"{root}/sun_rgbd/image/test/img-000042.jpg", _colour(1))
+  _save(f"{root}/sun_rgbd/label37/test/00000042.png", raw)
+  return raw, raw.astype(np.int32) - 1
+
+
+@pytest.mark.parametrize("name,write", [
+    ("bdd100k", lambda root: _write_bdd(root, legacy=False)),
+    ("bdd100k", lambda root: _write_bdd(root, legacy=True)),
+    ("idd", _write_idd),
+    ("mapillary_vistas", _write_mapillary),
+    ("sunrgbd", _write_sunrgbd),
+])
+def test_mixture_dataset_layouts(tmp_path, name, write):
+  raw, expected = write(tmp_path)
+  source = registry.get_source(name, "validation", data_dir=str(tmp_path))
+  assert source.label_names == list(label_names.DATASET_LABEL_NAMES[name])
+  (ex,) = _examples(source)
+  np.testing.assert_allclose(ex["image"], _colour(1), atol=3)
+  np.testing.assert_array_equal(ex["mask"], expected)
+
+
+def test_idd_needs_generated_labels(tmp_path):
+  _write_idd(tmp_path)
+  os.remove(tmp_path / "IDD_Segmentation/gtFine/val/119/"
+            "000123_gtFine_labellevel3Ids.png")
+  with pytest.raises(FileNotFoundError, match="createLabels.py"):
+    registry.get_source("idd", "validation", data_dir=str(tmp_path))
+
+
+def test_mapillary_rejects_other_versions(tmp_path):
+  _write_mapillary(tmp_path)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"labels": [{"readable": "Bird"}] * 124}, f)
+  with pytest.raises(ValueError, match="v1.2"):
+    registry.get_source("mapillary_vistas", "validation",
+                        data_dir=str(tmp_path))
+
+
+def test_coco_panoptic(tmp_path):
+  categories = [{"id": 1, "name": "person"}, {"id": 7, "name": "train"},
+                {"id": 200, "name": "rug-merged"}]
+  segments = {5: 1, 300: 200, 70000: 7}  # Segment id -> category id.
+  ids = np.random.default_rng(9).choice([0, 5, 300, 70000, 999], (6, 8))
+  _save(f"{tmp_path}/val2017/000000000139.jpg", _colour(2))
+  rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1)
+  _save(f"{tmp_path}/annotations/panoptic_val2017/000000000139.png",
+        rgb.astype(np.uint8))
+  annotations = {
+      "categories": categories,
+      "images": [{"id": 139, "file_name": "000000000139.jpg"}],
+      "annotations": [{"image_id": 139, "file_name": "000000000139.png",
+                       "segments_info": [{"id": s, "category_id": c}
+                                         for s, c in segments.items()]}]}
+  with open(tmp_path / "annotations/panoptic_val2017.json", "w") as f:
+    json.dump(annotations, f)
+  source = registry.get_source("coco_panoptic", "validation",
+                               data_dir=str(tmp_path))
+  assert len(source.label_names) == 133
+  (ex,) = _examples(source)
+  names = label_names.COCO_PANOPTIC_NAMES
+  expected = np.full(ids.shape, -1, np.int32)
+  for segment, name in ((5, "person"), (300, "rug-merged"), (70000, "train")):
+    expected[ids == segment] = names.index(name)
+  np.testing.assert_array_equal(ex["mask"], expected)
+  np.testing.assert_allclose(ex["image"], _colour(2), atol=3)
+
+
+def test_every_source_is_registered():
+  assert {"ade20k", "bdd100k", "cityscapes", "coco_panoptic", "idd",
+          "mapillary_vistas", "sunrgbd", "pascal5i", "coco20i", "fss1000"
+          } <= set(registry.available_sources())
+  for name, names in label_names.DATASET_LABEL_NAMES.items():
+    with pytest.raises((ValueError, FileNotFoundError), match="data_dir"):
+      registry.get_source(name, "train")

@@ -1,4 +1,4 @@
-"""`ade20k`: ADE20K SceneParse150 from the official ADEChallengeData2016 release.
+"""`ade20k`: ADE20K SceneParse150 from the official ADEChallengeData2016.zip.
 
   source = registry.get_source("ade20k", "train", data_dir=DIR)
 

@@ -1,4 +1,4 @@
-"""Reading datasets in their official on-disk layout, shared by the real sources.
+"""Reading datasets in their official on-disk layouts (shared by the sources).
 
 A dataset root is a `FileTree`: a folder (any path `tf.io.gfile` reads, gs://
 included) or a folder inside a .zip archive, so a source reads the archive the

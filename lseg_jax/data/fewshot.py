@@ -1,4 +1,4 @@
-"""Zero-shot episode sources, following HSNet's few-shot protocol (as LSeg does).
+"""Zero-shot episode sources, following HSNet's protocol (as LSeg does).
 
   source = registry.get_source("pascal5i", "validation", data_dir=DIR, fold=0)
 
@@ -48,8 +48,8 @@ PASCAL_EXPECTED = (
     f"masks (the Google Drive link in {HSNET_URL}) at "
     "{d}/VOC2012/SegmentationClassAug/*.png.")
 COCO_EXPECTED = (
-    "HSNet's COCO-20i layout: COCO 2014 images (train2014.zip, val2014.zip from "
-    "http://images.cocodataset.org/zips/) extracted to "
+    "HSNet's COCO-20i layout: COCO 2014 images (train2014.zip, val2014.zip "
+    "from http://images.cocodataset.org/zips/) extracted to "
     "{d}/COCO2014/train2014/*.jpg and {d}/COCO2014/val2014/*.jpg, and HSNet's "
     f"COCO 2014 masks (train2014.zip, val2014.zip: Google Drive links in "
     f"{HSNET_URL}) extracted to {{d}}/COCO2014/annotations/train2014/*.png "

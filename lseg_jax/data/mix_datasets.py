@@ -1,4 +1,4 @@
-"""The other datasets of LSeg's 7-dataset mixture, read from their official layouts.
+"""The other datasets of LSeg's 7-dataset mixture, in their official layouts.
 
   source = registry.get_source("cityscapes", "train", data_dir=DIR)
 
@@ -67,7 +67,7 @@ BDD_EXPECTED = (
 
 @registry.register("bdd100k")
 def make_bdd100k(split: str, *, data_dir: str | None = None):
-  """BDD100K 10k semantic segmentation: "train" (7,000), "validation" (1,000)."""
+  """BDD100K 10k semantic segmentation: "train" (7,000), "validation"."""
   split = dataset_files.split_folder(split, _TRAIN_VAL, "BDD100K")
   expected = BDD_EXPECTED.format(d=data_dir)
   find = lambda marker, archive: dataset_files.find_root(  # noqa: E731
