@@ -112,7 +112,7 @@ def test_openai_export_roundtrip_loads_into_torch():
   model = clip_text.CLIPTextTransformer(tiny_cfg(), rngs=nnx.Rngs(3))
   exported = clip_openai.export_openai_clip_text(model, prefix="clip_pretrained.")
   ref = CLIPTextTorch(**TINY, vocab_size=VOCAB, context_length=CONTEXT)
-  ref.load_state_dict({k[len("clip_pretrained."):]: torch.from_numpy(v)
+  ref.load_state_dict({k[len("clip_pretrained."):]: torch.from_numpy(np.array(v))
                        for k, v in exported.items()}, strict=True)
   tokens = random_tokens(3, CONTEXT, VOCAB)
   assert rel_err(model(jnp.asarray(tokens)), torch_encode(ref.eval(), tokens)) < 1e-5
