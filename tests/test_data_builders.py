@@ -89,6 +89,10 @@ def test_ade20k_layouts(tmp_path, layout):
                                     labels[folder][i].astype(np.int32) - 1)
       assert ex["file_name"].decode().endswith(
           f"images/{folder}/ADE_{folder[:5]}_{i:08d}.jpg")
+  if layout == "zip":  # data_dir may also name the archive itself.
+    source = registry.get_source(
+        "ade20k", "train", data_dir=str(data_dir / "ADEChallengeData2016.zip"))
+    assert source.num_examples == 3
 
 
 def test_ade20k_shards_and_shuffle(tmp_path):

@@ -17,8 +17,9 @@ the official LSeg code):
     draws a class uniformly, then an image uniformly from that class's list
     (HSNet's fold pickles, shipped as `splits/coco20i/*.txt.gz`: line k lists
     the ids of COCO 2014 images holding class k). "validation" has 1000
-    episodes, "train" as many as the listed images; drawn from
-    `episode_seed`.
+    episodes, "train" as many as the listed images; drawn once from
+    `episode_seed` (HSNet draws new ones every epoch: vary the seed to get
+    that).
   * fss1000: classes of the split (`splits/fss1000/{trn,val,test}.txt`),
     sorted. "test" = HSNet's 1-shot test queries: every image of a class but
     the first (sorted by file name, "1.jpg"), which HSNet uses as the support;
