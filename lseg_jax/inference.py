@@ -1,0 +1,340 @@
+"""Sliding-window, multi-scale inference: the official LSeg test protocol.
+
+`test_lseg.py` evaluates with PyTorch-Encoding's `MultiEvalModule`
+(lang-seg's `additional_utils/encoding_models.py`). For an image [H, W] and
+each scale s (default 0.5, 0.75, 1.0, 1.25, 1.5, 1.75):
+
+  1. long side := ceil(base_size * s) (base 520), short side :=
+     int(short * long_new / long + 0.5); the normalised image is resized to
+     it, bilinear with align_corners=True;
+  2. the resized image is padded at the bottom/right to at least crop x crop
+     (crop 480) with the normalised value of black, -mean/std = -1;
+  3. windows of crop x crop start every stride = int(crop * 2/3) pixels
+     (h_grids = ceil((ph - crop) / stride) + 1 rows, likewise columns); a
+     window reaching past the canvas is cut there and re-padded to crop x crop;
+  4. each window's logits, plus the flipped logits of its mirror image when
+     flipping, are summed into the canvas; overlapping windows are averaged
+     (divided by their count);
+  5. the canvas is cut back to the resized size, resized to [H, W] (bilinear,
+     align_corners=True) and added to the scores. Logits, not probabilities,
+     are summed; the prediction is the argmax of the sum.
+
+Every model call therefore sees a crop x crop input: one jitted function
+serves the whole protocol. Here the geometry and the accumulation run on the
+host in float32 numpy (same operations and order as the reference), while
+batches of crops, gathered across images, run on the devices with the batch
+axis sharded over a `data` mesh axis. With a single scale whose long side is
+the crop size, no flip and an image of crop x crop, the result is exactly
+one plain model call.
+
+Labels masked out (label_mask False) get -inf scores, as the model gives.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lseg_jax.models import resize
+
+OFFICIAL_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow:
+  """Parameters of the multi-scale sliding-window protocol (module docstring).
+
+  Attributes:
+    scales: image scales relative to base_size (long side).
+    base_size: long side at scale 1.0.
+    crop_size: window side; a multiple of the model's `size_multiple`.
+    stride_rate: window stride as a fraction of crop_size.
+    flip: also run each window mirrored and add the mirrored-back logits.
+    pad_value: value of padded pixels in the normalised image (black = -1
+      for mean 0.5, std 0.5).
+  """
+  scales: tuple[float, ...] = OFFICIAL_SCALES
+  base_size: int = 520
+  crop_size: int = 480
+  stride_rate: float = 2.0 / 3.0
+  flip: bool = True
+  pad_value: float = -1.0
+
+  def __post_init__(self):
+    if not self.scales or any(not s > 0 for s in self.scales):
+      raise ValueError(f"scales={self.scales}; expected a non-empty list of positive floats")
+    if self.base_size < 1 or self.crop_size < 1:
+      raise ValueError(f"base_size={self.base_size} and crop_size={self.crop_size} must be >= 1")
+    if not 0 < self.stride_rate <= 1:
+      raise ValueError(f"stride_rate={self.stride_rate}; expected in (0, 1]")
+
+  @property
+  def stride(self) -> int:
+    return max(1, int(self.crop_size * self.stride_rate))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------
+# Geometry (pure Python / numpy).
+# --------------------------------------------------------------------------
+def scaled_size(h: int, w: int, scale: float, base_size: int) -> tuple[int, int]:
+  """(height, width) of an [h, w] image at `scale`: long side ceil(base * scale)."""
+  long_size = int(math.ceil(base_size * scale))
+  if h > w:
+    return long_size, int(1.0 * w * long_size / h + 0.5)
+  return int(1.0 * h * long_size / w + 0.5), long_size
+
+
+def window_origins(height: int, width: int, crop: int, stride: int
+                   ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+  """The padded canvas (ph, pw) of a [height, width] image and its windows' (y0, x0).
+
+  Window (y0, x0) covers rows [y0, min(y0 + crop, ph)) and likewise columns.
+  """
+  ph, pw = max(height, crop), max(width, crop)
+  rows = int(math.ceil((ph - crop) / stride)) + 1
+  cols = int(math.ceil((pw - crop) / stride)) + 1
+  return (ph, pw), [(i * stride, j * stride) for i in range(rows) for j in range(cols)]
+
+
+def resize_bilinear_np(x: np.ndarray, size: tuple[int, int],
+                       align_corners: bool = True) -> np.ndarray:
+  """Bilinear resize of float32 [H, W, C] to `size` (h, w) in numpy.
+
+  Same taps, weights and order (width, then height) as
+  `lseg_jax.models.resize.resize_bilinear` and PyTorch's `F.interpolate`.
+  """
+  x = np.asarray(x, np.float32)
+  for axis, out in ((1, size[1]), (0, size[0])):
+    if x.shape[axis] == out:
+      continue
+    i0, i1, w0, w1 = resize._axis_taps(x.shape[axis], out, align_corners)  # pylint: disable=protected-access
+    shape = [1] * x.ndim
+    shape[axis] = out
+    x = (np.take(x, i0, axis=axis) * w0.reshape(shape)
+         + np.take(x, i1, axis=axis) * w1.reshape(shape))
+  return x
+
+
+def _pad_to(x: np.ndarray, h: int, w: int, value: float) -> np.ndarray:
+  """Pads [H, W, C] at the bottom/right to [>= h, >= w, C] with `value`."""
+  ph, pw = max(h - x.shape[0], 0), max(w - x.shape[1], 0)
+  if not ph and not pw:
+    return x
+  return np.pad(x, ((0, ph), (0, pw), (0, 0)), constant_values=value)
+
+
+# --------------------------------------------------------------------------
+# Device side: batches of crops through a jitted, sharded function.
+# --------------------------------------------------------------------------
+def local_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D ("data",) mesh over this process's devices (default: all local)."""
+  devices = jax.local_devices() if devices is None else list(devices)
+  return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def model_apply(model: nnx.Module) -> tuple[Callable, Any]:
+  """(apply, state) with apply(state, images [N,h,w,3], text_emb [L,D],
+  label_mask [N,L]) -> logits [N,h,w,L], a pure function of an LSeg model."""
+  graphdef, state = nnx.split(model)
+
+  def apply(state, images, text_emb, label_mask):
+    return nnx.merge(graphdef, state)(images, text_emb, label_mask)
+  return apply, state
+
+
+class CropRunner:
+  """Runs `apply` on fixed-size batches of crops, sharded over `mesh`'s "data" axis.
+
+  `runner(crops [n, c, c, 3], text_emb [L, D], label_mask [n, L]) -> float32
+  numpy [n, c, c, L]` for any n: crops are cut into batches of `batch_size`
+  (the last one padded), so one compiled function serves every call. With
+  `flip`, each crop's logits are f(x) + flip(f(flip(x))). Masked labels come
+  back as 0 (finite, so that resizing and summing stay finite).
+  """
+
+  def __init__(self, apply: Callable, state: Any, *, flip: bool = False,
+               mesh: jax.sharding.Mesh | None = None, batch_size: int | None = None):
+    self.mesh = local_mesh() if mesh is None else mesh
+    num = self.mesh.shape["data"]
+    self.batch_size = num if batch_size is None else batch_size
+    if self.batch_size < 1 or self.batch_size % num:
+      raise ValueError(f"crop batch_size={self.batch_size} must be a positive multiple of the "
+                       f"{num} devices on the mesh's 'data' axis")
+    self.flip = flip
+    self._data = jax.sharding.NamedSharding(self.mesh, jax.P("data"))
+    self._replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+    self.state = jax.device_put(state, self._replicated)
+
+    def run(state, crops, text_emb, label_mask):
+      logits = apply(state, crops, text_emb, label_mask)
+      if flip:
+        mirrored = apply(state, crops[:, :, ::-1], text_emb, label_mask)
+        logits = logits + mirrored[:, :, ::-1]
+      return jnp.where(label_mask[:, None, None, :], logits, 0.0)
+    self._run = jax.jit(run, out_shardings=self._data)
+
+  def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray) -> np.ndarray:
+    n = crops.shape[0]
+    text_emb = jax.device_put(text_emb, self._replicated)
+    outs = []
+    for start in range(0, n, self.batch_size):
+      chunk = crops[start:start + self.batch_size]
+      mask = label_mask[start:start + self.batch_size]
+      k = chunk.shape[0]
+      if k < self.batch_size:
+        chunk = np.concatenate([chunk, np.zeros((self.batch_size - k,) + chunk.shape[1:],
+                                                chunk.dtype)])
+        mask = np.concatenate([mask, np.ones((self.batch_size - k, mask.shape[1]), bool)])
+      out = self._run(self.state, jax.device_put(chunk, self._data), text_emb,
+                      jax.device_put(mask, self._data))
+      outs.append(np.asarray(out)[:k])
+    return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+
+# --------------------------------------------------------------------------
+# Host side: windows in, per-image scores out.
+# --------------------------------------------------------------------------
+class _ImageJob:
+  """One image's per-scale canvases while its windows are in flight."""
+
+  def __init__(self, image, label_mask, payload, window: SlidingWindow):
+    h, w = image.shape[:2]
+    self.size = (h, w)
+    self.label_mask = label_mask
+    self.payload = payload
+    self.scales = []   # (height, width, canvas or None, count or None)
+    self.crops = []    # (scale index, y0, x0, crop [c, c, 3])
+    c = window.crop_size
+    for s in window.scales:
+      height, width = scaled_size(h, w, s, window.base_size)
+      img = resize_bilinear_np(image, (height, width), align_corners=True)
+      (ph, pw), origins = window_origins(height, width, c, window.stride)
+      # Padding past the canvas with the same value makes every window a
+      # plain slice, identical to "cut at the canvas, then pad to crop".
+      img = _pad_to(img, max(o[0] for o in origins) + c, max(o[1] for o in origins) + c,
+                    window.pad_value)
+      si = len(self.scales)
+      self.scales.append([height, width, (ph, pw), None, None])
+      for y0, x0 in origins:
+        self.crops.append((si, y0, x0, img[y0:y0 + c, x0:x0 + c]))
+    self.remaining = len(self.crops)
+
+  def add(self, si, y0, x0, logits):
+    entry = self.scales[si]
+    ph, pw = entry[2]
+    if entry[3] is None:
+      entry[3] = np.zeros((ph, pw, logits.shape[-1]), np.float32)
+      entry[4] = np.zeros((ph, pw, 1), np.float32)
+    y1, x1 = min(y0 + logits.shape[0], ph), min(x0 + logits.shape[1], pw)
+    entry[3][y0:y1, x0:x1] += logits[:y1 - y0, :x1 - x0]
+    entry[4][y0:y1, x0:x1] += 1
+    self.remaining -= 1
+
+  def finish(self) -> np.ndarray:
+    assert self.remaining == 0
+    scores = None
+    for height, width, _, canvas, count in self.scales:
+      assert np.all(count > 0), "sliding windows left a pixel uncovered"
+      out = (canvas / count)[:height, :width]
+      out = resize_bilinear_np(out, self.size, align_corners=True)
+      scores = out if scores is None else scores + out
+    if self.label_mask is not None:
+      scores[..., ~self.label_mask] = -np.inf
+    return scores
+
+
+class SlidingWindowInference:
+  """Multi-scale sliding-window scores of whole images (module docstring).
+
+  Args:
+    runner: a `CropRunner` (or any callable with its signature) whose flip
+      setting matches `window.flip`.
+    window: the protocol parameters.
+  """
+
+  def __init__(self, runner: CropRunner, window: SlidingWindow):
+    if getattr(runner, "flip", window.flip) != window.flip:
+      raise ValueError(f"runner.flip={runner.flip} differs from window.flip={window.flip}")
+    self.runner = runner
+    self.window = window
+
+  @classmethod
+  def for_model(cls, model, window: SlidingWindow, *, mesh=None,
+                crops_per_device: int = 2) -> "SlidingWindowInference":
+    """For an LSeg model: checks the crop size and builds its CropRunner."""
+    m = model.size_multiple
+    if window.crop_size % m:
+      raise ValueError(f"crop_size={window.crop_size} is not a multiple of {m}, the input "
+                       f"size multiple of backbone {model.cfg.backbone}")
+    mesh = local_mesh() if mesh is None else mesh
+    apply, state = model_apply(model)
+    runner = CropRunner(apply, state, flip=window.flip, mesh=mesh,
+                        batch_size=crops_per_device * mesh.shape["data"])
+    return cls(runner, window)
+
+  def __call__(self, image: np.ndarray, text_emb, label_mask: np.ndarray | None = None
+               ) -> np.ndarray:
+    """image float32 [H, W, 3] (normalised) -> scores float32 [H, W, L]."""
+    return next(self.stream([(image, label_mask, None)], text_emb))[0]
+
+  def stream(self, items: Iterable[tuple[np.ndarray, np.ndarray | None, Any]], text_emb
+             ) -> Iterator[tuple[np.ndarray, Any]]:
+    """Scores of many images, their windows batched together across images.
+
+    Args:
+      items: (image float32 [H, W, 3], label_mask bool [L] or None, payload)
+        triples; H, W may differ between images.
+      text_emb: label embeddings [L, D].
+
+    Yields:
+      (scores float32 [H, W, L], payload) in input order.
+    """
+    num_labels = text_emb.shape[0]
+    batch = getattr(self.runner, "batch_size", 1)
+    pending: collections.deque[_ImageJob] = collections.deque()
+    queue: list[tuple[_ImageJob, int, int, int, np.ndarray]] = []
+
+    def run(entries):
+      crops = np.stack([e[4] for e in entries]).astype(np.float32)
+      masks = np.stack([np.ones(num_labels, bool) if e[0].label_mask is None
+                        else e[0].label_mask for e in entries])
+      logits = self.runner(crops, text_emb, masks)
+      for (job, si, y0, x0, _), out in zip(entries, logits):
+        job.add(si, y0, x0, out)
+
+    for image, label_mask, payload in items:
+      image = np.asarray(image, np.float32)
+      if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an image [H, W, 3], got shape {image.shape}")
+      if label_mask is not None:
+        label_mask = np.asarray(label_mask, bool)
+        if label_mask.shape != (num_labels,):
+          raise ValueError(f"label_mask has shape {label_mask.shape}; expected [{num_labels}]")
+      job = _ImageJob(image, label_mask, payload, self.window)
+      pending.append(job)
+      queue.extend((job, si, y0, x0, crop) for si, y0, x0, crop in job.crops)
+      job.crops = None
+      while len(queue) >= batch:
+        run(queue[:batch])
+        del queue[:batch]
+      while pending and pending[0].remaining == 0:
+        done = pending.popleft()
+        yield done.finish(), done.payload
+    if queue:
+      run(queue)
+    while pending:
+      done = pending.popleft()
+      yield done.finish(), done.payload
+
+
+__all__ = ["OFFICIAL_SCALES", "CropRunner", "SlidingWindow", "SlidingWindowInference",
+           "local_mesh", "model_apply", "resize_bilinear_np", "scaled_size", "window_origins"]
