@@ -1,0 +1,607 @@
+"""A self-contained PyTorch LSeg with the official `LSegNet` state-dict layout.
+
+This is the reference the JAX model is tested against and the target of the
+exporter: a state dict in the lang-seg layout loads here with `strict=True`
+without the (unmaintained) official repository or the `clip` package.
+
+Key layout (the official `LSegNet`'s, minus CLIP's image side:
+`clip_pretrained.visual.*` and `clip_pretrained.logit_scale`):
+  clip_pretrained.*                  OpenAI CLIP text tower
+  pretrained.model.*                 timm `VisionTransformer` (incl. unused `norm`, `head`)
+  pretrained.act_postprocessN.{0,3,4}.*  reassemble level N (N = 1..4); the indices
+                                     are those of the official nn.Sequential:
+                                     0 readout, 1 transpose, 2 unflatten (no
+                                     parameters), 3 1x1 conv, 4 resampling conv
+  scratch.layerN_rn.weight           3x3 conv, no bias
+  scratch.refinenetN.*               fusion blocks with BatchNorm
+  scratch.head1.*                    1x1 conv to the text embedding width
+  scratch.head_block.depthwise.depthwise.*  spatial regularisation (arch_option 1, 2)
+
+Images are NCHW here (PyTorch convention), normalised as (x/255 - 0.5)/0.5.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from lseg_jax.torch_lseg.clip_text import CLIPTextTorch
+
+READOUTS = ("ignore", "add", "project")
+ACTIVATIONS = ("relu", "lrelu", "tanh")
+ARCH_OPTIONS = (0, 1, 2)
+
+# `clip_pretrained.*` keys of the official LSegNet that belong to CLIP's image
+# side: not part of this model, dropped when loading.
+_IGNORED_KEYS = ("clip_pretrained.visual.", "clip_pretrained.logit_scale")
+
+# The ViT position embeddings are learned on this input size; every forward
+# resizes them from this grid to the input's grid.
+_PRETRAIN_SIZE = 384
+
+_CLIP_B32_TEXT = dict(width=512, layers=12, heads=8, embed_dim=512)
+_CLIP_RN50X16_TEXT = dict(width=768, layers=12, heads=12, embed_dim=768)
+_TINY_TEXT = dict(width=32, layers=2, heads=2, embed_dim=16)
+
+_VIT_L16 = dict(patch=16, width=1024, depth=24, heads=16, mlp=4096)
+_VIT_B32 = dict(patch=32, width=768, depth=12, heads=12, mlp=3072)
+_VIT_TINY = dict(width=32, depth=4, heads=2, mlp=64)
+
+# Resampling factor of each reassemble level (index 4 of act_postprocessN):
+# f > 1: ConvTranspose2d(kernel=stride=f); 1: none; 0.5: Conv2d(3x3, stride 2).
+_RESAMPLE_VIT16 = (4, 2, 1, 0.5)
+_RESAMPLE_VIT32 = (8, 4, 2, 1)
+
+# backbone -> structure. The official backbones pair a ViT image encoder with
+# the text tower of a CLIP model (ViT-B/32's for both ViT-based names).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "clip_vitl16_384": dict(
+        vit=_VIT_L16, hooks=(5, 11, 17, 23), widths=(256, 512, 1024, 1024),
+        resample=_RESAMPLE_VIT16, text=_CLIP_B32_TEXT),
+    "clipRN50x16_vitl16_384": dict(
+        vit=_VIT_L16, hooks=(5, 11, 17, 23), widths=(256, 512, 1024, 1024),
+        resample=_RESAMPLE_VIT16, text=_CLIP_RN50X16_TEXT),
+    "clip_vitb32_384": dict(
+        vit=_VIT_B32, hooks=(2, 5, 8, 11), widths=(96, 192, 384, 768),
+        resample=_RESAMPLE_VIT32, text=_CLIP_B32_TEXT),
+    # Tiny test variants: the same structure with small widths.
+    "tiny_vit16": dict(
+        vit=dict(patch=16, **_VIT_TINY), hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32),
+        resample=_RESAMPLE_VIT16, text=_TINY_TEXT),
+    "tiny_vit32": dict(
+        vit=dict(patch=32, **_VIT_TINY), hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32),
+        resample=_RESAMPLE_VIT32, text=_TINY_TEXT),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLSegConfig:
+  """Hyper-parameters of `LSegTorch` (names follow the official CLI flags).
+
+  Attributes:
+    backbone: a key of `VARIANTS`.
+    features: decoder width (official `--num_features`); None: 256, or 16 for
+      the tiny backbones.
+    readout: how the ViT class token enters the reassemble blocks.
+    arch_option: 0 none, 1 bottleneck block, 2 depthwise block (spatial
+      regularisation after the cosine logits).
+    block_depth: how many times the shared head block is applied (the official
+      code applies it max(block_depth, 1) times when arch_option is 1 or 2).
+    activation: head-block activation between applications.
+    vocab_size: text-tower vocabulary (49408 for the CLIP BPE tokenizer).
+    context_length: text-tower context length (77 for CLIP).
+  """
+  backbone: str = "clip_vitl16_384"
+  features: Optional[int] = None
+  readout: str = "project"
+  arch_option: int = 0
+  block_depth: int = 0
+  activation: str = "lrelu"
+  vocab_size: int = 49408
+  context_length: int = 77
+
+  def __post_init__(self):
+    _check_choice("backbone", self.backbone, tuple(VARIANTS))
+    _check_choice("readout", self.readout, READOUTS)
+    _check_choice("arch_option", self.arch_option, ARCH_OPTIONS)
+    _check_choice("activation", self.activation, ACTIVATIONS)
+    if self.features is None:
+      object.__setattr__(self, "features",
+                         16 if self.backbone.startswith("tiny") else 256)
+    for name in ("features", "vocab_size", "context_length"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(self.block_depth, int) or self.block_depth < 0:
+      raise ValueError(f"block_depth must be an int >= 0, got {self.block_depth!r}")
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------
+# Image encoder: timm ViT + reassemble blocks.
+
+
+class _SkipReadout(nn.Module):
+  """readout='ignore': drop the class token. [B, 1+N, C] -> [B, N, C]."""
+
+  def forward(self, tokens):
+    return tokens[:, 1:]
+
+
+class _AddReadout(nn.Module):
+  """readout='add': add the class token to every patch token."""
+
+  def forward(self, tokens):
+    return tokens[:, 1:] + tokens[:, :1]
+
+
+class _ProjectReadout(nn.Module):
+  """readout='project': GELU(Linear(concat(token, cls))). [B, 1+N, C] -> [B, N, C]."""
+
+  def __init__(self, width: int):
+    super().__init__()
+    self.project = nn.Sequential(nn.Linear(2 * width, width), nn.GELU())
+
+  def forward(self, tokens):
+    patches = tokens[:, 1:]
+    cls = tokens[:, :1].expand_as(patches)
+    return self.project(torch.cat([patches, cls], dim=-1))
+
+
+class _ChannelsFirst(nn.Module):
+  """[B, N, C] -> [B, C, N]."""
+
+  def forward(self, tokens):
+    return tokens.transpose(1, 2)
+
+
+class Reassemble(nn.Sequential):
+  """One DPT reassemble level: tokens of a ViT block -> feature map.
+
+  An nn.Sequential so that parameter names carry the official indices; index 2
+  (the official fixed-size Unflatten) is a placeholder because the token grid
+  depends on the input size and is passed to `forward`.
+  """
+
+  def __init__(self, readout: str, vit_width: int, width: int, resample: float):
+    if readout == "project":
+      readout_op = _ProjectReadout(vit_width)
+    elif readout == "add":
+      readout_op = _AddReadout()
+    else:
+      readout_op = _SkipReadout()
+    layers = [readout_op, _ChannelsFirst(), nn.Identity(),
+              nn.Conv2d(vit_width, width, kernel_size=1)]
+    if resample > 1:
+      layers.append(nn.ConvTranspose2d(width, width, kernel_size=int(resample),
+                                       stride=int(resample)))
+    elif resample < 1:
+      layers.append(nn.Conv2d(width, width, kernel_size=3, stride=2, padding=1))
+    super().__init__(*layers)
+
+  def forward(self, tokens, grid_hw):
+    """[B, 1+h*w, C] tokens, grid (h, w) -> [B, width, h*f, w*f]."""
+    x = self[1](self[0](tokens)).unflatten(2, grid_hw)
+    for layer in list(self)[3:]:
+      x = layer(x)
+    return x
+
+
+class ViTBackbone(nn.Module):
+  """timm ViT run on any input size, with four reassembled hook outputs."""
+
+  def __init__(self, vit: Mapping[str, int], hooks: Sequence[int],
+               widths: Sequence[int], resample: Sequence[float], readout: str):
+    super().__init__()
+    # num_classes=1000 keeps `head.*` so the keys match timm's pretrained model.
+    self.model = VisionTransformer(
+        img_size=_PRETRAIN_SIZE, patch_size=vit["patch"], embed_dim=vit["width"],
+        depth=vit["depth"], num_heads=vit["heads"],
+        mlp_ratio=vit["mlp"] / vit["width"], num_classes=1000)
+    self.patch_size = vit["patch"]
+    self.hooks = tuple(hooks)
+    assert list(self.hooks) == sorted(set(self.hooks)), self.hooks
+    for i, (width, factor) in enumerate(zip(widths, resample)):
+      self.add_module(f"act_postprocess{i + 1}",
+                      Reassemble(readout, vit["width"], width, factor))
+
+  def _pos_embed(self, grid_hw):
+    """Position embeddings [1, 1+h*w, C], the grid part resized bilinearly."""
+    pos = self.model.pos_embed
+    cls_pos, grid_pos = pos[:, :1], pos[0, 1:]
+    side = int(math.isqrt(grid_pos.shape[0]))
+    grid_pos = grid_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos, size=grid_hw, mode="bilinear",
+                             align_corners=False)
+    grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(1, grid_hw[0] * grid_hw[1], -1)
+    return torch.cat([cls_pos, grid_pos], dim=1)
+
+  def forward(self, x):
+    """[B, 3, H, W] -> four feature maps [B, widths[i], ., .] (strides 4..32)."""
+    vit = self.model
+    grid_hw = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+    tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    cls = vit.cls_token.expand(x.shape[0], -1, -1)
+    tokens = vit.pos_drop(torch.cat([cls, tokens], dim=1) + self._pos_embed(grid_hw))
+    # Blocks after the last hook and the final norm do not reach the output.
+    hooked = []
+    for i, block in enumerate(vit.blocks[:self.hooks[-1] + 1]):
+      tokens = block(tokens)
+      if i in self.hooks:
+        hooked.append(tokens)
+    return [getattr(self, f"act_postprocess{i + 1}")(t, grid_hw)
+            for i, t in enumerate(hooked)]
+
+
+# ----------------------------------------------------------------------------
+# Decoder: DPT fusion blocks.
+
+
+class ResidualConvUnit(nn.Module):
+  """x + BN(conv(ReLU(BN(conv(ReLU(x)))))), convs 3x3 without bias."""
+
+  def __init__(self, features: int):
+    super().__init__()
+    self.conv1 = nn.Conv2d(features, features, 3, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(features)
+    self.conv2 = nn.Conv2d(features, features, 3, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(features)
+
+  def forward(self, x):
+    out = self.bn1(self.conv1(F.relu(x)))
+    out = self.bn2(self.conv2(F.relu(out)))
+    return out + x
+
+
+class FusionBlock(nn.Module):
+  """[B, F, h, w] (+ skip [B, F, h, w]) -> [B, F, 2h, 2w]."""
+
+  def __init__(self, features: int):
+    super().__init__()
+    self.resConfUnit1 = ResidualConvUnit(features)
+    self.resConfUnit2 = ResidualConvUnit(features)
+    self.out_conv = nn.Conv2d(features, features, kernel_size=1)
+
+  def forward(self, x, skip=None):
+    if skip is not None:
+      x = x + self.resConfUnit1(skip)
+    x = self.resConfUnit2(x)
+    x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+    return self.out_conv(x)
+
+
+# ----------------------------------------------------------------------------
+# Spatial regularisation on the logits.
+
+
+class _LabelwiseConv(nn.Module):
+  """ONE 3x3 single-channel conv applied to every label map independently."""
+
+  def __init__(self):
+    super().__init__()
+    self.depthwise = nn.Conv2d(1, 1, kernel_size=3, padding=1)
+
+  def forward(self, x):
+    """[B, L, H, W] -> [B, L, H, W]."""
+    b, l, h, w = x.shape
+    return self.depthwise(x.reshape(b * l, 1, h, w)).reshape(b, l, h, w)
+
+
+def _make_activation(name):
+  return {"relu": nn.ReLU(), "lrelu": nn.LeakyReLU(), "tanh": nn.Tanh()}[name]
+
+
+class DepthwiseBlock(nn.Module):
+  """arch_option 2: act(conv(x)) per label map."""
+
+  def __init__(self, activation: str):
+    super().__init__()
+    self.depthwise = _LabelwiseConv()
+    self.activation = _make_activation(activation)
+
+  def _combine(self, x, conv_x, label_mask):
+    del x, label_mask
+    return conv_x
+
+  def forward(self, x, label_mask=None, act=True):
+    """x [B, L, H, W] logits, label_mask [B, L] bool or None -> [B, L, H, W]."""
+    out = self._combine(x, self.depthwise(x), label_mask)
+    return self.activation(out) if act else out
+
+
+class BottleneckBlock(DepthwiseBlock):
+  """arch_option 1: act(conv(x) + max over (unmasked) labels of x)."""
+
+  def _combine(self, x, conv_x, label_mask):
+    if label_mask is not None:
+      x = x.masked_fill(~label_mask[:, :, None, None], -math.inf)
+    return conv_x + x.amax(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------
+# LSeg.
+
+
+class LSegTorch(nn.Module):
+  """LSeg: per-pixel cosine logits between DPT features and label text embeddings.
+
+  Computes like the official `LSegNet.forward`, except that
+    * everything stays float32 (the official casts the pixel features to half
+      before the dot product with the text embeddings);
+    * text embeddings are an input (`encode_text` / `forward_labels` run the
+      text tower);
+    * an optional `label_mask` marks candidate labels: masked labels get -inf
+      logits and are left out of the bottleneck max. Without a mask the result
+      is the official one.
+  """
+
+  def __init__(self, config: Optional[TorchLSegConfig] = None, **kwargs):
+    super().__init__()
+    if config is None:
+      config = TorchLSegConfig(**kwargs)
+    elif kwargs:
+      config = dataclasses.replace(config, **kwargs)
+    self.config = config
+    variant = VARIANTS[config.backbone]
+    text = variant["text"]
+    self.embed_dim = text["embed_dim"]
+
+    self.clip_pretrained = CLIPTextTorch(
+        text["width"], text["layers"], text["heads"], text["embed_dim"],
+        vocab_size=config.vocab_size, context_length=config.context_length)
+    self.pretrained = ViTBackbone(variant["vit"], variant["hooks"], variant["widths"],
+                                  variant["resample"], config.readout)
+    self.scratch = nn.Module()
+    for i, width in enumerate(variant["widths"]):
+      self.scratch.add_module(
+          f"layer{i + 1}_rn",
+          nn.Conv2d(width, config.features, 3, padding=1, bias=False))
+    for i in range(4):
+      self.scratch.add_module(f"refinenet{i + 1}", FusionBlock(config.features))
+    self.scratch.head1 = nn.Conv2d(config.features, self.embed_dim, kernel_size=1)
+    if config.arch_option == 1:
+      self.scratch.head_block = BottleneckBlock(config.activation)
+    elif config.arch_option == 2:
+      self.scratch.head_block = DepthwiseBlock(config.activation)
+    # exp(log(1/0.07)) in float32, as the official computes it; not a parameter.
+    self.register_buffer(
+        "logit_scale", torch.tensor(math.log(1 / 0.07), dtype=torch.float32).exp(),
+        persistent=False)
+
+  # -- text -------------------------------------------------------------------
+
+  def encode_text(self, tokens):
+    """Token ids [L, context_length] int -> unnormalised embeddings [L, D]."""
+    return self.clip_pretrained.encode_text(tokens)
+
+  def forward_labels(self, x, tokens, label_mask=None):
+    """`forward` with the label embeddings computed from tokens [L, context_length]."""
+    return self(x, self.encode_text(tokens), label_mask)
+
+  # -- image ------------------------------------------------------------------
+
+  def pixel_features(self, x):
+    """Images [B, 3, H, W] -> unnormalised pixel embeddings [B, D, H/2, W/2]."""
+    self._check_image(x)
+    l1, l2, l3, l4 = self.pretrained(x)
+    s = self.scratch
+    path = s.refinenet4(s.layer4_rn(l4))
+    path = s.refinenet3(path, s.layer3_rn(l3))
+    path = s.refinenet2(path, s.layer2_rn(l2))
+    path = s.refinenet1(path, s.layer1_rn(l1))
+    return s.head1(path)
+
+  def cosine_logits(self, x, text_features):
+    """Scaled cosine similarities before regularisation and upsampling.
+
+    Args:
+      x: float images [B, 3, H, W], H and W multiples of 32.
+      text_features: unnormalised label embeddings [L, D] or [B, L, D].
+
+    Returns:
+      logits [B, L, H/2, W/2] = exp(log(1/0.07)) * <pixel, text>, both
+      L2-normalised (no epsilon, as the official).
+    """
+    text_features, _ = self._check_labels(x, text_features, None)
+    pix = self.pixel_features(x)
+    b, d, h, w = pix.shape
+    pix = pix.permute(0, 2, 3, 1).reshape(b, h * w, d)
+    pix = pix / pix.norm(dim=-1, keepdim=True)
+    text = text_features / text_features.norm(dim=-1, keepdim=True)
+    # [B, h*w, D] @ [(B,) D, L] -> [B, h*w, L]
+    logits = (self.logit_scale * pix) @ text.transpose(-1, -2)
+    return logits.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+  def forward(self, x, text_features, label_mask=None):
+    """Per-pixel label logits.
+
+    Args:
+      x: float images [B, 3, H, W], H and W multiples of 32.
+      text_features: unnormalised label embeddings [L, D] (shared by the batch)
+        or [B, L, D] (per example).
+      label_mask: optional bool [B, L]; False marks labels that are not
+        candidates for that example.
+
+    Returns:
+      float32 logits [B, L, H, W]; -inf where `label_mask` is False.
+    """
+    text_features, label_mask = self._check_labels(x, text_features, label_mask)
+    logits = self.cosine_logits(x, text_features)
+
+    if self.config.arch_option in (1, 2):
+      block = self.scratch.head_block
+      for _ in range(self.config.block_depth - 1):
+        logits = block(logits, label_mask)
+      logits = block(logits, label_mask, act=False)
+
+    logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=True)
+    if label_mask is not None:
+      # After the resize: 0 * -inf would turn neighbours into NaN.
+      logits = logits.masked_fill(~label_mask[:, :, None, None], -math.inf)
+    return logits.float()
+
+  def _check_image(self, x):
+    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != 3:
+      raise ValueError(f"images must be a [B, 3, H, W] tensor, got shape "
+                       f"{tuple(getattr(x, 'shape', ()))}")
+    if not x.is_floating_point():
+      raise ValueError(f"images must be floating point, got {x.dtype}")
+    h, w = x.shape[2:]
+    if h % 32 or w % 32 or h == 0 or w == 0:
+      raise ValueError(f"image height and width must be positive multiples of 32, "
+                       f"got {h}x{w}")
+
+  def _check_labels(self, x, text_features, label_mask):
+    self._check_image(x)
+    b = x.shape[0]
+    if (not torch.is_tensor(text_features) or text_features.ndim not in (2, 3)
+        or text_features.shape[-1] != self.embed_dim
+        or (text_features.ndim == 3 and text_features.shape[0] != b)):
+      raise ValueError(
+          f"text_features must be [L, {self.embed_dim}] or [{b}, L, {self.embed_dim}], "
+          f"got shape {tuple(getattr(text_features, 'shape', ()))}")
+    num_labels = text_features.shape[-2]
+    if num_labels == 0:
+      raise ValueError("empty label set: text_features has 0 labels")
+    if label_mask is not None:
+      if (not torch.is_tensor(label_mask) or label_mask.dtype != torch.bool
+          or tuple(label_mask.shape) != (b, num_labels)):
+        raise ValueError(
+            f"label_mask must be a bool tensor [{b}, {num_labels}], got "
+            f"{getattr(label_mask, 'dtype', type(label_mask))} "
+            f"{tuple(getattr(label_mask, 'shape', ()))}")
+      label_mask = label_mask.to(x.device)
+    return text_features, label_mask
+
+  # -- checkpoints --------------------------------------------------------------
+
+  def save_checkpoint(self, path):
+    """Writes {"state_dict": ..., "lseg_config": {...}} for `from_checkpoint`."""
+    torch.save({"state_dict": self.state_dict(),
+                "lseg_config": dataclasses.asdict(self.config)}, path)
+
+  @classmethod
+  def from_checkpoint(cls, path, *, weights_only: bool = True, **overrides):
+    """Builds an LSegTorch from a state dict in the lang-seg layout.
+
+    Accepts a bare state dict, {"state_dict": ...} (Lightning `.ckpt`, keys
+    prefixed `net.`), with optional "lseg_config" metadata (our exporter) or
+    Lightning "hyper_parameters". The config is, by precedence: `overrides`,
+    "lseg_config", "hyper_parameters", then what the keys and shapes tell.
+    `clip_pretrained.visual.*` and `clip_pretrained.logit_scale` (CLIP's image
+    side) are ignored; all other keys load strictly.
+
+    Args:
+      path: file written by `torch.save`.
+      weights_only: passed to `torch.load`; official Lightning checkpoints
+        pickle other objects and need False (only for files you trust).
+      **overrides: `TorchLSegConfig` fields.
+    """
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+      raise ValueError(
+          f"{path}: torch.load(weights_only=True) refused the file ({e}); if you "
+          "trust it, pass weights_only=False") from e
+    state_dict, config = _split_checkpoint(obj, str(path), overrides)
+    model = cls(config)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+_HPARAM_NAMES = {"backbone": "backbone", "num_features": "features",
+                 "readout": "readout", "arch_option": "arch_option",
+                 "block_depth": "block_depth", "activation": "activation"}
+
+
+def _split_checkpoint(obj, where, overrides):
+  """Checkpoint object -> (state dict in LSegTorch keys, TorchLSegConfig)."""
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{where}: expected a state dict or a dict with 'state_dict', "
+                     f"got {type(obj).__name__}")
+  obj = dict(obj)
+  meta = dict(obj.pop("lseg_config", None) or {})
+  hparams = obj.pop("hyper_parameters", None) or {}
+  state_dict = obj["state_dict"] if "state_dict" in obj else obj
+  if any(k.startswith("net.") for k in state_dict):
+    state_dict = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
+  state_dict = {k: v for k, v in state_dict.items()
+                if torch.is_tensor(v) and not k.startswith(_IGNORED_KEYS)}
+  if "pretrained.model.cls_token" not in state_dict:
+    raise ValueError(f"{where}: no 'pretrained.model.cls_token' key; not an LSeg "
+                     "state dict (keys like 'pretrained.model.*', 'scratch.*')")
+
+  fields = {f.name for f in dataclasses.fields(TorchLSegConfig)}
+  settings = _infer_config(state_dict)
+  unknown = set(overrides) - fields
+  if unknown:
+    raise ValueError(f"unknown config overrides {sorted(unknown)}; expected "
+                     f"fields of TorchLSegConfig: {sorted(fields)}")
+  # Later sources win; None never overrides a value.
+  for source in ({_HPARAM_NAMES[k]: v for k, v in dict(hparams).items()
+                  if k in _HPARAM_NAMES},
+                 {k: v for k, v in meta.items() if k in fields},
+                 overrides):
+    settings.update({k: v for k, v in source.items() if v is not None})
+  for name in ("backbone", "readout", "arch_option"):
+    if settings.get(name) is None:
+      raise ValueError(f"{where}: cannot tell {name!r} from the weights; pass "
+                       f"{name}=... (one of {_choices(name)})")
+  if settings["arch_option"] in (1, 2):
+    if settings.get("block_depth") is None:
+      raise ValueError(f"{where}: arch_option {settings['arch_option']} needs "
+                       "block_depth, which the weights do not tell; pass block_depth=...")
+    # The activation only runs between head-block applications.
+    if settings["block_depth"] >= 2 and settings.get("activation") is None:
+      raise ValueError(f"{where}: block_depth {settings['block_depth']} needs the "
+                       f"head-block activation (one of {list(ACTIVATIONS)}), which the "
+                       "weights do not tell; pass activation=...")
+  return state_dict, TorchLSegConfig(**{k: v for k, v in settings.items()
+                                        if v is not None})
+
+
+def _choices(name):
+  return {"backbone": list(VARIANTS), "readout": list(READOUTS),
+          "arch_option": list(ARCH_OPTIONS)}[name]
+
+
+def _infer_config(sd):
+  """What the keys and shapes say about the config; None where they cannot."""
+  vit_width = sd["pretrained.model.cls_token"].shape[-1]
+  patch = sd["pretrained.model.patch_embed.proj.weight"].shape[-1]
+  depth = len({k.split(".")[3] for k in sd if k.startswith("pretrained.model.blocks.")})
+  text_proj = sd.get("clip_pretrained.text_projection")
+  text_shape = tuple(text_proj.shape) if text_proj is not None else None
+  backbone = None
+  for name, v in VARIANTS.items():
+    t = v["text"]
+    if ((v["vit"]["patch"], v["vit"]["width"], v["vit"]["depth"])
+        == (patch, vit_width, depth) and text_shape == (t["width"], t["embed_dim"])):
+      backbone = name
+  settings = dict(backbone=backbone,
+                  features=sd["scratch.layer1_rn.weight"].shape[0]
+                  if "scratch.layer1_rn.weight" in sd else None)
+  if "pretrained.act_postprocess1.0.project.0.weight" in sd:
+    settings["readout"] = "project"
+  else:
+    settings["readout"] = None  # 'ignore' and 'add' have no parameters
+  if "scratch.head_block.depthwise.depthwise.weight" in sd:
+    # Bottleneck and depthwise blocks hold the same conv; depth is one shared module.
+    settings.update(arch_option=None, block_depth=None, activation=None)
+  else:
+    settings["arch_option"] = 0
+  if "clip_pretrained.token_embedding.weight" in sd:
+    settings["vocab_size"] = sd["clip_pretrained.token_embedding.weight"].shape[0]
+  if "clip_pretrained.positional_embedding" in sd:
+    settings["context_length"] = sd["clip_pretrained.positional_embedding"].shape[0]
+  return settings
