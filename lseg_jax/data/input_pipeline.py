@@ -9,14 +9,18 @@ Batches follow the data contract in `lseg_jax.data`: `image` float32
 Data config fields (`ml_collections.ConfigDict`; `default_data_config()`):
   name ("synthetic"): registered source name, or "mix" for a mixture.
   data_dir (None): passed to the source factory when set.
-  split ("train") / eval_split ("validation"): source splits.
+  split ("train"): the training split.
+  eval_split ("validation"): the evaluation split.
   source_kwargs ({}): extra keyword arguments for the source factory.
   fold (None): fold of an episodic (zero-shot) source; passed when set.
   mixture (()): for name == "mix", a list of dicts
     {"name": ..., "weight": ..., ["split": ..., "eval_split": ...,] **kwargs}
     (kwargs go to that source's factory; data_dir/fold default to the above).
-  crop_size (480), base_size (520), scale_range ((0.5, 2.0)), flip (True):
-    training augmentation, see `preprocess`.
+  crop_size (480): side of the square training crop.
+  base_size (520): long side of the image at scale 1.
+  scale_range ((0.5, 2.0)): random long side is drawn from
+    [base_size * lo, base_size * hi].
+  flip (True): random horizontal flips (see `preprocess`).
   eval_resize ("none"): "none" | "long_side" | "center_crop", see `preprocess`.
   eval_pad_to (None): (h, w) eval images are padded to with eval_resize
     "none" (None = the largest image of each batch; set it to keep shapes
@@ -61,6 +65,9 @@ OTHER_LABEL = "other"
 _ON_BAD = ("error", "skip")
 _MIX_BLOCK = 4096  # Positions per block of mixture choices.
 _MAX_EPOCHS = 2 ** 62
+# Our dataset functions use no Python control flow on tensors; skipping
+# AutoGraph's conversion saves seconds per pipeline.
+_fn = tf.autograph.experimental.do_not_convert
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -182,7 +189,7 @@ def _guarded_load(source: registry.Source):
   whole pipeline with an anonymous error.
   """
   spec = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(
-      source.load).element_spec
+      _fn(source.load)).element_spec
 
   def good(index):
     ex = dict(source.load(index))
@@ -197,8 +204,8 @@ def _guarded_load(source: registry.Source):
     return ex
 
   def load(index):
-    ok = tf.data.Dataset.from_tensors(index).map(good).ignore_errors()
-    return ok.concatenate(tf.data.Dataset.from_tensors(index).map(bad)).take(1)
+    ok = tf.data.Dataset.from_tensors(index).map(_fn(good)).ignore_errors()
+    return ok.concatenate(tf.data.Dataset.from_tensors(index).map(_fn(bad))).take(1)
   return load
 
 
@@ -265,14 +272,15 @@ def _loaded_examples(component, index_ds, cfg, stats):
   source, num_calls = component.source, _get(cfg, "num_parallel_calls")
   load = _guarded_load(source)
   ds = index_ds.interleave(
-      lambda pos, idx: load(idx).map(lambda ex: dict(ex, _position=pos)),
+      _fn(lambda pos, idx: load(idx).map(
+          _fn(lambda ex: dict(ex, _position=pos)))),
       cycle_length=max(num_calls, 1) if num_calls > 0 else None,
       num_parallel_calls=num_calls, deterministic=True)
   num_labels = 2 if source.is_episodic else len(source.label_names)
-  ds = ds.map(lambda ex: _check_example(ex, num_labels),
+  ds = ds.map(_fn(lambda ex: _check_example(ex, num_labels)),
               num_parallel_calls=num_calls, deterministic=True)
-  return ds.filter(_bad_example_filter(source, _get(cfg, "on_bad_example"),
-                                       stats))
+  return ds.filter(_fn(_bad_example_filter(
+      source, _get(cfg, "on_bad_example"), stats)))
 
 
 def _to_table(ex, component, union_size):
@@ -319,7 +327,7 @@ def _index_stream(source, seed, start, process_index, process_count):
     perm = tf.random.experimental.stateless_shuffle(
         host, seed=tf.stack([epoch_seed, e]))
     return tf.data.Dataset.from_tensor_slices(perm)
-  indices = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch)
+  indices = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(_fn(epoch))
   indices = indices.skip(start % n)
   positions = tf.data.Dataset.range(start, _MAX_EPOCHS)
   return tf.data.Dataset.zip(positions, indices)
@@ -344,7 +352,7 @@ def _streamed_examples(component, seed, start, process_index, process_count,
     ex = dict(ex, _position=pos, _index=pos, _ok=tf.constant(True),
               _reason=tf.constant(""))
     return _check_example(ex, num_labels)
-  return ds.map(mark)
+  return ds.map(_fn(mark))
 
 
 def _mixture_choices(weights, seed):
@@ -365,11 +373,11 @@ def _mixture_counts(choices, num_components, start) -> list[int]:
   full, rest = divmod(start, _MIX_BLOCK)
   counts = np.zeros(num_components, np.int64)
   if full:
-    counts += tf.data.Dataset.range(full).map(choices).reduce(
+    counts += tf.data.Dataset.range(full).map(_fn(choices)).reduce(
         tf.zeros(num_components, tf.int64),
-        lambda acc, c: acc + tf.math.bincount(
+        _fn(lambda acc, c: acc + tf.math.bincount(
             c, minlength=num_components, maxlength=num_components,
-            dtype=tf.int64)).numpy()
+            dtype=tf.int64))).numpy()
   if rest:
     c = choices(tf.constant(full, tf.int64))[:rest].numpy()
     counts += np.bincount(c, minlength=num_components)
@@ -434,8 +442,8 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
     else:
       ds = _streamed_examples(comp, comp_seed, comp_start, process_index,
                               process_count, data_cfg)
-      ds = ds.filter(_bad_example_filter(
-          comp.source, _get(data_cfg, "on_bad_example"), stats))
+      ds = ds.filter(_fn(_bad_example_filter(
+          comp.source, _get(data_cfg, "on_bad_example"), stats)))
     aug_seed = _seed_int(seed, 3, i, process_index)
 
     def augment(ex, comp=comp, aug_seed=aug_seed):
@@ -445,7 +453,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
           scale_range=scale_range, flip=flip)
       label, label_mask = _to_table(dict(ex, mask=mask), comp, len(union))
       return {"image": image, "label": label, "label_mask": label_mask}
-    streams.append(ds.map(augment, num_parallel_calls=num_calls,
+    streams.append(ds.map(_fn(augment), num_parallel_calls=num_calls,
                           deterministic=True))
 
   if len(streams) == 1:
@@ -453,7 +461,8 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   else:
     first_block, offset = divmod(start, _MIX_BLOCK)
     choice_ds = tf.data.Dataset.range(first_block, _MAX_EPOCHS).map(
-        choices).unbatch().skip(offset)
+        _fn(lambda block: tf.cast(choices(block), tf.int64)))
+    choice_ds = choice_ds.unbatch().skip(offset)
     ds = tf.data.Dataset.choose_from_datasets(streams, choice_ds)
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.prefetch(_get(data_cfg, "prefetch"))
@@ -463,7 +472,6 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
 def _options():
   options = tf.data.Options()
   options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
   return options
 
 
@@ -591,11 +599,11 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
                                   process_count=process_count, shuffle=False,
                                   seed=0)
       num_labels = 2 if comp.source.is_episodic else len(comp.table)
-      ds = ds.map(lambda ex, n=num_labels: _check_example(
+      ds = ds.map(_fn(lambda ex, n=num_labels: _check_example(
           dict(ex, _index=tf.constant(0, tf.int64), _ok=tf.constant(True),
-               _reason=tf.constant("")), n))
-      ds = ds.filter(_bad_example_filter(
-          comp.source, _get(data_cfg, "on_bad_example"), stats))
+               _reason=tf.constant("")), n)))
+      ds = ds.filter(_fn(_bad_example_filter(
+          comp.source, _get(data_cfg, "on_bad_example"), stats)))
       total += -(-comp.source.num_examples // process_count)
 
     def prepare(ex, comp=comp):
@@ -614,7 +622,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
       if episodic:
         out["class_index"] = tf.cast(ex.get("class_index", 0), tf.int32)
       return out
-    streams.append(ds.map(prepare, num_parallel_calls=num_calls,
+    streams.append(ds.map(_fn(prepare), num_parallel_calls=num_calls,
                           deterministic=True))
 
   ds = streams[0]
@@ -630,7 +638,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
     pad_example["class_index"] = tf.constant(0, tf.int32)
   if pad_to is not None:
     pad_example["image"] = tf.zeros([*pad_to, 3], tf.float32)
-    pad_example["label"] = tf.zeros(pad_to, tf.int32)
+    pad_example["label"] = tf.fill(pad_to, IGNORE_INDEX)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad_example).repeat())
   ds = ds.take(num_batches * batch_size)
   hw = list(pad_to) if pad_to is not None else [None, None]

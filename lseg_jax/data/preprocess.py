@@ -7,8 +7,8 @@ Training augmentation follows the official LSeg recipe (PyTorch-Encoding's
   2. long side := an integer drawn uniformly from
      [int(base_size * lo), int(base_size * hi)] (both ends included, default
      lo, hi = 0.5, 2.0); short side := int(short * long_new / long + 0.5).
-     Image: bicubic (antialiased when shrinking, like PIL's BICUBIC), rounded
-     back to uint8 values; mask: nearest neighbour ONLY;
+     Image: bicubic as PIL's BICUBIC (`resize_image`), mask: nearest
+     neighbour ONLY (PIL's NEAREST pixel choice);
   3. pad bottom/right up to crop_size: image with 0 (black), mask with ignore;
   4. random crop_size x crop_size crop;
   5. normalise with mean 0.5, std 0.5: x / 255 * 2 - 1.
@@ -72,22 +72,33 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 
 
 def resize_image(image: tf.Tensor, size) -> tf.Tensor:
-  """Bicubic resize of uint8 [H, W, 3] to `size` (h, w), rounded, float32."""
-  out = tf.image.resize(tf.cast(image, tf.float32), size, method="bicubic",
-                        antialias=True)
-  return tf.clip_by_value(tf.round(out), 0.0, 255.0)
+  """PIL-like BICUBIC resize of [H, W, 3] to `size` (h, w); float32 in [0, 255].
+
+  PIL resamples the width, stores uint8, then resamples the height; doing the
+  same (antialiased Keys cubic, rounding and clipping between the passes)
+  matches PIL to within 1 grey level on under 1% of pixels, where a single 2-D
+  float resize differs by up to ~15 levels around clipped overshoots.
+  """
+  def one_pass(x, out_size):
+    x = tf.image.resize(x, out_size, method="bicubic", antialias=True)
+    return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+  x = tf.cast(image, tf.float32)
+  x = one_pass(x, (tf.shape(x)[0], size[1]))
+  return one_pass(x, size)
 
 
 def resize_nearest(x: tf.Tensor, size) -> tf.Tensor:
   """Nearest-neighbour resize of [H, W, ...] to `size` (h, w), any dtype.
 
-  Source pixel of output pixel o is floor((o + 0.5) * in / out), as PIL's
-  NEAREST; written as a gather so labels are never interpolated.
+  Picks exactly PIL's NEAREST source pixels: PIL walks the output adding the
+  float64 step in / out to a start of step / 2 and truncates, so the source
+  index is floor(cumsum) (not floor((o + 0.5) * in / out), which differs at
+  exact ties). Written as a gather so labels are never interpolated.
   """
   def src(out_len, in_len):
-    o = tf.cast(tf.range(out_len), tf.float64)
-    idx = tf.cast(tf.floor((o + 0.5) * tf.cast(in_len, tf.float64)
-                           / tf.cast(out_len, tf.float64)), tf.int32)
+    step = tf.cast(in_len, tf.float64) / tf.cast(out_len, tf.float64)
+    steps = tf.concat([[0.5 * step], tf.fill([out_len - 1], step)], 0)
+    idx = tf.cast(tf.floor(tf.cumsum(steps)), tf.int32)
     return tf.minimum(idx, in_len - 1)
   shape = tf.shape(x)
   x = tf.gather(x, src(size[0], shape[0]), axis=0)

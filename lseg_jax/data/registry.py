@@ -108,7 +108,7 @@ class Source:
       indices = tf.random.experimental.stateless_shuffle(
           indices, seed=tf.constant([seed, 0], tf.int64))
     return tf.data.Dataset.from_tensor_slices(indices).map(
-        self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        tf.autograph.experimental.do_not_convert(self.load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _check_process(process_index, process_count):

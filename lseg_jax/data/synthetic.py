@@ -187,7 +187,10 @@ class EncodedSource(registry.Source):
 
 def source_from_tfds(builder: tfds.core.DatasetBuilder, split: str,
                      label_names: list[str]) -> EncodedSource:
-  """Reads a small TFDS split (image, mask, file_name) into an EncodedSource."""
+  """Reads a small TFDS split (image, mask, file_name) into an EncodedSource.
+
+  Examples are ordered by file name.
+  """
   if split not in builder.info.splits:
     raise ValueError(f"Unknown split {split!r} of {builder.name}; expected one "
                      f"of {sorted(builder.info.splits)}.")
@@ -200,12 +203,25 @@ def source_from_tfds(builder: tfds.core.DatasetBuilder, split: str,
     images.append(ex["image"])
     masks.append(ex["mask"])
     names.append(ex["file_name"])
-  return EncodedSource(images, masks, names, label_names)
+  # TFDS stores examples in hashed-key order; index i = i-th file name.
+  order = sorted(range(len(names)), key=lambda i: names[i])
+  return EncodedSource([images[i] for i in order], [masks[i] for i in order],
+                       [names[i] for i in order], label_names)
+
+
+_SOURCES: dict[tuple, EncodedSource] = {}
 
 
 @registry.register("synthetic")
 def make_source(split: str, *, data_dir: str | None = None,
                 **config_kwargs) -> EncodedSource:
-  """The synthetic dataset split ("train" / "validation"), built if missing."""
-  builder = build(data_dir, **config_kwargs)
-  return source_from_tfds(builder, split, list(LABEL_NAMES))
+  """The synthetic dataset split ("train" / "validation"), built if missing.
+
+  Sources are cached per (data_dir, config, split): pipelines ask for the
+  same split several times (label table, train, eval).
+  """
+  key = (data_dir, split, tuple(sorted(config_kwargs.items())))
+  if key not in _SOURCES:
+    builder = build(data_dir, **config_kwargs)
+    _SOURCES[key] = source_from_tfds(builder, split, list(LABEL_NAMES))
+  return _SOURCES[key]
