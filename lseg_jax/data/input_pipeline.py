@@ -49,6 +49,7 @@ import collections
 import dataclasses
 import itertools
 import math
+import re
 from typing import Any, Iterator
 
 from absl import logging
@@ -263,7 +264,9 @@ def _load_error_detail(source, index) -> str:
   try:
     source.load(tf.constant(index, tf.int64))
   except tf.errors.OpError as e:
-    return f" ({e.message.strip().splitlines()[0]})"
+    first_line = e.message.strip().splitlines()[0]
+    message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", first_line)
+    return f" ({message.strip()})"
   return ""
 
 
