@@ -132,6 +132,33 @@ def episode_confusion(pred, label, class_index, num_classes: int, valid=None):
   return counts.reshape(num_classes, 2, 2)
 
 
+def confusion_matrix_np(pred, label, num_classes: int) -> np.ndarray:
+  """`confusion_matrix` in numpy (no compilation per shape): int64 [C, C].
+
+  For host-side scoring of images of varying size (multi-scale evaluation).
+  """
+  pred, label = np.asarray(pred), np.asarray(label)
+  if pred.shape != label.shape:
+    raise ValueError(f"pred {pred.shape} and label {label.shape} must have the same shape")
+  keep = (label >= 0) & (label < num_classes)
+  index = label[keep].astype(np.int64) * num_classes + pred[keep]
+  return np.bincount(index, minlength=num_classes * num_classes).reshape(
+      num_classes, num_classes)
+
+
+def episode_confusion_np(pred, label, class_index, num_classes: int) -> np.ndarray:
+  """`episode_confusion` in numpy: int64 [K, 2, 2]."""
+  pred, label = np.asarray(pred), np.asarray(label)
+  class_index = np.asarray(class_index).reshape(-1)
+  if pred.shape != label.shape or class_index.shape != pred.shape[:1]:
+    raise ValueError(f"pred {pred.shape}, label {label.shape} and class_index "
+                     f"{class_index.shape} must be [B, H, W], [B, H, W] and [B]")
+  ci = np.broadcast_to(class_index.reshape((-1,) + (1,) * (pred.ndim - 1)), pred.shape)
+  keep = (label >= 0) & (label < 2) & (ci >= 0) & (ci < num_classes)
+  index = ci[keep].astype(np.int64) * 4 + label[keep] * 2 + (pred[keep] > 0)
+  return np.bincount(index, minlength=num_classes * 4).reshape(num_classes, 2, 2)
+
+
 def to_host(x) -> np.ndarray:
   """A (possibly multi-host, sharded) jax.Array -> numpy, the same on every host."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
@@ -257,8 +284,9 @@ class FewShotMeter:
     self.conf += conf.astype(np.int64)
     if class_index is not None:
       ci = to_host(class_index).reshape(-1)
-      keep = np.ones(ci.shape, bool) if valid is None else to_host(valid).reshape(-1)
-      keep &= (ci >= 0) & (ci < self.num_classes)
+      keep = (ci >= 0) & (ci < self.num_classes)
+      if valid is not None:
+        keep = keep & to_host(valid).reshape(-1).astype(bool)
       np.add.at(self.num_episodes, ci[keep], 1)
 
   def result(self) -> dict:
@@ -269,4 +297,5 @@ class FewShotMeter:
 
 
 __all__ = ["EPS", "IGNORE_INDEX", "FewShotMeter", "SegmentationMeter", "confusion_matrix",
-           "episode_confusion", "fewshot_iou", "miou_pixacc", "to_host"]
+           "confusion_matrix_np", "episode_confusion", "episode_confusion_np", "fewshot_iou",
+           "miou_pixacc", "to_host"]

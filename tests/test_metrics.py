@@ -194,3 +194,16 @@ def test_episode_confusion_rejects_bad_class_index_shape():
   with pytest.raises(ValueError, match="class_index"):
     metrics.episode_confusion(np.zeros((2, 3, 3), np.int32), np.zeros((2, 3, 3), np.int32),
                               np.zeros((3,), np.int32), 4)
+
+
+def test_numpy_versions_equal_jitted():
+  rng = np.random.default_rng(5)
+  label = rng.integers(-1, 4, size=(3, 7, 5))
+  pred = rng.integers(0, 4, size=(3, 7, 5))
+  np.testing.assert_array_equal(metrics.confusion_matrix_np(pred, label, 4),
+                                np.asarray(metrics.confusion_matrix(pred, label, 4)))
+  bl = rng.integers(-1, 2, size=(3, 7, 5))
+  bp = rng.integers(0, 2, size=(3, 7, 5))
+  ci = np.array([2, 0, 2])
+  np.testing.assert_array_equal(metrics.episode_confusion_np(bp, bl, ci, 3),
+                                np.asarray(metrics.episode_confusion(bp, bl, ci, 3)))

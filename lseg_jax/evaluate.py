@@ -1,0 +1,280 @@
+"""Evaluation loops: fixed label sets (pixAcc, mIoU) and zero-shot episodes (mIoU, FB-IoU).
+
+Both consume eval batches of the data contract (`lseg_jax.data`): `image`
+[B, H, W, 3] normalised, `label` [B, H, W] (-1 ignore) indexing the
+pipeline's `label_names`, `label_mask` [B, L], `valid` [B], `image_size`
+[B, 2] and, for episodes, `class_index` [B]; and label embeddings [L, D] of
+`label_names` (computed once, `lseg_jax.text.LabelEmbedder`).
+
+Two inference modes:
+  * single scale (window=None): the batch as the pipeline gives it, sides
+    padded up to the model's size multiple (image -1 = black, label ignore).
+    One jitted step per batch shape computes logits, argmax and the batch
+    confusion on a global mesh whose "data" axis shards the batch (over all
+    hosts' devices); the confusion comes back summed and replicated.
+  * multi scale (window=SlidingWindow(...)): every valid example is cut to
+    its `image_size` and scored with the official sliding-window protocol
+    (`lseg_jax.inference`) at its original resolution; crops run sharded over
+    this host's devices, hosts work on their own examples and their
+    confusion matrices are summed at the end.
+
+Episodes: the table is ["other", *fold classes]; the label mask leaves two
+candidates per example, "other" and the episode class, so the argmax is a
+binary prediction (foreground = the class), scored with HSNet's protocol
+(`lseg_jax.metrics`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Sequence
+
+from flax import nnx
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from lseg_jax import inference
+from lseg_jax import metrics
+
+OTHER_LABEL = "other"
+
+
+def global_mesh() -> jax.sharding.Mesh:
+  """A 1-D ("data",) mesh over every device of every process.
+
+  Auto axes: the model code is written for automatic sharding propagation
+  (`jax.make_mesh` defaults to explicit axes in this JAX version).
+  """
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1.0
+              ) -> dict[str, np.ndarray]:
+  """Pads image/label sides at the bottom/right up to multiples of `multiple`.
+
+  image [B, H, W, 3] with `pad_value`, label [B, H, W] with ignore (-1).
+  """
+  h, w = batch["image"].shape[1:3]
+  ph, pw = -h % multiple, -w % multiple
+  if not ph and not pw:
+    return batch
+  out = dict(batch)
+  out["image"] = np.pad(batch["image"], ((0, 0), (0, ph), (0, pw), (0, 0)),
+                        constant_values=pad_value)
+  out["label"] = np.pad(batch["label"], ((0, 0), (0, ph), (0, pw)),
+                        constant_values=metrics.IGNORE_INDEX)
+  return out
+
+
+def episode_binary(pred, label, class_index):
+  """Union-table prediction/label -> binary (1 = episode class, label -1 kept).
+
+  pred, label: int [B, H, W] indexing ["other", *classes]; class_index [B].
+  Works on numpy and jax arrays.
+  """
+  xp = jnp if isinstance(pred, jax.Array) else np
+  fg = (1 + class_index).reshape(-1, 1, 1)
+  bin_pred = (pred == fg).astype(xp.int32)
+  bin_label = xp.where(label < 0, metrics.IGNORE_INDEX, (label == fg).astype(xp.int32))
+  return bin_pred, bin_label
+
+
+def _check_table(label_names: Sequence[str], episodic: bool, text_emb):
+  if text_emb.ndim != 2 or text_emb.shape[0] != len(label_names):
+    raise ValueError(f"text_emb has shape {tuple(text_emb.shape)}; expected "
+                     f"[{len(label_names)}, D] for the {len(label_names)} label names")
+  if episodic and (len(label_names) < 2 or label_names[0] != OTHER_LABEL):
+    raise ValueError(f"episode label table must be ['{OTHER_LABEL}', *classes]; got "
+                     f"{list(label_names)[:5]}...")
+
+
+class Evaluator:
+  """Accumulates one dataset's metrics from eval batches.
+
+  Args:
+    model: an LSeg model in eval mode.
+    label_names: the pipeline's label table (`iterator.label_names`).
+    text_emb: [L, D] embeddings of `label_names`.
+    episodic: score HSNet episodes (True) or a fixed label set (False).
+    window: None for single-scale, else the multi-scale sliding-window protocol.
+    mesh: single scale: a mesh with a "data" axis over all processes' devices
+      (default `global_mesh()`); multi scale: over this process's devices
+      (default `inference.local_mesh()`).
+    crops_per_device: crops per device and model call (multi scale).
+  """
+
+  def __init__(self, model, label_names: Sequence[str], text_emb, *, episodic: bool,
+               window: inference.SlidingWindow | None = None,
+               mesh: jax.sharding.Mesh | None = None, crops_per_device: int = 2):
+    _check_table(label_names, episodic, text_emb)
+    self.label_names = list(label_names)
+    self.episodic = episodic
+    self.window = window
+    self.size_multiple = model.size_multiple
+    self.num_examples = 0
+    if episodic:
+      self.meter = metrics.FewShotMeter(len(label_names) - 1)
+    else:
+      self.meter = metrics.SegmentationMeter(len(label_names))
+    self._local_conf = None  # multi scale: this host's counts, summed over hosts at the end
+    if window is None:
+      self.mesh = global_mesh() if mesh is None else mesh
+      self._data = jax.sharding.NamedSharding(self.mesh, jax.P("data"))
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+      graphdef, state = nnx.split(model)
+      self._state = jax.device_put(state, replicated)
+      self._text = jax.device_put(jnp.asarray(text_emb, jnp.float32), replicated)
+      self._step = jax.jit(functools.partial(
+          _single_scale_step, graphdef, episodic=episodic, num_labels=len(label_names)))
+    else:
+      self.mesh = inference.local_mesh() if mesh is None else mesh
+      self._infer = inference.SlidingWindowInference.for_model(
+          model, window, mesh=self.mesh, crops_per_device=crops_per_device)
+      self._text = jnp.asarray(text_emb, jnp.float32)
+      self._local_conf = np.zeros_like(self.meter.conf)
+
+  # ------------------------------------------------------------------------
+  def update(self, batch: dict[str, np.ndarray]) -> None:
+    """Adds one per-host numpy eval batch (data contract)."""
+    for key in ("image", "label", "label_mask", "valid"):
+      if key not in batch:
+        raise ValueError(f"eval batch lacks {key!r}; got keys {sorted(batch)}")
+    if self.episodic and "class_index" not in batch:
+      raise ValueError("episode batches need 'class_index'; got keys " + str(sorted(batch)))
+    if self.window is None:
+      self._update_single(batch)
+    else:
+      self._update_multi(batch)
+
+  def _update_single(self, batch):
+    batch = pad_batch(batch, self.size_multiple)
+    b = batch["image"].shape[0]
+    local = len(self.mesh.local_devices)
+    if b % local:
+      raise ValueError(f"per-host eval batch size {b} is not a multiple of this host's "
+                       f"{local} devices; choose a batch size divisible by {local}")
+    keys = ["image", "label", "label_mask", "valid"] + (["class_index"] if self.episodic else [])
+    arrays = {k: jax.make_array_from_process_local_data(self._data, np.asarray(batch[k]))
+              for k in keys}
+    conf = self._step(self._state, self._text, **arrays)
+    if self.episodic:
+      self.meter.update(conf, batch["class_index"], batch["valid"])
+      # Episode counts are per host; the confusion is already global.
+    else:
+      self.meter.update(conf)
+    self.num_examples += int(np.sum(batch["valid"]))
+
+  def _update_multi(self, batch):
+    items = []
+    for i in np.flatnonzero(batch["valid"]):
+      h, w = (batch["image_size"][i] if "image_size" in batch
+              else batch["label"].shape[1:3])
+      label = batch["label"][i, :h, :w]
+      ci = int(batch["class_index"][i]) if self.episodic else None
+      items.append((batch["image"][i, :h, :w], batch["label_mask"][i], (label, ci)))
+    for scores, (label, ci) in self._infer.stream(items, self._text):
+      pred = np.argmax(scores, axis=-1)
+      if self.episodic:
+        ci_arr = np.array([ci])
+        bp, bl = episode_binary(pred[None], label[None], ci_arr)
+        conf = metrics.episode_confusion_np(bp, bl, ci_arr, len(self.label_names) - 1)
+        self.meter.num_episodes[ci] += 1
+      else:
+        conf = metrics.confusion_matrix_np(pred[None], label[None], len(self.label_names))
+      self._local_conf += conf
+      self.meter.conf += conf
+      self.num_examples += 1
+
+  # ------------------------------------------------------------------------
+  def running(self) -> dict[str, float]:
+    """This host's running metrics (for progress bars)."""
+    r = self.meter.result()
+    if self.episodic:
+      return {"mIoU": r["mIoU"], "FB-IoU": r["FB-IoU"]}
+    return {"pixAcc": r["pixAcc"], "mIoU": r["mIoU"]}
+
+  def result(self) -> dict[str, Any]:
+    """The final report (all hosts): metrics, per-class IoU and counts."""
+    if self._local_conf is not None and jax.process_count() > 1:
+      total = multihost_utils.process_allgather(self._local_conf).sum(0)
+      self.meter.conf = np.asarray(total, np.int64)
+      counts = multihost_utils.process_allgather(
+          np.array([self.num_examples], np.int64)).sum()
+      num_examples = int(counts)
+    elif jax.process_count() > 1:
+      num_examples = int(multihost_utils.process_allgather(
+          np.array([self.num_examples], np.int64)).sum())
+    else:
+      num_examples = self.num_examples
+    if self.episodic and jax.process_count() > 1:
+      self.meter.num_episodes = np.asarray(
+          multihost_utils.process_allgather(self.meter.num_episodes).sum(0), np.int64)
+    r = self.meter.result()
+    report = {
+        "protocol": "episodes" if self.episodic else "fixed",
+        "mode": "single_scale" if self.window is None else "multi_scale",
+        "window": None if self.window is None else self.window.to_dict(),
+        "num_examples": num_examples,
+    }
+    if self.episodic:
+      classes = self.label_names[1:]
+      report["metrics"] = {"mIoU": r["mIoU"], "FB-IoU": r["FB-IoU"]}
+      report["per_class_iou"] = dict(zip(classes, map(float, r["iou"])))
+      report["per_class_episodes"] = dict(zip(classes, map(int, r["episodes"])))
+    else:
+      report["metrics"] = {"pixAcc": r["pixAcc"], "mIoU": r["mIoU"],
+                           "mIoU_present": r["mIoU_present"]}
+      report["per_class_iou"] = dict(zip(self.label_names, map(float, r["iou"])))
+      report["pixels"] = {"labeled": r["labeled"], "correct": r["correct"]}
+    return report
+
+
+def _single_scale_step(graphdef, state, text_emb, *, image, label, label_mask, valid,
+                       class_index=None, episodic, num_labels):
+  model = nnx.merge(graphdef, state)
+  pred = jnp.argmax(model(image, text_emb, label_mask), axis=-1)
+  if episodic:
+    bin_pred, bin_label = episode_binary(pred, label, class_index)
+    return metrics.episode_confusion(bin_pred, bin_label, class_index, num_labels - 1,
+                                     valid=valid)
+  return metrics.confusion_matrix(pred, label, num_labels, valid=valid)
+
+
+def evaluate(evaluator: Evaluator, batches: Iterable[dict[str, np.ndarray]], *,
+             num_batches: int | None = None, progress: bool = True) -> dict[str, Any]:
+  """Runs `evaluator` over `batches`, with a tqdm bar (process 0) showing running metrics."""
+  bar = None
+  if progress and jax.process_index() == 0:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=num_batches, unit="batch", dynamic_ncols=True)
+  for batch in batches:
+    evaluator.update(batch)
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix({k: f"{100 * v:.2f}" for k, v in evaluator.running().items()})
+  if bar is not None:
+    bar.close()
+  return evaluator.result()
+
+
+def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
+  """The report as a text table: per-class IoU (%) then the summary metrics."""
+  per_class = report["per_class_iou"]
+  width = max([len(n) for n in per_class] + [12])
+  lines = [f"{'class':<{width}}  IoU (%)", "-" * (width + 9)]
+  items = list(per_class.items())
+  for name, iou in items[:max_rows] if max_rows else items:
+    lines.append(f"{name:<{width}}  {100 * iou:7.2f}")
+  if max_rows and len(items) > max_rows:
+    lines.append(f"... ({len(items) - max_rows} more in the JSON report)")
+  lines.append("-" * (width + 9))
+  for key, value in report["metrics"].items():
+    lines.append(f"{key:<{width}}  {100 * value:7.2f}")
+  lines.append(f"{'examples':<{width}}  {report['num_examples']:7d}")
+  return "\n".join(lines)
+
+
+__all__ = ["Evaluator", "episode_binary", "evaluate", "format_table", "global_mesh",
+           "pad_batch"]
