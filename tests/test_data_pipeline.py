@@ -1,4 +1,4 @@
-"""Train/eval input pipelines: contract, determinism, host slices, resume, mixing."""
+"""Input pipelines: contract, determinism, host slices, resume, mixing, ops."""
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
@@ -317,6 +317,23 @@ def test_image_resize_matches_pil_bicubic():
     out = preprocess.resize_image(tf.constant(image), size).numpy()
     diff = np.abs(out - ref)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.02
+
+
+def test_resize_window_equals_full_resize_then_slice():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (37, 53, 3), np.uint8)
+  mask = rng.integers(0, 9, (37, 53)).astype(np.int32)
+  for size, offset, window in [((74, 106), (3, 5), (10, 12)),
+                               ((20, 29), (13, 20), (7, 9)),
+                               ((100, 60), (0, 0), (100, 60))]:
+    crop = (slice(offset[0], offset[0] + window[0]),
+            slice(offset[1], offset[1] + window[1]))
+    full = preprocess.resize_image(tf.constant(image), size).numpy()
+    part = preprocess.resize_image(tf.constant(image), size, offset, window)
+    np.testing.assert_array_equal(part.numpy(), full[crop])
+    full = preprocess.resize_nearest(tf.constant(mask), size).numpy()
+    part = preprocess.resize_nearest(tf.constant(mask), size, offset, window)
+    np.testing.assert_array_equal(part.numpy(), full[crop])
 
 
 def test_train_augment_geometry():

@@ -1,4 +1,4 @@
-"""The generated `lseg_synthetic` dataset: build, determinism, contract, learnability."""
+"""The generated `lseg_synthetic` dataset: build, contract, learnability."""
 import numpy as np
 import pytest
 import tensorflow as tf

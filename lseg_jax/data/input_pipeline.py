@@ -1,4 +1,4 @@
-"""Per-host tf.data input pipelines: train (endless, resumable) and eval (one pass).
+"""Per-host tf.data input pipelines: train (endless, resumable) and eval."""
 
 Batches follow the data contract in `lseg_jax.data`: `image` float32
 [B, H, W, 3], `label` int32 [B, H, W] indexing `label_table(data_cfg)`
@@ -97,12 +97,12 @@ class BadExampleError(ValueError):
 class _Component:
   source: registry.Source
   weight: float
-  table: list[str]      # The source's own table (["other", *classes] for episodes).
+  table: list[str]  # The source's own; ["other", *classes] for episodes.
   remap: np.ndarray     # int32 [len(table)]: own table index -> union index.
 
 
 def _component_specs(data_cfg, eval_split: bool) -> list[dict[str, Any]]:
-  """[{"name", "split", "weight", "kwargs"}] for a single source or a mixture."""
+  """[{"name", "split", "weight", "kwargs"}] of a single source or mixture."""
   split_key = "eval_split" if eval_split else "split"
   defaults = {}
   for key in ("data_dir", "fold"):
@@ -183,7 +183,7 @@ def _zeros_like_spec(spec):
 
 
 def _guarded_load(source: registry.Source):
-  """index -> 1-element dataset: the loaded example, or a marker if loading failed.
+  """index -> 1-element dataset: the example, or a marker if loading failed.
 
   Nested datasets confine a decode error to its own example (ignore_errors),
   so a corrupt file can be named, skipped or reported instead of killing the
@@ -201,12 +201,13 @@ def _guarded_load(source: registry.Source):
     ex = {k: _zeros_like_spec(s) for k, s in spec.items()}
     ex.update(file_name=source.file_name(index), _index=index,
               _ok=tf.constant(False),
-              _reason=tf.constant("the image or mask could not be decoded"))
+              _reason=tf.constant("reading or decoding it failed"))
     return ex
 
   def load(index):
     ok = tf.data.Dataset.from_tensors(index).map(_fn(good)).ignore_errors()
-    return ok.concatenate(tf.data.Dataset.from_tensors(index).map(_fn(bad))).take(1)
+    marker = tf.data.Dataset.from_tensors(index).map(_fn(bad))
+    return ok.concatenate(marker).take(1)
   return load
 
 
@@ -233,7 +234,7 @@ def _check_example(ex, num_labels):
 
 
 def _bad_example_filter(source, on_bad, stats: PipelineStats):
-  """Predicate keeping good examples; bad ones are counted or raise (in Python)."""
+  """Predicate keeping good examples; bad ones are counted or raise."""
   def handle(index, file_name, reason, fatal):
     file_name = file_name.numpy().decode("utf-8", "replace")
     reason = reason.numpy().decode("utf-8", "replace")
@@ -271,7 +272,7 @@ def _load_error_detail(source, index) -> str:
 
 
 def _loaded_examples(component, index_ds, cfg, stats):
-  """(position, index) dataset -> checked raw examples, each with `_position`."""
+  """(position, index) dataset -> checked raw examples with `_position`."""
   source, num_calls = component.source, _get(cfg, "num_parallel_calls")
   load = _guarded_load(source)
   ds = index_ds.interleave(
@@ -672,7 +673,7 @@ def to_global(batch, sharding):
 
 
 def prefetch_to_device(iterator: Iterator, size: int, sharding) -> Iterator:
-  """Keeps `size` batches already transferred (to_global) ahead of the consumer."""
+  """Keeps `size` batches transferred (to_global) ahead of the consumer."""
   if size < 1:
     raise ValueError(f"prefetch size={size}; expected >= 1.")
   queue = collections.deque()

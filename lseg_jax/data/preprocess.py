@@ -1,4 +1,4 @@
-"""Decoding, augmentation and normalisation ops (TF graph ops, one example at a time).
+"""Decoding, augmentation and normalisation: TF ops on one example at a time.
 
 Training augmentation follows the official LSeg recipe (PyTorch-Encoding's
 `BaseDataset._sync_transform`, base_size 520, crop_size 480):
@@ -71,38 +71,67 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(image, tf.float32) / 127.5 - 1.0
 
 
-def resize_image(image: tf.Tensor, size) -> tf.Tensor:
+def resize_image(image: tf.Tensor, size, offset=(0, 0),
+                 window=None) -> tf.Tensor:
   """PIL-like BICUBIC resize of [H, W, 3] to `size` (h, w); float32 in [0, 255].
 
   PIL resamples the width, stores uint8, then resamples the height; doing the
   same (antialiased Keys cubic, rounding and clipping between the passes)
   matches PIL to within 1 grey level on under 1% of pixels, where a single 2-D
   float resize differs by up to ~15 levels around clipped overshoots.
+
+  Args:
+    image: [H, W, 3], values in [0, 255].
+    size: (h, w) of the full resized image.
+    offset: (y0, x0) of the window of the resized image to compute.
+    window: (wh, ww) of that window (default: all of `size`). Only the window
+      is computed, so a crop of a 2x upscale costs the crop, not the upscale.
+
+  Returns:
+    float32 [wh, ww, 3], equal to resizing fully and slicing the window.
   """
-  def one_pass(x, out_size):
-    x = tf.image.resize(x, out_size, method="bicubic", antialias=True)
+  window = size if window is None else window
+  in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
+
+  def one_pass(x, out_size, scale, translation):
+    # Output pixel i samples input (i + 0.5 - translation) / scale - 0.5, as
+    # tf.image.resize (scale = out / in, translation 0) does; -offset shifts
+    # the window.
+    x = tf.raw_ops.ScaleAndTranslate(
+        images=x[None], size=tf.stack(out_size), scale=scale,
+        translation=translation, kernel_type="keyscubic", antialias=True)[0]
     return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+
+  def ratio(out_len, in_len):
+    return tf.cast(out_len, tf.float32) / tf.cast(in_len, tf.float32)
   x = tf.cast(image, tf.float32)
-  x = one_pass(x, (tf.shape(x)[0], size[1]))
-  return one_pass(x, size)
+  x = one_pass(x, [in_h, window[1]], tf.stack([1.0, ratio(size[1], in_w)]),
+               tf.stack([0.0, -tf.cast(offset[1], tf.float32)]))
+  return one_pass(x, [window[0], window[1]],
+                  tf.stack([ratio(size[0], in_h), 1.0]),
+                  tf.stack([-tf.cast(offset[0], tf.float32), 0.0]))
 
 
-def resize_nearest(x: tf.Tensor, size) -> tf.Tensor:
+def resize_nearest(x: tf.Tensor, size, offset=(0, 0),
+                   window=None) -> tf.Tensor:
   """Nearest-neighbour resize of [H, W, ...] to `size` (h, w), any dtype.
 
   Picks exactly PIL's NEAREST source pixels: PIL walks the output adding the
   float64 step in / out to a start of step / 2 and truncates, so the source
   index is floor(cumsum) (not floor((o + 0.5) * in / out), which differs at
   exact ties). Written as a gather so labels are never interpolated.
+  `offset`/`window` select a window of the output as in `resize_image`.
   """
-  def src(out_len, in_len):
+  window = size if window is None else window
+
+  def src(out_len, in_len, start, length):
     step = tf.cast(in_len, tf.float64) / tf.cast(out_len, tf.float64)
     steps = tf.concat([[0.5 * step], tf.fill([out_len - 1], step)], 0)
     idx = tf.cast(tf.floor(tf.cumsum(steps)), tf.int32)
-    return tf.minimum(idx, in_len - 1)
+    return tf.minimum(idx, in_len - 1)[start:start + length]
   shape = tf.shape(x)
-  x = tf.gather(x, src(size[0], shape[0]), axis=0)
-  return tf.gather(x, src(size[1], shape[1]), axis=1)
+  x = tf.gather(x, src(size[0], shape[0], offset[0], window[0]), axis=0)
+  return tf.gather(x, src(size[1], shape[1], offset[1], window[1]), axis=1)
 
 
 def _long_side_size(h, w, long_size):
@@ -114,7 +143,7 @@ def _long_side_size(h, w, long_size):
 
 
 def _pad_to(image, mask, height, width):
-  """Pads image (0) and mask (ignore) at the bottom/right to >= (height, width)."""
+  """Pads image (0) and mask (ignore) bottom/right to >= (height, width)."""
   shape = tf.shape(mask)
   pad_h = tf.maximum(height - shape[0], 0)
   pad_w = tf.maximum(width - shape[1], 0)
@@ -147,17 +176,17 @@ def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
   long_size = tf.random.stateless_uniform([], scale_seed, lo, hi + 1,
                                           dtype=tf.int32)
   shape = tf.shape(mask)
-  size = _long_side_size(shape[0], shape[1], long_size)
-  image = resize_image(image, size)
-  mask = resize_nearest(mask, size)
+  oh, ow = _long_side_size(shape[0], shape[1], long_size)
+  # Crop offsets in the resized image padded up to crop_size; then only the
+  # crop window (its part inside the resized image) is computed and padded.
+  y0 = tf.random.stateless_uniform(
+      [], y_seed, 0, tf.maximum(oh, crop_size) - crop_size + 1, tf.int32)
+  x0 = tf.random.stateless_uniform(
+      [], x_seed, 0, tf.maximum(ow, crop_size) - crop_size + 1, tf.int32)
+  wh, ww = tf.minimum(crop_size, oh - y0), tf.minimum(crop_size, ow - x0)
+  image = resize_image(image, (oh, ow), (y0, x0), (wh, ww))
+  mask = resize_nearest(mask, (oh, ow), (y0, x0), (wh, ww))
   image, mask = _pad_to(image, mask, crop_size, crop_size)
-  shape = tf.shape(mask)
-  y0 = tf.random.stateless_uniform([], y_seed, 0, shape[0] - crop_size + 1,
-                                   dtype=tf.int32)
-  x0 = tf.random.stateless_uniform([], x_seed, 0, shape[1] - crop_size + 1,
-                                   dtype=tf.int32)
-  image = image[y0:y0 + crop_size, x0:x0 + crop_size]
-  mask = mask[y0:y0 + crop_size, x0:x0 + crop_size]
   image = tf.ensure_shape(normalize(image), [crop_size, crop_size, 3])
   mask = tf.ensure_shape(mask, [crop_size, crop_size])
   return image, mask

@@ -43,7 +43,7 @@ def available_sources() -> list[str]:
 
 
 def get_source(name: str, split: str, **kwargs) -> "Source":
-  """Builds the source registered as `name` for `split` (kwargs go to its factory)."""
+  """The source registered as `name`, for `split` (kwargs go to its factory)."""
   _import_builtin_sources()
   if name not in _FACTORIES:
     raise ValueError(f"Unknown dataset source {name!r}; expected one of "
@@ -108,7 +108,8 @@ class Source:
       indices = tf.random.experimental.stateless_shuffle(
           indices, seed=tf.constant([seed, 0], tf.int64))
     return tf.data.Dataset.from_tensor_slices(indices).map(
-        tf.autograph.experimental.do_not_convert(self.load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        tf.autograph.experimental.do_not_convert(self.load),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _check_process(process_index, process_count):
