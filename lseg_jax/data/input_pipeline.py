@@ -1,4 +1,4 @@
-"""Per-host tf.data input pipelines: train (endless, resumable) and eval."""
+"""Per-host tf.data input pipelines: train (endless, resumable) and eval.
 
 Batches follow the data contract in `lseg_jax.data`: `image` float32
 [B, H, W, 3], `label` int32 [B, H, W] indexing `label_table(data_cfg)`

@@ -1,4 +1,4 @@
-"""`lseg_synthetic`: a generated segmentation dataset that builds in seconds."""
+"""`lseg_synthetic`: a generated segmentation dataset that builds in seconds.
 
 Each image is a noisy grey background with a few shapes drawn on it. Every
 class has its own colour and texture, so a pixel's class can be told from its
