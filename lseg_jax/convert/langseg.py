@@ -384,7 +384,11 @@ def write_torch_checkpoint(path, state_dict: Mapping[str, np.ndarray], *,
     value = np.asarray(value)
     if np.issubdtype(value.dtype, np.floating):
       value = value.astype(np.float16 if key.startswith(half_prefixes) else np.float32)
-    tensors[key] = torch.from_numpy(np.ascontiguousarray(value))
+    # Not np.ascontiguousarray: it turns 0-d arrays (BatchNorm counters) into 1-d.
+    # torch.from_numpy wants writable arrays (views of jax arrays are read-only).
+    if not (value.flags.c_contiguous and value.flags.writeable):
+      value = value.copy()
+    tensors[key] = torch.from_numpy(value)
   obj = tensors if bare else {"state_dict": tensors, "lseg_config": dict(lseg_config or {})}
   path = os.path.abspath(os.fspath(path))
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from flax import nnx
+
 from lseg_jax.convert import mapping
 from lseg_jax.convert.mapping import CONV, TRANSPOSE, MappingTable, Rule
 from lseg_jax.models import vit
@@ -99,15 +101,16 @@ def _read(path_or_state_dict) -> dict[str, Any]:
   return mapping.numpy_state_dict(path_or_state_dict)
 
 
-def load_timm_vit(path_or_state_dict, vit_module: vit.VisionTransformer, *,
-                  prefix: str | None = None) -> vit.VisionTransformer:
-  """Loads timm ViT weights into `vit_module` (in place) and returns it.
+def load_timm_vit(path_or_state_dict, vit_module: vit.VisionTransformer | vit.ViTConfig | str,
+                  *, prefix: str | None = None) -> vit.VisionTransformer:
+  """Loads timm ViT weights into `vit_module` and returns it.
 
   Args:
     path_or_state_dict: a timm ViT state dict (numpy arrays or torch tensors), or a
       file: `.safetensors` (read without torch), or a torch file (`.pth`, `.bin`,
       `.pt`, Lightning `.ckpt`; needs torch).
-    vit_module: our ViT, built with the matching variant (`vit.decode_variant`).
+    vit_module: our ViT, updated in place; or a `vit.ViTConfig` or variant name
+      ("L/16", "B/32", ...) to build one from the weights without initialising it.
     prefix: key prefix of the ViT in the state dict; None finds it (`find_prefix`),
       so lang-seg checkpoints (`pretrained.model.`) work too. Keys outside the prefix
       are ignored.
@@ -121,8 +124,15 @@ def load_timm_vit(path_or_state_dict, vit_module: vit.VisionTransformer, *,
   if prefix is None:
     prefix = find_prefix(state_dict)
   state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-  return mapping.load_module(state_dict, table(prefix, head=vit_module.head is not None),
-                             vit_module)
+  if isinstance(vit_module, vit.VisionTransformer):
+    return mapping.load_module(state_dict, table(prefix, head=vit_module.head is not None),
+                               vit_module)
+  cfg = vit.decode_variant(vit_module) if isinstance(vit_module, str) else vit_module
+  if not isinstance(cfg, vit.ViTConfig):
+    raise TypeError(f"vit_module must be a VisionTransformer, ViTConfig or variant name, "
+                    f"got {type(vit_module).__name__}")
+  return mapping.load_module(state_dict, table(prefix, head=bool(cfg.num_classes)),
+                             lambda: vit.VisionTransformer(cfg, rngs=nnx.Rngs(0)))
 
 
 def export_timm_vit(vit_module: vit.VisionTransformer, prefix: str = "") -> dict[str, Any]:
