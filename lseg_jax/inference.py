@@ -336,5 +336,65 @@ class SlidingWindowInference:
       yield done.finish(), done.payload
 
 
-__all__ = ["OFFICIAL_SCALES", "CropRunner", "SlidingWindow", "SlidingWindowInference",
-           "local_mesh", "model_apply", "resize_bilinear_np", "scaled_size", "window_origins"]
+# --------------------------------------------------------------------------
+# Whole-image prediction (tools/predict.py).
+# --------------------------------------------------------------------------
+def model_input_size(h: int, w: int, multiple: int) -> tuple[int, int]:
+  """(H', W') fed to the model: (h, w) if both are multiples of `multiple`, else
+  each side rounded to the nearest multiple (at least one multiple)."""
+  if h % multiple == 0 and w % multiple == 0:
+    return h, w
+  return tuple(max(multiple, int(round(s / multiple)) * multiple) for s in (h, w))
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 (x / 255 - 0.5) / 0.5, as the data pipeline does."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+  return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+class ImagePredictor:
+  """Logits, label map and pixel embeddings of whole images, one at a time.
+
+  An image whose sides are multiples of `model.size_multiple` is used as is.
+  Otherwise the normalised image is resized (bilinear, align_corners=False)
+  to `model_input_size` and the logits are resized back to the original
+  size the same way before the argmax; the embeddings stay at the model's
+  resolution [H'/2, W'/2, D]. One compilation per input size.
+  """
+
+  def __init__(self, model):
+    self.size_multiple = model.size_multiple
+    graphdef, self.state = nnx.split(model)
+
+    def run(state, images, text_emb, with_embeddings):
+      model = nnx.merge(graphdef, state)
+      logits = model(images, text_emb)
+      # Same subgraph as inside model(...): XLA computes it once.
+      emb = model.embed_pixels(images) if with_embeddings else None
+      return logits, emb
+    self._run = jax.jit(run, static_argnums=3)
+
+  def __call__(self, image: np.ndarray, text_emb, *, embeddings: bool = False
+               ) -> dict[str, Any]:
+    """image uint8 [H, W, 3] -> {"logits" float32 [H, W, L], "label_map" int32
+    [H, W], "embeddings" float32 [H'/2, W'/2, D] or None, "input_size" (H', W')}."""
+    x = normalize_image(image)
+    h, w = x.shape[:2]
+    size = model_input_size(h, w, self.size_multiple)
+    if size != (h, w):
+      x = resize_bilinear_np(x, size, align_corners=False)
+    logits, emb = self._run(self.state, jnp.asarray(x)[None], jnp.asarray(text_emb),
+                            embeddings)
+    logits = np.asarray(logits[0])
+    if size != (h, w):
+      logits = resize_bilinear_np(logits, (h, w), align_corners=False)
+    return {"logits": logits, "label_map": logits.argmax(-1).astype(np.int32),
+            "embeddings": None if emb is None else np.asarray(emb[0]), "input_size": size}
+
+
+__all__ = ["OFFICIAL_SCALES", "CropRunner", "ImagePredictor", "SlidingWindow",
+           "SlidingWindowInference", "local_mesh", "model_apply", "model_input_size",
+           "normalize_image", "resize_bilinear_np", "scaled_size", "window_origins"]
