@@ -26,6 +26,7 @@ binary prediction (foreground = the class), scored with HSNet's protocol
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Iterable, Sequence
 
 from flax import nnx
@@ -35,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lseg_jax import inference
+from lseg_jax import init as init_lib
 from lseg_jax import metrics
+from lseg_jax import text
 
 OTHER_LABEL = "other"
 
@@ -259,6 +262,27 @@ def evaluate(evaluator: Evaluator, batches: Iterable[dict[str, np.ndarray]], *,
   return evaluator.result()
 
 
+def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, *,
+                              tokenizer: str | None = None, prompt: str | None = None):
+  """The label embedder a checkpoint was trained with: (embedder, tokenizer spec, template).
+
+  tokenizer: a folder, hub name or "byte-level"; None: the meta's "tokenizer"
+    (relative folders are looked up in `checkpoint_dir` first), else
+    `text.DEFAULT_TOKENIZER`.
+  prompt: a template with one "{}"; None: the meta's "text_template"; "": bare
+    label names (as LSeg).
+  """
+  spec = tokenizer or meta.get("tokenizer") or text.DEFAULT_TOKENIZER
+  if not tokenizer and meta.get("tokenizer") and not os.path.isabs(spec):
+    local = os.path.join(checkpoint_dir, spec)
+    spec = local if os.path.isdir(local) else spec
+  template = meta.get("text_template") if prompt is None else prompt
+  template = template or None
+  embedder = text.LabelEmbedder(model.clip_pretrained, init_lib.tokenizer(spec),
+                                template=template)
+  return embedder, spec, template
+
+
 def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
   """The report as a text table: per-class IoU (%) then the summary metrics."""
   per_class = report["per_class_iou"]
@@ -276,5 +300,5 @@ def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["Evaluator", "episode_binary", "evaluate", "format_table", "global_mesh",
+__all__ = ["Evaluator", "checkpoint_label_embedder", "episode_binary", "evaluate", "format_table", "global_mesh",
            "pad_batch"]

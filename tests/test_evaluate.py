@@ -5,8 +5,11 @@ single-scale and multi-scale, on 8 forced host devices and on one.
 Episodes: tiny fixtures in the FSS-1000 and PASCAL-5i layouts read by the
 real `fss1000` / `pascal5i` sources.
 """
+import importlib.util
 import io
+import json
 import os
+from pathlib import Path
 
 from flax import nnx
 import jax
@@ -14,8 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lseg_jax import checkpoint
 from lseg_jax import evaluate
 from lseg_jax import inference
+from lseg_jax import init as init_lib
 from lseg_jax import metrics
 from lseg_jax.data import dataset_files
 from lseg_jax.data import input_pipeline
@@ -47,7 +52,8 @@ def _fixed_source(split, **_):
 
 @pytest.fixture(scope="module")
 def model():
-  cfg = lseg.LSegConfig(backbone="tiny_vit32", arch_option=2, block_depth=1, text_vocab_size=64)
+  cfg = lseg.LSegConfig(backbone="tiny_vit32", arch_option=2, block_depth=1,
+                        text_vocab_size=init_lib.BYTE_LEVEL_VOCAB_SIZE)
   model = lseg.LSeg(cfg, rngs=nnx.Rngs(0))
   model.eval()
   return model
@@ -233,3 +239,70 @@ def test_zero_shot_episodes_end_to_end(model, dataset, fss_dir, pascal_dir):
   miou, fb = _direct_episodes(model, data_cfg, text)
   assert report["metrics"]["mIoU"] == pytest.approx(miou, abs=1e-12)
   assert report["metrics"]["FB-IoU"] == pytest.approx(fb, abs=1e-12)
+
+
+# --------------------------------------------------------------------------
+# tools/eval.py
+# --------------------------------------------------------------------------
+CONFIG = """
+import ml_collections
+from lseg_jax.data import input_pipeline
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.data = input_pipeline.default_data_config()
+  c.data.name = "eval_test_fixed"
+  c.data.eval_resize = "none"
+  c.data.eval_pad_to = (64, 96)
+  c.data.base_size = 64
+  c.data.crop_size = 32
+  c.eval_batch_size = 8
+  c.model = dict(backbone="tiny_vit32")
+  return c
+"""
+
+
+def test_eval_tool_writes_reports(model, tmp_path):
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_model(str(ckpt), model, extra_meta={"tokenizer": init_lib.BYTE_LEVEL_TOKENIZER})
+  (tmp_path / "cfg.py").write_text(CONFIG)
+  spec = importlib.util.spec_from_file_location(
+      "tool_eval", Path(__file__).resolve().parents[1] / "tools" / "eval.py")
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+
+  assert tool.main(["--checkpoint", str(ckpt), "--config", f"{tmp_path}/cfg.py:x",
+                    "--no-progress"]) == 0
+  single = json.loads((ckpt / "eval" / "eval_test_fixed_validation_single_scale.json").read_text())
+  assert single["protocol"] == "fixed" and single["num_examples"] == len(SIZES)
+  assert single["tokenizer"] == "byte-level" and single["fold"] is None
+  assert list(single["per_class_iou"]) == LABELS
+
+  # The same numbers as the library with the checkpoint's label embeddings.
+  loaded, meta = checkpoint.load_model(str(ckpt))
+  embedder, _, _ = evaluate.checkpoint_label_embedder(loaded, meta, str(ckpt))
+  direct = run(loaded, fixed_cfg(), embedder(LABELS), episodic=False)
+  assert single["metrics"] == direct["metrics"]
+
+  out = tmp_path / "ms.json"
+  assert tool.main(["--checkpoint", str(ckpt), "--config", f"{tmp_path}/cfg.py",
+                    "--scales", "0.75,1.25", "--flip", "--no-progress", "--max-batches", "1",
+                    "--out", str(out)]) == 0
+  multi = json.loads(out.read_text())
+  assert multi["mode"] == "multi_scale" and multi["eval_resize"] == "none"
+  assert multi["window"]["scales"] == [0.75, 1.25] and multi["window"]["flip"]
+  assert multi["window"]["crop_size"] == 32 and multi["num_examples"] == 8
+
+
+def test_eval_tool_argument_errors(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "tool_eval", Path(__file__).resolve().parents[1] / "tools" / "eval.py")
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  with pytest.raises(SystemExit, match="does not exist"):
+    tool.main(["--checkpoint", "c", "--config", str(tmp_path / "nope.py")])
+  with pytest.raises(SystemExit):
+    tool.parse_args(["--checkpoint", "c", "--config", "x.py", "--scales", "a,b"])
+  with pytest.raises(SystemExit):
+    tool.parse_args(["--checkpoint", "c", "--config", "x.py", "--multiscale", "--scales", "1"])

@@ -25,10 +25,12 @@ the model's size multiple (32) are used as they are; otherwise the image is
 resized (bilinear) to the nearest multiples of 32 and the logits are resized
 back to the original size before the argmax (`lseg_jax.inference.ImagePredictor`).
 
-Label embeddings: the checkpoint's frozen CLIP text tower, once per label set.
-Tokenizer: --tokenizer, else the checkpoint meta's "tokenizer" (a path,
-relative paths resolved against the checkpoint folder first), else
-openai/clip-vit-base-patch32 (local Hugging Face cache first).
+Label embeddings: the checkpoint's frozen CLIP text tower, once per label set,
+with --prompt or else the checkpoint's training template (meta
+"text_template"; none = bare names). Tokenizer: --tokenizer, else the
+checkpoint meta's "tokenizer" (a folder, a hub name, or "byte-level" for the
+tiny offline models; relative folders are looked up in the checkpoint folder
+first), else openai/clip-vit-base-patch32 (local Hugging Face cache first).
 """
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ def parse_args(argv=None):
   lab.add_argument("--labels", help='comma-separated label names, e.g. "dog,grass,other"')
   lab.add_argument("--labels-file", help="a text file with one label name per line")
   p.add_argument("--prompt", default=None,
-                 help='prompt template with one "{}", e.g. "a photo of a {}." '
-                      "(default: the bare label names, as LSeg)")
+                 help='prompt template with one "{}", e.g. "a photo of a {}." (default: the '
+                      "checkpoint's training template, else the bare names as LSeg; "
+                      '"" forces bare names)')
   p.add_argument("--out", required=True, help="OUT.png (with --image) or an output folder")
   p.add_argument("--logits-out", default=None, help="OUT.npz (--image) or a folder (--images)")
   p.add_argument("--embeddings-out", default=None,
@@ -107,17 +110,6 @@ def list_images(args) -> list[str]:
   return paths
 
 
-def resolve_tokenizer(args, meta) -> str:
-  from lseg_jax import text  # pylint: disable=g-import-not-at-top
-  if args.tokenizer:
-    return args.tokenizer
-  spec = meta.get("tokenizer")
-  if spec:
-    local = os.path.join(args.checkpoint, spec)
-    return local if not os.path.isabs(spec) and os.path.isdir(local) else spec
-  return text.DEFAULT_TOKENIZER
-
-
 def load_image(path: str) -> np.ndarray:
   try:
     with Image.open(path) as im:
@@ -158,13 +150,13 @@ def main(argv=None) -> int:
   labels = read_labels(args)
   images = list_images(args)
 
-  from lseg_jax import checkpoint, inference, text, visualize  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from lseg_jax import checkpoint, evaluate, inference, visualize
 
   overrides = {"dtype": args.dtype} if args.dtype else {}
   model, meta = checkpoint.load_model(args.checkpoint, args.step, **overrides)
-  tokenizer_spec = resolve_tokenizer(args, meta)
-  embedder = text.LabelEmbedder(model.clip_pretrained, text.load_tokenizer(tokenizer_spec),
-                                template=args.prompt)
+  embedder, tokenizer_spec, prompt = evaluate.checkpoint_label_embedder(
+      model, meta, args.checkpoint, tokenizer=args.tokenizer, prompt=args.prompt)
   text_emb = embedder(labels)
   predictor = inference.ImagePredictor(model)
 
@@ -182,7 +174,7 @@ def main(argv=None) -> int:
     areas = visualize.area_fractions(label_map, len(labels))
     report = {
         "image": path, "size": list(image.shape[:2]), "model_input_size": list(out["input_size"]),
-        "labels": labels, "prompt": args.prompt,
+        "labels": labels, "prompt": prompt,
         "area_fraction": {name: float(a) for name, a in zip(labels, areas)},
         "label_map": os.path.basename(paths["labels"]),
         "checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_spec,
