@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import logging as absl_logging  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lseg_jax import checkpoint  # noqa: E402
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only notices
   try:
     print(args.run(args))
   except ConvertError as e:
