@@ -41,6 +41,9 @@ from lseg_jax import metrics
 from lseg_jax import text
 
 OTHER_LABEL = "other"
+# The text lang-seg's zero-shot models embed for the background of an episode
+# (`lseg_net_zs.py`: ["others", class name]); our label table calls it "other".
+EPISODE_BACKGROUND_TEXT = "others"
 
 
 def global_mesh() -> jax.sharding.Mesh:
@@ -126,11 +129,9 @@ class Evaluator:
       self.mesh = global_mesh() if mesh is None else mesh
       self._data = jax.sharding.NamedSharding(self.mesh, jax.P("data"))
       replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
-      graphdef, state = nnx.split(model)
+      self._graphdef, state = nnx.split(model)
       self._state = jax.device_put(state, replicated)
       self._text = jax.device_put(jnp.asarray(text_emb, jnp.float32), replicated)
-      self._step = jax.jit(functools.partial(
-          _single_scale_step, graphdef, episodic=episodic, num_labels=len(label_names)))
     else:
       self.mesh = inference.local_mesh() if mesh is None else mesh
       self._infer = inference.SlidingWindowInference.for_model(
@@ -161,7 +162,8 @@ class Evaluator:
     keys = ["image", "label", "label_mask", "valid"] + (["class_index"] if self.episodic else [])
     arrays = {k: jax.make_array_from_process_local_data(self._data, np.asarray(batch[k]))
               for k in keys}
-    conf = self._step(self._state, self._text, **arrays)
+    conf = _single_scale_step(self._state, self._text, **arrays, graphdef=self._graphdef,
+                              episodic=self.episodic, num_labels=len(self.label_names))
     if self.episodic:
       self.meter.update(conf, batch["class_index"], batch["valid"])
       # Episode counts are per host; the confusion is already global.
@@ -234,8 +236,9 @@ class Evaluator:
     return report
 
 
-def _single_scale_step(graphdef, state, text_emb, *, image, label, label_mask, valid,
-                       class_index=None, episodic, num_labels):
+@functools.partial(jax.jit, static_argnames=("graphdef", "episodic", "num_labels"))
+def _single_scale_step(state, text_emb, *, image, label, label_mask, valid, class_index=None,
+                       graphdef, episodic, num_labels):
   model = nnx.merge(graphdef, state)
   pred = jnp.argmax(model(image, text_emb, label_mask), axis=-1)
   if episodic:
@@ -300,5 +303,5 @@ def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["Evaluator", "checkpoint_label_embedder", "episode_binary", "evaluate", "format_table", "global_mesh",
+__all__ = ["EPISODE_BACKGROUND_TEXT", "OTHER_LABEL", "Evaluator", "checkpoint_label_embedder", "episode_binary", "evaluate", "format_table", "global_mesh",
            "pad_batch"]

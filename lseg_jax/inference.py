@@ -32,8 +32,11 @@ Labels masked out (label_mask False) get -inf scores, as the model gives.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import functools
 import math
+import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from flax import nnx
@@ -105,23 +108,70 @@ def window_origins(height: int, width: int, crop: int, stride: int
   return (ph, pw), [(i * stride, j * stride) for i in range(rows) for j in range(cols)]
 
 
-def resize_bilinear_np(x: np.ndarray, size: tuple[int, int],
-                       align_corners: bool = True) -> np.ndarray:
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _row_blocks(fn: Callable[[int, int], None], num_rows: int) -> None:
+  """Runs fn(r0, r1) over blocks of rows on a thread pool (numpy drops the GIL)."""
+  global _POOL
+  if _POOL is None:
+    _POOL = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
+  n = min(num_rows, 4 * _POOL._max_workers)  # pylint: disable=protected-access
+  bounds = np.linspace(0, num_rows, n + 1).astype(int)
+  for f in [_POOL.submit(fn, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
+    f.result()
+
+
+def resize_bilinear_np(x: np.ndarray, size: tuple[int, int], align_corners: bool = True,
+                       *, add_to: np.ndarray | None = None) -> np.ndarray:
   """Bilinear resize of float32 [H, W, C] to `size` (h, w) in numpy.
 
-  Same taps, weights and order (width, then height) as
-  `lseg_jax.models.resize.resize_bilinear` and PyTorch's `F.interpolate`.
+  Same taps, weights and order (width, then height; each tap x0 * w0 + x1 * w1)
+  as `lseg_jax.models.resize.resize_bilinear` and PyTorch's `F.interpolate`.
+  With `add_to` [h, w, C], the result is added into it (and it is returned).
+  Rows are processed in parallel threads: the multi-scale protocol resizes
+  [~900, ~900, L] logits several times per image.
   """
   x = np.asarray(x, np.float32)
-  for axis, out in ((1, size[1]), (0, size[0])):
-    if x.shape[axis] == out:
-      continue
-    i0, i1, w0, w1 = resize._axis_taps(x.shape[axis], out, align_corners)  # pylint: disable=protected-access
-    shape = [1] * x.ndim
-    shape[axis] = out
-    x = (np.take(x, i0, axis=axis) * w0.reshape(shape)
-         + np.take(x, i1, axis=axis) * w1.reshape(shape))
-  return x
+  if x.ndim != 3:
+    raise ValueError(f"expected an array [H, W, C], got shape {x.shape}")
+  h, w = x.shape[:2]
+  out_h, out_w = size
+  if out_w != w:
+    i0, i1, w0, w1 = resize._axis_taps(w, out_w, align_corners)  # pylint: disable=protected-access
+    w0, w1 = w0[:, None], w1[:, None]
+    tmp = np.empty((h, out_w, x.shape[2]), np.float32)
+    src = x
+
+    def width_rows(r0, r1):
+      a = np.take(src[r0:r1], i0, axis=1)
+      a *= w0
+      b = np.take(src[r0:r1], i1, axis=1)
+      b *= w1
+      np.add(a, b, out=tmp[r0:r1])
+    _row_blocks(width_rows, h)
+    x = tmp
+  if out_h == h:
+    if add_to is None:
+      return x
+    _row_blocks(lambda r0, r1: np.add(add_to[r0:r1], x[r0:r1], out=add_to[r0:r1]), h)
+    return add_to
+  i0, i1, w0, w1 = resize._axis_taps(h, out_h, align_corners)  # pylint: disable=protected-access
+  out = np.empty((out_h, out_w, x.shape[2]), np.float32) if add_to is None else add_to
+  src = x
+
+  def height_rows(r0, r1):
+    a = src[i0[r0:r1]]
+    a *= w0[r0:r1, None, None]
+    b = src[i1[r0:r1]]
+    b *= w1[r0:r1, None, None]
+    if add_to is None:
+      np.add(a, b, out=out[r0:r1])
+    else:
+      a += b
+      out[r0:r1] += a
+  _row_blocks(height_rows, out_h)
+  return out
 
 
 def _pad_to(x: np.ndarray, h: int, w: int, value: float) -> np.ndarray:
@@ -141,18 +191,37 @@ def local_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh
   return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
-def model_apply(model: nnx.Module) -> tuple[Callable, Any]:
-  """(apply, state) with apply(state, images [N,h,w,3], text_emb [L,D],
-  label_mask [N,L]) -> logits [N,h,w,L], a pure function of an LSeg model."""
-  graphdef, state = nnx.split(model)
+@dataclasses.dataclass(frozen=True)
+class LSegApply:
+  """apply(state, images [N,h,w,3], text_emb [L,D], label_mask [N,L]) -> logits
+  [N,h,w,L] of an LSeg graph. Hashable by its graphdef, so jitted functions
+  taking it as a static argument are compiled once per model structure."""
+  graphdef: Any
 
-  def apply(state, images, text_emb, label_mask):
-    return nnx.merge(graphdef, state)(images, text_emb, label_mask)
-  return apply, state
+  def __call__(self, state, images, text_emb, label_mask):
+    return nnx.merge(self.graphdef, state)(images, text_emb, label_mask)
+
+
+def model_apply(model: nnx.Module) -> tuple[LSegApply, Any]:
+  """(apply, state): a pure, hashable function of an LSeg model and its state."""
+  graphdef, state = nnx.split(model)
+  return LSegApply(graphdef), state
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "flip"))
+def _crop_logits(state, crops, text_emb, label_mask, *, apply, flip):
+  logits = apply(state, crops, text_emb, label_mask)
+  if flip:
+    mirrored = apply(state, crops[:, :, ::-1], text_emb, label_mask)
+    logits = logits + mirrored[:, :, ::-1]
+  return jnp.where(label_mask[:, None, None, :], logits, 0.0)
 
 
 class CropRunner:
   """Runs `apply` on fixed-size batches of crops, sharded over `mesh`'s "data" axis.
+
+  `apply(state, crops, text_emb, label_mask) -> logits` must be hashable (it
+  is a static argument of the jitted function; see `LSegApply`).
 
   `runner(crops [n, c, c, 3], text_emb [L, D], label_mask [n, L]) -> float32
   numpy [n, c, c, L]` for any n: crops are cut into batches of `batch_size`
@@ -173,14 +242,7 @@ class CropRunner:
     self._data = jax.sharding.NamedSharding(self.mesh, jax.P("data"))
     self._replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
     self.state = jax.device_put(state, self._replicated)
-
-    def run(state, crops, text_emb, label_mask):
-      logits = apply(state, crops, text_emb, label_mask)
-      if flip:
-        mirrored = apply(state, crops[:, :, ::-1], text_emb, label_mask)
-        logits = logits + mirrored[:, :, ::-1]
-      return jnp.where(label_mask[:, None, None, :], logits, 0.0)
-    self._run = jax.jit(run, out_shardings=self._data)
+    self.apply = apply
 
   def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray) -> np.ndarray:
     n = crops.shape[0]
@@ -194,8 +256,8 @@ class CropRunner:
         chunk = np.concatenate([chunk, np.zeros((self.batch_size - k,) + chunk.shape[1:],
                                                 chunk.dtype)])
         mask = np.concatenate([mask, np.ones((self.batch_size - k, mask.shape[1]), bool)])
-      out = self._run(self.state, jax.device_put(chunk, self._data), text_emb,
-                      jax.device_put(mask, self._data))
+      out = _crop_logits(self.state, jax.device_put(chunk, self._data), text_emb,
+                         jax.device_put(mask, self._data), apply=self.apply, flip=self.flip)
       outs.append(np.asarray(out)[:k])
     return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
@@ -242,11 +304,17 @@ class _ImageJob:
   def finish(self) -> np.ndarray:
     assert self.remaining == 0
     scores = None
-    for height, width, _, canvas, count in self.scales:
+    for i, (height, width, _, canvas, count) in enumerate(self.scales):
       assert np.all(count > 0), "sliding windows left a pixel uncovered"
-      out = (canvas / count)[:height, :width]
-      out = resize_bilinear_np(out, self.size, align_corners=True)
-      scores = out if scores is None else scores + out
+      canvas /= count
+      out = canvas[:height, :width]
+      if scores is None:
+        scores = resize_bilinear_np(out, self.size, align_corners=True)
+        if scores is out or scores.base is not None:
+          scores = np.array(scores)  # own the memory before adding into it
+      else:
+        resize_bilinear_np(out, self.size, align_corners=True, add_to=scores)
+      self.scales[i][3] = self.scales[i][4] = None
     if self.label_mask is not None:
       scores[..., ~self.label_mask] = -np.inf
     return scores
@@ -355,6 +423,15 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "with_embeddings"))
+def _predict(state, images, text_emb, *, graphdef, with_embeddings):
+  model = nnx.merge(graphdef, state)
+  logits = model(images, text_emb)
+  # The same subgraph as inside model(...): XLA computes it once.
+  emb = model.embed_pixels(images) if with_embeddings else None
+  return logits, emb
+
+
 class ImagePredictor:
   """Logits, label map and pixel embeddings of whole images, one at a time.
 
@@ -367,15 +444,7 @@ class ImagePredictor:
 
   def __init__(self, model):
     self.size_multiple = model.size_multiple
-    graphdef, self.state = nnx.split(model)
-
-    def run(state, images, text_emb, with_embeddings):
-      model = nnx.merge(graphdef, state)
-      logits = model(images, text_emb)
-      # Same subgraph as inside model(...): XLA computes it once.
-      emb = model.embed_pixels(images) if with_embeddings else None
-      return logits, emb
-    self._run = jax.jit(run, static_argnums=3)
+    self.graphdef, self.state = nnx.split(model)
 
   def __call__(self, image: np.ndarray, text_emb, *, embeddings: bool = False
                ) -> dict[str, Any]:
@@ -386,8 +455,8 @@ class ImagePredictor:
     size = model_input_size(h, w, self.size_multiple)
     if size != (h, w):
       x = resize_bilinear_np(x, size, align_corners=False)
-    logits, emb = self._run(self.state, jnp.asarray(x)[None], jnp.asarray(text_emb),
-                            embeddings)
+    logits, emb = _predict(self.state, jnp.asarray(x)[None], jnp.asarray(text_emb),
+                           graphdef=self.graphdef, with_embeddings=embeddings)
     logits = np.asarray(logits[0])
     if size != (h, w):
       logits = resize_bilinear_np(logits, (h, w), align_corners=False)
@@ -395,6 +464,6 @@ class ImagePredictor:
             "embeddings": None if emb is None else np.asarray(emb[0]), "input_size": size}
 
 
-__all__ = ["OFFICIAL_SCALES", "CropRunner", "ImagePredictor", "SlidingWindow",
+__all__ = ["OFFICIAL_SCALES", "CropRunner", "ImagePredictor", "LSegApply", "SlidingWindow",
            "SlidingWindowInference", "local_mesh", "model_apply", "model_input_size",
            "normalize_image", "resize_bilinear_np", "scaled_size", "window_origins"]

@@ -33,6 +33,8 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def load_config(spec: str):
   """configs/NAME.py[:ARG] -> the module's get_config(ARG) (or get_config())."""
@@ -54,7 +56,13 @@ def parse_args(argv=None):
                               epilog=__doc__.split("\n", 1)[1])
   p.add_argument("--checkpoint", required=True, help="checkpoint directory (Orbax)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--config", required=True, help="configs/NAME.py[:ARGS] (uses config.data)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--config", help="configs/NAME.py[:ARGS] (uses config.data)")
+  src.add_argument("--data", help="a registered dataset name (ade20k, pascal5i, coco20i, "
+                                  "fss1000, ...) instead of a config, e.g. for imported "
+                                  "official checkpoints")
+  p.add_argument("--eval-resize", default=None,
+                 help="override data eval_resize (none | long_side | center_crop | ...)")
   p.add_argument("--multiscale", action="store_true", help="official multi-scale protocol")
   p.add_argument("--flip", action="store_true", help="add horizontally flipped windows")
   p.add_argument("--scales", default=None, help="comma-separated scales (sliding window)")
@@ -72,6 +80,9 @@ def parse_args(argv=None):
   p.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
   p.add_argument("--prompt", default=None,
                  help="label template (default: the checkpoint's; \"\" = bare names)")
+  p.add_argument("--background-text", default=None,
+                 help='episodes: the text embedded for the table\'s "other" label '
+                      '(default: "others", as lang-seg\'s zero-shot code)')
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                  help="override the checkpoint's compute dtype")
   p.add_argument("--max-batches", type=int, default=None, help="stop early (smoke tests)")
@@ -106,9 +117,21 @@ def default_out(args, data_cfg, mode) -> str:
   return os.path.join(args.checkpoint, "eval", f"{name}_{mode}.json")
 
 
+def config_from_data(name: str):
+  """A config holding only `data`: the input pipeline defaults for source `name`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from lseg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = input_pipeline.default_data_config()
+  data.name = name
+  # Single scale: 480 center crops, PyTorch-Encoding's "val" mode that the official
+  # training loop validates with (the sliding window switches to whole images).
+  data.eval_resize = "center_crop"
+  return ml_collections.ConfigDict({"data": data})
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
-  config = load_config(args.config)
+  config = load_config(args.config) if args.config else config_from_data(args.data)
   if "data" not in config:
     raise SystemExit(f"error: config {args.config!r} has no 'data' field")
 
@@ -120,6 +143,8 @@ def main(argv=None) -> int:
 
   data_cfg = config.data
   with data_cfg.unlocked() if hasattr(data_cfg, "unlocked") else contextlib.nullcontext():
+    if args.eval_resize:
+      data_cfg.eval_resize = args.eval_resize
     if args.split:
       data_cfg.eval_split = args.split
     if args.fold is not None:
@@ -127,7 +152,7 @@ def main(argv=None) -> int:
     if args.data_dir:
       data_cfg.data_dir = args.data_dir
     window = make_window(args, data_cfg)
-    if window is not None and not args.keep_eval_resize:
+    if window is not None and not (args.keep_eval_resize or args.eval_resize):
       data_cfg.eval_resize = "none"
       data_cfg.eval_pad_to = None
 
@@ -143,7 +168,10 @@ def main(argv=None) -> int:
   batch = batch or 2 * local
   it = input_pipeline.make_eval_iterator(data_cfg, batch_size=batch)
   episodic = "class_index" in it.dataset.element_spec
-  text_emb = embedder(it.label_names)
+  text_names = list(it.label_names)
+  if episodic:
+    text_names[0] = args.background_text or evaluate.EPISODE_BACKGROUND_TEXT
+  text_emb = embedder(text_names)
   evaluator = evaluate.Evaluator(model, it.label_names, text_emb, episodic=episodic,
                                  window=window, crops_per_device=args.crops_per_device)
   batches, num_batches = it, it.num_batches
@@ -159,8 +187,9 @@ def main(argv=None) -> int:
       "fold": data_cfg.get("fold", None),
       "eval_resize": data_cfg.get("eval_resize", None),
       "checkpoint": os.path.abspath(args.checkpoint),
-      "step": meta.get("step", args.step), "config": args.config,
+      "step": meta.get("step", args.step), "config": args.config or f"--data {args.data}",
       "tokenizer": tokenizer_spec, "prompt": prompt,
+      "background_text": text_names[0] if episodic else None,
       "num_labels": len(it.label_names), "skipped_examples": it.num_skipped,
       "seconds": round(time.time() - start, 2),
   })
