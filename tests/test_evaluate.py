@@ -306,3 +306,22 @@ def test_eval_tool_argument_errors(tmp_path):
     tool.parse_args(["--checkpoint", "c", "--config", "x.py", "--scales", "a,b"])
   with pytest.raises(SystemExit):
     tool.parse_args(["--checkpoint", "c", "--config", "x.py", "--multiscale", "--scales", "1"])
+
+
+def test_episodes_through_the_sliding_window(model, fss_dir):
+  # 32 x 32 episodes, one scale whose long side is the crop, no flip: the
+  # sliding window reduces to one plain model call per image.
+  import itertools  # pylint: disable=g-import-not-at-top
+  data_cfg = episode_cfg("fss1000", fss_dir, "test")
+  it = input_pipeline.make_eval_iterator(data_cfg, batch_size=8)
+  text = text_for(model, len(it.label_names), seed=4)
+  window = inference.SlidingWindow(scales=(1.0,), base_size=32, crop_size=32, flip=False)
+  reports = []
+  for kwargs in ({}, {"window": window}):
+    it = input_pipeline.make_eval_iterator(data_cfg, batch_size=8)
+    ev = evaluate.Evaluator(model, it.label_names, text, episodic=True, **kwargs)
+    reports.append(evaluate.evaluate(ev, itertools.islice(it, 2), progress=False))
+  single, multi = reports
+  assert multi["mode"] == "multi_scale" and multi["num_examples"] == 16
+  assert multi["per_class_episodes"] == single["per_class_episodes"]
+  assert multi["metrics"] == pytest.approx(single["metrics"], abs=1e-9)
