@@ -166,6 +166,7 @@ def test_export_loads_into_lsegnet(tmp_path, capsys):
   assert rc == 0 and "warning" not in log, log
   full = torch.load(tmp_path / "full.pt", weights_only=True)["state_dict"]
   official.load_state_dict(full, strict=True)
+  torch_lseg.LSegTorch.from_checkpoint(tmp_path / "full.pt")  # skips CLIP's image side
   assert torch.equal(full["clip_pretrained.visual.conv1.weight"],
                      clip_sd["visual.conv1.weight"])
   for key, value in full.items():  # --half: the CLIP tower in float16, the rest float32
