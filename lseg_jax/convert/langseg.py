@@ -339,11 +339,7 @@ def export_langseg(model: lseg.LSeg) -> dict[str, np.ndarray]:
   Has every key of the official LSegNet except `clip_pretrained.visual.*` and
   `clip_pretrained.logit_scale` (CLIP's image side; see `add_clip_image_tower`).
   """
-  state_dict = mapping.nnx_to_torch(model, table_for(model.cfg))
-  # torch keeps BatchNorm counters 0-d; np.ascontiguousarray (in nnx_to_torch) makes
-  # 0-d arrays 1-d, which torch's load_state_dict rejects.
-  return {k: v.reshape(()) if k.endswith(".num_batches_tracked") else v
-          for k, v in state_dict.items()}
+  return mapping.nnx_to_torch(model, table_for(model.cfg))
 
 
 def add_clip_image_tower(state_dict: Mapping[str, np.ndarray],

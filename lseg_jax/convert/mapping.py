@@ -401,7 +401,8 @@ def nnx_to_torch(params, table: MappingTable) -> dict[str, np.ndarray]:
     assert len(arrays) == len(keys), (rule, len(arrays))
     for key, array in zip(keys, arrays):
       assert key not in out, f"torch key {key!r} produced twice"
-      out[key] = np.ascontiguousarray(array)
+      # Not np.ascontiguousarray: it makes 0-d arrays (BatchNorm counters) 1-d.
+      out[key] = array if array.flags.c_contiguous else array.copy()
   if unmapped:
     raise MappingError(unmapped=unmapped)
   return out
