@@ -19,6 +19,7 @@ setup(
         "safetensors",
         "tensorflow-cpu",
         "tensorflow-datasets",
+        "tensorboard",  # tf.summary scalars of training runs
         "importlib_resources",  # Needed by tensorflow-datasets when building datasets.
         "ml_collections",
         "absl-py",

@@ -1,0 +1,129 @@
+"""Initialisation from pretrained weights, by config, and the tokenizer named by config.
+
+`config.init` fields (each None or a path; applied in this order, later ones win):
+  checkpoint  an Orbax directory (`tools/convert.py import`, or an earlier training
+              run): every parameter and BatchNorm statistic of the model;
+  timm_vit    a timm ViT state dict (`.safetensors`, `.pth`, ...; lang-seg checkpoints
+              work too): `pretrained/model/*`;
+  clip        CLIP text weights for `clip_pretrained/*`: an OpenAI file (`ViT-B-32.pt`,
+              a state dict, or a lang-seg checkpoint), or a Hugging Face folder
+              (`config.json` + `model.safetensors`).
+The loaders are those of `lseg_jax.convert`; here they only fill host arrays, which the
+training loop then places into the parameters' shardings.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flax import nnx
+import numpy as np
+
+from lseg_jax import checkpoint
+from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit
+from lseg_jax.models import lseg
+
+INIT_FIELDS = ("checkpoint", "timm_vit", "clip")
+BYTE_LEVEL_TOKENIZER = "byte-level"
+# Token ids of the byte-level tokenizer: 256 bytes, the same with CLIP's end-of-word
+# mark, start and end of text.
+BYTE_LEVEL_VOCAB_SIZE = 2 * 256 + 2
+
+
+def _prefixed(prefix: str, state) -> dict[str, np.ndarray]:
+  return {prefix + k: np.asarray(v) for k, v in mapping.flatten_params(state).items()}
+
+
+def _from_checkpoint(directory: str, model_config: lseg.LSegConfig) -> dict[str, np.ndarray]:
+  model, meta = checkpoint.load_model(directory)
+  theirs = lseg.LSegConfig.from_dict(meta["model_config"])
+  compute_only = ("dtype", "attention")
+  diff = {k: (v, getattr(model_config, k)) for k, v in theirs.to_dict().items()
+          if k not in compute_only and getattr(model_config, k) != v}
+  if diff:
+    raise ValueError(f"init.checkpoint {directory!r} holds a different model: "
+                     + ", ".join(f"{k}={a!r} there, {b!r} in config.model"
+                                 for k, (a, b) in diff.items()))
+  return _prefixed("", nnx.state(model))
+
+
+def _from_timm_vit(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
+  state_dict = mapping.load_state_dict_file(path)
+  prefix = timm_vit.find_prefix(state_dict)
+  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  vit = abstract.pretrained.model
+  table = timm_vit.table(prefix, head=vit.head is not None)
+  return _prefixed("pretrained/model/", mapping.torch_to_nnx(state_dict, table, vit))
+
+
+def _is_hf_clip(path: str) -> bool:
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  return os.path.isfile(os.path.join(folder, "config.json")) and (
+      os.path.isdir(path) or path.endswith(".safetensors"))
+
+
+def _from_clip(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
+  text = abstract.clip_pretrained
+  if _is_hf_clip(path):
+    _, state_dict = clip_hf.read_hf_checkpoint(path)
+    table = clip_hf.table()
+  else:
+    state_dict = mapping.load_state_dict_file(path)
+    prefix = clip_openai.find_prefix(state_dict)
+    state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    table = clip_openai.table(prefix)
+  return _prefixed("clip_pretrained/", mapping.torch_to_nnx(state_dict, table, text))
+
+
+def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
+  """{flat name: host array} of every weight `init_cfg` provides (empty: none).
+
+  Args:
+    init_cfg: mapping with optional fields `checkpoint`, `timm_vit`, `clip`.
+    abstract: the model to fill, e.g. `nnx.eval_shape(lambda: LSeg(cfg, rngs=...))`.
+  """
+  init_cfg = dict(init_cfg or {})
+  unknown = sorted(set(init_cfg) - set(INIT_FIELDS))
+  if unknown:
+    raise ValueError(f"config.init has unknown fields {unknown}; expected {list(INIT_FIELDS)}")
+  weights: dict[str, np.ndarray] = {}
+  for field in INIT_FIELDS:
+    path = init_cfg.get(field)
+    if not path:
+      continue
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"config.init.{field}={path!r} does not exist")
+    if field == "checkpoint":
+      weights.update(_from_checkpoint(path, abstract.cfg))
+    elif field == "timm_vit":
+      weights.update(_from_timm_vit(path, abstract))
+    else:
+      weights.update(_from_clip(path, abstract))
+  return weights
+
+
+def byte_level_tokenizer():
+  """A CLIP tokenizer without merges: every byte of a word is a token.
+
+  Needs no vocabulary file (the tiny config's random text tower only needs distinct
+  token sequences for distinct labels); its ids are < `BYTE_LEVEL_VOCAB_SIZE`.
+  """
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+  assert len(vocab) == BYTE_LEVEL_VOCAB_SIZE
+  return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
+
+
+def tokenizer(spec: str):
+  """`BYTE_LEVEL_TOKENIZER`, or a path / hub name for `lseg_jax.text.load_tokenizer`."""
+  if spec == BYTE_LEVEL_TOKENIZER:
+    return byte_level_tokenizer()
+  from lseg_jax import text  # pylint: disable=g-import-not-at-top
+  return text.load_tokenizer(spec)
+
+
+__all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "INIT_FIELDS",
+           "byte_level_tokenizer", "pretrained_weights", "tokenizer"]

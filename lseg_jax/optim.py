@@ -1,0 +1,182 @@
+"""The paper's optimizer as optax, driven by regex rules over flat parameter names.
+
+lang-seg (`modules/lsegmentation_module.py`) trains with
+  torch.optim.SGD([{pretrained: lr}, {scratch: 10 lr}], momentum=0.9, weight_decay=1e-4)
+  lr(t) = base_lr * (1 - t / T) ** 0.9,    base_lr = 0.004 / 16 * batch_size,
+and never hands the CLIP text tower (`clip_pretrained`) to the optimizer. Here:
+
+  frozen rules    names matching them are not optimised at all: they are split off the
+                  model (`partition`), get no gradient and no optimizer state;
+  lr_mults        `(regex, multiplier)`, first match wins, default 1 (`scratch/.*`: 10);
+  no_decay        names excluded from weight decay (none in the paper: torch applies
+                  it to every parameter of the optimizer, biases and BatchNorm included).
+
+The update reproduces torch's SGD exactly: d = g + wd * p; buf = momentum * buf + d
+(buf starts at 0, so the first buf is d); p -= lr_group(t) * buf. Optional global-norm
+clipping acts on the raw gradients first. The schedule counts optimizer steps (lang-seg
+steps its LambdaLR once per epoch; per step is the finer version of the same curve).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from flax import nnx
+import jax
+import ml_collections
+import optax
+
+from lseg_jax import sharding
+
+PAPER_BASE_LR = 0.004
+PAPER_BATCH = 16  # base_lr is given for this global batch and scaled linearly
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+  """The paper's recipe; configs override fields."""
+  return ml_collections.ConfigDict(dict(
+      base_lr=PAPER_BASE_LR,
+      lr_scale_batch=PAPER_BATCH,  # lr = base_lr * global_batch / this; None: no scaling
+      momentum=0.9,
+      nesterov=False,
+      weight_decay=1e-4,
+      power=0.9,
+      end_lr=0.0,
+      warmup_steps=0,
+      lr_mults=(("scratch/.*", 10.0),),
+      frozen=("clip_pretrained/.*",),
+      no_decay=(),
+      grad_clip_norm=None,  # None: no clipping
+      accum_steps=1,  # micro-batches per optimizer step (see train.make_train_step)
+  ))
+
+
+# --------------------------------------------------------------------------
+# Which parameters are trained.
+# --------------------------------------------------------------------------
+def _path_name(path) -> str:
+  return "/".join(str(k) for k in path)
+
+
+def _compile(patterns: Sequence[str], what: str) -> list[tuple[str, bool]]:
+  if isinstance(patterns, str):
+    raise ValueError(f"{what} must be a list of regexes, got the single string {patterns!r}")
+  return sharding.check_rules([(p, True) for p in patterns], what)
+
+
+def trainable_filter(frozen: Sequence[str]) -> Callable[[tuple, Any], bool]:
+  """An NNX filter: parameters whose flat name matches no `frozen` regex."""
+  rules = _compile(frozen, "optim.frozen")
+
+  def is_trainable(path, x):
+    return isinstance(x, nnx.Param) and not sharding.first_match(_path_name(path), rules, False)
+  return is_trainable
+
+
+def partition(model: nnx.Module, frozen: Sequence[str]):
+  """model -> (graphdef, trainable params, frozen params, everything else).
+
+  The three states are pure (arrays, not Variables) and disjoint; `nnx.merge(graphdef,
+  params, frozen_params, rest)` rebuilds the model. `rest` holds BatchNorm statistics.
+  """
+  graphdef, params, frozen_params, rest = nnx.split(
+      model, trainable_filter(frozen), nnx.Param, ...)
+  return graphdef, nnx.pure(params), nnx.pure(frozen_params), nnx.pure(rest)
+
+
+# --------------------------------------------------------------------------
+# Learning rate.
+# --------------------------------------------------------------------------
+def base_learning_rate(optim_cfg, global_batch_size: int) -> float:
+  """The configured base lr, scaled by global_batch / lr_scale_batch (lang-seg)."""
+  lr = float(optim_cfg.base_lr)
+  ref = optim_cfg.get("lr_scale_batch", None)
+  if ref:
+    lr *= global_batch_size / float(ref)
+  return lr
+
+
+def lr_schedule(base_lr: float, total_steps: int, *, power: float = 0.9,
+                warmup_steps: int = 0, end_lr: float = 0.0) -> optax.Schedule:
+  """Optional linear warmup, then base_lr * (1 - t / T) ** power down to end_lr."""
+  if total_steps < 1:
+    raise ValueError(f"total_steps={total_steps}; expected >= 1")
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"warmup_steps={warmup_steps}; expected 0 <= warmup_steps < "
+                     f"total_steps={total_steps}")
+  decay = optax.polynomial_schedule(base_lr, end_lr, power, total_steps - warmup_steps)
+  if not warmup_steps:
+    return decay
+  warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def lr_multipliers(params, rules) -> Any:
+  """A tree like `params` of floats: the first matching `(regex, mult)` rule, else 1."""
+  rules = sharding.check_rules(rules, "optim.lr_mults")
+  for pattern, mult in rules:
+    if not isinstance(mult, (int, float)) or mult <= 0:
+      raise ValueError(f"optim.lr_mults: multiplier of {pattern!r} is {mult!r}; expected a "
+                       "number > 0 (freeze parameters with optim.frozen instead of 0)")
+  return sharding.map_with_names(
+      lambda name, _: float(sharding.first_match(name, rules, 1.0)), params)
+
+
+def decay_mask(params, no_decay: Sequence[str]) -> Any:
+  """A tree like `params` of bools: True where weight decay applies."""
+  rules = _compile(no_decay, "optim.no_decay")
+  return sharding.map_with_names(
+      lambda name, _: not sharding.first_match(name, rules, False), params)
+
+
+def scale_by_tree(factors) -> optax.GradientTransformation:
+  """Multiplies each update by its factor in `factors` (a tree like the params)."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * f, updates, factors), state
+  return optax.GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------
+# The optimizer.
+# --------------------------------------------------------------------------
+def make_optimizer(optim_cfg, params, *, total_steps: int, global_batch_size: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD with momentum, torch-style weight decay, poly decay and lr multipliers.
+
+  Args:
+    optim_cfg: `default_optim_config()` fields.
+    params: the trainable parameters (arrays or ShapeDtypeStructs; names and
+      structure only).
+    total_steps: optimizer steps of the run (the schedule reaches end_lr there).
+    global_batch_size: examples per optimizer step (for the lr scaling).
+
+  Returns:
+    (transformation, schedule of the base learning rate).
+  """
+  schedule = lr_schedule(
+      base_learning_rate(optim_cfg, global_batch_size), total_steps,
+      power=float(optim_cfg.power), warmup_steps=int(optim_cfg.get("warmup_steps", 0)),
+      end_lr=float(optim_cfg.get("end_lr", 0.0)))
+  parts = []
+  clip = optim_cfg.get("grad_clip_norm", None)
+  if clip:
+    parts.append(optax.clip_by_global_norm(float(clip)))
+  if optim_cfg.weight_decay:
+    parts.append(optax.add_decayed_weights(
+        float(optim_cfg.weight_decay), mask=decay_mask(params, optim_cfg.get("no_decay", ()))))
+  parts.append(optax.trace(decay=float(optim_cfg.momentum),
+                           nesterov=bool(optim_cfg.get("nesterov", False))))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  mults = lr_multipliers(params, optim_cfg.get("lr_mults", ()))
+  if any(m != 1.0 for m in jax.tree.leaves(mults)):
+    parts.append(scale_by_tree(mults))
+  return optax.chain(*parts), schedule
+
+
+__all__ = ["PAPER_BASE_LR", "PAPER_BATCH", "base_learning_rate", "decay_mask",
+           "default_optim_config", "lr_multipliers", "lr_schedule", "make_optimizer",
+           "partition", "scale_by_tree", "trainable_filter"]

@@ -1,0 +1,191 @@
+"""Device mesh and regex rules -> `NamedSharding`s for parameters, state and batches.
+
+The mesh has two axes: `data` (pure data parallelism) and `fsdp` (data parallelism
+whose parameters and optimizer state are split over the axis, gathered per layer by
+XLA when needed). A batch is split over both axes together, so every device sees
+different examples; BatchNorm's means over the batch axis of such a global array are
+then means over the global batch.
+
+Sharding rules are `(regex, action)` pairs over flat parameter names
+("pretrained/model/blocks/0/attn/qkv/kernel", see `names`); the first rule whose regex
+fully matches a name decides:
+  "fsdp"       split the largest axis divisible by the `fsdp` axis size, if the array
+               has at least `min_size` elements (else replicate);
+  "replicate"  a full copy on every device;
+  a tuple      an explicit `PartitionSpec`, e.g. (None, "fsdp").
+Names that no rule matches are replicated.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from lseg_jax.convert import mapping
+
+P = jax.sharding.PartitionSpec
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # the batch axis is split over both mesh axes
+DEFAULT_RULES = ((".*", "fsdp"),)
+DEFAULT_MIN_SIZE = 2 ** 14  # smaller arrays are cheaper replicated than gathered
+
+
+# --------------------------------------------------------------------------
+# Flat names of pytree leaves (the one place that turns key paths into names).
+# --------------------------------------------------------------------------
+def _key_name(key) -> str | None:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    # A Variable's payload is not part of the parameter's name.
+    return None if key.name in ("value", "raw_value") else key.name
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  raise TypeError(f"unsupported pytree key {key!r}")
+
+
+def leaf_name(path) -> str:
+  """A jax key path -> "a/b/0/c", the convention of `mapping.flatten_params`."""
+  return mapping.SEP.join(n for n in map(_key_name, path) if n is not None)
+
+
+def names(tree) -> list[str]:
+  """Flat names of the leaves of `tree`, in `jax.tree.leaves` order."""
+  return [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def map_with_names(fn: Callable[[str, Any], Any], tree, *rest):
+  """`jax.tree.map` whose function also receives each leaf's flat name."""
+  return jax.tree_util.tree_map_with_path(lambda p, *x: fn(leaf_name(p), *x), tree, *rest)
+
+
+def first_match(name: str, rules: Sequence[tuple[str, Any]], default: Any = None) -> Any:
+  """The value of the first `(regex, value)` rule whose regex fully matches `name`."""
+  for pattern, value in rules:
+    if re.fullmatch(pattern, name):
+      return value
+  return default
+
+
+def check_rules(rules, what: str) -> list[tuple[str, Any]]:
+  """Validates `(regex, value)` pairs (a config's lists come back as lists)."""
+  out = []
+  for rule in rules or ():
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"{what}: each rule must be a (regex, value) pair, got {rule!r}")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ValueError(f"{what}: invalid regex {rule[0]!r} ({e})") from None
+    out.append((rule[0], rule[1]))
+  return out
+
+
+# --------------------------------------------------------------------------
+# Mesh.
+# --------------------------------------------------------------------------
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A ("data", "fsdp") mesh from sizes like {"data": -1, "fsdp": 1}.
+
+  One size may be -1: it takes all remaining devices. Sizes whose product is smaller
+  than the device count use the first devices (single-process runs only).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = dict(mesh_config)
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"mesh config has unknown axes {unknown}; expected {list(MESH_AXES)}")
+  sizes = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at "
+                     "most one -1 (all remaining devices)")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into mesh sizes "
+                       f"{dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  total = math.prod(sizes)
+  if total > len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices; "
+                     f"{len(devices)} are available")
+  if total < len(devices) and jax.process_count() > 1:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {total} of {len(devices)} "
+                     "devices; multi-process runs must use them all (set one size to -1)")
+  return jax.make_mesh(tuple(sizes), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices[:total])
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Leading (batch) axis split over every device of the mesh."""
+  return jax.sharding.NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, P())
+
+
+# --------------------------------------------------------------------------
+# Rules -> shardings.
+# --------------------------------------------------------------------------
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_MIN_SIZE) -> P:
+  """Splits the largest axis divisible by `fsdp_size` (ties: the last such axis)."""
+  if fsdp_size == 1 or math.prod(shape) < min_size:
+    return P()
+  candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+  if not candidates:
+    return P()
+  axis = max(candidates, key=lambda i: (shape[i], i))
+  spec = [None] * len(shape)
+  spec[axis] = "fsdp"
+  return P(*spec)
+
+
+def partition_spec(name: str, shape: Sequence[int], rules, mesh: jax.sharding.Mesh,
+                   min_size: int = DEFAULT_MIN_SIZE) -> P:
+  """The PartitionSpec the first matching rule gives the array `name` of `shape`."""
+  action = first_match(name, rules, "replicate")
+  if action == "fsdp":
+    return fsdp_spec(shape, mesh.shape["fsdp"], min_size)
+  if action == "replicate":
+    return P()
+  if isinstance(action, (tuple, list)):
+    if len(action) > len(shape):
+      raise ValueError(f"sharding rule gives {name!r} (shape {tuple(shape)}) the spec "
+                       f"{tuple(action)}, which has more axes than the array")
+    for dim, axis in zip(shape, action):
+      axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+      size = math.prod(mesh.shape[a] for a in axes if a is not None)
+      if dim % size:
+        raise ValueError(f"sharding rule splits an axis of size {dim} of {name!r} (shape "
+                         f"{tuple(shape)}) over {size} devices; it must divide evenly")
+    return P(*action)
+  raise ValueError(f"sharding rule action for {name!r} is {action!r}; expected 'fsdp', "
+                   "'replicate' or a PartitionSpec tuple")
+
+
+def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES,
+                   min_size: int = DEFAULT_MIN_SIZE):
+  """A pytree of NamedShardings for `tree` (arrays or ShapeDtypeStructs)."""
+  rules = check_rules(rules, "sharding rules")
+  return map_with_names(
+      lambda name, x: jax.sharding.NamedSharding(
+          mesh, partition_spec(name, np.shape(x), rules, mesh, min_size)), tree)
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying `shardings` (targets for Orbax restores and jit)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+__all__ = ["BATCH_AXES", "DEFAULT_MIN_SIZE", "DEFAULT_RULES", "MESH_AXES", "P",
+           "batch_sharding", "check_rules", "first_match", "fsdp_spec", "leaf_name",
+           "make_mesh", "map_with_names", "names", "partition_spec", "replicated",
+           "tree_shardings", "with_shardings"]
