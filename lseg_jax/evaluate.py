@@ -124,7 +124,6 @@ class Evaluator:
       self.meter = metrics.FewShotMeter(len(label_names) - 1)
     else:
       self.meter = metrics.SegmentationMeter(len(label_names))
-    self._local_conf = None  # multi scale: this host's counts, summed over hosts at the end
     if window is None:
       self.mesh = global_mesh() if mesh is None else mesh
       self._data = jax.sharding.NamedSharding(self.mesh, jax.P("data"))
@@ -137,7 +136,6 @@ class Evaluator:
       self._infer = inference.SlidingWindowInference.for_model(
           model, window, mesh=self.mesh, crops_per_device=crops_per_device)
       self._text = jnp.asarray(text_emb, jnp.float32)
-      self._local_conf = np.zeros_like(self.meter.conf)
 
   # ------------------------------------------------------------------------
   def update(self, batch: dict[str, np.ndarray]) -> None:
@@ -188,8 +186,7 @@ class Evaluator:
         self.meter.num_episodes[ci] += 1
       else:
         conf = metrics.confusion_matrix_np(pred[None], label[None], len(self.label_names))
-      self._local_conf += conf
-      self.meter.conf += conf
+      self.meter.conf += conf  # this host's; summed over hosts in result()
       self.num_examples += 1
 
   # ------------------------------------------------------------------------
@@ -202,21 +199,21 @@ class Evaluator:
 
   def result(self) -> dict[str, Any]:
     """The final report (all hosts): metrics, per-class IoU and counts."""
-    if self._local_conf is not None and jax.process_count() > 1:
-      total = multihost_utils.process_allgather(self._local_conf).sum(0)
-      self.meter.conf = np.asarray(total, np.int64)
-      counts = multihost_utils.process_allgather(
-          np.array([self.num_examples], np.int64)).sum()
-      num_examples = int(counts)
-    elif jax.process_count() > 1:
-      num_examples = int(multihost_utils.process_allgather(
-          np.array([self.num_examples], np.int64)).sum())
+    conf, num_examples = self.meter.conf, self.num_examples
+    episodes = self.meter.num_episodes if self.episodic else None
+    if jax.process_count() > 1:
+      # Single scale: the confusion is already the global sum; multi scale and
+      # the example/episode counts are per host.
+      if self.window is not None:
+        conf = _sum_over_hosts(conf)
+      num_examples = int(_sum_over_hosts(np.array([num_examples]))[0])
+      if self.episodic:
+        episodes = _sum_over_hosts(episodes)
+    if self.episodic:
+      r = metrics.fewshot_iou(conf)
+      r["episodes"] = episodes
     else:
-      num_examples = self.num_examples
-    if self.episodic and jax.process_count() > 1:
-      self.meter.num_episodes = np.asarray(
-          multihost_utils.process_allgather(self.meter.num_episodes).sum(0), np.int64)
-    r = self.meter.result()
+      r = metrics.miou_pixacc(conf)
     report = {
         "protocol": "episodes" if self.episodic else "fixed",
         "mode": "single_scale" if self.window is None else "multi_scale",
@@ -234,6 +231,17 @@ class Evaluator:
       report["per_class_iou"] = dict(zip(self.label_names, map(float, r["iou"])))
       report["pixels"] = {"labeled": r["labeled"], "correct": r["correct"]}
     return report
+
+
+def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
+  """Sum of an int64 array over processes, exact (JAX without x64 moves int32:
+  the value travels as two 31-bit halves)."""
+  x = np.asarray(x, np.int64)
+  if np.any(x < 0):
+    raise ValueError("expected non-negative counts")
+  parts = np.stack([x >> 31, x & (2 ** 31 - 1)]).astype(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(parts), np.int64).sum(0)
+  return (gathered[0] << 31) + gathered[1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "episodic", "num_labels"))

@@ -325,3 +325,8 @@ def test_episodes_through_the_sliding_window(model, fss_dir):
   assert multi["mode"] == "multi_scale" and multi["num_examples"] == 16
   assert multi["per_class_episodes"] == single["per_class_episodes"]
   assert multi["metrics"] == pytest.approx(single["metrics"], abs=1e-9)
+
+
+def test_sum_over_hosts_is_exact_beyond_int32():
+  x = np.array([[0, 2 ** 31 - 1], [2 ** 31 + 3, 5 * 2 ** 33 + 7]], np.int64)
+  np.testing.assert_array_equal(evaluate._sum_over_hosts(x), x)  # pylint: disable=protected-access
