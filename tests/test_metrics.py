@@ -207,3 +207,8 @@ def test_numpy_versions_equal_jitted():
   ci = np.array([2, 0, 2])
   np.testing.assert_array_equal(metrics.episode_confusion_np(bp, bl, ci, 3),
                                 np.asarray(metrics.episode_confusion(bp, bl, ci, 3)))
+
+
+def test_ignore_index_matches_the_data_contract():
+  from lseg_jax.data import IGNORE_INDEX  # pylint: disable=g-import-not-at-top
+  assert metrics.IGNORE_INDEX == IGNORE_INDEX == -1
