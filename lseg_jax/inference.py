@@ -138,7 +138,7 @@ def resize_bilinear_np(x: np.ndarray, size: tuple[int, int], align_corners: bool
   h, w = x.shape[:2]
   out_h, out_w = size
   if out_w != w:
-    i0, i1, w0, w1 = resize._axis_taps(w, out_w, align_corners)  # pylint: disable=protected-access
+    i0, i1, w0, w1 = resize.axis_taps(w, out_w, align_corners)
     w0, w1 = w0[:, None], w1[:, None]
     tmp = np.empty((h, out_w, x.shape[2]), np.float32)
     src = x
@@ -156,7 +156,7 @@ def resize_bilinear_np(x: np.ndarray, size: tuple[int, int], align_corners: bool
       return x
     _row_blocks(lambda r0, r1: np.add(add_to[r0:r1], x[r0:r1], out=add_to[r0:r1]), h)
     return add_to
-  i0, i1, w0, w1 = resize._axis_taps(h, out_h, align_corners)  # pylint: disable=protected-access
+  i0, i1, w0, w1 = resize.axis_taps(h, out_h, align_corners)
   out = np.empty((out_h, out_w, x.shape[2]), np.float32) if add_to is None else add_to
   src = x
 

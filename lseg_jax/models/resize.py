@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _axis_taps(in_size: int, out_size: int, align_corners: bool):
+def axis_taps(in_size: int, out_size: int, align_corners: bool):
   """Source indices i0, i1 and weights w0, w1 for one axis, float32 like PyTorch."""
   dst = np.arange(out_size, dtype=np.float32)
   if align_corners:
@@ -31,7 +31,7 @@ def _resize_axis(x, axis: int, out_size: int, align_corners: bool):
   in_size = x.shape[axis]
   if in_size == out_size:  # identity for either convention
     return x
-  i0, i1, w0, w1 = _axis_taps(in_size, out_size, align_corners)
+  i0, i1, w0, w1 = axis_taps(in_size, out_size, align_corners)
   shape = [1] * x.ndim
   shape[axis] = out_size
   w0 = jnp.asarray(w0, x.dtype).reshape(shape)
