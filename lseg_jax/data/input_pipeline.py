@@ -21,7 +21,8 @@ Data config fields (`ml_collections.ConfigDict`; `default_data_config()`):
   scale_range ((0.5, 2.0)): random long side is drawn from
     [base_size * lo, base_size * hi].
   flip (True): random horizontal flips (see `preprocess`).
-  eval_resize ("none"): "none" | "long_side" | "center_crop", see `preprocess`.
+  eval_resize ("none"): "none" | "long_side" | "center_crop" | "square", see
+    `preprocess` ("square" is HSNet's few-shot protocol).
   eval_pad_to (None): (h, w) eval images are padded to with eval_resize
     "none" (None = the largest image of each batch; set it to keep shapes
     static under jit). Larger images raise an error naming the file.
@@ -154,13 +155,14 @@ def _build_components(data_cfg, eval_split=False):
   return components, union
 
 
-def label_table(data_cfg) -> list[str]:
+def label_table(data_cfg, eval_split: bool = False) -> list[str]:
   """The label names that batches' `label` values and `label_mask` index.
 
   A fixed-label source: its label_names; episodic: ["other", *class_names];
-  mixture: the union in order of first appearance.
+  mixture: the union in order of first appearance. `eval_split` selects the
+  table of the evaluation split (episodic sources have other classes there).
   """
-  _, union = _build_components(data_cfg)
+  _, union = _build_components(data_cfg, eval_split=eval_split)
   return union
 
 
@@ -578,7 +580,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
                      f"{preprocess.EVAL_RESIZE_MODES}.")
   crop, base = _get(data_cfg, "crop_size"), _get(data_cfg, "base_size")
   pad_to = data_cfg.get("eval_pad_to", None)
-  if mode == "center_crop":
+  if mode in ("center_crop", "square"):
     pad_to = (crop, crop)
   elif mode == "long_side":
     pad_to = (base, base)

@@ -24,6 +24,11 @@ Evaluation (`eval_resize` in the data config):
   "center_crop": PyTorch-Encoding's "val" mode (`_val_sync_transform`, used
     by the official validation during training): short side := crop_size,
     other side truncated, centre crop crop_size x crop_size.
+  "square": HSNet's few-shot protocol (used by lang-seg's zero-shot tests):
+    image resized to crop_size x crop_size without keeping the aspect ratio
+    (PIL bilinear, as torchvision's Resize on a PIL image), mask with
+    PyTorch's legacy nearest (`F.interpolate(mode="nearest")`: source index
+    floor(dst * in / out)).
 
 All randomness comes from stateless ops seeded by the caller, so the same
 (seed, example position) always gives the same augmentation.
@@ -33,7 +38,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 IGNORE_INDEX = -1
-EVAL_RESIZE_MODES = ("none", "long_side", "center_crop")
+EVAL_RESIZE_MODES = ("none", "long_side", "center_crop", "square")
 # A PNG's colour type byte (IHDR) sits at offset 25; 3 means "palette".
 _PNG_COLOR_TYPE_OFFSET = 25
 
@@ -192,6 +197,33 @@ def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
   return image, mask
 
 
+def _square(image, mask, size):
+  """HSNet's eval resize: image [size, size] PIL-bilinear, mask torch-nearest."""
+  shape = tf.shape(mask)
+  h, w = shape[0], shape[1]
+  def one_pass(x, out_size, scale):
+    # PIL rounds to uint8 after each 1-D pass, half up.
+    x = tf.raw_ops.ScaleAndTranslate(
+        images=x[None], size=tf.stack(out_size), scale=scale, translation=tf.zeros([2]),
+        kernel_type="triangle", antialias=True)[0]
+    return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
+  sh, sw = size / tf.cast(h, tf.float32), size / tf.cast(w, tf.float32)
+  x = tf.cast(image, tf.float32)
+  # Width first, then height, as Pillow (matches it exactly on most pixels; off by
+  # one grey level on a few where its fixed-point rounding differs).
+  x = one_pass(x, [h, size], tf.stack([1.0, sw]))
+  x = one_pass(x, [size, size], tf.stack([sh, 1.0]))
+  image = tf.cast(x, tf.uint8)
+
+  def src(in_len):
+    step = tf.cast(in_len, tf.float32) / float(size)
+    idx = tf.cast(tf.floor(tf.range(size, dtype=tf.float32) * step), tf.int32)
+    return tf.minimum(idx, in_len - 1)
+  mask = tf.gather(tf.gather(mask, src(h), axis=0), src(w), axis=1)
+  return (tf.ensure_shape(normalize(image), [size, size, 3]),
+          tf.ensure_shape(mask, [size, size]))
+
+
 def eval_preprocess(image: tf.Tensor, mask: tf.Tensor, *, mode: str = "none",
                     crop_size: int = 480, base_size: int = 520):
   """Deterministic evaluation preprocessing (module docstring).
@@ -203,7 +235,7 @@ def eval_preprocess(image: tf.Tensor, mask: tf.Tensor, *, mode: str = "none",
 
   Returns:
     image float32 [h, w, 3] normalised, mask int32 [h, w] ([crop_size,
-    crop_size] for "center_crop", long side base_size for "long_side",
+    crop_size] for "center_crop" and "square", long side base_size for "long_side",
     [H, W] for "none").
   """
   if mode not in EVAL_RESIZE_MODES:
@@ -216,6 +248,8 @@ def eval_preprocess(image: tf.Tensor, mask: tf.Tensor, *, mode: str = "none",
   if mode == "long_side":
     size = _long_side_size(h, w, base_size)
     return normalize(resize_image(image, size)), resize_nearest(mask, size)
+  if mode == "square":
+    return _square(image, mask, crop_size)
   # center_crop: the short side becomes crop_size, the other is truncated.
   h64, w64, c64 = (tf.cast(v, tf.float64) for v in (h, w, crop_size))
   oh = tf.cast(tf.where(w > h, c64, tf.floor(h64 * c64 / w64)), tf.int32)
