@@ -123,9 +123,13 @@ def config_from_data(name: str):
   from lseg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   data = input_pipeline.default_data_config()
   data.name = name
-  # Single scale: 480 center crops, PyTorch-Encoding's "val" mode that the official
-  # training loop validates with (the sliding window switches to whole images).
-  data.eval_resize = "center_crop"
+  if name in ("pascal5i", "coco20i", "fss1000"):  # the zero-shot episode sources
+    # HSNet's protocol: query and mask resized to 480 x 480, scored there.
+    data.eval_resize = "square"
+  else:
+    # Single scale: 480 center crops, PyTorch-Encoding's "val" mode that the official
+    # training loop validates with (the sliding window switches to whole images).
+    data.eval_resize = "center_crop"
   return ml_collections.ConfigDict({"data": data})
 
 
