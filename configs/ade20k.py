@@ -1,0 +1,62 @@
+r"""LSeg on ADE20K (150 classes): the paper's fixed-label experiment and its ablations.
+
+  python tools/train.py --config configs/ade20k.py:variant=vitl16 --workdir ckpts/ade20k_l16 \
+      --config.data.data_dir=DATA --config.init.timm_vit=vit_large_patch16_384.safetensors \
+      --config.init.clip=ViT-B-32.pt
+
+DATA holds ADEChallengeData2016.zip (or its extracted folder). Variants:
+  vitl16   ViT-L/16 image encoder, CLIP ViT-B/32 text encoder (the paper's model);
+  vitb32   ViT-B/32 image encoder (timm vit_base_patch32_384), CLIP ViT-B/32 text;
+  rn50x16  ViT-L/16 image encoder, CLIP RN50x16 text encoder (768-d; --config.init.clip
+           pointing at RN50x16.pt).
+More arguments: arch_option=0|1|2 and block_depth=N (spatial regularisation
+ablation, activation=lrelu|relu|tanh), epochs=240, runlocal (4 tiny CPU steps: needs
+the data, not the weights). Recipe (lang-seg train.sh): global batch 16, SGD momentum
+0.9, weight decay 1e-4, base lr 0.004 x batch/16 with the decoder at 10x, poly decay
+0.9, 240 epochs, crop 480 from base size 520, scale 0.5-2.0, flip; bfloat16 compute
+(float32 parameters, logits and loss). On NVIDIA GPUs add
+--config.model.attention=cudnn; on many chips shard ViT-L with --config.mesh.fsdp=N.
+"""
+import os
+import sys
+
+if __package__ is None or not __package__:  # loaded by path: make `configs` importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+VARIANTS = {
+    "vitl16": "clip_vitl16_384",
+    "vitb32": "clip_vitb32_384",
+    "rn50x16": "clipRN50x16_vitl16_384",
+}
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, variant="vitl16", arch_option=0, block_depth=0,
+                          activation="lrelu", epochs=common.PAPER_EPOCHS, runlocal=False)
+  if args.variant not in VARIANTS:
+    raise ValueError(f"unknown variant {args.variant!r}; expected one of {sorted(VARIANTS)}")
+  c = common.base_config()
+  c.batch_size = 16
+  c.total_steps = common.ade20k_steps(args.epochs, c.batch_size)
+  c.log_every_steps = 50
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 2000
+
+  c.model.backbone = VARIANTS[args.variant]
+  c.model.arch_option = args.arch_option
+  c.model.block_depth = args.block_depth
+  c.model.activation = args.activation
+  c.model.dtype = "bfloat16"
+
+  c.data.name = "ade20k"
+  c.data.crop_size = 480
+  c.data.base_size = 520
+  c.data.scale_range = (0.5, 2.0)
+  c.data.flip = True
+  # The official validation during training: short side 480, centre crop 480x480.
+  c.data.eval_resize = "center_crop"
+
+  if args.runlocal:
+    common.shrink_for_local_run(c)
+  return c

@@ -1,0 +1,60 @@
+r"""LSeg on the 7-dataset mixture of the official demo model (`demo_e200.ckpt`).
+
+  python tools/train.py --config configs/mix7.py --workdir ckpts/mix7 \
+      --config.data.data_dir=DATA --config.init.timm_vit=vit_large_patch16_384.safetensors \
+      --config.init.clip=ViT-B-32.pt
+
+DATA holds every dataset in its official layout (docs/datasets.md): ADE20K, BDD100K,
+Cityscapes, COCO panoptic, IDD, Mapillary Vistas, SUN RGB-D. Batches mix the datasets
+with probabilities proportional to their training-set sizes (a concatenation, as a
+PyTorch ConcatDataset would); the label table is the union of their label names and
+each example's label mask marks its own dataset's labels, so every pixel competes
+only with the classes its dataset annotates. Arguments: epochs=200 (passes over the
+mixture; "e200" of the demo checkpoint), runlocal. The recipe is the ADE20K one
+(ViT-L/16 + CLIP ViT-B/32 text, SGD, lr 0.004 x batch/16, decoder 10x, poly 0.9,
+crop 480, bfloat16); the official code does not publish the mixture's settings.
+Periodic evaluation covers the first `eval_num_batches` batches of the mixture's
+validation splits (one union table).
+"""
+import os
+import sys
+
+if __package__ is None or not __package__:  # loaded by path: make `configs` importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+# Training images per dataset (their official train splits).
+TRAIN_SIZES = {
+    "ade20k": 20_210,
+    "bdd100k": 7_000,
+    "cityscapes": 2_975,
+    "coco_panoptic": 118_287,
+    "idd": 6_993,
+    "mapillary_vistas": 18_000,
+    "sunrgbd": 5_285,
+}
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, epochs=200, runlocal=False)
+  c = common.base_config()
+  c.batch_size = 16
+  c.total_steps = args.epochs * sum(TRAIN_SIZES.values()) // c.batch_size
+  c.log_every_steps = 50
+  c.eval_every_steps = 10_000
+  c.eval_num_batches = 200
+  c.checkpoint_every_steps = 2000
+
+  c.model.backbone = "clip_vitl16_384"
+  c.model.dtype = "bfloat16"
+
+  c.data.name = "mix"
+  c.data.mixture = tuple({"name": name, "weight": float(size)}
+                         for name, size in TRAIN_SIZES.items())
+  c.data.crop_size = 480
+  c.data.base_size = 520
+  c.data.eval_resize = "center_crop"
+
+  if args.runlocal:
+    common.shrink_for_local_run(c)
+  return c
