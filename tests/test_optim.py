@@ -1,4 +1,7 @@
 """The paper's optimizer: schedule, torch-SGD equivalence, frozen text tower, lr multipliers."""
+import subprocess
+import sys
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -36,8 +39,30 @@ def test_poly_schedule_and_batch_scaling():
     optim.lr_schedule(1.0, 100, warmup_steps=100)
 
 
-def test_update_matches_torch_sgd_param_groups():
-  torch = pytest.importorskip("torch")
+# torch.optim imports triton, which crashes once TensorFlow is loaded in the same
+# process (as other tests do): the torch reference runs in its own interpreter.
+_TORCH_SGD = """
+import sys
+import numpy as np
+import torch
+data = np.load(sys.argv[1])
+total, base = int(data["total"]), float(data["base"])
+p = {k: torch.nn.Parameter(torch.tensor(data[k])) for k in ("pretrained", "scratch")}
+opt = torch.optim.SGD([{"params": [p["pretrained"]], "lr": base},
+                       {"params": [p["scratch"]], "lr": base * 10}],
+                      lr=base, momentum=0.9, weight_decay=1e-4)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda x: pow(1.0 - x / total, 0.9))
+for i in range(int(data["steps"])):
+  for k in p:
+    p[k].grad = torch.tensor(data[f"grad{i}_{k}"])
+  opt.step()
+  sched.step()
+np.savez(sys.argv[2], **{k: v.detach().numpy() for k, v in p.items()})
+"""
+
+
+def test_update_matches_torch_sgd_param_groups(tmp_path):
+  pytest.importorskip("torch")
   rng = np.random.default_rng(0)
   params = {"pretrained": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
             "scratch": {"w": rng.normal(size=(5,)).astype(np.float32)}}
@@ -52,22 +77,17 @@ def test_update_matches_torch_sgd_param_groups():
     updates, state = tx.update(g, state, ours)
     ours = jax.tree.map(lambda p, u: p + u, ours, updates)
 
-  # The official recipe: SGD param groups (scratch at 10x) and LambdaLR poly decay.
-  tp = {k: torch.nn.Parameter(torch.tensor(v["w"])) for k, v in params.items()}
-  base = 0.1 / 16 * 32
-  opt = torch.optim.SGD([{"params": [tp["pretrained"]], "lr": base},
-                         {"params": [tp["scratch"]], "lr": base * 10}],
-                        lr=base, momentum=0.9, weight_decay=1e-4)
-  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda x: pow(1.0 - x / total, 0.9))
-  for g in grads:
-    for k, p in tp.items():
-      p.grad = torch.tensor(g[k]["w"])
-    opt.step()
-    sched.step()
+  # The official recipe: SGD param groups (scratch at 10x), LambdaLR poly decay, with
+  # lang-seg's lr = base_lr / 16 * batch.
+  arrays = {k: v["w"] for k, v in params.items()}
+  arrays.update({f"grad{i}_{k}": g[k]["w"] for i, g in enumerate(grads) for k in g})
+  np.savez(tmp_path / "in.npz", total=total, base=0.1 / 16 * 32, steps=len(grads), **arrays)
+  subprocess.run([sys.executable, "-c", _TORCH_SGD, str(tmp_path / "in.npz"),
+                  str(tmp_path / "out.npz")], check=True, capture_output=True)
+  want = np.load(tmp_path / "out.npz")
   for k in params:
-    want = tp[k].detach().numpy()
     got = np.asarray(ours[k]["w"])
-    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-6, k
+    assert np.max(np.abs(got - want[k])) / np.max(np.abs(want[k])) < 1e-6, k
 
 
 def test_frozen_text_tower_is_not_in_the_optimizer():
