@@ -236,12 +236,32 @@ def make_train_step(spec: StateSpec, frozen: tuple[str, ...], accum_steps: int,
 
 
 def jit_train_step(spec: StateSpec, config, mesh: jax.sharding.Mesh):
-  """The jitted train step with explicit shardings and the state donated."""
+  """The jitted train step with explicit shardings and the state donated.
+
+  Returns (state, batch, text_emb) -> (state, metrics). The frozen parameters go in as
+  an argument of their own that is not donated: they never change, and the label
+  embedder keeps computing with them.
+  """
   accum = int(config.optim.get("accum_steps", 1) or 1)
   step = make_train_step(spec, tuple(config.optim.frozen), accum, mesh)
+
+  def step_with_frozen(state, frozen, batch, text_emb):
+    new, metrics = step({**state, "frozen": frozen}, batch, text_emb)
+    del new["frozen"]
+    return new, metrics
+
   repl = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(spec.shardings, sharding.batch_sharding(mesh), repl),
-                 out_shardings=(spec.shardings, repl), donate_argnums=(0,))
+  donated = {k: v for k, v in spec.shardings.items() if k != "frozen"}
+  jitted = jax.jit(
+      step_with_frozen,
+      in_shardings=(donated, spec.shardings["frozen"], sharding.batch_sharding(mesh), repl),
+      out_shardings=(donated, repl), donate_argnums=(0,))
+
+  def run(state, batch, text_emb):
+    new, metrics = jitted({k: v for k, v in state.items() if k != "frozen"},
+                          state["frozen"], batch, text_emb)
+    return {**new, "frozen": state["frozen"]}, metrics
+  return run
 
 
 @dataclasses.dataclass
@@ -428,6 +448,11 @@ class TrainMeter:
     self.valid += int(m["valid"])
     self.steps += 1
 
+  def exclude(self, seconds: float) -> None:
+    """Time spent outside training steps (evaluation) does not count."""
+    if self._t0 is not None:
+      self._t0 += seconds
+
   def summary(self, lr: float) -> dict[str, float]:
     out = {"train/loss": self.loss / max(self.steps, 1),
            "train/pixacc": self.correct / max(self.valid, 1), "train/lr": lr}
@@ -507,7 +532,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns:
     {"step": last step, "preempted": bool, "train": last logged train metrics,
-     "eval": last eval metrics, "state": the final train state (global arrays)}.
+     "eval": last eval metrics, "state": the final train state (global arrays),
+     "label_names": the train label table, "embed": label names -> [L, D] label
+     embeddings from the model's text tower}.
 
   Raises:
     FloatingPointError: a step produced a non-finite loss or gradient; the run stops
@@ -644,7 +671,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if pending is not None:
             consume(pending)
             pending = None
+          t0 = time.perf_counter()
           summary["eval"] = periodic_eval(state)
+          meter.exclude(time.perf_counter() - t0)
           writer.write(step, summary["eval"])
           logging.info("step %d: %s", step, summary["eval"])
           if bar is not None:
@@ -662,7 +691,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bar.close()
     mngr.wait_until_finished()
     mngr.close()
-  summary.update(step=step, state=state, label_names=label_names)
+  summary.update(step=step, state=state, label_names=label_names, embed=embed)
   return summary
 
 

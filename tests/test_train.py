@@ -102,6 +102,8 @@ def reference(data_dir, tmp_path_factory):
 
 def test_reference_run(reference):
   assert sorted(reference["losses"]) == list(range(1, TOTAL + 1))
+  # A new label set after training: the text tower's (frozen, not donated) arrays live.
+  assert reference["summary"]["embed"](["cat", "dog", "other"]).shape == (3, 16)
   assert all(np.isfinite(list(reference["losses"].values())))
   mngr = checkpoint.manager(os.path.join(reference["workdir"], "checkpoints"), read_only=True)
   assert sorted(mngr.all_steps()) == [4, 8, 12]
