@@ -5,10 +5,12 @@ tokenizer (nothing is downloaded) learns to segment the six classes of
 `lseg_jax.data.synthetic` (64x64 images, built on first use). Float32, as CPUs
 without native bfloat16 run it many times slower.
 
-  python tools/train.py --config configs/synthetic_tiny.py --workdir /tmp/lseg_tiny
+  python tools/train.py --config configs/synthetic_tiny.py --workdir runs/synthetic_tiny
 
-`:runlocal` trains a few steps only (smoke test). Reference figures (2 CPU cores):
-see README.md.
+Reaches validation mIoU 0.935 (pixAcc 0.986) after its 600 steps (global batch 16,
+~330 images/s): about 1.5 minutes on 2 CPU cores, compilation included.
+`python tools/run_default.py` trains it, then evaluates it and segments an image.
+`:runlocal` trains a few steps only (smoke test).
 """
 import os
 import sys

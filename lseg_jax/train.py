@@ -576,7 +576,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "step": jax.device_put(jnp.asarray(resume_step, jnp.int32),
                                     spec.shardings["step"])}
     state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, spec.shardings)
-  start_step = int(jax.device_get(state["step"]))
+  start_step = int(metrics_lib.to_host(state["step"]))
 
   # --- Label embeddings: the text tower is frozen, so each label set is embedded once
   # and the step gets an [L, D] array (the tower never runs in a step).
@@ -633,7 +633,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def consume(pending):
     nonlocal last_lr
     step, m = pending
-    m = jax.device_get(m)
+    m = jax.tree.map(metrics_lib.to_host, m)
     if not m["finite"]:
       mngr.wait_until_finished()
       raise FloatingPointError(

@@ -1,6 +1,6 @@
 r"""Trains LSeg from a config file.
 
-  python tools/train.py --config configs/synthetic_tiny.py --workdir /tmp/lseg_tiny
+  python tools/train.py --config configs/synthetic_tiny.py --workdir runs/synthetic_tiny
   python tools/train.py --config configs/ade20k.py:variant=vitl16 --workdir ckpts/ade20k_l16 \
       --config.init.timm_vit=vit_large_patch16_384.safetensors --config.init.clip=ViT-B-32.pt
 
