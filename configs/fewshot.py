@@ -47,7 +47,7 @@ def get_config(arg=None):
     c.data.fold = args.fold
   c.data.crop_size = 480
   c.data.base_size = 520
-  c.data.eval_resize = "center_crop"
+  c.data.eval_resize = "square"  # HSNet: query and mask at 480 x 480, scored there
 
   if args.runlocal:
     common.shrink_for_local_run(c)
