@@ -22,12 +22,9 @@ import numpy as np
 from lseg_jax import checkpoint
 from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit
 from lseg_jax.models import lseg
+from lseg_jax.text import BYTE_LEVEL_TOKENIZER, BYTE_LEVEL_VOCAB_SIZE  # re-exported
 
 INIT_FIELDS = ("checkpoint", "timm_vit", "clip")
-BYTE_LEVEL_TOKENIZER = "byte-level"
-# Token ids of the byte-level tokenizer: 256 bytes, the same with CLIP's end-of-word
-# mark, start and end of text.
-BYTE_LEVEL_VOCAB_SIZE = 2 * 256 + 2
 
 
 def _prefixed(prefix: str, state) -> dict[str, np.ndarray]:
@@ -104,23 +101,13 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
 
 
 def byte_level_tokenizer():
-  """A CLIP tokenizer without merges: every byte of a word is a token.
-
-  Needs no vocabulary file (the tiny config's random text tower only needs distinct
-  token sequences for distinct labels); its ids are < `BYTE_LEVEL_VOCAB_SIZE`.
-  """
-  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-  vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-  assert len(vocab) == BYTE_LEVEL_VOCAB_SIZE
-  return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
+  """See `lseg_jax.text.byte_level_tokenizer`."""
+  from lseg_jax import text  # pylint: disable=g-import-not-at-top
+  return text.byte_level_tokenizer()
 
 
 def tokenizer(spec: str):
   """`BYTE_LEVEL_TOKENIZER`, or a path / hub name for `lseg_jax.text.load_tokenizer`."""
-  if spec == BYTE_LEVEL_TOKENIZER:
-    return byte_level_tokenizer()
   from lseg_jax import text  # pylint: disable=g-import-not-at-top
   return text.load_tokenizer(spec)
 

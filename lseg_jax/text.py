@@ -23,13 +23,35 @@ CONTEXT_LENGTH = 77
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 DEFAULT_TOKENIZER = "openai/clip-vit-base-patch32"
+BYTE_LEVEL_TOKENIZER = "byte-level"
+# Token ids of the byte-level tokenizer: 256 bytes, the same with CLIP's end-of-word
+# mark, start and end of text.
+BYTE_LEVEL_VOCAB_SIZE = 2 * 256 + 2
+
+
+def byte_level_tokenizer():
+  """A CLIP tokenizer without merges: every byte of a word is a token.
+
+  Needs no vocabulary file (tiny models with a random text tower, such as the
+  built-in default config, only need distinct token sequences for distinct labels);
+  its ids are < `BYTE_LEVEL_VOCAB_SIZE`.
+  """
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = chars + [c + "</w>" for c in chars] + [START_TOKEN, END_TOKEN]
+  assert len(vocab) == BYTE_LEVEL_VOCAB_SIZE
+  return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
 
 
 def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
   """A transformers `CLIPTokenizer` from a local folder (vocab.json + merges.txt,
-  or a saved tokenizer) or a Hugging Face hub name (local cache first)."""
+  or a saved tokenizer), a Hugging Face hub name (local cache first), or
+  "byte-level" (`byte_level_tokenizer`, no files needed)."""
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   path = os.fspath(path_or_name)
+  if path == BYTE_LEVEL_TOKENIZER:
+    return byte_level_tokenizer()
   if os.path.isdir(path):
     missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(
         os.path.join(path, f))]
@@ -155,5 +177,6 @@ class LabelEmbedder:
     return len(self._cache)
 
 
-__all__ = ["CONTEXT_LENGTH", "DEFAULT_TOKENIZER", "LabelEmbedder", "clean_text", "load_tokenizer",
+__all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "CONTEXT_LENGTH",
+           "DEFAULT_TOKENIZER", "LabelEmbedder", "byte_level_tokenizer", "clean_text", "load_tokenizer",
            "tokenize", "validate_labels"]
