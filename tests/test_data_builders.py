@@ -5,6 +5,7 @@ files) into a temporary directory and reads it through the registry.
 """
 import json
 import os
+import pickle
 import zipfile
 
 import numpy as np
@@ -12,10 +13,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from lseg_jax.data import dataset_files
 from lseg_jax.data import fewshot
 from lseg_jax.data import label_names
 from lseg_jax.data import registry
+
+import hsnet_splits
 
 
 def _examples(source, **kwargs):
@@ -120,16 +122,10 @@ def test_ade20k_missing_files(tmp_path):
 
 
 # -------------------------------------------------------------- PASCAL-5i --
-def _pascal_val_list(fold):
-  with open(dataset_files.splits_file("pascal5i", "val", f"fold{fold}.txt")
-            ) as f:
-    return [(line.split("__")[0], int(line.split("__")[1]) - 1)
-            for line in f.read().split()]
-
-
 def test_pascal5i_episodes(tmp_path):
   fold = 1
-  listed = _pascal_val_list(fold)
+  hsnet_splits.write(tmp_path)
+  listed = hsnet_splits.pascal_list("val", fold)
   voc = tmp_path / "VOCdevkit" / "VOC2012"
   rng = np.random.default_rng(2)
   labels = {}
@@ -162,11 +158,13 @@ def test_pascal5i_episodes(tmp_path):
 
 
 def test_pascal5i_train_needs_all_images(tmp_path):
+  hsnet_splits.write(tmp_path)
   (tmp_path / "VOC2012" / "SegmentationClassAug").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match=r"VOC2012/JPEGImages/\S+\.jpg"):
     registry.get_source("pascal5i", "train", data_dir=str(tmp_path), fold=0)
   with pytest.raises(FileNotFoundError, match="SegmentationClassAug"):
-    registry.get_source("pascal5i", "validation", data_dir=str(tmp_path / "x"))
+    registry.get_source("pascal5i", "validation", data_dir=str(tmp_path / "x"),
+                        splits_dir=str(tmp_path / "splits"))
   with pytest.raises(ValueError, match="fold=4"):
     registry.get_source("pascal5i", "validation", data_dir=str(tmp_path),
                         fold=4)
@@ -180,26 +178,29 @@ def test_fold_classes():
 
 
 # --------------------------------------------------------------- COCO-20i --
-def test_coco20i_shipped_lists_match_hsnet_pickles():
-  # Entry counts of HSNet's fold pickles (fold 0: val / trn).
-  val, trn = (fewshot.coco20i_image_lists(s) for s in ("val2014", "train2014"))
-  assert len(val) == len(trn) == 80
-  assert sum(len(val[c]) for c in fewshot.fold_classes("coco20i", 0, "val")
-             ) == 35783
-  assert sum(len(trn[c]) for c in fewshot.fold_classes("coco20i", 0, "trn")
-             ) == 95476
-  assert val[0][:2] == [429717, 48044]
+def test_hsnet_splits_are_required_and_pickles_are_plain(tmp_path, monkeypatch):
+  monkeypatch.delenv(fewshot.SPLITS_ENV, raising=False)
+  with pytest.raises(FileNotFoundError, match=r"pascal/val/fold0.txt not found.*splits_dir="):
+    registry.get_source("pascal5i", "validation", data_dir=str(tmp_path))
+  splits = hsnet_splits.write(tmp_path / "elsewhere")
+  monkeypatch.setenv(fewshot.SPLITS_ENV, splits)
+  assert fewshot.coco20i_image_lists("val", 2) == hsnet_splits.coco_lists("val", 2)
+  with open(os.path.join(splits, "coco", "val", "fold1.pkl"), "wb") as f:
+    pickle.dump({0: [np.int64(3)]}, f)  # an object beyond plain containers
+  with pytest.raises(pickle.UnpicklingError, match="numpy"):
+    fewshot.coco20i_image_lists("val", 1)
 
 
-def test_coco20i_episodes(tmp_path, monkeypatch):
-  lists = [[100 * c + 1, 100 * c + 2] for c in range(80)]
-  monkeypatch.setattr(fewshot, "coco20i_image_lists", lambda split: lists)
+def test_coco20i_episodes(tmp_path):
+  hsnet_splits.write(tmp_path)
+  lists = hsnet_splits.coco_lists("val", 2)
   root = tmp_path / "COCO2014"
   labels = {}
   rng = np.random.default_rng(3)
-  for c in range(80):
-    for image_id in lists[c]:
-      stem = f"val2014/COCO_val2014_{image_id:012d}"
+  for c, paths in lists.items():
+    for path in paths:
+      stem = path[:-4]
+      image_id = int(stem[-12:])
       _save(f"{root}/{stem}.jpg", _colour(c % 7))
       label = rng.choice([0, c + 1, (c + 1) % 80 + 1], (6, 8)).astype(np.uint8)
       _save(f"{root}/annotations/{stem}.png", label)
@@ -215,7 +216,7 @@ def test_coco20i_episodes(tmp_path, monkeypatch):
   for ex in examples:
     class_id = 2 + 4 * int(ex["class_index"])
     image_id = int(ex["file_name"].decode()[-16:-4])
-    assert image_id in lists[class_id]
+    assert image_id in [int(p[-16:-4]) for p in lists[class_id]]
     assert ex["class_name"].decode() == label_names.COCO_FEWSHOT_NAMES[
         class_id]
     np.testing.assert_array_equal(
@@ -227,8 +228,8 @@ def test_coco20i_episodes(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------- FSS-1000 --
 def test_fss1000_test_episodes(tmp_path):
-  with open(dataset_files.splits_file("fss1000", "test.txt")) as f:
-    categories = sorted(f.read().split())
+  hsnet_splits.write(tmp_path)
+  categories = sorted(hsnet_splits.FSS_CLASSES["test"])
   rng = np.random.default_rng(4)
   masks = {}
   for i, category in enumerate(categories):
@@ -241,9 +242,9 @@ def test_fss1000_test_episodes(tmp_path):
       _save(f"{tmp_path}/FSS-1000/{category}/{n}.png", mask)
       masks[f"{category}/{n}"] = mask
   source = registry.get_source("fss1000", "test", data_dir=str(tmp_path))
-  assert source.class_names == categories and len(categories) == 240
+  assert source.class_names == categories
   # HSNet's 1-shot test: every image but the first by name ("1.jpg").
-  assert source.num_examples == 2 * 240
+  assert source.num_examples == 2 * len(categories)
   dataset = source.as_dataset().take(6)
   for i, ex in enumerate(dataset.as_numpy_iterator()):
     category = categories[i // 2]

@@ -22,11 +22,12 @@ from lseg_jax import evaluate
 from lseg_jax import inference
 from lseg_jax import init as init_lib
 from lseg_jax import metrics
-from lseg_jax.data import dataset_files
 from lseg_jax.data import input_pipeline
 from lseg_jax.data import registry
 from lseg_jax.data import synthetic
 from lseg_jax.models import lseg
+
+import hsnet_splits
 
 LABELS = ["sky", "tree", "road", "car"]
 SIZES = [(40, 50), (64, 32), (33, 70), (64, 96), (20, 20), (48, 48), (57, 31), (32, 64),
@@ -166,8 +167,8 @@ def _save(path, array):
 @pytest.fixture(scope="module")
 def fss_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("fss")
-  with open(dataset_files.splits_file("fss1000", "test.txt")) as f:
-    categories = sorted(f.read().split())
+  hsnet_splits.write(root)
+  categories = sorted(hsnet_splits.FSS_CLASSES["test"])
   rng = np.random.default_rng(1)
   for category in categories:
     for n in (1, 2):   # 1.jpg is HSNet's support image: one query per class.
@@ -179,8 +180,8 @@ def fss_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pascal_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("pascal")
-  with open(dataset_files.splits_file("pascal5i", "val", "fold0.txt")) as f:
-    names = sorted({line.split("__")[0] for line in f.read().split()})
+  hsnet_splits.write(root)
+  names = sorted({name for name, _ in hsnet_splits.pascal_list("val", 0)})
   rng = np.random.default_rng(2)
   for name in names:
     _save(f"{root}/VOC2012/JPEGImages/{name}.jpg", rng.integers(0, 256, (20, 30, 3)))
@@ -224,7 +225,7 @@ def _direct_episodes(model, data_cfg, text):
 def test_zero_shot_episodes_end_to_end(model, dataset, fss_dir, pascal_dir):
   if dataset == "fss1000":
     data_cfg = episode_cfg("fss1000", fss_dir, "test")
-    num_episodes, num_classes = 240, 240
+    num_episodes = num_classes = len(hsnet_splits.FSS_CLASSES["test"])
   else:
     data_cfg = episode_cfg("pascal5i", pascal_dir, "validation", fold=0)
     num_episodes, num_classes = 1000, 5

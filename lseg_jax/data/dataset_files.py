@@ -349,8 +349,3 @@ class FileEpisodes(FilePairs):
     return {"image": image, "mask": mask, "file_name": name,
             "class_index": class_index,
             "class_name": tf.gather(tf.constant(self.class_names), class_index)}
-
-
-def splits_file(*parts: str) -> str:
-  """Path of a file shipped in this package's `splits/` folder."""
-  return os.path.join(os.path.dirname(__file__), "splits", *parts)

@@ -8,26 +8,32 @@ Each example is one query image with the binary mask of its episode class
 zero-shot on the query images only, so no support images are produced.
 
 Episode lists and order follow HSNet's loaders (`fewshot_data/data/*.py` of
-the official LSeg code):
-  * pascal5i: "validation" = the fold's val list (`splits/pascal5i/val`)
+the official LSeg code). They read HSNet's split files (its `data/splits`
+folder; lang-seg ships the same as `fewshot_data/data/splits`), which this
+package does not redistribute: pass `splits_dir=` (config:
+`data.source_kwargs`), set $LSEG_FEWSHOT_SPLITS, or put the folder at
+DATA_DIR/splits.
+  * pascal5i: "validation" = the fold's val list (`pascal/val/fold{k}.txt`)
     cycled to 1000 episodes; "train" = the other folds' train lists, one
     episode per (image, class) line. Classes 5*fold .. 5*fold+4 are the
     fold's (held-out) classes. Label 255 (object boundaries) -> ignore.
   * coco20i: classes fold, fold+4, ..., fold+76 are the fold's. An episode
     draws a class uniformly, then an image uniformly from that class's list
-    (HSNet's fold pickles, shipped as `splits/coco20i/*.txt.gz`: line k lists
-    the ids of COCO 2014 images holding class k). "validation" has 1000
+    (HSNet's fold pickles `coco/{trn,val}/fold{k}.pkl`: class id -> image
+    paths; read with an unpickler that admits only plain containers).
+    "validation" has 1000
     episodes, "train" as many as the listed images; drawn once from
     `episode_seed` (HSNet draws new ones every epoch: vary the seed to get
     that).
-  * fss1000: classes of the split (`splits/fss1000/{trn,val,test}.txt`),
+  * fss1000: classes of the split (`fss/{trn,val,test}.txt`),
     sorted. "test" = HSNet's 1-shot test queries: every image of a class but
     the first (sorted by file name, "1.jpg"), which HSNet uses as the support;
     2,160 episodes. Masks: grey level >= 128 -> 1.
 """
 from __future__ import annotations
 
-import gzip
+import os
+import pickle
 
 import numpy as np
 
@@ -42,6 +48,35 @@ _FSS_SPLITS = {"train": "trn", "validation": "val", "val": "val",
                "test": "test"}
 
 HSNET_URL = "https://github.com/juhongm999/hsnet"
+SPLITS_ENV = "LSEG_FEWSHOT_SPLITS"
+
+
+def splits_file(splits_dir: str | None, data_dir: str | None, *parts: str) -> str:
+  """Path of one of HSNet's split files, e.g. ("pascal", "val", "fold0.txt").
+
+  Looked up in `splits_dir`, then $LSEG_FEWSHOT_SPLITS, then DATA_DIR/splits.
+  """
+  candidates = [d for d in (splits_dir, os.environ.get(SPLITS_ENV),
+                            data_dir and os.path.join(data_dir, "splits")) if d]
+  for d in candidates:
+    path = os.path.join(d, *parts)
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(
+      f"HSNet split file {'/'.join(parts)} not found in {candidates or 'any folder'}. "
+      f"Download the `data/splits` folder of HSNet ({HSNET_URL}; lang-seg has the "
+      "same as fewshot_data/data/splits) and pass splits_dir=<that folder> "
+      f"(config: data.source_kwargs), set ${SPLITS_ENV}, or put it at DATA_DIR/splits.")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+  """HSNet's COCO pickles hold only dicts, lists, ints and strings: refuse any
+  other object, so reading them runs no code."""
+
+  def find_class(self, module, name):
+    raise pickle.UnpicklingError(
+        f"unexpected object {module}.{name} in an HSNet split pickle; expected only "
+        "dicts of lists of image paths")
 PASCAL_EXPECTED = (
     "HSNet's PASCAL-5i layout: the VOC2012 devkit (VOCtrainval_11-May-2012.tar "
     "from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/) extracted so that "
@@ -80,27 +115,27 @@ def fold_classes(dataset: str, fold: int, split: str) -> list[int]:
   return [c for c in range(num_classes) if c not in held_out]
 
 
-def _read_pascal_list(split: str, fold: int) -> list[tuple[str, int]]:
+def _read_pascal_list(split: str, fold: int, splits_dir, data_dir
+                      ) -> list[tuple[str, int]]:
   """(image name, class id) lines of HSNet's PASCAL-5i split file."""
-  with open(dataset_files.splits_file("pascal5i", split, f"fold{fold}.txt")
-            ) as f:
+  with open(splits_file(splits_dir, data_dir, "pascal", split, f"fold{fold}.txt")) as f:
     lines = f.read().split()
   return [(line.split("__")[0], int(line.split("__")[1]) - 1)
           for line in lines]
 
 
 @registry.register("pascal5i")
-def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0
-                  ) -> dataset_files.FileEpisodes:
+def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0,
+                  splits_dir: str | None = None) -> dataset_files.FileEpisodes:
   """PASCAL-5i episodes of `fold` (0-3): "validation" (1000) or "train"."""
   split = dataset_files.split_folder(split, _SPLITS, "PASCAL-5i")
   classes = fold_classes("pascal5i", fold, split)
   if split == "val":
-    listed = _read_pascal_list("val", fold)
+    listed = _read_pascal_list("val", fold, splits_dir, data_dir)
     episodes = [listed[i % len(listed)] for i in range(NUM_EVAL_EPISODES)]
   else:
     episodes = [e for f in range(NUM_FOLDS) if f != fold
-                for e in _read_pascal_list("trn", f)]
+                for e in _read_pascal_list("trn", f, splits_dir, data_dir)]
   expected = PASCAL_EXPECTED.format(d=data_dir)
   tree = dataset_files.find_root(
       data_dir, marker="SegmentationClassAug", dataset="PASCAL-5i",
@@ -118,36 +153,43 @@ def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0
       foreground=[c + 1 for _, c in episodes], ignore_value=255)
 
 
-def coco20i_image_lists(coco_split: str) -> list[list[int]]:
-  """80 lists: the ids of the COCO `coco_split` images listed for each class."""
-  with gzip.open(dataset_files.splits_file("coco20i", f"{coco_split}.txt.gz"),
-                 "rt") as f:
-    return [[int(i) for i in line.split()] for line in f]
+def coco20i_image_lists(split: str, fold: int, splits_dir: str | None = None,
+                        data_dir: str | None = None) -> dict[int, list[str]]:
+  """HSNet's COCO-20i fold pickle: class id -> image paths ("val2014/COCO_...jpg")."""
+  with open(splits_file(splits_dir, data_dir, "coco", split, f"fold{fold}.pkl"), "rb") as f:
+    lists = _PlainUnpickler(f).load()
+  if not isinstance(lists, dict):
+    raise ValueError(f"HSNet COCO-20i split {split}/fold{fold}.pkl holds a "
+                     f"{type(lists).__name__}; expected a dict class id -> image paths")
+  return {int(c): [str(p) for p in paths] for c, paths in lists.items()}
 
 
 @registry.register("coco20i")
 def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
-                 num_episodes: int | None = None, episode_seed: int = 0
-                 ) -> dataset_files.FileEpisodes:
+                 num_episodes: int | None = None, episode_seed: int = 0,
+                 splits_dir: str | None = None) -> dataset_files.FileEpisodes:
   """COCO-20i episodes of `fold` (0-3), drawn from `episode_seed`."""
   split = dataset_files.split_folder(split, _SPLITS, "COCO-20i")
   classes = fold_classes("coco20i", fold, split)
   coco_split = "val2014" if split == "val" else "train2014"
-  lists = coco20i_image_lists(coco_split)
+  lists = coco20i_image_lists(split, fold, splits_dir, data_dir)
+  missing = [c for c in classes if not lists.get(c)]
+  if missing:
+    raise ValueError(f"HSNet COCO-20i split {split}/fold{fold}.pkl lists no image for "
+                     f"classes {missing}")
   if num_episodes is None:
     num_episodes = (NUM_EVAL_EPISODES if split == "val" else
-                    len({i for c in classes for i in lists[c]}))
+                    len({p for c in classes for p in lists[c]}))
   rng = np.random.default_rng(episode_seed)
   class_pos = rng.integers(len(classes), size=num_episodes)
-  image_ids = [lists[classes[p]][rng.integers(len(lists[classes[p]]))]
-               for p in class_pos]
+  paths = [lists[classes[p]][rng.integers(len(lists[classes[p]]))]
+           for p in class_pos]
   expected = COCO_EXPECTED.format(d=data_dir)
   tree = dataset_files.find_root(
       data_dir, marker="annotations", dataset="COCO-20i", expected=expected,
       folders=("COCO2014",))
-  stems = [f"{coco_split}/COCO_{coco_split}_{i:012d}" for i in image_ids]
-  images = [s + ".jpg" for s in stems]
-  masks = [f"annotations/{s}.png" for s in stems]
+  images = list(paths)
+  masks = ["annotations/" + os.path.splitext(p)[0] + ".png" for p in paths]
   for paths, pattern in ((images, f"{coco_split}/*.jpg"),
                          (masks, f"annotations/{coco_split}/*.png")):
     dataset_files.check_present(tree, paths, pattern, dataset="COCO-20i",
@@ -159,11 +201,11 @@ def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
 
 
 @registry.register("fss1000")
-def make_fss1000(split: str, *, data_dir: str | None = None
-                 ) -> dataset_files.FileEpisodes:
+def make_fss1000(split: str, *, data_dir: str | None = None,
+                 splits_dir: str | None = None) -> dataset_files.FileEpisodes:
   """FSS-1000 episodes: "train" (520 classes), "validation" / "test" (240)."""
   split = dataset_files.split_folder(split, _FSS_SPLITS, "FSS-1000")
-  with open(dataset_files.splits_file("fss1000", f"{split}.txt")) as f:
+  with open(splits_file(splits_dir, data_dir, "fss", f"{split}.txt")) as f:
     categories = sorted(f.read().split("\n")[:-1])
   expected = FSS_EXPECTED.format(d=data_dir)
   tree = dataset_files.find_root(
