@@ -320,6 +320,19 @@ def _fullmatch_any(patterns: Iterable[str], s: str) -> bool:
   return any(re.fullmatch(p, s) for p in patterns)
 
 
+def _rules_for(table: MappingTable, paths: Iterable[str], unmapped: list[str]):
+  """(path, rule, torch keys) for each NNX path the table maps, in sorted order;
+  paths it neither maps nor ignores are appended to `unmapped`."""
+  for path in sorted(paths):
+    if _fullmatch_any(table.ignore_nnx, path):
+      continue
+    rule, groups = _match_rule(table, path)
+    if rule is None:
+      unmapped.append(path)
+      continue
+    yield path, rule, [k.format(**groups) for k in rule.torch_keys]
+
+
 def _match_rule(table: MappingTable, path: str):
   """-> (rule, placeholder values) for an NNX path, or (None, None)."""
   found = []
@@ -353,14 +366,8 @@ def torch_to_nnx(state_dict: Mapping[str, Any], table: MappingTable, abstract_st
   targets = flatten_params(abstract_state)
   out, used = {}, set()
   missing, mis_shaped, unmapped = [], [], []
-  for path, target in sorted(targets.items()):
-    if _fullmatch_any(table.ignore_nnx, path):
-      continue
-    rule, groups = _match_rule(table, path)
-    if rule is None:
-      unmapped.append(path)
-      continue
-    keys = [k.format(**groups) for k in rule.torch_keys]
+  for path, rule, keys in _rules_for(table, targets, unmapped):
+    target = targets[path]
     used.update(keys)
     absent = [k for k in keys if k not in state_dict]
     if absent:
@@ -389,15 +396,9 @@ def nnx_to_torch(params, table: MappingTable) -> dict[str, np.ndarray]:
   """Exports NNX params (module, State, nested or flat dict) to {torch key: np.ndarray}."""
   out: dict[str, np.ndarray] = {}
   unmapped = []
-  for path, value in sorted(flatten_params(params).items()):
-    if _fullmatch_any(table.ignore_nnx, path):
-      continue
-    rule, groups = _match_rule(table, path)
-    if rule is None:
-      unmapped.append(path)
-      continue
-    arrays = rule.hook.to_torch(np.asarray(jax.device_get(value)))
-    keys = [k.format(**groups) for k in rule.torch_keys]
+  flat = flatten_params(params)
+  for path, rule, keys in _rules_for(table, flat, unmapped):
+    arrays = rule.hook.to_torch(np.asarray(jax.device_get(flat[path])))
     assert len(arrays) == len(keys), (rule, len(arrays))
     for key, array in zip(keys, arrays):
       assert key not in out, f"torch key {key!r} produced twice"
