@@ -14,15 +14,16 @@ OTHER_LABEL = "other"
 EPISODE_BACKGROUND_TEXT = "others"
 
 
-def text_names(label_names: Sequence[str], background_text: str | None = None) -> list[str]:
+def text_names(label_names: Sequence[str], episodic: bool,
+               background_text: str | None = None) -> list[str]:
   """The texts embedded for a label table: the one background-text rule.
 
-  A table whose first entry is `OTHER_LABEL` (an episode table, or a user's label list
-  starting with "other") embeds that entry as `background_text` (default
-  `EPISODE_BACKGROUND_TEXT`); every other name is embedded as it is.
+  An episodic source's table ["other", *classes] embeds its first entry as
+  `background_text` (default `EPISODE_BACKGROUND_TEXT`); every other name, and every
+  name of a fixed label set, is embedded as it is.
   """
   names = list(label_names)
-  if names and names[0] == OTHER_LABEL:
+  if episodic and names and names[0] == OTHER_LABEL:
     names[0] = background_text or EPISODE_BACKGROUND_TEXT
   return names
 
