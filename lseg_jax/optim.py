@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import optax
 
+from lseg_jax import names
 from lseg_jax import sharding
 
 PAPER_BASE_LR = 0.004
@@ -53,22 +54,12 @@ def default_optim_config() -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------
 # Which parameters are trained.
 # --------------------------------------------------------------------------
-def _path_name(path) -> str:
-  return "/".join(str(k) for k in path)
-
-
-def _compile(patterns: Sequence[str], what: str) -> list[tuple[str, bool]]:
-  if isinstance(patterns, str):
-    raise ValueError(f"{what} must be a list of regexes, got the single string {patterns!r}")
-  return sharding.check_rules([(p, True) for p in patterns], what)
-
-
 def trainable_filter(frozen: Sequence[str]) -> Callable[[tuple, Any], bool]:
   """An NNX filter: parameters whose flat name matches no `frozen` regex."""
-  rules = _compile(frozen, "optim.frozen")
+  frozen = names.check_patterns(frozen, "optim.frozen")
 
   def is_trainable(path, x):
-    return isinstance(x, nnx.Param) and not sharding.first_match(_path_name(path), rules, False)
+    return isinstance(x, nnx.Param) and not names.matches(names.path_name(path), frozen)
   return is_trainable
 
 
@@ -112,20 +103,19 @@ def lr_schedule(base_lr: float, total_steps: int, *, power: float = 0.9,
 
 def lr_multipliers(params, rules) -> Any:
   """A tree like `params` of floats: the first matching `(regex, mult)` rule, else 1."""
-  rules = sharding.check_rules(rules, "optim.lr_mults")
+  rules = names.check_rules(rules, "optim.lr_mults")
   for pattern, mult in rules:
     if not isinstance(mult, (int, float)) or mult <= 0:
       raise ValueError(f"optim.lr_mults: multiplier of {pattern!r} is {mult!r}; expected a "
                        "number > 0 (freeze parameters with optim.frozen instead of 0)")
   return sharding.map_with_names(
-      lambda name, _: float(sharding.first_match(name, rules, 1.0)), params)
+      lambda name, _: float(names.first_match(name, rules, 1.0)), params)
 
 
 def decay_mask(params, no_decay: Sequence[str]) -> Any:
   """A tree like `params` of bools: True where weight decay applies."""
-  rules = _compile(no_decay, "optim.no_decay")
-  return sharding.map_with_names(
-      lambda name, _: not sharding.first_match(name, rules, False), params)
+  no_decay = names.check_patterns(no_decay, "optim.no_decay")
+  return sharding.map_with_names(lambda name, _: not names.matches(name, no_decay), params)
 
 
 def scale_by_tree(factors) -> optax.GradientTransformation:

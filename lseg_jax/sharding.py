@@ -7,8 +7,8 @@ different examples; BatchNorm's means over the batch axis of such a global array
 then means over the global batch.
 
 Sharding rules are `(regex, action)` pairs over flat parameter names
-("pretrained/model/blocks/0/attn/qkv/kernel", see `names`); the first rule whose regex
-fully matches a name decides:
+("pretrained/model/blocks/0/attn/qkv/kernel", see `lseg_jax.names`); the first rule
+whose regex fully matches a name decides:
   "fsdp"       split the largest axis divisible by the `fsdp` axis size, if the array
                has at least `min_size` elements (else replicate);
   "replicate"  a full copy on every device;
@@ -18,13 +18,14 @@ Names that no rule matches are replicated.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from lseg_jax.convert import mapping
+from lseg_jax import names as names_lib
+# Rule validation lives with the names; re-exported for callers that still import it here.
+from lseg_jax.names import check_rules  # pylint: disable=unused-import
 
 P = jax.sharding.PartitionSpec
 MESH_AXES = ("data", "fsdp")
@@ -34,56 +35,17 @@ DEFAULT_MIN_SIZE = 2 ** 14  # smaller arrays are cheaper replicated than gathere
 
 
 # --------------------------------------------------------------------------
-# Flat names of pytree leaves (the one place that turns key paths into names).
+# Flat names of pytree leaves (`lseg_jax.names` turns key paths into names).
 # --------------------------------------------------------------------------
-def _key_name(key) -> str | None:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    # A Variable's payload is not part of the parameter's name.
-    return None if key.name in ("value", "raw_value") else key.name
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  raise TypeError(f"unsupported pytree key {key!r}")
-
-
-def leaf_name(path) -> str:
-  """A jax key path -> "a/b/0/c", the convention of `mapping.flatten_params`."""
-  return mapping.SEP.join(n for n in map(_key_name, path) if n is not None)
-
-
 def names(tree) -> list[str]:
   """Flat names of the leaves of `tree`, in `jax.tree.leaves` order."""
-  return [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [names_lib.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def map_with_names(fn: Callable[[str, Any], Any], tree, *rest):
   """`jax.tree.map` whose function also receives each leaf's flat name."""
-  return jax.tree_util.tree_map_with_path(lambda p, *x: fn(leaf_name(p), *x), tree, *rest)
-
-
-def first_match(name: str, rules: Sequence[tuple[str, Any]], default: Any = None) -> Any:
-  """The value of the first `(regex, value)` rule whose regex fully matches `name`."""
-  for pattern, value in rules:
-    if re.fullmatch(pattern, name):
-      return value
-  return default
-
-
-def check_rules(rules, what: str) -> list[tuple[str, Any]]:
-  """Validates `(regex, value)` pairs (a config's lists come back as lists)."""
-  out = []
-  for rule in rules or ():
-    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"{what}: each rule must be a (regex, value) pair, got {rule!r}")
-    try:
-      re.compile(rule[0])
-    except re.error as e:
-      raise ValueError(f"{what}: invalid regex {rule[0]!r} ({e})") from None
-    out.append((rule[0], rule[1]))
-  return out
+  return jax.tree_util.tree_map_with_path(
+      lambda p, *x: fn(names_lib.path_name(p), *x), tree, *rest)
 
 
 # --------------------------------------------------------------------------
@@ -150,7 +112,7 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_MIN_
 def partition_spec(name: str, shape: Sequence[int], rules, mesh: jax.sharding.Mesh,
                    min_size: int = DEFAULT_MIN_SIZE) -> P:
   """The PartitionSpec the first matching rule gives the array `name` of `shape`."""
-  action = first_match(name, rules, "replicate")
+  action = names_lib.first_match(name, rules, "replicate")
   if action == "fsdp":
     return fsdp_spec(shape, mesh.shape["fsdp"], min_size)
   if action == "replicate":
@@ -173,7 +135,7 @@ def partition_spec(name: str, shape: Sequence[int], rules, mesh: jax.sharding.Me
 def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES,
                    min_size: int = DEFAULT_MIN_SIZE):
   """A pytree of NamedShardings for `tree` (arrays or ShapeDtypeStructs)."""
-  rules = check_rules(rules, "sharding rules")
+  rules = names_lib.check_rules(rules, "sharding rules")
   return map_with_names(
       lambda name, x: jax.sharding.NamedSharding(
           mesh, partition_spec(name, np.shape(x), rules, mesh, min_size)), tree)
@@ -186,6 +148,5 @@ def with_shardings(abstract_tree, shardings):
 
 
 __all__ = ["BATCH_AXES", "DEFAULT_MIN_SIZE", "DEFAULT_RULES", "MESH_AXES", "P",
-           "batch_sharding", "check_rules", "first_match", "fsdp_spec", "leaf_name",
-           "make_mesh", "map_with_names", "names", "partition_spec", "replicated",
-           "tree_shardings", "with_shardings"]
+           "batch_sharding", "fsdp_spec", "make_mesh", "map_with_names", "names",
+           "partition_spec", "replicated", "tree_shardings", "with_shardings"]

@@ -3,6 +3,7 @@ from flax import nnx
 import jax
 import pytest
 
+from lseg_jax import names
 from lseg_jax import optim
 from lseg_jax import sharding
 from lseg_jax.models import lseg
@@ -45,8 +46,8 @@ def test_fsdp_spec_splits_largest_divisible_axis():
 
 def test_rules_first_match_wins_and_explicit_specs():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-  rules = sharding.check_rules([("a/.*", "replicate"), ("b/kernel", (None, "fsdp")),
-                                (".*", "fsdp")], "test")
+  rules = names.check_rules([("a/.*", "replicate"), ("b/kernel", (None, "fsdp")),
+                             (".*", "fsdp")], "test")
   assert sharding.partition_spec("a/kernel", (64, 64), rules, mesh, 0) == P()
   assert sharding.partition_spec("b/kernel", (6, 8), rules, mesh, 0) == P(None, "fsdp")
   assert sharding.partition_spec("c/kernel", (64, 32), rules, mesh, 0) == P("fsdp", None)
@@ -55,7 +56,7 @@ def test_rules_first_match_wins_and_explicit_specs():
   with pytest.raises(ValueError, match="expected 'fsdp', 'replicate'"):
     sharding.partition_spec("x", (8,), [(".*", "shard")], mesh, 0)
   with pytest.raises(ValueError, match="invalid regex"):
-    sharding.check_rules([("(", "fsdp")], "config.sharding.rules")
+    names.check_rules([("(", "fsdp")], "config.sharding.rules")
 
 
 def test_tiny_model_shardings():
@@ -73,5 +74,5 @@ def test_tiny_model_shardings():
   frozen_specs = [s.spec for s in jax.tree.leaves(
       sharding.tree_shardings(frozen, mesh, rules, min_size=256))]
   assert all(s == P() for s in frozen_specs)
-  assert sharding.names(params)[0] == sharding.leaf_name(
+  assert sharding.names(params)[0] == names.path_name(
       jax.tree_util.tree_flatten_with_path(params)[0][0][0])
