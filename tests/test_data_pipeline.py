@@ -12,6 +12,7 @@ from lseg_jax.data import input_pipeline as ip
 from lseg_jax.data import preprocess
 from lseg_jax.data import registry
 from lseg_jax.data import synthetic
+from lseg_jax.data import train_stream
 
 SYNTH = dict(height=32, width=48, num_train=20, num_validation=7, seed=1)
 CONST_LABELS = ["background", "sky", "cat"]
@@ -55,7 +56,7 @@ class EpisodeSource(ConstSource):
 
 registry.register("test_const")(
     lambda split, num_examples=10, **kw: ConstSource(num_examples))
-registry.register("test_episodes")(
+registry.register("test_episodes", episodic=True)(
     lambda split, num_examples=9, **kw: EpisodeSource(num_examples))
 
 
@@ -196,8 +197,8 @@ def test_mixture_weights_set_proportions():
   cfg = _cfg(name="mix", mixture=[
       dict(name="test_const", weight=3.0),
       dict(name="test_const", weight=1.0, num_examples=4, split="other")])
-  choices = ip._mixture_choices([3.0, 1.0], seed=0)
-  counts = ip._mixture_counts(choices, 2, 4000)
+  choices = train_stream._mixture_choices([3.0, 1.0], seed=0)
+  counts = train_stream._mixture_counts(choices, 2, 4000)
   assert abs(counts[0] / 4000 - 0.75) < 0.03
   assert ip.label_table(cfg) == CONST_LABELS
 
@@ -215,6 +216,37 @@ def test_episodes_table_and_label_masks():
     example = int(round((image[label != IGNORE_INDEX][0, 0] + 1) * 127.5 - 5))
     assert cls == 1 + (example // 2) % 3
     assert set(np.unique(label)) <= {IGNORE_INDEX, 0, cls}
+
+
+def test_the_source_spec_says_whether_it_is_episodic(synth_dir):
+  episodes, fixed = _cfg(name="test_episodes"), _cfg()
+  mix = _cfg(name="mix", mixture=[dict(name="test_const"),
+                                   dict(name="test_episodes")])
+  assert ip.is_episodic(episodes) and ip.is_episodic(mix)
+  assert not ip.is_episodic(fixed)
+  assert not ip.is_episodic(_synth_cfg(synth_dir))
+  for name in ("pascal5i", "coco20i", "fss1000"):  # Nothing built: no data.
+    assert ip.is_episodic(_cfg(name=name, data_dir="/nonexistent"))
+  for name in ("ade20k", "cityscapes", "folder", "synthetic"):
+    assert not ip.is_episodic(_cfg(name=name))
+  assert ip.is_episodic({"name": "pascal5i"})  # A partial config will do.
+  for cfg, episodic in ((episodes, True), (fixed, False)):
+    train = ip.make_train_iterator(cfg, global_batch_size=2, seed=0,
+                                   process_index=0, process_count=1)
+    ev = ip.make_eval_iterator(cfg, batch_size=2, process_index=0,
+                               process_count=1)
+    assert train.episodic is ev.episodic is episodic
+    assert ("class_index" in next(ev)) is episodic
+  with pytest.raises(ValueError, match="Unknown dataset source 'nope'"):
+    ip.is_episodic(_cfg(name="nope"))
+
+
+def test_registered_episodic_flag_must_match_the_source():
+  registry.register("test_unflagged_episodes")(
+      lambda split, **kw: EpisodeSource(3))
+  with pytest.raises(ValueError, match=r"'test_unflagged_episodes'.*episodic="
+                     r"False.*is_episodic=True"):
+    ip.label_table(_cfg(name="test_unflagged_episodes"))
 
 
 def test_eval_one_pass_padded_and_split_over_processes():

@@ -13,7 +13,7 @@ Data contract (shared by training, evaluation and prediction):
   of each example. Eval batches add `valid` bool [B], `image_size` int32
   [B, 2] and, for episodes, `class_index` int32 [B].
 """
-from lseg_jax.data.preprocess import IGNORE_INDEX
 from lseg_jax.data.registry import get_source, register, Source
+from lseg_jax.labels import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "Source", "get_source", "register"]

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from lseg_jax.data import registry
-from lseg_jax.data.preprocess import IGNORE_INDEX
+from lseg_jax.labels import IGNORE_INDEX, OTHER_LABEL
 
 # A PNG's bit depth and colour type bytes (in IHDR) sit at offsets 24 and 25;
 # colour type 3 means "palette".
@@ -329,7 +329,7 @@ class FileEpisodes(FilePairs):
                luma_threshold: int | None = None):
     super().__init__(image_tree, images, mask_tree, masks)
     self.class_names = list(class_names)
-    self.label_names = ["other", *self.class_names]
+    self.label_names = [OTHER_LABEL, *self.class_names]
     self._class_index = tf.constant(np.asarray(class_index, np.int32))
     self._foreground = tf.constant(np.asarray(foreground, np.int32))
     self._ignore_value = ignore_value

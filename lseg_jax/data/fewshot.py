@@ -124,7 +124,7 @@ def _read_pascal_list(split: str, fold: int, splits_dir, data_dir
           for line in lines]
 
 
-@registry.register("pascal5i")
+@registry.register("pascal5i", episodic=True)
 def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0,
                   splits_dir: str | None = None) -> dataset_files.FileEpisodes:
   """PASCAL-5i episodes of `fold` (0-3): "validation" (1000) or "train"."""
@@ -164,7 +164,7 @@ def coco20i_image_lists(split: str, fold: int, splits_dir: str | None = None,
   return {int(c): [str(p) for p in paths] for c, paths in lists.items()}
 
 
-@registry.register("coco20i")
+@registry.register("coco20i", episodic=True)
 def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
                  num_episodes: int | None = None, episode_seed: int = 0,
                  splits_dir: str | None = None) -> dataset_files.FileEpisodes:
@@ -200,7 +200,7 @@ def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
       foreground=[classes[p] + 1 for p in class_pos])
 
 
-@registry.register("fss1000")
+@registry.register("fss1000", episodic=True)
 def make_fss1000(split: str, *, data_dir: str | None = None,
                  splits_dir: str | None = None) -> dataset_files.FileEpisodes:
   """FSS-1000 episodes: "train" (520 classes), "validation" / "test" (240)."""

@@ -1,9 +1,10 @@
-"""The other datasets of LSeg's 7-dataset mixture, in their official layouts.
+"""The seven datasets of LSeg's mixture, in their official layouts, as a table.
 
   source = registry.get_source("cityscapes", "train", data_dir=DIR)
 
-Registered sources (label names in `label_names.py`; "ade20k" lives in
-`ade20k.py`), each with splits "train" and "validation":
+Registered sources (label names in `label_names.DATASET_LABEL_NAMES`), each
+with splits "train" and "validation":
+  ade20k            ADE20K SceneParse150, 150 classes.
   bdd100k           BDD100K semantic segmentation, 19 classes (train ids).
   cityscapes        Cityscapes fine annotations, label ids -> 19 train ids;
                     also from TFDS `cityscapes/semantic_segmentation` with
@@ -15,10 +16,21 @@ Registered sources (label names in `label_names.py`; "ade20k" lives in
 Everything a dataset marks as void / unlabeled becomes -1 (ignore). The
 error raised when files are missing names the archive to download and where
 to put it; docs/datasets.md has the details.
+
+Each dataset is one `MixtureDataset` row of `DATASETS`: its split folders,
+where its files are (`Layout`s, tried in order: the first whose trees are
+found is read) and how stored label values become classes. TFDS's
+`scene_parse150` is not a way into ADE20K: it is built from the 2017 Places
+challenge's instance annotations (100 classes in the red channel), not the
+150-class semantic masks that LSeg trains and evaluates on.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import re
+from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -26,12 +38,11 @@ import tensorflow_datasets as tfds
 
 from lseg_jax.data import dataset_files
 from lseg_jax.data import registry
-from lseg_jax.data.label_names import (
-    BDD100K_NAMES, CITYSCAPES_NAMES, COCO_PANOPTIC_NAMES, IDD_LEVEL3_NAMES,
-    MAPILLARY_VISTAS_NAMES, SUNRGBD_NAMES)
-from lseg_jax.data.preprocess import IGNORE_INDEX
+from lseg_jax.data.label_names import ADE20K_NAMES, COCO_PANOPTIC_NAMES
+from lseg_jax.data.label_names import DATASET_LABEL_NAMES
+from lseg_jax.data.label_names import MAPILLARY_VISTAS_NAMES, SUNRGBD_NAMES
+from lseg_jax.labels import IGNORE_INDEX
 
-_TRAIN_VAL = {"train": "train", "validation": "val", "val": "val"}
 # Cityscapes label id (0..33) -> train id (cityscapesScripts `labels.py`);
 # every id without a train id is ignored.
 CITYSCAPES_TRAIN_IDS = np.array(
@@ -39,103 +50,335 @@ CITYSCAPES_TRAIN_IDS = np.array(
      7, 8, 9, 10, 11, 12, 13, 14, 15, -1, -1, 16, 17, 18], np.int32)
 
 
-def _identity(num_classes):
-  """Stored value k < num_classes is class k; the rest (255 = void) ignored."""
-  return np.arange(num_classes)
+@dataclasses.dataclass(frozen=True)
+class Tree:
+  """Where one file tree of a dataset is (see `dataset_files.find_root`).
 
+  Every string may hold "{split}", the split's folder name.
 
-def _files_source(label_names, trees, pattern, mask_pattern, mask_of, table,
-                  dataset, expected):
-  image_tree, mask_tree = trees
-  images, masks = dataset_files.pair_files(
-      image_tree, pattern, mask_tree, mask_pattern, mask_of, dataset=dataset,
-      expected=expected)
-  return dataset_files.FileSegmentation(
-      label_names=label_names, image_tree=image_tree, images=images,
-      mask_tree=mask_tree, masks=masks, value_table=table)
-
-
-# ----------------------------------------------------------------- BDD100K --
-BDD_EXPECTED = (
-    "BDD100K from https://bdd-data.berkeley.edu/ (or https://dl.cv.ethz.ch/"
-    "bdd100k/data/): bdd100k_images_10k.zip and "
-    "bdd100k_sem_seg_labels_trainval.zip in {d}/ (read in place) or extracted "
-    "there (giving {d}/bdd100k/images/10k/train/*.jpg and "
-    "{d}/bdd100k/labels/sem_seg/masks/train/*.png); or the older "
-    "bdd100k_seg.zip ({d}/bdd100k/seg/images/, {d}/bdd100k/seg/labels/).")
-
-
-@registry.register("bdd100k")
-def make_bdd100k(split: str, *, data_dir: str | None = None):
-  """BDD100K 10k semantic segmentation: "train" (7,000), "validation"."""
-  split = dataset_files.split_folder(split, _TRAIN_VAL, "BDD100K")
-  expected = BDD_EXPECTED.format(d=data_dir)
-  find = lambda marker, archive: dataset_files.find_root(  # noqa: E731
-      data_dir, marker=marker, dataset="BDD100K", expected=expected,
-      folders=("bdd100k",), archives=(archive,))
-  try:  # The older single-archive release.
-    tree = find("seg/labels", "bdd100k_seg.zip")
-    return _files_source(
-        BDD100K_NAMES, (tree, tree), f"seg/images/{split}/*.jpg",
-        f"seg/labels/{split}/*_train_id.png",
-        lambda p: f"seg/labels/{split}/{_stem(p)}_train_id.png",
-        _identity(19), "BDD100K", expected)
-  except FileNotFoundError:
-    pass
-  trees = (find("images/10k", "bdd100k_images_10k.zip"),
-           find("labels/sem_seg", "bdd100k_sem_seg_labels_trainval.zip"))
-  return _files_source(
-      BDD100K_NAMES, trees, f"images/10k/{split}/*.jpg",
-      f"labels/sem_seg/masks/{split}/*.png",
-      lambda p: f"labels/sem_seg/masks/{split}/{_stem(p)}.png",
-      _identity(19), "BDD100K", expected)
-
-
-def _stem(path):
-  return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-
-
-# -------------------------------------------------------------- Cityscapes --
-CITYSCAPES_EXPECTED = (
-    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
-    "https://www.cityscapes-dataset.com/downloads/ (registration needed) in "
-    "{d}/ (read in place) or extracted there, giving "
-    "{d}/leftImg8bit/train/<city>/*_leftImg8bit.png and "
-    "{d}/gtFine/train/<city>/*_gtFine_labelIds.png.")
-
-
-@registry.register("cityscapes")
-def make_cityscapes(split: str, *, data_dir: str | None = None,
-                    use_tfds: bool = False, tfds_data_dir: str | None = None):
-  """Cityscapes fine: "train" (2,975) or "validation" (500).
-
-  With `use_tfds`, reads TFDS's `cityscapes/semantic_segmentation` from
-  `tfds_data_dir`, preparing it first from the two zips in `data_dir` (its
-  manual download folder) if needed.
+  Attributes:
+    marker: a sub-folder the tree's root must contain.
+    folders: names the dataset's top folder may have under data_dir.
+    archives: file names of the official .zip archives.
+    under: a sub-folder of data_dir to look in ("" = data_dir itself).
   """
-  folder = dataset_files.split_folder(split, _TRAIN_VAL, "Cityscapes")
-  expected = CITYSCAPES_EXPECTED.format(d=data_dir)
+  marker: str
+  folders: tuple[str, ...] = ()
+  archives: tuple[str, ...] = ()
+  under: str = ""
+
+  def find(self, data_dir, folder, *, dataset, expected):
+    fill = lambda s: s.format(split=folder)  # noqa: E731
+    base = f"{data_dir}/{fill(self.under)}" if data_dir and self.under else (
+        data_dir)
+    return dataset_files.find_root(
+        base, marker=fill(self.marker), dataset=dataset, expected=expected,
+        folders=self.folders, archives=tuple(map(fill, self.archives)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """One on-disk layout: the trees and how images pair with label files.
+
+  Attributes:
+    images: the tree of the images.
+    masks: the tree of the label files (None: the images' tree).
+    image_glob: glob of the images in their tree ("{split}" = split folder).
+    mask_glob: a glob that matches every label file in its tree.
+    mask_of: image path -> its label file's path (None: the row's `build`
+      pairs them).
+  """
+  images: Tree
+  masks: Tree | None
+  image_glob: str
+  mask_glob: str
+  mask_of: Callable[[str], str] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsLayout:
+  """A prepared TFDS dataset holding the same examples (`use_tfds=True`)."""
+  name: str
+  splits: Mapping[str, str]  # split folder -> TFDS split
+  image_key: str
+  mask_key: str
+  name_key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureDataset:
+  """One dataset of the mixture: a row of `DATASETS`.
+
+  Attributes:
+    name: registry name (its label names: `DATASET_LABEL_NAMES[name]`).
+    title: the dataset's name in messages.
+    splits: split name -> the split's folder name.
+    expected: what to download and where to put it ("{d}" = data_dir).
+    layouts: the layouts it may be stored in, tried in order.
+    value_table: stored label value v -> class `value_table[v]` (-1 ignore;
+      values past the table are ignored); None: v is class v.
+    check: called with the images' tree before reading (version checks).
+    build: (trees, split folder, data_dir, expected) -> Source, for
+      datasets whose labels are not one PNG per image.
+    tfds: the TFDS dataset `use_tfds=True` reads, if any.
+  """
+  name: str
+  title: str
+  splits: Mapping[str, str]
+  expected: str
+  layouts: tuple[Layout, ...]
+  value_table: np.ndarray | None = None
+  check: Callable[[dataset_files.FileTree], None] | None = None
+  build: Callable[..., registry.Source] | None = None
+  tfds: TfdsLayout | None = None
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return DATASET_LABEL_NAMES[self.name]
+
+  @property
+  def values(self) -> np.ndarray:
+    """int32 [V]: the value table, stored value -> class."""
+    if self.value_table is None:
+      return np.arange(len(self.label_names), dtype=np.int32)
+    return np.asarray(self.value_table, np.int32)
+
+
+def make_source(dataset: MixtureDataset, split: str, *,
+                data_dir: str | None = None, use_tfds: bool = False,
+                tfds_data_dir: str | None = None) -> registry.Source:
+  """`dataset`'s split read from `data_dir` (registered as `dataset.name`).
+
+  With `use_tfds` (datasets with a `tfds` layout), reads the TFDS dataset
+  from `tfds_data_dir`, preparing it first from the archives in `data_dir`
+  (its manual download folder) if needed.
+  """
+  folder = dataset_files.split_folder(split, dataset.splits, dataset.title)
+  expected = dataset.expected.format(d=data_dir)
   if use_tfds:
-    builder = tfds.builder("cityscapes/semantic_segmentation",
-                           data_dir=tfds_data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
-    return TfdsSegmentation(
-        builder, {"val": "validation"}.get(folder, folder),
-        label_names=CITYSCAPES_NAMES, image_key="image_left",
-        mask_key="segmentation_label", name_key="image_id",
-        value_table=CITYSCAPES_TRAIN_IDS)
-  trees = tuple(
-      dataset_files.find_root(data_dir, marker=part, dataset="Cityscapes",
-                              expected=expected,
-                              archives=(f"{part}_trainvaltest.zip",))
-      for part in ("leftImg8bit", "gtFine"))
-  return _files_source(
-      CITYSCAPES_NAMES, trees, f"leftImg8bit/{folder}/*/*_leftImg8bit.png",
-      f"gtFine/{folder}/*/*_gtFine_labelIds.png",
-      lambda p: ("gtFine" + p[len("leftImg8bit"):-len("_leftImg8bit.png")] +
-                 "_gtFine_labelIds.png"),
-      CITYSCAPES_TRAIN_IDS, "Cityscapes", expected)
+    return _tfds_source(dataset, folder, data_dir, tfds_data_dir)
+  layout, trees = _find_layout(dataset, folder, data_dir, expected)
+  if dataset.check is not None:
+    dataset.check(trees[0])
+  if dataset.build is not None:
+    return dataset.build(trees, folder, data_dir, expected)
+  images, masks = dataset_files.pair_files(
+      trees[0], layout.image_glob.format(split=folder), trees[1],
+      layout.mask_glob.format(split=folder), layout.mask_of,
+      dataset=dataset.title, expected=expected)
+  return dataset_files.FileSegmentation(
+      label_names=dataset.label_names, image_tree=trees[0], images=images,
+      mask_tree=trees[1], masks=masks, value_table=dataset.values)
+
+
+def _find_layout(dataset, folder, data_dir, expected):
+  """The first layout whose trees exist: (layout, (image tree, mask tree))."""
+  find = functools.partial(Tree.find, data_dir=data_dir, folder=folder,
+                           dataset=dataset.title, expected=expected)
+  for i, layout in enumerate(dataset.layouts):
+    try:
+      image_tree = find(layout.images)
+      mask_tree = image_tree if layout.masks is None else find(layout.masks)
+      return layout, (image_tree, mask_tree)
+    except FileNotFoundError:
+      if i == len(dataset.layouts) - 1:
+        raise
+
+
+def _tfds_source(dataset, folder, data_dir, tfds_data_dir):
+  if dataset.tfds is None:
+    raise ValueError(f"{dataset.title} has no TFDS version; got "
+                     "use_tfds=True, expected False.")
+  builder = tfds.builder(dataset.tfds.name, data_dir=tfds_data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+  return TfdsSegmentation(
+      builder, dataset.tfds.splits[folder], label_names=dataset.label_names,
+      image_key=dataset.tfds.image_key, mask_key=dataset.tfds.mask_key,
+      name_key=dataset.tfds.name_key, value_table=dataset.values)
+
+
+def _renamed(pattern: str, replacement: str) -> Callable[[str], str]:
+  """Image path -> label path by one regular-expression substitution."""
+  return functools.partial(re.sub, pattern, replacement)
+
+
+def _sunrgbd_mask(image: str) -> str:
+  """image/<split>/img-000042.jpg -> label37/<split>/00000042.png."""
+  _, folder, name = image.split("/")
+  number = int(name.rsplit(".", 1)[0][len("img-"):])
+  return f"label37/{folder}/{number:08d}.png"
+
+
+def _coco_panoptic(trees, folder, data_dir, expected) -> "CocoPanoptic":
+  ann_file = f"{data_dir}/annotations/panoptic_{folder}2017.json"
+  if not tf.io.gfile.exists(ann_file):
+    raise FileNotFoundError(f"COCO panoptic: {ann_file} is missing. "
+                            f"Expected: {expected}")
+  with tf.io.gfile.GFile(ann_file) as f:
+    return CocoPanoptic(json.load(f), trees[0], f"{folder}2017", trees[1],
+                        f"panoptic_{folder}2017", expected)
+
+
+def _check_mapillary_config(tree):
+  """The label list of the v1.2 config, if shipped, must be ours."""
+  for config in ("config_v1.2.json", "config.json"):
+    if tree.glob(config):
+      labels = json.loads(tree.read_bytes(config))["labels"]
+      names = [label["readable"].lower() for label in labels]
+      if names[:-1] != list(MAPILLARY_VISTAS_NAMES):
+        raise ValueError(
+            f"Mapillary Vistas: {tree.describe(config)} lists {len(names)} "
+            "labels that are not v1.2's 66; expected the v1.2 release.")
+      return
+
+
+ADE20K_URL = (
+    "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip")
+_TRAIN_VAL = {"train": "train", "validation": "val", "val": "val"}
+_TRAINING_VALIDATION = {"train": "training", "validation": "validation",
+                        "val": "validation"}
+_MAPILLARY = dict(folders=("mapillary-vistas-dataset_public_v1.2",),
+                  archives=("mapillary-vistas-dataset_public_v1.2.zip",
+                            "mapillary-vistas-dataset_public_v2.0.zip"))
+_BDD = ("bdd100k",)
+
+DATASETS = (
+    MixtureDataset(
+        name="ade20k", title="ADE20K", splits=_TRAINING_VALIDATION,
+        expected=(
+            f"the official ADEChallengeData2016.zip ({ADE20K_URL}) at "
+            "{d}/ADEChallengeData2016.zip, or extracted so that "
+            "{d}/ADEChallengeData2016/images/training/*.jpg and "
+            "{d}/ADEChallengeData2016/annotations/training/*.png exist."),
+        layouts=(Layout(
+            Tree("annotations", ("ADEChallengeData2016",),
+                 ("ADEChallengeData2016.zip",)), None,
+            "images/{split}/*.jpg", "annotations/{split}/*.png",
+            _renamed(r"^images/(.*)\.jpg$", r"annotations/\1.png")),),
+        # Stored value 0 = "other" -> ignore; k -> class k - 1.
+        value_table=np.arange(-1, len(ADE20K_NAMES))),
+    MixtureDataset(
+        name="bdd100k", title="BDD100K", splits=_TRAIN_VAL,
+        expected=(
+            "BDD100K from https://bdd-data.berkeley.edu/ (or "
+            "https://dl.cv.ethz.ch/bdd100k/data/): bdd100k_images_10k.zip and "
+            "bdd100k_sem_seg_labels_trainval.zip in {d}/ (read in place) or "
+            "extracted there (giving {d}/bdd100k/images/10k/train/*.jpg and "
+            "{d}/bdd100k/labels/sem_seg/masks/train/*.png); or the older "
+            "bdd100k_seg.zip ({d}/bdd100k/seg/images/, "
+            "{d}/bdd100k/seg/labels/)."),
+        layouts=(
+            # The older single-archive release.
+            Layout(Tree("seg/labels", _BDD, ("bdd100k_seg.zip",)), None,
+                   "seg/images/{split}/*.jpg",
+                   "seg/labels/{split}/*_train_id.png",
+                   _renamed(r"^seg/images/(.*)\.jpg$",
+                            r"seg/labels/\1_train_id.png")),
+            Layout(Tree("images/10k", _BDD, ("bdd100k_images_10k.zip",)),
+                   Tree("labels/sem_seg", _BDD,
+                        ("bdd100k_sem_seg_labels_trainval.zip",)),
+                   "images/10k/{split}/*.jpg",
+                   "labels/sem_seg/masks/{split}/*.png",
+                   _renamed(r"^images/10k/(.*)\.jpg$",
+                            r"labels/sem_seg/masks/\1.png")))),
+    MixtureDataset(
+        name="cityscapes", title="Cityscapes", splits=_TRAIN_VAL,
+        expected=(
+            "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
+            "https://www.cityscapes-dataset.com/downloads/ (registration "
+            "needed) in {d}/ (read in place) or extracted there, giving "
+            "{d}/leftImg8bit/train/<city>/*_leftImg8bit.png and "
+            "{d}/gtFine/train/<city>/*_gtFine_labelIds.png."),
+        layouts=(Layout(
+            Tree("leftImg8bit", archives=("leftImg8bit_trainvaltest.zip",)),
+            Tree("gtFine", archives=("gtFine_trainvaltest.zip",)),
+            "leftImg8bit/{split}/*/*_leftImg8bit.png",
+            "gtFine/{split}/*/*_gtFine_labelIds.png",
+            _renamed(r"^leftImg8bit/(.*)_leftImg8bit\.png$",
+                     r"gtFine/\1_gtFine_labelIds.png")),),
+        value_table=CITYSCAPES_TRAIN_IDS,
+        tfds=TfdsLayout("cityscapes/semantic_segmentation",
+                        {"train": "train", "val": "validation"},
+                        image_key="image_left", mask_key="segmentation_label",
+                        name_key="image_id")),
+    MixtureDataset(
+        name="coco_panoptic", title="COCO panoptic", splits=_TRAIN_VAL,
+        expected=(
+            "COCO 2017 from https://cocodataset.org/#download: train2017.zip "
+            "and val2017.zip in {d}/ (read in place, or extracted to "
+            "{d}/train2017/*.jpg, {d}/val2017/*.jpg), and "
+            "panoptic_annotations_trainval2017.zip extracted in {d}/ (giving "
+            "{d}/annotations/panoptic_train2017.json) with the archives "
+            "inside it, {d}/annotations/panoptic_train2017.zip and "
+            "panoptic_val2017.zip, read in place or extracted to "
+            "{d}/annotations/panoptic_train2017/*.png."),
+        layouts=(Layout(
+            Tree("{split}2017", archives=("{split}2017.zip",)),
+            Tree("panoptic_{split}2017", archives=("panoptic_{split}2017.zip",),
+                 under="annotations"),
+            "{split}2017/*", "panoptic_{split}2017/*.png", None),),
+        build=_coco_panoptic),
+    MixtureDataset(
+        name="idd", title="IDD", splits=_TRAIN_VAL,
+        expected=(
+            "IDD Segmentation (IDD 20k part I, idd-segmentation.tar.gz from "
+            "https://idd.insaan.iiit.ac.in/) extracted to "
+            "{d}/IDD_Segmentation/ (leftImg8bit/train/<seq>/*_leftImg8bit.png, "
+            "gtFine/train/<seq>/*_gtFine_polygons.json), then the level-3 "
+            "label PNGs generated next to the polygons with the AutoNUE "
+            "toolkit (https://github.com/AutoNUE/public-code): python "
+            "preperation/createLabels.py --datadir {d}/IDD_Segmentation "
+            "--id-type level3Id, giving "
+            "gtFine/train/<seq>/*_gtFine_labellevel3Ids.png."),
+        layouts=(Layout(
+            Tree("gtFine", ("IDD_Segmentation",)), None,
+            "leftImg8bit/{split}/*/*_leftImg8bit.*",
+            "gtFine/{split}/*/*_gtFine_labellevel3Ids.png",
+            _renamed(r"^leftImg8bit/(.*)_leftImg8bit\.[^/]*$",
+                     r"gtFine/\1_gtFine_labellevel3Ids.png")),)),
+    MixtureDataset(
+        name="mapillary_vistas", title="Mapillary Vistas",
+        splits=_TRAINING_VALIDATION,
+        expected=(
+            "Mapillary Vistas v1.2 (mapillary-vistas-dataset_public_v1.2.zip) "
+            "or v2.0 from https://www.mapillary.com/dataset/vistas, in {d}/ "
+            "(read in place) or extracted there, giving "
+            "{d}/training/images/*.jpg and {d}/training/labels/*.png (v1.2) "
+            "or {d}/training/v1.2/labels/*.png (v2.0 archive)."),
+        layouts=(
+            # The v2.0 archive keeps the v1.2 labels in their own folder.
+            Layout(Tree("{split}/v1.2/labels", **_MAPILLARY), None,
+                   "{split}/images/*.jpg", "{split}/v1.2/labels/*.png",
+                   _renamed(r"^([^/]*)/images/(.*)\.jpg$",
+                            r"\1/v1.2/labels/\2.png")),
+            Layout(Tree("{split}", **_MAPILLARY), None,
+                   "{split}/images/*.jpg", "{split}/labels/*.png",
+                   _renamed(r"^([^/]*)/images/(.*)\.jpg$",
+                            r"\1/labels/\2.png"))),
+        # Value 65 ("Unlabeled") falls past the table: ignored.
+        check=_check_mapillary_config),
+    MixtureDataset(
+        name="sunrgbd", title="SUN RGB-D",
+        splits={"train": "train", "test": "test", "validation": "test",
+                "val": "test"},
+        expected=(
+            "SUN RGB-D's 37-class segmentation as PNGs: "
+            "{d}/image/{{train,test}}/img-NNNNNN.jpg with labels "
+            "{d}/label37/{{train,test}}/NNNNNNNN.png (value 0 = unlabeled, "
+            "k = class k), the layout of sun_rgbd.tgz "
+            "(http://cvgl.stanford.edu/data2/sun_rgbd.tgz, as used by MSeg); "
+            "the official release (http://rgbd.cs.princeton.edu/) keeps these "
+            "labels in SUNRGBDtoolbox/Metadata/SUNRGBD2Dseg.mat."),
+        layouts=(Layout(
+            Tree("label37", ("sun_rgbd", "SUNRGBD")), None,
+            "image/{split}/img-*.jpg", "label37/{split}/*.png",
+            _sunrgbd_mask),),
+        value_table=np.arange(-1, len(SUNRGBD_NAMES))),
+)
+
+for _dataset in DATASETS:
+  registry.register(_dataset.name)(functools.partial(make_source, _dataset))
 
 
 class TfdsSegmentation(registry.Source):
@@ -158,9 +401,7 @@ class TfdsSegmentation(registry.Source):
 
   def as_dataset(self, *, process_index=0, process_count=1, shuffle=False,
                  seed=0):
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index={process_index} must be in "
-                       f"[0, process_count={process_count}).")
+    registry.check_process(process_index, process_count)
     split = tfds.even_splits(self._split, n=process_count)[process_index]
     ds = self._builder.as_dataset(
         split=split, shuffle_files=shuffle,
@@ -174,38 +415,6 @@ class TfdsSegmentation(registry.Source):
               "file_name": ex[name_key]}
     return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)
-
-
-# ----------------------------------------------------------- COCO panoptic --
-COCO_PANOPTIC_EXPECTED = (
-    "COCO 2017 from https://cocodataset.org/#download: train2017.zip and "
-    "val2017.zip in {d}/ (read in place, or extracted to {d}/train2017/*.jpg, "
-    "{d}/val2017/*.jpg), and panoptic_annotations_trainval2017.zip extracted "
-    "in {d}/ (giving {d}/annotations/panoptic_train2017.json) with the "
-    "archives inside it, {d}/annotations/panoptic_train2017.zip and "
-    "panoptic_val2017.zip, read in place or extracted to "
-    "{d}/annotations/panoptic_train2017/*.png.")
-
-
-@registry.register("coco_panoptic")
-def make_coco_panoptic(split: str, *, data_dir: str | None = None):
-  """COCO panoptic 2017, "train" (118,287) or "validation" (5,000)."""
-  split = dataset_files.split_folder(split, _TRAIN_VAL, "COCO panoptic")
-  expected = COCO_PANOPTIC_EXPECTED.format(d=data_dir)
-
-  def find(base, marker):
-    return dataset_files.find_root(
-        base, marker=marker, dataset="COCO panoptic", expected=expected,
-        archives=(f"{marker}.zip",))
-  image_tree = find(data_dir, f"{split}2017")
-  mask_tree = find(f"{data_dir}/annotations", f"panoptic_{split}2017")
-  ann_file = f"{data_dir}/annotations/panoptic_{split}2017.json"
-  if not tf.io.gfile.exists(ann_file):
-    raise FileNotFoundError(f"COCO panoptic: {ann_file} is missing. "
-                            f"Expected: {expected}")
-  with tf.io.gfile.GFile(ann_file) as f:
-    return CocoPanoptic(json.load(f), image_tree, f"{split}2017", mask_tree,
-                        f"panoptic_{split}2017", expected)
 
 
 class CocoPanoptic(dataset_files.FilePairs):
@@ -261,104 +470,3 @@ class CocoPanoptic(dataset_files.FilePairs):
     mask = tf.reshape(mask, tf.shape(ids))
     dataset_files.check_same_size(image, mask, name)
     return {"image": image, "mask": mask, "file_name": name}
-
-
-# --------------------------------------------------------------------- IDD --
-IDD_EXPECTED = (
-    "IDD Segmentation (IDD 20k part I, idd-segmentation.tar.gz from "
-    "https://idd.insaan.iiit.ac.in/) extracted to {d}/IDD_Segmentation/ "
-    "(leftImg8bit/train/<seq>/*_leftImg8bit.png, gtFine/train/<seq>/"
-    "*_gtFine_polygons.json), then the level-3 label PNGs generated next to "
-    "the polygons with the AutoNUE toolkit (https://github.com/AutoNUE/"
-    "public-code): python preperation/createLabels.py --datadir "
-    "{d}/IDD_Segmentation --id-type level3Id, giving "
-    "gtFine/train/<seq>/*_gtFine_labellevel3Ids.png.")
-
-
-@registry.register("idd")
-def make_idd(split: str, *, data_dir: str | None = None):
-  """IDD level-3 segmentation: "train" (6,993) or "validation" (981)."""
-  split = dataset_files.split_folder(split, _TRAIN_VAL, "IDD")
-  expected = IDD_EXPECTED.format(d=data_dir)
-  tree = dataset_files.find_root(
-      data_dir, marker="gtFine", dataset="IDD", expected=expected,
-      folders=("IDD_Segmentation",))
-  return _files_source(
-      IDD_LEVEL3_NAMES, (tree, tree), f"leftImg8bit/{split}/*/*_leftImg8bit.*",
-      f"gtFine/{split}/*/*_gtFine_labellevel3Ids.png",
-      lambda p: ("gtFine" + p[len("leftImg8bit"):p.rindex("_leftImg8bit.")] +
-                 "_gtFine_labellevel3Ids.png"),
-      _identity(len(IDD_LEVEL3_NAMES)), "IDD", expected)
-
-
-# -------------------------------------------------------- Mapillary Vistas --
-MAPILLARY_EXPECTED = (
-    "Mapillary Vistas v1.2 (mapillary-vistas-dataset_public_v1.2.zip) or v2.0 "
-    "from https://www.mapillary.com/dataset/vistas, in {d}/ (read in place) or "
-    "extracted there, giving {d}/training/images/*.jpg and "
-    "{d}/training/labels/*.png (v1.2) or {d}/training/v1.2/labels/*.png "
-    "(v2.0 archive).")
-
-
-@registry.register("mapillary_vistas")
-def make_mapillary_vistas(split: str, *, data_dir: str | None = None):
-  """Mapillary Vistas v1.2: "train" (18,000) or "validation" (2,000)."""
-  folder = dataset_files.split_folder(
-      split, {"train": "training", "validation": "validation",
-              "val": "validation"}, "Mapillary Vistas")
-  expected = MAPILLARY_EXPECTED.format(d=data_dir)
-  tree = dataset_files.find_root(
-      data_dir, marker=folder, dataset="Mapillary Vistas", expected=expected,
-      folders=("mapillary-vistas-dataset_public_v1.2",),
-      archives=("mapillary-vistas-dataset_public_v1.2.zip",
-                "mapillary-vistas-dataset_public_v2.0.zip"))
-  # The v2.0 archive keeps the v1.2 labels in their own folder.
-  labels = f"{folder}/v1.2/labels"
-  if not tree.glob(f"{labels}/*.png"):
-    labels = f"{folder}/labels"
-  _check_mapillary_config(tree)
-  # Value 65 ("Unlabeled") falls past the table: ignored.
-  return _files_source(
-      MAPILLARY_VISTAS_NAMES, (tree, tree), f"{folder}/images/*.jpg",
-      f"{labels}/*.png", lambda p: f"{labels}/{_stem(p)}.png",
-      _identity(len(MAPILLARY_VISTAS_NAMES)), "Mapillary Vistas", expected)
-
-
-def _check_mapillary_config(tree):
-  """The label list of the v1.2 config, if shipped, must be ours."""
-  for config in ("config_v1.2.json", "config.json"):
-    if tree.glob(config):
-      labels = json.loads(tree.read_bytes(config))["labels"]
-      names = [label["readable"].lower() for label in labels]
-      if names[:-1] != list(MAPILLARY_VISTAS_NAMES):
-        raise ValueError(
-            f"Mapillary Vistas: {tree.describe(config)} lists {len(names)} "
-            "labels that are not v1.2's 66; expected the v1.2 release.")
-      return
-
-
-# --------------------------------------------------------------- SUN RGB-D --
-SUNRGBD_EXPECTED = (
-    "SUN RGB-D's 37-class segmentation as PNGs: {d}/image/{{train,test}}/"
-    "img-NNNNNN.jpg with labels {d}/label37/{{train,test}}/NNNNNNNN.png "
-    "(value 0 = unlabeled, k = class k), the layout of sun_rgbd.tgz "
-    "(http://cvgl.stanford.edu/data2/sun_rgbd.tgz, as used by MSeg); the "
-    "official release (http://rgbd.cs.princeton.edu/) keeps these labels in "
-    "SUNRGBDtoolbox/Metadata/SUNRGBD2Dseg.mat.")
-
-
-@registry.register("sunrgbd")
-def make_sunrgbd(split: str, *, data_dir: str | None = None):
-  """SUN RGB-D: "train" (5,285) or "test" / "validation" (5,050)."""
-  folder = dataset_files.split_folder(
-      split, {"train": "train", "test": "test", "validation": "test",
-              "val": "test"}, "SUN RGB-D")
-  expected = SUNRGBD_EXPECTED.format(d=data_dir)
-  tree = dataset_files.find_root(
-      data_dir, marker="label37", dataset="SUN RGB-D", expected=expected,
-      folders=("sun_rgbd", "SUNRGBD"))
-  return _files_source(
-      SUNRGBD_NAMES, (tree, tree), f"image/{folder}/img-*.jpg",
-      f"label37/{folder}/*.png",
-      lambda p: f"label37/{folder}/{int(_stem(p)[len('img-'):]):08d}.png",
-      np.arange(-1, len(SUNRGBD_NAMES)), "SUN RGB-D", expected)

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-IGNORE_INDEX = -1
+from lseg_jax.labels import IGNORE_INDEX
+
 EVAL_RESIZE_MODES = ("none", "long_side", "center_crop", "square")
 # A PNG's colour type byte (IHDR) sits at offset 25; 3 means "palette".
 _PNG_COLOR_TYPE_OFFSET = 25

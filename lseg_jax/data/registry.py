@@ -10,7 +10,8 @@ indices, not decoded images, so per-epoch shuffling is a full permutation and
 resuming at step k skips indices without decoding anything. A source that can
 only stream overrides `as_dataset` instead (`is_indexed = False`).
 
-Registering a source:
+Registering a source (`episodic=True` for zero-shot episode sources, whose
+Source sets `is_episodic`; `is_episodic(name)` answers without building one):
 
   @registry.register("my_data")
   def _make(split, *, data_dir=None, **kwargs) -> Source: ...
@@ -25,14 +26,25 @@ import numpy as np
 import tensorflow as tf
 
 _FACTORIES: dict[str, Callable[..., "Source"]] = {}
+_EPISODIC: set[str] = set()
 
 
-def register(name: str):
-  """Decorator registering `factory(split, **kwargs) -> Source` under `name`."""
+def register(name: str, *, episodic: bool = False):
+  """Decorator registering `factory(split, **kwargs) -> Source` under `name`.
+
+  Args:
+    name: the source's name in data configs.
+    episodic: whether its sources are zero-shot episode sources (their
+      `is_episodic`); `get_source` checks that the two agree.
+  """
   def decorator(factory):
     if name in _FACTORIES and _FACTORIES[name] is not factory:
       raise ValueError(f"Dataset source {name!r} is already registered.")
     _FACTORIES[name] = factory
+    if episodic:
+      _EPISODIC.add(name)
+    else:
+      _EPISODIC.discard(name)
     return factory
   return decorator
 
@@ -42,20 +54,37 @@ def available_sources() -> list[str]:
   return sorted(_FACTORIES)
 
 
+def is_episodic(name: str) -> bool:
+  """Whether source `name` was registered as episodic (builds no source)."""
+  _check_known(name)
+  return name in _EPISODIC
+
+
 def get_source(name: str, split: str, **kwargs) -> "Source":
   """The source registered as `name`, for `split` (kwargs go to its factory)."""
+  _check_known(name)
+  source = _FACTORIES[name](split, **kwargs)
+  if bool(source.is_episodic) != (name in _EPISODIC):
+    raise ValueError(
+        f"Dataset source {name!r} was registered with episodic="
+        f"{name in _EPISODIC} but its {type(source).__name__} has is_episodic="
+        f"{source.is_episodic}; expected them to agree (register it with "
+        f"register({name!r}, episodic={source.is_episodic})).")
+  return source
+
+
+def _check_known(name: str):
   _import_builtin_sources()
   if name not in _FACTORIES:
     raise ValueError(f"Unknown dataset source {name!r}; expected one of "
                      f"{sorted(_FACTORIES)}.")
-  return _FACTORIES[name](split, **kwargs)
 
 
 def _import_builtin_sources():
   # Sources register themselves on import; importing here avoids a cycle with
   # modules that import `register` from this file.
   import importlib
-  for module in ("synthetic", "folder", "ade20k", "fewshot", "mix_datasets"):
+  for module in ("synthetic", "folder", "fewshot", "mix_datasets"):
     try:
       importlib.import_module(f"lseg_jax.data.{module}")
     except ModuleNotFoundError as e:
@@ -90,7 +119,7 @@ class Source:
 
   def host_indices(self, process_index: int, process_count: int) -> np.ndarray:
     """This process's disjoint slice of the example indices, int64 [N_host]."""
-    _check_process(process_index, process_count)
+    check_process(process_index, process_count)
     if self.num_examples is None:
       raise ValueError(f"{type(self).__name__} has no num_examples.")
     return np.arange(process_index, self.num_examples, process_count,
@@ -112,7 +141,8 @@ class Source:
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _check_process(process_index, process_count):
+def check_process(process_index: int, process_count: int):
+  """Raises a ValueError unless 0 <= process_index < process_count."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in "
                      f"[0, process_count={process_count}).")

@@ -1,0 +1,96 @@
+"""What the train and eval streams share: the iterator they return and its parts.
+
+`DataIterator` yields a tf.data pipeline's batches as numpy dicts and carries
+what callers need besides them: the label table, whether the source is
+episodic, the batch size and the bad examples seen (`PipelineStats`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from lseg_jax.data import registry
+
+# Our dataset functions use no Python control flow on tensors; skipping
+# AutoGraph's conversion saves seconds per pipeline.
+no_autograph = tf.autograph.experimental.do_not_convert
+
+
+class BadExampleError(ValueError):
+  """A corrupt or inconsistent example (the message names the file)."""
+
+
+@dataclasses.dataclass
+class PipelineStats:
+  """Bad examples seen by one pipeline (counted as tf.data reaches them)."""
+  num_skipped: int = 0
+  skipped: list[str] = dataclasses.field(default_factory=list)
+  error: Exception | None = None
+
+
+def resolve_process(process_index: int | None,
+                    process_count: int | None) -> tuple[int, int]:
+  """(process_index, process_count), each defaulting to jax's."""
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  registry.check_process(process_index, process_count)
+  return process_index, process_count
+
+
+def deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """`ds` with deterministic element order (the pipelines' contract)."""
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+class DataIterator:
+  """Iterator of numpy batches with the label table and bad-example counts.
+
+  Attributes:
+    dataset: the tf.data.Dataset of batches.
+    label_names: the batch label table (list[str]).
+    episodic: whether the source yields zero-shot episodes (its table is
+      ["other", *classes]; eval batches carry `class_index` [B]).
+    batch_size: examples per batch on this host.
+    num_batches: batches in one pass (eval), or None (endless train stream).
+    stats: PipelineStats (num_skipped, skipped file names).
+  """
+
+  def __init__(self, dataset, label_names, stats, batch_size,
+               num_batches=None, *, episodic: bool = False):
+    self.dataset = dataset
+    self.label_names = label_names
+    self.stats = stats
+    self.batch_size = batch_size
+    self.num_batches = num_batches
+    self.episodic = episodic
+    self._it = None
+
+  @property
+  def num_skipped(self) -> int:
+    return self.stats.num_skipped
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      self._it = self.dataset.as_numpy_iterator()
+    try:
+      return next(self._it)
+    except tf.errors.OpError as e:
+      if self.stats.error is not None:
+        raise self.stats.error from None
+      raise BadExampleError(_readable(e.message)) from e
+
+
+def _readable(message: str) -> str:
+  """Strips TF's op/stack decorations from an assertion message."""
+  first = message.strip().splitlines()[0]
+  return first.replace("assertion failed: ", "").strip("[] ")
