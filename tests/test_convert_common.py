@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lseg_jax import langseg_layout
 from lseg_jax.convert import langseg, mapping, timm_vit
 from lseg_jax.models import lseg, vit
 
@@ -191,5 +192,5 @@ def test_timm_table_covers_timm_vit(variant, patch, width, depth, heads):
   abstract = nnx.eval_shape(lambda: vit.VisionTransformer(cfg, rngs=nnx.Rngs(0)))
   params = mapping.torch_to_nnx(sd, timm_vit.table(), abstract)
   assert set(mapping.flatten_params(params)) == set(mapping.flatten_params(abstract))
-  assert timm_vit.infer_variant(sd) == dict(width=width, patch=patch, depth=depth,
-                                            grid=384 // patch)
+  assert langseg_layout.vit_shapes(sd) == dict(width=width, patch=patch, depth=depth,
+                                               grid=384 // patch)

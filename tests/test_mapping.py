@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lseg_jax import langseg_layout
 from lseg_jax.convert import mapping
 from lseg_jax.convert.mapping import CONV, TRANSPOSE, MappingError, MappingTable, Rule
 
@@ -216,23 +217,24 @@ def test_load_state_dict_file_formats(tmp_path):
   sd = random_state_dict()
   from safetensors.numpy import save_file
   save_file(sd, str(tmp_path / "m.safetensors"))
-  got = mapping.load_state_dict_file(tmp_path / "m.safetensors")
+  got = langseg_layout.load_state_dict_file(tmp_path / "m.safetensors")
   assert got.keys() == sd.keys()
   torch = pytest.importorskip("torch")
   tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
   torch.save(tensors, tmp_path / "m.pt")
   torch.save({"state_dict": tensors, "epoch": 3}, tmp_path / "m.ckpt")
   for name in ("m.pt", "m.ckpt"):
-    got = mapping.load_state_dict_file(tmp_path / name)
+    got = langseg_layout.load_state_dict_file(tmp_path / name)
     assert got.keys() == sd.keys()
     np.testing.assert_array_equal(got["proj.weight"], sd["proj.weight"])
   with pytest.raises(FileNotFoundError, match="nothing.pt"):
-    mapping.load_state_dict_file(tmp_path / "nothing.pt")
+    langseg_layout.load_state_dict_file(tmp_path / "nothing.pt")
 
 
 def test_numpy_state_dict_converts_torch_bf16():
   torch = pytest.importorskip("torch")
-  out = mapping.numpy_state_dict({"w": torch.ones(2, dtype=torch.bfloat16), "n": np.zeros(1)})
+  out = langseg_layout.numpy_state_dict({"w": torch.ones(2, dtype=torch.bfloat16),
+                                         "n": np.zeros(1)})
   assert out["w"].dtype == np.float32 and out["n"].dtype == np.float64
 
 

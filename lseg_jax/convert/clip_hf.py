@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from flax import nnx
 import jax.numpy as jnp
 
+from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
 from lseg_jax.convert.mapping import TRANSPOSE, MappingTable, Rule, concat
 from lseg_jax.models import clip_text
@@ -108,7 +109,7 @@ def read_hf_checkpoint(path) -> tuple[dict[str, Any], dict[str, Any]]:
   for file in files:
     if not os.path.isfile(file):
       raise FileNotFoundError(f"{file!r} does not exist (only safetensors checkpoints are read)")
-    state_dict.update(mapping.load_state_dict_file(file))
+    state_dict.update(layout.load_state_dict_file(file))
   return config, state_dict
 
 
@@ -133,7 +134,7 @@ def load_hf_clip_text(path_or_state_dict, model: clip_text.CLIPTextTransformer |
     file_config, state_dict = read_hf_checkpoint(path_or_state_dict)
     config = config or file_config
   else:
-    state_dict = mapping.numpy_state_dict(path_or_state_dict)
+    state_dict = layout.numpy_state_dict(path_or_state_dict)
   state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
   if model is None:
     if config is None:

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from flax import nnx
 import jax.numpy as jnp
 
+from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
 from lseg_jax.convert.mapping import IDENTITY, TRANSPOSE, MappingTable, Rule
 from lseg_jax.models import clip_text
@@ -117,9 +118,9 @@ def load_openai_clip_text(path_or_state_dict, model: clip_text.CLIPTextTransform
     key that does not fit raises a `mapping.MappingError` listing them all.
   """
   if isinstance(path_or_state_dict, (str, os.PathLike)):
-    state_dict = mapping.load_state_dict_file(path_or_state_dict)
+    state_dict = layout.load_state_dict_file(path_or_state_dict)
   else:
-    state_dict = mapping.numpy_state_dict(path_or_state_dict)
+    state_dict = layout.numpy_state_dict(path_or_state_dict)
   if prefix is None:
     prefix = find_prefix(state_dict)
   # Keys outside the text tower's prefix (the rest of an LSeg checkpoint) are not ours.

@@ -20,31 +20,28 @@ with `net.`):
   scratch.head_block.depthwise.depthwise.{weight [1,1,3,3], bias [1]}
                                     <-> SpatialRegularization kernel [3,3], bias []
 
-Shapes tell the backbone (ViT width and patch, text width), the decoder width and
-whether a spatial-regularisation head exists, but not which one (bottleneck and
-depthwise blocks hold the same conv), how deep, or its activation: those come from
-the checkpoint's metadata or from the caller (`infer_config`).
+Reading checkpoint files, the key prefixes and what the shapes tell about the model
+are `lseg_jax.langseg_layout`'s, shared with the PyTorch LSeg; shapes do not tell
+which spatial-regularisation head a checkpoint has, how deep, or its activation:
+those come from its metadata or from the caller (`infer_config`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import tempfile
 from typing import Any, Mapping
 
 from flax import nnx
 import numpy as np
 
+from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import clip_openai, mapping, timm_vit
 from lseg_jax.convert.mapping import CONV, TRANSPOSE, Hook, MappingTable, Rule
+# The checkpoint layout is `langseg_layout`'s; these names stay importable from here.
+from lseg_jax.langseg_layout import (  # pylint: disable=unused-import
+    CLIP_PREFIX, VIT_PREFIX, check_layout, read_checkpoint)
 from lseg_jax.models import clip_text, dpt, lseg, vit
-
-LIGHTNING_PREFIX = "net."
-CLIP_PREFIX = "clip_pretrained."
-VIT_PREFIX = "pretrained.model."
-_HEAD_BLOCK_WEIGHT = "scratch.head_block.depthwise.depthwise.weight"
-_PROJECT_READOUT = "pretrained.act_postprocess1.0.project.0.weight"
 
 # nn.ConvTranspose2d weight [Cin, Cout, k, k] <-> ConvTransposeKxK kernel [k, k, Cin, Cout].
 DECONV = mapping.permute((2, 3, 0, 1), "deconv_iokk_kkio")
@@ -82,7 +79,7 @@ def _scratch_rules() -> list[Rule]:
             Rule("scratch/refinenet{i}/out_conv/bias", "scratch.refinenet{i}.out_conv.bias"),
             Rule("scratch/head1/kernel", "scratch.head1.weight", CONV),
             Rule("scratch/head1/bias", "scratch.head1.bias"),
-            Rule("scratch/head_block/kernel", _HEAD_BLOCK_WEIGHT,
+            Rule("scratch/head_block/kernel", layout.HEAD_BLOCK_WEIGHT,
                  mapping.reshape((1, 1, 3, 3), (3, 3))),
             Rule("scratch/head_block/bias", "scratch.head_block.depthwise.depthwise.bias",
                  mapping.reshape((1,), ()))]
@@ -107,186 +104,45 @@ def table_for(cfg: lseg.LSegConfig) -> MappingTable:
 
 
 # ---------------------------------------------------------------------------
-# Reading checkpoints.
-# ---------------------------------------------------------------------------
-def split_checkpoint(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Any], dict[str, Any]]:
-  """A loaded checkpoint object -> (LSegNet state dict, metadata).
-
-  Accepts a bare state dict, or a dict holding it under "state_dict" (Lightning
-  `.ckpt` files, with `net.`-prefixed keys, and our exporter's wrapper). Metadata
-  are the wrapper's other JSON-like entries: "lseg_config", "hyper_parameters",
-  "epoch", "global_step". Keys outside `net.` of a Lightning checkpoint (losses,
-  metrics) are dropped.
-  """
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{where}: expected a state dict or a dict with a 'state_dict' entry, "
-                     f"got a {type(obj).__name__}")
-  meta = {}
-  state_dict = obj
-  if isinstance(obj.get("state_dict"), Mapping):
-    state_dict = obj["state_dict"]
-    for key in ("lseg_config", "hyper_parameters"):
-      if isinstance(obj.get(key), Mapping):
-        meta[key] = dict(obj[key])
-    for key in ("epoch", "global_step"):
-      if isinstance(obj.get(key), (int, np.integer)):
-        meta[key] = int(obj[key])
-  if any(k.startswith(LIGHTNING_PREFIX) for k in state_dict):
-    state_dict = {k[len(LIGHTNING_PREFIX):]: v for k, v in state_dict.items()
-                  if k.startswith(LIGHTNING_PREFIX)}
-  arrays = {k: v for k, v in state_dict.items() if hasattr(v, "shape")}
-  if not arrays:
-    raise ValueError(f"{where}: holds no arrays; expected an LSegNet state dict "
-                     f"(keys like '{VIT_PREFIX}cls_token'), got keys {sorted(state_dict)[:10]}")
-  return mapping.numpy_state_dict(arrays), meta
-
-
-def read_checkpoint(path, *, weights_only: bool = True
-                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Reads an LSegNet checkpoint file -> (state dict of numpy arrays, metadata).
-
-  `.safetensors` files hold a bare state dict and need no torch. Anything else is
-  read with `torch.load`: a Lightning `.ckpt`, a pickled state dict, or our
-  exporter's wrapper (see `split_checkpoint`). `weights_only=False` unpickles
-  arbitrary objects: only for files you trust.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-  if path.endswith(".safetensors"):
-    try:
-      return split_checkpoint(mapping.load_state_dict_file(path), path)
-    except Exception as e:  # pylint: disable=broad-except
-      if isinstance(e, ValueError) and "holds no arrays" in str(e):
-        raise
-      raise ValueError(f"could not read {path!r} as safetensors ({type(e).__name__}: {e}); "
-                       "is the file complete?") from e
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-  except pickle.UnpicklingError as e:
-    if not weights_only:
-      raise ValueError(f"could not unpickle {path!r} ({e}); is the file complete?") from e
-    raise ValueError(
-        f"torch.load(weights_only=True) refused {path!r}: it pickles objects other than "
-        f"tensors ({e}). If you trust the file, allow arbitrary pickles (weights_only=False; "
-        "tools/convert.py: --trust-pickle)") from e
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"could not read {path!r} with torch.load ({type(e).__name__}: {e}); "
-                     "is it a complete PyTorch checkpoint file?") from e
-  return split_checkpoint(obj, path)
-
-
-# ---------------------------------------------------------------------------
 # Config inference.
 # ---------------------------------------------------------------------------
-# lang-seg's hyper-parameter names -> LSegConfig fields.
-_HPARAMS = {"backbone": "backbone", "num_features": "features", "readout": "readout",
-            "arch_option": "arch_option", "block_depth": "block_depth",
-            "activation": "activation"}
-# `lseg_config` metadata (`torch_lseg.TorchLSegConfig` names) -> LSegConfig fields.
-_TORCH_CONFIG = {"backbone": "backbone", "features": "features", "readout": "readout",
-                 "arch_option": "arch_option", "block_depth": "block_depth",
-                 "activation": "activation"}
-
-
-def check_layout(state_dict: Mapping[str, Any], where: str = "checkpoint") -> None:
-  """Raises a ValueError unless `state_dict` looks like an LSegNet (keys under both
-  `pretrained.model.` and `scratch.`)."""
-  groups = {p: any(k.startswith(p) for k in state_dict) for p in (VIT_PREFIX, "scratch.")}
-  if not all(groups.values()):
-    hint = (" (it looks like a bare timm ViT: load it with convert.timm_vit.load_timm_vit)"
-            if "cls_token" in state_dict and "pos_embed" in state_dict else "")
-    raise ValueError(
-        f"{where} is not an LSegNet state dict: it has no keys under "
-        f"{[p for p, ok in groups.items() if not ok]}{hint}; first keys: "
-        f"{sorted(state_dict)[:10]}")
-
-
-def _infer_backbone(state_dict: Mapping[str, Any]) -> str:
-  shapes = timm_vit.infer_variant(state_dict, VIT_PREFIX)
-  if CLIP_PREFIX + "text_projection" not in state_dict:
-    raise mapping.MappingError(missing=[CLIP_PREFIX + "text_projection"])
-  text_width, text_dim = state_dict[CLIP_PREFIX + "text_projection"].shape
-  found = []
-  for name, (vit_variant, text_variant) in lseg.BACKBONES.items():
-    v, t = vit.VIT_VARIANTS[vit_variant], clip_text.TEXT_VARIANTS[text_variant]
-    if ((v["width"], v["patch"], v["depth"]) == (shapes["width"], shapes["patch"],
-                                                 shapes["depth"])
-        and (t["width"], t["embed_dim"]) == (text_width, text_dim)):
-      found.append(name)
-  if len(found) != 1:
-    raise ValueError(
-        f"no known LSeg backbone has a ViT of width {shapes['width']}, patch {shapes['patch']}, "
-        f"depth {shapes['depth']} with a CLIP text tower of width {text_width} and output "
-        f"{text_dim}; known backbones: {sorted(lseg.BACKBONES)}")
-  return found[0]
+# What identifies each backbone in its weights (`langseg_layout.find_backbone`).
+_BACKBONE_SHAPES = {
+    name: dict(vit_width=vit.VIT_VARIANTS[v]["width"], patch=vit.VIT_VARIANTS[v]["patch"],
+               depth=vit.VIT_VARIANTS[v]["depth"],
+               text_width=clip_text.TEXT_VARIANTS[t]["width"],
+               text_dim=clip_text.TEXT_VARIANTS[t]["embed_dim"])
+    for name, (v, t) in lseg.BACKBONES.items()}
+# LSegConfig fields that are checkpoint settings under the same name.
+_MODEL_SETTINGS = tuple(layout.HPARAMS.values())
 
 
 def infer_config(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
                  **overrides) -> lseg.LSegConfig:
   """The LSegConfig of an LSegNet state dict.
 
-  Precedence: `overrides` (LSegConfig fields, None values ignored), then
-  `metadata["lseg_config"]` (written by our exporter), then
-  `metadata["hyper_parameters"]` (Lightning), then the shapes:
-    backbone     ViT width/patch/depth and the CLIP text width;
-    features     the output width of `scratch.layer1_rn`;
-    readout      "project" if its Linear exists ("ignore" and "add" have no weights:
-                 then it must be given);
-    arch_option  0 without head-block keys (every released lang-seg model); with
-                 them it must be given (1 bottleneck or 2 depthwise: same weights),
-                 and so must block_depth, and the activation when block_depth >= 2.
+  `overrides` are LSegConfig fields (None values ignored); the model's settings come
+  from them, the metadata and the shapes as `langseg_layout.infer_settings` says.
 
   Raises:
     ValueError naming what cannot be told and how to pass it.
   """
   check_layout(state_dict)
-  metadata = metadata or {}
-  settings: dict[str, Any] = {}
-  if _PROJECT_READOUT in state_dict:
-    settings["readout"] = "project"
-  if _HEAD_BLOCK_WEIGHT not in state_dict:
-    settings["arch_option"] = 0
-  if "scratch.layer1_rn.weight" in state_dict:
-    settings["features"] = int(state_dict["scratch.layer1_rn.weight"].shape[0])
-  hparams = metadata.get("hyper_parameters") or {}
-  settings.update({_HPARAMS[k]: v for k, v in hparams.items() if k in _HPARAMS})
-  torch_cfg = metadata.get("lseg_config") or {}
-  settings.update({_TORCH_CONFIG[k]: v for k, v in torch_cfg.items() if k in _TORCH_CONFIG})
-  settings.update({k: v for k, v in overrides.items() if v is not None})
-  if settings.get("backbone") is None:
-    settings["backbone"] = _infer_backbone(state_dict)
-
-  if settings.get("readout") is None:
-    raise ValueError("the checkpoint has no readout projection, so its readout is 'ignore' or "
-                     "'add' (they have no weights); pass readout=... (--readout)")
-  if settings.get("arch_option") is None:
-    raise ValueError(
-        f"the checkpoint has a spatial-regularisation head ({_HEAD_BLOCK_WEIGHT}) but its "
-        "kind is not recorded: pass arch_option=1 (bottleneck) or 2 (depthwise) "
-        "(--arch-option), and block_depth (--block-depth)")
-  if settings["arch_option"] in (1, 2):
-    if settings.get("block_depth") is None:
-      raise ValueError(f"arch_option {settings['arch_option']} needs block_depth (how many "
-                       "times the head block runs; --block-depth), which the weights "
-                       "do not tell")
-    if settings["block_depth"] >= 2 and settings.get("activation") is None:
-      raise ValueError(f"block_depth {settings['block_depth']} needs the head-block "
-                       "activation ('lrelu', 'relu' or 'tanh'; --activation), which the "
-                       "weights do not tell")
-
+  settings = layout.infer_settings(
+      state_dict, metadata, _BACKBONE_SHAPES,
+      **{k: v for k, v in overrides.items() if k in _MODEL_SETTINGS})
+  vocab = settings.pop("vocab_size", None)
+  settings.update({k: v for k, v in overrides.items()
+                   if k not in _MODEL_SETTINGS and v is not None})
   # Values equal to the backbone's defaults are stored as None, as a freshly
   # built config has them, so that a round trip reproduces the config exactly.
   default = lseg.LSegConfig(backbone=settings["backbone"])
   if settings.get("features") == default.num_features:
     settings["features"] = None
-  token_key = CLIP_PREFIX + "token_embedding.weight"
-  if "text_vocab_size" not in settings and token_key in state_dict:
-    vocab = int(state_dict[token_key].shape[0])
-    text_variant = lseg.BACKBONES[settings["backbone"]][1]
-    if vocab != clip_text.decode_variant(text_variant).vocab_size:
-      settings["text_vocab_size"] = vocab
+  text_variant = lseg.BACKBONES[settings["backbone"]][1]
+  if ("text_vocab_size" not in settings and vocab is not None
+      and vocab != clip_text.decode_variant(text_variant).vocab_size):
+    settings["text_vocab_size"] = vocab
   fields = {f.name for f in dataclasses.fields(lseg.LSegConfig)}
   return lseg.LSegConfig(**{k: v for k, v in settings.items() if k in fields and v is not None})
 
@@ -313,7 +169,8 @@ def load_langseg(path_or_state_dict, config: lseg.LSegConfig | None = None, *,
     state_dict, file_meta = read_checkpoint(path_or_state_dict, weights_only=weights_only)
     metadata = {**file_meta, **(metadata or {})}
   else:
-    state_dict, _ = split_checkpoint(path_or_state_dict)
+    state_dict, _ = layout.split_checkpoint(path_or_state_dict)
+    state_dict = layout.numpy_state_dict(state_dict)
   check_layout(state_dict, os.fspath(path_or_state_dict)
                if isinstance(path_or_state_dict, (str, os.PathLike)) else "state dict")
   if config is None:
@@ -350,7 +207,7 @@ def add_clip_image_tower(state_dict: Mapping[str, np.ndarray],
   The CLIP model must be the one whose text tower LSeg uses (ViT-B/32, or RN50x16
   for clipRN50x16_vitl16_384): its text projection must have our shape.
   """
-  clip_sd = mapping.numpy_state_dict(clip_state_dict)
+  clip_sd = layout.numpy_state_dict(clip_state_dict)
   prefix = clip_openai.find_prefix(clip_sd)
   ours, theirs = (state_dict[CLIP_PREFIX + "text_projection"],
                   clip_sd[prefix + "text_projection"])

@@ -7,18 +7,15 @@ pair of functions converting the arrays torch -> NNX and NNX -> torch. The same
 table imports (`torch_to_nnx`) and exports (`nnx_to_torch`); `{name}` placeholders
 match integer path segments (layer indices) and carry over between the two sides.
 
-Everything works on numpy arrays; `numpy_state_dict` turns torch tensors into
-numpy without importing torch. Flat NNX paths join the path segments with "/"
-(`flatten_params`); every other module of the project goes through these helpers.
+Everything works on numpy arrays; `langseg_layout.numpy_state_dict` turns torch
+tensors into numpy without importing torch. Flat NNX paths are the project's flat
+parameter names (`lseg_jax.names`); `flatten_params` also takes modules and States.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
-import warnings
-import zipfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from flax import nnx
@@ -26,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SEP = "/"
+from lseg_jax import names
+# File reading is `langseg_layout`'s (numpy only); these names stay importable from here.
+from lseg_jax.langseg_layout import (  # pylint: disable=unused-import
+    load_state_dict_file, numpy_state_dict)
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _MAX_LISTED = 100  # per category in a MappingError message
 
@@ -35,7 +35,7 @@ _MAX_LISTED = 100  # per category in a MappingError message
 # Flat NNX paths.
 # ---------------------------------------------------------------------------
 def flatten_params(tree) -> dict[str, Any]:
-  """nnx.Module | nnx.State | nested dict -> {"a/b/c": leaf}.
+  """nnx.Module | nnx.State | nested dict -> {"a/b/c": leaf} (`names.flatten`).
 
   Variables are replaced by their values (arrays, or `jax.ShapeDtypeStruct` for
   an abstract state); list indices become decimal path segments ("resblocks/0/...").
@@ -47,28 +47,13 @@ def flatten_params(tree) -> dict[str, Any]:
     tree = tree.to_pure_dict()
   if not isinstance(tree, Mapping):
     raise TypeError(f"expected an nnx.Module, nnx.State or dict of arrays, got {type(tree)}")
-  flat = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      path = f"{prefix}{SEP}{key}" if prefix else str(key)
-      if isinstance(value, Mapping):
-        walk(value, path)
-      else:
-        flat[path] = value.get_value() if isinstance(value, nnx.Variable) else value
-
-  walk(tree, "")
-  return flat
-
-
-def _path_tuple(path: str) -> tuple[str | int, ...]:
-  # NNX list items are keyed by int; no attribute name is all digits.
-  return tuple(int(s) if s.isdigit() else s for s in path.split(SEP))
+  return {k: v.get_value() if isinstance(v, nnx.Variable) else v
+          for k, v in names.flatten(tree).items()}
 
 
 def unflatten(flat: Mapping[str, Any]) -> nnx.State:
   """{"a/b/c": array} -> nested nnx.State (digit segments become list indices)."""
-  return nnx.from_flat_state([(_path_tuple(k), v) for k, v in sorted(flat.items())])
+  return nnx.from_flat_state([(names.split_name(k), v) for k, v in sorted(flat.items())])
 
 
 def update(model: nnx.Module, params) -> None:
@@ -88,70 +73,6 @@ def update(model: nnx.Module, params) -> None:
     raise ValueError(f"params do not match the model's shapes: {bad[:_MAX_LISTED]}")
   nnx.update(model, unflatten(
       {k: jnp.asarray(v, dtype=current[k].dtype) for k, v in flat.items()}))
-
-
-def numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """torch tensors (any device, bf16 included) or arrays -> {key: np.ndarray}.
-
-  Duck-typed so that this module never imports torch.
-  """
-  out = {}
-  for key, value in state_dict.items():
-    if hasattr(value, "detach"):  # a torch.Tensor
-      value = value.detach().cpu()
-      if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
-        value = value.float()
-      value = value.numpy()
-    out[key] = np.asarray(value)
-  return out
-
-
-def _is_torchscript(path: str) -> bool:
-  # Both formats are zip archives; only TorchScript ones hold code and constants.pkl.
-  if not zipfile.is_zipfile(path):
-    return False
-  with zipfile.ZipFile(path) as z:
-    return any(n.endswith("/constants.pkl") for n in z.namelist())
-
-
-def load_state_dict_file(path, *, weights_only: bool = True) -> dict[str, np.ndarray]:
-  """Reads a checkpoint file into {key: np.ndarray}.
-
-  `.safetensors` files are read with safetensors' numpy API (no torch needed).
-  Anything else needs torch: a TorchScript archive (e.g. OpenAI CLIP's `.pt`
-  files), or a pickled state dict, also inside a dict under "state_dict"
-  (PyTorch Lightning `.ckpt`) or "model". `weights_only=False` unpickles arbitrary
-  objects: only for files you trust.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-  if path.endswith(".safetensors"):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(path, framework="np") as f:
-      return {k: f.get_tensor(k) for k in f.keys()}
-  import torch  # pylint: disable=g-import-not-at-top
-  if _is_torchscript(path):
-    with warnings.catch_warnings():  # torch.jit.load is deprecated, but CLIP ships such files
-      warnings.simplefilter("ignore", FutureWarning)
-      obj = torch.jit.load(path, map_location="cpu").state_dict()
-  else:
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # pylint: disable=broad-except
-      if not weights_only:
-        raise
-      raise ValueError(
-          f"could not read {path!r} with torch.load(weights_only=True) ({e}); if the file "
-          f"is trusted, pass weights_only=False") from e
-  if isinstance(obj, Mapping):
-    for key in ("state_dict", "model"):
-      if isinstance(obj.get(key), Mapping):
-        obj = obj[key]
-        break
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
-  return numpy_state_dict(obj)
 
 
 # ---------------------------------------------------------------------------
@@ -258,9 +179,9 @@ class Rule:
     return (self.torch,) if isinstance(self.torch, str) else tuple(self.torch)
 
   def __post_init__(self):
-    names = set(_PLACEHOLDER.findall(self.nnx))
+    placeholders = set(_PLACEHOLDER.findall(self.nnx))
     for key in self.torch_keys:
-      if set(_PLACEHOLDER.findall(key)) != names:
+      if set(_PLACEHOLDER.findall(key)) != placeholders:
         raise ValueError(f"rule {self.nnx!r} <-> {key!r}: placeholders differ")
 
 
@@ -316,15 +237,11 @@ class MappingError(ValueError):
     super().__init__("\n".join(lines))
 
 
-def _fullmatch_any(patterns: Iterable[str], s: str) -> bool:
-  return any(re.fullmatch(p, s) for p in patterns)
-
-
 def _rules_for(table: MappingTable, paths: Iterable[str], unmapped: list[str]):
   """(path, rule, torch keys) for each NNX path the table maps, in sorted order;
   paths it neither maps nor ignores are appended to `unmapped`."""
   for path in sorted(paths):
-    if _fullmatch_any(table.ignore_nnx, path):
+    if names.matches(path, table.ignore_nnx):
       continue
     rule, groups = _match_rule(table, path)
     if rule is None:
@@ -386,7 +303,7 @@ def torch_to_nnx(state_dict: Mapping[str, Any], table: MappingTable, abstract_st
       continue
     out[path] = np.asarray(value, dtype=target.dtype)
   unknown = sorted(k for k in state_dict
-                   if k not in used and not _fullmatch_any(table.ignore_torch, k))
+                   if k not in used and not names.matches(k, table.ignore_torch))
   if unknown or missing or mis_shaped or unmapped:
     raise MappingError(unknown, sorted(missing), mis_shaped, unmapped)
   return unflatten(out)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from flax import nnx
 
+from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
 from lseg_jax.convert.mapping import CONV, TRANSPOSE, MappingTable, Rule
 from lseg_jax.models import vit
@@ -81,24 +82,10 @@ def find_prefix(state_dict: Mapping[str, Any]) -> str:
   return found[0]
 
 
-def infer_variant(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
-  """{"width", "patch", "depth", "grid"} from the shapes of a timm ViT state dict."""
-  patch_key = prefix + "patch_embed.proj.weight"
-  for key in (prefix + "cls_token", prefix + "pos_embed", patch_key):
-    if key not in state_dict:
-      raise mapping.MappingError(missing=[key])
-  depth = len({k[len(prefix):].split(".")[1] for k in state_dict
-               if k.startswith(prefix + "blocks.")})
-  num_tokens = state_dict[prefix + "pos_embed"].shape[1]
-  return dict(width=int(state_dict[prefix + "cls_token"].shape[-1]),
-              patch=int(state_dict[patch_key].shape[-1]), depth=depth,
-              grid=int(round((num_tokens - 1) ** 0.5)))
-
-
 def _read(path_or_state_dict) -> dict[str, Any]:
   if isinstance(path_or_state_dict, (str, os.PathLike)):
-    return mapping.load_state_dict_file(path_or_state_dict)
-  return mapping.numpy_state_dict(path_or_state_dict)
+    return layout.load_state_dict_file(path_or_state_dict)
+  return layout.numpy_state_dict(path_or_state_dict)
 
 
 def load_timm_vit(path_or_state_dict, vit_module: vit.VisionTransformer | vit.ViTConfig | str,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pickle
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -31,15 +30,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lseg_jax import langseg_layout as layout
 from lseg_jax.torch_lseg.clip_text import CLIPTextTorch
 
 READOUTS = ("ignore", "add", "project")
-ACTIVATIONS = ("relu", "lrelu", "tanh")
+ACTIVATIONS = layout.ACTIVATIONS
 ARCH_OPTIONS = (0, 1, 2)
-
-# `clip_pretrained.*` keys of the official LSegNet that belong to CLIP's image
-# side: not part of this model, dropped when loading.
-_IGNORED_KEYS = ("clip_pretrained.visual.", "clip_pretrained.logit_scale")
 
 # The ViT position embeddings are learned on this input size; every forward
 # resizes them from this grid to the input's grid.
@@ -120,6 +116,10 @@ class TorchLSegConfig:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(self.block_depth, int) or self.block_depth < 0:
       raise ValueError(f"block_depth must be an int >= 0, got {self.block_depth!r}")
+
+
+# Checkpoint metadata ("lseg_config") and settings inference use these names.
+assert tuple(f.name for f in dataclasses.fields(TorchLSegConfig)) == layout.SETTINGS
 
 
 def _check_choice(name, value, choices):
@@ -494,12 +494,13 @@ class LSegTorch(nn.Module):
   def from_checkpoint(cls, path, *, weights_only: bool = True, **overrides):
     """Builds an LSegTorch from a state dict in the lang-seg layout.
 
-    Accepts a bare state dict, {"state_dict": ...} (Lightning `.ckpt`, keys
-    prefixed `net.`), with optional "lseg_config" metadata (our exporter) or
+    Accepts a bare state dict, or {"state_dict": ...} (Lightning `.ckpt`, keys
+    prefixed `net.`) with optional "lseg_config" metadata (our exporters) or
     Lightning "hyper_parameters". The config is, by precedence: `overrides`,
-    "lseg_config", "hyper_parameters", then what the keys and shapes tell.
-    `clip_pretrained.visual.*` and `clip_pretrained.logit_scale` (CLIP's image
-    side) are ignored; all other keys load strictly.
+    "lseg_config", "hyper_parameters", then what the keys and shapes tell
+    (`langseg_layout.infer_settings`). `clip_pretrained.visual.*` and
+    `clip_pretrained.logit_scale` (CLIP's image side) are ignored; all other keys
+    load strictly.
 
     Args:
       path: file written by `torch.save`.
@@ -507,101 +508,25 @@ class LSegTorch(nn.Module):
         pickle other objects and need False (only for files you trust).
       **overrides: `TorchLSegConfig` fields.
     """
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-      raise ValueError(
-          f"{path}: torch.load(weights_only=True) refused the file ({e}); if you "
-          "trust it, pass weights_only=False") from e
-    state_dict, config = _split_checkpoint(obj, str(path), overrides)
-    model = cls(config)
+    fields = {f.name for f in dataclasses.fields(TorchLSegConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+      raise ValueError(f"unknown config overrides {sorted(unknown)}; expected "
+                       f"fields of TorchLSegConfig: {sorted(fields)}")
+    where = str(path)
+    state_dict, meta = layout.split_checkpoint(
+        layout.torch_load(path, weights_only=weights_only), where)
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not k.startswith(layout.CLIP_IMAGE_PREFIXES)}
+    layout.check_layout(state_dict, where, "LSeg")
+    settings = layout.infer_settings(state_dict, meta, _BACKBONE_SHAPES, **overrides)
+    model = cls(TorchLSegConfig(**settings))
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
 
-_HPARAM_NAMES = {"backbone": "backbone", "num_features": "features",
-                 "readout": "readout", "arch_option": "arch_option",
-                 "block_depth": "block_depth", "activation": "activation"}
-
-
-def _split_checkpoint(obj, where, overrides):
-  """Checkpoint object -> (state dict in LSegTorch keys, TorchLSegConfig)."""
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{where}: expected a state dict or a dict with 'state_dict', "
-                     f"got {type(obj).__name__}")
-  obj = dict(obj)
-  meta = dict(obj.pop("lseg_config", None) or {})
-  hparams = obj.pop("hyper_parameters", None) or {}
-  state_dict = obj["state_dict"] if "state_dict" in obj else obj
-  if any(k.startswith("net.") for k in state_dict):
-    state_dict = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
-  state_dict = {k: v for k, v in state_dict.items()
-                if torch.is_tensor(v) and not k.startswith(_IGNORED_KEYS)}
-  if "pretrained.model.cls_token" not in state_dict:
-    raise ValueError(f"{where}: no 'pretrained.model.cls_token' key; not an LSeg "
-                     "state dict (keys like 'pretrained.model.*', 'scratch.*')")
-
-  fields = {f.name for f in dataclasses.fields(TorchLSegConfig)}
-  settings = _infer_config(state_dict)
-  unknown = set(overrides) - fields
-  if unknown:
-    raise ValueError(f"unknown config overrides {sorted(unknown)}; expected "
-                     f"fields of TorchLSegConfig: {sorted(fields)}")
-  # Later sources win; None never overrides a value.
-  for source in ({_HPARAM_NAMES[k]: v for k, v in dict(hparams).items()
-                  if k in _HPARAM_NAMES},
-                 {k: v for k, v in meta.items() if k in fields},
-                 overrides):
-    settings.update({k: v for k, v in source.items() if v is not None})
-  for name in ("backbone", "readout", "arch_option"):
-    if settings.get(name) is None:
-      raise ValueError(f"{where}: cannot tell {name!r} from the weights; pass "
-                       f"{name}=... (one of {_choices(name)})")
-  if settings["arch_option"] in (1, 2):
-    if settings.get("block_depth") is None:
-      raise ValueError(f"{where}: arch_option {settings['arch_option']} needs "
-                       "block_depth, which the weights do not tell; pass block_depth=...")
-    # The activation only runs between head-block applications.
-    if settings["block_depth"] >= 2 and settings.get("activation") is None:
-      raise ValueError(f"{where}: block_depth {settings['block_depth']} needs the "
-                       f"head-block activation (one of {list(ACTIVATIONS)}), which the "
-                       "weights do not tell; pass activation=...")
-  return state_dict, TorchLSegConfig(**{k: v for k, v in settings.items()
-                                        if v is not None})
-
-
-def _choices(name):
-  return {"backbone": list(VARIANTS), "readout": list(READOUTS),
-          "arch_option": list(ARCH_OPTIONS)}[name]
-
-
-def _infer_config(sd):
-  """What the keys and shapes say about the config; None where they cannot."""
-  vit_width = sd["pretrained.model.cls_token"].shape[-1]
-  patch = sd["pretrained.model.patch_embed.proj.weight"].shape[-1]
-  depth = len({k.split(".")[3] for k in sd if k.startswith("pretrained.model.blocks.")})
-  text_proj = sd.get("clip_pretrained.text_projection")
-  text_shape = tuple(text_proj.shape) if text_proj is not None else None
-  backbone = None
-  for name, v in VARIANTS.items():
-    t = v["text"]
-    if ((v["vit"]["patch"], v["vit"]["width"], v["vit"]["depth"])
-        == (patch, vit_width, depth) and text_shape == (t["width"], t["embed_dim"])):
-      backbone = name
-  settings = dict(backbone=backbone,
-                  features=sd["scratch.layer1_rn.weight"].shape[0]
-                  if "scratch.layer1_rn.weight" in sd else None)
-  if "pretrained.act_postprocess1.0.project.0.weight" in sd:
-    settings["readout"] = "project"
-  else:
-    settings["readout"] = None  # 'ignore' and 'add' have no parameters
-  if "scratch.head_block.depthwise.depthwise.weight" in sd:
-    # Bottleneck and depthwise blocks hold the same conv; depth is one shared module.
-    settings.update(arch_option=None, block_depth=None, activation=None)
-  else:
-    settings["arch_option"] = 0
-  if "clip_pretrained.token_embedding.weight" in sd:
-    settings["vocab_size"] = sd["clip_pretrained.token_embedding.weight"].shape[0]
-  if "clip_pretrained.positional_embedding" in sd:
-    settings["context_length"] = sd["clip_pretrained.positional_embedding"].shape[0]
-  return settings
+# What identifies each backbone in its weights (`langseg_layout.find_backbone`).
+_BACKBONE_SHAPES = {
+    name: dict(vit_width=v["vit"]["width"], patch=v["vit"]["patch"], depth=v["vit"]["depth"],
+               text_width=v["text"]["width"], text_dim=v["text"]["embed_dim"])
+    for name, v in VARIANTS.items()}

@@ -1,0 +1,326 @@
+"""PyTorch checkpoint files and lang-seg's `LSegNet` key layout (numpy only, no JAX).
+
+The one owner of what a lang-seg checkpoint looks like on disk, shared by the
+converter (`lseg_jax.convert.langseg`, JAX) and the PyTorch LSeg
+(`lseg_jax.torch_lseg`, which imports nothing from the JAX side):
+
+  reading files   `load_state_dict_file` (any state dict: safetensors without torch,
+                  or torch files), `torch_load` (its errors say what to do),
+                  `read_checkpoint` / `split_checkpoint` (an LSegNet checkpoint and
+                  its metadata);
+  key layout      the prefixes below; official Lightning `.ckpt` files put every key
+                  of the `LSegNet` under `net.`; `check_layout`;
+  settings        `infer_settings`: the hyper-parameters, by precedence, from the
+                  caller, the checkpoint's metadata and the shapes.
+
+Settings use the names of the `lseg_config` metadata our exporter writes
+(`TorchLSegConfig` fields): backbone, features, readout, arch_option, block_depth,
+activation, vocab_size, context_length. Shapes tell the backbone (ViT width, patch
+and depth, CLIP text width and output), the decoder width, the text vocabulary and
+context, and whether a spatial-regularisation head exists, but not which one
+(bottleneck and depthwise blocks hold the same conv), how deep, or its activation.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from typing import Any, Mapping
+
+import numpy as np
+
+LIGHTNING_PREFIX = "net."
+CLIP_PREFIX = "clip_pretrained."
+VIT_PREFIX = "pretrained.model."
+# CLIP's image side, which `clip.load` puts under `clip_pretrained` but LSeg never runs.
+CLIP_IMAGE_PREFIXES = (CLIP_PREFIX + "visual.", CLIP_PREFIX + "logit_scale")
+HEAD_BLOCK_WEIGHT = "scratch.head_block.depthwise.depthwise.weight"
+PROJECT_READOUT = "pretrained.act_postprocess1.0.project.0.weight"
+
+SETTINGS = ("backbone", "features", "readout", "arch_option", "block_depth", "activation",
+            "vocab_size", "context_length")
+# lang-seg's Lightning hyper-parameter names -> settings.
+HPARAMS = {"backbone": "backbone", "num_features": "features", "readout": "readout",
+           "arch_option": "arch_option", "block_depth": "block_depth",
+           "activation": "activation"}
+ACTIVATIONS = ("relu", "lrelu", "tanh")
+# What identifies a backbone in the weights (see `backbone_shapes`).
+BACKBONE_SHAPES = ("vit_width", "patch", "depth", "text_width", "text_dim")
+
+
+# ---------------------------------------------------------------------------
+# Reading files.
+# ---------------------------------------------------------------------------
+def numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """torch tensors (any device, bf16 included) or arrays -> {key: np.ndarray}.
+
+  Duck-typed so that this module never imports torch.
+  """
+  out = {}
+  for key, value in state_dict.items():
+    if hasattr(value, "detach"):  # a torch.Tensor
+      value = value.detach().cpu()
+      if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+        value = value.float()
+      value = value.numpy()
+    out[key] = np.asarray(value)
+  return out
+
+
+def _check_file(path) -> str:
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+  return path
+
+
+def torch_load(path, *, weights_only: bool = True) -> Any:
+  """`torch.load(path)` on the CPU, with errors that say what to do.
+
+  `weights_only=False` unpickles arbitrary objects: only for files you trust.
+
+  Raises:
+    ValueError: the file is not a complete torch file, or pickles objects other
+      than tensors while `weights_only` is True.
+  """
+  path = _check_file(path)
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
+  except pickle.UnpicklingError as e:
+    if not weights_only:
+      raise ValueError(f"could not unpickle {path!r} ({e}); is the file complete?") from e
+    raise ValueError(
+        f"torch.load(weights_only=True) refused {path!r}: it pickles objects other than "
+        f"tensors ({e}). If you trust the file, allow arbitrary pickles (weights_only=False; "
+        "tools/convert.py: --trust-pickle)") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"could not read {path!r} with torch.load ({type(e).__name__}: {e}); "
+                     "is it a complete PyTorch checkpoint file?") from e
+
+
+def _is_torchscript(path: str) -> bool:
+  # Both formats are zip archives; only TorchScript ones hold code and constants.pkl.
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def load_state_dict_file(path, *, weights_only: bool = True) -> dict[str, np.ndarray]:
+  """Reads a checkpoint file into {key: np.ndarray}.
+
+  `.safetensors` files are read with safetensors' numpy API (no torch needed).
+  Anything else needs torch: a TorchScript archive (e.g. OpenAI CLIP's `.pt`
+  files), or a pickled state dict, also inside a dict under "state_dict"
+  (PyTorch Lightning `.ckpt`) or "model" (see `torch_load` for `weights_only`).
+  """
+  path = _check_file(path)
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(path, framework="np") as f:
+      return {k: f.get_tensor(k) for k in f.keys()}
+  if _is_torchscript(path):
+    import torch  # pylint: disable=g-import-not-at-top
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but CLIP ships such files
+      warnings.simplefilter("ignore", FutureWarning)
+      obj = torch.jit.load(path, map_location="cpu").state_dict()
+  else:
+    obj = torch_load(path, weights_only=weights_only)
+  if isinstance(obj, Mapping):
+    for key in ("state_dict", "model"):
+      if isinstance(obj.get(key), Mapping):
+        obj = obj[key]
+        break
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
+  return numpy_state_dict(obj)
+
+
+def split_checkpoint(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Any], dict[str, Any]]:
+  """A loaded checkpoint object -> (LSegNet state dict, metadata).
+
+  Accepts a bare state dict, or a dict holding it under "state_dict" (Lightning
+  `.ckpt` files, with `net.`-prefixed keys, and our exporters' wrapper). Metadata
+  are the wrapper's other JSON-like entries: "lseg_config", "hyper_parameters",
+  "epoch", "global_step". Keys outside `net.` of a Lightning checkpoint (losses,
+  metrics) and entries that are not arrays are dropped; the arrays are returned as
+  they are (torch tensors stay tensors).
+  """
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{where}: expected a state dict or a dict with a 'state_dict' entry, "
+                     f"got a {type(obj).__name__}")
+  meta = {}
+  state_dict = obj
+  if isinstance(obj.get("state_dict"), Mapping):
+    state_dict = obj["state_dict"]
+    for key in ("lseg_config", "hyper_parameters"):
+      if isinstance(obj.get(key), Mapping):
+        meta[key] = dict(obj[key])
+    for key in ("epoch", "global_step"):
+      if isinstance(obj.get(key), (int, np.integer)):
+        meta[key] = int(obj[key])
+  if any(k.startswith(LIGHTNING_PREFIX) for k in state_dict):
+    state_dict = {k[len(LIGHTNING_PREFIX):]: v for k, v in state_dict.items()
+                  if k.startswith(LIGHTNING_PREFIX)}
+  arrays = {k: v for k, v in state_dict.items() if hasattr(v, "shape")}
+  if not arrays:
+    raise ValueError(f"{where}: holds no arrays; expected an LSegNet state dict "
+                     f"(keys like '{VIT_PREFIX}cls_token'), got keys {sorted(state_dict)[:10]}")
+  return arrays, meta
+
+
+def read_checkpoint(path, *, weights_only: bool = True
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Reads an LSegNet checkpoint file -> (state dict of numpy arrays, metadata).
+
+  `.safetensors` files hold a bare state dict and need no torch. Anything else is
+  read with `torch_load`: a Lightning `.ckpt`, a pickled state dict, or our
+  exporters' wrapper (see `split_checkpoint`).
+  """
+  path = _check_file(path)
+  if path.endswith(".safetensors"):
+    try:
+      obj = load_state_dict_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"could not read {path!r} as safetensors ({type(e).__name__}: {e}); "
+                       "is the file complete?") from e
+  else:
+    obj = torch_load(path, weights_only=weights_only)
+  state_dict, meta = split_checkpoint(obj, path)
+  return numpy_state_dict(state_dict), meta
+
+
+# ---------------------------------------------------------------------------
+# Key layout and settings.
+# ---------------------------------------------------------------------------
+def check_layout(state_dict: Mapping[str, Any], where: str = "checkpoint",
+                 what: str = "LSegNet") -> None:
+  """Raises a ValueError unless `state_dict` has keys under both `pretrained.model.`
+  and `scratch.`; `what` names the model in the message."""
+  groups = {p: any(k.startswith(p) for k in state_dict) for p in (VIT_PREFIX, "scratch.")}
+  if not all(groups.values()):
+    hint = (" (it looks like a bare timm ViT: load it with convert.timm_vit.load_timm_vit)"
+            if "cls_token" in state_dict and "pos_embed" in state_dict else "")
+    raise ValueError(
+        f"{where} is not an {what} state dict: it has no keys under "
+        f"{[p for p, ok in groups.items() if not ok]}{hint}; first keys: "
+        f"{sorted(state_dict)[:10]}")
+
+
+def vit_shapes(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
+  """{"width", "patch", "depth", "grid"} from the shapes of a timm ViT state dict
+  whose keys start with `prefix`."""
+  patch_key = prefix + "patch_embed.proj.weight"
+  missing = [k for k in (prefix + "cls_token", prefix + "pos_embed", patch_key)
+             if k not in state_dict]
+  if missing:
+    raise ValueError(f"no timm ViT under {prefix!r}: the state dict lacks {missing}")
+  depth = len({k[len(prefix):].split(".")[1] for k in state_dict
+               if k.startswith(prefix + "blocks.")})
+  num_tokens = state_dict[prefix + "pos_embed"].shape[1]
+  return dict(width=int(state_dict[prefix + "cls_token"].shape[-1]),
+              patch=int(state_dict[patch_key].shape[-1]), depth=depth,
+              grid=int(round((num_tokens - 1) ** 0.5)))
+
+
+def backbone_shapes(state_dict: Mapping[str, Any]) -> dict[str, int]:
+  """The `BACKBONE_SHAPES` of an LSegNet state dict (ViT and CLIP text tower)."""
+  vit = vit_shapes(state_dict, VIT_PREFIX)
+  projection = CLIP_PREFIX + "text_projection"
+  if projection not in state_dict:
+    raise ValueError(f"cannot tell the backbone: the state dict has no {projection!r}; "
+                     "pass backbone=...")
+  text_width, text_dim = state_dict[projection].shape
+  return dict(vit_width=vit["width"], patch=vit["patch"], depth=vit["depth"],
+              text_width=int(text_width), text_dim=int(text_dim))
+
+
+def find_backbone(state_dict: Mapping[str, Any],
+                  backbones: Mapping[str, Mapping[str, int]]) -> str:
+  """The one name in `backbones` ({name: `BACKBONE_SHAPES` dict}) the weights fit."""
+  shapes = backbone_shapes(state_dict)
+  found = [name for name, known in backbones.items()
+           if all(known[k] == shapes[k] for k in BACKBONE_SHAPES)]
+  if len(found) != 1:
+    raise ValueError(
+        f"no known LSeg backbone has a ViT of width {shapes['vit_width']}, patch "
+        f"{shapes['patch']}, depth {shapes['depth']} with a CLIP text tower of width "
+        f"{shapes['text_width']} and output {shapes['text_dim']}; known backbones: "
+        f"{sorted(backbones)}; pass backbone=...")
+  return found[0]
+
+
+def _shape_settings(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """What the keys and shapes tell, except the backbone."""
+  settings: dict[str, Any] = {}
+  if PROJECT_READOUT in state_dict:
+    settings["readout"] = "project"  # 'ignore' and 'add' have no weights
+  if HEAD_BLOCK_WEIGHT not in state_dict:
+    settings["arch_option"] = 0
+  for name, key in (("features", "scratch.layer1_rn.weight"),
+                    ("vocab_size", CLIP_PREFIX + "token_embedding.weight"),
+                    ("context_length", CLIP_PREFIX + "positional_embedding")):
+    if key in state_dict:
+      settings[name] = int(state_dict[key].shape[0])
+  return settings
+
+
+def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
+                   backbones: Mapping[str, Mapping[str, int]] | None = None,
+                   **overrides) -> dict[str, Any]:
+  """The settings of an LSegNet state dict ({name: value}, None values left out).
+
+  Precedence: `overrides` (`SETTINGS` names; None values ignored), then
+  `metadata["lseg_config"]` (written by our exporters), then
+  `metadata["hyper_parameters"]` (Lightning), then the shapes:
+    backbone     the one of `backbones` whose `BACKBONE_SHAPES` the weights have;
+    features, vocab_size, context_length   their weights' shapes;
+    readout      "project" if its Linear exists ("ignore" and "add" have no weights:
+                 then it must be given);
+    arch_option  0 without head-block keys (every released lang-seg model); with
+                 them it must be given (1 bottleneck or 2 depthwise: same weights),
+                 and so must block_depth, and the activation when block_depth >= 2.
+
+  Raises:
+    ValueError naming what cannot be told and how to pass it.
+  """
+  unknown = sorted(set(overrides) - set(SETTINGS))
+  assert not unknown, f"not settings: {unknown}"
+  metadata = metadata or {}
+  settings = _shape_settings(state_dict)
+  hparams = metadata.get("hyper_parameters") or {}
+  for source in ({HPARAMS[k]: v for k, v in hparams.items() if k in HPARAMS},
+                 {k: v for k, v in (metadata.get("lseg_config") or {}).items() if k in SETTINGS},
+                 overrides):
+    settings.update({k: v for k, v in source.items() if v is not None})
+  if settings.get("backbone") is None:
+    settings["backbone"] = find_backbone(state_dict, backbones or {})
+
+  if settings.get("readout") is None:
+    raise ValueError("the checkpoint has no readout projection, so its readout is 'ignore' or "
+                     "'add' (they have no weights); pass readout=... (--readout)")
+  if settings.get("arch_option") is None:
+    raise ValueError(
+        f"the checkpoint has a spatial-regularisation head ({HEAD_BLOCK_WEIGHT}) but its "
+        "kind is not recorded: pass arch_option=1 (bottleneck) or 2 (depthwise) "
+        "(--arch-option), and block_depth (--block-depth)")
+  if settings["arch_option"] in (1, 2):
+    if settings.get("block_depth") is None:
+      raise ValueError(f"arch_option {settings['arch_option']} needs block_depth (how many "
+                       "times the head block runs; --block-depth), which the weights "
+                       "do not tell")
+    # The activation only runs between head-block applications.
+    if settings["block_depth"] >= 2 and settings.get("activation") is None:
+      raise ValueError(f"block_depth {settings['block_depth']} needs the head-block "
+                       f"activation (one of {list(ACTIVATIONS)}; --activation), which the "
+                       "weights do not tell")
+  return settings
+
+
+__all__ = ["ACTIVATIONS", "BACKBONE_SHAPES", "CLIP_IMAGE_PREFIXES", "CLIP_PREFIX",
+           "HEAD_BLOCK_WEIGHT", "HPARAMS", "LIGHTNING_PREFIX", "PROJECT_READOUT", "SETTINGS",
+           "VIT_PREFIX", "backbone_shapes", "check_layout", "find_backbone", "infer_settings",
+           "load_state_dict_file", "numpy_state_dict", "read_checkpoint", "split_checkpoint",
+           "torch_load", "vit_shapes"]
