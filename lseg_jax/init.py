@@ -1,4 +1,4 @@
-"""Initialisation from pretrained weights, by config, and the tokenizer named by config.
+"""Initialisation from pretrained weights, by config.
 
 `config.init` fields (each None or a path; applied in this order, later ones win):
   checkpoint  an Orbax directory (`tools/convert.py import`, or an earlier training
@@ -20,15 +20,18 @@ from flax import nnx
 import numpy as np
 
 from lseg_jax import checkpoint
+from lseg_jax import langseg_layout as layout
+from lseg_jax import names
 from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit
 from lseg_jax.models import lseg
-from lseg_jax.text import BYTE_LEVEL_TOKENIZER, BYTE_LEVEL_VOCAB_SIZE  # re-exported
+# Deprecated re-exports: use `lseg_jax.text`'s.
+from lseg_jax.text import BYTE_LEVEL_TOKENIZER, BYTE_LEVEL_VOCAB_SIZE
 
 INIT_FIELDS = ("checkpoint", "timm_vit", "clip")
 
 
-def _prefixed(prefix: str, state) -> dict[str, np.ndarray]:
-  return {prefix + k: np.asarray(v) for k, v in mapping.flatten_params(state).items()}
+def _prefixed(prefix: str, state: nnx.State) -> dict[str, np.ndarray]:
+  return {prefix + k: np.asarray(v) for k, v in names.flatten(state.to_pure_dict()).items()}
 
 
 def _from_checkpoint(directory: str, model_config: lseg.LSegConfig) -> dict[str, np.ndarray]:
@@ -45,7 +48,7 @@ def _from_checkpoint(directory: str, model_config: lseg.LSegConfig) -> dict[str,
 
 
 def _from_timm_vit(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
-  state_dict = mapping.load_state_dict_file(path)
+  state_dict = layout.load_state_dict_file(path)
   prefix = timm_vit.find_prefix(state_dict)
   state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
   vit = abstract.pretrained.model
@@ -65,7 +68,7 @@ def _from_clip(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
     _, state_dict = clip_hf.read_hf_checkpoint(path)
     table = clip_hf.table()
   else:
-    state_dict = mapping.load_state_dict_file(path)
+    state_dict = layout.load_state_dict_file(path)
     prefix = clip_openai.find_prefix(state_dict)
     state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     table = clip_openai.table(prefix)
@@ -101,13 +104,13 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
 
 
 def byte_level_tokenizer():
-  """See `lseg_jax.text.byte_level_tokenizer`."""
+  """Deprecated: call `lseg_jax.text.byte_level_tokenizer`."""
   from lseg_jax import text  # pylint: disable=g-import-not-at-top
   return text.byte_level_tokenizer()
 
 
 def tokenizer(spec: str):
-  """`BYTE_LEVEL_TOKENIZER`, or a path / hub name for `lseg_jax.text.load_tokenizer`."""
+  """Deprecated: call `lseg_jax.text.load_tokenizer(spec)`."""
   from lseg_jax import text  # pylint: disable=g-import-not-at-top
   return text.load_tokenizer(spec)
 
