@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -1
+from lseg_jax.labels import IGNORE_INDEX
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
@@ -46,4 +46,4 @@ def pixel_accuracy_counts(logits, labels, ignore_index: int = IGNORE_INDEX):
   return jnp.sum(correct, dtype=jnp.int32), jnp.sum(valid, dtype=jnp.int32)
 
 
-__all__ = ["IGNORE_INDEX", "cross_entropy", "pixel_accuracy_counts"]
+__all__ = ["cross_entropy", "pixel_accuracy_counts"]

@@ -10,11 +10,12 @@ counts are summed over the whole dataset, then
   IoU_c  = I_c / (eps + U_c)             eps = np.spacing(1) ~ 2.2e-16
   mIoU   = mean of IoU_c over ALL C classes.
 
-Ignored pixels (label -1) count nowhere: not in labelled, and their prediction
-enters neither I nor U. A class absent from both the predictions and the
-ground truth of the whole dataset has U = 0, so IoU = 0 and it still counts in
-the mean (it lowers mIoU). `miou_pixacc` also reports `mIoU_present`, the mean
-over classes with U > 0, clearly named as a non-official extra.
+Ignored pixels (label -1, `labels.IGNORE_INDEX`; any label outside [0, C)) count
+nowhere: not in labelled, and their prediction enters neither I nor U. A class
+absent from both the predictions and the ground truth of the whole dataset has
+U = 0, so IoU = 0 and it still counts in the mean (it lowers mIoU). `miou_pixacc`
+also reports `mIoU_present`, the mean over classes with U > 0, clearly named as a
+non-official extra.
 
 Few-shot episodes (HSNet's `Evaluator` + `AverageMeter`, used by
 `test_lseg_zs.py`): each episode is a binary problem (0 = background/"other",
@@ -46,7 +47,6 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = -1
 # PyTorch-Encoding's epsilon in pixAcc and IoU denominators.
 EPS = float(np.spacing(1))
 
@@ -296,6 +296,6 @@ class FewShotMeter:
     return out
 
 
-__all__ = ["EPS", "IGNORE_INDEX", "FewShotMeter", "SegmentationMeter", "confusion_matrix",
+__all__ = ["EPS", "FewShotMeter", "SegmentationMeter", "confusion_matrix",
            "confusion_matrix_np", "episode_confusion", "episode_confusion_np", "fewshot_iou",
            "miou_pixacc", "to_host"]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lseg_jax import labels
 from lseg_jax import metrics
 
 
@@ -211,4 +212,6 @@ def test_numpy_versions_equal_jitted():
 
 def test_ignore_index_matches_the_data_contract():
   from lseg_jax.data import IGNORE_INDEX  # pylint: disable=g-import-not-at-top
-  assert metrics.IGNORE_INDEX == IGNORE_INDEX == -1
+  assert labels.IGNORE_INDEX == IGNORE_INDEX == -1
+  conf = metrics.confusion_matrix_np(np.array([[0, 1]]), np.array([[0, labels.IGNORE_INDEX]]), 2)
+  assert conf.sum() == 1  # the ignored pixel counts nowhere
