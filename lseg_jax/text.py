@@ -178,5 +178,5 @@ class LabelEmbedder:
 
 
 __all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "CONTEXT_LENGTH",
-           "DEFAULT_TOKENIZER", "LabelEmbedder", "byte_level_tokenizer", "clean_text", "load_tokenizer",
-           "tokenize", "validate_labels"]
+           "DEFAULT_TOKENIZER", "LabelEmbedder", "byte_level_tokenizer", "clean_text",
+           "load_tokenizer", "tokenize", "validate_labels"]
