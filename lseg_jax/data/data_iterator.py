@@ -1,4 +1,4 @@
-"""What the train and eval streams share: the iterator they return and its parts.
+"""What the train and eval streams share: the iterator they return, its parts.
 
 `DataIterator` yields a tf.data pipeline's batches as numpy dicts and carries
 what callers need besides them: the label table, whether the source is

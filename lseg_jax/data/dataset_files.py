@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import io
-import os
 import threading
 import zipfile
 
