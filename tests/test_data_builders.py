@@ -358,10 +358,11 @@ def _write_idd(root):
   return raw, np.where(raw < 26, raw.astype(np.int32), -1)
 
 
-def _write_mapillary(root):
+def _write_mapillary(root, v2=False):
   raw = _raw_labels(7, [0, 13, 64, 65])
+  labels_dir = "v1.2/labels" if v2 else "labels"  # v2.0 keeps v1.2 apart.
   _save(f"{root}/validation/images/-abc_DEF.jpg", _colour(1))
-  _save(f"{root}/validation/labels/-abc_DEF.png", raw, palette=True)
+  _save(f"{root}/validation/{labels_dir}/-abc_DEF.png", raw, palette=True)
   labels = [{"readable": n.title(), "name": n}
             for n in (*label_names.MAPILLARY_VISTAS_NAMES, "unlabeled")]
   with open(f"{root}/config.json", "w") as f:
@@ -381,6 +382,7 @@ def _write_sunrgbd(root):
     ("bdd100k", lambda root: _write_bdd(root, legacy=True)),
     ("idd", _write_idd),
     ("mapillary_vistas", _write_mapillary),
+    ("mapillary_vistas", lambda root: _write_mapillary(root, v2=True)),
     ("sunrgbd", _write_sunrgbd),
 ])
 def test_mixture_dataset_layouts(tmp_path, name, write):

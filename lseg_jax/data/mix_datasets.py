@@ -67,10 +67,13 @@ class Tree:
   archives: tuple[str, ...] = ()
   under: str = ""
 
-  def find(self, data_dir, folder, *, dataset, expected):
-    fill = lambda s: s.format(split=folder)  # noqa: E731
-    base = f"{data_dir}/{fill(self.under)}" if data_dir and self.under else (
-        data_dir)
+  def find(self, data_dir, folder, *, dataset,
+           expected) -> dataset_files.FileTree:
+    """This tree of split folder `folder` under `data_dir`."""
+    fill = functools.partial(str.format, split=folder)
+    base = data_dir
+    if data_dir and self.under:
+      base = f"{data_dir}/{fill(self.under)}"
     return dataset_files.find_root(
         base, marker=fill(self.marker), dataset=dataset, expected=expected,
         folders=self.folders, archives=tuple(map(fill, self.archives)))
