@@ -5,7 +5,7 @@ setup(
     name="lseg-jax",
     version="0.1.0",
     description="JAX/Flax reimplementation of LSeg (Li et al., ICLR 2022)",
-    packages=find_packages(include=["lseg_jax", "lseg_jax.*"]),
+    packages=find_packages(include=["lseg_jax", "lseg_jax.*", "configs"]),
     package_data={"lseg_jax.data": ["*.txt", "*.json"]},
     python_requires=">=3.10",
     install_requires=[

@@ -17,12 +17,7 @@ the data, not the weights). Recipe (lang-seg train.sh): global batch 16, SGD mom
 (float32 parameters, logits and loss). On NVIDIA GPUs add
 --config.model.attention=cudnn; on many chips shard ViT-L with --config.mesh.fsdp=N.
 """
-import os
-import sys
-
-if __package__ is None or not __package__:  # loaded by path: make `configs` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import common
 
 VARIANTS = {
     "vitl16": "clip_vitl16_384",

@@ -1,70 +1,30 @@
-"""Config pieces shared by every training config (`lseg_jax.train` reads these fields).
+"""Config pieces shared by every training config: plain data, no library imports.
 
-  seed, batch_size (global, per optimizer step), eval_batch_size (None: batch_size),
-  total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps (0: only at
-  the end), keep_checkpoints, stop_at_step (None; stop there with a checkpoint, as on
-  SIGTERM), eval_num_batches (None: the whole eval split), eval_at_end, progress_bar,
-  prefetch_to_device;
-  model     `lseg_jax.models.lseg.LSegConfig` fields;
-  data      `lseg_jax.data.input_pipeline.default_data_config()` fields;
-  optim     `lseg_jax.optim.default_optim_config()` fields (the paper's recipe);
-  mesh      {"data": -1, "fsdp": 1}: device mesh sizes (-1: the remaining devices);
-  sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see
-            `lseg_jax.sharding`;
-  init      checkpoint / timm_vit / clip paths, see `lseg_jax.init`;
-  text      tokenizer (a CLIP tokenizer folder, a Hugging Face name, or "byte-level")
-            and template (None: bare label names, as LSeg).
+A config holds only what its experiment sets; the library lays it over its defaults
+(`lseg_jax.config.complete`, which documents every field) and refuses unknown fields.
+This module imports nothing but ml_collections, so loading a config never imports
+JAX or TensorFlow.
 """
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
-
-from lseg_jax import optim
-from lseg_jax import sharding
-from lseg_jax.data import input_pipeline
-from lseg_jax.models import lseg
 
 CLIP_TOKENIZER = "openai/clip-vit-base-patch32"
+# The offline tokenizer of the tiny test models (`lseg_jax.text.byte_level_tokenizer`);
+# the library sizes the text tower's vocabulary for it.
+BYTE_LEVEL_TOKENIZER = "byte-level"
 # The official ADE20K recipe: crop 480 from base size 520, 240 epochs of 20,210 images.
 ADE20K_TRAIN_IMAGES = 20_210
 PAPER_EPOCHS = 240
+GROUPS = ("model", "data", "optim", "mesh", "sharding", "init", "text")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field `lseg_jax.train` reads, at the paper's values where it has them."""
+  """An empty config with the field groups a config file fills in (see
+  `lseg_jax.config` for every field and its default)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.batch_size = 16
-  c.eval_batch_size = config_dict.placeholder(int)
-  c.total_steps = 1000
-  c.log_every_steps = 50
-  c.eval_every_steps = 1000
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
-  c.stop_at_step = config_dict.placeholder(int)
-  c.eval_num_batches = config_dict.placeholder(int)
-  c.eval_at_end = True
-  c.progress_bar = True
-  c.prefetch_to_device = 2
-
-  c.model = ml_collections.ConfigDict(lseg.LSegConfig().to_dict())
-  c.model.features = config_dict.placeholder(int)
-  c.model.text_vocab_size = config_dict.placeholder(int)
-  c.data = input_pipeline.default_data_config()
-  c.data.data_dir = config_dict.placeholder(str)
-  c.data.fold = config_dict.placeholder(int)
-  c.data.eval_pad_to = config_dict.placeholder(tuple)
-  c.optim = optim.default_optim_config()
-  c.optim.grad_clip_norm = config_dict.placeholder(float)
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  c.sharding = ml_collections.ConfigDict(dict(
-      rules=sharding.DEFAULT_RULES, min_size=sharding.DEFAULT_MIN_SIZE))
-  c.init = ml_collections.ConfigDict(dict(
-      checkpoint=config_dict.placeholder(str), timm_vit=config_dict.placeholder(str),
-      clip=config_dict.placeholder(str)))
-  c.text = ml_collections.ConfigDict(dict(
-      tokenizer=CLIP_TOKENIZER, template=config_dict.placeholder(str)))
+  for group in GROUPS:
+    c[group] = ml_collections.ConfigDict()
   return c
 
 

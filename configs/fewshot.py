@@ -15,12 +15,7 @@ one (SGD, lr 0.004 x batch/16, decoder 10x, poly 0.9, crop 480) and the step cou
 ResNet-101 image encoder for PASCAL/COCO, which this project does not implement;
 the default here is ViT-L/16 (the official FSS-1000 model).
 """
-import os
-import sys
-
-if __package__ is None or not __package__:  # loaded by path: make `configs` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import common
 
 DATASETS = {"pascal": "pascal5i", "coco": "coco20i", "fss": "fss1000"}
 

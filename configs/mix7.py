@@ -16,12 +16,7 @@ crop 480, bfloat16); the official code does not publish the mixture's settings.
 Periodic evaluation covers the first `eval_num_batches` batches of the mixture's
 validation splits (one union table).
 """
-import os
-import sys
-
-if __package__ is None or not __package__:  # loaded by path: make `configs` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import common
 
 # Training images per dataset (their official train splits).
 TRAIN_SIZES = {

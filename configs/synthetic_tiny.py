@@ -12,14 +12,7 @@ Reaches validation mIoU 0.935 (pixAcc 0.986) after its 600 steps (global batch 1
 `python tools/run_default.py` trains it, then evaluates it and segments an image.
 `:runlocal` trains a few steps only (smoke test).
 """
-import os
-import sys
-
-if __package__ is None or not __package__:  # loaded by path: make `configs` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from lseg_jax import init  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import common
 
 
 def get_config(arg=None):
@@ -34,9 +27,8 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 200
 
   c.model.backbone = args.backbone
-  c.model.text_vocab_size = init.BYTE_LEVEL_VOCAB_SIZE
   c.model.dtype = "float32"
-  c.text.tokenizer = init.BYTE_LEVEL_TOKENIZER
+  c.text.tokenizer = common.BYTE_LEVEL_TOKENIZER
 
   c.data.name = "synthetic"
   c.data.source_kwargs = dict(height=64, width=64, num_train=512, num_validation=64, seed=0)

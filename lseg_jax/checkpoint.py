@@ -22,14 +22,37 @@ import orbax.checkpoint as ocp
 
 from lseg_jax.models import lseg
 
+# A training work directory keeps its checkpoints here.
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def resolve_directory(directory: str) -> str:
+  """A checkpoint directory, given it or a training work directory that holds one."""
+  directory = os.path.abspath(os.fspath(directory))
+  sub = os.path.join(directory, CHECKPOINT_SUBDIR)
+  if os.path.isdir(sub) and not _has_steps(directory):
+    return sub
+  return directory
+
+
+def _has_steps(directory: str) -> bool:
+  return any(name.isdigit() for name in os.listdir(directory)) if os.path.isdir(directory) else False
+
 
 def manager(directory: str, *, max_to_keep: int | None = 3,
             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
-  """A CheckpointManager over `directory` (created unless read_only)."""
+  """A CheckpointManager over `directory` (created unless read_only).
+
+  read_only: for loading; the manager never saves, deletes or creates anything.
+  Orbax's own read-only mode is not used: it warns on every open.
+  """
   directory = os.path.abspath(os.fspath(directory))
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, read_only=read_only,
-      create=not read_only)
+  if read_only:
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
+                                           create=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                           enable_async_checkpointing=async_save, create=True)
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -46,6 +69,7 @@ def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: dict[st
 
 def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
   """The `meta` JSON of `step` (default: the latest complete step)."""
+  directory = resolve_directory(directory)
   mngr = manager(directory, read_only=True)
   step = _resolve_step(mngr, directory, step)
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -86,8 +110,10 @@ def load_model(directory: str, step: int | None = None,
   """Builds the LSeg model stored in `directory` and loads its weights.
 
   `config_overrides` change compute-only fields (e.g. dtype="bfloat16",
-  attention="cudnn"). Returns (model in eval mode, meta).
+  attention="cudnn"). `directory` may also be a training work directory.
+  Returns (model in eval mode, meta).
   """
+  directory = resolve_directory(directory)
   mngr = manager(directory, read_only=True)
   step = _resolve_step(mngr, directory, step)
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -25,9 +25,11 @@ binary prediction (foreground = the class), scored with HSNet's protocol
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from flax import nnx
 import jax
@@ -36,24 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from lseg_jax import inference
-from lseg_jax import init as init_lib
+from lseg_jax import labels as labels_lib
 from lseg_jax import metrics
+from lseg_jax import sharding
 from lseg_jax import text
+from lseg_jax.labels import EPISODE_BACKGROUND_TEXT, IGNORE_INDEX, OTHER_LABEL
 
-OTHER_LABEL = "other"
-# The text lang-seg's zero-shot models embed for the background of an episode
-# (`lseg_net_zs.py`: ["others", class name]); our label table calls it "other".
-EPISODE_BACKGROUND_TEXT = "others"
 
 
 def global_mesh() -> jax.sharding.Mesh:
-  """A 1-D ("data",) mesh over every device of every process.
-
-  Auto axes: the model code is written for automatic sharding propagation
-  (`jax.make_mesh` defaults to explicit axes in this JAX version).
-  """
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  """The default evaluation mesh: every device of every process on the batch axis."""
+  return sharding.make_mesh({"data": -1, "fsdp": 1})
 
 
 def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1.0
@@ -70,7 +65,7 @@ def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1
   out["image"] = np.pad(batch["image"], ((0, 0), (0, ph), (0, pw), (0, 0)),
                         constant_values=pad_value)
   out["label"] = np.pad(batch["label"], ((0, 0), (0, ph), (0, pw)),
-                        constant_values=metrics.IGNORE_INDEX)
+                        constant_values=IGNORE_INDEX)
   return out
 
 
@@ -83,7 +78,7 @@ def episode_binary(pred, label, class_index):
   xp = jnp if isinstance(pred, jax.Array) else np
   fg = (1 + class_index).reshape(-1, 1, 1)
   bin_pred = (pred == fg).astype(xp.int32)
-  bin_label = xp.where(label < 0, metrics.IGNORE_INDEX, (label == fg).astype(xp.int32))
+  bin_label = xp.where(label < 0, IGNORE_INDEX, (label == fg).astype(xp.int32))
   return bin_pred, bin_label
 
 
@@ -126,10 +121,13 @@ class Evaluator:
       self.meter = metrics.SegmentationMeter(len(label_names))
     if window is None:
       self.mesh = global_mesh() if mesh is None else mesh
-      self._data = jax.sharding.NamedSharding(self.mesh, jax.P("data"))
-      replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+      # The batch is split over every axis of the mesh.
+      self._data = jax.sharding.NamedSharding(self.mesh, jax.P(tuple(self.mesh.axis_names)))
+      replicated = sharding.replicated(self.mesh)
       self._graphdef, state = nnx.split(model)
-      self._state = jax.device_put(state, replicated)
+      # Arrays already on this mesh (a sharded train state) stay where they are.
+      self._state = jax.tree.map(
+          lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(x, replicated), state)
       self._text = jax.device_put(jnp.asarray(text_emb, jnp.float32), replicated)
     else:
       self.mesh = inference.local_mesh() if mesh is None else mesh
@@ -233,6 +231,11 @@ class Evaluator:
     return report
 
 
+def _on_mesh(x, mesh) -> bool:
+  return (isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding)
+          and x.sharding.mesh == mesh)
+
+
 def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
   """Sum of an int64 array over processes, exact (JAX without x64 moves int32:
   the value travels as two 31-bit halves)."""
@@ -273,6 +276,89 @@ def evaluate(evaluator: Evaluator, batches: Iterable[dict[str, np.ndarray]], *,
   return evaluator.result()
 
 
+# ----------------------------------------------------------------------------
+# One evaluation of a config: used by periodic evaluation and by tools/eval.py.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Evaluation:
+  """One entry of `config.evals` (see `lseg_jax.config.evals`): a data split scored
+  with the protocol its source implies (fixed labels or episodes).
+
+  Attributes:
+    name: the entry's name; metrics are logged as "eval/..." for "val", else
+      "eval_<name>/...".
+    data: the data config of this evaluation (eval_split, eval_resize, ...).
+    batch_size: global eval batch (split over processes).
+    num_batches: stop after this many batches (None: the whole split).
+    every_steps / at_end: when training runs it.
+    window: None for single scale, else the multi-scale sliding window.
+    background_text: the text embedded for an episode table's "other".
+  """
+  name: str
+  data: Any
+  batch_size: int
+  num_batches: int | None = None
+  every_steps: int | None = None
+  at_end: bool = True
+  window: inference.SlidingWindow | None = None
+  background_text: str | None = None
+  crops_per_device: int = 2
+
+  @classmethod
+  def from_config(cls, config) -> list["Evaluation"]:
+    """The evaluations a completed config declares (`lseg_jax.config.evals`)."""
+    from lseg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    return [cls(name, ev.data, int(ev.batch_size), ev.num_batches, ev.every_steps,
+                bool(ev.at_end)) for name, ev in config_lib.evals(config).items()]
+
+  @property
+  def prefix(self) -> str:
+    return "eval" if self.name == "val" else f"eval_{self.name}"
+
+  def iterator(self):
+    from lseg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    per_host = self.batch_size // jax.process_count()
+    if per_host < 1 or self.batch_size % jax.process_count():
+      raise ValueError(f"eval batch size {self.batch_size} does not split evenly over "
+                       f"{jax.process_count()} processes")
+    return input_pipeline.make_eval_iterator(self.data, batch_size=per_host)
+
+  def run(self, model, embed: Callable[[list[str]], Any], *,
+          mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> dict[str, Any]:
+    """Scores `model` (eval mode; its arrays may be a sharded train state) on the split.
+
+    embed: label texts -> [L, D] label embeddings.
+    Returns the `Evaluator.result()` report plus dataset, split, fold, eval_resize,
+    background_text, num_labels, skipped_examples.
+    """
+    it = self.iterator()
+    episodic = it.episodic
+    names = labels_lib.text_names(it.label_names, episodic, self.background_text)
+    evaluator = Evaluator(model, it.label_names, embed(names), episodic=episodic,
+                          window=self.window, mesh=mesh if self.window is None else None,
+                          crops_per_device=self.crops_per_device)
+    batches, num_batches = it, it.num_batches
+    if self.num_batches is not None:
+      batches = itertools.islice(it, self.num_batches)
+      num_batches = min(num_batches or self.num_batches, self.num_batches)
+    report = evaluate(evaluator, batches, num_batches=num_batches, progress=progress)
+    report.update({
+        "eval": self.name, "dataset": self.data.name, "split": self.data.eval_split,
+        "fold": self.data.fold, "eval_resize": self.data.eval_resize,
+        "background_text": names[0] if episodic else None,
+        "num_labels": len(it.label_names), "skipped_examples": it.num_skipped,
+    })
+    if self.num_batches is not None:
+      report["max_batches"] = self.num_batches
+    return report
+
+  def scalars(self, report: dict[str, Any]) -> dict[str, float]:
+    """The report's summary metrics as logged scalars ("eval/miou", ...)."""
+    keys = {"mIoU": "miou", "pixAcc": "pixacc", "FB-IoU": "fbiou"}
+    return {f"{self.prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items()
+            if k in keys}
+
+
 def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, *,
                               tokenizer: str | None = None, prompt: str | None = None):
   """The label embedder a checkpoint was trained with: (embedder, tokenizer spec, template).
@@ -289,7 +375,7 @@ def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, 
     spec = local if os.path.isdir(local) else spec
   template = meta.get("text_template") if prompt is None else prompt
   template = template or None
-  embedder = text.LabelEmbedder(model.clip_pretrained, init_lib.tokenizer(spec),
+  embedder = text.LabelEmbedder(model.clip_pretrained, text.load_tokenizer(spec),
                                 template=template)
   return embedder, spec, template
 
@@ -311,5 +397,6 @@ def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["EPISODE_BACKGROUND_TEXT", "OTHER_LABEL", "Evaluator", "checkpoint_label_embedder", "episode_binary", "evaluate", "format_table", "global_mesh",
-           "pad_batch"]
+__all__ = ["EPISODE_BACKGROUND_TEXT", "OTHER_LABEL", "Evaluation", "Evaluator",
+           "checkpoint_label_embedder", "episode_binary", "evaluate", "format_table",
+           "global_mesh", "pad_batch"]

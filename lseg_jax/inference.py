@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lseg_jax import sharding
 from lseg_jax.models import resize
 
 OFFICIAL_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -186,9 +187,9 @@ def _pad_to(x: np.ndarray, h: int, w: int, value: float) -> np.ndarray:
 # Device side: batches of crops through a jitted, sharded function.
 # --------------------------------------------------------------------------
 def local_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D ("data",) mesh over this process's devices (default: all local)."""
+  """A mesh over this process's devices (default: all local), all on the "data" axis."""
   devices = jax.local_devices() if devices is None else list(devices)
-  return jax.sharding.Mesh(np.array(devices), ("data",))
+  return sharding.make_mesh({"data": -1, "fsdp": 1}, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)

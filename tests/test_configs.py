@@ -1,13 +1,14 @@
 """Every training config loads, has the required fields, and builds a model config."""
-import importlib.util
+import importlib
 import os
 import re
+import subprocess
+import sys
 
-from absl import flags
-from ml_collections import config_flags
 import pytest
 
-from lseg_jax import train
+from lseg_jax import config as config_lib
+from lseg_jax.cli import common
 from lseg_jax.models import lseg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,17 +22,13 @@ CASES = [
 
 
 def _load(name):
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module(f"configs.{name}")
 
 
 @pytest.mark.parametrize("name,arg", CASES)
 def test_config_fields(name, arg):
-  config = _load(name).get_config(arg)
-  train.check_config(config)
+  config = config_lib.complete(_load(name).get_config(arg))
+  config_lib.check_config(config)
   cfg = lseg.LSegConfig.from_dict(dict(config.model))
   assert config.batch_size % (config.optim.accum_steps or 1) == 0
   assert config.mesh.to_dict() in ({"data": -1, "fsdp": 1},)
@@ -73,18 +70,66 @@ def test_docstring_carries_the_command(name):
 
 
 def test_command_line_overrides_and_locking():
-  """What tools/train.py does: config_flags with a locked config."""
+  """What the tools do: the config file, completed, then --config.KEY=VALUE overrides."""
   def parse(argv):
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
-    fv(argv)
-    return fv.config
+    rest, overrides = common.split_overrides(argv)
+    return common.load_config(rest[0].partition("=")[2], overrides)
   c = parse([
-      "prog", f"--config={ROOT}/configs/ade20k.py:variant=vitb32",
+      f"--config={ROOT}/configs/ade20k.py:variant=vitb32",
       "--config.batch_size=32", "--config.mesh.fsdp=4", "--config.init.clip=/x/ViT-B-32.pt",
       "--config.optim.grad_clip_norm=1.0", "--config.model.dtype=float32"])
   assert (c.batch_size, c.mesh.fsdp, c.init.clip) == (32, 4, "/x/ViT-B-32.pt")
   assert c.optim.grad_clip_norm == 1.0 and c.model.backbone == "clip_vitb32_384"
-  with pytest.raises(AttributeError, match="batch_size"):
-    parse(["prog", f"--config={ROOT}/configs/ade20k.py", "--config.batch_sise=4"])
+  with pytest.raises(SystemExit, match="batch_sise.*did you mean batch_size"):
+    parse([f"--config={ROOT}/configs/ade20k.py", "--config.batch_sise=4"])
+
+
+_IMPORT_CHECK = """
+import sys
+import configs.ade20k, configs.fewshot, configs.mix7, configs.synthetic_tiny
+for m in (configs.ade20k, configs.fewshot, configs.mix7, configs.synthetic_tiny):
+  m.get_config()
+heavy = sorted(k for k in sys.modules if k.split(".")[0] in ("jax", "jaxlib", "tensorflow", "lseg_jax", "flax", "torch"))
+print(heavy)
+sys.exit(1 if heavy else 0)
+"""
+
+
+def test_configs_import_no_library():
+  """Configs are data: loading one imports neither JAX, TensorFlow nor lseg_jax."""
+  done = subprocess.run([sys.executable, "-c", _IMPORT_CHECK], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stdout + done.stderr
+
+
+_SOURCES = ("lseg_jax", "tools", "tests", "configs")
+_FORBIDDEN = ("sys.path.insert", "sys.path.append", "spec_from_file_location", "run_path(",
+              "sys.path[")
+
+
+def test_no_path_edits_or_loading_code_by_path():
+  """Entry points import the package; nothing edits sys.path or loads code by file path."""
+  offenders = []
+  for top in _SOURCES:
+    for folder, _, files in os.walk(os.path.join(ROOT, top)):
+      for name in files:
+        if not name.endswith(".py") or name == os.path.basename(__file__):
+          continue
+        path = os.path.join(folder, name)
+        with open(path, encoding="utf-8") as f:
+          for i, line in enumerate(f, 1):
+            if any(bad in line for bad in _FORBIDDEN):
+              offenders.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}")
+  assert not offenders, "\n".join(offenders)
+
+
+def test_library_defaults_fill_what_a_config_leaves_out():
+  c = config_lib.complete(_load("synthetic_tiny").get_config())
+  assert c.optim.momentum == 0.9 and c.keep_checkpoints == 3  # library defaults
+  assert c.text.tokenizer == "byte-level" and c.model.text_vocab_size is not None
+  with pytest.raises(ValueError, match="unknown config field 'model.backbon'"):
+    config_lib.complete({"model": {"backbon": "x"}})
+  evals = config_lib.evals(config_lib.complete({"evals": {"fold1": {"data": {"fold": 1}}},
+                                                 "eval_batch_size": 4}))
+  assert list(evals) == ["fold1"] and evals["fold1"].data.fold == 1
+  assert evals["fold1"].batch_size == 4

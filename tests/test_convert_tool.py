@@ -5,15 +5,14 @@ LSegNet key: tensor}, "epoch": ..., ...}, with CLIP's image tower and logit_scal
 inside and the CLIP weights in float16. The tests write such files from random
 weights, plus broken ones, and check that nothing is left behind on failure.
 """
-import importlib.util
 import os
-import pathlib
 import sys
 
 import numpy as np
 import pytest
 
 from lseg_jax import checkpoint
+from lseg_jax.cli import convert
 from lseg_jax.convert import langseg
 
 import test_convert_common as common
@@ -21,10 +20,6 @@ import test_convert_common as common
 torch = common.torch
 torch_lseg = common.torch_lseg
 
-_TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "convert.py"
-_spec = importlib.util.spec_from_file_location("convert_tool", _TOOL)
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
 
 
 def lightning_checkpoint(tmodel, path, drop=(), extra=None):

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from lseg_jax import checkpoint
+from lseg_jax.cli import eval as eval_cli
 from lseg_jax import evaluate
 from lseg_jax import inference
 from lseg_jax import init as init_lib
@@ -268,10 +269,7 @@ def test_eval_tool_writes_reports(model, tmp_path):
   ckpt = tmp_path / "ckpt"
   checkpoint.save_model(str(ckpt), model, extra_meta={"tokenizer": init_lib.BYTE_LEVEL_TOKENIZER})
   (tmp_path / "cfg.py").write_text(CONFIG)
-  spec = importlib.util.spec_from_file_location(
-      "tool_eval", Path(__file__).resolve().parents[1] / "tools" / "eval.py")
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
+  tool = eval_cli
 
   assert tool.main(["--checkpoint", str(ckpt), "--config", f"{tmp_path}/cfg.py:x",
                     "--no-progress"]) == 0
@@ -297,10 +295,7 @@ def test_eval_tool_writes_reports(model, tmp_path):
 
 
 def test_eval_tool_argument_errors(tmp_path):
-  spec = importlib.util.spec_from_file_location(
-      "tool_eval", Path(__file__).resolve().parents[1] / "tools" / "eval.py")
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
+  tool = eval_cli
   with pytest.raises(SystemExit, match="does not exist"):
     tool.main(["--checkpoint", "c", "--config", str(tmp_path / "nope.py")])
   with pytest.raises(SystemExit):

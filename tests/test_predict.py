@@ -3,7 +3,6 @@
 The tokenizer is a CLIP-format vocabulary written here (bytes only, no
 merges), recorded in the checkpoint meta as the tools expect.
 """
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,10 +21,9 @@ LABELS = ["dog", "grass", "other"]
 
 
 def _load_tool(name):
-  spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """The logic of tools/NAME.py (`lseg_jax.cli.NAME`)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(f"lseg_jax.cli.{name}")
 
 
 def _byte_symbols():

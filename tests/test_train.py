@@ -2,7 +2,7 @@
 
 Every run trains the tiny model on 32x32 synthetic images with a global batch of 8 on a
 (data=2, fsdp=4) mesh for 12 steps, logging the loss of every step. Runs with the same
-settings in this process reuse the compiled step (`train.programs`).
+settings share compiled programs through the tests' persistent compilation cache.
 """
 import json
 import os
@@ -42,11 +42,8 @@ def _rel(a, b):
 
 
 def make_config(data_dir, **extra):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("_synthetic_tiny", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("runlocal")
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.synthetic_tiny").get_config("runlocal")
   for key, value in {**OVERRIDES, "data.data_dir": str(data_dir), **extra}.items():
     *parents, leaf = key.split(".")
     node = config
@@ -198,17 +195,18 @@ class _Labelled:
     return next(self._it)
 
 
-# Runs tools/train.py with every batch delayed, so that the kill lands between checkpoints.
+# Runs the logic of tools/train.py with every batch delayed, so that the kill lands
+# between checkpoints.
 _SLOW_TRAIN = """
-import runpy, sys, time
+import sys, time
+from lseg_jax.cli import train
 from lseg_jax.data import input_pipeline
 _next = input_pipeline.DataIterator.__next__
 def _slow_next(self):
   time.sleep(0.4)
   return _next(self)
 input_pipeline.DataIterator.__next__ = _slow_next
-sys.argv = [sys.argv[1]] + sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+sys.exit(train.main(sys.argv[1:]))
 """
 
 
@@ -219,7 +217,7 @@ def test_sigkill_between_checkpoints_then_resume(reference, data_dir, tmp_path):
   workdir = tmp_path / "work"
   args = command_line(workdir, data_dir)
   log = open(tmp_path / "killed.log", "w")
-  proc = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN, "tools/train.py", *args],
+  proc = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN, *args],
                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
   ckpt = workdir / "checkpoints"
   deadline = time.time() + 240

@@ -1,27 +1,23 @@
 """The tiny config learns; gradient accumulation averages micro-batch gradients."""
-import importlib.util
+import importlib
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lseg_jax import config as config_lib
 from lseg_jax import sharding
+from lseg_jax import state as state_lib
 from lseg_jax import train
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def tiny_config(arg=None):
-  spec = importlib.util.spec_from_file_location(
-      "_synthetic_tiny", os.path.join(ROOT, "configs", "synthetic_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/synthetic_tiny.py's config, completed with the library defaults."""
+  return config_lib.complete(importlib.import_module("configs.synthetic_tiny").get_config(arg))
 
 
 def test_tiny_config_learns(tmp_path):
@@ -56,15 +52,15 @@ def test_gradient_accumulation_averages_micro_batches():
           "label_mask": np.ones((4, 6), bool)}
   text_emb = jnp.asarray(rng.normal(size=(6, 16)).astype(np.float32))
 
-  spec = train.state_spec(config, mesh)
+  spec = state_lib.state_spec(config, mesh)
   plain = jax.jit(train.make_train_step(spec, tuple(config.optim.frozen), 1, mesh))
-  state0 = train.init_state(spec, tuple(config.optim.frozen))()
+  state0 = state_lib.init_state(spec, tuple(config.optim.frozen))()
   want, want_m = plain(state0, half, text_emb)
 
   config.batch_size = 8
   config.optim.accum_steps = 2
   config.optim.base_lr /= 2  # the lr scales with the batch: keep it as above
-  spec2 = train.state_spec(config, mesh)
+  spec2 = state_lib.state_spec(config, mesh)
   accum = jax.jit(train.make_train_step(spec2, tuple(config.optim.frozen), 2, mesh))
   # Example i goes to micro-batch i % 2: interleave two copies of `half`.
   doubled = {k: np.repeat(v, 2, axis=0) for k, v in half.items()}

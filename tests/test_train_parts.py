@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from lseg_jax import checkpoint
+from lseg_jax import config as config_lib
 from lseg_jax import init
 from lseg_jax import losses
 from lseg_jax import sharding
 from lseg_jax import text
 from lseg_jax import train
+from lseg_jax import train_utils
 from lseg_jax.convert import clip_openai, mapping, timm_vit
 from lseg_jax.models import lseg
 
@@ -49,27 +51,27 @@ def test_masked_labels_get_no_probability_and_finite_gradients():
 
 
 def test_metric_writer_one_object_per_step_and_resume_truncation(tmp_path):
-  w = train.MetricWriter(str(tmp_path), resume_step=None)
+  w = train_utils.MetricWriter(str(tmp_path), resume_step=None)
   w.write(1, {"train/loss": 2.0})
   w.write(2, {"train/loss": 1.5})
   w.write(2, {"eval/miou": 0.25})
   w.write(3, {"train/loss": 1.0})
   w.close()
-  lines = [json.loads(x) for x in open(tmp_path / train.METRICS_FILE)]
+  lines = [json.loads(x) for x in open(tmp_path / train_utils.METRICS_FILE)]
   assert lines == [{"step": 1, "train/loss": 2.0},
                    {"step": 2, "train/loss": 1.5, "eval/miou": 0.25},
                    {"step": 3, "train/loss": 1.0}]
-  train.MetricWriter(str(tmp_path), resume_step=2).close()
-  assert [json.loads(x)["step"] for x in open(tmp_path / train.METRICS_FILE)] == [1, 2]
+  train_utils.MetricWriter(str(tmp_path), resume_step=2).close()
+  assert [json.loads(x)["step"] for x in open(tmp_path / train_utils.METRICS_FILE)] == [1, 2]
 
 
 def test_config_and_batch_checks():
   c = ml_collections.ConfigDict(dict(seed=0, batch_size=8, total_steps=0, log_every_steps=1,
                                      eval_every_steps=0, checkpoint_every_steps=0))
   with pytest.raises(ValueError, match="total_steps=0"):
-    train.check_config(c)
+    config_lib.check_config(c)
   with pytest.raises(ValueError, match=r"lacks required fields \['batch_size'\]"):
-    train.check_config(ml_collections.ConfigDict(dict(
+    config_lib.check_config(ml_collections.ConfigDict(dict(
         seed=0, total_steps=1, log_every_steps=1, eval_every_steps=1,
         checkpoint_every_steps=1)))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
@@ -84,9 +86,9 @@ def test_config_and_batch_checks():
 
 
 def test_byte_level_tokenizer_gives_distinct_in_vocab_tokens():
-  tok = init.tokenizer(init.BYTE_LEVEL_TOKENIZER)
+  tok = text.load_tokenizer(text.BYTE_LEVEL_TOKENIZER)
   tokens = text.tokenize(["red disc", "green square", "purple checker"], tok)
-  assert tokens.shape == (3, 77) and tokens.max() < init.BYTE_LEVEL_VOCAB_SIZE
+  assert tokens.shape == (3, 77) and tokens.max() < text.BYTE_LEVEL_VOCAB_SIZE
   assert len({tuple(t) for t in tokens}) == 3
 
 

@@ -1,0 +1,164 @@
+"""The argument layer the command-line tools share.
+
+Every tool that reads a run config takes `--config FILE[:ARG]` and any number of
+`--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`);
+eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
+`--tokenizer`, `--prompt`, `--dtype`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging as logging_std
+import os
+import sys
+from typing import Any, Sequence
+
+CONFIG_PREFIX = "--config."
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Takes `--config.KEY=VALUE` and `--config.KEY VALUE` out of argv.
+
+  Returns (remaining argv, [(KEY, VALUE)]).
+  """
+  rest, overrides = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith(CONFIG_PREFIX):
+      key, sep, value = arg[len(CONFIG_PREFIX):].partition("=")
+      if not sep:
+        if i + 1 >= len(argv):
+          raise SystemExit(f"error: {arg} needs a value ({arg}=VALUE)")
+        value = argv[i + 1]
+        i += 1
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+          ) -> argparse.Namespace:
+  """`parser.parse_args` that also collects config overrides into `args.overrides`."""
+  rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(rest)
+  args.overrides = overrides
+  if not hasattr(args, "config"):  # model-only tools (predict): compute fields only
+    bad = [k for k, _ in overrides if k.partition(".")[0] != "model"]
+    if bad:
+      parser.error(f"--config.{bad[0]}: this tool takes only --config.model.KEY=VALUE "
+                   "overrides (e.g. --config.model.dtype=bfloat16)")
+  return args
+
+
+def add_config_arg(parser: argparse.ArgumentParser, *, required: bool, help_text: str) -> None:
+  parser.add_argument("--config", required=required, metavar="FILE[:ARG]", help=(
+      help_text + "; any field can then be overridden with --config.KEY=VALUE"))
+
+
+def read_config_file(spec: str):
+  """configs/NAME.py[:ARG] -> its get_config(ARG), loaded by ml_collections."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):
+    raise SystemExit(f"error: --config file {path!r} does not exist; expected "
+                     "configs/NAME.py[:ARGS]")
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False)
+  try:
+    values(["config", f"--config={spec}"])
+  except (ValueError, flags.IllegalFlagValueError) as e:
+    cause = e.__cause__ or e.__context__ or e
+    raise SystemExit(f"error: --config {spec!r}: {cause}") from None
+  return values.config
+
+
+def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
+                base: dict[str, Any] | None = None):
+  """The completed config of a config file (or of `base`, e.g. a checkpoint's saved
+  config), with command-line overrides applied; user errors exit with one line."""
+  from lseg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    raw = read_config_file(spec) if spec else base
+    if raw is None:
+      raise ValueError("no config: give --config FILE[:ARG]")
+    return config_lib.override(config_lib.complete(raw), overrides)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+  """--checkpoint, --step, --tokenizer, --prompt, --dtype (eval and predict)."""
+  parser.add_argument("--checkpoint", required=True,
+                      help="checkpoint directory (Orbax), or a training work directory")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: the latest)")
+  parser.add_argument("--tokenizer", default=None,
+                      help="tokenizer folder or hub name (default: the checkpoint's)")
+  parser.add_argument("--prompt", default=None, help=(
+      'label template with one "{}", e.g. "a photo of a {}." (default: the checkpoint\'s '
+      'training template, else bare names as LSeg; "" forces bare names)'))
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                      help="override the checkpoint's compute dtype")
+
+
+def model_overrides(overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
+  """{field: value} of the `model.FIELD` overrides (compute fields of a loaded model,
+  e.g. dtype or attention)."""
+  from lseg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for key, value in overrides:
+    group, _, field = key.partition(".")
+    if group == "model":
+      out[field] = config_lib.parse_value(value)
+  return out
+
+
+def load_checkpoint(args):
+  """(model, meta, embedder, tokenizer spec, template) for the checkpoint arguments."""
+  # pylint: disable=g-import-not-at-top
+  from lseg_jax import checkpoint
+  from lseg_jax import evaluate
+  # pylint: enable=g-import-not-at-top
+  overrides = model_overrides(args.overrides)
+  if args.dtype:
+    overrides["dtype"] = args.dtype
+  directory = checkpoint.resolve_directory(args.checkpoint)
+  model, meta = checkpoint.load_model(directory, args.step, **overrides)
+  embedder, tokenizer_spec, template = evaluate.checkpoint_label_embedder(
+      model, meta, directory, tokenizer=args.tokenizer, prompt=args.prompt)
+  return model, meta, embedder, tokenizer_spec, template
+
+
+class _DropInfoFrom(logging_std.Filter):
+  """Drops INFO lines of the named libraries (their warnings still show)."""
+
+  def __init__(self, *fragments: str):
+    super().__init__()
+    self.fragments = fragments
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        f in record.pathname for f in self.fragments)
+
+
+def setup_logging() -> None:
+  """absl INFO logging to stderr for the tools' own progress lines, without the
+  libraries' INFO noise (JAX's backend probing, Orbax's per-save lines)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropInfoFrom) for f in handler.filters):
+    handler.addFilter(_DropInfoFrom("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/"))
+
+
+__all__ = ["add_checkpoint_args", "add_config_arg", "load_checkpoint", "load_config",
+           "parse", "read_config_file", "setup_logging", "split_overrides"]

@@ -1,0 +1,246 @@
+r"""Converts LSeg checkpoints between lang-seg (PyTorch) and lseg-jax (Orbax).
+
+Import an official lang-seg checkpoint (Lightning `.ckpt`, `net.`-prefixed keys) or a
+bare LSegNet state dict (torch file or `.safetensors`) into a checkpoint directory
+that `lseg_jax.checkpoint.load_model` (and every tool) reads:
+
+  python tools/convert.py import demo_e200.ckpt ckpts/lseg_l16 --trust-pickle
+
+Export one of our checkpoint directories to a state dict in the LSegNet layout:
+
+  python tools/convert.py export ckpts/lseg_l16 lseg_l16.pt --clip-weights ViT-B-32.pt
+
+The exported file is `{"state_dict": {LSegNet key: tensor}, "lseg_config": {...}}`
+(`--bare`: the state dict alone). The official code loads it with
+`net.load_state_dict(torch.load(f)["state_dict"], strict=False)`; only CLIP's image
+tower (`clip_pretrained.visual.*`, `clip_pretrained.logit_scale`) is missing unless
+`--clip-weights` fills it, and then `strict=True` works. Our PyTorch LSeg loads it
+with `LSegTorch.from_checkpoint(f)`. See docs/interop.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from lseg_jax import checkpoint
+from lseg_jax.convert import clip_openai, langseg, mapping
+from lseg_jax.models import lseg
+
+_TORCH_HINT = 'install the torch extra: pip install -e ".[torch]"'
+
+
+class ConvertError(Exception):
+  """A problem with the user's input; printed without a traceback."""
+
+
+def _require_torch(what: str) -> None:
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ConvertError(f"{what} needs PyTorch, which is not installed; {_TORCH_HINT}") from e
+
+
+# ---------------------------------------------------------------------------
+# import
+# ---------------------------------------------------------------------------
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise ConvertError(f"OUT_DIR {out_dir!r} exists and is not a directory")
+    if os.listdir(out_dir) and not overwrite:
+      raise ConvertError(f"OUT_DIR {out_dir!r} exists and is not empty; pass --overwrite "
+                         "to replace it")
+
+
+def _write_dir_atomically(out_dir: str, write) -> None:
+  """Runs write(tmp_dir) on a temporary directory next to `out_dir`, then renames it
+  to `out_dir`: a failure leaves `out_dir` as it was."""
+  out_dir = os.path.abspath(out_dir)
+  parent, name = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+  old = None
+  try:
+    write(tmp)
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+      os.rename(out_dir, os.path.join(old, name))
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and not os.path.exists(out_dir):
+      os.rename(os.path.join(old, name), out_dir)
+    raise
+  finally:
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_safe(value):
+  """Keeps the JSON-representable part of Lightning metadata."""
+  if isinstance(value, dict):
+    return {str(k): v for k, v in ((k, _json_safe(v)) for k, v in value.items())
+            if v is not None}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, (np.integer, np.floating)):
+    return value.item()
+  return None
+
+
+def run_import(args) -> str:
+  src = os.fspath(args.src)
+  if not os.path.isfile(src):
+    raise ConvertError(f"SRC {src!r} is not a file")
+  if not src.endswith(".safetensors"):
+    _require_torch(f"reading {os.path.basename(src)} (a PyTorch file)")
+  _check_out_dir(args.out_dir, args.overwrite)
+  start = time.perf_counter()
+  try:
+    state_dict, meta = langseg.read_checkpoint(src, weights_only=not args.trust_pickle)
+    langseg.check_layout(state_dict, src)
+    cfg = langseg.infer_config(
+        state_dict, meta, backbone=args.backbone, readout=args.readout,
+        arch_option=args.arch_option, block_depth=args.block_depth,
+        activation=args.activation)
+    model = langseg.load_langseg(state_dict, cfg)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConvertError(f"cannot import {src!r}:\n{e}") from e
+  del state_dict
+  extra = {"source": {"file": os.path.basename(src), "format": "lang-seg LSegNet",
+                      "converted_by": "tools/convert.py import",
+                      **{k: _json_safe(v) for k, v in meta.items()}}}
+  _write_dir_atomically(args.out_dir,
+                        lambda tmp: checkpoint.save_model(tmp, model, extra_meta=extra))
+  return (f"imported {src} -> {args.out_dir} ({cfg.backbone}, arch_option "
+          f"{cfg.arch_option}, block_depth {cfg.block_depth}) in "
+          f"{time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------
+def _add_clip_weights(state_dict, clip_path: str, trust_pickle: bool):
+  try:
+    clip_sd = mapping.load_state_dict_file(clip_path, weights_only=not trust_pickle)
+    merged = langseg.add_clip_image_tower(state_dict, clip_sd)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConvertError(f"cannot take CLIP's image tower from {clip_path!r}:\n{e}") from e
+  prefix = clip_openai.find_prefix(clip_sd)
+  differ = [k for k, v in state_dict.items() if k.startswith(langseg.CLIP_PREFIX)
+            and prefix + k[len(langseg.CLIP_PREFIX):] in clip_sd
+            and not np.array_equal(np.asarray(clip_sd[prefix + k[len(langseg.CLIP_PREFIX):]],
+                                              np.float32), v)]
+  if differ:
+    print(f"warning: {len(differ)} text-tower tensors of {clip_path} differ from the model's "
+          f"(e.g. {differ[0]}); the model's are kept. Is it the CLIP model LSeg was "
+          "trained with?", file=sys.stderr)
+  return merged
+
+
+def run_export(args) -> str:
+  _require_torch("writing a PyTorch checkpoint")
+  out = os.path.abspath(args.out)
+  if os.path.isdir(out):
+    raise ConvertError(f"OUT {args.out!r} is a directory; expected a file name like lseg.pt")
+  start = time.perf_counter()
+  try:
+    model, _ = checkpoint.load_model(args.ckpt_dir, step=args.step)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConvertError(f"cannot load {args.ckpt_dir!r}:\n{e}") from e
+  state_dict = langseg.export_langseg(model)
+  if args.clip_weights:
+    state_dict = _add_clip_weights(state_dict, args.clip_weights, args.trust_pickle)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  langseg.write_torch_checkpoint(
+      out, state_dict, lseg_config=langseg.torch_config(model.cfg),
+      half_prefixes=(langseg.CLIP_PREFIX,) if args.half else (), bare=args.bare)
+  return (f"exported {args.ckpt_dir} ({model.cfg.backbone}) -> {args.out}, "
+          f"{len(state_dict)} tensors in {time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="tools/convert.py", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  imp = sub.add_parser(
+      "import", help="lang-seg checkpoint -> lseg-jax checkpoint directory",
+      description=(
+          "Reads a lang-seg LSegNet checkpoint (Lightning .ckpt with `net.` keys, a bare "
+          "state dict saved with torch.save, or .safetensors) and writes an Orbax "
+          "checkpoint directory (weights plus the model config and the source file name). "
+          "The backbone, decoder width and readout are inferred from the weights. The "
+          "spatial-regularisation head is not: without head-block keys the model is "
+          "arch_option 0, like every released lang-seg model; with them, bottleneck (1) and "
+          "depthwise (2) hold the same weights, so --arch-option and --block-depth are "
+          "required (and --activation for --block-depth >= 2) unless the file records them "
+          "(our exports do). Nothing is written to OUT_DIR unless the import succeeds."))
+  imp.add_argument("src", metavar="SRC", help="checkpoint file (.ckpt, .pt, .pth, .safetensors)")
+  imp.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to create")
+  imp.add_argument("--backbone", choices=sorted(lseg.BACKBONES),
+                   help="override the backbone inferred from the ViT and text widths")
+  imp.add_argument("--arch-option", type=int, choices=(0, 1, 2),
+                   help="0 none, 1 bottleneck, 2 depthwise head block; required when the "
+                   "weights have a head block and the file does not record it")
+  imp.add_argument("--block-depth", type=int,
+                   help="times the head block runs (lang-seg --block_depth)")
+  imp.add_argument("--activation", choices=("lrelu", "relu", "tanh"),
+                   help="head-block activation (lang-seg --activation)")
+  imp.add_argument("--readout", choices=("ignore", "add", "project"),
+                   help="only for checkpoints without the readout projection")
+  imp.add_argument("--trust-pickle", action="store_true",
+                   help="let torch.load unpickle arbitrary objects (official Lightning "
+                   "checkpoints may need it); only for files you trust")
+  imp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+  imp.set_defaults(run=run_import)
+
+  exp = sub.add_parser(
+      "export", help="lseg-jax checkpoint directory -> PyTorch state dict (LSegNet layout)",
+      description=(
+          "Writes {'state_dict': {LSegNet key: float32 tensor}, 'lseg_config': {...}} with "
+          "torch.save. Loaded into the official LSegNet with strict=False, only "
+          "clip_pretrained.visual.* and clip_pretrained.logit_scale are missing; "
+          "--clip-weights fills them from an OpenAI CLIP checkpoint so strict loading works."))
+  exp.add_argument("ckpt_dir", metavar="CKPT_DIR", help="checkpoint directory (ours)")
+  exp.add_argument("out", metavar="OUT.pt", help="file to write")
+  exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  exp.add_argument("--clip-weights", metavar="CLIP.pt",
+                   help="OpenAI CLIP checkpoint (TorchScript .pt as downloaded by clip.load, "
+                   "or a state dict) whose image tower and logit_scale to include")
+  exp.add_argument("--half", action="store_true",
+                   help="store the CLIP tower (clip_pretrained.*) in float16, as the official "
+                   "checkpoints do; the rest stays float32")
+  exp.add_argument("--bare", action="store_true",
+                   help="write the state dict alone (for LSegNet.load(path)); the config is "
+                   "then not recorded")
+  exp.add_argument("--trust-pickle", action="store_true",
+                   help="let torch.load unpickle arbitrary objects in --clip-weights")
+  exp.set_defaults(run=run_export)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    print(args.run(args))
+  except ConvertError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,212 @@
+r"""Evaluate a checkpoint with the evaluations of its training config.
+
+  python tools/eval.py --checkpoint RUN_DIR [--multiscale] [--flip] [--out report.json]
+  python tools/eval.py --checkpoint CKPT_DIR --config configs/NAME.py[:ARGS] [--config.KEY=V]
+  python tools/eval.py --checkpoint CKPT_DIR --data fss1000
+
+Config: by default the training config saved in the checkpoint (with every
+--config.* override given at training time); --config FILE[:ARG] uses a config file
+instead, and --data NAME a registered dataset with its default evaluation (for
+imported checkpoints, which carry no training config). --config.KEY=VALUE overrides
+any field on top. Each entry of config.evals is evaluated (--eval NAME: one of them);
+without entries, config.data's eval split.
+Protocol (from the data source): a fixed label set (ADE20K, ...) gives pixAcc and
+mIoU as PyTorch-Encoding computes them; an episodic source (pascal5i, coco20i,
+fss1000) gives HSNet's mIoU and FB-IoU over the fold's classes.
+Inference:
+  default         single scale: each eval batch as the data config prepares it
+                  (sides padded to multiples of 32), sharded over all devices;
+  --multiscale    the official test protocol: scales 0.5-1.75 of base size
+                  520, sliding 480 crops at stride 320, padded borders,
+                  logits summed; add --flip for the mirrored pass (the paper's
+                  numbers are --multiscale --flip);
+  --flip alone    the sliding window at scale 1.0 with flipping;
+  --scales a,b,c  any other scale list (implies the sliding window).
+The sliding window needs the original images: the tool sets eval_resize="none"
+unless --keep-eval-resize.
+
+Writes a JSON report (metrics, per-class IoU, dataset, split, fold, checkpoint,
+config) to --out (default CKPT_DIR/eval/<dataset>_<split>[_fold<k>]_<mode>.json) and
+prints a table. See docs/evaluation.md for every paper table's command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from lseg_jax.cli import common
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("\n", 1)[1])
+  common.add_checkpoint_args(p)
+  src = p.add_mutually_exclusive_group()
+  common.add_config_arg(src, required=False, help_text=(
+      "config file[:arg] whose evaluations to run (default: the checkpoint's training "
+      "config)"))
+  src.add_argument("--data", help="a registered dataset name (ade20k, pascal5i, coco20i, "
+                                  "fss1000, ...) instead of a config, e.g. for imported "
+                                  "official checkpoints")
+  p.add_argument("--eval", default=None, help="run only this entry of config.evals")
+  p.add_argument("--eval-resize", default=None,
+                 help="override data eval_resize (none | long_side | center_crop | ...)")
+  p.add_argument("--multiscale", action="store_true", help="official multi-scale protocol")
+  p.add_argument("--flip", action="store_true", help="add horizontally flipped windows")
+  p.add_argument("--scales", default=None, help="comma-separated scales (sliding window)")
+  p.add_argument("--base-size", type=int, default=None, help="default: the data's base_size")
+  p.add_argument("--crop-size", type=int, default=None, help="default: the data's crop_size")
+  p.add_argument("--split", default=None, help="override the data's eval_split")
+  p.add_argument("--fold", type=int, default=None, help="override the data's fold")
+  p.add_argument("--data-dir", default=None, help="override the data's data_dir")
+  p.add_argument("--keep-eval-resize", action="store_true",
+                 help="keep the data's eval_resize for the sliding window")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="eval batch per host (default: the evaluation's batch size / "
+                      "processes; with --data 2 per local device)")
+  p.add_argument("--crops-per-device", type=int, default=2, help="sliding-window crops per call")
+  p.add_argument("--background-text", default=None,
+                 help='episodes: the text embedded for the table\'s "other" label '
+                      '(default: "others", as lang-seg\'s zero-shot code)')
+  p.add_argument("--max-batches", type=int, default=None,
+                 help="stop after this many batches (default: the whole split)")
+  p.add_argument("--out", default=None, help="JSON report path")
+  p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+  return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = build_parser()
+  args = common.parse(p, argv)
+  if args.scales is not None:
+    try:
+      args.scales = tuple(float(s) for s in args.scales.split(","))
+    except ValueError:
+      p.error(f"--scales {args.scales!r}: expected comma-separated numbers like 0.75,1.0,1.25")
+  if args.multiscale and args.scales:
+    p.error("--multiscale uses the official scales; give either it or --scales")
+  return args
+
+
+def make_window(args, data_cfg):
+  from lseg_jax import inference  # pylint: disable=g-import-not-at-top
+  if not (args.multiscale or args.flip or args.scales):
+    return None
+  scales = args.scales or (inference.OFFICIAL_SCALES if args.multiscale else (1.0,))
+  return inference.SlidingWindow(
+      scales=tuple(scales), flip=args.flip, base_size=args.base_size or data_cfg.base_size,
+      crop_size=args.crop_size or data_cfg.crop_size)
+
+
+def default_out(checkpoint_dir: str, data_cfg, mode: str) -> str:
+  name = f"{data_cfg.name}_{data_cfg.eval_split}"
+  if data_cfg.fold is not None:
+    name += f"_fold{data_cfg.fold}"
+  return os.path.join(checkpoint_dir, "eval", f"{name}_{mode}.json")
+
+
+def data_only_config(name: str) -> dict:
+  """The config of `--data NAME`: the source's default evaluation."""
+  from lseg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  # Episodes: HSNet's protocol, query and mask resized to 480 x 480 and scored there.
+  # Fixed labels: 480 center crops, PyTorch-Encoding's "val" mode that the official
+  # training loop validates with (the sliding window switches to whole images).
+  resize = "square" if input_pipeline.is_episodic({"name": name}) else "center_crop"
+  return {"data": {"name": name, "eval_resize": resize}}
+
+
+def resolve_config(args, meta):
+  if args.config:
+    return common.load_config(args.config, args.overrides)
+  if args.data:
+    return common.load_config(None, args.overrides, base=data_only_config(args.data))
+  if "config" not in meta:
+    raise SystemExit(f"error: checkpoint {args.checkpoint!r} carries no training config "
+                     "(imported checkpoints do not); pass --config FILE or --data NAME")
+  return common.load_config(None, args.overrides, base=meta["config"])
+
+
+def select_evaluations(args, config):
+  """The config's evaluations with the command line's data and protocol flags."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lseg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  evals = evaluate.Evaluation.from_config(config)
+  if args.eval is not None:
+    evals = [ev for ev in evals if ev.name == args.eval]
+    if not evals:
+      names = [ev.name for ev in evaluate.Evaluation.from_config(config)]
+      raise SystemExit(f"error: --eval {args.eval!r} is not among the config's "
+                       f"evaluations {names}")
+  if args.out and len(evals) > 1:
+    raise SystemExit(f"error: --out names one report but the config has "
+                     f"{len(evals)} evaluations {[ev.name for ev in evals]}; add --eval NAME")
+  for ev in evals:
+    data = ev.data
+    with data.unlocked():
+      if args.eval_resize:
+        data.eval_resize = args.eval_resize
+      if args.split:
+        data.eval_split = args.split
+      if args.fold is not None:
+        data.fold = args.fold
+      if args.data_dir:
+        data.data_dir = args.data_dir
+      ev.window = make_window(args, data)
+      if ev.window is not None and not (args.keep_eval_resize or args.eval_resize):
+        data.eval_resize = "none"
+        data.eval_pad_to = None
+    if args.batch_size:
+      ev.batch_size = args.batch_size * jax.process_count()
+    elif args.data:
+      ev.batch_size = 2 * jax.local_device_count() * jax.process_count()
+    ev.num_batches = args.max_batches
+    ev.background_text = args.background_text
+    ev.crops_per_device = args.crops_per_device
+  return evals
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.config and not os.path.isfile(args.config.partition(":")[0]):
+    raise SystemExit(f"error: --config file {args.config.partition(':')[0]!r} does not "
+                     "exist; expected configs/NAME.py[:ARGS]")
+  common.setup_logging()
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from lseg_jax import checkpoint, evaluate, sharding
+  # pylint: enable=g-import-not-at-top
+
+  model, meta, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
+  config = resolve_config(args, meta)
+  evals = select_evaluations(args, config)
+  mesh = sharding.make_mesh(config.mesh)
+  ckpt_dir = checkpoint.resolve_directory(args.checkpoint)
+  for ev in evals:
+    start = time.time()
+    report = ev.run(model, embedder, mesh=mesh, progress=not args.no_progress)
+    report.update({
+        "checkpoint": ckpt_dir, "step": meta.get("step", args.step),
+        "config": args.config or (f"--data {args.data}" if args.data else "checkpoint"),
+        "tokenizer": tokenizer_spec, "prompt": prompt,
+        "seconds": round(time.time() - start, 2),
+    })
+    if jax.process_index() == 0:
+      out = args.out or default_out(ckpt_dir, ev.data, report["mode"])
+      os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+      with open(out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+      title = (f"{report['dataset']} / {report['split']}"
+               + (f" / fold {report['fold']}" if report["fold"] is not None else "")
+               + f" ({report['protocol']}, {report['mode']})")
+      print(title)
+      print(evaluate.format_table(report))
+      print(f"report: {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,130 @@
+"""Small pieces of the training loop: when things are due, the metric file, the
+meter and the SIGTERM handler."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def due(step: int, every: int | None, total: int | None = None) -> bool:
+  """Whether something done every `every` steps (0/None: never, except at `total`)
+  is due after step `step`."""
+  return bool((every and step % every == 0) or (total is not None and step == total))
+
+
+class MetricWriter:
+  """metrics.jsonl (one object per step) and TensorBoard scalars; process 0 only."""
+
+  def __init__(self, workdir: str, resume_step: int | None):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._step, self._values = None, {}
+    if not self.enabled:
+      return
+    if resume_step is not None and os.path.exists(self.path):
+      # Steps after the restored checkpoint are trained again: drop their old lines.
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._tb = tf.summary.create_file_writer(workdir)
+
+  def write(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    if self._step is not None and step != self._step:
+      self.flush()
+    self._step = step
+    self._values.update(values)
+
+  def flush(self) -> None:
+    if not self.enabled or self._step is None:
+      return
+    record = {"step": int(self._step), **{k: float(v) for k, v in self._values.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    with self._tb.as_default(step=int(self._step)):
+      for k, v in self._values.items():
+        self._tf.summary.scalar(k, float(v))
+    self._tb.flush()
+    self._step, self._values = None, {}
+
+  def close(self) -> None:
+    self.flush()
+    if self.enabled:
+      self._tb.close()
+
+
+class TrainMeter:
+  """Averages fetched step metrics over a logging interval; times the steps."""
+
+  def __init__(self, global_batch: int):
+    self.global_batch = global_batch
+    self.reset()
+    self._t0 = None
+
+  def reset(self):
+    self.loss, self.correct, self.valid, self.steps = 0.0, 0, 0, 0
+    self.timed_steps = 0
+
+  def add(self, m: dict[str, np.ndarray]) -> None:
+    if self._t0 is None:  # the first step of a run includes compilation: not timed
+      self._t0 = time.perf_counter()
+    else:
+      self.timed_steps += 1
+    self.loss += float(m["loss"])
+    self.correct += int(m["correct"])
+    self.valid += int(m["valid"])
+    self.steps += 1
+
+  def exclude(self, seconds: float) -> None:
+    """Time spent outside training steps (evaluation) does not count."""
+    if self._t0 is not None:
+      self._t0 += seconds
+
+  def summary(self, lr: float) -> dict[str, float]:
+    out = {"train/loss": self.loss / max(self.steps, 1),
+           "train/pixacc": self.correct / max(self.valid, 1), "train/lr": lr}
+    now = time.perf_counter()
+    if self.timed_steps:
+      dt = (now - self._t0) / self.timed_steps
+      out.update({"train/step_time": dt, "train/images_per_sec": self.global_batch / dt})
+    self._t0 = now
+    self.reset()
+    return out
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+__all__ = ["METRICS_FILE", "MetricWriter", "Preemption", "TrainMeter", "due"]
