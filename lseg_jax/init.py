@@ -14,7 +14,6 @@ training loop then places into the parameters' shardings.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from flax import nnx
 import numpy as np

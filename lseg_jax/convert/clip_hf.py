@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
-from lseg_jax.convert.mapping import TRANSPOSE, MappingTable, Rule, concat
+from lseg_jax.convert.mapping import (TRANSPOSE, MappingTable, Rule, concat, layer_norm,
+                                      linear)
 from lseg_jax.models import clip_text
 
 _LAYER = "text_model.encoder.layers.{i}."
@@ -33,11 +34,9 @@ def _layer_rules():
   ]
   for nnx_name, hf_name in (("attn/out_proj", "self_attn.out_proj"), ("mlp/c_fc", "mlp.fc1"),
                             ("mlp/c_proj", "mlp.fc2")):
-    rules += [Rule(f"{_NNX_BLOCK}{nnx_name}/kernel", f"{_LAYER}{hf_name}.weight", TRANSPOSE),
-              Rule(f"{_NNX_BLOCK}{nnx_name}/bias", f"{_LAYER}{hf_name}.bias")]
+    rules += linear(_NNX_BLOCK + nnx_name, _LAYER + hf_name)
   for nnx_name, hf_name in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
-    rules += [Rule(f"{_NNX_BLOCK}{nnx_name}/scale", f"{_LAYER}{hf_name}.weight"),
-              Rule(f"{_NNX_BLOCK}{nnx_name}/bias", f"{_LAYER}{hf_name}.bias")]
+    rules += layer_norm(_NNX_BLOCK + nnx_name, _LAYER + hf_name)
   return rules
 
 
@@ -46,8 +45,7 @@ TABLE = MappingTable(
         Rule("token_embedding/embedding", "text_model.embeddings.token_embedding.weight"),
         Rule("positional_embedding", "text_model.embeddings.position_embedding.weight"),
         *_layer_rules(),
-        Rule("ln_final/scale", "text_model.final_layer_norm.weight"),
-        Rule("ln_final/bias", "text_model.final_layer_norm.bias"),
+        *layer_norm("ln_final", "text_model.final_layer_norm"),
         # nn.Linear(width, embed, bias=False) [D, W] <-> text_projection [W, D].
         Rule("text_projection", "text_projection.weight", TRANSPOSE),
     ),

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
-from lseg_jax.convert.mapping import IDENTITY, TRANSPOSE, MappingTable, Rule
+from lseg_jax.convert.mapping import (IDENTITY, TRANSPOSE, MappingTable, Rule, layer_norm,
+                                      linear)
 from lseg_jax.models import clip_text
 
 _BLOCK = "transformer.resblocks.{i}."
@@ -23,16 +24,12 @@ _NNX_BLOCK = "transformer/resblocks/{i}/"
 
 
 def _block_rules():
-  rules = []
-  for torch_name, nnx_name in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
-    rules += [Rule(f"{_NNX_BLOCK}{nnx_name}/scale", f"{_BLOCK}{torch_name}.weight"),
-              Rule(f"{_NNX_BLOCK}{nnx_name}/bias", f"{_BLOCK}{torch_name}.bias")]
+  rules = layer_norm(_NNX_BLOCK + "ln_1", _BLOCK + "ln_1")
+  rules += layer_norm(_NNX_BLOCK + "ln_2", _BLOCK + "ln_2")
   rules += [Rule(f"{_NNX_BLOCK}attn/in_proj/kernel", f"{_BLOCK}attn.in_proj_weight", TRANSPOSE),
             Rule(f"{_NNX_BLOCK}attn/in_proj/bias", f"{_BLOCK}attn.in_proj_bias")]
   for name in ("attn/out_proj", "mlp/c_fc", "mlp/c_proj"):
-    torch_name = name.replace("/", ".")
-    rules += [Rule(f"{_NNX_BLOCK}{name}/kernel", f"{_BLOCK}{torch_name}.weight", TRANSPOSE),
-              Rule(f"{_NNX_BLOCK}{name}/bias", f"{_BLOCK}{torch_name}.bias")]
+    rules += linear(_NNX_BLOCK + name, _BLOCK + name.replace("/", "."))
   return rules
 
 
@@ -41,8 +38,7 @@ TABLE = MappingTable(
         Rule("token_embedding/embedding", "token_embedding.weight"),
         Rule("positional_embedding", "positional_embedding"),
         *_block_rules(),
-        Rule("ln_final/scale", "ln_final.weight"),
-        Rule("ln_final/bias", "ln_final.bias"),
+        *layer_norm("ln_final", "ln_final"),
         Rule("text_projection", "text_projection", IDENTITY),
     ),
     # The image tower, the temperature, the scalars of OpenAI's TorchScript archives,

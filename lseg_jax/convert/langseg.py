@@ -37,7 +37,7 @@ import numpy as np
 
 from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import clip_openai, mapping, timm_vit
-from lseg_jax.convert.mapping import CONV, TRANSPOSE, Hook, MappingTable, Rule
+from lseg_jax.convert.mapping import CONV, Hook, MappingTable, Rule
 # The checkpoint layout is `langseg_layout`'s; these names stay importable from here.
 from lseg_jax.langseg_layout import (  # pylint: disable=unused-import
     CLIP_PREFIX, VIT_PREFIX, check_layout, read_checkpoint)
@@ -51,14 +51,10 @@ INT64 = Hook("int64", lambda xs: xs[0], lambda x: (np.asarray(x, np.int64),))
 
 def _reassemble_rules(level: int, resample: tuple) -> list[Rule]:
   t, n = f"pretrained.act_postprocess{level}.", f"pretrained/act_postprocess{level}/"
-  rules = [Rule(n + "readout/project/kernel", t + "0.project.0.weight", TRANSPOSE),
-           Rule(n + "readout/project/bias", t + "0.project.0.bias"),
-           Rule(n + "conv/kernel", t + "3.weight", CONV),
-           Rule(n + "conv/bias", t + "3.bias")]
+  rules = mapping.linear(n + "readout/project", t + "0.project.0")
+  rules += mapping.conv(n + "conv", t + "3")
   if resample[0] != "none":
-    rules += [Rule(n + "resample/kernel", t + "4.weight",
-                   DECONV if resample[0] == "deconv" else CONV),
-              Rule(n + "resample/bias", t + "4.bias")]
+    rules += mapping.conv(n + "resample", t + "4", DECONV if resample[0] == "deconv" else CONV)
   return rules
 
 
@@ -74,12 +70,9 @@ def _scratch_rules() -> list[Rule]:
               Rule(bn + "mean", torch_bn + "running_mean"),
               Rule(bn + "var", torch_bn + "running_var"),
               Rule(bn + "num_batches_tracked", torch_bn + "num_batches_tracked", INT64)]
-  rules += [Rule("scratch/refinenet{i}/out_conv/kernel", "scratch.refinenet{i}.out_conv.weight",
-                 CONV),
-            Rule("scratch/refinenet{i}/out_conv/bias", "scratch.refinenet{i}.out_conv.bias"),
-            Rule("scratch/head1/kernel", "scratch.head1.weight", CONV),
-            Rule("scratch/head1/bias", "scratch.head1.bias"),
-            Rule("scratch/head_block/kernel", layout.HEAD_BLOCK_WEIGHT,
+  rules += mapping.conv("scratch/refinenet{i}/out_conv", "scratch.refinenet{i}.out_conv")
+  rules += mapping.conv("scratch/head1", "scratch.head1")
+  rules += [Rule("scratch/head_block/kernel", layout.HEAD_BLOCK_WEIGHT,
                  mapping.reshape((1, 1, 3, 3), (3, 3))),
             Rule("scratch/head_block/bias", "scratch.head_block.depthwise.depthwise.bias",
                  mapping.reshape((1,), ()))]

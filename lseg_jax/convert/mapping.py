@@ -185,6 +185,25 @@ class Rule:
         raise ValueError(f"rule {self.nnx!r} <-> {key!r}: placeholders differ")
 
 
+def linear(nnx_name: str, torch_name: str) -> list[Rule]:
+  """nn.Linear `torch_name.{weight, bias}` <-> nnx.Linear `nnx_name/{kernel, bias}`."""
+  return [Rule(f"{nnx_name}/kernel", f"{torch_name}.weight", TRANSPOSE),
+          Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
+
+
+def conv(nnx_name: str, torch_name: str, hook: Hook = CONV) -> list[Rule]:
+  """nn.Conv2d `torch_name.{weight, bias}` <-> nnx.Conv `nnx_name/{kernel, bias}`
+  (`hook` converts the kernel: another one for transposed convolutions)."""
+  return [Rule(f"{nnx_name}/kernel", f"{torch_name}.weight", hook),
+          Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
+
+
+def layer_norm(nnx_name: str, torch_name: str) -> list[Rule]:
+  """nn.LayerNorm `torch_name.{weight, bias}` <-> nnx.LayerNorm `nnx_name/{scale, bias}`."""
+  return [Rule(f"{nnx_name}/scale", f"{torch_name}.weight"),
+          Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
+
+
 @dataclasses.dataclass(frozen=True)
 class MappingTable:
   """Rules plus the keys either side deliberately leaves out.

@@ -17,28 +17,18 @@ from flax import nnx
 
 from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
-from lseg_jax.convert.mapping import CONV, TRANSPOSE, MappingTable, Rule
+from lseg_jax.convert.mapping import MappingTable, Rule, conv, layer_norm, linear
 from lseg_jax.models import vit
 
 _BLOCK = "blocks.{i}."
 _NNX_BLOCK = "blocks/{i}/"
 
 
-def _layer_norm(nnx_name: str, torch_name: str) -> list[Rule]:
-  return [Rule(f"{nnx_name}/scale", f"{torch_name}.weight"),
-          Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
-
-
-def _linear(nnx_name: str, torch_name: str) -> list[Rule]:
-  return [Rule(f"{nnx_name}/kernel", f"{torch_name}.weight", TRANSPOSE),
-          Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
-
-
 def _block_rules() -> list[Rule]:
-  rules = _layer_norm(_NNX_BLOCK + "norm1", _BLOCK + "norm1")
-  rules += _layer_norm(_NNX_BLOCK + "norm2", _BLOCK + "norm2")
+  rules = layer_norm(_NNX_BLOCK + "norm1", _BLOCK + "norm1")
+  rules += layer_norm(_NNX_BLOCK + "norm2", _BLOCK + "norm2")
   for name in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2"):
-    rules += _linear(_NNX_BLOCK + name, _BLOCK + name.replace("/", "."))
+    rules += linear(_NNX_BLOCK + name, _BLOCK + name.replace("/", "."))
   return rules
 
 
@@ -46,11 +36,10 @@ TABLE = MappingTable(
     rules=(
         Rule("cls_token", "cls_token"),
         Rule("pos_embed", "pos_embed"),
-        Rule("patch_embed/proj/kernel", "patch_embed.proj.weight", CONV),
-        Rule("patch_embed/proj/bias", "patch_embed.proj.bias"),
+        *conv("patch_embed/proj", "patch_embed.proj"),
         *_block_rules(),
-        *_layer_norm("norm", "norm"),
-        *_linear("head", "head"),
+        *layer_norm("norm", "norm"),
+        *linear("head", "head"),
     ),
 )
 
