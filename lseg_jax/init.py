@@ -102,17 +102,4 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
   return weights
 
 
-def byte_level_tokenizer():
-  """Deprecated: call `lseg_jax.text.byte_level_tokenizer`."""
-  from lseg_jax import text  # pylint: disable=g-import-not-at-top
-  return text.byte_level_tokenizer()
-
-
-def tokenizer(spec: str):
-  """Deprecated: call `lseg_jax.text.load_tokenizer(spec)`."""
-  from lseg_jax import text  # pylint: disable=g-import-not-at-top
-  return text.load_tokenizer(spec)
-
-
-__all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "INIT_FIELDS",
-           "byte_level_tokenizer", "pretrained_weights", "tokenizer"]
+__all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "INIT_FIELDS", "pretrained_weights"]
