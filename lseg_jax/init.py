@@ -23,8 +23,6 @@ from lseg_jax import langseg_layout as layout
 from lseg_jax import names
 from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit
 from lseg_jax.models import lseg
-# Deprecated re-exports: use `lseg_jax.text`'s.
-from lseg_jax.text import BYTE_LEVEL_TOKENIZER, BYTE_LEVEL_VOCAB_SIZE
 
 INIT_FIELDS = ("checkpoint", "timm_vit", "clip")
 
@@ -102,4 +100,4 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
   return weights
 
 
-__all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "INIT_FIELDS", "pretrained_weights"]
+__all__ = ["INIT_FIELDS", "pretrained_weights"]

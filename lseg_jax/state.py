@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lseg_jax import names
 from lseg_jax import optim
 from lseg_jax import sharding
 from lseg_jax.models import lseg
@@ -62,7 +63,7 @@ def state_spec(config, mesh: jax.sharding.Mesh) -> StateSpec:
   abstract = {"params": params, "frozen": frozen_params, "rest": rest, "opt": opt,
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
 
-  rules = sharding.check_rules(config.sharding.rules, "config.sharding.rules")
+  rules = names.check_rules(config.sharding.rules, "config.sharding.rules")
   min_size = int(config.sharding.min_size)
   repl = sharding.replicated(mesh)
   param_sh = sharding.tree_shardings(params, mesh, rules, min_size)
@@ -127,12 +128,9 @@ def model_state_dict(state) -> dict[str, Any]:
 
 def split_model_state(full: dict[str, Any], spec: StateSpec) -> dict[str, Any]:
   """Inverse of `model_state_dict`: {"params", "frozen", "rest"} like the spec."""
-  def lookup(name, _):
-    node = full
-    for part in name.split("/"):
-      node = node[part] if part in node else node[int(part)]
-    return node
-  return {k: sharding.map_with_names(lookup, spec.abstract[k]) for k in MODEL_KEYS}
+  flat = names.flatten(full)
+  return {k: sharding.map_with_names(lambda name, _: flat[name], spec.abstract[k])
+          for k in MODEL_KEYS}
 
 
 def model_from_state(state, graphdef) -> lseg.LSeg:

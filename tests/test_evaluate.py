@@ -5,7 +5,6 @@ single-scale and multi-scale, on 8 forced host devices and on one.
 Episodes: tiny fixtures in the FSS-1000 and PASCAL-5i layouts read by the
 real `fss1000` / `pascal5i` sources.
 """
-import importlib.util
 import io
 import json
 import os
@@ -21,8 +20,8 @@ from lseg_jax import checkpoint
 from lseg_jax.cli import eval as eval_cli
 from lseg_jax import evaluate
 from lseg_jax import inference
-from lseg_jax import init as init_lib
 from lseg_jax import metrics
+from lseg_jax import text
 from lseg_jax.data import input_pipeline
 from lseg_jax.data import registry
 from lseg_jax.data import synthetic
@@ -55,7 +54,7 @@ def _fixed_source(split, **_):
 @pytest.fixture(scope="module")
 def model():
   cfg = lseg.LSegConfig(backbone="tiny_vit32", arch_option=2, block_depth=1,
-                        text_vocab_size=init_lib.BYTE_LEVEL_VOCAB_SIZE)
+                        text_vocab_size=text.BYTE_LEVEL_VOCAB_SIZE)
   model = lseg.LSeg(cfg, rngs=nnx.Rngs(0))
   model.eval()
   return model
@@ -267,7 +266,7 @@ def get_config(arg=None):
 
 def test_eval_tool_writes_reports(model, tmp_path):
   ckpt = tmp_path / "ckpt"
-  checkpoint.save_model(str(ckpt), model, extra_meta={"tokenizer": init_lib.BYTE_LEVEL_TOKENIZER})
+  checkpoint.save_model(str(ckpt), model, extra_meta={"tokenizer": text.BYTE_LEVEL_TOKENIZER})
   (tmp_path / "cfg.py").write_text(CONFIG)
   tool = eval_cli
 

@@ -12,11 +12,11 @@ import time
 
 from absl import flags
 import numpy as np
-import tensorflow as tf
 
-from lseg_jax.data import input_pipeline
+from lseg_jax.data import input_pipeline  # first: it loads TensorFlow quietly
 from lseg_jax.data import registry
 from lseg_jax.data import synthetic
+import tensorflow as tf  # pylint: disable=g-bad-import-order
 
 _HEIGHT = flags.DEFINE_integer("height", 512, "Image height.")
 _WIDTH = flags.DEFINE_integer("width", 683, "Image width.")

@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from lseg_jax import checkpoint
+from lseg_jax import langseg_layout
 from lseg_jax.convert import clip_openai, langseg, mapping
 from lseg_jax.models import lseg
 
@@ -105,8 +106,8 @@ def run_import(args) -> str:
   _check_out_dir(args.out_dir, args.overwrite)
   start = time.perf_counter()
   try:
-    state_dict, meta = langseg.read_checkpoint(src, weights_only=not args.trust_pickle)
-    langseg.check_layout(state_dict, src)
+    state_dict, meta = langseg_layout.read_checkpoint(src, weights_only=not args.trust_pickle)
+    langseg_layout.check_layout(state_dict, src)
     cfg = langseg.infer_config(
         state_dict, meta, backbone=args.backbone, readout=args.readout,
         arch_option=args.arch_option, block_depth=args.block_depth,
@@ -130,14 +131,14 @@ def run_import(args) -> str:
 # ---------------------------------------------------------------------------
 def _add_clip_weights(state_dict, clip_path: str, trust_pickle: bool):
   try:
-    clip_sd = mapping.load_state_dict_file(clip_path, weights_only=not trust_pickle)
+    clip_sd = langseg_layout.load_state_dict_file(clip_path, weights_only=not trust_pickle)
     merged = langseg.add_clip_image_tower(state_dict, clip_sd)
   except (ValueError, FileNotFoundError) as e:
     raise ConvertError(f"cannot take CLIP's image tower from {clip_path!r}:\n{e}") from e
   prefix = clip_openai.find_prefix(clip_sd)
-  differ = [k for k, v in state_dict.items() if k.startswith(langseg.CLIP_PREFIX)
-            and prefix + k[len(langseg.CLIP_PREFIX):] in clip_sd
-            and not np.array_equal(np.asarray(clip_sd[prefix + k[len(langseg.CLIP_PREFIX):]],
+  differ = [k for k, v in state_dict.items() if k.startswith(langseg_layout.CLIP_PREFIX)
+            and prefix + k[len(langseg_layout.CLIP_PREFIX):] in clip_sd
+            and not np.array_equal(np.asarray(clip_sd[prefix + k[len(langseg_layout.CLIP_PREFIX):]],
                                               np.float32), v)]
   if differ:
     print(f"warning: {len(differ)} text-tower tensors of {clip_path} differ from the model's "
@@ -162,7 +163,7 @@ def run_export(args) -> str:
   os.makedirs(os.path.dirname(out), exist_ok=True)
   langseg.write_torch_checkpoint(
       out, state_dict, lseg_config=langseg.torch_config(model.cfg),
-      half_prefixes=(langseg.CLIP_PREFIX,) if args.half else (), bare=args.bare)
+      half_prefixes=(langseg_layout.CLIP_PREFIX,) if args.half else (), bare=args.bare)
   return (f"exported {args.ckpt_dir} ({model.cfg.backbone}) -> {args.out}, "
           f"{len(state_dict)} tensors in {time.perf_counter() - start:.1f} s")
 

@@ -38,9 +38,7 @@ import numpy as np
 from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import clip_openai, mapping, timm_vit
 from lseg_jax.convert.mapping import CONV, Hook, MappingTable, Rule
-# The checkpoint layout is `langseg_layout`'s; these names stay importable from here.
-from lseg_jax.langseg_layout import (  # pylint: disable=unused-import
-    CLIP_PREFIX, VIT_PREFIX, check_layout, read_checkpoint)
+from lseg_jax.langseg_layout import CLIP_PREFIX, VIT_PREFIX, check_layout, read_checkpoint
 from lseg_jax.models import clip_text, dpt, lseg, vit
 
 # nn.ConvTranspose2d weight [Cin, Cout, k, k] <-> ConvTransposeKxK kernel [k, k, Cin, Cout].

@@ -24,9 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lseg_jax import names
-# File reading is `langseg_layout`'s (numpy only); these names stay importable from here.
-from lseg_jax.langseg_layout import (  # pylint: disable=unused-import
-    load_state_dict_file, numpy_state_dict)
+from lseg_jax.langseg_layout import numpy_state_dict
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _MAX_LISTED = 100  # per category in a MappingError message
 

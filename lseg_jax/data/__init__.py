@@ -13,7 +13,36 @@ Data contract (shared by training, evaluation and prediction):
   of each example. Eval batches add `valid` bool [B], `image_size` int32
   [B, 2] and, for episodes, `class_index` int32 [B].
 """
-from lseg_jax.data.registry import get_source, register, Source
-from lseg_jax.labels import IGNORE_INDEX
+import contextlib as _contextlib
+import os as _os
+import sys as _sys
+
+
+@_contextlib.contextmanager
+def _quiet_native_stderr():
+  """Silences what native code writes to stderr (fd 2) meanwhile: TensorFlow's C++
+  libraries print a oneDNN banner while they load, before any log level applies."""
+  try:
+    _sys.stderr.flush()
+    saved = _os.dup(2)
+  except (OSError, ValueError):  # no usable fd 2 (embedded interpreters)
+    yield
+    return
+  devnull = _os.open(_os.devnull, _os.O_WRONLY)
+  try:
+    _os.dup2(devnull, 2)
+    yield
+  finally:
+    _os.dup2(saved, 2)
+    _os.close(saved)
+    _os.close(devnull)
+
+
+if "tensorflow" not in _sys.modules:
+  with _quiet_native_stderr():
+    import tensorflow  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+
+from lseg_jax.data.registry import get_source, register, Source  # noqa: E402
+from lseg_jax.labels import IGNORE_INDEX  # noqa: E402
 
 __all__ = ["IGNORE_INDEX", "Source", "get_source", "register"]
