@@ -1,7 +1,9 @@
 r"""Prediction as tools/predict.py and the browser demo (tools/demo.py) share it.
 
-  from lseg_jax import predict
-  segmenter = predict.Segmenter.from_checkpoint("runs/synthetic_tiny")
+  from lseg_jax import checkpoint, evaluate, predict
+  model, meta = checkpoint.load_model("runs/synthetic_tiny")
+  embedder, _, _ = evaluate.checkpoint_label_embedder(model, meta, "runs/synthetic_tiny")
+  segmenter = predict.Segmenter(model, embedder, window=predict.default_window(meta))
   image = predict.load_image("scene.png")                  # uint8 [H, W, 3]
   result = segmenter(image, predict.parse_labels("red disc, green square, other"))
   result.overlay(alpha=0.5).save("scene_seg.png")          # image + ordered legend
@@ -29,7 +31,7 @@ from typing import Any, BinaryIO, Sequence
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lseg_jax import inference
 from lseg_jax import text
@@ -70,8 +72,14 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image,
     ValueError: the source is not an image Pillow can read (the message names
       it), or has more pixels than Pillow's decompression-bomb limit.
   """
+  return read_image(source, name)[0]
+
+
+def read_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image,
+               name: str | None = None) -> tuple[np.ndarray, str]:
+  """(`load_image`'s uint8 [H, W, 3], the file's Pillow mode, e.g. "I;16")."""
   if isinstance(source, Image.Image):
-    return to_rgb8(_upright(source))
+    return to_rgb8(_upright(source)), source.mode
   if name is None:
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the image"
   if isinstance(source, bytes):
@@ -81,14 +89,35 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image,
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       with Image.open(source) as im:
         im.load()
-        return to_rgb8(_upright(im))
+        return to_rgb8(_upright(im)), im.mode
   except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
     raise ValueError(f"{name} is too large to read safely: {e}") from None
   except FileNotFoundError:
     raise ValueError(f"{name} does not exist") from None
-  except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for bad files.
-    raise ValueError(f"{name} is not an image that can be read (PNG, JPEG, WebP, BMP, "
-                     f"TIFF, GIF, ...): {e}") from None
+  except UnidentifiedImageError:
+    raise ValueError(f"{name} is not an image file that can be read; expected PNG, JPEG, "
+                     "WebP, BMP, TIFF, GIF or another format Pillow reads") from None
+  except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for damaged files.
+    raise ValueError(f"{name} could not be decoded as an image: {e}") from None
+
+
+def describe_mode(mode: str) -> str | None:
+  """What `to_rgb8` does to an image of this Pillow mode, for a user; None for RGB
+  and palette images (nothing to say)."""
+  if mode.startswith("I;16"):
+    return "16-bit grayscale image: scaled to 8 bits (value / 257) and repeated to RGB"
+  if mode in ("I", "F"):
+    return (f"{'32-bit integer' if mode == 'I' else 'floating-point'} grayscale image: "
+            "scaled to 8 bits by its value range and repeated to RGB")
+  if mode in ("L", "1"):
+    return "grayscale image: repeated to RGB"
+  if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    return "image with transparency: composited over white"
+  if mode == "CMYK":
+    return "CMYK image: converted to RGB"
+  if mode not in ("RGB", "P"):
+    return f"{mode} image: converted to RGB"
+  return None
 
 
 def _upright(im: Image.Image) -> Image.Image:
@@ -306,30 +335,6 @@ class Segmenter:
     self._multi: inference.SlidingWindowInference | None = None
     self._lock = threading.Lock()
 
-  @classmethod
-  def from_checkpoint(cls, directory: str, *, step: int | None = None,
-                      tokenizer: str | None = None, prompt: str | None = None,
-                      max_cached: int | None = None, **config_overrides
-                      ) -> tuple["Segmenter", dict[str, Any]]:
-    """(Segmenter, info) for a checkpoint or training work directory.
-
-    tokenizer / prompt: as `evaluate.checkpoint_label_embedder`; config_overrides:
-    compute fields (dtype, attention) as `checkpoint.load_model`. info holds
-    "checkpoint" (the resolved directory), "meta", "tokenizer" and "prompt".
-    """
-    # pylint: disable=g-import-not-at-top
-    from lseg_jax import checkpoint
-    from lseg_jax import evaluate
-    # pylint: enable=g-import-not-at-top
-    directory = checkpoint.resolve_directory(directory)
-    model, meta = checkpoint.load_model(directory, step, **config_overrides)
-    embedder, tokenizer_spec, template = evaluate.checkpoint_label_embedder(
-        model, meta, directory, tokenizer=tokenizer, prompt=prompt)
-    embedder.max_cached = max_cached
-    info = {"checkpoint": directory, "meta": meta, "tokenizer": tokenizer_spec,
-            "prompt": template}
-    return cls(model, embedder, window=default_window(meta)), info
-
   def prompts(self, labels: Sequence[str], template: str | None = None) -> list[str]:
     """The texts the tower reads; template None: the default, "": bare names."""
     return self.embedder.prompts(labels, template)
@@ -392,6 +397,6 @@ def save_label_map(path: str | BinaryIO, label_map: np.ndarray, num_labels: int)
 
 
 __all__ = ["ALPHA_BACKGROUND", "IMAGE_EXTENSIONS", "MULTI_SCALE", "PROTOCOLS", "Prediction",
-           "SINGLE_SCALE", "Segmenter", "check_labels", "default_window", "limit_size",
-           "list_images", "load_image", "long_label_warnings", "parse_labels",
-           "read_labels_file", "save_label_map", "to_rgb8"]
+           "SINGLE_SCALE", "Segmenter", "check_labels", "default_window", "describe_mode",
+           "limit_size", "list_images", "load_image", "long_label_warnings", "parse_labels",
+           "read_image", "read_labels_file", "save_label_map", "to_rgb8"]
