@@ -30,8 +30,8 @@ setup(
         # PyTorch interop (checkpoint import/export, the self-contained PyTorch LSeg).
         "torch": ["torch", "torchvision", "timm"],
         # The browser demo (tools/demo.py).
-        "demo": ["gradio>=5,<7"],
+        "demo": ["gradio>=6,<7"],
         # The demo's tests drive it over HTTP (gradio_client) and in Chromium (selenium).
-        "test": ["pytest", "pytest-xdist", "gradio>=5,<7", "gradio_client", "selenium>=4.11"],
+        "test": ["pytest", "pytest-xdist", "gradio>=6,<7", "gradio_client", "selenium>=4.11"],
     },
 )

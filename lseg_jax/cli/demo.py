@@ -190,7 +190,7 @@ class DemoBackend:
       return self.missing() or f"Checkpoint `{self.checkpoint}` loads on the first request."
     cfg = self.segmenter.model.cfg
     template = self.default_template()
-    return (f"Checkpoint `{os.path.abspath(self.checkpoint)}`: backbone `{cfg.backbone}`, "
+    return (f"Checkpoint `{self.checkpoint}`: backbone `{cfg.backbone}`, "
             f"label embeddings of width {self.segmenter.model.text_dim}, default prompt "
             + (f"`{template}`" if template else "none (bare label names)") + ".")
 
