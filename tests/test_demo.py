@@ -2,7 +2,11 @@
 gradio_client, with a tiny random model saved by checkpoint.save_model."""
 import json
 import os
+from pathlib import Path
+import queue
 import socket
+import subprocess
+import sys
 import threading
 
 from flax import nnx
@@ -21,6 +25,7 @@ from lseg_jax.cli import demo  # noqa: E402
 from lseg_jax.cli import predict as predict_cli  # noqa: E402
 from lseg_jax.models import lseg  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 LABELS = "dog, grass, other"
 SINGLE, MULTI = predict_lib.SINGLE_SCALE, predict_lib.MULTI_SCALE
 
@@ -213,27 +218,41 @@ def test_concurrent_clients_get_their_own_results(server, files):
       assert report["labels"] == want.labels
 
 
-def test_missing_default_checkpoint_says_how_to_make_one(tmp_path, monkeypatch, capsys):
-  monkeypatch.chdir(tmp_path)  # no runs/synthetic_tiny here
-  app, backend, client = start_server([])
+def test_missing_default_checkpoint_says_how_to_make_one(files, tmp_path):
+  """The real command, started where no runs/synthetic_tiny exists, then given one."""
+  port = free_port()
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "demo.py"), "--port", str(port)],
+                          cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = queue.Queue()
+  threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
   try:
-    assert "warning: No checkpoint to run" in capsys.readouterr().err
-    assert demo.MAKE_DEFAULT_COMMAND in backend.describe()
+    output = ""
+    while "ready in" not in output:
+      output += lines.get(timeout=300)
+    assert "No checkpoint to run" in output and demo.MAKE_DEFAULT_COMMAND in output
+    client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
     with pytest.raises(gradio_client.exceptions.AppError, match="tools/run_default.py"):
       client.predict(None, "dog", "", SINGLE, 0.5, api_name="/segment")
     # The page carries the command too (the banner's initial value).
-    config = client.config
-    banners = [c["props"].get("value") for c in config["components"]
+    banners = [c["props"].get("value") for c in client.config["components"]
                if c.get("props", {}).get("elem_id") == "checkpoint"]
     assert banners and demo.MAKE_DEFAULT_COMMAND in banners[0]
+    # Once the default run exists, the running page uses it.
+    save_tiny_checkpoint(tmp_path / demo.DEFAULT_CHECKPOINT)
+    got = segment(client, files / "even.jpg")
+    assert got["label_map"].shape == (64, 96)
+    assert got["report"]["checkpoint"] == str(tmp_path / demo.DEFAULT_CHECKPOINT)
   finally:
-    app.close()
-    backend.close()
+    proc.terminate()
+    proc.wait(timeout=60)
 
 
 def test_bad_command_line():
   with pytest.raises(SystemExit) as e:
     demo.parse_args(["--max-side", "8"])
   assert e.value.code == 2
-  with pytest.raises(SystemExit, match="cannot load checkpoint"):
-    demo.DemoBackend(demo.parse_args(["--checkpoint", "/nonexistent/ckpt"])).load()
+  with pytest.raises(SystemExit, match="cannot load checkpoint '/nonexistent/ckpt'"):
+    demo.launch(demo.parse_args(["--checkpoint", "/nonexistent/ckpt"]), block=False)

@@ -156,7 +156,7 @@ class DemoBackend:
     """Loads the model unless loaded; False while the default checkpoint is missing.
 
     Raises:
-      SystemExit: a checkpoint that exists but cannot be loaded (at startup).
+      ValueError: the checkpoint cannot be loaded (the message says why).
     """
     with self._load_lock:
       if self.segmenter is not None:
@@ -169,7 +169,10 @@ class DemoBackend:
       try:
         model, meta, embedder, tokenizer_spec, _ = common.load_checkpoint(args)
       except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load checkpoint {self.checkpoint!r}: {e}") from None
+        message = f"cannot load checkpoint {self.checkpoint!r}: {e}"
+        if self.args.checkpoint is None:
+          message += f" (if `{MAKE_DEFAULT_COMMAND}` is still running, wait for it to finish)"
+        raise ValueError(message) from None
       embedder.max_cached = MAX_CACHED_LABEL_SETS
       self.meta, self.tokenizer_spec = meta, tokenizer_spec
       self.segmenter = predict.Segmenter(model, embedder, window=predict.default_window(meta))
@@ -422,8 +425,13 @@ def launch(args: argparse.Namespace, *, block: bool = True):
   """
   start = time.perf_counter()
   backend = DemoBackend(args)
-  if not backend.load():
-    print(f"warning: {backend.missing()}", file=sys.stderr)
+  try:
+    if not backend.load():
+      print(f"warning: {backend.missing()}", file=sys.stderr)
+  except ValueError as e:
+    if args.checkpoint is not None:
+      raise SystemExit(f"error: {e}") from None
+    print(f"warning: {e}", file=sys.stderr)  # the default run, still being made
   app = build_app(backend)
   app.queue(default_concurrency_limit=1, max_size=args.queue_size)
   # The app is closed by the caller or at exit; the outputs folder with it.
