@@ -175,6 +175,55 @@ def limit_size(image: np.ndarray, max_side: int | None) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
 
 
+@dataclasses.dataclass
+class InputImage:
+  """An image ready to segment, with what was done to it on the way.
+
+  Attributes:
+    image: uint8 [H, W, 3] as it will be segmented.
+    mode: the file's Pillow mode ("RGB", "I;16", ...).
+    original_size: (height, width) of the file, before `limit_size`.
+    max_side: the limit it was shrunk to, or None.
+  """
+  image: np.ndarray
+  mode: str
+  original_size: tuple[int, int]
+  max_side: int | None = None
+
+  @property
+  def resized(self) -> bool:
+    return tuple(self.image.shape[:2]) != tuple(self.original_size)
+
+  @property
+  def conversion(self) -> str | None:
+    """How the file's pixels became 8-bit RGB (`describe_mode`), if worth saying."""
+    return describe_mode(self.mode)
+
+  @property
+  def warnings(self) -> list[str]:
+    if not self.resized:
+      return []
+    (h0, w0), (h, w) = self.original_size, self.image.shape[:2]
+    return [f"the image is {w0}x{h0} pixels; it was shrunk to {w}x{h} (--max-side "
+            f"{self.max_side}) and the outputs have that size"]
+
+  def report_fields(self) -> dict[str, Any]:
+    """The keys it adds to `Prediction.report`."""
+    out: dict[str, Any] = {}
+    if self.resized:
+      out["original_size"] = list(self.original_size)
+    if self.conversion:
+      out["input_conversion"] = self.conversion
+    return out
+
+
+def prepare_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
+                  name: str | None = None, max_side: int | None = None) -> InputImage:
+  """`read_image`, then `limit_size`: the image as both front ends segment it."""
+  image, mode = read_image(source, name)
+  return InputImage(limit_size(image, max_side), mode, tuple(image.shape[:2]), max_side)
+
+
 def list_images(folder: str) -> list[str]:
   """Sorted paths of the image files (`IMAGE_EXTENSIONS`) in a folder."""
   return sorted(os.path.join(folder, f) for f in os.listdir(folder)
@@ -396,7 +445,8 @@ def save_label_map(path: str | BinaryIO, label_map: np.ndarray, num_labels: int)
   Image.fromarray(np.asarray(label_map).astype(dtype)).save(path, format="PNG")
 
 
-__all__ = ["ALPHA_BACKGROUND", "IMAGE_EXTENSIONS", "MULTI_SCALE", "PROTOCOLS", "Prediction",
+__all__ = ["ALPHA_BACKGROUND", "IMAGE_EXTENSIONS", "InputImage", "MULTI_SCALE", "PROTOCOLS",
+           "Prediction", "prepare_image",
            "SINGLE_SCALE", "Segmenter", "check_labels", "default_window", "describe_mode",
            "limit_size", "list_images", "load_image", "long_label_warnings", "parse_labels",
            "read_image", "read_labels_file", "save_label_map", "to_rgb8"]

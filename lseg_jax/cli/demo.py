@@ -246,18 +246,10 @@ class DemoBackend:
     if image_source is None:
       raise ValueError("no image: upload one, paste one, take one with the webcam or pick "
                        "an example")
-    image, mode = predict.read_image(image_source, name=repr(image_name))
-    notes = []
-    described = predict.describe_mode(mode)
-    if described:
-      notes.append(described)
-    size = image.shape[:2]
-    image = predict.limit_size(image, self.args.max_side)
-    warnings = []
-    if image.shape[:2] != size:
-      warnings.append(f"the image is {size[1]}x{size[0]} pixels; it was shrunk to "
-                      f"{image.shape[1]}x{image.shape[0]} (long side {self.args.max_side}, "
-                      "the demo's --max-side) and the outputs have that size")
+    source = predict.prepare_image(image_source, name=repr(image_name),
+                                   max_side=self.args.max_side)
+    image = source.image
+    warnings = list(source.warnings)
 
     result = self.segmenter(image, labels, template=template, protocol=protocol)
     warnings += result.warnings
@@ -271,13 +263,9 @@ class DemoBackend:
     result.overlay(alpha=float(alpha)).save(paths["overlay"])
     predict.save_label_map(paths["labels"], result.label_map, len(labels))
     Image.fromarray(result.colour_map()).save(paths["colours"])
-    extra = {"image": image_name, "label_map": os.path.basename(paths["labels"]),
-             "checkpoint": os.path.abspath(self.checkpoint), "tokenizer": self.tokenizer_spec}
-    if image.shape[:2] != size:
-      extra["original_size"] = list(size)
-    if notes:
-      extra["input_conversion"] = notes[0]
-    report = result.report(**extra)
+    report = result.report(image=image_name, label_map=os.path.basename(paths["labels"]),
+                           checkpoint=os.path.abspath(self.checkpoint),
+                           tokenizer=self.tokenizer_spec, **source.report_fields())
     report["warnings"] = warnings
     with open(paths["json"], "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
@@ -287,7 +275,8 @@ class DemoBackend:
     status = [f"Segmented a {w}x{h} image into {len(labels)} labels ({protocol}, prompt "
               + (f"`{result.template}`" if result.template else "none")
               + f") in {seconds:.2f} s."]
-    status += [f"Note: {n}." for n in notes]
+    if source.conversion:
+      status.append(f"Note: {source.conversion}.")
     status += [f"**Warning:** {m}." for m in warnings]
     log.info("segmented %r (%dx%d, %d labels, %s) in %.2f s", image_name, w, h, len(labels),
              protocol, seconds)

@@ -123,10 +123,11 @@ def list_images(args) -> list[str]:
   return paths
 
 
-def load_image(path: str, max_side: int | None = None) -> np.ndarray:
+def load_image(path: str, max_side: int | None = None):
+  """`lseg_jax.predict.InputImage` of a file; exits with the message if unreadable."""
   from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   try:
-    return predict_lib.limit_size(predict_lib.load_image(path), max_side)
+    return predict_lib.prepare_image(path, max_side=max_side)
   except ValueError as e:
     raise SystemExit(f"error: cannot read image: {e}") from None
 
@@ -164,10 +165,11 @@ def main(argv=None) -> int:
   protocol = predict_lib.MULTI_SCALE if args.multiscale else predict_lib.SINGLE_SCALE
 
   for path in images:
-    image = load_image(path, args.max_side)
-    result = segmenter(image, labels, protocol=protocol,
+    source = load_image(path, args.max_side)
+    result = segmenter(source.image, labels, protocol=protocol,
                        embeddings=args.embeddings_out is not None)
-    for message in result.warnings:
+    warnings = source.warnings + result.warnings
+    for message in warnings:
       print(f"warning: {message}", file=sys.stderr)
     paths = output_paths(args, path)
     for p in paths.values():
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
     predict_lib.save_label_map(paths["labels"], result.label_map, len(labels))
     report = result.report(image=path, label_map=os.path.basename(paths["labels"]),
                            checkpoint=os.path.abspath(args.checkpoint),
-                           tokenizer=tokenizer_spec)
+                           tokenizer=tokenizer_spec, **source.report_fields())
+    report["warnings"] = warnings
     if paths["logits"]:
       np.savez(paths["logits"], logits=np.ascontiguousarray(
           result.logits.transpose(2, 0, 1), np.float32), labels=np.array(labels))
