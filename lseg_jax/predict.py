@@ -12,7 +12,8 @@ r"""Prediction as tools/predict.py and the browser demo (tools/demo.py) share it
 One place for each step, so that both front ends give the same pixels:
   * images: `load_image` reads any Pillow image as uint8 RGB (16-bit, float,
     grayscale, palette, alpha and CMYK images included; rules in its docstring);
-    `limit_size` shrinks very large ones;
+    `limit_size` shrinks very large ones; `prepare_image` does both and keeps
+    what the user should be told (`InputImage`);
   * labels: `parse_labels` / `read_labels_file` and their checks (empty and
     duplicate labels are errors; labels longer than CLIP's context are warnings);
   * the model: `Segmenter`, single scale (`inference.ImagePredictor`) or the
@@ -430,9 +431,10 @@ class Segmenter:
         input_size, emb = None, None
     return Prediction(
         image=image, labels=labels, prompts=prompts,
-        template=self.embedder.template_for(template), protocol=protocol, logits=logits, label_map=logits.argmax(-1).astype(np.int32),
-        input_size=input_size, window=self.window if protocol == MULTI_SCALE else None,
-        embeddings=emb, warnings=notes)
+        template=self.embedder.template_for(template), protocol=protocol, logits=logits,
+        label_map=logits.argmax(-1).astype(np.int32), input_size=input_size,
+        window=self.window if protocol == MULTI_SCALE else None, embeddings=emb,
+        warnings=notes)
 
 
 # --------------------------------------------------------------------------
@@ -445,8 +447,8 @@ def save_label_map(path: str | BinaryIO, label_map: np.ndarray, num_labels: int)
   Image.fromarray(np.asarray(label_map).astype(dtype)).save(path, format="PNG")
 
 
-__all__ = ["ALPHA_BACKGROUND", "IMAGE_EXTENSIONS", "InputImage", "MULTI_SCALE", "PROTOCOLS",
-           "Prediction", "prepare_image",
-           "SINGLE_SCALE", "Segmenter", "check_labels", "default_window", "describe_mode",
-           "limit_size", "list_images", "load_image", "long_label_warnings", "parse_labels",
-           "read_image", "read_labels_file", "save_label_map", "to_rgb8"]
+__all__ = ["ALPHA_BACKGROUND", "IMAGE_EXTENSIONS", "MULTI_SCALE", "PROTOCOLS", "SINGLE_SCALE",
+           "InputImage", "Prediction", "Segmenter", "check_labels", "default_window",
+           "describe_mode", "limit_size", "list_images", "load_image", "long_label_warnings",
+           "parse_labels", "prepare_image", "read_image", "read_labels_file", "save_label_map",
+           "to_rgb8"]
