@@ -7,6 +7,7 @@ caches the result: a training or evaluation step only ever sees `[L, D]` arrays.
 """
 from __future__ import annotations
 
+import collections
 import html
 import os
 import re
@@ -109,7 +110,7 @@ def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LEN
   if context_length < 2:
     raise ValueError(f"context_length {context_length} cannot hold start and end tokens")
   start, end = tokenizer.convert_tokens_to_ids([START_TOKEN, END_TOKEN])
-  encoded = tokenizer([clean_text(s) for s in labels], add_special_tokens=False)["input_ids"]
+  encoded = _encode(labels, tokenizer)
   tokens = np.zeros((len(labels), context_length), np.int32)
   for i, (label, ids) in enumerate(zip(labels, encoded)):
     ids = [start, *ids, end]
@@ -121,18 +122,29 @@ def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LEN
   return tokens
 
 
+def _encode(texts: Sequence[str], tokenizer) -> list[list[int]]:
+  """BPE ids of the cleaned texts, without start and end tokens."""
+  return tokenizer([clean_text(s) for s in texts], add_special_tokens=False)["input_ids"]
+
+
+def token_counts(texts: Sequence[str], tokenizer) -> list[int]:
+  """Tokens each text takes in the context, start and end tokens included (as
+  `tokenize` counts them: a count above the context length is truncated)."""
+  return [len(ids) + 2 for ids in _encode(list(texts), tokenizer)]
+
+
 class LabelEmbedder:
   """Label names -> text embeddings [L, D], computed once per label set.
 
   The embeddings are the tower's raw outputs (not normalised; LSeg normalises
   them). Each new label set costs one jitted tower call; a set seen before is
-  served from the cache (keyed by the tuple of labels), so the tower is not run
-  again. The tower's weights are read at each cache miss: call `clear()` after
-  changing them.
+  served from the cache (keyed by the template and the tuple of labels), so the
+  tower is not run again. The tower's weights are read at each cache miss: call
+  `clear()` after changing them.
   """
 
   def __init__(self, text_model: nnx.Module, tokenizer, template: str | None = None,
-               context_length: int | None = None):
+               context_length: int | None = None, max_cached: int | None = None):
     """
     Args:
       text_model: a module mapping tokens [N, T] int32 -> [N, D], e.g.
@@ -141,9 +153,12 @@ class LabelEmbedder:
       template: optional prompt with one "{}", e.g. "a photo of a {}."; None uses
         the bare names, as LSeg does.
       context_length: defaults to the model's `cfg.context_length`, else 77.
+      max_cached: keep at most this many label sets, dropping the least recently
+        used (a long-running server sees unboundedly many); None keeps all.
     """
-    if template is not None and template.count("{}") != 1:
-      raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+    _check_template(template)
+    if max_cached is not None and max_cached < 1:
+      raise ValueError(f"max_cached={max_cached}; expected >= 1 or None")
     if context_length is None:
       context_length = getattr(getattr(text_model, "cfg", None), "context_length",
                                CONTEXT_LENGTH)
@@ -151,23 +166,42 @@ class LabelEmbedder:
     self.tokenizer = tokenizer
     self.template = template
     self.context_length = context_length
+    self.max_cached = max_cached
     self.num_computed = 0  # tower runs so far (cache misses)
-    self._cache: dict[tuple[str, ...], jax.Array] = {}
+    self._cache: collections.OrderedDict[tuple, jax.Array] = collections.OrderedDict()
     graphdef, _ = nnx.split(text_model)
     self._encode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
 
-  def prompts(self, labels: Sequence[str]) -> list[str]:
-    labels = validate_labels(labels)
-    return labels if self.template is None else [self.template.format(s) for s in labels]
+  def template_for(self, template: str | None) -> str | None:
+    """The template of a call: None -> the embedder's; "" -> bare names."""
+    if template is None:
+      return self.template
+    _check_template(template or None)
+    return template or None
 
-  def __call__(self, labels: Sequence[str]) -> jax.Array:
-    """labels (L names) -> float32 [L, D]."""
-    key = tuple(validate_labels(labels))
-    if key not in self._cache:
-      tokens = tokenize(self.prompts(key), self.tokenizer, self.context_length)
+  def prompts(self, labels: Sequence[str], template: str | None = None) -> list[str]:
+    """The texts the tower reads: labels put into the template (see `__call__`)."""
+    labels = validate_labels(labels)
+    template = self.template_for(template)
+    return labels if template is None else [template.format(s) for s in labels]
+
+  def __call__(self, labels: Sequence[str], template: str | None = None) -> jax.Array:
+    """labels (L names) -> float32 [L, D].
+
+    template: this call's prompt template with one "{}"; None uses the
+      embedder's template, "" the bare names.
+    """
+    labels = tuple(validate_labels(labels))
+    key = (self.template_for(template), labels)
+    if key in self._cache:
+      self._cache.move_to_end(key)
+    else:
+      tokens = tokenize(self.prompts(labels, template), self.tokenizer, self.context_length)
       self._cache[key] = self._encode(nnx.state(self.text_model), jnp.asarray(tokens)).astype(
           jnp.float32)
       self.num_computed += 1
+      if self.max_cached is not None and len(self._cache) > self.max_cached:
+        self._cache.popitem(last=False)
     return self._cache[key]
 
   def clear(self) -> None:
@@ -177,6 +211,11 @@ class LabelEmbedder:
     return len(self._cache)
 
 
+def _check_template(template: str | None) -> None:
+  if template is not None and template.count("{}") != 1:
+    raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+
+
 __all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "CONTEXT_LENGTH",
            "DEFAULT_TOKENIZER", "LabelEmbedder", "byte_level_tokenizer", "clean_text",
-           "load_tokenizer", "tokenize", "validate_labels"]
+           "load_tokenizer", "token_counts", "tokenize", "validate_labels"]

@@ -91,10 +91,12 @@ def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
     raise SystemExit(f"error: {e}") from None
 
 
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-  """--checkpoint, --step, --tokenizer, --prompt, --dtype (eval and predict)."""
-  parser.add_argument("--checkpoint", required=True,
-                      help="checkpoint directory (Orbax), or a training work directory")
+def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = True,
+                        default: str | None = None) -> None:
+  """--checkpoint, --step, --tokenizer, --prompt, --dtype (eval, predict, demo)."""
+  parser.add_argument("--checkpoint", required=required, default=default, help=(
+      "checkpoint directory (Orbax), or a training work directory"
+      + (f" (default: {default})" if default else "")))
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: the latest)")
   parser.add_argument("--tokenizer", default=None,
