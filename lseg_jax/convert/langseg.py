@@ -37,7 +37,7 @@ from flax import nnx
 import numpy as np
 
 from lseg_jax.convert import clip_openai, mapping, timm_vit
-from lseg_jax.convert.mapping import CONV, TRANSPOSE, Hook, MappingTable, Rule
+from lseg_jax.convert.mapping import CONV, TRANSPOSE, MappingTable, Rule
 from lseg_jax.models import clip_text, dpt, lseg, vit
 
 LIGHTNING_PREFIX = "net."
@@ -48,8 +48,7 @@ _PROJECT_READOUT = "pretrained.act_postprocess1.0.project.0.weight"
 
 # nn.ConvTranspose2d weight [Cin, Cout, k, k] <-> ConvTransposeKxK kernel [k, k, Cin, Cout].
 DECONV = mapping.permute((2, 3, 0, 1), "deconv_iokk_kkio")
-# torch counts BatchNorm batches in int64; our BatchStat is int32.
-INT64 = Hook("int64", lambda xs: xs[0], lambda x: (np.asarray(x, np.int64),))
+INT64 = mapping.INT64
 
 
 def _reassemble_rules(level: int, resample: tuple) -> list[Rule]:

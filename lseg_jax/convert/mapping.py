@@ -86,8 +86,10 @@ def update(model: nnx.Module, params) -> None:
          if tuple(np.shape(v)) != tuple(current[k].shape)]
   if bad:
     raise ValueError(f"params do not match the model's shapes: {bad[:_MAX_LISTED]}")
+  # jnp.array copies: jnp.asarray may share a numpy buffer on CPU, and a buffer taken
+  # from a live torch module (`tensor.numpy()`) changes when torch updates it in place.
   nnx.update(model, unflatten(
-      {k: jnp.asarray(v, dtype=current[k].dtype) for k, v in flat.items()}))
+      {k: jnp.array(v, dtype=current[k].dtype) for k, v in flat.items()}))
 
 
 def numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -221,6 +223,8 @@ IDENTITY = Hook("identity", lambda xs: xs[0], lambda x: (x,))
 TRANSPOSE = permute((1, 0), "transpose")
 # nn.Conv2d weight [O, I, kH, kW] <-> nnx.Conv kernel [kH, kW, I, O].
 CONV = permute((2, 3, 1, 0), "conv_oihw_hwio")
+# torch counts BatchNorm batches in int64; our BatchStat is int32.
+INT64 = Hook("int64", lambda xs: xs[0], lambda x: (np.asarray(x, np.int64),))
 
 
 # ---------------------------------------------------------------------------
@@ -424,4 +428,4 @@ def load_module(state_dict: Mapping[str, Any], table: MappingTable, model):
   assert not table.ignore_nnx, "build the module first: ignored NNX paths need values"
   graphdef, _ = nnx.split(abstract)
   params = torch_to_nnx(state_dict, table, abstract)
-  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, jax.tree.map(jnp.array, params))  # a copy, as in `update`
