@@ -18,8 +18,8 @@ timm_vision_transformer = pytest.importorskip("timm.models.vision_transformer")
 from lseg_jax.torch_lseg import lseg as torch_lseg  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TINY_VOCAB = 100
-TINY = ("tiny_vit16", "tiny_vit32")
-FULL = ("clip_vitl16_384", "clip_vitb32_384", "clipRN50x16_vitl16_384")
+TINY = ("tiny_vit16", "tiny_vit32", "tiny_resnet")
+FULL = ("clip_vitl16_384", "clip_vitb32_384", "clipRN50x16_vitl16_384", "clip_resnet101")
 # (arch_option, block_depth) pairs the parity tests run.
 HEADS = ((0, 0), (1, 1), (1, 2), (2, 1), (2, 2))
 

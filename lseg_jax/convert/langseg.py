@@ -20,7 +20,15 @@ with `net.`):
   scratch.head_block.depthwise.depthwise.{weight [1,1,3,3], bias [1]}
                                     <-> SpatialRegularization kernel [3,3], bias []
 
-Shapes tell the backbone (ViT width and patch, text width), the decoder width and
+The zero-shot ResNet model (`LSegRNNetZS`, backbone `clip_resnet101`) has the same
+`clip_pretrained.*` and `scratch.*`, and instead of the ViT and its reassemble stages
+  pretrained.layer1.{0,1}.*         torchvision ResNet's conv1, bn1
+  pretrained.layer1.4.I.*, pretrained.layer{2,3,4}.I.*
+                                    its Bottleneck blocks (`convert.torchvision_resnet`,
+                                    "langseg" layout) -> pretrained/model/*
+The zero-shot ViT model (`LSegNetZS`) has exactly `LSegNet`'s layout (arch_option 0).
+
+Shapes tell the backbone (ViT width and patch or ResNet depth, text width), the decoder width and
 whether a spatial-regularisation head exists, but not which one (bottleneck and
 depthwise blocks hold the same conv), how deep, or its activation: those come from
 the checkpoint's metadata or from the caller (`infer_config`).
@@ -36,13 +44,15 @@ from typing import Any, Mapping
 from flax import nnx
 import numpy as np
 
-from lseg_jax.convert import clip_openai, mapping, timm_vit
+from lseg_jax.convert import clip_openai, mapping, timm_vit, torchvision_resnet
 from lseg_jax.convert.mapping import CONV, TRANSPOSE, MappingTable, Rule
 from lseg_jax.models import clip_text, dpt, lseg, vit
 
 LIGHTNING_PREFIX = "net."
 CLIP_PREFIX = "clip_pretrained."
 VIT_PREFIX = "pretrained.model."
+RESNET_PREFIX = "pretrained."  # then layer1.0 (conv1), layer1.1 (bn1), layer1.4.I, layer2.I, ...
+_RESNET_STEM = RESNET_PREFIX + "layer1.0.weight"
 _HEAD_BLOCK_WEIGHT = "scratch.head_block.depthwise.depthwise.weight"
 _PROJECT_READOUT = "pretrained.act_postprocess1.0.project.0.weight"
 
@@ -101,7 +111,16 @@ def table(patch: int) -> MappingTable:
           + MappingTable(tuple(rules + _scratch_rules())))
 
 
+def resnet_table() -> MappingTable:
+  """The `LSegRNNetZS` table (ResNet image encoder; any depth)."""
+  return (clip_openai.table(CLIP_PREFIX, "clip_pretrained/")
+          + torchvision_resnet.table(RESNET_PREFIX, "pretrained/model/", layout="langseg")
+          + MappingTable(tuple(_scratch_rules())))
+
+
 def table_for(cfg: lseg.LSegConfig) -> MappingTable:
+  if cfg.image_encoder == "resnet":
+    return resnet_table()
   return table(vit.VIT_VARIANTS[cfg.vit_variant]["patch"])
 
 
@@ -136,7 +155,8 @@ def split_checkpoint(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Any
   arrays = {k: v for k, v in state_dict.items() if hasattr(v, "shape")}
   if not arrays:
     raise ValueError(f"{where}: holds no arrays; expected an LSegNet state dict "
-                     f"(keys like '{VIT_PREFIX}cls_token'), got keys {sorted(state_dict)[:10]}")
+                     f"(keys like '{VIT_PREFIX}cls_token' or '{_RESNET_STEM}'), got keys "
+                     f"{sorted(state_dict)[:10]}")
   return mapping.numpy_state_dict(arrays), meta
 
 
@@ -189,13 +209,25 @@ _TORCH_CONFIG = {"backbone": "backbone", "features": "features", "readout": "rea
                  "activation": "activation"}
 
 
+def is_resnet(state_dict: Mapping[str, Any]) -> bool:
+  """Whether an LSegNet-like state dict has lang-seg's ResNet encoder (`LSegRNNetZS`)."""
+  return _RESNET_STEM in state_dict
+
+
 def check_layout(state_dict: Mapping[str, Any], where: str = "checkpoint") -> None:
   """Raises a ValueError unless `state_dict` looks like an LSegNet (keys under both
-  `pretrained.model.` and `scratch.`)."""
-  groups = {p: any(k.startswith(p) for k in state_dict) for p in (VIT_PREFIX, "scratch.")}
+  `pretrained.model.` and `scratch.`) or an LSegRNNetZS (`pretrained.layer1.0.weight`
+  and `scratch.`)."""
+  image_prefix = RESNET_PREFIX + "layer1." if is_resnet(state_dict) else VIT_PREFIX
+  groups = {p: any(k.startswith(p) for k in state_dict) for p in (image_prefix, "scratch.")}
   if not all(groups.values()):
-    hint = (" (it looks like a bare timm ViT: load it with convert.timm_vit.load_timm_vit)"
-            if "cls_token" in state_dict and "pos_embed" in state_dict else "")
+    if "cls_token" in state_dict and "pos_embed" in state_dict:
+      hint = " (it looks like a bare timm ViT: load it with convert.timm_vit.load_timm_vit)"
+    elif "conv1.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
+      hint = (" (it looks like a bare torchvision ResNet: load it with "
+              "convert.torchvision_resnet.load_torchvision_resnet)")
+    else:
+      hint = ""
     raise ValueError(
         f"{where} is not an LSegNet state dict: it has no keys under "
         f"{[p for p, ok in groups.items() if not ok]}{hint}; first keys: "
@@ -203,22 +235,31 @@ def check_layout(state_dict: Mapping[str, Any], where: str = "checkpoint") -> No
 
 
 def _infer_backbone(state_dict: Mapping[str, Any]) -> str:
-  shapes = timm_vit.infer_variant(state_dict, VIT_PREFIX)
+  if is_resnet(state_dict):
+    resnet_variant = torchvision_resnet.infer_variant(state_dict, RESNET_PREFIX, "langseg")
+    image = f"a ResNet of {resnet_variant}'s depth"
+    matches = lambda variant: variant == resnet_variant
+  else:
+    shapes = timm_vit.infer_variant(state_dict, VIT_PREFIX)
+    image = (f"a ViT of width {shapes['width']}, patch {shapes['patch']}, depth "
+             f"{shapes['depth']}")
+
+    def matches(variant):
+      v = vit.VIT_VARIANTS.get(variant)
+      return v is not None and (v["width"], v["patch"], v["depth"]) == (
+          shapes["width"], shapes["patch"], shapes["depth"])
   if CLIP_PREFIX + "text_projection" not in state_dict:
     raise mapping.MappingError(missing=[CLIP_PREFIX + "text_projection"])
   text_width, text_dim = state_dict[CLIP_PREFIX + "text_projection"].shape
   found = []
-  for name, (vit_variant, text_variant) in lseg.BACKBONES.items():
-    v, t = vit.VIT_VARIANTS[vit_variant], clip_text.TEXT_VARIANTS[text_variant]
-    if ((v["width"], v["patch"], v["depth"]) == (shapes["width"], shapes["patch"],
-                                                 shapes["depth"])
-        and (t["width"], t["embed_dim"]) == (text_width, text_dim)):
+  for name, (image_variant, text_variant) in lseg.BACKBONES.items():
+    t = clip_text.TEXT_VARIANTS[text_variant]
+    if matches(image_variant) and (t["width"], t["embed_dim"]) == (text_width, text_dim):
       found.append(name)
   if len(found) != 1:
     raise ValueError(
-        f"no known LSeg backbone has a ViT of width {shapes['width']}, patch {shapes['patch']}, "
-        f"depth {shapes['depth']} with a CLIP text tower of width {text_width} and output "
-        f"{text_dim}; known backbones: {sorted(lseg.BACKBONES)}")
+        f"no known LSeg backbone has {image} with a CLIP text tower of width {text_width} "
+        f"and output {text_dim}; known backbones: {sorted(lseg.BACKBONES)}")
   return found[0]
 
 
@@ -229,10 +270,11 @@ def infer_config(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | No
   Precedence: `overrides` (LSegConfig fields, None values ignored), then
   `metadata["lseg_config"]` (written by our exporter), then
   `metadata["hyper_parameters"]` (Lightning), then the shapes:
-    backbone     ViT width/patch/depth and the CLIP text width;
+    backbone     ViT width/patch/depth (or ResNet blocks per stage) and the CLIP text
+                 width;
     features     the output width of `scratch.layer1_rn`;
     readout      "project" if its Linear exists ("ignore" and "add" have no weights:
-                 then it must be given);
+                 then it must be given); "project" (unused) for a ResNet;
     arch_option  0 without head-block keys (every released lang-seg model); with
                  them it must be given (1 bottleneck or 2 depthwise: same weights),
                  and so must block_depth, and the activation when block_depth >= 2.
@@ -243,8 +285,8 @@ def infer_config(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | No
   check_layout(state_dict)
   metadata = metadata or {}
   settings: dict[str, Any] = {}
-  if _PROJECT_READOUT in state_dict:
-    settings["readout"] = "project"
+  if _PROJECT_READOUT in state_dict or is_resnet(state_dict):
+    settings["readout"] = "project"  # a ResNet has no readout: the default, unused
   if _HEAD_BLOCK_WEIGHT not in state_dict:
     settings["arch_option"] = 0
   if "scratch.layer1_rn.weight" in state_dict:

@@ -17,7 +17,13 @@ Key layout (the official `LSegNet`'s, minus CLIP's image side:
   scratch.head1.*                    1x1 conv to the text embedding width
   scratch.head_block.depthwise.depthwise.*  spatial regularisation (arch_option 1, 2)
 
-Images are NCHW here (PyTorch convention), normalised as (x/255 - 0.5)/0.5.
+The ResNet backbones (`clip_resnet101`: the official zero-shot `LSegRNNetZS`) have
+`pretrained.layer1..4.*` (torchvision's ResNet as lang-seg regroups it, see
+`torch_lseg.resnet`) instead of `pretrained.model.*` and `pretrained.act_postprocessN.*`;
+the rest is the same.
+
+Images are NCHW here (PyTorch convention), normalised as (x/255 - 0.5)/0.5 for every
+backbone (the ResNet backbones convert to ImageNet's normalisation themselves).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from lseg_jax.torch_lseg.clip_text import CLIPTextTorch
+from lseg_jax.torch_lseg.resnet import STAGE_WIDTHS, ResNetBackbone
 
 READOUTS = ("ignore", "add", "project")
 ACTIVATIONS = ("relu", "lrelu", "tanh")
@@ -77,6 +84,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tiny_vit32": dict(
         vit=dict(patch=32, **_VIT_TINY), hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32),
         resample=_RESAMPLE_VIT32, text=_TINY_TEXT),
+    # ResNet image encoders (`resnet`: Bottleneck blocks per stage), `LSegRNNetZS`.
+    "clip_resnet101": dict(resnet=(3, 4, 23, 3), widths=STAGE_WIDTHS, text=_CLIP_B32_TEXT),
+    "tiny_resnet": dict(resnet=(1, 1, 1, 1), widths=STAGE_WIDTHS, text=_TINY_TEXT),
 }
 
 
@@ -359,8 +369,11 @@ class LSegTorch(nn.Module):
     self.clip_pretrained = CLIPTextTorch(
         text["width"], text["layers"], text["heads"], text["embed_dim"],
         vocab_size=config.vocab_size, context_length=config.context_length)
-    self.pretrained = ViTBackbone(variant["vit"], variant["hooks"], variant["widths"],
-                                  variant["resample"], config.readout)
+    if "resnet" in variant:
+      self.pretrained = ResNetBackbone(variant["resnet"])
+    else:
+      self.pretrained = ViTBackbone(variant["vit"], variant["hooks"], variant["widths"],
+                                    variant["resample"], config.readout)
     self.scratch = nn.Module()
     for i, width in enumerate(variant["widths"]):
       self.scratch.add_module(
@@ -537,9 +550,11 @@ def _split_checkpoint(obj, where, overrides):
     state_dict = {k[4:]: v for k, v in state_dict.items() if k.startswith("net.")}
   state_dict = {k: v for k, v in state_dict.items()
                 if torch.is_tensor(v) and not k.startswith(_IGNORED_KEYS)}
-  if "pretrained.model.cls_token" not in state_dict:
-    raise ValueError(f"{where}: no 'pretrained.model.cls_token' key; not an LSeg "
-                     "state dict (keys like 'pretrained.model.*', 'scratch.*')")
+  if ("pretrained.model.cls_token" not in state_dict
+      and "pretrained.layer1.0.weight" not in state_dict):
+    raise ValueError(f"{where}: no 'pretrained.model.cls_token' (ViT) or "
+                     "'pretrained.layer1.0.weight' (ResNet) key; not an LSeg state dict "
+                     "(keys like 'pretrained.*', 'scratch.*')")
 
   fields = {f.name for f in dataclasses.fields(TorchLSegConfig)}
   settings = _infer_config(state_dict)
@@ -575,24 +590,37 @@ def _choices(name):
           "arch_option": list(ARCH_OPTIONS)}[name]
 
 
+def _resnet_layers(sd):
+  """Bottleneck blocks per stage of a lang-seg ResNet (`pretrained.layer1.4.I`, ...)."""
+  stages = ("pretrained.layer1.4.", "pretrained.layer2.", "pretrained.layer3.",
+            "pretrained.layer4.")
+  return tuple(len({k[len(p):].split(".")[0] for k in sd
+                    if k.startswith(p) and k.endswith(".conv1.weight")}) for p in stages)
+
+
 def _infer_config(sd):
   """What the keys and shapes say about the config; None where they cannot."""
-  vit_width = sd["pretrained.model.cls_token"].shape[-1]
-  patch = sd["pretrained.model.patch_embed.proj.weight"].shape[-1]
-  depth = len({k.split(".")[3] for k in sd if k.startswith("pretrained.model.blocks.")})
   text_proj = sd.get("clip_pretrained.text_projection")
   text_shape = tuple(text_proj.shape) if text_proj is not None else None
+  if "pretrained.layer1.0.weight" in sd:  # ResNet
+    image = ("resnet", _resnet_layers(sd))
+  else:
+    image = ("vit", (sd["pretrained.model.patch_embed.proj.weight"].shape[-1],
+                     sd["pretrained.model.cls_token"].shape[-1],
+                     len({k.split(".")[3] for k in sd
+                          if k.startswith("pretrained.model.blocks.")})))
   backbone = None
   for name, v in VARIANTS.items():
     t = v["text"]
-    if ((v["vit"]["patch"], v["vit"]["width"], v["vit"]["depth"])
-        == (patch, vit_width, depth) and text_shape == (t["width"], t["embed_dim"])):
+    ours = (("resnet", tuple(v["resnet"])) if "resnet" in v
+            else ("vit", (v["vit"]["patch"], v["vit"]["width"], v["vit"]["depth"])))
+    if ours == image and text_shape == (t["width"], t["embed_dim"]):
       backbone = name
   settings = dict(backbone=backbone,
                   features=sd["scratch.layer1_rn.weight"].shape[0]
                   if "scratch.layer1_rn.weight" in sd else None)
-  if "pretrained.act_postprocess1.0.project.0.weight" in sd:
-    settings["readout"] = "project"
+  if "pretrained.act_postprocess1.0.project.0.weight" in sd or image[0] == "resnet":
+    settings["readout"] = "project"  # a ResNet has no readout: the default, unused
   else:
     settings["readout"] = None  # 'ignore' and 'add' have no parameters
   if "scratch.head_block.depthwise.depthwise.weight" in sd:
