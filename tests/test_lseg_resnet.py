@@ -258,3 +258,26 @@ def test_episode_label_pairs():
     np.testing.assert_allclose(np.asarray(out[i][..., jnp.array([0, cls])]),
                                np.asarray(pair), rtol=0, atol=1e-5)
     assert np.isneginf(np.asarray(out[i][..., ~mask[i]])).all()
+
+
+@pytest.mark.slow
+def test_training_steps_on_a_sharded_mesh(tmp_path):
+  """The training loop with the ResNet backbone: (data 2, fsdp 4) mesh, BatchNorm in
+  training mode (the ResNet's running statistics move), finite losses, a checkpoint
+  that loads back as the same model."""
+  from lseg_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  import test_train  # pylint: disable=g-import-not-at-top
+  config = test_train.make_config(tmp_path / "tfds", **{
+      "model.backbone": "tiny_resnet", "total_steps": 3, "checkpoint_every_steps": 3})
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  losses = test_train.losses(str(tmp_path / "run"))
+  assert sorted(losses) == [1, 2, 3] and np.isfinite(list(losses.values())).all()
+  rest = mapping.flatten_params(jax.device_get(summary["state"]["rest"]))
+  stats = rest["pretrained/model/layer2/0/bn2/mean"]
+  assert np.abs(np.asarray(stats)).max() > 0  # initialised at 0, updated by 3 steps
+  assert int(rest["pretrained/model/bn1/num_batches_tracked"]) == 3
+  model, _ = checkpoint.load_model(str(tmp_path / "run" / "checkpoints"))
+  assert model.cfg.backbone == "tiny_resnet"
+  np.testing.assert_array_equal(
+      np.asarray(mapping.flatten_params(model)["pretrained/model/layer2/0/bn2/mean"]),
+      np.asarray(stats))

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lseg_jax import init
 from lseg_jax.convert import mapping, torchvision_resnet
-from lseg_jax.models import resnet
+from lseg_jax.models import lseg, resnet
 
 import test_convert_common as common
 
@@ -143,3 +144,39 @@ def test_load_errors_list_the_bad_keys():
     torchvision_resnet.load_torchvision_resnet(two_blocks)
   with pytest.raises(ValueError, match="unknown ResNet variant 'resnet18'"):
     resnet.decode_variant("resnet18")
+
+
+def test_training_init_from_torchvision_weights(tmp_path):
+  """`config.init.torchvision_resnet`: an ImageNet state dict as torchvision saves it
+  (with `fc`) fills `pretrained/model/*` of a ResNet LSeg, and only that."""
+  tmodel = make_torchvision_resnet("resnet_tiny", seed=3)
+  torch.save(tmodel.state_dict(), tmp_path / "resnet.pth")
+  cfg = lseg.LSegConfig(backbone="tiny_resnet", text_vocab_size=64)
+  abstract = nnx.eval_shape(lambda: lseg.LSeg(cfg, rngs=nnx.Rngs(0)))
+  got = init.pretrained_weights({"torchvision_resnet": str(tmp_path / "resnet.pth")}, abstract)
+  want = torchvision_resnet.load_torchvision_resnet(tmodel.state_dict())
+  want = {"pretrained/model/" + k: v for k, v in mapping.flatten_params(want).items()}
+  assert set(got) == set(want) == {k for k in mapping.flatten_params(abstract)
+                                   if k.startswith("pretrained/model/")}
+  for k, v in got.items():
+    np.testing.assert_array_equal(v, np.asarray(want[k]), err_msg=k)
+
+  vit = nnx.eval_shape(lambda: lseg.LSeg(
+      lseg.LSegConfig(backbone="tiny_vit32", text_vocab_size=64), rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="backbone 'tiny_vit32' has a vit image encoder; use "
+                                       "config.init.timm_vit"):
+    init.pretrained_weights({"torchvision_resnet": str(tmp_path / "resnet.pth")}, vit)
+  with pytest.raises(ValueError, match="config.init.torchvision_resnet"):
+    init.pretrained_weights({"timm_vit": str(tmp_path / "resnet.pth")}, abstract)
+
+
+def test_gradients_reach_every_parameter():
+  """Training differentiates through the stem's max pool and every block (train mode)."""
+  model = resnet.ResNet(resnet.decode_variant("resnet_tiny"), rngs=nnx.Rngs(0))
+  model.train()
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  loss = lambda m: sum(jnp.mean(o ** 2) for o in m(images))
+  grads = nnx.jit(nnx.grad(loss))(model)
+  flat = mapping.flatten_params(grads)
+  assert flat and all(np.isfinite(np.asarray(g)).all() for g in flat.values())
+  assert np.abs(np.asarray(flat["conv1/kernel"])).max() > 0

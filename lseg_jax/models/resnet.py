@@ -58,9 +58,12 @@ def _conv(cin: int, cout: int, k: int, stride: int, *, dtype, rngs) -> nnx.Conv:
 
 
 def max_pool_3x3_s2(x):
-  """nn.MaxPool2d(3, stride=2, padding=1): padding never wins the max. [B, H, W, C]."""
-  return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
-                               (1, 3, 3, 1), (1, 2, 2, 1),
+  """nn.MaxPool2d(3, stride=2, padding=1): padding never wins the max. [B, H, W, C].
+
+  The init value is the Python scalar -inf, which lets JAX recognise the max monoid
+  (and differentiate it); an array init value would not.
+  """
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
