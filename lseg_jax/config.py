@@ -17,7 +17,7 @@ evaluator and the tools then read `config.key` directly. Fields:
   mesh      {"data": -1, "fsdp": 1}: device mesh sizes (-1: the remaining devices);
   sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see
             `lseg_jax.sharding`;
-  init      checkpoint / timm_vit / clip paths, see `lseg_jax.init`;
+  init      checkpoint / timm_vit / torchvision_resnet / clip paths, see `lseg_jax.init`;
   text      tokenizer (a CLIP tokenizer folder, a Hugging Face name, or "byte-level")
             and template (None: bare label names, as LSeg);
   evals     {name: evaluation} run during training and by `tools/eval.py`; each
@@ -83,6 +83,7 @@ def defaults() -> ml_collections.ConfigDict:
       rules=sharding.DEFAULT_RULES, min_size=sharding.DEFAULT_MIN_SIZE))
   c.init = ml_collections.ConfigDict(dict(
       checkpoint=config_dict.placeholder(str), timm_vit=config_dict.placeholder(str),
+      torchvision_resnet=config_dict.placeholder(str),
       clip=config_dict.placeholder(str)))
   c.text = ml_collections.ConfigDict(dict(
       tokenizer=CLIP_TOKENIZER, template=config_dict.placeholder(str)))

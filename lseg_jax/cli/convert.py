@@ -6,7 +6,14 @@ that `lseg_jax.checkpoint.load_model` (and every tool) reads:
 
   python tools/convert.py import demo_e200.ckpt ckpts/lseg_l16 --trust-pickle
 
-Export one of our checkpoint directories to a state dict in the LSegNet layout:
+The zero-shot models import the same way: `LSegNetZS` (ViT, e.g. fss_l16.ckpt) has
+LSegNet's layout, and `LSegRNNetZS` (ResNet-101, e.g. pascal_fold0.ckpt) is recognised
+by its `pretrained.layer1.*` keys:
+
+  python tools/convert.py import pascal_fold0.ckpt ckpts/pascal_fold0 --trust-pickle
+
+Export one of our checkpoint directories to a state dict in the LSegNet layout (the
+LSegRNNetZS layout for the ResNet backbones):
 
   python tools/convert.py export ckpts/lseg_l16 lseg_l16.pt --clip-weights ViT-B-32.pt
 
@@ -116,7 +123,8 @@ def run_import(args) -> str:
   except (ValueError, FileNotFoundError) as e:
     raise ConvertError(f"cannot import {src!r}:\n{e}") from e
   del state_dict
-  extra = {"source": {"file": os.path.basename(src), "format": "lang-seg LSegNet",
+  net = "LSegRNNetZS" if cfg.image_encoder == "resnet" else "LSegNet"
+  extra = {"source": {"file": os.path.basename(src), "format": f"lang-seg {net}",
                       "converted_by": "tools/convert.py import",
                       **{k: _json_safe(v) for k, v in meta.items()}}}
   _write_dir_atomically(args.out_dir,
@@ -181,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
       "import", help="lang-seg checkpoint -> lseg-jax checkpoint directory",
       description=(
           "Reads a lang-seg LSegNet checkpoint (Lightning .ckpt with `net.` keys, a bare "
-          "state dict saved with torch.save, or .safetensors) and writes an Orbax "
+          "state dict saved with torch.save, or .safetensors), or one of the zero-shot "
+          "LSegNetZS (ViT) or LSegRNNetZS (ResNet-101) models, and writes an Orbax "
           "checkpoint directory (weights plus the model config and the source file name). "
           "The backbone, decoder width and readout are inferred from the weights. The "
           "spatial-regularisation head is not: without head-block keys the model is "
@@ -192,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument("src", metavar="SRC", help="checkpoint file (.ckpt, .pt, .pth, .safetensors)")
   imp.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to create")
   imp.add_argument("--backbone", choices=sorted(lseg.BACKBONES),
-                   help="override the backbone inferred from the ViT and text widths")
+                   help="override the backbone inferred from the image encoder (ViT "
+                   "width and patch, ResNet depth) and the text width")
   imp.add_argument("--arch-option", type=int, choices=(0, 1, 2),
                    help="0 none, 1 bottleneck, 2 depthwise head block; required when the "
                    "weights have a head block and the file does not record it")
@@ -212,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
       "export", help="lseg-jax checkpoint directory -> PyTorch state dict (LSegNet layout)",
       description=(
           "Writes {'state_dict': {LSegNet key: float32 tensor}, 'lseg_config': {...}} with "
-          "torch.save. Loaded into the official LSegNet with strict=False, only "
+          "torch.save, in the official LSegNet layout (LSegRNNetZS for clip_resnet101). "
+          "Loaded into the official model with strict=False, only "
           "clip_pretrained.visual.* and clip_pretrained.logit_scale are missing; "
           "--clip-weights fills them from an OpenAI CLIP checkpoint so strict loading works."))
   exp.add_argument("ckpt_dir", metavar="CKPT_DIR", help="checkpoint directory (ours)")
