@@ -4,7 +4,8 @@ r"""Evaluate a checkpoint (see `lseg_jax/cli/eval.py`).
 """
 import sys
 
+from lseg_jax.cli import common
 from lseg_jax.cli import eval as eval_cli
 
 if __name__ == "__main__":
-  sys.exit(eval_cli.main())
+  sys.exit(common.run(eval_cli.main))

@@ -5,7 +5,8 @@ r"""Segment images with a text-defined label set (see `lseg_jax/cli/predict.py`)
 """
 import sys
 
+from lseg_jax.cli import common
 from lseg_jax.cli import predict
 
 if __name__ == "__main__":
-  sys.exit(predict.main())
+  sys.exit(common.run(predict.main))

@@ -5,7 +5,8 @@ r"""The built-in default, end to end on a CPU: train, evaluate, predict an image
 """
 import sys
 
+from lseg_jax.cli import common
 from lseg_jax.cli import run_default
 
 if __name__ == "__main__":
-  sys.exit(run_default.main())
+  sys.exit(common.run(run_default.main))

@@ -4,7 +4,8 @@ r"""Trains LSeg from a config file (see `lseg_jax/cli/train.py`).
 """
 import sys
 
+from lseg_jax.cli import common
 from lseg_jax.cli import train
 
 if __name__ == "__main__":
-  sys.exit(train.main())
+  sys.exit(common.run(train.main))

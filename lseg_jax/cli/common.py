@@ -4,6 +4,10 @@ Every tool that reads a run config takes `--config FILE[:ARG]` and any number of
 `--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`);
 eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
 `--tokenizer`, `--prompt`, `--dtype`).
+
+Every tool runs its `main` through `run`: an error the user can cause (a bad value,
+a missing or damaged file) ends in one line "error: ..." and exit code 2; `--verbose`
+or LSEG_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -14,6 +18,53 @@ import sys
 from typing import Any, Sequence
 
 CONFIG_PREFIX = "--config."
+USER_ERROR_EXIT = 2
+VERBOSE_FLAG = "--verbose"
+DEBUG_ENV = "LSEG_DEBUG"
+
+
+class UserError(Exception):
+  """A problem with the user's input or files; the tools print it without a traceback."""
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
+
+
+def user_error_message(e: BaseException) -> str | None:
+  """The one-line message of an error a user can cause; None for a bug (traceback)."""
+  if isinstance(e, (UserError, ValueError, FloatingPointError, OSError, KeyError)):
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, OSError) and e.filename and e.strerror:
+      message = f"{e.strerror}: {e.filename!r}"
+    return message or type(e).__name__
+  if _is_out_of_memory(e):
+    return ("the device ran out of memory; use a smaller batch size, a smaller crop or "
+            "image size, or --config.model.dtype=bfloat16 (" + str(e).splitlines()[0][:200]
+            + ")")
+  return None
+
+
+def run(main, argv: Sequence[str] | None = None) -> int:
+  """Runs a tool's `main(argv)`: user errors print "error: ..." and return 2.
+
+  `--verbose` (anywhere in argv) or LSEG_DEBUG=1 lets the traceback through.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = VERBOSE_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+  argv = [a for a in argv if a != VERBOSE_FLAG]
+  try:
+    return main(argv)
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    message = None if verbose else user_error_message(e)
+    if message is None:
+      raise
+    print(f"error: {message}\n(rerun with {VERBOSE_FLAG} or {DEBUG_ENV}=1 for the traceback)",
+          file=sys.stderr)
+    return USER_ERROR_EXIT
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -160,5 +211,6 @@ def setup_logging() -> None:
     handler.addFilter(_DropInfoFrom("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/"))
 
 
-__all__ = ["add_checkpoint_args", "add_config_arg", "load_checkpoint", "load_config",
-           "parse", "read_config_file", "setup_logging", "split_overrides"]
+__all__ = ["DEBUG_ENV", "USER_ERROR_EXIT", "UserError", "VERBOSE_FLAG", "add_checkpoint_args",
+           "add_config_arg", "load_checkpoint", "load_config", "parse", "read_config_file", "run", "setup_logging", "split_overrides",
+           "user_error_message"]

@@ -30,13 +30,14 @@ import numpy as np
 
 from lseg_jax import checkpoint
 from lseg_jax import langseg_layout
+from lseg_jax.cli import common
 from lseg_jax.convert import clip_openai, langseg, mapping
 from lseg_jax.models import lseg
 
 _TORCH_HINT = 'install the torch extra: pip install -e ".[torch]"'
 
 
-class ConvertError(Exception):
+class ConvertError(common.UserError):
   """A problem with the user's input; printed without a traceback."""
 
 
@@ -244,4 +245,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(common.run(main))
