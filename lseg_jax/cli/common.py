@@ -137,7 +137,9 @@ def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
     raw = read_config_file(spec) if spec else base
     if raw is None:
       raise ValueError("no config: give --config FILE[:ARG]")
-    return config_lib.override(config_lib.complete(raw), overrides)
+    config = config_lib.override(config_lib.complete(raw), overrides)
+    config_lib.check_config(config)
+    return config
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 
