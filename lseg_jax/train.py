@@ -157,6 +157,28 @@ def check_batch_config(config, mesh: jax.sharding.Mesh) -> None:
                      f"accum_steps ({accum}) x devices ({mesh.size}) = {accum * mesh.size}")
 
 
+def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
+  """(train state, meta) of checkpoint `step`, after checking it holds this config's
+  model and optimizer (a ValueError names the config key that differs)."""
+  meta = checkpoint.step_meta(mngr, step)
+  where = f"checkpoint step {step} in {os.fspath(mngr.directory)!r}"
+  fix = "use another --workdir, or train with the checkpoint's value"
+  saved, now = meta.get("model_config") or {}, spec.model_cfg.to_dict()
+  for key in sorted(set(saved) | set(now)):
+    if key not in ("dtype", "attention") and saved.get(key) != now.get(key):
+      raise ValueError(f"{where} holds another model: config.model.{key}="
+                       f"{saved.get(key)!r} there, {now.get(key)!r} now; {fix}")
+  recorded = (meta.get(checkpoint.INTEGRITY_KEY) or {}).get("opt_state")
+  if recorded and set(recorded) != set(checkpoint.flat_arrays(spec.abstract["opt"])):
+    saved_optim = (meta.get("config") or {}).get("optim") or {}
+    differ = [k for k in sorted(saved_optim) if k in config.optim
+              and config_lib.to_json_dict(config)["optim"][k] != saved_optim[k]]
+    raise ValueError(f"{where} holds another optimizer state"
+                     + (f" (config.optim.{differ[0]}={saved_optim[differ[0]]!r} there, "
+                        f"{config.optim[differ[0]]!r} now)" if differ else "") + f"; {fix}")
+  return state_lib.restore(mngr, step, spec), meta
+
+
 # ============================================================================
 # train_and_evaluate
 # ============================================================================
@@ -192,7 +214,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Checkpoints: resume from the latest complete step if there is one.
   ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.keep_checkpoints)
-  resume_step = mngr.latest_step()
+  # A damaged newest step (checksum mismatch, partial or empty folder) is moved aside
+  # and the run resumes from the newest intact one.
+  resume_step, restored = checkpoint.restore_newest_intact(
+      mngr, lambda step: _restore(mngr, step, spec, config), move_damaged=True)
+  state, resumed_meta = restored or (None, {})
   if resume_step is None:
     state = state_lib.init_state(spec, tuple(config.optim.frozen))()
     weights = init_lib.pretrained_weights(config.init, nnx.eval_shape(spec.create))
@@ -202,7 +228,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = state_lib.load_weights(state, spec, weights)
   else:
     logging.info("Resuming from %s step %d.", ckpt_dir, resume_step)
-    state = state_lib.restore(mngr, resume_step, spec)
   start_step = int(metrics_lib.to_host(state["step"]))
 
   # --- Label embeddings: the text tower is frozen, so each label set is embedded once
