@@ -262,12 +262,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def save(step):
     meta["step"] = step
     meta["data"]["next_step"] = step  # the data position: batches are a function of step
+    meta["train_meter"] = meter.sums()  # a resumed run logs the same averages
     checkpoint.save(mngr, step, state_lib.model_state_dict(state), meta, state["opt"])
 
   # --- The loop. Step metrics are fetched one step late, so the host prepares and
   # dispatches step s+1 while step s runs.
   writer = train_utils.MetricWriter(workdir, resume_step)
-  meter = train_utils.TrainMeter(config.batch_size)
+  meter = train_utils.TrainMeter(config.batch_size, resumed_meta.get("train_meter"))
   total = config.total_steps
   stop_at = config.stop_at_step or total
   bar = None
@@ -325,10 +326,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      or (is_last and ev.at_end)]
         if save_now or due_evals:
           flush()
-        if save_now:
-          save(step)
         if due_evals:
           run_evals(step, due_evals)
+        if save_now:
+          # The step's metrics (train and eval) reach metrics.jsonl before its
+          # checkpoint exists: a run killed before the checkpoint commits redoes the
+          # step and its evaluations, one killed after finds them in the file.
+          writer.flush()
+          save(step)
         if stopping and not is_last:
           summary["preempted"] = True
           logging.warning("Stopped at step %d; rerun the same command to resume.", step)
