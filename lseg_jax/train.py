@@ -186,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, checkpoints.
 
   Returns:
-    {"step": last step, "preempted": bool, "train": last logged train metrics,
+    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM or
+     stop_at_step), "terminated": bool (by SIGTERM), "train": last logged train metrics,
      "eval": last eval metrics, "state": the final train state (global arrays),
      "label_names": the train label table, "embed": label names -> [L, D] label
      embeddings from the model's text tower}.
@@ -275,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0 and config.progress_bar:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
-  summary: dict[str, Any] = {"train": {}, "eval": {}, "preempted": False}
+  summary: dict[str, Any] = {"train": {}, "eval": {}, "preempted": False,
+                             "terminated": False}
   pending = []  # [(step, device metrics)] not yet fetched: at most one
 
   def flush():
@@ -336,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           save(step)
         if stopping and not is_last:
           summary["preempted"] = True
+          summary["terminated"] = preemption.requested
           logging.warning("Stopped at step %d; rerun the same command to resume.", step)
           break
       flush()

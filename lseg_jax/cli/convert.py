@@ -153,6 +153,8 @@ def run_export(args) -> str:
   out = os.path.abspath(args.out)
   if os.path.isdir(out):
     raise ConvertError(f"OUT {args.out!r} is a directory; expected a file name like lseg.pt")
+  if os.path.exists(out) and not args.overwrite:
+    raise ConvertError(f"OUT {args.out!r} exists; pass --overwrite to replace it")
   start = time.perf_counter()
   try:
     model, _ = checkpoint.load_model(args.ckpt_dir, step=args.step)
@@ -230,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "then not recorded")
   exp.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load unpickle arbitrary objects in --clip-weights")
+  exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
   exp.set_defaults(run=run_export)
   return parser
 

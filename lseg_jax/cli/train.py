@@ -7,6 +7,11 @@ r"""Trains LSeg from a config file.
 Overrides: `--config.KEY=VALUE` for any field of the completed config (see
 `lseg_jax.config`; unknown keys are refused). Rerunning a command on the same
 --workdir resumes from its latest checkpoint.
+
+Exit codes: 0 finished (total_steps reached, or config.stop_at_step); 75 (EX_TEMPFAIL)
+stopped by SIGTERM before total_steps, after saving a checkpoint: rerun the same command
+to resume (schedulers restart on it); 2 a user error (one line on stderr); 1 anything
+else.
 """
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ import argparse
 import sys
 
 from lseg_jax.cli import common
+
+# Stopped by SIGTERM before total_steps, with a checkpoint saved: rerun to resume.
+EXIT_PREEMPTED = 75
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +42,7 @@ def main(argv=None) -> int:
   print(f"finished at step {summary['step']}"
         + (" (stopped early; rerun to resume)" if summary["preempted"] else "")
         + "".join(f", {k} {v:.4f}" for k, v in summary["eval"].items()))
-  return 0
+  return EXIT_PREEMPTED if summary.get("terminated") else 0
 
 
 if __name__ == "__main__":
