@@ -119,9 +119,13 @@ def read_config_file(spec: str):
     raise SystemExit(f"error: --config file {path!r} does not exist; expected "
                      "configs/NAME.py[:ARGS]")
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False)
+  # sys_argv: the overrides are applied by lseg_jax.config (which knows the library's
+  # defaults), not by ml_collections from sys.argv.
+  argv = ["config", f"--config={spec}"]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False,
+                                  sys_argv=argv)
   try:
-    values(["config", f"--config={spec}"])
+    values(argv)
   except (ValueError, flags.IllegalFlagValueError) as e:
     cause = e.__cause__ or e.__context__ or e
     raise SystemExit(f"error: --config {spec!r}: {cause}") from None
