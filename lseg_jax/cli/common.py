@@ -5,9 +5,10 @@ Every tool that reads a run config takes `--config FILE[:ARG]` and any number of
 eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
 `--tokenizer`, `--prompt`, `--dtype`).
 
-Every tool runs its `main` through `run`: an error the user can cause (a bad value,
-a missing or damaged file) ends in one line "error: ..." and exit code 2; `--verbose`
-or LSEG_DEBUG=1 shows the traceback instead.
+Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
+can cause (a bad value, a missing or damaged file) ends in one line "error: ..." and
+exit code 2; `--verbose` or LSEG_DEBUG=1 shows the traceback instead. A failed run
+exits at once, whatever threads are still running.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import logging as logging_std
 import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 CONFIG_PREFIX = "--config."
@@ -43,6 +45,29 @@ def user_error_message(e: BaseException) -> str | None:
             "image size, or --config.model.dtype=bfloat16 (" + str(e).splitlines()[0][:200]
             + ")")
   return None
+
+
+def entry_point(main) -> None:
+  """What tools/*.py call: `run(main)`, then exit. A failing run (any non-zero code,
+  a bug's traceback included) exits at once with os._exit: after an error, the
+  threads of a tf.data pipeline can keep the interpreter's teardown waiting forever."""
+  try:
+    code = run(main)
+  except SystemExit as e:
+    code = e.code
+    if isinstance(code, str):
+      print(code, file=sys.stderr)
+      code = USER_ERROR_EXIT
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    code = 1
+  code = int(code or 0)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if code:
+    logging_std.shutdown()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(0)
 
 
 def run(main, argv: Sequence[str] | None = None) -> int:
@@ -218,5 +243,6 @@ def setup_logging() -> None:
 
 
 __all__ = ["DEBUG_ENV", "USER_ERROR_EXIT", "UserError", "VERBOSE_FLAG", "add_checkpoint_args",
-           "add_config_arg", "load_checkpoint", "load_config", "parse", "read_config_file", "run", "setup_logging", "split_overrides",
+           "add_config_arg", "entry_point", "load_checkpoint", "load_config", "parse",
+           "read_config_file", "run", "setup_logging", "split_overrides",
            "user_error_message"]
