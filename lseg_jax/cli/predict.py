@@ -109,12 +109,41 @@ def list_images(args) -> list[str]:
   return paths
 
 
+# Integer image modes with more than 8 bits: the largest value of each.
+_DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
 def load_image(path: str) -> np.ndarray:
+  """An image file -> uint8 RGB [H, W, 3], EXIF orientation applied.
+
+  8-bit modes (1, L, P, RGB, RGBA, LA, CMYK, ...) go through PIL's RGB conversion
+  (alpha is dropped). 16-bit greys (I;16) and 32-bit integer greys (I, values taken
+  as 16-bit, as PIL opens 16-bit PNGs) are scaled by 255 / 65535, not clipped; float
+  greys (F) are taken as [0, 1] when they fit, else as [0, 255]. Raises UserError for
+  a file that is not a readable image or holds NaN/Inf.
+  """
   try:
     with Image.open(path) as im:
-      return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-  except OSError as e:
-    raise SystemExit(f"error: cannot read image {path!r}: {e}") from e
+      im = ImageOps.exif_transpose(im)
+      if im.mode in _DEEP_MODES:
+        grey = np.asarray(im).astype(np.float64)
+        if grey.min() < 0 or grey.max() > _DEEP_MODES[im.mode]:
+          raise common.UserError(
+              f"image {path!r} (mode {im.mode}) has values in [{grey.min():g}, "
+              f"{grey.max():g}]; expected 16-bit values in [0, 65535]")
+        grey = np.round(grey * (255 / _DEEP_MODES[im.mode]))
+      elif im.mode == "F":
+        grey = np.asarray(im).astype(np.float64)
+        if not np.isfinite(grey).all():
+          raise common.UserError(f"image {path!r} (mode F) holds NaN/Inf values")
+        scale = 255.0 if grey.min() >= 0 and grey.max() <= 1 else 1.0
+        grey = np.round(grey * scale)
+      else:
+        return np.asarray(im.convert("RGB"))
+      grey = np.clip(grey, 0, 255).astype(np.uint8)
+      return np.repeat(grey[..., None], 3, axis=-1)
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise common.UserError(f"cannot read image {path!r}: {e}") from e
 
 
 def output_paths(args, image_path: str) -> dict[str, str | None]:
