@@ -124,19 +124,21 @@ def manager(directory: str, *, max_to_keep: int | None = 3,
 
 
 def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: dict[str, Any],
-         opt_state: Any = None, *, force: bool = True) -> bool:
+         opt_state: Any = None, *, force: bool = True, check_finite: bool = True) -> bool:
   """Saves one step. `model_state` is `nnx.state(model)` or its pure dict.
 
   Records the arrays' checksums in the meta; raises FloatingPointError (nothing saved)
-  if any floating-point array is not finite.
+  if any floating-point array is not finite (unless check_finite=False: imports, which
+  warn instead).
   """
   if isinstance(model_state, nnx.State):
     model_state = model_state.to_pure_dict()
   where = f"checkpoint step {step}"
-  integrity = {"algorithm": "crc32",
-               "model": checksums(model_state, check_finite=f"{where}: the model")}
+  integrity = {"algorithm": "crc32", "model": checksums(
+      model_state, check_finite=check_finite and f"{where}: the model")}
   if opt_state is not None:
-    integrity["opt_state"] = checksums(opt_state, check_finite=f"{where}: the optimizer state")
+    integrity["opt_state"] = checksums(
+        opt_state, check_finite=check_finite and f"{where}: the optimizer state")
   meta = {**meta, INTEGRITY_KEY: integrity}
   items = dict(model=ocp.args.StandardSave(model_state), meta=ocp.args.JsonSave(meta))
   if opt_state is not None:
@@ -299,10 +301,10 @@ def _load_step(mngr, step, config_overrides):
 
 
 def save_model(directory: str, model: lseg.LSeg, *, step: int = 0,
-               extra_meta: dict[str, Any] | None = None) -> None:
+               extra_meta: dict[str, Any] | None = None, check_finite: bool = True) -> None:
   """Writes `model` as a one-step checkpoint directory that `load_model` reads."""
   mngr = manager(directory, max_to_keep=None, async_save=False)
   meta = {"model_config": model.cfg.to_dict(), **(extra_meta or {})}
-  save(mngr, step, nnx.state(model), meta)
+  save(mngr, step, nnx.state(model), meta, check_finite=check_finite)
   mngr.wait_until_finished()
   mngr.close()

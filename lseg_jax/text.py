@@ -147,6 +147,12 @@ class LabelEmbedder:
     if context_length is None:
       context_length = getattr(getattr(text_model, "cfg", None), "context_length",
                                CONTEXT_LENGTH)
+    self.vocab_size = getattr(getattr(text_model, "cfg", None), "vocab_size", None)
+    if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
+      raise ValueError(
+          f"the tokenizer has {len(tokenizer)} tokens but the text tower's vocabulary has "
+          f"{self.vocab_size}: its ids would index past the embedding table; pass the "
+          "tokenizer the model was trained with (e.g. --tokenizer)")
     self.text_model = text_model
     self.tokenizer = tokenizer
     self.template = template
@@ -165,6 +171,10 @@ class LabelEmbedder:
     key = tuple(validate_labels(labels))
     if key not in self._cache:
       tokens = tokenize(self.prompts(key), self.tokenizer, self.context_length)
+      if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} of labels {list(key)[:5]} is outside "
+                         f"the text tower's vocabulary of {self.vocab_size}; pass the "
+                         "tokenizer the model was trained with (e.g. --tokenizer)")
       self._cache[key] = self._encode(nnx.state(self.text_model), jnp.asarray(tokens)).astype(
           jnp.float32)
       self.num_computed += 1

@@ -98,6 +98,24 @@ def _json_safe(value):
   return None
 
 
+def tensor_warnings(state_dict) -> list[str]:
+  """Warnings for tensors that cannot be right: NaN/Inf values, or integers where the
+  model expects floats (BatchNorm's num_batches_tracked counters aside)."""
+  out = []
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    if key.endswith("num_batches_tracked"):
+      continue
+    if not np.issubdtype(value.dtype, np.floating):
+      out.append(f"tensor {key!r} is {value.dtype}; the model expects floating point "
+                 "values (converted)")
+    elif not np.isfinite(value).all():
+      bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+      out.append(f"tensor {key!r} has {bad} NaN/Inf values; the imported model's "
+                 "predictions will not be finite")
+  return out
+
+
 def run_import(args) -> str:
   src = os.fspath(args.src)
   if not os.path.isfile(src):
@@ -116,12 +134,14 @@ def run_import(args) -> str:
     model = langseg.load_langseg(state_dict, cfg)
   except (ValueError, FileNotFoundError) as e:
     raise ConvertError(f"cannot import {src!r}:\n{e}") from e
+  for warning in tensor_warnings(state_dict):
+    print(f"warning: {src}: {warning}", file=sys.stderr)
   del state_dict
   extra = {"source": {"file": os.path.basename(src), "format": "lang-seg LSegNet",
                       "converted_by": "tools/convert.py import",
                       **{k: _json_safe(v) for k, v in meta.items()}}}
-  _write_dir_atomically(args.out_dir,
-                        lambda tmp: checkpoint.save_model(tmp, model, extra_meta=extra))
+  _write_dir_atomically(args.out_dir, lambda tmp: checkpoint.save_model(
+      tmp, model, extra_meta=extra, check_finite=False))
   return (f"imported {src} -> {args.out_dir} ({cfg.backbone}, arch_option "
           f"{cfg.arch_option}, block_depth {cfg.block_depth}) in "
           f"{time.perf_counter() - start:.1f} s")

@@ -187,6 +187,11 @@ def main(argv=None) -> int:
   for path in images:
     image = load_image(path)
     out = predictor(image, text_emb, embeddings=args.embeddings_out is not None)
+    if not np.isfinite(out["logits"]).all():
+      raise common.UserError(
+          f"the model's logits for {path!r} are not finite (NaN/Inf): checkpoint "
+          f"{args.checkpoint!r} holds non-finite weights or is damaged; no prediction "
+          "written")
     paths = output_paths(args, path)
     for p in paths.values():
       if p:
