@@ -146,8 +146,25 @@ def load_image(path: str) -> np.ndarray:
     raise common.UserError(f"cannot read image {path!r}: {e}") from e
 
 
-def output_paths(args, image_path: str) -> dict[str, str | None]:
-  stem = os.path.splitext(os.path.basename(image_path))[0]
+def output_stems(paths: list[str]) -> dict[str, str]:
+  """{image path: output stem}: the file's stem, or stem_EXT where two images share a
+  stem (good.jpg and good.png -> good_jpg, good_png), so no output overwrites another."""
+  stems = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
+  counts = {}
+  for stem in stems.values():
+    counts[stem] = counts.get(stem, 0) + 1
+  out = {}
+  for p, stem in stems.items():
+    ext = os.path.splitext(p)[1].lstrip(".").lower()
+    out[p] = f"{stem}_{ext}" if counts[stem] > 1 else stem
+  if len(set(out.values())) != len(out):
+    raise common.UserError(f"images in {os.path.dirname(paths[0])!r} give the same output "
+                           "name; rename them")
+  return out
+
+
+def output_paths(args, image_path: str, stem: str | None = None) -> dict[str, str | None]:
+  stem = stem or os.path.splitext(os.path.basename(image_path))[0]
   if args.image and args.out.lower().endswith(".png"):
     base = args.out[:-4]
   else:
@@ -184,43 +201,62 @@ def main(argv=None) -> int:
   text_emb = embedder(labels)
   predictor = inference.ImagePredictor(model)
 
+  stems = output_stems(images)
+  failed = []
   for path in images:
-    image = load_image(path)
-    out = predictor(image, text_emb, embeddings=args.embeddings_out is not None)
-    if not np.isfinite(out["logits"]).all():
-      raise common.UserError(
-          f"the model's logits for {path!r} are not finite (NaN/Inf): checkpoint "
-          f"{args.checkpoint!r} holds non-finite weights or is damaged; no prediction "
-          "written")
-    paths = output_paths(args, path)
-    for p in paths.values():
-      if p:
-        _makedirs_for(p)
-    label_map = out["label_map"]
-    visualize.overlay_with_legend(image, label_map, labels, alpha=args.alpha).save(
-        paths["overlay"])
-    save_label_map(paths["labels"], label_map, len(labels))
-    areas = visualize.area_fractions(label_map, len(labels))
-    report = {
-        "image": path, "size": list(image.shape[:2]), "model_input_size": list(out["input_size"]),
-        "labels": labels, "prompt": prompt,
-        "area_fraction": {name: float(a) for name, a in zip(labels, areas)},
-        "label_map": os.path.basename(paths["labels"]),
-        "checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_spec,
-    }
-    if paths["logits"]:
-      np.savez(paths["logits"], logits=np.ascontiguousarray(
-          out["logits"].transpose(2, 0, 1), np.float32), labels=np.array(labels))
-      report["logits"] = os.path.basename(paths["logits"])
-    if paths["embeddings"]:
-      np.save(paths["embeddings"], out["embeddings"].astype(np.float16))
-      report["embeddings"] = os.path.basename(paths["embeddings"])
-      report["embeddings_shape"] = list(out["embeddings"].shape)
-    with open(paths["json"], "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    summary = ", ".join(f"{n} {100 * a:.1f}%" for n, a in zip(labels, areas))
-    print(f"{path}: {summary} -> {paths['overlay']}")
+    try:
+      predict_one(args, path, stems[path], labels, predictor, text_emb, prompt,
+                  tokenizer_spec, visualize)
+    except common.UserError as e:
+      if args.image:
+        raise
+      failed.append((path, str(e)))
+      print(f"error: {e}", file=sys.stderr)
+  if failed:
+    print(f"error: {len(failed)} of {len(images)} images failed:\n" + "\n".join(
+        f"  {p}: {why}" for p, why in failed), file=sys.stderr)
+    return common.USER_ERROR_EXIT
   return 0
+
+
+def predict_one(args, path, stem, labels, predictor, text_emb, prompt, tokenizer_spec,
+                visualize):
+  """Segments one image and writes its outputs."""
+  image = load_image(path)
+  out = predictor(image, text_emb, embeddings=args.embeddings_out is not None)
+  if not np.isfinite(out["logits"]).all():
+    raise common.UserError(
+        f"the model's logits for {path!r} are not finite (NaN/Inf): checkpoint "
+        f"{args.checkpoint!r} holds non-finite weights or is damaged; no prediction "
+        "written")
+  paths = output_paths(args, path, stem)
+  for p in paths.values():
+    if p:
+      _makedirs_for(p)
+  label_map = out["label_map"]
+  visualize.overlay_with_legend(image, label_map, labels, alpha=args.alpha).save(
+      paths["overlay"])
+  save_label_map(paths["labels"], label_map, len(labels))
+  areas = visualize.area_fractions(label_map, len(labels))
+  report = {
+      "image": path, "size": list(image.shape[:2]), "model_input_size": list(out["input_size"]),
+      "labels": labels, "prompt": prompt,
+      "area_fraction": {name: float(a) for name, a in zip(labels, areas)},
+      "label_map": os.path.basename(paths["labels"]),
+      "checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_spec,
+  }
+  if paths["logits"]:
+    np.savez(paths["logits"], logits=np.ascontiguousarray(
+        out["logits"].transpose(2, 0, 1), np.float32), labels=np.array(labels))
+    report["logits"] = os.path.basename(paths["logits"])
+  if paths["embeddings"]:
+    np.save(paths["embeddings"], out["embeddings"].astype(np.float16))
+    report["embeddings"] = os.path.basename(paths["embeddings"])
+    report["embeddings_shape"] = list(out["embeddings"].shape)
+  with open(paths["json"], "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  summary = ", ".join(f"{n} {100 * a:.1f}%" for n, a in zip(labels, areas))
+  print(f"{path}: {summary} -> {paths['overlay']}")
 
 
 if __name__ == "__main__":
