@@ -57,11 +57,45 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
         os.path.join(path, f))]
     if missing and not os.path.isfile(os.path.join(path, "tokenizer.json")):
       raise FileNotFoundError(f"tokenizer folder {path!r} lacks {missing}")
-  tokenizer = CLIPTokenizer.from_pretrained(path)
+    tokenizer = CLIPTokenizer.from_pretrained(path)
+  else:
+    tokenizer = _from_hub(CLIPTokenizer, path)
   for token in (START_TOKEN, END_TOKEN):
     if token not in tokenizer.get_vocab():
       raise ValueError(f"tokenizer {path!r} has no {token!r} token; not a CLIP vocabulary")
   return tokenizer
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+  import socket  # pylint: disable=g-import-not-at-top
+  from urllib.parse import urlparse  # pylint: disable=g-import-not-at-top
+  if any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_VARIABLES):
+    return False
+  host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def _from_hub(cls, name: str):
+  """`cls.from_pretrained(name)` from the local cache, else from the hub if it can be
+  reached within seconds; otherwise a FileNotFoundError naming the fix (no retries)."""
+  try:
+    return cls.from_pretrained(name, local_files_only=True)
+  except OSError:
+    pass
+  if not _hub_reachable():
+    raise FileNotFoundError(
+        f"tokenizer {name!r} (vocab.json, merges.txt) is not in the local Hugging Face "
+        "cache and the hub cannot be reached (offline); pass --tokenizer FOLDER with "
+        "vocab.json and merges.txt (byte-level for the tiny test models), or fetch "
+        f"{name!r} once while online")
+  return cls.from_pretrained(name)
 
 
 def clean_text(text: str) -> str:

@@ -116,6 +116,15 @@ def tensor_warnings(state_dict) -> list[str]:
   return out
 
 
+def default_tokenizer(cfg: lseg.LSegConfig) -> str:
+  """The tokenizer recorded for an imported model: CLIP's BPE, or the byte-level one
+  of the tiny test models' vocabulary."""
+  from lseg_jax import text  # pylint: disable=g-import-not-at-top
+  if cfg.text_vocab_size == text.BYTE_LEVEL_VOCAB_SIZE:
+    return text.BYTE_LEVEL_TOKENIZER
+  return text.DEFAULT_TOKENIZER
+
+
 def run_import(args) -> str:
   src = os.fspath(args.src)
   if not os.path.isfile(src):
@@ -139,7 +148,8 @@ def run_import(args) -> str:
   del state_dict
   extra = {"source": {"file": os.path.basename(src), "format": "lang-seg LSegNet",
                       "converted_by": "tools/convert.py import",
-                      **{k: _json_safe(v) for k, v in meta.items()}}}
+                      **{k: _json_safe(v) for k, v in meta.items()}},
+           "tokenizer": args.tokenizer or default_tokenizer(cfg)}
   _write_dir_atomically(args.out_dir, lambda tmp: checkpoint.save_model(
       tmp, model, extra_meta=extra, check_finite=False))
   return (f"imported {src} -> {args.out_dir} ({cfg.backbone}, arch_option "
@@ -228,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load unpickle arbitrary objects (official Lightning "
                    "checkpoints may need it); only for files you trust")
+  imp.add_argument("--tokenizer", default=None, help=(
+      "tokenizer to record for the model (a folder, a hub name or byte-level; default: "
+      "openai/clip-vit-base-patch32, or byte-level for a tiny byte-level vocabulary)"))
   imp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   imp.set_defaults(run=run_import)
 
