@@ -283,6 +283,7 @@ CHECKS = {
     "data.shuffle_buffer": _int(1),
     "data.prefetch": _int(-1),
     "data.fold": _int(0),
+    "data.on_bad_example": _one_of("error", "skip"),
     "model.features": _int(1),
     "model.block_depth": _int(0),
     "model.activation": _one_of("relu", "lrelu", "tanh"),

@@ -80,6 +80,11 @@ def run(main, argv: Sequence[str] | None = None) -> int:
   argv = [a for a in argv if a != VERBOSE_FLAG]
   try:
     return main(argv)
+  except SystemExit as e:
+    if not isinstance(e.code, str):
+      raise
+    print(e.code, file=sys.stderr)  # already "error: ..." (argument checks)
+    return USER_ERROR_EXIT
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130

@@ -71,6 +71,8 @@ def parse_args(argv=None):
   args = common.parse(p, argv)
   if not 0 <= args.alpha <= 1:
     p.error(f"--alpha {args.alpha} must be in [0, 1]")
+  if args.step is not None and args.step < 0:
+    p.error(f"--step {args.step}: expected a checkpoint step >= 0")
   if args.images and args.out.lower().endswith(".png"):
     p.error(f"--out {args.out!r} names a PNG file but --images needs an output folder")
   for flag, ext in (("logits_out", ".npz"), ("embeddings_out", ".npy")):
@@ -86,6 +88,9 @@ def read_labels(args) -> list[str]:
   if args.labels is not None:
     labels = [s.strip() for s in args.labels.split(",")]
   else:
+    if not os.path.isfile(args.labels_file):
+      raise common.UserError(f"--labels-file {args.labels_file!r} does not exist; expected "
+                             "a text file with one label name per line")
     with open(args.labels_file, encoding="utf-8") as f:
       labels = [line.strip() for line in f]
     labels = [s for s in labels if s]

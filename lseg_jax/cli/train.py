@@ -16,6 +16,7 @@ else.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lseg_jax.cli import common
@@ -33,9 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises UserError unless `workdir` is (or can be made) a writable folder."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  fix = "expected a folder this user can create and write to; pass another --workdir"
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise common.UserError(f"--workdir {workdir!r} is a file; {fix}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise common.UserError(f"--workdir {workdir!r} is not writable ({e.strerror}); {fix}"
+                           ) from e
+
+
 def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
   config = common.load_config(args.config, args.overrides)
+  check_workdir(args.workdir)
   common.setup_logging()
   from lseg_jax import train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, args.workdir)
