@@ -85,8 +85,13 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _from_hub(cls, name: str):
   """`cls.from_pretrained(name)` from the local cache, else from the hub if it can be
   reached within seconds; otherwise a FileNotFoundError naming the fix (no retries)."""
+  # Recent transformers versions return an empty tokenizer (start and end tokens only)
+  # for files they cannot find: a CLIP vocabulary holds at least the 256 bytes.
+  usable = lambda tok: len(tok.get_vocab()) > 256
   try:
-    return cls.from_pretrained(name, local_files_only=True)
+    tokenizer = cls.from_pretrained(name, local_files_only=True)
+    if usable(tokenizer):
+      return tokenizer
   except OSError:
     pass
   if not _hub_reachable():
@@ -95,7 +100,11 @@ def _from_hub(cls, name: str):
         "cache and the hub cannot be reached (offline); pass --tokenizer FOLDER with "
         "vocab.json and merges.txt (byte-level for the tiny test models), or fetch "
         f"{name!r} once while online")
-  return cls.from_pretrained(name)
+  tokenizer = cls.from_pretrained(name)
+  if not usable(tokenizer):
+    raise FileNotFoundError(f"tokenizer {name!r} has no vocab.json and merges.txt on the "
+                            "Hugging Face hub; pass --tokenizer FOLDER with them")
+  return tokenizer
 
 
 def clean_text(text: str) -> str:
