@@ -211,6 +211,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Abstract state and shardings: shapes, dtypes and placement of every array are
   # fixed before any is allocated, so the state is created directly where it lives.
   spec = state_lib.state_spec(config, mesh)
+  if config.data.crop_size % spec.size_multiple:
+    raise ValueError(
+        f"config.data.crop_size={config.data.crop_size} is not a multiple of the model's "
+        f"size multiple {spec.size_multiple}; expected e.g. "
+        f"{max(1, round(config.data.crop_size / spec.size_multiple)) * spec.size_multiple}")
 
   # --- Checkpoints: resume from the latest complete step if there is one.
   ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
