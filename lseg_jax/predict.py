@@ -147,7 +147,9 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
 
 def _gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
   """A single-channel 16-bit, 32-bit or float image -> uint8 [H, W]."""
-  x = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  x = values.astype(np.float64)
+  if not np.isfinite(x).all():
+    raise ValueError(f"the {mode} image holds NaN/Inf values; expected finite grey levels")
   if mode.startswith("I;16"):
     scaled = x / 257.0
   else:
@@ -429,6 +431,9 @@ class Segmenter:
           self._multi = inference.SlidingWindowInference.for_model(self.model, self.window)
         logits = self._multi(inference.normalize_image(image), text_emb)
         input_size, emb = None, None
+    if not np.isfinite(logits).all():
+      raise ValueError("the model's logits are not finite (NaN/Inf): the checkpoint holds "
+                       "non-finite weights or is damaged; no prediction made")
     return Prediction(
         image=image, labels=labels, prompts=prompts,
         template=self.embedder.template_for(template), protocol=protocol, logits=logits,

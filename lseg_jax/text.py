@@ -58,10 +58,53 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
         os.path.join(path, f))]
     if missing and not os.path.isfile(os.path.join(path, "tokenizer.json")):
       raise FileNotFoundError(f"tokenizer folder {path!r} lacks {missing}")
-  tokenizer = CLIPTokenizer.from_pretrained(path)
+    tokenizer = CLIPTokenizer.from_pretrained(path)
+  else:
+    tokenizer = _from_hub(CLIPTokenizer, path)
   for token in (START_TOKEN, END_TOKEN):
     if token not in tokenizer.get_vocab():
       raise ValueError(f"tokenizer {path!r} has no {token!r} token; not a CLIP vocabulary")
+  return tokenizer
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+  import socket  # pylint: disable=g-import-not-at-top
+  from urllib.parse import urlparse  # pylint: disable=g-import-not-at-top
+  if any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_VARIABLES):
+    return False
+  host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def _from_hub(cls, name: str):
+  """`cls.from_pretrained(name)` from the local cache, else from the hub if it can be
+  reached within seconds; otherwise a FileNotFoundError naming the fix (no retries)."""
+  # Recent transformers versions return an empty tokenizer (start and end tokens only)
+  # for files they cannot find: a CLIP vocabulary holds at least the 256 bytes.
+  usable = lambda tok: len(tok.get_vocab()) > 256
+  try:
+    tokenizer = cls.from_pretrained(name, local_files_only=True)
+    if usable(tokenizer):
+      return tokenizer
+  except OSError:
+    pass
+  if not _hub_reachable():
+    raise FileNotFoundError(
+        f"tokenizer {name!r} (vocab.json, merges.txt) is not in the local Hugging Face "
+        "cache and the hub cannot be reached (offline); pass --tokenizer FOLDER with "
+        "vocab.json and merges.txt (byte-level for the tiny test models), or fetch "
+        f"{name!r} once while online")
+  tokenizer = cls.from_pretrained(name)
+  if not usable(tokenizer):
+    raise FileNotFoundError(f"tokenizer {name!r} has no vocab.json and merges.txt on the "
+                            "Hugging Face hub; pass --tokenizer FOLDER with them")
   return tokenizer
 
 
@@ -162,6 +205,12 @@ class LabelEmbedder:
     if context_length is None:
       context_length = getattr(getattr(text_model, "cfg", None), "context_length",
                                CONTEXT_LENGTH)
+    self.vocab_size = getattr(getattr(text_model, "cfg", None), "vocab_size", None)
+    if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
+      raise ValueError(
+          f"the tokenizer has {len(tokenizer)} tokens but the text tower's vocabulary has "
+          f"{self.vocab_size}: its ids would index past the embedding table; pass the "
+          "tokenizer the model was trained with (e.g. --tokenizer)")
     self.text_model = text_model
     self.tokenizer = tokenizer
     self.template = template
@@ -197,6 +246,10 @@ class LabelEmbedder:
       self._cache.move_to_end(key)
     else:
       tokens = tokenize(self.prompts(labels, template), self.tokenizer, self.context_length)
+      if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} of labels {list(labels)[:5]} is outside "
+                         f"the text tower's vocabulary of {self.vocab_size}; pass the "
+                         "tokenizer the model was trained with (e.g. --tokenizer)")
       self._cache[key] = self._encode(nnx.state(self.text_model), jnp.asarray(tokens)).astype(
           jnp.float32)
       self.num_computed += 1

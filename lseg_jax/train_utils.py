@@ -30,10 +30,18 @@ class MetricWriter:
     self._step, self._values = None, {}
     if not self.enabled:
       return
-    if resume_step is not None and os.path.exists(self.path):
-      # Steps after the restored checkpoint are trained again: drop their old lines.
+    if os.path.exists(self.path):
+      # Steps after the restored checkpoint are trained again: drop their old lines
+      # (and a line cut short by a kill).
+      kept = []
       with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        for line in f:
+          try:
+            record = json.loads(line)
+          except ValueError:
+            continue
+          if record["step"] <= (resume_step or 0):
+            kept.append(json.dumps(record) + "\n")
       with open(self.path, "w") as f:
         f.writelines(kept)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -54,6 +62,8 @@ class MetricWriter:
     record = {"step": int(self._step), **{k: float(v) for k, v in self._values.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
     with self._tb.as_default(step=int(self._step)):
       for k, v in self._values.items():
         self._tf.summary.scalar(k, float(v))
@@ -69,10 +79,19 @@ class MetricWriter:
 class TrainMeter:
   """Averages fetched step metrics over a logging interval; times the steps."""
 
-  def __init__(self, global_batch: int):
+  def __init__(self, global_batch: int, sums: dict[str, float] | None = None):
+    """sums: `sums()` of the meter at a checkpoint, for a resumed run."""
     self.global_batch = global_batch
     self.reset()
     self._t0 = None
+    if sums:
+      self.loss, self.correct = float(sums["loss"]), int(sums["correct"])
+      self.valid, self.steps = int(sums["valid"]), int(sums["steps"])
+
+  def sums(self) -> dict[str, float]:
+    """The running sums since the last log (saved with a checkpoint)."""
+    return {"loss": self.loss, "correct": self.correct, "valid": self.valid,
+            "steps": self.steps}
 
   def reset(self):
     self.loss, self.correct, self.valid, self.steps = 0.0, 0, 0, 0

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from lseg_jax.cli import common
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -117,4 +119,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  common.entry_point(main)

@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.error(f"--max-side {args.max_side} must be at least 32")
   if args.multiscale and args.embeddings_out:
     p.error("--embeddings-out comes from the single-scale protocol; drop --multiscale")
+  if args.step is not None and args.step < 0:
+    p.error(f"--step {args.step}: expected a checkpoint step >= 0")
   if args.images and args.out.lower().endswith(".png"):
     p.error(f"--out {args.out!r} names a PNG file but --images needs an output folder")
   for flag, ext in (("logits_out", ".npz"), ("embeddings_out", ".npy")):
@@ -100,6 +102,9 @@ def parse_args(argv=None):
 
 def read_labels(args) -> list[str]:
   from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  if args.labels_file is not None and not os.path.isfile(args.labels_file):
+    raise common.UserError(f"--labels-file {args.labels_file!r} does not exist; expected "
+                           "a text file with one label name per line")
   try:
     if args.labels is not None:
       return predict_lib.parse_labels(args.labels)
@@ -124,16 +129,34 @@ def list_images(args) -> list[str]:
 
 
 def load_image(path: str, max_side: int | None = None):
-  """`lseg_jax.predict.InputImage` of a file; exits with the message if unreadable."""
+  """`lseg_jax.predict.InputImage` of a file (every common PIL mode, 16-bit scaled; see
+  `lseg_jax.predict.load_image`); UserError if it cannot be read."""
   from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   try:
     return predict_lib.prepare_image(path, max_side=max_side)
   except ValueError as e:
-    raise SystemExit(f"error: cannot read image: {e}") from None
+    raise common.UserError(f"cannot read image: {e}") from None
 
 
-def output_paths(args, image_path: str) -> dict[str, str | None]:
-  stem = os.path.splitext(os.path.basename(image_path))[0]
+def output_stems(paths: list[str]) -> dict[str, str]:
+  """{image path: output stem}: the file's stem, or stem_EXT where two images share a
+  stem (good.jpg and good.png -> good_jpg, good_png), so no output overwrites another."""
+  stems = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
+  counts = {}
+  for stem in stems.values():
+    counts[stem] = counts.get(stem, 0) + 1
+  out = {}
+  for p, stem in stems.items():
+    ext = os.path.splitext(p)[1].lstrip(".").lower()
+    out[p] = f"{stem}_{ext}" if counts[stem] > 1 else stem
+  if len(set(out.values())) != len(out):
+    raise common.UserError(f"images in {os.path.dirname(paths[0])!r} give the same output "
+                           "name; rename them")
+  return out
+
+
+def output_paths(args, image_path: str, stem: str | None = None) -> dict[str, str | None]:
+  stem = stem or os.path.splitext(os.path.basename(image_path))[0]
   if args.image and args.out.lower().endswith(".png"):
     base = args.out[:-4]
   else:
@@ -164,36 +187,57 @@ def main(argv=None) -> int:
   segmenter = predict_lib.Segmenter(model, embedder, window=predict_lib.default_window(meta))
   protocol = predict_lib.MULTI_SCALE if args.multiscale else predict_lib.SINGLE_SCALE
 
+  stems = output_stems(images)
+  failed = []
   for path in images:
-    source = load_image(path, args.max_side)
-    result = segmenter(source.image, labels, protocol=protocol,
-                       embeddings=args.embeddings_out is not None)
-    warnings = source.warnings + result.warnings
-    for message in warnings:
-      print(f"warning: {message}", file=sys.stderr)
-    paths = output_paths(args, path)
-    for p in paths.values():
-      if p:
-        _makedirs_for(p)
-    result.overlay(alpha=args.alpha).save(paths["overlay"])
-    predict_lib.save_label_map(paths["labels"], result.label_map, len(labels))
-    report = result.report(image=path, label_map=os.path.basename(paths["labels"]),
-                           checkpoint=os.path.abspath(args.checkpoint),
-                           tokenizer=tokenizer_spec, **source.report_fields())
-    report["warnings"] = warnings
-    if paths["logits"]:
-      np.savez(paths["logits"], logits=np.ascontiguousarray(
-          result.logits.transpose(2, 0, 1), np.float32), labels=np.array(labels))
-      report["logits"] = os.path.basename(paths["logits"])
-    if paths["embeddings"]:
-      np.save(paths["embeddings"], result.embeddings.astype(np.float16))
-      report["embeddings"] = os.path.basename(paths["embeddings"])
-      report["embeddings_shape"] = list(result.embeddings.shape)
-    with open(paths["json"], "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    print(f"{path}: {result.summary()} -> {paths['overlay']}")
+    try:
+      predict_one(args, path, stems[path], labels, segmenter, protocol, tokenizer_spec)
+    except common.UserError as e:
+      if args.image:
+        raise
+      failed.append((path, str(e)))
+      print(f"error: {e}", file=sys.stderr)
+  if failed:
+    print(f"error: {len(failed)} of {len(images)} images failed:\n" + "\n".join(
+        f"  {p}: {why}" for p, why in failed), file=sys.stderr)
+    return common.USER_ERROR_EXIT
   return 0
 
 
+def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
+  """Segments one image and writes its outputs (nothing when the prediction fails)."""
+  source = load_image(path, args.max_side)
+  try:
+    result = segmenter(source.image, labels, protocol=protocol,
+                       embeddings=args.embeddings_out is not None)
+  except ValueError as e:
+    raise common.UserError(f"{path!r}: {e}") from None
+  warnings = source.warnings + result.warnings
+  for message in warnings:
+    print(f"warning: {message}", file=sys.stderr)
+  paths = output_paths(args, path, stem)
+  for p in paths.values():
+    if p:
+      _makedirs_for(p)
+  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  result.overlay(alpha=args.alpha).save(paths["overlay"])
+  predict_lib.save_label_map(paths["labels"], result.label_map, len(labels))
+  report = result.report(image=path, label_map=os.path.basename(paths["labels"]),
+                         checkpoint=os.path.abspath(args.checkpoint),
+                         tokenizer=tokenizer_spec, **source.report_fields())
+  report["warnings"] = warnings
+  if paths["logits"]:
+    np.savez(paths["logits"], logits=np.ascontiguousarray(
+        result.logits.transpose(2, 0, 1), np.float32), labels=np.array(labels))
+    report["logits"] = os.path.basename(paths["logits"])
+  if paths["embeddings"]:
+    np.save(paths["embeddings"], result.embeddings.astype(np.float16))
+    report["embeddings"] = os.path.basename(paths["embeddings"])
+    report["embeddings_shape"] = list(result.embeddings.shape)
+  with open(paths["json"], "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  print(f"{path}: {result.summary()} -> {paths['overlay']}")
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  common.entry_point(main)

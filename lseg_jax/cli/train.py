@@ -7,13 +7,22 @@ r"""Trains LSeg from a config file.
 Overrides: `--config.KEY=VALUE` for any field of the completed config (see
 `lseg_jax.config`; unknown keys are refused). Rerunning a command on the same
 --workdir resumes from its latest checkpoint.
+
+Exit codes: 0 finished (total_steps reached, or config.stop_at_step); 75 (EX_TEMPFAIL)
+stopped by SIGTERM before total_steps, after saving a checkpoint: rerun the same command
+to resume (schedulers restart on it); 2 a user error (one line on stderr); 1 anything
+else.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lseg_jax.cli import common
+
+# Stopped by SIGTERM before total_steps, with a checkpoint saved: rerun to resume.
+EXIT_PREEMPTED = 75
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,17 +34,33 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises UserError unless `workdir` is (or can be made) a writable folder."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  fix = "expected a folder this user can create and write to; pass another --workdir"
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise common.UserError(f"--workdir {workdir!r} is a file; {fix}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise common.UserError(f"--workdir {workdir!r} is not writable ({e.strerror}); {fix}"
+                           ) from e
+
+
 def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
   config = common.load_config(args.config, args.overrides)
+  check_workdir(args.workdir)
   common.setup_logging()
   from lseg_jax import train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, args.workdir)
   print(f"finished at step {summary['step']}"
         + (" (stopped early; rerun to resume)" if summary["preempted"] else "")
         + "".join(f", {k} {v:.4f}" for k, v in summary["eval"].items()))
-  return 0
+  return EXIT_PREEMPTED if summary.get("terminated") else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  common.entry_point(main)
