@@ -471,3 +471,15 @@ def test_export_refuses_to_overwrite(tiny_model, tmp_path):
   done = run_tool("convert.py", ["export", tmp_path / "ckpt", tmp_path / "model.pt"])
   assert done.returncode == 1 and "exists; pass --overwrite" in done.stderr
   assert (tmp_path / "model.pt").read_bytes() == b"keep me"
+
+
+def test_large_images_are_scaled_down_or_a_one_line_memory_error():
+  from lseg_jax import inference  # pylint: disable=g-import-not-at-top
+  from lseg_jax.cli import common  # pylint: disable=g-import-not-at-top
+  assert inference.model_input_size(6000, 4000, 32, max_side=1024) == (1024, 672)
+  assert inference.model_input_size(500, 700, 32, max_side=1024) == (512, 704)
+  assert inference.model_input_size(40, 9000, 32, max_side=100) == (32, 96)
+  oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB.")
+  message = common.user_error_message(oom)
+  assert "ran out of memory" in message and "--max-side" in message
+  assert common.user_error_message(RuntimeError("a bug")) is None

@@ -24,6 +24,8 @@ Input: RGB, normalised with mean 0.5 / std 0.5. Sides that are multiples of
 the model's size multiple (32) are used as they are; otherwise the image is
 resized (bilinear) to the nearest multiples of 32 and the logits are resized
 back to the original size before the argmax (`lseg_jax.inference.ImagePredictor`).
+--max-side N scales larger images down first (long side <= N); an image too large
+for the device's memory otherwise ends in a one-line error naming --max-side.
 
 Label embeddings: the checkpoint's frozen CLIP text tower, once per label set,
 with --prompt or else the checkpoint's training template (meta
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--embeddings-out", default=None,
                  help="OUT.npy (--image) or a folder (--images)")
   p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
+  p.add_argument("--max-side", type=int, default=None, help=(
+      "scale images whose long side exceeds this down for the model (outputs stay at "
+      "the image size); for images too large for the device's memory"))
   return p
 
 
@@ -71,6 +76,8 @@ def parse_args(argv=None):
   args = common.parse(p, argv)
   if not 0 <= args.alpha <= 1:
     p.error(f"--alpha {args.alpha} must be in [0, 1]")
+  if args.max_side is not None and args.max_side < 32:
+    p.error(f"--max-side {args.max_side}: expected at least 32 (the model's size multiple)")
   if args.step is not None and args.step < 0:
     p.error(f"--step {args.step}: expected a checkpoint step >= 0")
   if args.images and args.out.lower().endswith(".png"):
@@ -204,7 +211,7 @@ def main(argv=None) -> int:
 
   model, _, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
   text_emb = embedder(labels)
-  predictor = inference.ImagePredictor(model)
+  predictor = inference.ImagePredictor(model, max_side=args.max_side)
 
   stems = output_stems(images)
   failed = []
