@@ -33,7 +33,8 @@ def _image(mode):
   if mode == "RGB":
     return Image.fromarray(RGB), RGB, "PNG"
   if mode == "RGBA":
-    return Image.fromarray(np.concatenate([RGB, np.full_like(RAMP, 200)[..., None]], -1)), RGB, "PNG"
+    alpha = np.full_like(RAMP, 200)[..., None]
+    return Image.fromarray(np.concatenate([RGB, alpha], -1)), RGB, "PNG"
   if mode == "LA":
     return Image.fromarray(np.stack([RAMP, np.full_like(RAMP, 9)], -1), "LA"), grey, "PNG"
   if mode == "I;16":
