@@ -220,6 +220,7 @@ def test_overwritten_bytes_are_detected_and_skipped(damaged, tmp_path):
   data[100:1100] = random.Random(0).randbytes(1000)
   open(path, "wb").write(bytes(data))
   out = tmp_path / "report.json"
+  # --checkpoint is the work directory, as in the README's example.
   named = run_tool("eval.py", ["--checkpoint", damaged, "--step", 12, "--out", out,
                                "--no-progress"])
   assert named.returncode == 2, named.stderr[-3000:]
