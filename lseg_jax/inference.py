@@ -408,9 +408,17 @@ class SlidingWindowInference:
 # --------------------------------------------------------------------------
 # Whole-image prediction (tools/predict.py).
 # --------------------------------------------------------------------------
-def model_input_size(h: int, w: int, multiple: int) -> tuple[int, int]:
+def model_input_size(h: int, w: int, multiple: int, max_side: int | None = None
+                     ) -> tuple[int, int]:
   """(H', W') fed to the model: (h, w) if both are multiples of `multiple`, else
-  each side rounded to the nearest multiple (at least one multiple)."""
+  each side rounded to the nearest multiple (at least one multiple). With `max_side`,
+  an image whose long side exceeds it is first scaled down (aspect kept) so that the
+  long side is at most max_side rounded down to a multiple."""
+  if max_side is not None and max(h, w) > max_side:
+    limit = max(multiple, max_side // multiple * multiple)
+    scale = limit / max(h, w)
+    return tuple(min(limit, max(multiple, int(round(s * scale / multiple)) * multiple))
+                 for s in (h, w))
   if h % multiple == 0 and w % multiple == 0:
     return h, w
   return tuple(max(multiple, int(round(s / multiple)) * multiple) for s in (h, w))
@@ -440,10 +448,13 @@ class ImagePredictor:
   Otherwise the normalised image is resized (bilinear, align_corners=False)
   to `model_input_size` and the logits are resized back to the original
   size the same way before the argmax; the embeddings stay at the model's
-  resolution [H'/2, W'/2, D]. One compilation per input size.
+  resolution [H'/2, W'/2, D]. One compilation per input size. `max_side`: images
+  whose long side exceeds it are scaled down for the model (see `model_input_size`),
+  so that large images fit in device memory; the logits still come back at full size.
   """
 
-  def __init__(self, model):
+  def __init__(self, model, max_side: int | None = None):
+    self.max_side = max_side
     self.size_multiple = model.size_multiple
     self.graphdef, self.state = nnx.split(model)
 
@@ -453,7 +464,7 @@ class ImagePredictor:
     [H, W], "embeddings" float32 [H'/2, W'/2, D] or None, "input_size" (H', W')}."""
     x = normalize_image(image)
     h, w = x.shape[:2]
-    size = model_input_size(h, w, self.size_multiple)
+    size = model_input_size(h, w, self.size_multiple, self.max_side)
     if size != (h, w):
       x = resize_bilinear_np(x, size, align_corners=False)
     logits, emb = _predict(self.state, jnp.asarray(x)[None], jnp.asarray(text_emb),

@@ -223,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # A damaged newest step (checksum mismatch, partial or empty folder) is moved aside
   # and the run resumes from the newest intact one.
   resume_step, restored = checkpoint.restore_newest_intact(
-      mngr, lambda step: _restore(mngr, step, spec, config), move_damaged=True)
+      mngr, lambda step: _restore(mngr, step, spec, config),
+      move_damaged=jax.process_index() == 0)
   state, resumed_meta = restored or (None, {})
   if resume_step is None:
     state = state_lib.init_state(spec, tuple(config.optim.frozen))()

@@ -10,7 +10,6 @@ time, mean and best step time, images per second.
 """
 import argparse
 import json
-import sys
 import time
 
 from lseg_jax.cli import common

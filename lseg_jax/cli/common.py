@@ -41,9 +41,10 @@ def user_error_message(e: BaseException) -> str | None:
       message = f"{e.strerror}: {e.filename!r}"
     return message or type(e).__name__
   if _is_out_of_memory(e):
-    return ("the device ran out of memory; use a smaller batch size, a smaller crop or "
-            "image size, or --config.model.dtype=bfloat16 (" + str(e).splitlines()[0][:200]
-            + ")")
+    return ("the device ran out of memory; use a smaller batch size or crop size "
+            "(--config.batch_size, --config.data.crop_size), smaller images "
+            "(predict: --max-side), or --config.model.dtype=bfloat16 ("
+            + str(e).splitlines()[0][:200] + ")")
   return None
 
 
