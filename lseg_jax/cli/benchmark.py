@@ -1,0 +1,479 @@
+r"""Times the real train and inference steps of a config on generated batches.
+
+  python tools/benchmark.py --config configs/ade20k.py:variant=vitl16 --task both
+  python tools/benchmark.py --config configs/ade20k.py:variant=vitb32 --task infer \
+      --config.batch_size=1 --config.data.crop_size=384 --config.model.dtype=float32 --torch
+
+Random weights, no data files. `train` times the jitted, donated train step of
+`tools/train.py` (`lseg_jax.train.jit_train_step`, the state built from the config on its
+mesh) on batches of `config.batch_size` generated `config.data.crop_size` crops with
+`--labels` labels. `infer` times the model forward + per-pixel argmax (what
+`inference.ImagePredictor` and single-scale evaluation run) on `--infer-batch` crops
+(default `config.batch_size`); `--multiscale` also times the official multi-scale
+sliding-window protocol (`lseg_jax.evaluate.Evaluator` with `inference.SlidingWindow`) on
+one image of `--image-size`. Label embeddings are random [labels, D] arrays, computed
+once, as in training and evaluation: the text tower is not part of the cost.
+
+Every figure: the first call (compilation + one step) is timed on its own, then the
+median and the minimum of `--steps` timed calls, each ended by `block_until_ready`.
+MFU = FLOPs per image (`lseg_jax.flops`; a train step counts 3 forward passes) x
+images/s / (devices x the device's peak FLOP/s for the compute dtype, `PEAK_FLOPS`);
+"n/a" for devices not in the table (CPUs). Peak device memory is
+`memory_stats()["peak_bytes_in_use"]` of the first device since the start of the process
+(so `infer`'s figure is also part of `train`'s with `--task both`); "n/a" where the
+platform reports none (CPU).
+
+`--torch` also times the PyTorch LSeg of `lseg_jax.torch_lseg` (same model settings,
+random weights, cached label embeddings) on the same kind of device, in float32 and in
+bfloat16 autocast: train = forward + cross-entropy + backward + SGD step with the text
+tower frozen, infer = forward + argmax under `torch.inference_mode`. Each of its entries
+carries `jax_speedup` = JAX images/s / PyTorch images/s. With `--torch` on a GPU, JAX does
+not preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so that both
+fit.
+
+Prints one JSON line (also written to `--json FILE`); progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from lseg_jax.cli import common
+
+NA = "n/a"
+TASKS = ("train", "infer", "both")
+TORCH_DTYPES = ("float32", "bfloat16")
+# Peak dense FLOP/s per device, by compute dtype, keyed by a substring of
+# `jax.Device.device_kind` (first match wins, so the more specific keys come first).
+# GPU float32 figures are TF32 tensor-core peaks (XLA's default float32 matmul
+# precision on NVIDIA GPUs); TPU float32 matmuls run as several bfloat16 passes and
+# have no published peak.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 494e12}),  # SXM
+    ("H200", {"bfloat16": 989e12, "float32": 494e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("TPU v4", {"bfloat16": 275e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12}),  # v5e
+    ("TPU v5e", {"bfloat16": 197e12}),
+    ("TPU v5p", {"bfloat16": 459e12}),
+    ("TPU v5", {"bfloat16": 459e12}),  # v5p reports "TPU v5"
+    ("TPU v6 lite", {"bfloat16": 918e12}),  # v6e
+    ("TPU v6e", {"bfloat16": 918e12}),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("\n", 1)[1])
+  common.add_config_arg(p, required=True, help_text="training config file[:arg]")
+  p.add_argument("--task", choices=TASKS, default="both", help="what to time")
+  p.add_argument("--steps", type=int, default=5,
+                 help="timed calls per figure, after the first (compile) call")
+  p.add_argument("--labels", type=int, default=150, help="labels per image (ADE20K: 150)")
+  p.add_argument("--infer-batch", type=int, default=None,
+                 help="inference batch (default: config.batch_size)")
+  p.add_argument("--multiscale", action="store_true",
+                 help="infer: also time the multi-scale sliding-window protocol")
+  p.add_argument("--image-size", default="512,683",
+                 help="H,W of the --multiscale image (ADE20K's typical 512x683)")
+  p.add_argument("--torch", action="store_true",
+                 help="also time the PyTorch LSeg (float32 and bfloat16 autocast)")
+  p.add_argument("--torch-dtypes", default=",".join(TORCH_DTYPES),
+                 help="comma-separated PyTorch precisions for --torch")
+  p.add_argument("--json", default=None, help="also write the JSON line to this file")
+  return p
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """The device's peak dense FLOP/s for `dtype` from `PEAK_FLOPS`; None if unknown."""
+  for key, peaks in PEAK_FLOPS:
+    if key.lower() in device_kind.lower():
+      return peaks.get(dtype)
+  return None
+
+
+def time_calls(fn: Callable[[int], Any], steps: int) -> dict[str, float]:
+  """Times fn(i) (which must wait for its result): the first call, then `steps` calls."""
+  t0 = time.perf_counter()
+  fn(0)
+  first = time.perf_counter() - t0
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    fn(i + 1)
+    times.append(time.perf_counter() - t0)
+  return {"first_step_s": first, "step_s_median": statistics.median(times),
+          "step_s_min": min(times)}
+
+
+def summarize(timing: dict[str, float], batch: int, flops_per_image: float | None,
+              peak_total: float | None) -> dict[str, Any]:
+  """Rounded timing plus images/s and MFU."""
+  ips = batch / timing["step_s_median"]
+  mfu = (flops_per_image * ips / peak_total
+         if flops_per_image is not None and peak_total else None)
+  out = {k: round(v, 4) for k, v in timing.items()}
+  out.update(batch_size=batch, images_per_s=round(ips, 4),
+             s_per_image=round(1 / ips, 4),
+             flops_per_image=NA if flops_per_image is None else flops_per_image,
+             achieved_tflops=(NA if flops_per_image is None
+                              else round(flops_per_image * ips / 1e12, 4)),
+             mfu=NA if mfu is None else round(mfu, 4))
+  return out
+
+
+def peak_memory(device) -> int | str:
+  stats = device.memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return NA
+  return int(stats["peak_bytes_in_use"])
+
+
+def generated_batch(rng, batch_size: int, crop: int, num_labels: int):
+  """Random image [B, crop, crop, 3] in [-1, 1], label [B, crop, crop], all labels on."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return {
+      "image": rng.uniform(-1, 1, (batch_size, crop, crop, 3)).astype(np.float32),
+      "label": rng.integers(-1, num_labels, (batch_size, crop, crop)).astype(np.int32),
+      "label_mask": np.ones((batch_size, num_labels), bool),
+  }
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# JAX
+
+
+def bench_infer(state, spec, mesh, text_emb, batch_size: int, crop: int, labels: int,
+                steps: int) -> dict[str, float]:
+  """Forward + argmax on [batch_size, crop, crop] generated images."""
+  # pylint: disable=g-import-not-at-top
+  import functools
+  from flax import nnx
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from lseg_jax import sharding, state as state_lib
+  from lseg_jax.data import host_to_device
+  # pylint: enable=g-import-not-at-top
+  if batch_size % mesh.size:
+    raise ValueError(f"inference batch {batch_size} is not divisible by the {mesh.size} "
+                     "devices; set --infer-batch")
+  graphdef, params = nnx.split(state_lib.model_from_state(state, spec.eval_graphdef))
+
+  @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
+  def infer(params, image, text, label_mask):
+    model = nnx.merge(graphdef, params)
+    return jnp.argmax(model(image, text, label_mask), axis=-1)
+
+  rng = np.random.default_rng(1)
+  batches = [host_to_device.to_global(
+      {k: v for k, v in generated_batch(rng, batch_size, crop, labels).items()
+       if k != "label"}, sharding.batch_sharding(mesh)) for _ in range(2)]
+  return time_calls(lambda i: jax.block_until_ready(
+      infer(params, batches[i % 2]["image"], text_emb, batches[i % 2]["label_mask"])), steps)
+
+
+def bench_multiscale(state, spec, text_emb, crop: int, labels: int, image_size, base_size: int,
+                     steps: int) -> dict[str, Any]:
+  """The official multi-scale protocol (6 scales, flip) on one [H, W] image per call."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from lseg_jax import evaluate, inference, state as state_lib
+  # pylint: enable=g-import-not-at-top
+  h, w = image_size
+  model = state_lib.model_from_state(state, spec.eval_graphdef)
+  window = inference.SlidingWindow(crop_size=crop, base_size=base_size)
+  ev = evaluate.Evaluator(model, [f"label {i}" for i in range(labels)], np.asarray(text_emb),
+                          episodic=False, window=window)
+  rng = np.random.default_rng(2)
+  batch = {"image": rng.uniform(-1, 1, (1, h, w, 3)).astype(np.float32),
+           "label": rng.integers(-1, labels, (1, h, w)).astype(np.int32),
+           "label_mask": np.ones((1, labels), bool), "valid": np.ones(1, bool),
+           "image_size": np.array([[h, w]], np.int32)}
+  windows = sum(len(inference.window_origins(
+      *inference.scaled_size(h, w, s, window.base_size), crop, window.stride)[1])
+                for s in window.scales) * (2 if window.flip else 1)
+  timing = time_calls(lambda i: ev.update(batch), steps)  # update waits for the result
+  return {**{k: round(v, 4) for k, v in timing.items()}, "image_size": [h, w],
+          "windows_per_image": windows, "s_per_image": round(timing["step_s_median"], 4)}
+
+
+def bench_train(state, spec, config, mesh, text_emb, labels: int, steps: int):
+  """The donated train step on generated batches; returns (timing, last loss)."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from lseg_jax import sharding, train
+  from lseg_jax.data import host_to_device
+  # pylint: enable=g-import-not-at-top
+  train.check_batch_config(config, mesh)
+  train_step = train.jit_train_step(spec, config, mesh)
+  rng = np.random.default_rng(0)
+  batches = [host_to_device.to_global(
+      generated_batch(rng, config.batch_size, config.data.crop_size, labels),
+      sharding.batch_sharding(mesh)) for _ in range(2)]
+  box = {"state": state, "metrics": None}
+
+  def step(i):
+    box["state"], box["metrics"] = train_step(box["state"], batches[i % 2], text_emb)
+    jax.block_until_ready(box["metrics"])
+
+  timing = time_calls(step, steps)
+  return timing, float(box["metrics"]["loss"])
+
+
+# ----------------------------------------------------------------------------------------
+# PyTorch
+
+
+def torch_config(model_cfg):
+  """The `TorchLSegConfig` of an `LSegConfig` (the same model)."""
+  from lseg_jax.torch_lseg import TorchLSegConfig  # pylint: disable=g-import-not-at-top
+  return TorchLSegConfig(
+      backbone=model_cfg.backbone, features=model_cfg.num_features,
+      readout=model_cfg.readout, arch_option=model_cfg.arch_option,
+      block_depth=model_cfg.block_depth, activation=model_cfg.activation,
+      **({"vocab_size": model_cfg.text_vocab_size} if model_cfg.text_vocab_size else {}))
+
+
+def torch_device(platform: str):
+  """The torch device of the JAX platform, or None (with the reason) if torch has none."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if platform == "cpu":
+    return torch.device("cpu"), None
+  if platform in ("gpu", "cuda") and torch.cuda.is_available():
+    return torch.device("cuda"), None
+  return None, f"PyTorch has no {platform} device here"
+
+
+def bench_torch(model_cfg, task: str, dtype: str, device, *, batch_size: int, crop: int,
+                labels: int, steps: int) -> dict[str, Any]:
+  """One PyTorch figure: timing (plus peak memory on CUDA) of `task` in `dtype`."""
+  # pylint: disable=g-import-not-at-top
+  import contextlib
+  import torch
+  import torch.nn.functional as F
+  from lseg_jax.torch_lseg import LSegTorch
+  # pylint: enable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = LSegTorch(torch_config(model_cfg)).to(device)
+  for p in model.clip_pretrained.parameters():
+    p.requires_grad_(False)
+  g = torch.Generator().manual_seed(0)
+  text = torch.randn(labels, model.embed_dim, generator=g).to(device)
+  images = [torch.rand(batch_size, 3, crop, crop, generator=g).mul(2).sub(1).to(device)
+            for _ in range(2)]
+  label = [torch.randint(-1, labels, (batch_size, crop, crop), generator=g).to(device)
+           for _ in range(2)]
+  mask = torch.ones(batch_size, labels, dtype=torch.bool, device=device)
+  autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+              else contextlib.nullcontext())
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+  if device.type == "cuda":
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+  if task == "train":
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                          momentum=0.9)
+
+    def step(i):
+      opt.zero_grad(set_to_none=True)
+      with autocast:
+        logits = model(images[i % 2], text, mask)
+      loss = F.cross_entropy(logits.float(), label[i % 2], ignore_index=-1)
+      loss.backward()
+      opt.step()
+      sync()
+  else:
+    model.eval()
+
+    def step(i):
+      with torch.inference_mode(), autocast:
+        model(images[i % 2], text, mask).argmax(1)
+      sync()
+
+  timing = time_calls(step, steps)
+  out = {k: round(v, 4) for k, v in timing.items()}
+  out["peak_memory_bytes"] = (int(torch.cuda.max_memory_allocated())
+                              if device.type == "cuda" else NA)
+  del model
+  return out
+
+
+def torch_worker() -> None:
+  """The PyTorch side, in a process of its own: importing timm after TensorFlow (which
+  the JAX side's data utilities load) crashes some installs, and a GPU stays shared
+  more predictably. Reads a JSON job from stdin, writes one JSON line to stdout."""
+  # pylint: disable=g-import-not-at-top
+  from lseg_jax.models import lseg
+  # pylint: enable=g-import-not-at-top
+  job = json.load(sys.stdin)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from lseg_jax import torch_lseg  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    print(json.dumps({"skipped": f"PyTorch (or timm) is not installed: {e}"}))
+    return
+  device, reason = torch_device(job["platform"])
+  if device is None:
+    print(json.dumps({"skipped": reason}))
+    return
+  model_cfg = lseg.LSegConfig.from_dict(job["model"])
+  out = {"version": torch.__version__, "device": str(device), "figures": []}
+  for task, dtype, batch in job["figures"]:
+    log(f"torch {task} {dtype}: batch {batch}, {job['steps']} timed steps")
+    out["figures"].append(bench_torch(model_cfg, task, dtype, device, batch_size=batch,
+                                      crop=job["crop"], labels=job["labels"],
+                                      steps=job["steps"]))
+  print(json.dumps(out), flush=True)
+
+
+def add_torch(results: dict[str, Any], args, model_cfg, platform: str, infer_batch: int,
+              train_batch: int, crop: int, peak_by_dtype: Callable[[str], float | None],
+              flops_of: Callable[[str], float | None]) -> None:
+  """results["torch"] = {"version", "device", task: {dtype: figure}}, or {"skipped": why}.
+
+  The figures come from `torch_worker` in a child process.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  dtypes = [d.strip() for d in args.torch_dtypes.split(",") if d.strip()]
+  bad = [d for d in dtypes if d not in TORCH_DTYPES]
+  if bad:
+    raise ValueError(f"--torch-dtypes: unknown {bad}; expected some of {TORCH_DTYPES}")
+  figures = [(task, dtype, infer_batch if task == "infer" else train_batch)
+             for task in ("infer", "train") if task in results for dtype in dtypes]
+  job = {"model": model_cfg.to_dict(), "platform": platform, "crop": crop,
+         "labels": args.labels, "steps": args.steps, "figures": figures}
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  proc = subprocess.run(
+      [sys.executable, "-c", "from lseg_jax.cli import benchmark; benchmark.torch_worker()"],
+      input=json.dumps(job), stdout=subprocess.PIPE, text=True, env=env, check=False)
+  lines = proc.stdout.strip().splitlines()
+  if proc.returncode or not lines:
+    raise RuntimeError(f"the PyTorch benchmark process failed (exit code {proc.returncode})")
+  answer = json.loads(lines[-1])
+  if "skipped" in answer:
+    results["torch"] = answer
+    log(f"--torch skipped: {answer['skipped']}")
+    return
+  out = {"version": answer["version"], "device": answer["device"]}
+  for (task, dtype, batch), fig in zip(figures, answer["figures"]):
+    fig.update({k: v for k, v in summarize(
+        {k: fig[k] for k in ("first_step_s", "step_s_median", "step_s_min")}, batch,
+        flops_of(task), peak_by_dtype(dtype)).items() if k not in fig})
+    fig["jax_speedup"] = round(results[task]["images_per_s"] / fig["images_per_s"], 3)
+    out.setdefault(task, {})[dtype] = fig
+    log(f"  torch {task} {dtype}: {json.dumps(fig)}")
+  results["torch"] = out
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+  args = common.parse(build_parser(), argv)
+  if args.steps < 1:
+    raise ValueError(f"--steps={args.steps}; expected >= 1")
+  if args.labels < 1:
+    raise ValueError(f"--labels={args.labels}; expected >= 1")
+  config = common.load_config(args.config, args.overrides)
+  if args.torch:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from lseg_jax import flops, sharding, state as state_lib
+  # pylint: enable=g-import-not-at-top
+
+  mesh = sharding.make_mesh(config.mesh)
+  device = mesh.devices.flat[0]
+  spec = state_lib.state_spec(config, mesh)
+  model_cfg = spec.model_cfg
+  crop = config.data.crop_size
+  infer_batch = args.infer_batch or config.batch_size
+  tasks = ("infer", "train") if args.task == "both" else (args.task,)
+
+  try:
+    fwd = flops.forward_flops(model_cfg, crop, args.labels)
+  except ValueError:
+    fwd = None
+  flops_of = lambda task: (None if fwd is None else
+                           fwd * (flops.TRAIN_FORWARD_MULTIPLE if task == "train" else 1))
+  peak_by_dtype = lambda dtype: (lambda p: None if p is None else p * mesh.size)(
+      peak_flops(device.device_kind, dtype))
+  peak = peak_by_dtype(model_cfg.dtype)
+  results: dict[str, Any] = {
+      "date": datetime.date.today().isoformat(),
+      "backbone": model_cfg.backbone, "dtype": model_cfg.dtype, "attention": model_cfg.attention,
+      "crop_size": crop, "labels": args.labels, "task": args.task, "steps": args.steps,
+      "platform": device.platform, "device_kind": device.device_kind,
+      "devices": mesh.size, "mesh": dict(mesh.shape), "cpu_count": os.cpu_count(),
+      "jax_version": jax.__version__,
+      "peak_flops_per_device": NA if peak is None else peak / mesh.size,
+      "forward_flops_per_image": NA if fwd is None else fwd,
+  }
+  log(f"{model_cfg.backbone} ({model_cfg.dtype}) at {crop}x{crop}, {args.labels} labels, on "
+      f"{mesh.size} x {device.device_kind} ({device.platform})")
+
+  t0 = time.perf_counter()
+  state = state_lib.init_state(spec, tuple(config.optim.frozen))()
+  jax.block_until_ready(state)
+  results["init_s"] = round(time.perf_counter() - t0, 2)
+  rng = np.random.default_rng(0)
+  text_dim = spec.abstract["frozen"]["clip_pretrained"]["text_projection"].shape[-1]
+  text_emb = jax.device_put(rng.normal(size=(args.labels, text_dim)).astype(np.float32),
+                            sharding.replicated(mesh))
+
+  # Inference first: the train step donates (invalidates) the state it is given.
+  if "infer" in tasks:
+    log(f"infer: batch {infer_batch}, {args.steps} timed steps")
+    timing = bench_infer(state, spec, mesh, text_emb, infer_batch, crop, args.labels,
+                         args.steps)
+    results["infer"] = {**summarize(timing, infer_batch, flops_of("infer"), peak),
+                        "peak_memory_bytes": peak_memory(device)}
+    log(f"  {json.dumps(results['infer'])}")
+    if args.multiscale:
+      h, w = (int(s) for s in args.image_size.split(","))
+      log(f"infer --multiscale: one {h}x{w} image, {args.steps} timed steps")
+      results["infer_multiscale"] = bench_multiscale(
+          state, spec, text_emb, crop, args.labels, (h, w), int(config.data.base_size),
+          args.steps)
+      log(f"  {json.dumps(results['infer_multiscale'])}")
+  if "train" in tasks:
+    log(f"train: batch {config.batch_size}, {args.steps} timed steps")
+    timing, loss = bench_train(state, spec, config, mesh, text_emb, args.labels, args.steps)
+    results["train"] = {**summarize(timing, config.batch_size, flops_of("train"), peak),
+                        "peak_memory_bytes": peak_memory(device), "loss": round(loss, 4)}
+    log(f"  {json.dumps(results['train'])}")
+  del state
+
+  if args.torch:
+    add_torch(results, args, model_cfg, device.platform, infer_batch, config.batch_size,
+              crop, peak_by_dtype, flops_of)
+
+  line = json.dumps(results)
+  print(line, flush=True)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      f.write(line + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  common.entry_point(main)
