@@ -358,12 +358,11 @@ def add_torch(results: dict[str, Any], args, model_cfg, platform: str, infer_bat
              for task in ("infer", "train") if task in results for dtype in dtypes]
   job = {"model": model_cfg.to_dict(), "platform": platform, "crop": crop,
          "labels": args.labels, "steps": args.steps, "figures": figures}
+  # Run from the folder holding this lseg_jax package, so the child imports the same one.
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
   proc = subprocess.run(
       [sys.executable, "-c", "from lseg_jax.cli import benchmark; benchmark.torch_worker()"],
-      input=json.dumps(job), stdout=subprocess.PIPE, text=True, env=env, check=False)
+      input=json.dumps(job), stdout=subprocess.PIPE, text=True, cwd=root, check=False)
   lines = proc.stdout.strip().splitlines()
   if proc.returncode or not lines:
     raise RuntimeError(f"the PyTorch benchmark process failed (exit code {proc.returncode})")
