@@ -74,7 +74,8 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
   out = tmp_path / "bench.json"
   argv = ["--config", "configs/synthetic_tiny.py:runlocal",
           "--config.model.backbone=tiny_vit32", "--config.data.crop_size=32",
-          "--config.batch_size=2", "--steps", "2", "--task", "both", "--labels", "5",
+          "--config.batch_size=2", "--config.mesh.data=2", "--steps", "2", "--task", "both",
+          "--labels", "5",
           "--json", str(out)] + (["--torch"] if HAS_TORCH else [])
   assert benchmark.main(argv) == 0
   line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -85,6 +86,7 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
               "infer", "train"):
     assert key in result, key
   assert result["backbone"] == "tiny_vit32" and result["crop_size"] == 32
+  assert result["devices"] == 2
   expected_fwd = flops.forward_flops(lseg.LSegConfig(backbone="tiny_vit32"), 32, 5)
   assert result["forward_flops_per_image"] == expected_fwd
   for task in ("infer", "train"):
