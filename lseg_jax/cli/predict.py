@@ -206,10 +206,16 @@ def main(argv=None) -> int:
 
 def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
   """Segments one image and writes its outputs (nothing when the prediction fails)."""
+  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   source = load_image(path, args.max_side)
   try:
     result = segmenter(source.image, labels, protocol=protocol,
                        embeddings=args.embeddings_out is not None)
+  except predict_lib.NonFiniteLogitsError:
+    raise common.UserError(
+        f"the model's logits for {path!r} are not finite (NaN/Inf): checkpoint "
+        f"{args.checkpoint!r} holds non-finite weights or is damaged; no prediction "
+        "written") from None
   except ValueError as e:
     raise common.UserError(f"{path!r}: {e}") from None
   warnings = source.warnings + result.warnings
@@ -219,7 +225,6 @@ def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
   for p in paths.values():
     if p:
       _makedirs_for(p)
-  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   result.overlay(alpha=args.alpha).save(paths["overlay"])
   predict_lib.save_label_map(paths["labels"], result.label_map, len(labels))
   report = result.report(image=path, label_map=os.path.basename(paths["labels"]),
