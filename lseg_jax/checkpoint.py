@@ -9,13 +9,16 @@ Each step holds the items
 Everything that loads a model (prediction, evaluation, fine-tuning, export) calls
 `load_model`, whichever tool wrote the directory (training or `tools/convert.py import`).
 Orbax writes each step to a temporary folder and renames it when complete, so a run
-killed mid-save leaves the previous step as the latest complete one.
+killed mid-save leaves the previous step as the latest complete one. In a
+multi-process job every process takes part in saving and restoring (each writes its
+own shards; process 0 writes the metadata). Paths go through `etils.epath`, Orbax's
+own path layer, so a directory may be remote (gs://...).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from etils import epath
 from flax import nnx
 import jax
 import orbax.checkpoint as ocp
@@ -26,17 +29,23 @@ from lseg_jax.models import lseg
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
+def absolute(directory) -> epath.Path:
+  """`directory` as an absolute epath.Path (remote paths are absolute already)."""
+  path = epath.Path(directory)
+  return path if path.is_absolute() else path.absolute()
+
+
 def resolve_directory(directory: str) -> str:
   """A checkpoint directory, given it or a training work directory that holds one."""
-  directory = os.path.abspath(os.fspath(directory))
-  sub = os.path.join(directory, CHECKPOINT_SUBDIR)
-  if os.path.isdir(sub) and not _has_steps(directory):
-    return sub
-  return directory
+  directory = absolute(directory)
+  sub = directory / CHECKPOINT_SUBDIR
+  if sub.is_dir() and not _has_steps(directory):
+    return str(sub)
+  return str(directory)
 
 
-def _has_steps(directory: str) -> bool:
-  return any(name.isdigit() for name in os.listdir(directory)) if os.path.isdir(directory) else False
+def _has_steps(directory: epath.Path) -> bool:
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3,
@@ -46,7 +55,7 @@ def manager(directory: str, *, max_to_keep: int | None = 3,
   read_only: for loading; the manager never saves, deletes or creates anything.
   Orbax's own read-only mode is not used: it warns on every open.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = absolute(directory)
   if read_only:
     options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
                                            create=False)
@@ -125,7 +134,7 @@ def load_model(directory: str, step: int | None = None,
   pure = state.to_pure_dict()
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                                     sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
       pure)
   restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
   nnx.replace_by_pure_dict(state, restored["model"])

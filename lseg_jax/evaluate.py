@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import os
 from typing import Any, Callable, Iterable, Sequence
 
+from etils import epath
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
@@ -370,9 +370,9 @@ def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, 
     label names (as LSeg).
   """
   spec = tokenizer or meta.get("tokenizer") or text.DEFAULT_TOKENIZER
-  if not tokenizer and meta.get("tokenizer") and not os.path.isabs(spec):
-    local = os.path.join(checkpoint_dir, spec)
-    spec = local if os.path.isdir(local) else spec
+  if not tokenizer and meta.get("tokenizer") and not epath.Path(spec).is_absolute():
+    local = epath.Path(checkpoint_dir) / spec
+    spec = str(local) if local.is_dir() else spec
   template = meta.get("text_template") if prompt is None else prompt
   template = template or None
   embedder = text.LabelEmbedder(model.clip_pretrained, text.load_tokenizer(spec),

@@ -19,11 +19,11 @@ continues with the same data order, giving the same losses as an uninterrupted o
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -175,22 +175,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config = config_lib.complete(config)
   config_lib.check_config(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
 
-  # --- Mesh: every device, axes (data, fsdp). The batch is split over both axes, so
-  # BatchNorm means over the batch axis are global-batch means.
+  # --- Mesh: every device of every process, axes (data, fsdp). The batch is split
+  # over both axes, so BatchNorm means over the batch axis are global-batch means.
   mesh = sharding.make_mesh(config.mesh)
   check_batch_config(config, mesh)
-  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
-               jax.devices()[0].platform)
+  logging.info("Mesh %s over %d devices (%s), %d processes.", dict(mesh.shape), mesh.size,
+               jax.devices()[0].platform, jax.process_count())
+  # Paths go through epath (Orbax's path layer): the workdir may be gs://...
+  workdir = str(checkpoint.absolute(workdir))
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
   # --- Abstract state and shardings: shapes, dtypes and placement of every array are
   # fixed before any is allocated, so the state is created directly where it lives.
   spec = state_lib.state_spec(config, mesh)
 
   # --- Checkpoints: resume from the latest complete step if there is one.
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  ckpt_dir = str(epath.Path(workdir) / CHECKPOINT_SUBDIR)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.keep_checkpoints)
   resume_step = mngr.latest_step()
   if resume_step is None:
@@ -294,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step += 1
         pending.append((step, m))
         is_last = step >= total
-        stopping = preemption.requested or step >= stop_at
+        stopping = preemption.reached(step) or step >= stop_at
         save_now = is_last or stopping or train_utils.due(step, config.checkpoint_every_steps)
         due_evals = [ev for ev in evals if train_utils.due(step, ev.every_steps)
                      or (is_last and ev.at_end)]

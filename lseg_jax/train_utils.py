@@ -1,9 +1,12 @@
 """Small pieces of the training loop: when things are due, the metric file, the
-meter and the SIGTERM handler."""
+meter and the SIGTERM handler.
+
+The metric file goes through `tf.io.gfile`, so a work directory may be remote
+(gs://...) wherever TensorFlow reaches it."""
 from __future__ import annotations
 
 import json
-import os
+import posixpath
 import signal
 import threading
 import time
@@ -26,18 +29,18 @@ class MetricWriter:
 
   def __init__(self, workdir: str, resume_step: int | None):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = posixpath.join(str(workdir), METRICS_FILE)
     self._step, self._values = None, {}
     if not self.enabled:
       return
-    if resume_step is not None and os.path.exists(self.path):
-      # Steps after the restored checkpoint are trained again: drop their old lines.
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self._tf = tf
+    if resume_step is not None and tf.io.gfile.exists(self.path):
+      # Steps after the restored checkpoint are trained again: drop their old lines.
+      with tf.io.gfile.GFile(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with tf.io.gfile.GFile(self.path, "w") as f:
+        f.writelines(kept)
     self._tb = tf.summary.create_file_writer(workdir)
 
   def write(self, step: int, values: dict[str, float]) -> None:
@@ -52,8 +55,14 @@ class MetricWriter:
     if not self.enabled or self._step is None:
       return
     record = {"step": int(self._step), **{k: float(v) for k, v in self._values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    # GFile has no append on object stores: the file is rewritten with the new line.
+    gfile = self._tf.io.gfile
+    text = ""
+    if gfile.exists(self.path):
+      with gfile.GFile(self.path) as f:
+        text = f.read()
+    with gfile.GFile(self.path, "w") as f:
+      f.write(text + json.dumps(record) + "\n")
     with self._tb.as_default(step=int(self._step)):
       for k, v in self._values.items():
         self._tf.summary.scalar(k, float(v))
@@ -106,16 +115,32 @@ class TrainMeter:
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """SIGTERM -> every process stops after the same step.
+
+  One process: a handler turns SIGTERM into a flag. Several processes: the signal
+  reaches one of them at a time, so JAX's preemption sync manager (started by
+  `jax.distributed.initialize`) catches it on whichever process gets it and every
+  process agrees on the step to stop after; `reached(step)` must be called after
+  every step by every process.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
+    self._sync = distributed.preemption_sync_enabled()
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._sync and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (the same answer on every process)."""
+    if self._sync:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from lseg_jax.cli import common
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -36,11 +38,14 @@ def parse_args(argv=None):
   p.add_argument("--no-flip", action="store_true", help="multi scale without the flip pass")
   p.add_argument("--crops-per-device", type=int, default=2)
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  common.add_distributed_args(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  common.setup_logging()
+  common.start_jax(args)
   # pylint: disable=g-import-not-at-top
   from flax import nnx
   import jax
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
           f"({dt / n:.1f} s/image)", flush=True)
 
   print(json.dumps(results))
-  if args.json:
+  if args.json and jax.process_index() == 0:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
   return 0

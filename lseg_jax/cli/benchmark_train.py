@@ -6,7 +6,8 @@ r"""Times the training step of a config: random weights, generated batches, no d
 Builds the state exactly as `tools/train.py` does (mesh, shardings, the jitted and
 donated step) from the config, feeds `--steps` generated batches of
 `config.data.crop_size` images with `--labels` labels and prints one JSON line: compile
-time, mean and best step time, images per second.
+time, mean and best step time, global images per second (all processes; under
+`tools/launch.py` process 0 prints it).
 """
 import argparse
 import json
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=5,
                  help="timed steps (after one compile+warm-up step)")
   p.add_argument("--labels", type=int, default=150, help="labels per batch (ADE20K: 150)")
+  common.add_distributed_args(p)
   return p
 
 
@@ -38,6 +40,8 @@ def generated_batch(rng, batch_size: int, crop: int, num_labels: int):
 def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
   config = common.load_config(args.config, args.overrides)
+  common.setup_logging()
+  common.start_jax(args)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from lseg_jax import sharding, state as state_lib, train  # pylint: disable=g-import-not-at-top
@@ -54,7 +58,8 @@ def main(argv=None) -> int:
           "text_projection"].shape[-1])).astype(np.float32), sharding.replicated(mesh))
   batch_sh = sharding.batch_sharding(mesh)
   batches = [input_pipeline.to_global(
-      generated_batch(rng, config.batch_size, config.data.crop_size, args.labels), batch_sh)
+      generated_batch(rng, config.batch_size // jax.process_count(), config.data.crop_size,
+                      args.labels), batch_sh)
              for _ in range(2)]
 
   t0 = time.perf_counter()
@@ -68,10 +73,13 @@ def main(argv=None) -> int:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   mean = float(np.mean(times))
+  if jax.process_index():
+    return 0
   print(json.dumps({
       "backbone": config.model.backbone, "dtype": config.model.dtype,
       "batch_size": config.batch_size, "crop": config.data.crop_size,
-      "labels": args.labels, "devices": mesh.size, "platform": jax.devices()[0].platform,
+      "labels": args.labels, "processes": jax.process_count(), "devices": mesh.size,
+      "platform": jax.devices()[0].platform,
       "first_step_s": round(compile_s, 2), "step_s_mean": round(mean, 3),
       "step_s_best": round(float(np.min(times)), 3),
       "images_per_sec": round(config.batch_size / mean, 3),

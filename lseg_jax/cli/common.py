@@ -3,7 +3,9 @@
 Every tool that reads a run config takes `--config FILE[:ARG]` and any number of
 `--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`);
 eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
-`--tokenizer`, `--prompt`, `--dtype`).
+`--tokenizer`, `--prompt`, `--dtype`). Every tool that runs JAX takes the
+multi-process arguments (`--coordinator`, `--num-processes`, `--process-id`,
+`--heartbeat-timeout`) and calls `start_jax` before its first computation.
 """
 from __future__ import annotations
 
@@ -68,9 +70,13 @@ def read_config_file(spec: str):
     raise SystemExit(f"error: --config file {path!r} does not exist; expected "
                      "configs/NAME.py[:ARGS]")
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False)
+  argv = ["config", f"--config={spec}"]
+  # sys_argv: otherwise the flag reads the process's own --config.KEY overrides, and
+  # refuses those of fields that only the completed config has.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False,
+                                  sys_argv=argv)
   try:
-    values(["config", f"--config={spec}"])
+    values(argv)
   except (ValueError, flags.IllegalFlagValueError) as e:
     cause = e.__cause__ or e.__context__ or e
     raise SystemExit(f"error: --config {spec!r}: {cause}") from None
@@ -88,6 +94,25 @@ def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
       raise ValueError("no config: give --config FILE[:ARG]")
     return config_lib.override(config_lib.complete(raw), overrides)
   except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+  """The multi-process arguments (`lseg_jax.distributed.add_arguments`)."""
+  from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.add_arguments(parser)
+
+
+def start_jax(args: argparse.Namespace):
+  """Joins the process to its multi-process job (a no-op for one process) before the
+  first JAX computation; logs and returns the `distributed.Topology`."""
+  from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    return distributed.initialize(
+        getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
+        heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
+  except (ValueError, RuntimeError) as e:
     raise SystemExit(f"error: {e}") from None
 
 
@@ -160,5 +185,5 @@ def setup_logging() -> None:
     handler.addFilter(_DropInfoFrom("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/"))
 
 
-__all__ = ["add_checkpoint_args", "add_config_arg", "load_checkpoint", "load_config",
-           "parse", "read_config_file", "setup_logging", "split_overrides"]
+__all__ = ["add_checkpoint_args", "add_config_arg", "add_distributed_args", "load_checkpoint",
+           "load_config", "parse", "read_config_file", "setup_logging", "split_overrides", "start_jax"]

@@ -37,6 +37,8 @@ import os
 import sys
 import time
 
+from etils import epath
+
 from lseg_jax.cli import common
 
 
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="stop after this many batches (default: the whole split)")
   p.add_argument("--out", default=None, help="JSON report path")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+  common.add_distributed_args(p)
   return p
 
 
@@ -106,7 +109,16 @@ def default_out(checkpoint_dir: str, data_cfg, mode: str) -> str:
   name = f"{data_cfg.name}_{data_cfg.eval_split}"
   if data_cfg.fold is not None:
     name += f"_fold{data_cfg.fold}"
-  return os.path.join(checkpoint_dir, "eval", f"{name}_{mode}.json")
+  return str(epath.Path(checkpoint_dir) / "eval" / f"{name}_{mode}.json")
+
+
+def write_report(path: str, report: dict) -> None:
+  """Writes the JSON report in one piece (local or remote path, e.g. gs://...)."""
+  out = epath.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.parent / f".{out.name}.tmp"
+  tmp.write_text(json.dumps(report, indent=2))
+  tmp.rename(out)
 
 
 def data_only_config(name: str) -> dict:
@@ -175,6 +187,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"error: --config file {args.config.partition(':')[0]!r} does not "
                      "exist; expected configs/NAME.py[:ARGS]")
   common.setup_logging()
+  common.start_jax(args)
   # pylint: disable=g-import-not-at-top
   import jax
   from lseg_jax import checkpoint, evaluate, sharding
@@ -196,9 +209,7 @@ def main(argv=None) -> int:
     })
     if jax.process_index() == 0:
       out = args.out or default_out(ckpt_dir, ev.data, report["mode"])
-      os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-      with open(out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+      write_report(out, report)
       title = (f"{report['dataset']} / {report['split']}"
                + (f" / fold {report['fold']}" if report["fold"] is not None else "")
                + f" ({report['protocol']}, {report['mode']})")

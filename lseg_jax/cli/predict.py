@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--embeddings-out", default=None,
                  help="OUT.npy (--image) or a folder (--images)")
   p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
+  common.add_distributed_args(p)
   return p
 
 
@@ -149,7 +150,19 @@ def main(argv=None) -> int:
   labels = read_labels(args)
   images = list_images(args)
 
-  from lseg_jax import inference, visualize  # pylint: disable=g-import-not-at-top
+  common.setup_logging()
+  common.start_jax(args)
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental import multihost_utils
+  from lseg_jax import inference, visualize
+  # pylint: enable=g-import-not-at-top
+  if jax.process_index() != 0:
+    # Prediction files come from process 0 alone; the others wait for it.
+    multihost_utils.sync_global_devices("predict done")
+    if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("predict done")
+  return 0
 
   model, _, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
   text_emb = embedder(labels)

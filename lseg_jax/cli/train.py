@@ -21,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split("\n", 1)[1])
   common.add_config_arg(p, required=True, help_text="training config file[:arg]")
-  p.add_argument("--workdir", required=True, help="directory for checkpoints and metrics")
+  p.add_argument("--workdir", required=True, help=(
+      "directory for checkpoints and metrics (local, or any path etils.epath reads, "
+      "e.g. gs://bucket/run)"))
+  common.add_distributed_args(p)
   return p
 
 
@@ -29,8 +32,12 @@ def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
   config = common.load_config(args.config, args.overrides)
   common.setup_logging()
+  common.start_jax(args)
   from lseg_jax import train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, args.workdir)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index():
+    return 0
   print(f"finished at step {summary['step']}"
         + (" (stopped early; rerun to resume)" if summary["preempted"] else "")
         + "".join(f", {k} {v:.4f}" for k, v in summary["eval"].items()))
