@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import sys
 import time
 
@@ -113,12 +114,16 @@ def default_out(checkpoint_dir: str, data_cfg, mode: str) -> str:
 
 
 def write_report(path: str, report: dict) -> None:
-  """Writes the JSON report in one piece (local or remote path, e.g. gs://...)."""
-  out = epath.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.tmp"
-  tmp.write_text(json.dumps(report, indent=2))
-  tmp.rename(out)
+  """Writes the JSON report in one piece, through tf.io.gfile (local or remote paths,
+  e.g. gs://...)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  folder, name = posixpath.split(str(path))
+  if folder:
+    tf.io.gfile.makedirs(folder)
+  tmp = posixpath.join(folder, f".{name}.tmp")
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(json.dumps(report, indent=2))
+  tf.io.gfile.rename(tmp, str(path), overwrite=True)
 
 
 def data_only_config(name: str) -> dict:
