@@ -192,6 +192,13 @@ def topology() -> Topology | None:
   return _topology
 
 
+def done() -> None:
+  """Tells the other processes that this one finished its work: its exit (and a slow
+  teardown on either side) is then no sign of a lost process. Tools call it last."""
+  if _watchdog is not None:
+    _watchdog.mark("done")
+
+
 def preemption_sync_enabled() -> bool:
   """Whether JAX's multi-process preemption sync runs (several processes joined by
   `initialize`, with JAX's preemption service on, its default)."""
@@ -205,7 +212,8 @@ class _Watchdog(threading.Thread):
   Each process increments its counter every `timeout / 6` seconds and watches the
   others'. A process whose counter does not move for `timeout` seconds is lost (killed,
   its machine gone); one that exited (its exit key is set) while this process still
-  runs after `timeout` more seconds has left this one alone. Either way this process
+  runs after `timeout` more seconds, without having called `done()`, has left this
+  one alone. Either way this process
   prints which process was lost and how to resume, and exits with EXIT_PROCESS_LOST:
   nothing waits forever in a collective.
   """
@@ -220,8 +228,11 @@ class _Watchdog(threading.Thread):
   def mark_exited(self):
     """Tells the other processes that this one is leaving (atexit)."""
     self._stop_event.set()
+    self.mark("exited")
+
+  def mark(self, what: str):
     try:
-      self.client.key_value_set(f"{_KEY}/exited/{self.index}", "1", allow_overwrite=True)
+      self.client.key_value_set(f"{_KEY}/{what}/{self.index}", "1", allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
       pass
 
@@ -236,8 +247,9 @@ class _Watchdog(threading.Thread):
       try:
         self.client.key_value_increment(f"{_KEY}/beat/{self.index}", 1)
         beats = dict(self.client.key_value_dir_get(f"{_KEY}/beat/"))
-        exited = {int(k.rsplit("/", 1)[1])
-                  for k, _ in self.client.key_value_dir_get(f"{_KEY}/exited/")}
+        exited, finished = ({int(k.rsplit("/", 1)[1])
+                             for k, _ in self.client.key_value_dir_get(f"{_KEY}/{what}/")}
+                            for what in ("exited", "done"))
         failing_since = None
       except Exception as e:  # pylint: disable=broad-except
         if self._stop_event.is_set():
@@ -248,6 +260,8 @@ class _Watchdog(threading.Thread):
                         f"({str(e).splitlines()[0][:200]})")
         continue
       for i, (last, since) in seen.items():
+        if i in finished:
+          continue
         beat = int(beats.get(f"{_KEY}/beat/{i}", -1))
         if beat != last:
           seen[i] = (beat, now)
@@ -273,4 +287,4 @@ class _Watchdog(threading.Thread):
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "ENV_COORDINATOR", "ENV_HEARTBEAT_TIMEOUT",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PROCESS_LOST", "Topology",
-           "add_arguments", "initialize", "preemption_sync_enabled", "topology"]
+           "add_arguments", "done", "initialize", "preemption_sync_enabled", "topology"]

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from lseg_jax import distributed
 from lseg_jax.cli import common
 
 
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
   if args.json and jax.process_index() == 0:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
+  distributed.done()
   return 0
 
 

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from lseg_jax import distributed
 from lseg_jax.cli import common
 
 
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   mean = float(np.mean(times))
+  distributed.done()
   if jax.process_index():
     return 0
   print(json.dumps({

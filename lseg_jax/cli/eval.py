@@ -40,6 +40,7 @@ import time
 
 from etils import epath
 
+from lseg_jax import distributed
 from lseg_jax.cli import common
 
 
@@ -221,6 +222,7 @@ def main(argv=None) -> int:
       print(title)
       print(evaluate.format_table(report))
       print(f"report: {out}")
+  distributed.done()
   return 0
 
 

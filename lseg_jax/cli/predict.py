@@ -42,6 +42,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps
 
+from lseg_jax import distributed
 from lseg_jax.cli import common
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -160,9 +161,8 @@ def main(argv=None) -> int:
   if jax.process_index() != 0:
     # Prediction files come from process 0 alone; the others wait for it.
     multihost_utils.sync_global_devices("predict done")
-    if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("predict done")
-  return 0
+    distributed.done()
+    return 0
 
   model, _, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
   text_emb = embedder(labels)
@@ -199,6 +199,9 @@ def main(argv=None) -> int:
       json.dump(report, f, indent=2)
     summary = ", ".join(f"{n} {100 * a:.1f}%" for n, a in zip(labels, areas))
     print(f"{path}: {summary} -> {paths['overlay']}")
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("predict done")
+  distributed.done()
   return 0
 
 

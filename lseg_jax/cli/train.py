@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lseg_jax import distributed
 from lseg_jax.cli import common
 
 
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
   from lseg_jax import train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, args.workdir)
   import jax  # pylint: disable=g-import-not-at-top
+  distributed.done()
   if jax.process_index():
     return 0
   print(f"finished at step {summary['step']}"
