@@ -40,7 +40,7 @@ class MetricWriter:
       with tf.io.gfile.GFile(self.path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
       with tf.io.gfile.GFile(self.path, "w") as f:
-        f.writelines(kept)
+        f.write("".join(kept))
     self._tb = tf.summary.create_file_writer(workdir)
 
   def write(self, step: int, values: dict[str, float]) -> None:
