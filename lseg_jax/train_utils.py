@@ -39,8 +39,7 @@ class MetricWriter:
       # Steps after the restored checkpoint are trained again: drop their old lines.
       with tf.io.gfile.GFile(self.path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with tf.io.gfile.GFile(self.path, "w") as f:
-        f.write("".join(kept))
+      self._replace("".join(kept))
     self._tb = tf.summary.create_file_writer(workdir)
 
   def write(self, step: int, values: dict[str, float]) -> None:
@@ -61,13 +60,20 @@ class MetricWriter:
     if gfile.exists(self.path):
       with gfile.GFile(self.path) as f:
         text = f.read()
-    with gfile.GFile(self.path, "w") as f:
-      f.write(text + json.dumps(record) + "\n")
+    self._replace(text + json.dumps(record) + "\n")
     with self._tb.as_default(step=int(self._step)):
       for k, v in self._values.items():
         self._tf.summary.scalar(k, float(v))
     self._tb.flush()
     self._step, self._values = None, {}
+
+  def _replace(self, text: str) -> None:
+    """Writes the whole file in one piece (a new file renamed over the old one)."""
+    gfile = self._tf.io.gfile
+    tmp = self.path + ".tmp"
+    with gfile.GFile(tmp, "w") as f:
+      f.write(text)
+    gfile.rename(tmp, self.path, overwrite=True)
 
   def close(self) -> None:
     self.flush()
