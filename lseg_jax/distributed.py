@@ -181,6 +181,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                        _jax_state().coordinator_address if started else None)
   logging.info("JAX topology: %s.", _topology)
   if started and _topology.process_count > 1:
+    # Gloo sets up its context over all devices at the first collective and gives up
+    # when the processes arrive more than 30 s apart (compilation under load): set it
+    # up now, while they are in step.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("lseg_jax start")
     _watchdog = _Watchdog(_topology.process_index, _topology.process_count,
                           heartbeat_timeout)
     _watchdog.start()
