@@ -29,6 +29,9 @@ setup(
     extras_require={
         # PyTorch interop (checkpoint import/export, the self-contained PyTorch LSeg).
         "torch": ["torch", "torchvision", "timm"],
-        "test": ["pytest", "pytest-xdist"],
+        # The browser demo (tools/demo.py).
+        "demo": ["gradio>=6,<7"],
+        # The demo's tests drive it over HTTP (gradio_client) and in Chromium (selenium).
+        "test": ["pytest", "pytest-xdist", "gradio>=6,<7", "gradio_client", "selenium>=4.11"],
     },
 )

@@ -13,20 +13,105 @@ killed mid-save leaves the previous step as the latest complete one. In a
 multi-process job every process takes part in saving and restoring (each writes its
 own shards; process 0 writes the metadata). Paths go through `etils.epath`, Orbax's
 own path layer, so a directory may be remote (gs://...).
+
+Integrity: `save` records a CRC-32 of every array in `meta["integrity"]` and refuses to
+save non-finite parameters; every restore recomputes the checksums and raises
+`DamagedCheckpointError` naming the first array that differs (also for unreadable,
+truncated or empty step folders and garbage metadata). `restore_newest_intact` walks
+back from the newest step to the newest intact one; training resumes from it and moves
+the damaged step folders aside (`STEP.damaged`), which Orbax then ignores. In a
+multi-process job the checksums cover the arrays each process holds whole (replicated
+ones included, so they do not depend on the process count); arrays sharded over
+processes are checked for NaN/Inf over all processes together.
 """
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Callable
+import zlib
+
+from absl import logging
 
 from etils import epath
 from flax import nnx
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lseg_jax.models import lseg
 
 # A training work directory keeps its checkpoints here.
 CHECKPOINT_SUBDIR = "checkpoints"
+INTEGRITY_KEY = "integrity"
+DAMAGED_SUFFIX = ".damaged"
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint step that cannot be read back as it was written."""
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def flat_arrays(tree) -> dict[str, Any]:
+  """{"a/b/0": leaf} of any pytree (nested dicts, optax states)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_name(k) for k in path): x for path, x in leaves}
+
+
+def checksums(tree, *, check_finite: str | None = None) -> dict[str, str]:
+  """{flat name: CRC-32 hex} of every array this process holds completely.
+
+  check_finite: raise FloatingPointError, naming the array and `check_finite` (what is
+  being saved), if a floating-point array holds NaN or Inf.
+  """
+  out = {}
+  for name, x in flat_arrays(tree).items():
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        # Sharded over processes: no checksum, but the finiteness check is global (a
+        # collective every process runs, so every process gives the same answer).
+        if check_finite and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+          bad = int(_count_non_finite(x))
+          if bad:
+            raise FloatingPointError(
+                f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
+        continue
+      x = x.addressable_data(0)  # replicated: every process holds the same copy
+    a = np.ascontiguousarray(jax.device_get(x))
+    if check_finite and jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):
+      bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+      if bad:
+        raise FloatingPointError(
+            f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
+    out[name] = f"{zlib.crc32(a.tobytes()) & 0xffffffff:08x}"
+  return out
+
+
+@jax.jit
+def _count_non_finite(x):
+  return jax.numpy.sum(~jax.numpy.isfinite(x))
+
+
+def verify(restored: dict[str, Any], meta: dict[str, Any], where: str) -> None:
+  """Raises DamagedCheckpointError if a restored item's arrays differ from the checksums
+  recorded at save time (checkpoints written before checksums existed pass)."""
+  integrity = meta.get(INTEGRITY_KEY) if isinstance(meta, dict) else None
+  if not integrity:
+    return
+  for item in ("model", "opt_state"):
+    expected = integrity.get(item)
+    if item not in restored or not expected:
+      continue
+    for name, crc in checksums(restored[item]).items():
+      if name in expected and expected[name] != crc:
+        raise DamagedCheckpointError(
+            f"{where} is damaged: array {item}/{name} differs from the checksum recorded "
+            "when it was saved")
 
 
 def absolute(directory) -> epath.Path:
@@ -66,10 +151,22 @@ def manager(directory: str, *, max_to_keep: int | None = 3,
 
 
 def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: dict[str, Any],
-         opt_state: Any = None, *, force: bool = True) -> bool:
-  """Saves one step. `model_state` is `nnx.state(model)` or its pure dict."""
+         opt_state: Any = None, *, force: bool = True, check_finite: bool = True) -> bool:
+  """Saves one step. `model_state` is `nnx.state(model)` or its pure dict.
+
+  Records the arrays' checksums in the meta; raises FloatingPointError (nothing saved)
+  if any floating-point array is not finite (unless check_finite=False: imports, which
+  warn instead).
+  """
   if isinstance(model_state, nnx.State):
     model_state = model_state.to_pure_dict()
+  where = f"checkpoint step {step}"
+  integrity = {"algorithm": "crc32", "model": checksums(
+      model_state, check_finite=check_finite and f"{where}: the model")}
+  if opt_state is not None:
+    integrity["opt_state"] = checksums(
+        opt_state, check_finite=check_finite and f"{where}: the optimizer state")
+  meta = {**meta, INTEGRITY_KEY: integrity}
   items = dict(model=ocp.args.StandardSave(model_state), meta=ocp.args.JsonSave(meta))
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -77,11 +174,84 @@ def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: dict[st
 
 
 def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
-  """The `meta` JSON of `step` (default: the latest complete step)."""
+  """The `meta` JSON of `step` (default: the newest step whose meta is readable)."""
   directory = resolve_directory(directory)
   mngr = manager(directory, read_only=True)
-  step = _resolve_step(mngr, directory, step)
-  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  if step is not None:
+    return step_meta(mngr, _resolve_step(mngr, directory, step))
+  _resolve_step(mngr, directory, None)
+  return restore_newest_intact(mngr, lambda s: step_meta(mngr, s))[1]
+
+
+def _where(mngr, step) -> str:
+  return f"checkpoint step {step} in {os.fspath(mngr.directory)!r}"
+
+
+def _damaged(mngr, step, e: Exception) -> DamagedCheckpointError:
+  if isinstance(e, DamagedCheckpointError):
+    return e
+  detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+  return DamagedCheckpointError(f"{_where(mngr, step)} cannot be read (empty, partial or "
+                                f"damaged step folder: {detail})")
+
+
+def step_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The `meta` JSON of `step`; DamagedCheckpointError if it cannot be read."""
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(mngr, step, e) from e
+  if not isinstance(meta, dict):
+    raise DamagedCheckpointError(f"{_where(mngr, step)} has unreadable metadata")
+  return meta
+
+
+def restore_newest_intact(mngr: ocp.CheckpointManager, restore_step: Callable[[int], Any],
+                          *, move_damaged: bool = False) -> tuple[int | None, Any]:
+  """(step, restore_step(step)) for the newest step that restores without a
+  DamagedCheckpointError, warning about each damaged one; (None, None) without steps.
+
+  move_damaged: rename damaged step folders to STEP.damaged (Orbax ignores them), so
+  that a resumed run can save those steps again.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  damaged = []
+  for step in steps:
+    try:
+      result = restore_step(step)
+    except DamagedCheckpointError as e:
+      logging.warning("%s; trying the previous step.", e)
+      damaged.append(step)
+      continue
+    if damaged:
+      logging.warning("Using step %d, the newest intact checkpoint in %s (damaged: %s).",
+                      step, os.fspath(mngr.directory), damaged)
+      if move_damaged:
+        _move_aside(mngr, damaged)
+    return step, result
+  if steps:
+    raise DamagedCheckpointError(
+        f"every checkpoint in {os.fspath(mngr.directory)!r} is damaged (steps {steps}); "
+        "move the folder aside to start again, or restore it from a copy")
+  return None, None
+
+
+def _move_aside(mngr, steps) -> None:
+  """Renames damaged step folders (process 0; every process waits, then reloads)."""
+  if jax.process_index() == 0:
+    for step in steps:
+      src = epath.Path(mngr.directory) / str(step)
+      if src.is_dir():
+        dst = src.parent / f"{src.name}{DAMAGED_SUFFIX}"
+        n = 1
+        while dst.exists():
+          dst, n = src.parent / f"{src.name}{DAMAGED_SUFFIX}{n}", n + 1
+        src.rename(dst)
+        logging.warning("Moved the damaged step folder %s to %s.", src, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("lseg_jax checkpoint moved aside")
+  mngr.reload()
 
 
 def _resolve_step(mngr, directory, step):
@@ -99,14 +269,20 @@ def _resolve_step(mngr, directory, step):
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_model_state: Any,
             abstract_opt_state: Any = None) -> dict[str, Any]:
   """Restores `model` (and `opt_state` if an abstract one is given) into the shardings
-  of the abstract (`jax.ShapeDtypeStruct`) trees, plus `meta`."""
+  of the abstract (`jax.ShapeDtypeStruct`) trees, plus `meta`; verifies the checksums
+  (DamagedCheckpointError naming the array)."""
   if isinstance(abstract_model_state, nnx.State):
     abstract_model_state = abstract_model_state.to_pure_dict()
   items = dict(model=ocp.args.StandardRestore(abstract_model_state),
                meta=ocp.args.JsonRestore())
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-  return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
+  try:
+    restored = dict(mngr.restore(step, args=ocp.args.Composite(**items)))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(mngr, step, e) from e
+  verify(restored, restored["meta"], _where(mngr, step))
+  return restored
 
 
 def abstract_model(model_config: lseg.LSegConfig) -> nnx.Module:
@@ -119,15 +295,23 @@ def load_model(directory: str, step: int | None = None,
   """Builds the LSeg model stored in `directory` and loads its weights.
 
   `config_overrides` change compute-only fields (e.g. dtype="bfloat16",
-  attention="cudnn"). `directory` may also be a training work directory.
+  attention="cudnn"). `directory` may also be a training work directory. Without
+  `step`, the newest intact step (a damaged newer one is skipped with a warning).
   Returns (model in eval mode, meta).
   """
   directory = resolve_directory(directory)
   mngr = manager(directory, read_only=True)
-  step = _resolve_step(mngr, directory, step)
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  if step is not None:
+    _resolve_step(mngr, directory, step)
+    return _load_step(mngr, step, config_overrides)
+  _resolve_step(mngr, directory, None)
+  return restore_newest_intact(mngr, lambda s: _load_step(mngr, s, config_overrides))[1]
+
+
+def _load_step(mngr, step, config_overrides):
+  meta = step_meta(mngr, step)
   if "model_config" not in meta:
-    raise ValueError(f"checkpoint {directory!r} step {step} has no model_config in its meta")
+    raise DamagedCheckpointError(f"{_where(mngr, step)} has no model_config in its meta")
   cfg = lseg.LSegConfig.from_dict({**meta["model_config"], **config_overrides})
   model = abstract_model(cfg)
   graphdef, state = nnx.split(model)
@@ -136,7 +320,12 @@ def load_model(directory: str, step: int | None = None,
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
       pure)
-  restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+  try:
+    restored = dict(mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(target))))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(mngr, step, e) from e
+  verify(restored, meta, _where(mngr, step))
   nnx.replace_by_pure_dict(state, restored["model"])
   model = nnx.merge(graphdef, state)
   model.eval()
@@ -144,10 +333,10 @@ def load_model(directory: str, step: int | None = None,
 
 
 def save_model(directory: str, model: lseg.LSeg, *, step: int = 0,
-               extra_meta: dict[str, Any] | None = None) -> None:
+               extra_meta: dict[str, Any] | None = None, check_finite: bool = True) -> None:
   """Writes `model` as a one-step checkpoint directory that `load_model` reads."""
   mngr = manager(directory, max_to_keep=None, async_save=False)
   meta = {"model_config": model.cfg.to_dict(), **(extra_meta or {})}
-  save(mngr, step, nnx.state(model), meta)
+  save(mngr, step, nnx.state(model), meta, check_finite=check_finite)
   mngr.wait_until_finished()
   mngr.close()

@@ -17,7 +17,7 @@ evaluator and the tools then read `config.key` directly. Fields:
   mesh      {"data": -1, "fsdp": 1}: device mesh sizes (-1: the remaining devices);
   sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see
             `lseg_jax.sharding`;
-  init      checkpoint / timm_vit / clip paths, see `lseg_jax.init`;
+  init      checkpoint / timm_vit / torchvision_resnet / clip paths, see `lseg_jax.init`;
   text      tokenizer (a CLIP tokenizer folder, a Hugging Face name, or "byte-level")
             and template (None: bare label names, as LSeg);
   evals     {name: evaluation} run during training and by `tools/eval.py`; each
@@ -83,6 +83,7 @@ def defaults() -> ml_collections.ConfigDict:
       rules=sharding.DEFAULT_RULES, min_size=sharding.DEFAULT_MIN_SIZE))
   c.init = ml_collections.ConfigDict(dict(
       checkpoint=config_dict.placeholder(str), timm_vit=config_dict.placeholder(str),
+      torchvision_resnet=config_dict.placeholder(str),
       clip=config_dict.placeholder(str)))
   c.text = ml_collections.ConfigDict(dict(
       tokenizer=CLIP_TOKENIZER, template=config_dict.placeholder(str)))
@@ -214,16 +215,129 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[tuple[str,
   return config
 
 
+# Allowed values of the fields a user sets: (check, what is expected). A None value is
+# allowed only where the default is None (the field is optional).
+def _int(lo=None):
+  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo),
+          "an integer" + (f" >= {lo}" if lo is not None else ""))
+
+
+def _float(lo=None, hi=None, lo_open=False, hi_open=False):
+  def ok(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (
+        float("inf"), float("-inf")):
+      return False
+    return ((lo is None or (v > lo if lo_open else v >= lo))
+            and (hi is None or (v < hi if hi_open else v <= hi)))
+  lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+  hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+  return ok, "a finite number" + (" " if lo_s or hi_s else "") + " and ".join(
+      x for x in (lo_s, hi_s) if x)
+
+
+def _bool():
+  return (lambda v: isinstance(v, bool)), "True or False"
+
+
+def _one_of(*choices):
+  return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _range_pair():
+  ok = _float(0, lo_open=True)[0]
+  return (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and ok(v[0]) and ok(v[1])
+          and v[0] <= v[1]), "a pair (low, high) with 0 < low <= high"
+
+
+_OPTIONAL = ("eval_batch_size", "stop_at_step", "eval_num_batches", "keep_checkpoints",
+             "optim.lr_scale_batch", "optim.grad_clip_norm", "data.fold",
+             "model.features", "model.text_vocab_size")
+CHECKS = {
+    "seed": _int(0),
+    "batch_size": _int(1),
+    "eval_batch_size": _int(1),
+    "total_steps": _int(1),
+    "log_every_steps": _int(0),
+    "eval_every_steps": _int(0),
+    "checkpoint_every_steps": _int(0),
+    # 0 would delete every checkpoint, the trained model included; None keeps all.
+    "keep_checkpoints": _int(1),
+    "stop_at_step": _int(1),
+    "eval_num_batches": _int(1),
+    "eval_at_end": _bool(),
+    "progress_bar": _bool(),
+    "prefetch_to_device": _int(1),
+    "optim.base_lr": _float(0, lo_open=True),
+    "optim.lr_scale_batch": _float(0, lo_open=True),
+    "optim.momentum": _float(0, 1, hi_open=True),
+    "optim.nesterov": _bool(),
+    "optim.weight_decay": _float(0),
+    "optim.power": _float(0),
+    "optim.end_lr": _float(0),
+    "optim.warmup_steps": _int(0),
+    "optim.grad_clip_norm": _float(0, lo_open=True),
+    "optim.accum_steps": _int(1),
+    "data.crop_size": _int(1),
+    "data.base_size": _int(1),
+    "data.scale_range": _range_pair(),
+    "data.flip": _bool(),
+    "data.shuffle_buffer": _int(1),
+    "data.prefetch": _int(-1),
+    "data.fold": _int(0),
+    "data.on_bad_example": _one_of("error", "skip"),
+    "model.features": _int(1),
+    "model.block_depth": _int(0),
+    "model.activation": _one_of("relu", "lrelu", "tanh"),
+    "model.readout": _one_of("ignore", "add", "project"),
+    "model.attention": _one_of("xla", "cudnn"),
+    "model.arch_option": _one_of(0, 1, 2),
+    "model.dtype": _one_of("float32", "bfloat16"),
+    "model.text_vocab_size": _int(1),
+}
+
+
+def _get(config, key):
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      return KeyError
+    node = node[part]
+  return node
+
+
+def _check(name: str, value, check, expected: str) -> None:
+  if not check(value):
+    raise ValueError(f"config.{name}={value!r}; expected {expected} "
+                     f"(set it with --config.{name}=VALUE or in the config file)")
+
+
 def check_config(config) -> None:
+  """Raises ValueError naming the first field whose value is outside its allowed range.
+
+  Runs before any work starts (the tools call it on the completed config)."""
   missing = [k for k in REQUIRED_FIELDS if k not in config]
   if missing:
     raise ValueError(f"config lacks required fields {missing}")
-  for k in REQUIRED_FIELDS[1:]:
-    value = config[k]
-    if k in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps") and not value:
+  for name, (check, expected) in CHECKS.items():
+    value = _get(config, name)
+    if value is KeyError or (value is None and name in _OPTIONAL):
       continue
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{k}={value!r}; expected a positive integer")
+    _check(name, value, check, expected)
+  if config.data.num_parallel_calls != -1:
+    _check("data.num_parallel_calls", config.data.num_parallel_calls, _int(1)[0],
+           "-1 (automatic) or an integer >= 1")
+  if config.stop_at_step is not None and config.stop_at_step > config.total_steps:
+    raise ValueError(f"config.stop_at_step={config.stop_at_step} is after "
+                     f"config.total_steps={config.total_steps}; expected at most total_steps")
+  if config.optim.warmup_steps >= config.total_steps and config.optim.warmup_steps:
+    raise ValueError(f"config.optim.warmup_steps={config.optim.warmup_steps}; expected fewer "
+                     f"than config.total_steps={config.total_steps}")
+  for name, ev in dict(config.evals).items():
+    ev = dict(_as_dict(ev))
+    for field, (check, expected) in (("every_steps", _int(0)), ("batch_size", _int(1)),
+                                     ("num_batches", _int(1)), ("at_end", _bool())):
+      if ev.get(field) is not None:
+        _check(f"evals.{name}.{field}", ev[field], check, expected)
 
 
 def to_json_dict(config) -> dict[str, Any]:
@@ -231,6 +345,6 @@ def to_json_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-__all__ = ["BYTE_LEVEL_TOKENIZER", "CLIP_TOKENIZER", "EVAL_FIELDS", "REQUIRED_FIELDS",
+__all__ = ["BYTE_LEVEL_TOKENIZER", "CHECKS", "CLIP_TOKENIZER", "EVAL_FIELDS", "REQUIRED_FIELDS",
            "check_config", "complete", "defaults", "evals", "override", "parse_value",
            "to_json_dict"]

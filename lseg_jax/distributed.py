@@ -43,7 +43,10 @@ ENV_K8S_INDEX = "JOB_COMPLETION_INDEX"
 
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0  # seconds without a beat before a process counts as lost
 DEFAULT_INIT_TIMEOUT = 300  # seconds to wait for every process to connect
-EXIT_PROCESS_LOST = 75  # exit code of a process stopped because another was lost
+# Exit code of a process stopped because another was lost. Like a preempted run's 75
+# (lseg_jax.cli.train.EXIT_PREEMPTED) it means "rerun the same command to resume", but
+# from the last complete checkpoint rather than one saved at the stop.
+EXIT_PROCESS_LOST = 76
 _KEY = "lseg_jax/watchdog"
 
 
@@ -68,6 +71,11 @@ def _jax_state():
   # public accessor; jax.experimental.multihost_utils reads the same object.
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   return jax_distributed.global_state
+
+
+def _backend_started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
 
 
 _topology: Topology | None = None
@@ -113,8 +121,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     RuntimeError: the coordinator could not be reached within `init_timeout` seconds.
   """
   global _topology, _watchdog
-  if _topology is not None:
-    return _topology
   import jax  # pylint: disable=g-import-not-at-top
 
   coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
@@ -146,6 +152,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     raise ValueError(f"a multi-process run needs --coordinator, --num-processes and "
                      f"--process-id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
                      f"{ENV_PROCESS_ID}); missing {missing}")
+
+  if _topology is not None:
+    return _topology
+  if not single and all(v is None for v in explicit) and _backend_started():
+    # JAX already ran here (a library caller, a test): too late to detect a cluster,
+    # and nothing asked for one.
+    single = True
 
   started = False
   if not single:
@@ -202,6 +215,14 @@ def done() -> None:
   teardown on either side) is then no sign of a lost process. Tools call it last."""
   if _watchdog is not None:
     _watchdog.mark("done")
+
+
+def leaving() -> None:
+  """Tells the other processes that this one is exiting (what atexit does, for a
+  process that ends with os._exit): they report it as lost by name, without waiting
+  for its heartbeat to stop."""
+  if _watchdog is not None:
+    _watchdog.mark_exited()
 
 
 def preemption_sync_enabled() -> bool:
@@ -292,4 +313,4 @@ class _Watchdog(threading.Thread):
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "ENV_COORDINATOR", "ENV_HEARTBEAT_TIMEOUT",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PROCESS_LOST", "Topology",
-           "add_arguments", "done", "initialize", "preemption_sync_enabled", "topology"]
+           "add_arguments", "done", "initialize", "leaving", "preemption_sync_enabled", "topology"]

@@ -4,7 +4,11 @@
   checkpoint  an Orbax directory (`tools/convert.py import`, or an earlier training
               run): every parameter and BatchNorm statistic of the model;
   timm_vit    a timm ViT state dict (`.safetensors`, `.pth`, ...; lang-seg checkpoints
-              work too): `pretrained/model/*`;
+              work too): `pretrained/model/*` of the ViT backbones;
+  torchvision_resnet
+              a torchvision ResNet state dict (ImageNet weights as torchvision downloads
+              them, e.g. `resnet101-63fe2227.pth`; `fc.*` is skipped):
+              `pretrained/model/*` of the ResNet backbones (`clip_resnet101`);
   clip        CLIP text weights for `clip_pretrained/*`: an OpenAI file (`ViT-B-32.pt`,
               a state dict, or a lang-seg checkpoint), or a Hugging Face folder
               (`config.json` + `model.safetensors`).
@@ -21,10 +25,11 @@ import numpy as np
 from lseg_jax import checkpoint
 from lseg_jax import langseg_layout as layout
 from lseg_jax import names
-from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit
+from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit, torchvision_resnet
 from lseg_jax.models import lseg
 
-INIT_FIELDS = ("checkpoint", "timm_vit", "clip")
+INIT_FIELDS = ("checkpoint", "timm_vit", "torchvision_resnet", "clip")
+_IMAGE_ENCODER = {"timm_vit": "vit", "torchvision_resnet": "resnet"}
 
 
 def _prefixed(prefix: str, state: nnx.State) -> dict[str, np.ndarray]:
@@ -53,6 +58,14 @@ def _from_timm_vit(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
   return _prefixed("pretrained/model/", mapping.torch_to_nnx(state_dict, table, vit))
 
 
+def _from_torchvision_resnet(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
+  state_dict = layout.load_state_dict_file(path)
+  prefix = torchvision_resnet.find_prefix(state_dict)
+  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  return _prefixed("pretrained/model/", mapping.torch_to_nnx(
+      state_dict, torchvision_resnet.table(prefix), abstract.pretrained.model))
+
+
 def _is_hf_clip(path: str) -> bool:
   folder = path if os.path.isdir(path) else os.path.dirname(path)
   return os.path.isfile(os.path.join(folder, "config.json")) and (
@@ -76,7 +89,8 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
   """{flat name: host array} of every weight `init_cfg` provides (empty: none).
 
   Args:
-    init_cfg: mapping with optional fields `checkpoint`, `timm_vit`, `clip`.
+    init_cfg: mapping with optional fields `checkpoint`, `timm_vit`,
+      `torchvision_resnet`, `clip`.
     abstract: the model to fill, e.g. `nnx.eval_shape(lambda: LSeg(cfg, rngs=...))`.
   """
   init_cfg = dict(init_cfg or {})
@@ -91,10 +105,18 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.exists(path):
       raise FileNotFoundError(f"config.init.{field}={path!r} does not exist")
+    encoder = _IMAGE_ENCODER.get(field)
+    if encoder is not None and abstract.cfg.image_encoder != encoder:
+      raise ValueError(
+          f"config.init.{field}={path!r} gives {encoder} weights, but backbone "
+          f"{abstract.cfg.backbone!r} has a {abstract.cfg.image_encoder} image encoder; use "
+          f"config.init.{'timm_vit' if encoder == 'resnet' else 'torchvision_resnet'}")
     if field == "checkpoint":
       weights.update(_from_checkpoint(path, abstract.cfg))
     elif field == "timm_vit":
       weights.update(_from_timm_vit(path, abstract))
+    elif field == "torchvision_resnet":
+      weights.update(_from_torchvision_resnet(path, abstract))
     else:
       weights.update(_from_clip(path, abstract))
   return weights

@@ -9,16 +9,21 @@ converter (`lseg_jax.convert.langseg`, JAX) and the PyTorch LSeg
                   `read_checkpoint` / `split_checkpoint` (an LSegNet checkpoint and
                   its metadata);
   key layout      the prefixes below; official Lightning `.ckpt` files put every key
-                  of the `LSegNet` under `net.`; `check_layout`;
+                  of the `LSegNet` under `net.`; `check_layout`; the zero-shot
+                  ResNet model (`LSegRNNetZS`, `is_resnet`) has the same
+                  `clip_pretrained.*` and `scratch.*` and, instead of the ViT
+                  (`pretrained.model.*`) and its reassemble stages, lang-seg's
+                  regrouped torchvision ResNet (`RESNET_LAYOUT`) under `pretrained.`;
   settings        `infer_settings`: the hyper-parameters, by precedence, from the
                   caller, the checkpoint's metadata and the shapes.
 
 Settings use the names of the `lseg_config` metadata our exporter writes
 (`TorchLSegConfig` fields): backbone, features, readout, arch_option, block_depth,
 activation, vocab_size, context_length. Shapes tell the backbone (ViT width, patch
-and depth, CLIP text width and output), the decoder width, the text vocabulary and
-context, and whether a spatial-regularisation head exists, but not which one
-(bottleneck and depthwise blocks hold the same conv), how deep, or its activation.
+and depth, or ResNet blocks per stage; CLIP text width and output), the decoder
+width, the text vocabulary and context, and whether a spatial-regularisation head
+exists, but not which one (bottleneck and depthwise blocks hold the same conv), how
+deep, or its activation.
 """
 from __future__ import annotations
 
@@ -26,13 +31,20 @@ import os
 import pickle
 import warnings
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 LIGHTNING_PREFIX = "net."
 CLIP_PREFIX = "clip_pretrained."
 VIT_PREFIX = "pretrained.model."
+RESNET_PREFIX = "pretrained."
+# lang-seg's `_make_resnet_backbone` regroups a torchvision ResNet: `layer1` is
+# nn.Sequential(conv1, bn1, relu, maxpool, layer1), `layer2..4` are torchvision's.
+# Torch names (under RESNET_PREFIX) of the stem conv, the stem BatchNorm and the four
+# stages of Bottleneck blocks; no classifier `fc`.
+RESNET_LAYOUT = ("layer1.0", "layer1.1", ("layer1.4", "layer2", "layer3", "layer4"))
+RESNET_STEM = f"{RESNET_PREFIX}{RESNET_LAYOUT[0]}.weight"  # identifies an LSegRNNetZS
 # CLIP's image side, which `clip.load` puts under `clip_pretrained` but LSeg never runs.
 CLIP_IMAGE_PREFIXES = (CLIP_PREFIX + "visual.", CLIP_PREFIX + "logit_scale")
 HEAD_BLOCK_WEIGHT = "scratch.head_block.depthwise.depthwise.weight"
@@ -45,8 +57,12 @@ HPARAMS = {"backbone": "backbone", "num_features": "features", "readout": "reado
            "arch_option": "arch_option", "block_depth": "block_depth",
            "activation": "activation"}
 ACTIVATIONS = ("relu", "lrelu", "tanh")
-# What identifies a backbone in the weights (see `backbone_shapes`).
-BACKBONE_SHAPES = ("vit_width", "patch", "depth", "text_width", "text_dim")
+# What identifies a backbone in the weights (see `backbone_shapes`): the image
+# encoder's shapes (a ViT's or a ResNet's) and the CLIP text tower's.
+VIT_SHAPES = ("vit_width", "patch", "depth")
+RESNET_SHAPES = ("resnet_blocks",)
+TEXT_SHAPES = ("text_width", "text_dim")
+BACKBONE_SHAPES = VIT_SHAPES + RESNET_SHAPES + TEXT_SHAPES
 
 
 # ---------------------------------------------------------------------------
@@ -167,7 +183,8 @@ def split_checkpoint(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Any
   arrays = {k: v for k, v in state_dict.items() if hasattr(v, "shape")}
   if not arrays:
     raise ValueError(f"{where}: holds no arrays; expected an LSegNet state dict "
-                     f"(keys like '{VIT_PREFIX}cls_token'), got keys {sorted(state_dict)[:10]}")
+                     f"(keys like '{VIT_PREFIX}cls_token' or '{RESNET_STEM}'), got keys "
+                     f"{sorted(state_dict)[:10]}")
   return arrays, meta
 
 
@@ -195,14 +212,26 @@ def read_checkpoint(path, *, weights_only: bool = True
 # ---------------------------------------------------------------------------
 # Key layout and settings.
 # ---------------------------------------------------------------------------
+def is_resnet(state_dict: Mapping[str, Any]) -> bool:
+  """Whether an LSegNet-like state dict has lang-seg's ResNet encoder (`LSegRNNetZS`)."""
+  return RESNET_STEM in state_dict
+
+
 def check_layout(state_dict: Mapping[str, Any], where: str = "checkpoint",
                  what: str = "LSegNet") -> None:
   """Raises a ValueError unless `state_dict` has keys under both `pretrained.model.`
-  and `scratch.`; `what` names the model in the message."""
-  groups = {p: any(k.startswith(p) for k in state_dict) for p in (VIT_PREFIX, "scratch.")}
+  and `scratch.` (`LSegNet`), or `RESNET_STEM`, keys under `pretrained.layer1.` and
+  `scratch.` (`LSegRNNetZS`); `what` names the model in the message."""
+  image_prefix = RESNET_PREFIX + "layer1." if is_resnet(state_dict) else VIT_PREFIX
+  groups = {p: any(k.startswith(p) for k in state_dict) for p in (image_prefix, "scratch.")}
   if not all(groups.values()):
-    hint = (" (it looks like a bare timm ViT: load it with convert.timm_vit.load_timm_vit)"
-            if "cls_token" in state_dict and "pos_embed" in state_dict else "")
+    if "cls_token" in state_dict and "pos_embed" in state_dict:
+      hint = " (it looks like a bare timm ViT: load it with convert.timm_vit.load_timm_vit)"
+    elif "conv1.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
+      hint = (" (it looks like a bare torchvision ResNet: load it with "
+              "convert.torchvision_resnet.load_torchvision_resnet)")
+    else:
+      hint = ""
     raise ValueError(
         f"{where} is not an {what} state dict: it has no keys under "
         f"{[p for p, ok in groups.items() if not ok]}{hint}; first keys: "
@@ -225,28 +254,47 @@ def vit_shapes(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int
               grid=int(round((num_tokens - 1) ** 0.5)))
 
 
-def backbone_shapes(state_dict: Mapping[str, Any]) -> dict[str, int]:
-  """The `BACKBONE_SHAPES` of an LSegNet state dict (ViT and CLIP text tower)."""
-  vit = vit_shapes(state_dict, VIT_PREFIX)
+def resnet_blocks(state_dict: Mapping[str, Any], stages: Sequence[str]) -> tuple[int, ...]:
+  """Bottleneck blocks per stage of a ResNet state dict: for each stage prefix
+  (e.g. "pretrained.layer1.4."), how many `<prefix>I.conv1.weight` keys it has."""
+  counts = []
+  for stage in stages:
+    rests = (k[len(stage):].split(".") for k in state_dict if k.startswith(stage))
+    counts.append(len({r[0] for r in rests if r[0].isdigit() and r[1:] == ["conv1", "weight"]}))
+  return tuple(counts)
+
+
+def backbone_shapes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The `BACKBONE_SHAPES` of an LSegNet state dict: `VIT_SHAPES`, or `RESNET_SHAPES`
+  for an `LSegRNNetZS` (`is_resnet`), and `TEXT_SHAPES` (CLIP text tower)."""
+  if is_resnet(state_dict):
+    image = dict(resnet_blocks=resnet_blocks(
+        state_dict, [f"{RESNET_PREFIX}{stage}." for stage in RESNET_LAYOUT[2]]))
+  else:
+    vit = vit_shapes(state_dict, VIT_PREFIX)
+    image = dict(vit_width=vit["width"], patch=vit["patch"], depth=vit["depth"])
   projection = CLIP_PREFIX + "text_projection"
   if projection not in state_dict:
     raise ValueError(f"cannot tell the backbone: the state dict has no {projection!r}; "
                      "pass backbone=...")
   text_width, text_dim = state_dict[projection].shape
-  return dict(vit_width=vit["width"], patch=vit["patch"], depth=vit["depth"],
-              text_width=int(text_width), text_dim=int(text_dim))
+  return dict(image, text_width=int(text_width), text_dim=int(text_dim))
 
 
 def find_backbone(state_dict: Mapping[str, Any],
-                  backbones: Mapping[str, Mapping[str, int]]) -> str:
-  """The one name in `backbones` ({name: `BACKBONE_SHAPES` dict}) the weights fit."""
+                  backbones: Mapping[str, Mapping[str, Any]]) -> str:
+  """The one name in `backbones` ({name: `backbone_shapes`-like dict}) the weights fit."""
   shapes = backbone_shapes(state_dict)
   found = [name for name, known in backbones.items()
-           if all(known[k] == shapes[k] for k in BACKBONE_SHAPES)]
+           if all(known.get(k) == shapes.get(k) for k in BACKBONE_SHAPES)]
   if len(found) != 1:
+    if "resnet_blocks" in shapes:
+      image = f"a ResNet with {shapes['resnet_blocks']} Bottleneck blocks per stage"
+    else:
+      image = (f"a ViT of width {shapes['vit_width']}, patch {shapes['patch']}, depth "
+               f"{shapes['depth']}")
     raise ValueError(
-        f"no known LSeg backbone has a ViT of width {shapes['vit_width']}, patch "
-        f"{shapes['patch']}, depth {shapes['depth']} with a CLIP text tower of width "
+        f"no known LSeg backbone has {image} with a CLIP text tower of width "
         f"{shapes['text_width']} and output {shapes['text_dim']}; known backbones: "
         f"{sorted(backbones)}; pass backbone=...")
   return found[0]
@@ -257,6 +305,8 @@ def _shape_settings(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   settings: dict[str, Any] = {}
   if PROJECT_READOUT in state_dict:
     settings["readout"] = "project"  # 'ignore' and 'add' have no weights
+  elif is_resnet(state_dict):
+    settings["readout"] = "project"  # a ResNet has no readout: the default, unused
   if HEAD_BLOCK_WEIGHT not in state_dict:
     settings["arch_option"] = 0
   for name, key in (("features", "scratch.layer1_rn.weight"),
@@ -278,7 +328,7 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
     backbone     the one of `backbones` whose `BACKBONE_SHAPES` the weights have;
     features, vocab_size, context_length   their weights' shapes;
     readout      "project" if its Linear exists ("ignore" and "add" have no weights:
-                 then it must be given);
+                 then it must be given); "project" (unused) for a ResNet;
     arch_option  0 without head-block keys (every released lang-seg model); with
                  them it must be given (1 bottleneck or 2 depthwise: same weights),
                  and so must block_depth, and the activation when block_depth >= 2.
@@ -320,7 +370,9 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
 
 
 __all__ = ["ACTIVATIONS", "BACKBONE_SHAPES", "CLIP_IMAGE_PREFIXES", "CLIP_PREFIX",
-           "HEAD_BLOCK_WEIGHT", "HPARAMS", "LIGHTNING_PREFIX", "PROJECT_READOUT", "SETTINGS",
-           "VIT_PREFIX", "backbone_shapes", "check_layout", "find_backbone", "infer_settings",
-           "load_state_dict_file", "numpy_state_dict", "read_checkpoint", "split_checkpoint",
+           "HEAD_BLOCK_WEIGHT", "HPARAMS", "LIGHTNING_PREFIX", "PROJECT_READOUT",
+           "RESNET_LAYOUT", "RESNET_PREFIX", "RESNET_SHAPES", "RESNET_STEM", "SETTINGS",
+           "TEXT_SHAPES", "VIT_PREFIX", "VIT_SHAPES", "backbone_shapes", "check_layout",
+           "find_backbone", "infer_settings", "is_resnet", "load_state_dict_file",
+           "numpy_state_dict", "read_checkpoint", "resnet_blocks", "split_checkpoint",
            "torch_load", "vit_shapes"]

@@ -51,6 +51,18 @@ def default_optim_config() -> ml_collections.ConfigDict:
   ))
 
 
+def complete_optim_config(optim_cfg) -> ml_collections.ConfigDict:
+  """`optim_cfg` (a mapping, possibly partial) over `default_optim_config()`."""
+  out = default_optim_config()
+  unknown = sorted(set(dict(optim_cfg)) - set(out))
+  if unknown:
+    raise ValueError(f"config.optim has unknown fields {unknown}; expected some of "
+                     f"{sorted(out)}")
+  for key, value in dict(optim_cfg).items():
+    out[key] = value
+  return out
+
+
 # --------------------------------------------------------------------------
 # Which parameters are trained.
 # --------------------------------------------------------------------------
@@ -79,8 +91,9 @@ def partition(model: nnx.Module, frozen: Sequence[str]):
 # --------------------------------------------------------------------------
 def base_learning_rate(optim_cfg, global_batch_size: int) -> float:
   """The configured base lr, scaled by global_batch / lr_scale_batch (lang-seg)."""
+  optim_cfg = complete_optim_config(optim_cfg)
   lr = float(optim_cfg.base_lr)
-  ref = optim_cfg.get("lr_scale_batch", None)
+  ref = optim_cfg.lr_scale_batch
   if ref:
     lr *= global_batch_size / float(ref)
   return lr
@@ -147,21 +160,22 @@ def make_optimizer(optim_cfg, params, *, total_steps: int, global_batch_size: in
   Returns:
     (transformation, schedule of the base learning rate).
   """
+  optim_cfg = complete_optim_config(optim_cfg)
   schedule = lr_schedule(
       base_learning_rate(optim_cfg, global_batch_size), total_steps,
-      power=float(optim_cfg.power), warmup_steps=int(optim_cfg.get("warmup_steps", 0)),
-      end_lr=float(optim_cfg.get("end_lr", 0.0)))
+      power=float(optim_cfg.power), warmup_steps=int(optim_cfg.warmup_steps),
+      end_lr=float(optim_cfg.end_lr))
   parts = []
-  clip = optim_cfg.get("grad_clip_norm", None)
+  clip = optim_cfg.grad_clip_norm
   if clip:
     parts.append(optax.clip_by_global_norm(float(clip)))
   if optim_cfg.weight_decay:
     parts.append(optax.add_decayed_weights(
-        float(optim_cfg.weight_decay), mask=decay_mask(params, optim_cfg.get("no_decay", ()))))
+        float(optim_cfg.weight_decay), mask=decay_mask(params, optim_cfg.no_decay)))
   parts.append(optax.trace(decay=float(optim_cfg.momentum),
-                           nesterov=bool(optim_cfg.get("nesterov", False))))
+                           nesterov=bool(optim_cfg.nesterov)))
   parts.append(optax.scale_by_learning_rate(schedule))
-  mults = lr_multipliers(params, optim_cfg.get("lr_mults", ()))
+  mults = lr_multipliers(params, optim_cfg.lr_mults)
   if any(m != 1.0 for m in jax.tree.leaves(mults)):
     parts.append(scale_by_tree(mults))
   return optax.chain(*parts), schedule

@@ -7,6 +7,7 @@ caches the result: a training or evaluation step only ever sees `[L, D]` arrays.
 """
 from __future__ import annotations
 
+import collections
 import html
 import os
 import re
@@ -57,10 +58,53 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
         os.path.join(path, f))]
     if missing and not os.path.isfile(os.path.join(path, "tokenizer.json")):
       raise FileNotFoundError(f"tokenizer folder {path!r} lacks {missing}")
-  tokenizer = CLIPTokenizer.from_pretrained(path)
+    tokenizer = CLIPTokenizer.from_pretrained(path)
+  else:
+    tokenizer = _from_hub(CLIPTokenizer, path)
   for token in (START_TOKEN, END_TOKEN):
     if token not in tokenizer.get_vocab():
       raise ValueError(f"tokenizer {path!r} has no {token!r} token; not a CLIP vocabulary")
+  return tokenizer
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+  import socket  # pylint: disable=g-import-not-at-top
+  from urllib.parse import urlparse  # pylint: disable=g-import-not-at-top
+  if any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_VARIABLES):
+    return False
+  host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def _from_hub(cls, name: str):
+  """`cls.from_pretrained(name)` from the local cache, else from the hub if it can be
+  reached within seconds; otherwise a FileNotFoundError naming the fix (no retries)."""
+  # Recent transformers versions return an empty tokenizer (start and end tokens only)
+  # for files they cannot find: a CLIP vocabulary holds at least the 256 bytes.
+  usable = lambda tok: len(tok.get_vocab()) > 256
+  try:
+    tokenizer = cls.from_pretrained(name, local_files_only=True)
+    if usable(tokenizer):
+      return tokenizer
+  except OSError:
+    pass
+  if not _hub_reachable():
+    raise FileNotFoundError(
+        f"tokenizer {name!r} (vocab.json, merges.txt) is not in the local Hugging Face "
+        "cache and the hub cannot be reached (offline); pass --tokenizer FOLDER with "
+        "vocab.json and merges.txt (byte-level for the tiny test models), or fetch "
+        f"{name!r} once while online")
+  tokenizer = cls.from_pretrained(name)
+  if not usable(tokenizer):
+    raise FileNotFoundError(f"tokenizer {name!r} has no vocab.json and merges.txt on the "
+                            "Hugging Face hub; pass --tokenizer FOLDER with them")
   return tokenizer
 
 
@@ -109,7 +153,7 @@ def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LEN
   if context_length < 2:
     raise ValueError(f"context_length {context_length} cannot hold start and end tokens")
   start, end = tokenizer.convert_tokens_to_ids([START_TOKEN, END_TOKEN])
-  encoded = tokenizer([clean_text(s) for s in labels], add_special_tokens=False)["input_ids"]
+  encoded = _encode(labels, tokenizer)
   tokens = np.zeros((len(labels), context_length), np.int32)
   for i, (label, ids) in enumerate(zip(labels, encoded)):
     ids = [start, *ids, end]
@@ -121,18 +165,29 @@ def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LEN
   return tokens
 
 
+def _encode(texts: Sequence[str], tokenizer) -> list[list[int]]:
+  """BPE ids of the cleaned texts, without start and end tokens."""
+  return tokenizer([clean_text(s) for s in texts], add_special_tokens=False)["input_ids"]
+
+
+def token_counts(texts: Sequence[str], tokenizer) -> list[int]:
+  """Tokens each text takes in the context, start and end tokens included (as
+  `tokenize` counts them: a count above the context length is truncated)."""
+  return [len(ids) + 2 for ids in _encode(list(texts), tokenizer)]
+
+
 class LabelEmbedder:
   """Label names -> text embeddings [L, D], computed once per label set.
 
   The embeddings are the tower's raw outputs (not normalised; LSeg normalises
   them). Each new label set costs one jitted tower call; a set seen before is
-  served from the cache (keyed by the tuple of labels), so the tower is not run
-  again. The tower's weights are read at each cache miss: call `clear()` after
-  changing them.
+  served from the cache (keyed by the template and the tuple of labels), so the
+  tower is not run again. The tower's weights are read at each cache miss: call
+  `clear()` after changing them.
   """
 
   def __init__(self, text_model: nnx.Module, tokenizer, template: str | None = None,
-               context_length: int | None = None):
+               context_length: int | None = None, max_cached: int | None = None):
     """
     Args:
       text_model: a module mapping tokens [N, T] int32 -> [N, D], e.g.
@@ -141,33 +196,65 @@ class LabelEmbedder:
       template: optional prompt with one "{}", e.g. "a photo of a {}."; None uses
         the bare names, as LSeg does.
       context_length: defaults to the model's `cfg.context_length`, else 77.
+      max_cached: keep at most this many label sets, dropping the least recently
+        used (a long-running server sees unboundedly many); None keeps all.
     """
-    if template is not None and template.count("{}") != 1:
-      raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+    _check_template(template)
+    if max_cached is not None and max_cached < 1:
+      raise ValueError(f"max_cached={max_cached}; expected >= 1 or None")
     if context_length is None:
       context_length = getattr(getattr(text_model, "cfg", None), "context_length",
                                CONTEXT_LENGTH)
+    self.vocab_size = getattr(getattr(text_model, "cfg", None), "vocab_size", None)
+    if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
+      raise ValueError(
+          f"the tokenizer has {len(tokenizer)} tokens but the text tower's vocabulary has "
+          f"{self.vocab_size}: its ids would index past the embedding table; pass the "
+          "tokenizer the model was trained with (e.g. --tokenizer)")
     self.text_model = text_model
     self.tokenizer = tokenizer
     self.template = template
     self.context_length = context_length
+    self.max_cached = max_cached
     self.num_computed = 0  # tower runs so far (cache misses)
-    self._cache: dict[tuple[str, ...], jax.Array] = {}
+    self._cache: collections.OrderedDict[tuple, jax.Array] = collections.OrderedDict()
     graphdef, _ = nnx.split(text_model)
     self._encode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
 
-  def prompts(self, labels: Sequence[str]) -> list[str]:
-    labels = validate_labels(labels)
-    return labels if self.template is None else [self.template.format(s) for s in labels]
+  def template_for(self, template: str | None) -> str | None:
+    """The template of a call: None -> the embedder's; "" -> bare names."""
+    if template is None:
+      return self.template
+    _check_template(template or None)
+    return template or None
 
-  def __call__(self, labels: Sequence[str]) -> jax.Array:
-    """labels (L names) -> float32 [L, D]."""
-    key = tuple(validate_labels(labels))
-    if key not in self._cache:
-      tokens = tokenize(self.prompts(key), self.tokenizer, self.context_length)
+  def prompts(self, labels: Sequence[str], template: str | None = None) -> list[str]:
+    """The texts the tower reads: labels put into the template (see `__call__`)."""
+    labels = validate_labels(labels)
+    template = self.template_for(template)
+    return labels if template is None else [template.format(s) for s in labels]
+
+  def __call__(self, labels: Sequence[str], template: str | None = None) -> jax.Array:
+    """labels (L names) -> float32 [L, D].
+
+    template: this call's prompt template with one "{}"; None uses the
+      embedder's template, "" the bare names.
+    """
+    labels = tuple(validate_labels(labels))
+    key = (self.template_for(template), labels)
+    if key in self._cache:
+      self._cache.move_to_end(key)
+    else:
+      tokens = tokenize(self.prompts(labels, template), self.tokenizer, self.context_length)
+      if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} of labels {list(labels)[:5]} is outside "
+                         f"the text tower's vocabulary of {self.vocab_size}; pass the "
+                         "tokenizer the model was trained with (e.g. --tokenizer)")
       self._cache[key] = self._encode(nnx.state(self.text_model), jnp.asarray(tokens)).astype(
           jnp.float32)
       self.num_computed += 1
+      if self.max_cached is not None and len(self._cache) > self.max_cached:
+        self._cache.popitem(last=False)
     return self._cache[key]
 
   def clear(self) -> None:
@@ -177,6 +264,11 @@ class LabelEmbedder:
     return len(self._cache)
 
 
+def _check_template(template: str | None) -> None:
+  if template is not None and template.count("{}") != 1:
+    raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+
+
 __all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "CONTEXT_LENGTH",
            "DEFAULT_TOKENIZER", "LabelEmbedder", "byte_level_tokenizer", "clean_text",
-           "load_tokenizer", "tokenize", "validate_labels"]
+           "load_tokenizer", "token_counts", "tokenize", "validate_labels"]

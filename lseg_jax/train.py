@@ -157,6 +157,28 @@ def check_batch_config(config, mesh: jax.sharding.Mesh) -> None:
                      f"accum_steps ({accum}) x devices ({mesh.size}) = {accum * mesh.size}")
 
 
+def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
+  """(train state, meta) of checkpoint `step`, after checking it holds this config's
+  model and optimizer (a ValueError names the config key that differs)."""
+  meta = checkpoint.step_meta(mngr, step)
+  where = f"checkpoint step {step} in {os.fspath(mngr.directory)!r}"
+  fix = "use another --workdir, or train with the checkpoint's value"
+  saved, now = meta.get("model_config") or {}, spec.model_cfg.to_dict()
+  for key in sorted(set(saved) | set(now)):
+    if key not in ("dtype", "attention") and saved.get(key) != now.get(key):
+      raise ValueError(f"{where} holds another model: config.model.{key}="
+                       f"{saved.get(key)!r} there, {now.get(key)!r} now; {fix}")
+  recorded = (meta.get(checkpoint.INTEGRITY_KEY) or {}).get("opt_state")
+  if recorded and set(recorded) != set(checkpoint.flat_arrays(spec.abstract["opt"])):
+    saved_optim = (meta.get("config") or {}).get("optim") or {}
+    differ = [k for k in sorted(saved_optim) if k in config.optim
+              and config_lib.to_json_dict(config)["optim"][k] != saved_optim[k]]
+    raise ValueError(f"{where} holds another optimizer state"
+                     + (f" (config.optim.{differ[0]}={saved_optim[differ[0]]!r} there, "
+                        f"{config.optim[differ[0]]!r} now)" if differ else "") + f"; {fix}")
+  return state_lib.restore(mngr, step, spec), meta
+
+
 # ============================================================================
 # train_and_evaluate
 # ============================================================================
@@ -164,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, checkpoints.
 
   Returns:
-    {"step": last step, "preempted": bool, "train": last logged train metrics,
+    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM or
+     stop_at_step), "terminated": bool (by SIGTERM), "train": last logged train metrics,
      "eval": last eval metrics, "state": the final train state (global arrays),
      "label_names": the train label table, "embed": label names -> [L, D] label
      embeddings from the model's text tower}.
@@ -190,11 +213,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Abstract state and shardings: shapes, dtypes and placement of every array are
   # fixed before any is allocated, so the state is created directly where it lives.
   spec = state_lib.state_spec(config, mesh)
+  if config.data.crop_size % spec.size_multiple:
+    raise ValueError(
+        f"config.data.crop_size={config.data.crop_size} is not a multiple of the model's "
+        f"size multiple {spec.size_multiple}; expected e.g. "
+        f"{max(1, round(config.data.crop_size / spec.size_multiple)) * spec.size_multiple}")
 
   # --- Checkpoints: resume from the latest complete step if there is one.
   ckpt_dir = str(epath.Path(workdir) / CHECKPOINT_SUBDIR)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.keep_checkpoints)
-  resume_step = mngr.latest_step()
+  # A damaged newest step (checksum mismatch, partial or empty folder) is moved aside
+  # and the run resumes from the newest intact one.
+  resume_step, restored = checkpoint.restore_newest_intact(
+      mngr, lambda step: _restore(mngr, step, spec, config), move_damaged=True)
+  state, resumed_meta = restored or (None, {})
   if resume_step is None:
     state = state_lib.init_state(spec, tuple(config.optim.frozen))()
     weights = init_lib.pretrained_weights(config.init, nnx.eval_shape(spec.create))
@@ -204,7 +236,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = state_lib.load_weights(state, spec, weights)
   else:
     logging.info("Resuming from %s step %d.", ckpt_dir, resume_step)
-    state = state_lib.restore(mngr, resume_step, spec)
   start_step = int(metrics_lib.to_host(state["step"]))
 
   # --- Label embeddings: the text tower is frozen, so each label set is embedded once
@@ -239,19 +270,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def save(step):
     meta["step"] = step
     meta["data"]["next_step"] = step  # the data position: batches are a function of step
+    meta["train_meter"] = meter.sums()  # a resumed run logs the same averages
     checkpoint.save(mngr, step, state_lib.model_state_dict(state), meta, state["opt"])
 
   # --- The loop. Step metrics are fetched one step late, so the host prepares and
   # dispatches step s+1 while step s runs.
   writer = train_utils.MetricWriter(workdir, resume_step)
-  meter = train_utils.TrainMeter(config.batch_size)
+  meter = train_utils.TrainMeter(config.batch_size, resumed_meta.get("train_meter"))
   total = config.total_steps
   stop_at = config.stop_at_step or total
   bar = None
   if jax.process_index() == 0 and config.progress_bar:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
-  summary: dict[str, Any] = {"train": {}, "eval": {}, "preempted": False}
+  summary: dict[str, Any] = {"train": {}, "eval": {}, "preempted": False,
+                             "terminated": False}
   pending = []  # [(step, device metrics)] not yet fetched: at most one
 
   def flush():
@@ -302,12 +335,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      or (is_last and ev.at_end)]
         if save_now or due_evals:
           flush()
-        if save_now:
-          save(step)
         if due_evals:
           run_evals(step, due_evals)
+        if save_now:
+          # The step's metrics (train and eval) reach metrics.jsonl before its
+          # checkpoint exists: a run killed before the checkpoint commits redoes the
+          # step and its evaluations, one killed after finds them in the file.
+          writer.flush()
+          save(step)
         if stopping and not is_last:
           summary["preempted"] = True
+          summary["terminated"] = preemption.requested
           logging.warning("Stopped at step %d; rerun the same command to resume.", step)
           break
       flush()

@@ -1,11 +1,14 @@
 """Small pieces of the training loop: when things are due, the metric file, the
 meter and the SIGTERM handler.
 
-The metric file goes through `tf.io.gfile`, so a work directory may be remote
-(gs://...) wherever TensorFlow reaches it."""
+A local metric file is appended to and synced to disk line by line; a remote one
+(gs://..., through `tf.io.gfile`, wherever TensorFlow reaches it) is replaced whole
+(a new file renamed over the old), since object stores have no append. Either way a
+kill leaves whole lines only."""
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import signal
 import threading
@@ -35,10 +38,19 @@ class MetricWriter:
       return
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self._tf = tf
-    if resume_step is not None and tf.io.gfile.exists(self.path):
-      # Steps after the restored checkpoint are trained again: drop their old lines.
+    self._local = "://" not in self.path
+    if tf.io.gfile.exists(self.path):
+      # Steps after the restored checkpoint are trained again: drop their old lines
+      # (and a line cut short by a kill). A fresh run (resume_step None) starts empty.
+      kept = []
       with tf.io.gfile.GFile(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        for line in f:
+          try:
+            record = json.loads(line)
+          except ValueError:
+            continue
+          if isinstance(record, dict) and record.get("step", 1 << 62) <= (resume_step or 0):
+            kept.append(json.dumps(record) + "\n")
       self._replace("".join(kept))
     self._tb = tf.summary.create_file_writer(workdir)
 
@@ -54,13 +66,21 @@ class MetricWriter:
     if not self.enabled or self._step is None:
       return
     record = {"step": int(self._step), **{k: float(v) for k, v in self._values.items()}}
-    # GFile has no append on object stores: the file is rewritten with the new line.
-    gfile = self._tf.io.gfile
-    text = ""
-    if gfile.exists(self.path):
-      with gfile.GFile(self.path) as f:
-        text = f.read()
-    self._replace(text + json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._local:
+      # On disk before the step's checkpoint can exist (crash consistency).
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    else:
+      # GFile has no append on object stores: the file is rewritten with the new line.
+      gfile = self._tf.io.gfile
+      text = ""
+      if gfile.exists(self.path):
+        with gfile.GFile(self.path) as f:
+          text = f.read()
+      self._replace(text + line)
     with self._tb.as_default(step=int(self._step)):
       for k, v in self._values.items():
         self._tf.summary.scalar(k, float(v))
@@ -69,8 +89,15 @@ class MetricWriter:
 
   def _replace(self, text: str) -> None:
     """Writes the whole file in one piece (a new file renamed over the old one)."""
-    gfile = self._tf.io.gfile
     tmp = self.path + ".tmp"
+    if self._local:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+      return
+    gfile = self._tf.io.gfile
     with gfile.GFile(tmp, "w") as f:
       f.write(text)
     gfile.rename(tmp, self.path, overwrite=True)
@@ -84,10 +111,19 @@ class MetricWriter:
 class TrainMeter:
   """Averages fetched step metrics over a logging interval; times the steps."""
 
-  def __init__(self, global_batch: int):
+  def __init__(self, global_batch: int, sums: dict[str, float] | None = None):
+    """sums: `sums()` of the meter at a checkpoint, for a resumed run."""
     self.global_batch = global_batch
     self.reset()
     self._t0 = None
+    if sums:
+      self.loss, self.correct = float(sums["loss"]), int(sums["correct"])
+      self.valid, self.steps = int(sums["valid"]), int(sums["steps"])
+
+  def sums(self) -> dict[str, float]:
+    """The running sums since the last log (saved with a checkpoint)."""
+    return {"loss": self.loss, "correct": self.correct, "valid": self.valid,
+            "steps": self.steps}
 
   def reset(self):
     self.loss, self.correct, self.valid, self.steps = 0.0, 0, 0, 0

@@ -6,6 +6,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+try:
+  # torchvision's models import triton, which crashes the interpreter when it loads
+  # after TensorFlow: load it before any test module imports TensorFlow.
+  import torchvision.models  # noqa: F401,E402  pylint: disable=unused-import
+except ImportError:  # the torch extra is optional
+  pass
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

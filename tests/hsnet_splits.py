@@ -7,6 +7,9 @@ one class per line, coco/{trn,val}/fold{k}.pkl {class id: ["val2014/COCO_....jpg
 import os
 import pickle
 
+import numpy as np
+from PIL import Image
+
 from lseg_jax.data import fewshot
 
 FSS_CLASSES = {"test": [f"fss_test_{i:02d}" for i in range(20)],
@@ -43,3 +46,16 @@ def write(root) -> str:
     with open(os.path.join(splits, "fss", f"{split}.txt"), "w", newline="\r\n") as f:
       f.writelines(n + "\n" for n in names)
   return splits
+
+
+def write_fss_images(root, splits=("test",), shots=(1, 2), size=(24, 28), seed=1) -> None:
+  """Random FSS-1000 images ROOT/FSS-1000/<class>/<n>.jpg and binary masks <n>.png for
+  every class of `splits` (HSNet uses 1.jpg as the support image)."""
+  rng = np.random.default_rng(seed)
+  for split in splits:
+    for category in sorted(FSS_CLASSES[split]):
+      os.makedirs(os.path.join(root, "FSS-1000", category), exist_ok=True)
+      for n in shots:
+        base = os.path.join(root, "FSS-1000", category, str(n))
+        Image.fromarray(rng.integers(0, 256, (*size, 3)).astype(np.uint8)).save(base + ".jpg")
+        Image.fromarray(rng.choice([0, 255], size).astype(np.uint8)).save(base + ".png")

@@ -17,7 +17,8 @@ CASES = [
     ("ade20k", None), ("ade20k", "variant=vitb32"), ("ade20k", "variant=rn50x16,runlocal"),
     ("ade20k", "variant=vitl16,arch_option=1,block_depth=2,activation=tanh"),
     ("fewshot", "dataset=pascal,fold=2"), ("fewshot", "dataset=coco,fold=3,runlocal"),
-    ("fewshot", "dataset=fss"), ("mix7", None), ("mix7", "runlocal"),
+    ("fewshot", "dataset=fss"), ("fewshot", "dataset=fss,backbone=clip_vitl16_384"),
+    ("mix7", None), ("mix7", "runlocal"),
 ]
 
 
@@ -47,6 +48,10 @@ def test_variants_and_ablation_args():
   assert ade.get_config(None).total_steps == 240 * 20210 // 16
   assert _load("fewshot").get_config("dataset=coco,fold=1").data.fold == 1
   assert _load("fewshot").get_config("dataset=fss").data.name == "fss1000"
+  for dataset in ("pascal", "coco", "fss"):  # the paper's zero-shot ResNet-101 rows
+    assert _load("fewshot").get_config(f"dataset={dataset}").model.backbone == "clip_resnet101"
+  assert _load("fewshot").get_config(
+      "dataset=fss,backbone=clip_vitl16_384").model.backbone == "clip_vitl16_384"
   mix = _load("mix7").get_config(None)
   assert len(mix.data.mixture) == 7 and mix.data.name == "mix"
 

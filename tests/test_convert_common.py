@@ -19,8 +19,8 @@ timm_vision_transformer = pytest.importorskip("timm.models.vision_transformer")
 from lseg_jax.torch_lseg import lseg as torch_lseg  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TINY_VOCAB = 100
-TINY = ("tiny_vit16", "tiny_vit32")
-FULL = ("clip_vitl16_384", "clip_vitb32_384", "clipRN50x16_vitl16_384")
+TINY = ("tiny_vit16", "tiny_vit32", "tiny_resnet")
+FULL = ("clip_vitl16_384", "clip_vitb32_384", "clipRN50x16_vitl16_384", "clip_resnet101")
 # (arch_option, block_depth) pairs the parity tests run.
 HEADS = ((0, 0), (1, 1), (1, 2), (2, 1), (2, 2))
 
@@ -49,8 +49,9 @@ def torch_config(backbone, arch_option=0, block_depth=0, activation="lrelu"):
 def _is_scale(name: str) -> bool:
   """LayerNorm / BatchNorm weights: randomised around 1."""
   parts = name.split(".")
-  return parts[-1] == "weight" and any(
+  return parts[-1] == "weight" and (any(
       p.startswith(("norm", "ln_", "bn")) for p in parts[-2:])
+      or name.endswith("downsample.1.weight"))  # torchvision ResNet's projection BN
 
 
 @torch.no_grad()
@@ -60,7 +61,12 @@ def randomize_torch_(module, seed: int = 0):
   gen = torch.Generator().manual_seed(seed)
   for name, p in module.named_parameters():
     noise = torch.randn(p.shape, generator=gen)
-    if _is_scale(name):
+    if name.endswith("bn3.weight"):
+      # The last BatchNorm of a ResNet Bottleneck: small, as trained ResNets have it.
+      # With scales near 1 the residual stream of ResNet-101 in train mode is so badly
+      # conditioned that torch's own float32 result is 6e-4 (relative) from float64.
+      p.copy_(0.1 * (1 + 0.2 * noise))
+    elif _is_scale(name):
       p.copy_(1 + 0.2 * noise)
     elif name.endswith(("cls_token", "pos_embed", "positional_embedding")):
       p.copy_(0.5 * noise)

@@ -52,6 +52,17 @@ def assert_nothing_written(parent, out_dir, inputs):
   assert sorted(os.listdir(parent)) == sorted(inputs)
 
 
+def assert_same_tensors(exported, written):
+  """`exported` (numpy) holds every tensor of `written` (torch) exactly, but CLIP's
+  image tower and logit_scale."""
+  skipped = {k for k in written if k.startswith("clip_pretrained.visual.")
+             or k == "clip_pretrained.logit_scale"}
+  assert set(exported) == set(written) - skipped
+  for key, value in exported.items():
+    expected = written[key].numpy()
+    assert np.array_equal(value, expected.astype(value.dtype)), key
+
+
 def test_import_official_lightning_checkpoint(tmp_path, capsys):
   tmodel = common.make_torch_lseg("tiny_vit16")
   written = lightning_checkpoint(tmodel, tmp_path / "demo_e200.ckpt")
@@ -65,13 +76,7 @@ def test_import_official_lightning_checkpoint(tmp_path, capsys):
   assert meta["source"]["epoch"] == 199 and meta["source"]["global_step"] == 12345
   # Every tensor arrives exactly (the float16 CLIP weights as their float32 values);
   # CLIP's image tower and logit_scale are skipped.
-  exported = langseg.export_langseg(model)
-  skipped = {k for k in written if k.startswith("clip_pretrained.visual.")
-             or k == "clip_pretrained.logit_scale"}
-  assert set(exported) == set(written) - skipped
-  for key, value in exported.items():
-    expected = written[key].numpy()
-    assert np.array_equal(value, expected.astype(value.dtype)), key
+  assert_same_tensors(langseg.export_langseg(model), written)
 
 
 def test_import_head_block_needs_its_settings(tmp_path, capsys):

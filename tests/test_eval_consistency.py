@@ -5,9 +5,7 @@ import importlib
 import json
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from lseg_jax import train
 from lseg_jax.cli import eval as eval_cli
@@ -57,21 +55,11 @@ def test_fixed_labels_periodic_equals_tool(tmp_path):
   assert report["split"] == "train" and report["num_examples"] == 16
 
 
-def _save(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(np.asarray(array, np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def fss_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("fss")
   hsnet_splits.write(root)
-  rng = np.random.default_rng(1)
-  for split, categories in hsnet_splits.FSS_CLASSES.items():
-    for category in categories:
-      for n in (1, 2, 3):
-        _save(f"{root}/FSS-1000/{category}/{n}.jpg", rng.integers(0, 256, (24, 28, 3)))
-        _save(f"{root}/FSS-1000/{category}/{n}.png", rng.choice([0, 255], (24, 28)))
+  hsnet_splits.write_fss_images(root, splits=("trn", "val", "test"), shots=(1, 2, 3))
   return str(root)
 
 

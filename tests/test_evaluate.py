@@ -168,12 +168,8 @@ def _save(path, array):
 def fss_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("fss")
   hsnet_splits.write(root)
-  categories = sorted(hsnet_splits.FSS_CLASSES["test"])
-  rng = np.random.default_rng(1)
-  for category in categories:
-    for n in (1, 2):   # 1.jpg is HSNet's support image: one query per class.
-      _save(f"{root}/FSS-1000/{category}/{n}.jpg", rng.integers(0, 256, (24, 28, 3)))
-      _save(f"{root}/FSS-1000/{category}/{n}.png", rng.choice([0, 255], (24, 28)))
+  # 1.jpg is HSNet's support image: one query per class.
+  hsnet_splits.write_fss_images(root, splits=("test",), shots=(1, 2))
   return str(root)
 
 

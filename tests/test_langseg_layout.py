@@ -67,3 +67,26 @@ def test_settings_the_weights_cannot_tell():
     layout.infer_settings(sd, None, {"other": dict(_TINY, depth=3)})
   with pytest.raises(ValueError, match="not an LSeg state dict"):
     layout.check_layout({"weights": np.zeros(3)}, "m.pt", "LSeg")
+
+
+def test_resnet_layout_is_detected_and_its_depth_counted():
+  """lang-seg's zero-shot `LSegRNNetZS`: the stem at `pretrained.layer1.0`, blocks at
+  `pretrained.layer1.4.I` and `pretrained.layer{2,3,4}.I`; no readout weights."""
+  sd = {k: v for k, v in _state_dict().items() if not k.startswith(layout.VIT_PREFIX)}
+  sd[layout.RESNET_STEM] = np.zeros((64, 3, 7, 7), np.float32)
+  for stage, blocks in zip(layout.RESNET_LAYOUT[2], (1, 2, 1, 1)):
+    for i in range(blocks):
+      sd[f"{layout.RESNET_PREFIX}{stage}.{i}.conv1.weight"] = np.zeros((1,), np.float32)
+      sd[f"{layout.RESNET_PREFIX}{stage}.{i}.bn1.weight"] = np.zeros((1,), np.float32)
+  assert layout.is_resnet(sd) and not layout.is_resnet(_state_dict())
+  layout.check_layout(sd)
+  assert layout.backbone_shapes(sd) == dict(resnet_blocks=(1, 2, 1, 1), text_width=32,
+                                            text_dim=16)
+  resnet = dict(resnet_blocks=(1, 2, 1, 1), text_width=32, text_dim=16)
+  settings = layout.infer_settings(sd, None, {"tiny": _TINY, "rn": resnet})
+  assert settings["backbone"] == "rn" and settings["readout"] == "project"
+  with pytest.raises(ValueError, match=r"\(1, 2, 1, 1\) Bottleneck blocks"):
+    layout.find_backbone(sd, {"tiny": _TINY, "rn": dict(resnet, resnet_blocks=(1, 1, 1, 1))})
+  del sd["scratch.layer1_rn.weight"]
+  with pytest.raises(ValueError, match=r"no keys under \['scratch.'\]"):
+    layout.check_layout(sd)

@@ -241,3 +241,28 @@ def test_label_embedder_template(tiny_vocab):
   np.testing.assert_allclose(embedder(["cat", "dog"]), want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="exactly one"):
     text.LabelEmbedder(tower, tok, template="a photo")
+
+
+def test_label_embedder_per_call_template_and_lru():
+  tok = text.byte_level_tokenizer()
+  tower = clip_text.CLIPTextTransformer(
+      clip_text.decode_variant("tiny", vocab_size=text.BYTE_LEVEL_VOCAB_SIZE), rngs=nnx.Rngs(0))
+  embedder = text.LabelEmbedder(tower, tok, template="a {}.", max_cached=2)
+  bare = embedder(["cat", "dog"], "")
+  np.testing.assert_array_equal(bare, text.LabelEmbedder(tower, tok)(["cat", "dog"]))
+  assert embedder.prompts(["cat"], "") == ["cat"]
+  assert embedder.prompts(["cat"], "the {}") == ["the cat"]
+  assert embedder.prompts(["cat"]) == ["a cat."]
+  templated = embedder(["cat", "dog"])
+  assert not np.allclose(bare, templated)
+  assert embedder.num_computed == 2 and len(embedder) == 2
+  embedder(["cat", "dog"], "")  # hit: now the most recently used
+  embedder(["cat", "dog"], "the {}")  # a third set evicts the least recently used ("a {}.")
+  assert len(embedder) == 2 and embedder.num_computed == 3
+  embedder(["cat", "dog"], "")
+  assert embedder.num_computed == 3
+  embedder(["cat", "dog"])
+  assert embedder.num_computed == 4
+  with pytest.raises(ValueError, match="exactly one"):
+    embedder(["cat"], "no slot")
+  assert text.token_counts(["cat", "a b"], tok) == [5, 4]  # start + one per byte + end

@@ -265,6 +265,44 @@ def test_checkpoint_errors(tmp_path):
 # Full-size key layout (built on the meta device: no memory, no initialisation).
 
 
+def official_batch_norm(layout, name, c):
+  """Adds the keys of an nn.BatchNorm2d(c) called `name` to `layout`."""
+  layout.update({f"{name}.{s}": (c,) for s in ("weight", "bias", "running_mean",
+                                               "running_var")})
+  layout[f"{name}.num_batches_tracked"] = ()
+
+
+def official_clip_text_layout(tw, te, layers):
+  """{key: shape} of `clip_pretrained`: OpenAI CLIP's text tower (width tw, output te)."""
+  clip = {"token_embedding.weight": (49408, tw), "positional_embedding": (77, tw),
+          "ln_final.weight": (tw,), "ln_final.bias": (tw,), "text_projection": (tw, te)}
+  for i in range(layers):
+    p = f"transformer.resblocks.{i}."
+    clip.update({p + "attn.in_proj_weight": (3 * tw, tw), p + "attn.in_proj_bias": (3 * tw,),
+                 p + "attn.out_proj.weight": (tw, tw), p + "attn.out_proj.bias": (tw,),
+                 p + "mlp.c_fc.weight": (4 * tw, tw), p + "mlp.c_fc.bias": (4 * tw,),
+                 p + "mlp.c_proj.weight": (tw, 4 * tw), p + "mlp.c_proj.bias": (tw,)})
+    for ln in ("ln_1", "ln_2"):
+      clip.update({p + ln + ".weight": (tw,), p + ln + ".bias": (tw,)})
+  return {"clip_pretrained." + k: s for k, s in clip.items()}
+
+
+def official_scratch_layout(widths, te, feats=256):
+  """{key: shape} of `scratch` without a head block: layerN_rn from the encoder's
+  `widths`, fusion blocks with BatchNorm, head1 to the text width te."""
+  layout = {}
+  for n, f in enumerate(widths, start=1):
+    layout[f"scratch.layer{n}_rn.weight"] = (feats, f, 3, 3)
+    p = f"scratch.refinenet{n}."
+    layout.update({p + "out_conv.weight": (feats, feats, 1, 1), p + "out_conv.bias": (feats,)})
+    for unit in ("resConfUnit1", "resConfUnit2"):
+      for j in (1, 2):
+        layout[f"{p}{unit}.conv{j}.weight"] = (feats, feats, 3, 3)
+        official_batch_norm(layout, f"{p}{unit}.bn{j}", feats)
+  layout.update({"scratch.head1.weight": (te, feats, 1, 1), "scratch.head1.bias": (te,)})
+  return layout
+
+
 def _official_layout(backbone):
   """{key: shape} of the official LSegNet minus CLIP's image side, written from the
   official construction code (`lseg_vit.py`, `lseg_blocks.py`, `lseg_net.py`)."""
@@ -276,19 +314,8 @@ def _official_layout(backbone):
       "clip_vitb32_384": ("vit_base_patch32_384", 768, (96, 192, 384, 768),
                           ("deconv8", "deconv4", "deconv2", None), (512, 512, 12)),
   }[backbone]
-  layout = {}
   # clip_pretrained: OpenAI CLIP's text tower.
-  clip = {"token_embedding.weight": (49408, tw), "positional_embedding": (77, tw),
-          "ln_final.weight": (tw,), "ln_final.bias": (tw,), "text_projection": (tw, te)}
-  for i in range(layers):
-    p = f"transformer.resblocks.{i}."
-    clip.update({p + "attn.in_proj_weight": (3 * tw, tw), p + "attn.in_proj_bias": (3 * tw,),
-                 p + "attn.out_proj.weight": (tw, tw), p + "attn.out_proj.bias": (tw,),
-                 p + "mlp.c_fc.weight": (4 * tw, tw), p + "mlp.c_fc.bias": (4 * tw,),
-                 p + "mlp.c_proj.weight": (tw, 4 * tw), p + "mlp.c_proj.bias": (tw,)})
-    for ln in ("ln_1", "ln_2"):
-      clip.update({p + ln + ".weight": (tw,), p + ln + ".bias": (tw,)})
-  layout.update({"clip_pretrained." + k: s for k, s in clip.items()})
+  layout = official_clip_text_layout(tw, te, layers)
   # pretrained.model: the timm ViT, as timm builds it.
   with torch.device("meta"):
     vit = timm.create_model(timm_name, pretrained=False)
@@ -303,19 +330,8 @@ def _official_layout(backbone):
       k = 3 if r == "conv3s2" else int(r[len("deconv"):])
       layout.update({p + "4.weight": (f, f, k, k), p + "4.bias": (f,)})
   # scratch: layerN_rn, fusion blocks with BatchNorm, head1, head block.
-  feats = 256
-  for n, f in enumerate(widths, start=1):
-    layout[f"scratch.layer{n}_rn.weight"] = (feats, f, 3, 3)
-    p = f"scratch.refinenet{n}."
-    layout.update({p + "out_conv.weight": (feats, feats, 1, 1), p + "out_conv.bias": (feats,)})
-    for unit in ("resConfUnit1", "resConfUnit2"):
-      for j in (1, 2):
-        layout[f"{p}{unit}.conv{j}.weight"] = (feats, feats, 3, 3)
-        for stat in ("weight", "bias", "running_mean", "running_var"):
-          layout[f"{p}{unit}.bn{j}.{stat}"] = (feats,)
-        layout[f"{p}{unit}.bn{j}.num_batches_tracked"] = ()
-  layout.update({"scratch.head1.weight": (te, feats, 1, 1), "scratch.head1.bias": (te,),
-                 "scratch.head_block.depthwise.depthwise.weight": (1, 1, 3, 3),
+  layout.update(official_scratch_layout(widths, te))
+  layout.update({"scratch.head_block.depthwise.depthwise.weight": (1, 1, 3, 3),
                  "scratch.head_block.depthwise.depthwise.bias": (1,)})
   return layout
 

@@ -171,7 +171,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
         if i == 6:  # the batch of step 7
           batch = dict(batch, image=np.full_like(batch["image"], np.nan))
         yield batch
-    return _Labelled(batches(), it.label_names)
+    return _Labelled(batches(), it.label_names, it.episodic)
   monkeypatch.setattr(input_pipeline, "make_train_iterator", poisoned)
   with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step 7.* step 4"):
     train.train_and_evaluate(make_config(data_dir), str(tmp_path))
@@ -182,11 +182,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 
 
 class _Labelled:
-  """An iterator with the `label_names` of a real DataIterator."""
+  """An iterator with the `label_names` and `episodic` of a real DataIterator."""
 
-  def __init__(self, it, label_names):
+  def __init__(self, it, label_names, episodic):
     self._it = it
     self.label_names = label_names
+    self.episodic = episodic
 
   def __iter__(self):
     return self

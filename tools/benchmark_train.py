@@ -1,7 +1,7 @@
 r"""Times the training step of a config: random weights, generated batches, no data files (see `lseg_jax/cli/benchmark_train.py`)."""
-import sys
 
+from lseg_jax.cli import common
 from lseg_jax.cli import benchmark_train
 
 if __name__ == "__main__":
-  sys.exit(benchmark_train.main())
+  common.entry_point(benchmark_train.main)

@@ -3,9 +3,9 @@ r"""The built-in default, end to end on a CPU: train, evaluate, predict an image
 
   python tools/run_default.py --workdir runs/synthetic_tiny
 """
-import sys
 
+from lseg_jax.cli import common
 from lseg_jax.cli import run_default
 
 if __name__ == "__main__":
-  sys.exit(run_default.main())
+  common.entry_point(run_default.main)

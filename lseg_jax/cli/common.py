@@ -6,6 +6,11 @@ eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
 `--tokenizer`, `--prompt`, `--dtype`). Every tool that runs JAX takes the
 multi-process arguments (`--coordinator`, `--num-processes`, `--process-id`,
 `--heartbeat-timeout`) and calls `start_jax` before its first computation.
+
+Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
+can cause (a bad value, a missing or damaged file) ends in one line "error: ..." and
+exit code 2; `--verbose` or LSEG_DEBUG=1 shows the traceback instead. A failed run
+exits at once, whatever threads are still running.
 """
 from __future__ import annotations
 
@@ -13,9 +18,88 @@ import argparse
 import logging as logging_std
 import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 CONFIG_PREFIX = "--config."
+USER_ERROR_EXIT = 2
+VERBOSE_FLAG = "--verbose"
+DEBUG_ENV = "LSEG_DEBUG"
+
+
+class UserError(Exception):
+  """A problem with the user's input or files; the tools print it without a traceback."""
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
+
+
+def user_error_message(e: BaseException) -> str | None:
+  """The one-line message of an error a user can cause; None for a bug (traceback)."""
+  if isinstance(e, (UserError, ValueError, FloatingPointError, OSError, KeyError)):
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, OSError) and e.filename and e.strerror:
+      message = f"{e.strerror}: {e.filename!r}"
+    return message or type(e).__name__
+  if _is_out_of_memory(e):
+    return ("the device ran out of memory; use a smaller batch size, a smaller crop or "
+            "image size, or --config.model.dtype=bfloat16 (" + str(e).splitlines()[0][:200]
+            + ")")
+  return None
+
+
+def entry_point(main) -> None:
+  """What tools/*.py call: `run(main)`, then exit. A failing run (any non-zero code,
+  a bug's traceback included) exits at once with os._exit: after an error, the
+  threads of a tf.data pipeline can keep the interpreter's teardown waiting forever."""
+  try:
+    code = run(main)
+  except SystemExit as e:
+    code = e.code
+    if isinstance(code, str):
+      print(code, file=sys.stderr)
+      code = USER_ERROR_EXIT
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    code = 1
+  code = int(code or 0)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if code:
+    logging_std.shutdown()
+    if "lseg_jax.distributed" in sys.modules:
+      # The other processes of a multi-process job learn that this one left.
+      sys.modules["lseg_jax.distributed"].leaving()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(0)
+
+
+def run(main, argv: Sequence[str] | None = None) -> int:
+  """Runs a tool's `main(argv)`: user errors print "error: ..." and return 2.
+
+  `--verbose` (anywhere in argv) or LSEG_DEBUG=1 lets the traceback through.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = VERBOSE_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+  argv = [a for a in argv if a != VERBOSE_FLAG]
+  try:
+    return main(argv)
+  except SystemExit as e:
+    if not isinstance(e.code, str):
+      raise
+    print(e.code, file=sys.stderr)  # already "error: ..." (argument checks)
+    return USER_ERROR_EXIT
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    message = None if verbose else user_error_message(e)
+    if message is None:
+      raise
+    print(f"error: {message}\n(rerun with {VERBOSE_FLAG} or {DEBUG_ENV}=1 for the traceback)",
+          file=sys.stderr)
+    return USER_ERROR_EXIT
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -70,9 +154,10 @@ def read_config_file(spec: str):
     raise SystemExit(f"error: --config file {path!r} does not exist; expected "
                      "configs/NAME.py[:ARGS]")
   values = flags.FlagValues()
+  # sys_argv: otherwise the flag reads the process's own --config.KEY overrides; they
+  # are applied by lseg_jax.config (which knows the library's defaults and the fields
+  # that only the completed config has).
   argv = ["config", f"--config={spec}"]
-  # sys_argv: otherwise the flag reads the process's own --config.KEY overrides, and
-  # refuses those of fields that only the completed config has.
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False,
                                   sys_argv=argv)
   try:
@@ -92,7 +177,9 @@ def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
     raw = read_config_file(spec) if spec else base
     if raw is None:
       raise ValueError("no config: give --config FILE[:ARG]")
-    return config_lib.override(config_lib.complete(raw), overrides)
+    config = config_lib.override(config_lib.complete(raw), overrides)
+    config_lib.check_config(config)
+    return config
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 
@@ -116,10 +203,12 @@ def start_jax(args: argparse.Namespace):
     raise SystemExit(f"error: {e}") from None
 
 
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-  """--checkpoint, --step, --tokenizer, --prompt, --dtype (eval and predict)."""
-  parser.add_argument("--checkpoint", required=True,
-                      help="checkpoint directory (Orbax), or a training work directory")
+def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = True,
+                        default: str | None = None) -> None:
+  """--checkpoint, --step, --tokenizer, --prompt, --dtype (eval, predict, demo)."""
+  parser.add_argument("--checkpoint", required=required, default=default, help=(
+      "checkpoint directory (Orbax), or a training work directory"
+      + (f" (default: {default})" if default else "")))
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: the latest)")
   parser.add_argument("--tokenizer", default=None,
@@ -185,5 +274,7 @@ def setup_logging() -> None:
     handler.addFilter(_DropInfoFrom("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/"))
 
 
-__all__ = ["add_checkpoint_args", "add_config_arg", "add_distributed_args", "load_checkpoint",
-           "load_config", "parse", "read_config_file", "setup_logging", "split_overrides", "start_jax"]
+__all__ = ["DEBUG_ENV", "USER_ERROR_EXIT", "UserError", "VERBOSE_FLAG", "add_checkpoint_args",
+           "add_config_arg", "add_distributed_args", "entry_point", "load_checkpoint",
+           "load_config", "parse", "read_config_file", "run", "setup_logging",
+           "split_overrides", "start_jax", "user_error_message"]

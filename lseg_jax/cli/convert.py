@@ -6,7 +6,14 @@ that `lseg_jax.checkpoint.load_model` (and every tool) reads:
 
   python tools/convert.py import demo_e200.ckpt ckpts/lseg_l16 --trust-pickle
 
-Export one of our checkpoint directories to a state dict in the LSegNet layout:
+The zero-shot models import the same way: `LSegNetZS` (ViT, e.g. fss_l16.ckpt) has
+LSegNet's layout, and `LSegRNNetZS` (ResNet-101, e.g. pascal_fold0.ckpt) is recognised
+by its `pretrained.layer1.*` keys:
+
+  python tools/convert.py import pascal_fold0.ckpt ckpts/pascal_fold0 --trust-pickle
+
+Export one of our checkpoint directories to a state dict in the LSegNet layout (the
+LSegRNNetZS layout for the ResNet backbones):
 
   python tools/convert.py export ckpts/lseg_l16 lseg_l16.pt --clip-weights ViT-B-32.pt
 
@@ -30,13 +37,14 @@ import numpy as np
 
 from lseg_jax import checkpoint
 from lseg_jax import langseg_layout
+from lseg_jax.cli import common
 from lseg_jax.convert import clip_openai, langseg, mapping
 from lseg_jax.models import lseg
 
 _TORCH_HINT = 'install the torch extra: pip install -e ".[torch]"'
 
 
-class ConvertError(Exception):
+class ConvertError(common.UserError):
   """A problem with the user's input; printed without a traceback."""
 
 
@@ -97,6 +105,33 @@ def _json_safe(value):
   return None
 
 
+def tensor_warnings(state_dict) -> list[str]:
+  """Warnings for tensors that cannot be right: NaN/Inf values, or integers where the
+  model expects floats (BatchNorm's num_batches_tracked counters aside)."""
+  out = []
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    if key.endswith("num_batches_tracked"):
+      continue
+    if not np.issubdtype(value.dtype, np.floating):
+      out.append(f"tensor {key!r} is {value.dtype}; the model expects floating point "
+                 "values (converted)")
+    elif not np.isfinite(value).all():
+      bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+      out.append(f"tensor {key!r} has {bad} NaN/Inf values; the imported model's "
+                 "predictions will not be finite")
+  return out
+
+
+def default_tokenizer(cfg: lseg.LSegConfig) -> str:
+  """The tokenizer recorded for an imported model: CLIP's BPE, or the byte-level one
+  of the tiny test models' vocabulary."""
+  from lseg_jax import text  # pylint: disable=g-import-not-at-top
+  if cfg.text_vocab_size == text.BYTE_LEVEL_VOCAB_SIZE:
+    return text.BYTE_LEVEL_TOKENIZER
+  return text.DEFAULT_TOKENIZER
+
+
 def run_import(args) -> str:
   src = os.fspath(args.src)
   if not os.path.isfile(src):
@@ -115,12 +150,16 @@ def run_import(args) -> str:
     model = langseg.load_langseg(state_dict, cfg)
   except (ValueError, FileNotFoundError) as e:
     raise ConvertError(f"cannot import {src!r}:\n{e}") from e
+  for warning in tensor_warnings(state_dict):
+    print(f"warning: {src}: {warning}", file=sys.stderr)
   del state_dict
-  extra = {"source": {"file": os.path.basename(src), "format": "lang-seg LSegNet",
+  net = "LSegRNNetZS" if cfg.image_encoder == "resnet" else "LSegNet"
+  extra = {"source": {"file": os.path.basename(src), "format": f"lang-seg {net}",
                       "converted_by": "tools/convert.py import",
-                      **{k: _json_safe(v) for k, v in meta.items()}}}
-  _write_dir_atomically(args.out_dir,
-                        lambda tmp: checkpoint.save_model(tmp, model, extra_meta=extra))
+                      **{k: _json_safe(v) for k, v in meta.items()}},
+           "tokenizer": args.tokenizer or default_tokenizer(cfg)}
+  _write_dir_atomically(args.out_dir, lambda tmp: checkpoint.save_model(
+      tmp, model, extra_meta=extra, check_finite=False))
   return (f"imported {src} -> {args.out_dir} ({cfg.backbone}, arch_option "
           f"{cfg.arch_option}, block_depth {cfg.block_depth}) in "
           f"{time.perf_counter() - start:.1f} s")
@@ -152,6 +191,8 @@ def run_export(args) -> str:
   out = os.path.abspath(args.out)
   if os.path.isdir(out):
     raise ConvertError(f"OUT {args.out!r} is a directory; expected a file name like lseg.pt")
+  if os.path.exists(out) and not args.overwrite:
+    raise ConvertError(f"OUT {args.out!r} exists; pass --overwrite to replace it")
   start = time.perf_counter()
   try:
     model, _ = checkpoint.load_model(args.ckpt_dir, step=args.step)
@@ -181,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
       "import", help="lang-seg checkpoint -> lseg-jax checkpoint directory",
       description=(
           "Reads a lang-seg LSegNet checkpoint (Lightning .ckpt with `net.` keys, a bare "
-          "state dict saved with torch.save, or .safetensors) and writes an Orbax "
+          "state dict saved with torch.save, or .safetensors), or one of the zero-shot "
+          "LSegNetZS (ViT) or LSegRNNetZS (ResNet-101) models, and writes an Orbax "
           "checkpoint directory (weights plus the model config and the source file name). "
           "The backbone, decoder width and readout are inferred from the weights. The "
           "spatial-regularisation head is not: without head-block keys the model is "
@@ -192,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument("src", metavar="SRC", help="checkpoint file (.ckpt, .pt, .pth, .safetensors)")
   imp.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to create")
   imp.add_argument("--backbone", choices=sorted(lseg.BACKBONES),
-                   help="override the backbone inferred from the ViT and text widths")
+                   help="override the backbone inferred from the image encoder (ViT "
+                   "width and patch, ResNet depth) and the text width")
   imp.add_argument("--arch-option", type=int, choices=(0, 1, 2),
                    help="0 none, 1 bottleneck, 2 depthwise head block; required when the "
                    "weights have a head block and the file does not record it")
@@ -205,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load unpickle arbitrary objects (official Lightning "
                    "checkpoints may need it); only for files you trust")
+  imp.add_argument("--tokenizer", default=None, help=(
+      "tokenizer to record for the model (a folder, a hub name or byte-level; default: "
+      "openai/clip-vit-base-patch32, or byte-level for a tiny byte-level vocabulary)"))
   imp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   imp.set_defaults(run=run_import)
 
@@ -212,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
       "export", help="lseg-jax checkpoint directory -> PyTorch state dict (LSegNet layout)",
       description=(
           "Writes {'state_dict': {LSegNet key: float32 tensor}, 'lseg_config': {...}} with "
-          "torch.save. Loaded into the official LSegNet with strict=False, only "
+          "torch.save, in the official LSegNet layout (LSegRNNetZS for clip_resnet101). "
+          "Loaded into the official model with strict=False, only "
           "clip_pretrained.visual.* and clip_pretrained.logit_scale are missing; "
           "--clip-weights fills them from an OpenAI CLIP checkpoint so strict loading works."))
   exp.add_argument("ckpt_dir", metavar="CKPT_DIR", help="checkpoint directory (ours)")
@@ -229,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "then not recorded")
   exp.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load unpickle arbitrary objects in --clip-weights")
+  exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
   exp.set_defaults(run=run_export)
   return parser
 
@@ -244,4 +292,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  common.entry_point(main)

@@ -94,6 +94,16 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--scales {args.scales!r}: expected comma-separated numbers like 0.75,1.0,1.25")
   if args.multiscale and args.scales:
     p.error("--multiscale uses the official scales; give either it or --scales")
+  if args.scales is not None and not all(0 < s <= 16 for s in args.scales):
+    p.error(f"--scales {','.join(map(str, args.scales))}: expected scales in (0, 16]")
+  for flag in ("batch_size", "base_size", "crop_size", "max_batches", "crops_per_device",
+               "step"):
+    value = getattr(args, flag)
+    if value is not None and value < (0 if flag == "step" else 1):
+      p.error(f"--{flag.replace('_', '-')} {value}: expected an integer >= "
+              f"{0 if flag == 'step' else 1}")
+  if args.fold is not None and args.fold < 0:
+    p.error(f"--fold {args.fold}: expected a fold number >= 0")
   return args
 
 
@@ -227,4 +237,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  common.entry_point(main)

@@ -20,10 +20,19 @@ OUT/<image stem>):
                     (`model.embed_pixels`, before the dot product with the
                     label embeddings); H', W' = the model input size below.
 
-Input: RGB, normalised with mean 0.5 / std 0.5. Sides that are multiples of
-the model's size multiple (32) are used as they are; otherwise the image is
-resized (bilinear) to the nearest multiples of 32 and the logits are resized
-back to the original size before the argmax (`lseg_jax.inference.ImagePredictor`).
+Images: any Pillow image; 16-bit, float, grayscale, palette, alpha and CMYK
+images are converted to 8-bit RGB as `lseg_jax.predict.load_image` documents
+(alpha over white). --max-side N first shrinks larger images (aspect kept); the
+outputs then have the reduced size.
+
+Single scale (default): RGB normalised with mean 0.5 / std 0.5. Sides that are
+multiples of the model's size multiple (32) are used as they are; otherwise the
+image is resized (bilinear) to the nearest multiples of 32 and the logits are
+resized back to the original size before the argmax
+(`lseg_jax.inference.ImagePredictor`). --multiscale: the official multi-scale +
+flip protocol (scales 0.5-1.75, sliding windows; `lseg_jax.inference`) at the
+base and crop sizes of the checkpoint's training data, else 520 / 480; no
+--embeddings-out then.
 
 Label embeddings: the checkpoint's frozen CLIP text tower, once per label set,
 with --prompt or else the checkpoint's training template (meta
@@ -40,12 +49,11 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from lseg_jax import distributed
 from lseg_jax.cli import common
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# `lseg_jax.predict` imports JAX: the functions load it after the arguments are checked.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--embeddings-out", default=None,
                  help="OUT.npy (--image) or a folder (--images)")
   p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
+  p.add_argument("--multiscale", action="store_true",
+                 help="the official multi-scale + flip protocol (slower)")
+  p.add_argument("--max-side", type=int, default=None,
+                 help="shrink images whose long side is longer to this many pixels")
   common.add_distributed_args(p)
   return p
 
@@ -73,6 +85,12 @@ def parse_args(argv=None):
   args = common.parse(p, argv)
   if not 0 <= args.alpha <= 1:
     p.error(f"--alpha {args.alpha} must be in [0, 1]")
+  if args.max_side is not None and args.max_side < 32:
+    p.error(f"--max-side {args.max_side} must be at least 32")
+  if args.multiscale and args.embeddings_out:
+    p.error("--embeddings-out comes from the single-scale protocol; drop --multiscale")
+  if args.step is not None and args.step < 0:
+    p.error(f"--step {args.step}: expected a checkpoint step >= 0")
   if args.images and args.out.lower().endswith(".png"):
     p.error(f"--out {args.out!r} names a PNG file but --images needs an output folder")
   for flag, ext in (("logits_out", ".npz"), ("embeddings_out", ".npy")):
@@ -85,42 +103,62 @@ def parse_args(argv=None):
 
 
 def read_labels(args) -> list[str]:
-  if args.labels is not None:
-    labels = [s.strip() for s in args.labels.split(",")]
-  else:
-    with open(args.labels_file, encoding="utf-8") as f:
-      labels = [line.strip() for line in f]
-    labels = [s for s in labels if s]
-  if not labels or any(not s for s in labels):
-    raise SystemExit(f"error: empty label in {args.labels or args.labels_file!r}; expected "
-                     "non-empty names separated by commas (or one per line)")
-  return labels
+  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  if args.labels_file is not None and not os.path.isfile(args.labels_file):
+    raise common.UserError(f"--labels-file {args.labels_file!r} does not exist; expected "
+                           "a text file with one label name per line")
+  try:
+    if args.labels is not None:
+      return predict_lib.parse_labels(args.labels)
+    return predict_lib.read_labels_file(args.labels_file)
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def list_images(args) -> list[str]:
+  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   if args.image:
     if not os.path.isfile(args.image):
       raise SystemExit(f"error: --image {args.image!r} does not exist")
     return [args.image]
   if not os.path.isdir(args.images):
     raise SystemExit(f"error: --images {args.images!r} is not a folder")
-  paths = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  paths = predict_lib.list_images(args.images)
   if not paths:
-    raise SystemExit(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.images!r}")
+    raise SystemExit(f"error: no images ({', '.join(predict_lib.IMAGE_EXTENSIONS)}) in "
+                     f"{args.images!r}")
   return paths
 
 
-def load_image(path: str) -> np.ndarray:
+def load_image(path: str, max_side: int | None = None):
+  """`lseg_jax.predict.InputImage` of a file (every common PIL mode, 16-bit scaled; see
+  `lseg_jax.predict.load_image`); UserError if it cannot be read."""
+  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   try:
-    with Image.open(path) as im:
-      return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-  except OSError as e:
-    raise SystemExit(f"error: cannot read image {path!r}: {e}") from e
+    return predict_lib.prepare_image(path, max_side=max_side)
+  except ValueError as e:
+    raise common.UserError(f"cannot read image: {e}") from None
 
 
-def output_paths(args, image_path: str) -> dict[str, str | None]:
-  stem = os.path.splitext(os.path.basename(image_path))[0]
+def output_stems(paths: list[str]) -> dict[str, str]:
+  """{image path: output stem}: the file's stem, or stem_EXT where two images share a
+  stem (good.jpg and good.png -> good_jpg, good_png), so no output overwrites another."""
+  stems = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
+  counts = {}
+  for stem in stems.values():
+    counts[stem] = counts.get(stem, 0) + 1
+  out = {}
+  for p, stem in stems.items():
+    ext = os.path.splitext(p)[1].lstrip(".").lower()
+    out[p] = f"{stem}_{ext}" if counts[stem] > 1 else stem
+  if len(set(out.values())) != len(out):
+    raise common.UserError(f"images in {os.path.dirname(paths[0])!r} give the same output "
+                           "name; rename them")
+  return out
+
+
+def output_paths(args, image_path: str, stem: str | None = None) -> dict[str, str | None]:
+  stem = stem or os.path.splitext(os.path.basename(image_path))[0]
   if args.image and args.out.lower().endswith(".png"):
     base = args.out[:-4]
   else:
@@ -141,69 +179,80 @@ def _makedirs_for(path):
   os.makedirs(folder, exist_ok=True)
 
 
-def save_label_map(path: str, label_map: np.ndarray, num_labels: int):
-  dtype = np.uint8 if num_labels <= 256 else np.uint16
-  Image.fromarray(label_map.astype(dtype)).save(path)
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   labels = read_labels(args)
   images = list_images(args)
+  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
 
   common.setup_logging()
   common.start_jax(args)
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from jax.experimental import multihost_utils
-  from lseg_jax import inference, visualize
-  # pylint: enable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     # Prediction files come from process 0 alone; the others wait for it.
     multihost_utils.sync_global_devices("predict done")
     distributed.done()
     return 0
 
-  model, _, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
-  text_emb = embedder(labels)
-  predictor = inference.ImagePredictor(model)
+  model, meta, embedder, tokenizer_spec, _ = common.load_checkpoint(args)
+  segmenter = predict_lib.Segmenter(model, embedder, window=predict_lib.default_window(meta))
+  protocol = predict_lib.MULTI_SCALE if args.multiscale else predict_lib.SINGLE_SCALE
 
+  stems = output_stems(images)
+  failed = []
   for path in images:
-    image = load_image(path)
-    out = predictor(image, text_emb, embeddings=args.embeddings_out is not None)
-    paths = output_paths(args, path)
-    for p in paths.values():
-      if p:
-        _makedirs_for(p)
-    label_map = out["label_map"]
-    visualize.overlay_with_legend(image, label_map, labels, alpha=args.alpha).save(
-        paths["overlay"])
-    save_label_map(paths["labels"], label_map, len(labels))
-    areas = visualize.area_fractions(label_map, len(labels))
-    report = {
-        "image": path, "size": list(image.shape[:2]), "model_input_size": list(out["input_size"]),
-        "labels": labels, "prompt": prompt,
-        "area_fraction": {name: float(a) for name, a in zip(labels, areas)},
-        "label_map": os.path.basename(paths["labels"]),
-        "checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_spec,
-    }
-    if paths["logits"]:
-      np.savez(paths["logits"], logits=np.ascontiguousarray(
-          out["logits"].transpose(2, 0, 1), np.float32), labels=np.array(labels))
-      report["logits"] = os.path.basename(paths["logits"])
-    if paths["embeddings"]:
-      np.save(paths["embeddings"], out["embeddings"].astype(np.float16))
-      report["embeddings"] = os.path.basename(paths["embeddings"])
-      report["embeddings_shape"] = list(out["embeddings"].shape)
-    with open(paths["json"], "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    summary = ", ".join(f"{n} {100 * a:.1f}%" for n, a in zip(labels, areas))
-    print(f"{path}: {summary} -> {paths['overlay']}")
+    try:
+      predict_one(args, path, stems[path], labels, segmenter, protocol, tokenizer_spec)
+    except common.UserError as e:
+      if args.image:
+        raise
+      failed.append((path, str(e)))
+      print(f"error: {e}", file=sys.stderr)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("predict done")
   distributed.done()
+  if failed:
+    print(f"error: {len(failed)} of {len(images)} images failed:\n" + "\n".join(
+        f"  {p}: {why}" for p, why in failed), file=sys.stderr)
+    return common.USER_ERROR_EXIT
   return 0
 
 
+def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
+  """Segments one image and writes its outputs (nothing when the prediction fails)."""
+  source = load_image(path, args.max_side)
+  try:
+    result = segmenter(source.image, labels, protocol=protocol,
+                       embeddings=args.embeddings_out is not None)
+  except ValueError as e:
+    raise common.UserError(f"{path!r}: {e}") from None
+  warnings = source.warnings + result.warnings
+  for message in warnings:
+    print(f"warning: {message}", file=sys.stderr)
+  paths = output_paths(args, path, stem)
+  for p in paths.values():
+    if p:
+      _makedirs_for(p)
+  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  result.overlay(alpha=args.alpha).save(paths["overlay"])
+  predict_lib.save_label_map(paths["labels"], result.label_map, len(labels))
+  report = result.report(image=path, label_map=os.path.basename(paths["labels"]),
+                         checkpoint=os.path.abspath(args.checkpoint),
+                         tokenizer=tokenizer_spec, **source.report_fields())
+  report["warnings"] = warnings
+  if paths["logits"]:
+    np.savez(paths["logits"], logits=np.ascontiguousarray(
+        result.logits.transpose(2, 0, 1), np.float32), labels=np.array(labels))
+    report["logits"] = os.path.basename(paths["logits"])
+  if paths["embeddings"]:
+    np.save(paths["embeddings"], result.embeddings.astype(np.float16))
+    report["embeddings"] = os.path.basename(paths["embeddings"])
+    report["embeddings_shape"] = list(result.embeddings.shape)
+  with open(paths["json"], "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  print(f"{path}: {result.summary()} -> {paths['overlay']}")
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  common.entry_point(main)

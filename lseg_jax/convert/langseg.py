@@ -20,10 +20,18 @@ with `net.`):
   scratch.head_block.depthwise.depthwise.{weight [1,1,3,3], bias [1]}
                                     <-> SpatialRegularization kernel [3,3], bias []
 
-Reading checkpoint files, the key prefixes and what the shapes tell about the model
-are `lseg_jax.langseg_layout`'s, shared with the PyTorch LSeg; shapes do not tell
-which spatial-regularisation head a checkpoint has, how deep, or its activation:
-those come from its metadata or from the caller (`infer_config`).
+The zero-shot ResNet model (`LSegRNNetZS`, backbone `clip_resnet101`) has the same
+`clip_pretrained.*` and `scratch.*`, and instead of the ViT and its reassemble stages
+  pretrained.layer1.{0,1}.*         torchvision ResNet's conv1, bn1
+  pretrained.layer1.4.I.*, pretrained.layer{2,3,4}.I.*
+                                    its Bottleneck blocks (`convert.torchvision_resnet`,
+                                    "langseg" layout) -> pretrained/model/*
+The zero-shot ViT model (`LSegNetZS`) has exactly `LSegNet`'s layout (arch_option 0).
+
+Reading checkpoint files, the key prefixes (the ResNet's included) and what the shapes
+tell about the model are `lseg_jax.langseg_layout`'s, shared with the PyTorch LSeg;
+shapes do not tell which spatial-regularisation head a checkpoint has, how deep, or
+its activation: those come from its metadata or from the caller (`infer_config`).
 """
 from __future__ import annotations
 
@@ -36,15 +44,14 @@ from flax import nnx
 import numpy as np
 
 from lseg_jax import langseg_layout as layout
-from lseg_jax.convert import clip_openai, mapping, timm_vit
-from lseg_jax.convert.mapping import CONV, Hook, MappingTable, Rule
-from lseg_jax.langseg_layout import CLIP_PREFIX, VIT_PREFIX, check_layout, read_checkpoint
-from lseg_jax.models import clip_text, dpt, lseg, vit
+from lseg_jax.convert import clip_openai, mapping, timm_vit, torchvision_resnet
+from lseg_jax.convert.mapping import CONV, MappingTable, Rule
+from lseg_jax.langseg_layout import (CLIP_PREFIX, RESNET_PREFIX, VIT_PREFIX, check_layout,
+                                     read_checkpoint)
+from lseg_jax.models import clip_text, dpt, lseg, resnet, vit
 
 # nn.ConvTranspose2d weight [Cin, Cout, k, k] <-> ConvTransposeKxK kernel [k, k, Cin, Cout].
 DECONV = mapping.permute((2, 3, 0, 1), "deconv_iokk_kkio")
-# torch counts BatchNorm batches in int64; our BatchStat is int32.
-INT64 = Hook("int64", lambda xs: xs[0], lambda x: (np.asarray(x, np.int64),))
 
 
 def _reassemble_rules(level: int, resample: tuple) -> list[Rule]:
@@ -61,13 +68,8 @@ def _scratch_rules() -> list[Rule]:
   torch_unit = "scratch.refinenet{i}.resConfUnit{u}."
   rules = [Rule("scratch/layer{i}_rn/kernel", "scratch.layer{i}_rn.weight", CONV)]
   for c in (1, 2):
-    bn, torch_bn = f"{unit}bn{c}/", f"{torch_unit}bn{c}."
-    rules += [Rule(f"{unit}conv{c}/kernel", f"{torch_unit}conv{c}.weight", CONV),
-              Rule(bn + "scale", torch_bn + "weight"),
-              Rule(bn + "bias", torch_bn + "bias"),
-              Rule(bn + "mean", torch_bn + "running_mean"),
-              Rule(bn + "var", torch_bn + "running_var"),
-              Rule(bn + "num_batches_tracked", torch_bn + "num_batches_tracked", INT64)]
+    rules.append(Rule(f"{unit}conv{c}/kernel", f"{torch_unit}conv{c}.weight", CONV))
+    rules += mapping.batch_norm(f"{unit}bn{c}", f"{torch_unit}bn{c}")
   rules += mapping.conv("scratch/refinenet{i}/out_conv", "scratch.refinenet{i}.out_conv")
   rules += mapping.conv("scratch/head1", "scratch.head1")
   rules += [Rule("scratch/head_block/kernel", layout.HEAD_BLOCK_WEIGHT,
@@ -90,20 +92,35 @@ def table(patch: int) -> MappingTable:
           + MappingTable(tuple(rules + _scratch_rules())))
 
 
+def resnet_table() -> MappingTable:
+  """The `LSegRNNetZS` table (ResNet image encoder; any depth)."""
+  return (clip_openai.table(CLIP_PREFIX, "clip_pretrained/")
+          + torchvision_resnet.table(RESNET_PREFIX, "pretrained/model/", layout="langseg")
+          + MappingTable(tuple(_scratch_rules())))
+
+
 def table_for(cfg: lseg.LSegConfig) -> MappingTable:
+  if cfg.image_encoder == "resnet":
+    return resnet_table()
   return table(vit.VIT_VARIANTS[cfg.vit_variant]["patch"])
 
 
 # ---------------------------------------------------------------------------
 # Config inference.
 # ---------------------------------------------------------------------------
+def _image_shapes(image_variant: str) -> dict[str, Any]:
+  """The `langseg_layout.VIT_SHAPES` or `RESNET_SHAPES` of an image encoder variant."""
+  if image_variant in resnet.RESNET_VARIANTS:
+    return dict(resnet_blocks=tuple(resnet.RESNET_VARIANTS[image_variant]))
+  v = vit.VIT_VARIANTS[image_variant]
+  return dict(vit_width=v["width"], patch=v["patch"], depth=v["depth"])
+
+
 # What identifies each backbone in its weights (`langseg_layout.find_backbone`).
 _BACKBONE_SHAPES = {
-    name: dict(vit_width=vit.VIT_VARIANTS[v]["width"], patch=vit.VIT_VARIANTS[v]["patch"],
-               depth=vit.VIT_VARIANTS[v]["depth"],
-               text_width=clip_text.TEXT_VARIANTS[t]["width"],
+    name: dict(_image_shapes(image), text_width=clip_text.TEXT_VARIANTS[t]["width"],
                text_dim=clip_text.TEXT_VARIANTS[t]["embed_dim"])
-    for name, (v, t) in lseg.BACKBONES.items()}
+    for name, (image, t) in lseg.BACKBONES.items()}
 # LSegConfig fields that are checkpoint settings under the same name.
 _MODEL_SETTINGS = tuple(layout.HPARAMS.values())
 

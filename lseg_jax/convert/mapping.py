@@ -69,8 +69,10 @@ def update(model: nnx.Module, params) -> None:
          if tuple(np.shape(v)) != tuple(current[k].shape)]
   if bad:
     raise ValueError(f"params do not match the model's shapes: {bad[:_MAX_LISTED]}")
+  # jnp.array copies: jnp.asarray may share a numpy buffer on CPU, and a buffer taken
+  # from a live torch module (`tensor.numpy()`) changes when torch updates it in place.
   nnx.update(model, unflatten(
-      {k: jnp.asarray(v, dtype=current[k].dtype) for k, v in flat.items()}))
+      {k: jnp.array(v, dtype=current[k].dtype) for k, v in flat.items()}))
 
 
 # ---------------------------------------------------------------------------
@@ -140,6 +142,8 @@ IDENTITY = Hook("identity", lambda xs: xs[0], lambda x: (x,))
 TRANSPOSE = permute((1, 0), "transpose")
 # nn.Conv2d weight [O, I, kH, kW] <-> nnx.Conv kernel [kH, kW, I, O].
 CONV = permute((2, 3, 1, 0), "conv_oihw_hwio")
+# torch counts BatchNorm batches in int64; our BatchStat is int32.
+INT64 = Hook("int64", lambda xs: xs[0], lambda x: (np.asarray(x, np.int64),))
 
 
 # ---------------------------------------------------------------------------
@@ -200,6 +204,16 @@ def layer_norm(nnx_name: str, torch_name: str) -> list[Rule]:
   """nn.LayerNorm `torch_name.{weight, bias}` <-> nnx.LayerNorm `nnx_name/{scale, bias}`."""
   return [Rule(f"{nnx_name}/scale", f"{torch_name}.weight"),
           Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
+
+
+def batch_norm(nnx_name: str, torch_name: str) -> list[Rule]:
+  """nn.BatchNorm2d `torch_name.*` <-> `dpt.BatchNorm` `nnx_name/*`: weight, bias,
+  running_mean, running_var, num_batches_tracked <-> scale, bias, mean, var,
+  num_batches_tracked (int64 <-> int32)."""
+  n, t = nnx_name + "/", torch_name + "."
+  return [Rule(n + "scale", t + "weight"), Rule(n + "bias", t + "bias"),
+          Rule(n + "mean", t + "running_mean"), Rule(n + "var", t + "running_var"),
+          Rule(n + "num_batches_tracked", t + "num_batches_tracked", INT64)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,4 +372,4 @@ def load_module(state_dict: Mapping[str, Any], table: MappingTable, model):
   assert not table.ignore_nnx, "build the module first: ignored NNX paths need values"
   graphdef, _ = nnx.split(abstract)
   params = torch_to_nnx(state_dict, table, abstract)
-  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, jax.tree.map(jnp.array, params))  # a copy, as in `update`

@@ -41,6 +41,7 @@ from lseg_jax.labels import IGNORE_INDEX
 
 EVAL_RESIZE_MODES = ("none", "long_side", "center_crop", "square")
 # A PNG's colour type byte (IHDR) sits at offset 25; 3 means "palette".
+_PNG_BIT_DEPTH_OFFSET = 24
 _PNG_COLOR_TYPE_OFFSET = 25
 
 
@@ -66,8 +67,23 @@ def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
       "Mask of ", file_name, " is a palette PNG; expected a greyscale PNG "
       "whose pixel values are label indices (convert it with PIL: "
       "Image.fromarray(np.array(img)))."])])
-  mask = tf.io.decode_png(mask_bytes, channels=1)[..., 0]
-  mask = tf.cast(mask, tf.int32)
+  # Label values are read exactly: 8-bit (mode L) or 16-bit (I;16) greyscale only. TF
+  # would turn colour into luma and scale 16-bit values or 1/2/4-bit ones into 0-255.
+  bit_depth = tf.strings.substr(mask_bytes, _PNG_BIT_DEPTH_OFFSET, 1)
+  is_grey = tf.logical_and(
+      tf.strings.substr(mask_bytes, 0, 4) == b"\x89PNG",
+      tf.strings.substr(mask_bytes, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x00")
+  is_16bit = bit_depth == b"\x10"
+  with tf.control_dependencies([tf.debugging.Assert(
+      tf.logical_and(is_grey, tf.logical_or(is_16bit, bit_depth == b"\x08")),
+      [tf.strings.join([
+          "Mask of ", file_name, " is not an 8- or 16-bit greyscale PNG (PIL mode L or "
+          "I;16); expected one channel whose pixel values are label indices (colour, "
+          "alpha, 1/2/4-bit and palette masks are refused: save np.asarray(mask) with "
+          "Image.fromarray as uint8 or uint16)."])])]):
+    mask = tf.cond(is_16bit,
+                   lambda: tf.cast(tf.io.decode_png(mask_bytes, dtype=tf.uint16), tf.int32),
+                   lambda: tf.cast(tf.io.decode_png(mask_bytes), tf.int32))[..., 0]
   mask = tf.where(mask == mask_ignore, IGNORE_INDEX, mask)
   return {"image": image, "mask": mask, "file_name": file_name}
 

@@ -1,11 +1,14 @@
 """LSeg: ViT-DPT pixel embeddings scored against frozen CLIP label embeddings.
 
     images [B, H, W, 3] --ViT--> 4 hooked token maps --DPT--> [B, H/2, W/2, D]
+      (or --ResNet--> 4 stage outputs, for lang-seg's zero-shot `LSegRNNetZS`)
     pixel embeddings (L2-normalised) . label embeddings [L, D] or [B, L, D] (L2-normalised)
     * 1/0.07 -> spatial regularisation (optional) -> bilinear x2 -> logits [B, H, W, L]
 
 Module names follow lang-seg's `LSegNet` (`pretrained.model`, `pretrained.act_postprocessN`,
-`scratch.*`, `clip_pretrained`), so its checkpoints map onto this model key by key.
+`scratch.*`, `clip_pretrained`), so its checkpoints map onto this model key by key. The
+ResNet backbones keep the torchvision ResNet at `pretrained/model` too (lang-seg regroups
+it as `pretrained.layer1..4`: `convert.torchvision_resnet`).
 The text tower lives in the model (for checkpoint interop) but the forward pass takes
 label embeddings: they are computed once per label set (`lseg_jax.text.LabelEmbedder`)
 and a training step never runs the text tower.
@@ -20,23 +23,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lseg_jax.models import clip_text, dpt, resize, spatial_reg, vit
+from lseg_jax.models import clip_text, dpt, resize, resnet, spatial_reg, vit
 
-# lang-seg backbone name -> (ViT variant, CLIP text variant).
+# lang-seg backbone name -> (image variant: ViT or ResNet, CLIP text variant).
 BACKBONES = {
     "clip_vitl16_384": ("L/16", "B/32"),
     "clip_vitb32_384": ("B/32", "B/32"),
     "clipRN50x16_vitl16_384": ("L/16", "RN50x16"),
+    # The zero-shot models' ResNet-101 (`LSegRNNetZS`, PASCAL-5i / COCO-20i / FSS-1000).
+    "clip_resnet101": ("resnet101", "B/32"),
     # Same structure, tiny dimensions: for tests and the CPU default config.
     "tiny_vit16": ("tiny/16", "tiny"),
     "tiny_vit32": ("tiny/32", "tiny"),
+    "tiny_resnet": ("resnet_tiny", "tiny"),
 }
+# Channels of the four maps the decoder's `scratch.layerN_rn` take.
 DPT_WIDTHS = {
     "L/16": (256, 512, 1024, 1024),
     "B/32": (96, 192, 384, 768),
     "tiny/16": (8, 16, 32, 32),
     "tiny/32": (8, 16, 32, 32),
+    **{name: resnet.STAGE_WIDTHS for name in resnet.RESNET_VARIANTS},
 }
+# lang-seg feeds its ResNet models ImageNet-normalised images (`FSSDataset.initialize(
+# imagenet_norm=True)` for clip_resnet101); our models all take mean 0.5 / std 0.5.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # CLIP's initial temperature, exp(log(1/0.07)) in float32 as lang-seg computes it.
 LOGIT_SCALE = float(np.exp(np.float32(np.log(1 / 0.07)), dtype=np.float32))
 
@@ -63,8 +75,20 @@ class LSegConfig:
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
   @property
-  def vit_variant(self) -> str:
+  def image_variant(self) -> str:
+    """The image encoder's variant: a `vit.VIT_VARIANTS` or `resnet.RESNET_VARIANTS` name."""
     return BACKBONES[self.backbone][0]
+
+  @property
+  def image_encoder(self) -> str:
+    """"vit" or "resnet"."""
+    return "resnet" if self.image_variant in resnet.RESNET_VARIANTS else "vit"
+
+  @property
+  def vit_variant(self) -> str:
+    if self.image_encoder != "vit":
+      raise ValueError(f"backbone {self.backbone!r} has a ResNet image encoder, not a ViT")
+    return self.image_variant
 
   @property
   def text_variant(self) -> str:
@@ -112,13 +136,31 @@ class Pretrained(nnx.Module):
     return [stage(t, grid) for stage, t in zip(stages, tokens)]
 
 
+class PretrainedResNet(nnx.Module):
+  """lang-seg's `pretrained` of `LSegRNNetZS`: the torchvision ResNet (`model`)."""
+
+  def __init__(self, cfg: LSegConfig, *, rngs: nnx.Rngs):
+    self.model = resnet.ResNet(
+        resnet.decode_variant(cfg.image_variant, dtype=jnp.dtype(cfg.dtype)), rngs=rngs)
+
+  def __call__(self, images):
+    """images [B, H, W, 3] (mean 0.5, std 0.5) -> the 4 stage outputs at strides 4..32.
+
+    The images are re-normalised with ImageNet's mean and std first, so the ResNet sees
+    what lang-seg's does.
+    """
+    x = images.astype(jnp.float32) * 0.5 + 0.5
+    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+    return self.model(x)
+
+
 class Scratch(nnx.Module):
   """lang-seg's `scratch`: 3x3 projections, fusion blocks, `head1`, `head_block`."""
 
   def __init__(self, cfg: LSegConfig, text_dim: int, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     f = cfg.num_features
-    for i, w in enumerate(DPT_WIDTHS[cfg.vit_variant]):
+    for i, w in enumerate(DPT_WIDTHS[cfg.image_variant]):
       setattr(self, f"layer{i + 1}_rn", nnx.Conv(
           w, f, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype, rngs=rngs))
     for i in range(4):
@@ -149,17 +191,22 @@ class LSeg(nnx.Module):
         **({"vocab_size": cfg.text_vocab_size} if cfg.text_vocab_size else {}))
     self.clip_pretrained = clip_text.CLIPTextTransformer(text_cfg, rngs=rngs)
     self.text_dim = text_cfg.embed_dim
-    self.pretrained = Pretrained(cfg, rngs=rngs)
+    self.pretrained = (PretrainedResNet(cfg, rngs=rngs) if cfg.image_encoder == "resnet"
+                       else Pretrained(cfg, rngs=rngs))
     self.scratch = Scratch(cfg, self.text_dim, rngs=rngs)
 
   @property
-  def patch_size(self) -> int:
-    return self.pretrained.model.cfg.patch
+  def patch_size(self) -> int | None:
+    """The ViT's patch size; None for a ResNet backbone."""
+    return None if self.cfg.image_encoder == "resnet" else self.pretrained.model.cfg.patch
 
   @property
   def size_multiple(self) -> int:
     """Input sides must be multiples of this: the patch size, or twice it for the
-    patch-16 decoder, whose coarsest level halves the token grid."""
+    patch-16 decoder, whose coarsest level halves the token grid; the output stride
+    (32) of a ResNet."""
+    if self.patch_size is None:
+      return resnet.OUTPUT_STRIDE
     return 32 if self.patch_size == 16 else self.patch_size
 
   def check_images(self, images):
@@ -171,8 +218,8 @@ class LSeg(nnx.Module):
     m = self.size_multiple
     if h % m or w % m:
       raise ValueError(
-          f"image size {h}x{w} is not a multiple of {m} (backbone {self.cfg.backbone}, "
-          f"patch {self.patch_size}); resize or pad to a multiple of {m} pixels")
+          f"image size {h}x{w} is not a multiple of {m} (backbone {self.cfg.backbone}); "
+          f"resize or pad to a multiple of {m} pixels")
 
   def encode_text(self, tokens):
     """tokens [L, 77] int32 -> label embeddings [L, D] float32 (not normalised)."""

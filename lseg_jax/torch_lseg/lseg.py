@@ -17,7 +17,13 @@ Key layout (the official `LSegNet`'s, minus CLIP's image side:
   scratch.head1.*                    1x1 conv to the text embedding width
   scratch.head_block.depthwise.depthwise.*  spatial regularisation (arch_option 1, 2)
 
-Images are NCHW here (PyTorch convention), normalised as (x/255 - 0.5)/0.5.
+The ResNet backbones (`clip_resnet101`: the official zero-shot `LSegRNNetZS`) have
+`pretrained.layer1..4.*` (torchvision's ResNet as lang-seg regroups it, see
+`torch_lseg.resnet`) instead of `pretrained.model.*` and `pretrained.act_postprocessN.*`;
+the rest is the same.
+
+Images are NCHW here (PyTorch convention), normalised as (x/255 - 0.5)/0.5 for every
+backbone (the ResNet backbones convert to ImageNet's normalisation themselves).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from torch import nn
 
 from lseg_jax import langseg_layout as layout
 from lseg_jax.torch_lseg.clip_text import CLIPTextTorch
+from lseg_jax.torch_lseg.resnet import STAGE_WIDTHS, ResNetBackbone
 
 READOUTS = ("ignore", "add", "project")
 ACTIVATIONS = layout.ACTIVATIONS
@@ -73,6 +80,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tiny_vit32": dict(
         vit=dict(patch=32, **_VIT_TINY), hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32),
         resample=_RESAMPLE_VIT32, text=_TINY_TEXT),
+    # ResNet image encoders (`resnet`: Bottleneck blocks per stage), `LSegRNNetZS`.
+    "clip_resnet101": dict(resnet=(3, 4, 23, 3), widths=STAGE_WIDTHS, text=_CLIP_B32_TEXT),
+    "tiny_resnet": dict(resnet=(1, 1, 1, 1), widths=STAGE_WIDTHS, text=_TINY_TEXT),
 }
 
 
@@ -359,8 +369,11 @@ class LSegTorch(nn.Module):
     self.clip_pretrained = CLIPTextTorch(
         text["width"], text["layers"], text["heads"], text["embed_dim"],
         vocab_size=config.vocab_size, context_length=config.context_length)
-    self.pretrained = ViTBackbone(variant["vit"], variant["hooks"], variant["widths"],
-                                  variant["resample"], config.readout)
+    if "resnet" in variant:
+      self.pretrained = ResNetBackbone(variant["resnet"])
+    else:
+      self.pretrained = ViTBackbone(variant["vit"], variant["hooks"], variant["widths"],
+                                    variant["resample"], config.readout)
     self.scratch = nn.Module()
     for i, width in enumerate(variant["widths"]):
       self.scratch.add_module(
@@ -527,6 +540,8 @@ class LSegTorch(nn.Module):
 
 # What identifies each backbone in its weights (`langseg_layout.find_backbone`).
 _BACKBONE_SHAPES = {
-    name: dict(vit_width=v["vit"]["width"], patch=v["vit"]["patch"], depth=v["vit"]["depth"],
+    name: dict(dict(resnet_blocks=tuple(v["resnet"])) if "resnet" in v
+               else dict(vit_width=v["vit"]["width"], patch=v["vit"]["patch"],
+                         depth=v["vit"]["depth"]),
                text_width=v["text"]["width"], text_dim=v["text"]["embed_dim"])
     for name, v in VARIANTS.items()}

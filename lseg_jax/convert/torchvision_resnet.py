@@ -1,0 +1,137 @@
+"""torchvision `ResNet` state dict <-> our `models.resnet.ResNet`, in two key layouts.
+
+Our ResNet names its modules as torchvision does, so the table is the identity up to
+layouts: Conv2d weights [O, I, kH, kW] <-> kernels [kH, kW, I, O], and BatchNorm
+`weight`/`bias`/`running_mean`/`running_var`/`num_batches_tracked` <->
+`scale`/`bias`/`mean`/`var`/`num_batches_tracked` (int64 <-> int32).
+
+Two layouts of the same weights:
+  "torchvision"  `conv1`, `bn1`, `layerS.I.*`, plus the classifier `fc.*` (skipped:
+                 not part of our model), as in torchvision's ImageNet checkpoints;
+  "langseg"      lang-seg's `_make_resnet_backbone` (`LSegRNNetZS.pretrained`):
+                 `layer1` is nn.Sequential(conv1, bn1, relu, maxpool, layer1), so the
+                 stem is `layer1.0` / `layer1.1` and the first stage's blocks are
+                 `layer1.4.I.*`; `layer2..4.I.*` as torchvision; no `fc`
+                 (`langseg_layout.RESNET_LAYOUT`, the one owner of that layout).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from flax import nnx
+
+from lseg_jax import langseg_layout
+from lseg_jax.convert import mapping
+from lseg_jax.convert.mapping import CONV, MappingTable, Rule, batch_norm
+from lseg_jax.models import resnet
+
+# Torch names of the stem conv, the stem BatchNorm and the four stages, per layout.
+LAYOUTS = {
+    "torchvision": ("conv1", "bn1", ("layer1", "layer2", "layer3", "layer4")),
+    "langseg": langseg_layout.RESNET_LAYOUT,
+}
+
+
+def _block_rules(nnx_block: str, torch_block: str) -> list[Rule]:
+  rules = []
+  for c in (1, 2, 3):
+    rules.append(Rule(f"{nnx_block}/conv{c}/kernel", f"{torch_block}.conv{c}.weight", CONV))
+    rules += batch_norm(f"{nnx_block}/bn{c}", f"{torch_block}.bn{c}")
+  rules.append(Rule(f"{nnx_block}/downsample/0/kernel", f"{torch_block}.downsample.0.weight",
+                    CONV))
+  rules += batch_norm(f"{nnx_block}/downsample/1", f"{torch_block}.downsample.1")
+  return rules
+
+
+def table(torch_prefix: str = "", nnx_prefix: str = "", *,
+          layout: str = "torchvision") -> MappingTable:
+  """The ResNet table, e.g. `table("pretrained.", "pretrained/model/", layout="langseg")`
+  for lang-seg's `LSegRNNetZS` keys and our LSeg model."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown ResNet key layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+  conv1, bn1, stages = LAYOUTS[layout]
+  rules = [Rule("conv1/kernel", f"{conv1}.weight", CONV), *batch_norm("bn1", bn1)]
+  for s, torch_stage in enumerate(stages, start=1):
+    rules += _block_rules(f"layer{s}/{{i}}", f"{torch_stage}.{{i}}")
+  ignore = (r"fc\..*",) if layout == "torchvision" else ()
+  return MappingTable(tuple(rules), ignore_torch=ignore).prefixed(torch_prefix, nnx_prefix)
+
+
+def find_prefix(state_dict: Mapping[str, Any], layout: str = "torchvision") -> str:
+  """The key prefix of the ResNet in `state_dict` ("" for a bare torchvision model,
+  "module." or "model." for training wrappers, "pretrained." for lang-seg)."""
+  conv1, _, stages = LAYOUTS[layout]
+  first_block = f"{stages[0]}.0.conv1.weight"
+  found = [k[:-len(first_block)] for k in state_dict
+           if k.endswith(first_block) and k[:-len(first_block)] + f"{conv1}.weight" in state_dict]
+  if len(found) != 1:
+    raise ValueError(
+        f"expected exactly one ResNet in the {layout} layout (keys '<prefix>{conv1}.weight' "
+        f"and '<prefix>{first_block}'), found prefixes {found}; first keys: "
+        f"{sorted(state_dict)[:10]}")
+  return found[0]
+
+
+def infer_variant(state_dict: Mapping[str, Any], prefix: str = "",
+                  layout: str = "torchvision") -> str:
+  """The `resnet.RESNET_VARIANTS` name whose blocks per stage the state dict has.
+
+  Raises:
+    ValueError naming the block counts when no variant has them.
+  """
+  _, _, stages = LAYOUTS[layout]
+  counts = langseg_layout.resnet_blocks(state_dict, [f"{prefix}{stage}." for stage in stages])
+  for name, layers in resnet.RESNET_VARIANTS.items():
+    if tuple(layers) == counts:
+      return name
+  raise ValueError(
+      f"the ResNet has {counts} Bottleneck blocks per stage; no known variant has "
+      f"that: {dict(sorted(resnet.RESNET_VARIANTS.items()))}")
+
+
+def _read(path_or_state_dict) -> dict[str, Any]:
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    return langseg_layout.load_state_dict_file(path_or_state_dict)
+  return langseg_layout.numpy_state_dict(path_or_state_dict)
+
+
+def load_torchvision_resnet(path_or_state_dict,
+                            resnet_module: resnet.ResNet | resnet.ResNetConfig | str | None = None,
+                            *, prefix: str | None = None) -> resnet.ResNet:
+  """Loads torchvision ResNet weights into `resnet_module` and returns it.
+
+  Args:
+    path_or_state_dict: a torchvision `ResNet` state dict (numpy arrays or torch
+      tensors; `fc.*` is skipped), or a file: `.safetensors` (read without torch) or a
+      torch file (`.pth` as torchvision downloads it, Lightning `.ckpt`; needs torch).
+    resnet_module: our ResNet, updated in place; or a `resnet.ResNetConfig` or variant
+      name ("resnet101", ...) to build one from the weights without initialising it;
+      None: the variant the weights have (`infer_variant`).
+    prefix: key prefix of the ResNet in the state dict; None finds it (`find_prefix`).
+      Keys outside the prefix are ignored.
+
+  Raises:
+    mapping.MappingError listing every missing, unknown and mis-shaped key.
+  """
+  state_dict = _read(path_or_state_dict)
+  if prefix is None:
+    prefix = find_prefix(state_dict)
+  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  tab = table(prefix)
+  if isinstance(resnet_module, resnet.ResNet):
+    return mapping.load_module(state_dict, tab, resnet_module)
+  if resnet_module is None:
+    resnet_module = infer_variant(state_dict, prefix)
+  cfg = (resnet.decode_variant(resnet_module) if isinstance(resnet_module, str)
+         else resnet_module)
+  if not isinstance(cfg, resnet.ResNetConfig):
+    raise TypeError(f"resnet_module must be a ResNet, ResNetConfig or variant name, "
+                    f"got {type(resnet_module).__name__}")
+  return mapping.load_module(state_dict, tab, lambda: resnet.ResNet(cfg, rngs=nnx.Rngs(0)))
+
+
+def export_torchvision_resnet(resnet_module: resnet.ResNet, prefix: str = "",
+                              layout: str = "torchvision") -> dict[str, Any]:
+  """Our ResNet -> torch keys {prefix + key: np.ndarray} (float32; counters int64)."""
+  return mapping.nnx_to_torch(resnet_module, table(prefix, layout=layout))
