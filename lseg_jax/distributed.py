@@ -179,7 +179,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise
       jax.config.update("jax_cpu_collectives_implementation", previous)  # one process
     except Exception as e:  # pylint: disable=broad-except
-      if "DEADLINE_EXCEEDED" in str(e) or "UNAVAILABLE" in str(e):
+      # DEADLINE_EXCEEDED, UNAVAILABLE (nobody there in time), INVALID_ARGUMENT and
+      # the like (a process id or count the coordinator does not expect).
+      if any(code in str(e) for code in ("DEADLINE_EXCEEDED", "UNAVAILABLE",
+                                         "INVALID_ARGUMENT", "FAILED_PRECONDITION",
+                                         "ALREADY_EXISTS", "ABORTED", "INTERNAL")):
         raise RuntimeError(
             f"process {process_id} of {num_processes} could not join the job at "
             f"coordinator {coordinator or os.environ.get('JAX_COORDINATOR_ADDRESS')} within "

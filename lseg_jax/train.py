@@ -161,7 +161,7 @@ def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
   """(train state, meta) of checkpoint `step`, after checking it holds this config's
   model and optimizer (a ValueError names the config key that differs)."""
   meta = checkpoint.step_meta(mngr, step)
-  where = f"checkpoint step {step} in {os.fspath(mngr.directory)!r}"
+  where = f"checkpoint step {step} in {str(mngr.directory)!r}"
   fix = "use another --workdir, or train with the checkpoint's value"
   saved, now = meta.get("model_config") or {}, spec.model_cfg.to_dict()
   for key in sorted(set(saved) | set(now)):
