@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import itertools
 import os
 import sys
 import threading
@@ -79,6 +80,8 @@ def _backend_started() -> bool:
 
 
 _topology: Topology | None = None
+_init_timeout = DEFAULT_INIT_TIMEOUT
+_barriers = itertools.count()
 _watchdog: "_Watchdog | None" = None
 
 
@@ -120,7 +123,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       message), e.g. a process id outside [0, num_processes).
     RuntimeError: the coordinator could not be reached within `init_timeout` seconds.
   """
-  global _topology, _watchdog
+  global _topology, _watchdog, _init_timeout
   import jax  # pylint: disable=g-import-not-at-top
 
   coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
@@ -138,6 +141,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   if init_timeout is None:
     init_timeout = _env_int(ENV_INIT_TIMEOUT) or DEFAULT_INIT_TIMEOUT
 
+  _init_timeout = init_timeout
   explicit = (coordinator, num_processes, process_id)
   if num_processes is not None and num_processes < 1:
     raise ValueError(f"--num-processes {num_processes}; expected >= 1")
@@ -219,6 +223,36 @@ def done() -> None:
   teardown on either side) is then no sign of a lost process. Tools call it last."""
   if _watchdog is not None:
     _watchdog.mark("done")
+
+
+def barrier(name: str, timeout: float | None = None) -> None:
+  """Waits until every process got here (a no-op for one process), through the
+  coordination service: no device collective, so nothing of gloo's is set up.
+
+  timeout: seconds (default: the start's `LSEG_INIT_TIMEOUT`); a process that does not
+  come in time is an error.
+  """
+  if _topology is None or _topology.process_count == 1:
+    return
+  timeout = _init_timeout if timeout is None else timeout
+  _jax_state().client.wait_at_barrier(f"lseg_jax/{name}/{next(_barriers)}",
+                                      int(timeout * 1000))
+
+
+def compile_in_step(jitted, *args):
+  """`jitted` compiled for `args`, returned once every process has compiled it.
+
+  Gloo sets up a context for each group of devices at its first collective and gives
+  up when the processes arrive more than 30 s apart, which compilation and input
+  pipeline start-up under load easily exceed: the first call of a step with
+  collectives is made in step. One process: `jitted` itself.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return jitted
+  compiled = jitted.lower(*args).compile()
+  barrier("compiled")
+  return compiled
 
 
 def leaving() -> None:
@@ -317,4 +351,4 @@ class _Watchdog(threading.Thread):
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "ENV_COORDINATOR", "ENV_HEARTBEAT_TIMEOUT",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PROCESS_LOST", "Topology",
-           "add_arguments", "done", "initialize", "leaving", "preemption_sync_enabled", "topology"]
+           "add_arguments", "barrier", "compile_in_step", "done", "initialize", "leaving", "preemption_sync_enabled", "topology"]

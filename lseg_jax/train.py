@@ -32,6 +32,7 @@ import optax
 
 from lseg_jax import checkpoint
 from lseg_jax import config as config_lib
+from lseg_jax import distributed
 from lseg_jax import evaluate
 from lseg_jax import init as init_lib
 from lseg_jax import labels
@@ -136,9 +137,14 @@ def jit_train_step(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mesh):
       in_shardings=(donated, spec.shardings["frozen"], sharding.batch_sharding(mesh), repl),
       out_shardings=(donated, repl), donate_argnums=(0,))
 
+  compiled = []
+
   def run(state, batch, text_emb):
-    new, metrics = jitted({k: v for k, v in state.items() if k != "frozen"},
-                          state["frozen"], batch, text_emb)
+    args = ({k: v for k, v in state.items() if k != "frozen"}, state["frozen"], batch,
+            text_emb)
+    if not compiled:  # several processes: compiled ahead, first run in step
+      compiled.append(distributed.compile_in_step(jitted, *args))
+    new, metrics = compiled[0](*args)
     return {**new, "frozen": state["frozen"]}, metrics
   return run
 

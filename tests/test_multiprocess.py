@@ -42,14 +42,14 @@ OVERRIDES = {
 # Every batch is delayed so that a signal lands mid-run.
 SLOW_TRAIN = """
 import sys, time
-from lseg_jax.cli import train
+from lseg_jax.cli import common, train
 from lseg_jax.data import input_pipeline
 _next = input_pipeline.DataIterator.__next__
 def _slow_next(self):
   time.sleep(0.5)
   return _next(self)
 input_pipeline.DataIterator.__next__ = _slow_next
-sys.exit(train.main(sys.argv[1:]))
+common.entry_point(train.main)
 """
 
 
