@@ -169,7 +169,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     previous = jax.config.jax_cpu_collectives_implementation
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Our watchdog reports a lost process first; JAX's own heartbeat is the backstop.
-    kwargs = dict(initialization_timeout=int(init_timeout),
+    # JAX ends the process with a fatal log (no exception) when the job cannot form:
+    # the clear message comes from a timer that fires first.
+    where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(auto-detected)"
+    give_up = threading.Timer(init_timeout, _could_not_join,
+                              (process_id, num_processes, where, init_timeout))
+    give_up.daemon = True
+    give_up.start()
+    logging.info("Joining the job as process %s of %s at coordinator %s (%d s allowed; "
+                 "a process count or id the coordinator does not expect aborts here).",
+                 process_id, num_processes, where, init_timeout)
+    kwargs = dict(initialization_timeout=int(init_timeout) + 60,
                   heartbeat_timeout_seconds=int(2 * heartbeat_timeout + 10),
                   shutdown_timeout_seconds=int(2 * heartbeat_timeout + 10))
     try:
@@ -195,6 +205,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             "coordinator address and process count, and that process 0 is running and "
             "reachable (" + str(e).splitlines()[0][:300] + ")") from None
       raise
+    finally:
+      give_up.cancel()
 
   devices = jax.devices()
   _topology = Topology(jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -211,6 +223,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                           heartbeat_timeout)
     _watchdog.start()
   return _topology
+
+
+def _could_not_join(process_id, num_processes, coordinator, timeout):
+  message = (f"error: process {process_id} of {num_processes} could not join the job at "
+             f"coordinator {coordinator} within {timeout} s: check that every process was "
+             "started with the same coordinator address and process count, and that "
+             "process 0 is running and reachable. Nothing was written.")
+  logging.error(message)
+  print(message, file=sys.stderr, flush=True)
+  os._exit(2)  # pylint: disable=protected-access
 
 
 def topology() -> Topology | None:
@@ -253,6 +275,25 @@ def compile_in_step(jitted, *args):
   compiled = jitted.lower(*args).compile()
   barrier("compiled")
   return compiled
+
+
+# Failures of a collective or of the coordination service when a peer went away.
+_PEER_FAILURES = ("Gloo", "gloo", "Connection closed by peer", "Connection reset",
+                  "Broken pipe", "DEADLINE_EXCEEDED", "UNAVAILABLE", "coordination")
+
+
+def await_lost_process(error: BaseException) -> None:
+  """After `error`, what a collective raises when another process died: waits for the
+  watchdog to name the lost process (it prints how to resume and exits this process
+  with EXIT_PROCESS_LOST). Returns at once for other errors or a single process, and
+  after two heartbeat timeouts if no process was lost."""
+  if _watchdog is None or not _watchdog.is_alive():
+    return
+  if not any(marker in str(error) for marker in _PEER_FAILURES):
+    return
+  logging.warning("A collective failed (%s); checking whether a process was lost.",
+                  str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+  _watchdog.join(timeout=2 * _watchdog.timeout + 5)
 
 
 def leaving() -> None:
@@ -351,4 +392,4 @@ class _Watchdog(threading.Thread):
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "ENV_COORDINATOR", "ENV_HEARTBEAT_TIMEOUT",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PROCESS_LOST", "Topology",
-           "add_arguments", "barrier", "compile_in_step", "done", "initialize", "leaving", "preemption_sync_enabled", "topology"]
+           "add_arguments", "await_lost_process", "barrier", "compile_in_step", "done", "initialize", "leaving", "preemption_sync_enabled", "topology"]

@@ -94,6 +94,10 @@ def run(main, argv: Sequence[str] | None = None) -> int:
     print("error: interrupted", file=sys.stderr)
     return 130
   except Exception as e:  # pylint: disable=broad-except
+    if "lseg_jax.distributed" in sys.modules:
+      # A collective that failed because another process died: the lost process is
+      # named instead (the process exits there).
+      sys.modules["lseg_jax.distributed"].await_lost_process(e)
     message = None if verbose else user_error_message(e)
     if message is None:
       raise
