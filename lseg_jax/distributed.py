@@ -82,6 +82,7 @@ def _backend_started() -> bool:
 _topology: Topology | None = None
 _init_timeout = DEFAULT_INIT_TIMEOUT
 _barriers = itertools.count()
+_finished = False
 _watchdog: "_Watchdog | None" = None
 
 
@@ -243,8 +244,25 @@ def topology() -> Topology | None:
 def done() -> None:
   """Tells the other processes that this one finished its work: its exit (and a slow
   teardown on either side) is then no sign of a lost process. Tools call it last."""
+  global _finished
+  _finished = True
   if _watchdog is not None:
     _watchdog.mark("done")
+
+
+def shutdown_finished() -> None:
+  """For a process that finished its work (`done()`) and exits with os._exit (a
+  non-zero code such as a preempted run's 75): leaves the job with JAX's shutdown
+  barrier, so that process 0, which hosts the coordination service, exits last. Other
+  processes that are still tearing down would otherwise be aborted by JAX."""
+  if _watchdog is None or not _finished:
+    return
+  _watchdog.mark_exited()
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.shutdown()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Leaving the job: %s", str(e).splitlines()[0][:200] if str(e) else e)
 
 
 def barrier(name: str, timeout: float | None = None) -> None:
@@ -392,4 +410,4 @@ class _Watchdog(threading.Thread):
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "ENV_COORDINATOR", "ENV_HEARTBEAT_TIMEOUT",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PROCESS_LOST", "Topology",
-           "add_arguments", "await_lost_process", "barrier", "compile_in_step", "done", "initialize", "leaving", "preemption_sync_enabled", "topology"]
+           "add_arguments", "await_lost_process", "barrier", "compile_in_step", "done", "shutdown_finished", "initialize", "leaving", "preemption_sync_enabled", "topology"]

@@ -69,7 +69,9 @@ def entry_point(main) -> None:
   if code:
     logging_std.shutdown()
     if "lseg_jax.distributed" in sys.modules:
-      # The other processes of a multi-process job learn that this one left.
+      # A process that finished its work leaves the job in step with the others;
+      # otherwise they learn that this one left.
+      sys.modules["lseg_jax.distributed"].shutdown_finished()
       sys.modules["lseg_jax.distributed"].leaving()
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(0)
