@@ -9,14 +9,20 @@ Each step holds the items
 Everything that loads a model (prediction, evaluation, fine-tuning, export) calls
 `load_model`, whichever tool wrote the directory (training or `tools/convert.py import`).
 Orbax writes each step to a temporary folder and renames it when complete, so a run
-killed mid-save leaves the previous step as the latest complete one.
+killed mid-save leaves the previous step as the latest complete one. In a
+multi-process job every process takes part in saving and restoring (each writes its
+own shards; process 0 writes the metadata). Paths go through `etils.epath`, Orbax's
+own path layer, so a directory may be remote (gs://...).
 
 Integrity: `save` records a CRC-32 of every array in `meta["integrity"]` and refuses to
 save non-finite parameters; every restore recomputes the checksums and raises
 `DamagedCheckpointError` naming the first array that differs (also for unreadable,
 truncated or empty step folders and garbage metadata). `restore_newest_intact` walks
 back from the newest step to the newest intact one; training resumes from it and moves
-the damaged step folders aside (`STEP.damaged`), which Orbax then ignores.
+the damaged step folders aside (`STEP.damaged`), which Orbax then ignores. In a
+multi-process job the checksums cover the arrays each process holds whole (replicated
+ones included, so they do not depend on the process count); arrays sharded over
+processes are checked for NaN/Inf over all processes together.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import zlib
 
 from absl import logging
 
+from etils import epath
 from flax import nnx
 import jax
 import numpy as np
@@ -56,8 +63,9 @@ def flat_arrays(tree) -> dict[str, Any]:
   return {"/".join(_key_name(k) for k in path): x for path, x in leaves}
 
 
-def checksums(tree, *, check_finite: str | None = None) -> dict[str, str]:
-  """{flat name: CRC-32 hex} of every array this process holds completely.
+def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]:
+  """{flat name: CRC-32 hex} of every array this process holds completely (None for
+  an array sharded over processes).
 
   check_finite: raise FloatingPointError, naming the array and `check_finite` (what is
   being saved), if a floating-point array holds NaN or Inf.
@@ -65,7 +73,17 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str]:
   out = {}
   for name, x in flat_arrays(tree).items():
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      continue  # multi-process shards: not checked here
+      if not x.is_fully_replicated:
+        # Sharded over processes: no checksum, but the finiteness check is global (a
+        # collective every process runs, so every process gives the same answer).
+        if check_finite and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+          bad = int(_count_non_finite(x))
+          if bad:
+            raise FloatingPointError(
+                f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
+        out[name] = None  # named (the set of arrays is checked), not summed
+        continue
+      x = x.addressable_data(0)  # replicated: every process holds the same copy
     a = np.ascontiguousarray(jax.device_get(x))
     if check_finite and jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):
       bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
@@ -74,6 +92,11 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str]:
             f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
     out[name] = f"{zlib.crc32(a.tobytes()) & 0xffffffff:08x}"
   return out
+
+
+@jax.jit
+def _count_non_finite(x):
+  return jax.numpy.sum(~jax.numpy.isfinite(x))
 
 
 def verify(restored: dict[str, Any], meta: dict[str, Any], where: str) -> None:
@@ -87,23 +110,29 @@ def verify(restored: dict[str, Any], meta: dict[str, Any], where: str) -> None:
     if item not in restored or not expected:
       continue
     for name, crc in checksums(restored[item]).items():
-      if name in expected and expected[name] != crc:
+      if crc is not None and expected.get(name) is not None and expected[name] != crc:
         raise DamagedCheckpointError(
             f"{where} is damaged: array {item}/{name} differs from the checksum recorded "
             "when it was saved")
 
 
+def absolute(directory) -> epath.Path:
+  """`directory` as an absolute epath.Path (remote paths are absolute already)."""
+  path = epath.Path(directory)
+  return path if path.is_absolute() else path.absolute()
+
+
 def resolve_directory(directory: str) -> str:
   """A checkpoint directory, given it or a training work directory that holds one."""
-  directory = os.path.abspath(os.fspath(directory))
-  sub = os.path.join(directory, CHECKPOINT_SUBDIR)
-  if os.path.isdir(sub) and not _has_steps(directory):
-    return sub
-  return directory
+  directory = absolute(directory)
+  sub = directory / CHECKPOINT_SUBDIR
+  if sub.is_dir() and not _has_steps(directory):
+    return str(sub)
+  return str(directory)
 
 
-def _has_steps(directory: str) -> bool:
-  return any(name.isdigit() for name in os.listdir(directory)) if os.path.isdir(directory) else False
+def _has_steps(directory: epath.Path) -> bool:
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3,
@@ -113,7 +142,7 @@ def manager(directory: str, *, max_to_keep: int | None = 3,
   read_only: for loading; the manager never saves, deletes or creates anything.
   Orbax's own read-only mode is not used: it warns on every open.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = absolute(directory)
   if read_only:
     options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
                                            create=False)
@@ -210,15 +239,20 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, restore_step: Callable[[i
 
 
 def _move_aside(mngr, steps) -> None:
-  for step in steps:
-    src = os.path.join(os.fspath(mngr.directory), str(step))
-    if os.path.isdir(src):
-      dst = src + DAMAGED_SUFFIX
-      n = 1
-      while os.path.exists(dst):
-        dst, n = f"{src}{DAMAGED_SUFFIX}{n}", n + 1
-      os.rename(src, dst)
-      logging.warning("Moved the damaged step folder %s to %s.", src, dst)
+  """Renames damaged step folders (process 0; every process waits, then reloads)."""
+  if jax.process_index() == 0:
+    for step in steps:
+      src = epath.Path(mngr.directory) / str(step)
+      if src.is_dir():
+        dst = src.parent / f"{src.name}{DAMAGED_SUFFIX}"
+        n = 1
+        while dst.exists():
+          dst, n = src.parent / f"{src.name}{DAMAGED_SUFFIX}{n}", n + 1
+        src.rename(dst)
+        logging.warning("Moved the damaged step folder %s to %s.", src, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("lseg_jax checkpoint moved aside")
   mngr.reload()
 
 
@@ -286,7 +320,7 @@ def _load_step(mngr, step, config_overrides):
   pure = state.to_pure_dict()
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                                     sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
       pure)
   try:
     restored = dict(mngr.restore(step, args=ocp.args.Composite(

@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import os
 from typing import Any, Callable, Iterable, Sequence
 
+from etils import epath
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
@@ -127,8 +127,9 @@ class Evaluator:
       self._graphdef, state = nnx.split(model)
       # Arrays already on this mesh (a sharded train state) stay where they are.
       self._state = jax.tree.map(
-          lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(x, replicated), state)
-      self._text = jax.device_put(jnp.asarray(text_emb, jnp.float32), replicated)
+          lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(_host(x), replicated),
+          state)
+      self._text = jax.device_put(_host(jnp.asarray(text_emb, jnp.float32)), replicated)
     else:
       self.mesh = inference.local_mesh() if mesh is None else mesh
       self._infer = inference.SlidingWindowInference.for_model(
@@ -229,6 +230,14 @@ class Evaluator:
       report["per_class_iou"] = dict(zip(self.label_names, map(float, r["iou"])))
       report["pixels"] = {"labeled": r["labeled"], "correct": r["correct"]}
     return report
+
+
+def _host(x):
+  """A process-local array as host data when the mesh spans processes: every process
+  holds the same copy, and a device array cannot move to another host's devices."""
+  if jax.process_count() > 1 and isinstance(x, jax.Array) and x.is_fully_addressable:
+    return np.asarray(x)
+  return x
 
 
 def _on_mesh(x, mesh) -> bool:
@@ -370,9 +379,9 @@ def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, 
     label names (as LSeg).
   """
   spec = tokenizer or meta.get("tokenizer") or text.DEFAULT_TOKENIZER
-  if not tokenizer and meta.get("tokenizer") and not os.path.isabs(spec):
-    local = os.path.join(checkpoint_dir, spec)
-    spec = local if os.path.isdir(local) else spec
+  if not tokenizer and meta.get("tokenizer") and not epath.Path(spec).is_absolute():
+    local = epath.Path(checkpoint_dir) / spec
+    spec = str(local) if local.is_dir() else spec
   template = meta.get("text_template") if prompt is None else prompt
   template = template or None
   embedder = text.LabelEmbedder(model.clip_pretrained, text.load_tokenizer(spec),

@@ -19,11 +19,11 @@ continues with the same data order, giving the same losses as an uninterrupted o
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import optax
 
 from lseg_jax import checkpoint
 from lseg_jax import config as config_lib
+from lseg_jax import distributed
 from lseg_jax import evaluate
 from lseg_jax import init as init_lib
 from lseg_jax import labels
@@ -136,9 +137,14 @@ def jit_train_step(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mesh):
       in_shardings=(donated, spec.shardings["frozen"], sharding.batch_sharding(mesh), repl),
       out_shardings=(donated, repl), donate_argnums=(0,))
 
+  compiled = []
+
   def run(state, batch, text_emb):
-    new, metrics = jitted({k: v for k, v in state.items() if k != "frozen"},
-                          state["frozen"], batch, text_emb)
+    args = ({k: v for k, v in state.items() if k != "frozen"}, state["frozen"], batch,
+            text_emb)
+    if not compiled:  # several processes: compiled ahead, first run in step
+      compiled.append(distributed.compile_in_step(jitted, *args))
+    new, metrics = compiled[0](*args)
     return {**new, "frozen": state["frozen"]}, metrics
   return run
 
@@ -161,7 +167,7 @@ def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
   """(train state, meta) of checkpoint `step`, after checking it holds this config's
   model and optimizer (a ValueError names the config key that differs)."""
   meta = checkpoint.step_meta(mngr, step)
-  where = f"checkpoint step {step} in {os.fspath(mngr.directory)!r}"
+  where = f"checkpoint step {step} in {str(mngr.directory)!r}"
   fix = "use another --workdir, or train with the checkpoint's value"
   saved, now = meta.get("model_config") or {}, spec.model_cfg.to_dict()
   for key in sorted(set(saved) | set(now)):
@@ -198,15 +204,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config = config_lib.complete(config)
   config_lib.check_config(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
 
-  # --- Mesh: every device, axes (data, fsdp). The batch is split over both axes, so
-  # BatchNorm means over the batch axis are global-batch means.
+  # --- Mesh: every device of every process, axes (data, fsdp). The batch is split
+  # over both axes, so BatchNorm means over the batch axis are global-batch means.
   mesh = sharding.make_mesh(config.mesh)
   check_batch_config(config, mesh)
-  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
-               jax.devices()[0].platform)
+  logging.info("Mesh %s over %d devices (%s), %d processes.", dict(mesh.shape), mesh.size,
+               jax.devices()[0].platform, jax.process_count())
+  # Paths go through epath (Orbax's path layer): the workdir may be gs://...
+  workdir = str(checkpoint.absolute(workdir))
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
   # --- Abstract state and shardings: shapes, dtypes and placement of every array are
   # fixed before any is allocated, so the state is created directly where it lives.
@@ -218,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{max(1, round(config.data.crop_size / spec.size_multiple)) * spec.size_multiple}")
 
   # --- Checkpoints: resume from the latest complete step if there is one.
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+  ckpt_dir = str(epath.Path(workdir) / CHECKPOINT_SUBDIR)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.keep_checkpoints)
   # A damaged newest step (checksum mismatch, partial or empty folder) is moved aside
   # and the run resumes from the newest intact one.
@@ -328,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step += 1
         pending.append((step, m))
         is_last = step >= total
-        stopping = preemption.requested or step >= stop_at
+        stopping = preemption.reached(step) or step >= stop_at
         save_now = is_last or stopping or train_utils.due(step, config.checkpoint_every_steps)
         due_evals = [ev for ev in evals if train_utils.due(step, ev.every_steps)
                      or (is_last and ev.at_end)]

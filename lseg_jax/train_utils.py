@@ -1,9 +1,15 @@
 """Small pieces of the training loop: when things are due, the metric file, the
-meter and the SIGTERM handler."""
+meter and the SIGTERM handler.
+
+A local metric file is appended to and synced to disk line by line; a remote one
+(gs://..., through `tf.io.gfile`, wherever TensorFlow reaches it) is replaced whole
+(a new file renamed over the old), since object stores have no append. Either way a
+kill leaves whole lines only."""
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import signal
 import threading
 import time
@@ -26,26 +32,26 @@ class MetricWriter:
 
   def __init__(self, workdir: str, resume_step: int | None):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = posixpath.join(str(workdir), METRICS_FILE)
     self._step, self._values = None, {}
     if not self.enabled:
       return
-    if os.path.exists(self.path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._local = "://" not in self.path
+    if tf.io.gfile.exists(self.path):
       # Steps after the restored checkpoint are trained again: drop their old lines
-      # (and a line cut short by a kill).
+      # (and a line cut short by a kill). A fresh run (resume_step None) starts empty.
       kept = []
-      with open(self.path) as f:
+      with tf.io.gfile.GFile(self.path) as f:
         for line in f:
           try:
             record = json.loads(line)
           except ValueError:
             continue
-          if record["step"] <= (resume_step or 0):
+          if isinstance(record, dict) and record.get("step", 1 << 62) <= (resume_step or 0):
             kept.append(json.dumps(record) + "\n")
-      with open(self.path, "w") as f:
-        f.writelines(kept)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    self._tf = tf
+      self._replace("".join(kept))
     self._tb = tf.summary.create_file_writer(workdir)
 
   def write(self, step: int, values: dict[str, float]) -> None:
@@ -60,15 +66,41 @@ class MetricWriter:
     if not self.enabled or self._step is None:
       return
     record = {"step": int(self._step), **{k: float(v) for k, v in self._values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    line = json.dumps(record) + "\n"
+    if self._local:
+      # On disk before the step's checkpoint can exist (crash consistency).
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    else:
+      # GFile has no append on object stores: the file is rewritten with the new line.
+      gfile = self._tf.io.gfile
+      text = ""
+      if gfile.exists(self.path):
+        with gfile.GFile(self.path) as f:
+          text = f.read()
+      self._replace(text + line)
     with self._tb.as_default(step=int(self._step)):
       for k, v in self._values.items():
         self._tf.summary.scalar(k, float(v))
     self._tb.flush()
     self._step, self._values = None, {}
+
+  def _replace(self, text: str) -> None:
+    """Writes the whole file in one piece (a new file renamed over the old one)."""
+    tmp = self.path + ".tmp"
+    if self._local:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+      return
+    gfile = self._tf.io.gfile
+    with gfile.GFile(tmp, "w") as f:
+      f.write(text)
+    gfile.rename(tmp, self.path, overwrite=True)
 
   def close(self) -> None:
     self.flush()
@@ -125,16 +157,32 @@ class TrainMeter:
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """SIGTERM -> every process stops after the same step.
+
+  One process: a handler turns SIGTERM into a flag. Several processes: the signal
+  reaches one of them at a time, so JAX's preemption sync manager (started by
+  `jax.distributed.initialize`) catches it on whichever process gets it and every
+  process agrees on the step to stop after; `reached(step)` must be called after
+  every step by every process.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
+    self._sync = distributed.preemption_sync_enabled()
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._sync and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (the same answer on every process)."""
+    if self._sync:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame

@@ -151,6 +151,32 @@ def test_processes_read_disjoint_slices():
   assert set.union(*per_process) == set(range(12))
 
 
+def _join_processes(cfg, count, steps, *, global_batch_size, seed=0, start_step=0):
+  """The batches of `count` processes, joined in process order per step."""
+  per_process = [_take(ip.make_train_iterator(
+      cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+      process_index=i, process_count=count), steps) for i in range(count)]
+  return [{k: np.concatenate([p[s][k] for p in per_process]) for k in per_process[0][s]}
+          for s in range(steps)]
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_global_batch_is_the_same_for_any_process_count(synth_dir, mixture):
+  # The global batch of step s depends on (seed, s) alone: the rows of 2 or 4
+  # processes, joined, are the 1-process batch, also after a resume (start_step).
+  cfg = _cfg()
+  if mixture:
+    cfg = _cfg(name="mix", data_dir=synth_dir, mixture=[
+        dict(name="synthetic", weight=1.0, **SYNTH),
+        dict(name="test_const", weight=2.0, num_examples=6)])
+  single = _take(ip.make_train_iterator(cfg, global_batch_size=4, seed=2,
+                                        process_index=0, process_count=1), 6)
+  for count in (2, 4):
+    _assert_same(_join_processes(cfg, count, 4, global_batch_size=4, seed=2), single[:4])
+  _assert_same(_join_processes(cfg, 2, 2, global_batch_size=4, seed=2, start_step=4),
+               single[4:6])
+
+
 def test_resume_equals_uninterrupted_stream():
   # 10 examples, batch 4: steps 2 and 5 straddle epoch boundaries.
   make = lambda start: ip.make_train_iterator(

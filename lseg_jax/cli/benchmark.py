@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--torch-dtypes", default=",".join(TORCH_DTYPES),
                  help="comma-separated PyTorch precisions for --torch")
   p.add_argument("--json", default=None, help="also write the JSON line to this file")
+  common.add_distributed_args(p)
   return p
 
 
@@ -221,8 +222,9 @@ def bench_train(state, spec, config, mesh, text_emb, labels: int, steps: int):
   train.check_batch_config(config, mesh)
   train_step = train.jit_train_step(spec, config, mesh)
   rng = np.random.default_rng(0)
+  per_process = config.batch_size // jax.process_count()  # each process feeds its share
   batches = [host_to_device.to_global(
-      generated_batch(rng, config.batch_size, config.data.crop_size, labels),
+      generated_batch(rng, per_process, config.data.crop_size, labels),
       sharding.batch_sharding(mesh)) for _ in range(2)]
   box = {"state": state, "metrics": None}
 
@@ -394,10 +396,12 @@ def main(argv=None) -> int:
   config = common.load_config(args.config, args.overrides)
   if args.torch:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  common.setup_logging()
+  common.start_jax(args)  # images/s are global under tools/launch.py (process 0 prints)
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from lseg_jax import flops, sharding, state as state_lib
+  from lseg_jax import distributed, flops, sharding, state as state_lib
   # pylint: enable=g-import-not-at-top
 
   mesh = sharding.make_mesh(config.mesh)
@@ -467,10 +471,12 @@ def main(argv=None) -> int:
               crop, peak_by_dtype, flops_of)
 
   line = json.dumps(results)
-  print(line, flush=True)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      f.write(line + "\n")
+  if jax.process_index() == 0:
+    print(line, flush=True)
+    if args.json:
+      with open(args.json, "w", encoding="utf-8") as f:
+        f.write(line + "\n")
+  distributed.done()
   return 0
 
 

@@ -3,7 +3,9 @@
 Every tool that reads a run config takes `--config FILE[:ARG]` and any number of
 `--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`);
 eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
-`--tokenizer`, `--prompt`, `--dtype`).
+`--tokenizer`, `--prompt`, `--dtype`). Every tool that runs JAX takes the
+multi-process arguments (`--coordinator`, `--num-processes`, `--process-id`,
+`--heartbeat-timeout`) and calls `start_jax` before its first computation.
 
 Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
 can cause (a bad value, a missing or damaged file) ends in one line "error: ..." and
@@ -67,6 +69,11 @@ def entry_point(main) -> None:
   sys.stderr.flush()
   if code:
     logging_std.shutdown()
+    if "lseg_jax.distributed" in sys.modules:
+      # A process that finished its work leaves the job in step with the others;
+      # otherwise they learn that this one left.
+      sys.modules["lseg_jax.distributed"].shutdown_finished()
+      sys.modules["lseg_jax.distributed"].leaving()
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(0)
 
@@ -90,6 +97,10 @@ def run(main, argv: Sequence[str] | None = None) -> int:
     print("error: interrupted", file=sys.stderr)
     return 130
   except Exception as e:  # pylint: disable=broad-except
+    if "lseg_jax.distributed" in sys.modules:
+      # A collective that failed because another process died: the lost process is
+      # named instead (the process exits there).
+      sys.modules["lseg_jax.distributed"].await_lost_process(e)
     message = None if verbose else user_error_message(e)
     if message is None:
       raise
@@ -150,8 +161,9 @@ def read_config_file(spec: str):
     raise SystemExit(f"error: --config file {path!r} does not exist; expected "
                      "configs/NAME.py[:ARGS]")
   values = flags.FlagValues()
-  # sys_argv: the overrides are applied by lseg_jax.config (which knows the library's
-  # defaults), not by ml_collections from sys.argv.
+  # sys_argv: otherwise the flag reads the process's own --config.KEY overrides; they
+  # are applied by lseg_jax.config (which knows the library's defaults and the fields
+  # that only the completed config has).
   argv = ["config", f"--config={spec}"]
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False,
                                   sys_argv=argv)
@@ -176,6 +188,25 @@ def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
     config_lib.check_config(config)
     return config
   except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+  """The multi-process arguments (`lseg_jax.distributed.add_arguments`)."""
+  from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.add_arguments(parser)
+
+
+def start_jax(args: argparse.Namespace):
+  """Joins the process to its multi-process job (a no-op for one process) before the
+  first JAX computation; logs and returns the `distributed.Topology`."""
+  from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    return distributed.initialize(
+        getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
+        heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
+  except (ValueError, RuntimeError) as e:
     raise SystemExit(f"error: {e}") from None
 
 
@@ -251,6 +282,6 @@ def setup_logging() -> None:
 
 
 __all__ = ["DEBUG_ENV", "USER_ERROR_EXIT", "UserError", "VERBOSE_FLAG", "add_checkpoint_args",
-           "add_config_arg", "entry_point", "load_checkpoint", "load_config", "parse",
-           "read_config_file", "run", "setup_logging", "split_overrides",
-           "user_error_message"]
+           "add_config_arg", "add_distributed_args", "entry_point", "load_checkpoint",
+           "load_config", "parse", "read_config_file", "run", "setup_logging",
+           "split_overrides", "start_jax", "user_error_message"]

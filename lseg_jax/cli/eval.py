@@ -34,8 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
+import sys
 import time
 
+from etils import epath
+
+from lseg_jax import distributed
 from lseg_jax.cli import common
 
 
@@ -75,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="stop after this many batches (default: the whole split)")
   p.add_argument("--out", default=None, help="JSON report path")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+  common.add_distributed_args(p)
   return p
 
 
@@ -115,7 +121,20 @@ def default_out(checkpoint_dir: str, data_cfg, mode: str) -> str:
   name = f"{data_cfg.name}_{data_cfg.eval_split}"
   if data_cfg.fold is not None:
     name += f"_fold{data_cfg.fold}"
-  return os.path.join(checkpoint_dir, "eval", f"{name}_{mode}.json")
+  return str(epath.Path(checkpoint_dir) / "eval" / f"{name}_{mode}.json")
+
+
+def write_report(path: str, report: dict) -> None:
+  """Writes the JSON report in one piece, through tf.io.gfile (local or remote paths,
+  e.g. gs://...)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  folder, name = posixpath.split(str(path))
+  if folder:
+    tf.io.gfile.makedirs(folder)
+  tmp = posixpath.join(folder, f".{name}.tmp")
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(json.dumps(report, indent=2))
+  tf.io.gfile.rename(tmp, str(path), overwrite=True)
 
 
 def data_only_config(name: str) -> dict:
@@ -184,6 +203,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"error: --config file {args.config.partition(':')[0]!r} does not "
                      "exist; expected configs/NAME.py[:ARGS]")
   common.setup_logging()
+  common.start_jax(args)
   # pylint: disable=g-import-not-at-top
   import jax
   from lseg_jax import checkpoint, evaluate, sharding
@@ -205,15 +225,14 @@ def main(argv=None) -> int:
     })
     if jax.process_index() == 0:
       out = args.out or default_out(ckpt_dir, ev.data, report["mode"])
-      os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-      with open(out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+      write_report(out, report)
       title = (f"{report['dataset']} / {report['split']}"
                + (f" / fold {report['fold']}" if report["fold"] is not None else "")
                + f" ({report['protocol']}, {report['mode']})")
       print(title)
       print(evaluate.format_table(report))
       print(f"report: {out}")
+  distributed.done()
   return 0
 
 

@@ -50,6 +50,7 @@ import sys
 
 import numpy as np
 
+from lseg_jax import distributed
 from lseg_jax.cli import common
 
 # `lseg_jax.predict` imports JAX: the functions load it after the arguments are checked.
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the official multi-scale + flip protocol (slower)")
   p.add_argument("--max-side", type=int, default=None,
                  help="shrink images whose long side is longer to this many pixels")
+  common.add_distributed_args(p)
   return p
 
 
@@ -183,6 +185,16 @@ def main(argv=None) -> int:
   images = list_images(args)
   from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
 
+  common.setup_logging()
+  common.start_jax(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    # Prediction files come from process 0 alone; the others wait for it.
+    multihost_utils.sync_global_devices("predict done")
+    distributed.done()
+    return 0
+
   model, meta, embedder, tokenizer_spec, _ = common.load_checkpoint(args)
   segmenter = predict_lib.Segmenter(model, embedder, window=predict_lib.default_window(meta))
   protocol = predict_lib.MULTI_SCALE if args.multiscale else predict_lib.SINGLE_SCALE
@@ -197,6 +209,9 @@ def main(argv=None) -> int:
         raise
       failed.append((path, str(e)))
       print(f"error: {e}", file=sys.stderr)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("predict done")
+  distributed.done()
   if failed:
     print(f"error: {len(failed)} of {len(images)} images failed:\n" + "\n".join(
         f"  {p}: {why}" for p, why in failed), file=sys.stderr)

@@ -9,15 +9,18 @@ Overrides: `--config.KEY=VALUE` for any field of the completed config (see
 --workdir resumes from its latest checkpoint.
 
 Exit codes: 0 finished (total_steps reached, or config.stop_at_step); 75 (EX_TEMPFAIL)
-stopped by SIGTERM before total_steps, after saving a checkpoint: rerun the same command
-to resume (schedulers restart on it); 2 a user error (one line on stderr); 1 anything
-else.
+stopped by SIGTERM before total_steps, after saving a checkpoint (every process of a
+multi-process run): rerun the same command to resume (schedulers restart on it); 76 a
+multi-process run stopped because another process was lost (killed, its machine gone):
+rerun the same command for every process to resume from the last complete checkpoint;
+2 a user error (one line on stderr); 1 anything else.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
+from lseg_jax import distributed
 from lseg_jax.cli import common
 
 # Stopped by SIGTERM before total_steps, with a checkpoint saved: rerun to resume.
@@ -29,23 +32,34 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split("\n", 1)[1])
   common.add_config_arg(p, required=True, help_text="training config file[:arg]")
-  p.add_argument("--workdir", required=True, help="directory for checkpoints and metrics")
+  p.add_argument("--workdir", required=True, help=(
+      "directory for checkpoints and metrics (local, or any path etils.epath reads, "
+      "e.g. gs://bucket/run)"))
+  common.add_distributed_args(p)
   return p
 
 
 def check_workdir(workdir: str) -> None:
-  """Raises UserError unless `workdir` is (or can be made) a writable folder."""
-  import tempfile  # pylint: disable=g-import-not-at-top
+  """Raises UserError unless `workdir` is a writable folder or can be made one.
+
+  Creates nothing: process 0 makes the folder once the settings have been checked, so
+  a run refused for bad settings leaves nothing behind. Remote paths (gs://...) are
+  checked by their first write.
+  """
+  if "://" in workdir:
+    return
   fix = "expected a folder this user can create and write to; pass another --workdir"
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise common.UserError(f"--workdir {workdir!r} is a file; {fix}")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise common.UserError(f"--workdir {workdir!r} is not writable ({e.strerror}); {fix}"
-                           ) from e
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise common.UserError(f"--workdir {workdir!r} is not writable ({existing!r} is a "
+                           f"file); {fix}")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise common.UserError(f"--workdir {workdir!r} is not writable (permission denied on "
+                           f"{existing!r}); {fix}")
 
 
 def main(argv=None) -> int:
@@ -53,12 +67,19 @@ def main(argv=None) -> int:
   config = common.load_config(args.config, args.overrides)
   check_workdir(args.workdir)
   common.setup_logging()
+  common.start_jax(args)
   from lseg_jax import train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, args.workdir)
+  import jax  # pylint: disable=g-import-not-at-top
+  distributed.done()
+  # Every process exits with the same code (schedulers read each task's).
+  code = EXIT_PREEMPTED if summary.get("terminated") else 0
+  if jax.process_index():
+    return code
   print(f"finished at step {summary['step']}"
         + (" (stopped early; rerun to resume)" if summary["preempted"] else "")
         + "".join(f", {k} {v:.4f}" for k, v in summary["eval"].items()))
-  return EXIT_PREEMPTED if summary.get("terminated") else 0
+  return code
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """The endless, resumable per-host train stream.
 
-Determinism and resuming: each epoch of an indexed source is a stateless
-permutation of this host's example indices drawn from (seed, epoch); each
-example's augmentation is seeded by (seed, host, its position in the stream).
-`start_step=k` skips k * per-host-batch positions, which costs index
-arithmetic only. A mixture draws its dataset choices from stateless uniforms
+Determinism and resuming: the global batch of step s is a function of
+(seed, s) alone, whatever the number of processes: step s holds positions
+[s * B, (s + 1) * B) of one global stream (B = global batch) and process i of
+N keeps rows [i * B / N, (i + 1) * B / N) of it, so losses, and a resume onto
+another process count, do not depend on the topology. Each epoch of an indexed
+source is a stateless permutation of all its example indices drawn from
+(seed, epoch); the rows of other processes are skipped as indices, before
+anything is read. Each example's augmentation is seeded by (seed, its global
+position). `start_step=k` skips k * B positions, which costs index arithmetic
+only. Sources without index access are read whole by every process, which
+keeps its own rows. A mixture draws its dataset choices from stateless uniforms
 per block of positions (instead of `sample_from_datasets`, whose choices can't
 be fast-forwarded), so the number of examples each component has used by step
 k is computed without loading them. Resume is exact as long as no example was
@@ -73,29 +79,47 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
     raise ValueError(f"start_step={start_step}; expected >= 0.")
   components, union = source_specs.build_components(data_cfg)
   stats = PipelineStats()
-  start = start_step * batch
+  # Global positions: step s is positions [s * B, (s + 1) * B) of one stream that
+  # depends on the seed alone; this process keeps rows [i * b, (i + 1) * b) of each.
+  start = start_step * global_batch_size
   if len(components) > 1:
     choices = _mixture_choices([c.weight for c in components],
                                _seed_int(seed, 1))
     starts = _mixture_counts(choices, len(components), start)
+    first_block, offset = divmod(start, _MIX_BLOCK)
+    choice_ds = tf.data.Dataset.range(first_block, _MAX_EPOCHS).map(
+        no_autograph(lambda block: tf.cast(choices(block), tf.int64)))
+    choice_ds = choice_ds.unbatch().skip(offset)
   else:
     starts = [start]
+    choice_ds = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()
+  owners = tf.data.Dataset.zip(tf.data.Dataset.range(start, _MAX_EPOCHS),
+                               choice_ds).map(no_autograph(
+      lambda pos, comp: (pos, comp,
+                         (pos % global_batch_size) // batch == process_index)))
 
   streams = []
   for i, (comp, comp_start) in enumerate(zip(components, starts)):
     comp_seed = _seed_int(seed, 2, i)
+    # (global position, mine) of every position that chose this component.
+    slots = owners.filter(no_autograph(lambda pos, c, mine, i=i: tf.equal(c, i)))
+    slots = slots.map(no_autograph(lambda pos, c, mine: (pos, mine)))
     if comp.source.is_indexed:
-      index_ds = _index_stream(comp.source, comp_seed, comp_start,
-                               process_index, process_count)
+      index_ds = tf.data.Dataset.zip(
+          _index_stream(comp.source, comp_seed, comp_start), slots)
+      index_ds = index_ds.filter(no_autograph(lambda item, slot: slot[1])).map(
+          no_autograph(lambda item, slot: (slot[0], item[1])))
       ds = bad_examples.indexed_examples(comp.source, index_ds, data_cfg,
                                          stats)
     else:
+      # No index access: every process reads the whole stream and keeps its rows.
       ds = bad_examples.streamed_examples(
-          comp.source, data_cfg, stats, process_index=process_index,
-          process_count=process_count, shuffle_seed=comp_seed,
-          start=comp_start)
-    augment = _augment_fn(data_cfg, comp, len(union),
-                          _seed_int(seed, 3, i, process_index))
+          comp.source, data_cfg, stats, process_index=0, process_count=1,
+          shuffle_seed=comp_seed, start=comp_start)
+      ds = tf.data.Dataset.zip(ds, slots).filter(
+          no_autograph(lambda ex, slot: slot[1])).map(
+              no_autograph(lambda ex, slot: dict(ex, _position=slot[0])))
+    augment = _augment_fn(data_cfg, comp, len(union), _seed_int(seed, 3, i))
     streams.append(ds.map(no_autograph(augment),
                           num_parallel_calls=data_cfg.num_parallel_calls,
                           deterministic=True))
@@ -103,11 +127,9 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   if len(streams) == 1:
     ds = streams[0]
   else:
-    first_block, offset = divmod(start, _MIX_BLOCK)
-    choice_ds = tf.data.Dataset.range(first_block, _MAX_EPOCHS).map(
-        no_autograph(lambda block: tf.cast(choices(block), tf.int64)))
-    choice_ds = choice_ds.unbatch().skip(offset)
-    ds = tf.data.Dataset.choose_from_datasets(streams, choice_ds)
+    mine = owners.filter(no_autograph(lambda pos, c, mine: mine)).map(
+        no_autograph(lambda pos, c, mine: c))
+    ds = tf.data.Dataset.choose_from_datasets(streams, mine)
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.prefetch(data_cfg.prefetch)
   return deterministic(ds), union, stats
@@ -136,18 +158,16 @@ def _seed_int(*values) -> int:
   return int((int(state[0]) << 31) ^ int(state[1]))
 
 
-def _index_stream(source: registry.Source, seed, start, process_index,
-                  process_count):
-  """Endless (position, index) dataset from position `start` on (this host).
+def _index_stream(source: registry.Source, seed, start):
+  """Endless (position, index) dataset of a source from position `start` on.
 
-  Epoch e visits this host's indices in the permutation drawn from
-  (seed, e); the skip within the start epoch touches indices only.
+  Epoch e visits every index in the permutation drawn from (seed, e); the
+  skip within the start epoch touches indices only.
   """
-  host = tf.constant(source.host_indices(process_index, process_count))
+  host = tf.constant(source.host_indices(0, 1))
   n = int(host.shape[0])
   if n == 0:
-    raise ValueError(f"Process {process_index} of {process_count} gets no "
-                     f"examples from a source with {source.num_examples}.")
+    raise ValueError(f"{type(source).__name__} has no examples to train on.")
   epoch_seed = tf.constant(seed, tf.int64)
 
   def epoch(e):
