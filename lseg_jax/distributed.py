@@ -177,9 +177,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                               (process_id, num_processes, where, init_timeout))
     give_up.daemon = True
     give_up.start()
-    logging.info("Joining the job as process %s of %s at coordinator %s (%d s allowed; "
-                 "a process count or id the coordinator does not expect aborts here).",
-                 process_id, num_processes, where, init_timeout)
+    if num_processes is not None:
+      logging.info("Joining the job as process %s of %s at coordinator %s (%d s allowed; "
+                   "a process count or id the coordinator does not expect aborts here).",
+                   process_id, num_processes, where, init_timeout)
     kwargs = dict(initialization_timeout=int(init_timeout) + 60,
                   heartbeat_timeout_seconds=int(2 * heartbeat_timeout + 10),
                   shutdown_timeout_seconds=int(2 * heartbeat_timeout + 10))
