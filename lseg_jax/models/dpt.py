@@ -12,7 +12,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from lseg_jax.models import resize
+from lseg_jax.models import conv, resize
 
 # Per reassemble level: ("deconv", factor) | ("conv_s2",) | ("none",), as lang-seg.
 REASSEMBLE = {
@@ -70,7 +70,7 @@ class Reassemble(nnx.Module):
   def __init__(self, readout: str, vit_width: int, width: int, resample: tuple, *,
                dtype: Any, rngs: nnx.Rngs):
     self.readout = Readout(readout, vit_width, dtype=dtype, rngs=rngs)
-    self.conv = nnx.Conv(vit_width, width, (1, 1), dtype=dtype, rngs=rngs)
+    self.conv = conv.Conv1x1(vit_width, width, dtype=dtype, rngs=rngs)
     self.resample_kind = resample[0]
     if resample[0] == "deconv":
       self.resample = ConvTransposeKxK(width, width, resample[1], dtype=dtype, rngs=rngs)
@@ -127,11 +127,11 @@ class ResidualConvUnit(nnx.Module):
   """relu -> conv3x3 -> BN -> relu -> conv3x3 -> BN, plus the input."""
 
   def __init__(self, features: int, *, dtype: Any, rngs: nnx.Rngs):
-    conv = lambda: nnx.Conv(features, features, (3, 3), padding=((1, 1), (1, 1)),
-                            use_bias=False, dtype=dtype, rngs=rngs)
-    self.conv1 = conv()
+    conv3x3 = lambda: nnx.Conv(features, features, (3, 3), padding=((1, 1), (1, 1)),
+                               use_bias=False, dtype=dtype, rngs=rngs)
+    self.conv1 = conv3x3()
     self.bn1 = BatchNorm(features, dtype=dtype)
-    self.conv2 = conv()
+    self.conv2 = conv3x3()
     self.bn2 = BatchNorm(features, dtype=dtype)
 
   def __call__(self, x):
@@ -146,7 +146,7 @@ class FusionBlock(nnx.Module):
   def __init__(self, features: int, *, dtype: Any, rngs: nnx.Rngs):
     self.resConfUnit1 = ResidualConvUnit(features, dtype=dtype, rngs=rngs)
     self.resConfUnit2 = ResidualConvUnit(features, dtype=dtype, rngs=rngs)
-    self.out_conv = nnx.Conv(features, features, (1, 1), dtype=dtype, rngs=rngs)
+    self.out_conv = conv.Conv1x1(features, features, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, skip=None):
     """x [B, h, w, F], skip [B, h, w, F] or None -> [B, 2h, 2w, F]."""

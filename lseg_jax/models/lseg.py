@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lseg_jax.models import clip_text, dpt, resize, spatial_reg, vit
+from lseg_jax.models import clip_text, conv, dpt, resize, spatial_reg, vit
 
 # lang-seg backbone name -> (ViT variant, CLIP text variant).
 BACKBONES = {
@@ -123,7 +123,7 @@ class Scratch(nnx.Module):
           w, f, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype, rngs=rngs))
     for i in range(4):
       setattr(self, f"refinenet{i + 1}", dpt.FusionBlock(f, dtype=dtype, rngs=rngs))
-    self.head1 = nnx.Conv(f, text_dim, (1, 1), dtype=dtype, rngs=rngs)
+    self.head1 = conv.Conv1x1(f, text_dim, dtype=dtype, rngs=rngs)
     self.head_block = (
         spatial_reg.SpatialRegularization(cfg.arch_option, cfg.block_depth, cfg.activation,
                                           rngs=rngs)
