@@ -52,6 +52,7 @@ class LSegConfig:
   activation: str = "lrelu"  # "relu" | "lrelu" | "tanh"
   dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
   attention: str = "xla"  # "xla" | "cudnn"
+  remat: str = "none"  # "none" | "dots" | "full": per ViT block, see `vit.REMAT_POLICIES`
   text_vocab_size: int | None = None  # None: the variant's (49408); smaller in tiny tests
 
   def __post_init__(self):
@@ -61,6 +62,8 @@ class LSegConfig:
       raise ValueError(f"arch_option must be 0, 1 or 2, got {self.arch_option!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    if self.remat not in vit.REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(vit.REMAT_POLICIES)}, got {self.remat!r}")
 
   @property
   def vit_variant(self) -> str:
@@ -94,7 +97,8 @@ class Pretrained(nnx.Module):
   def __init__(self, cfg: LSegConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     self.model = vit.VisionTransformer(
-        vit.decode_variant(cfg.vit_variant, dtype=dtype, attention=cfg.attention), rngs=rngs)
+        vit.decode_variant(cfg.vit_variant, dtype=dtype, attention=cfg.attention,
+                           remat=cfg.remat), rngs=rngs)
     vcfg = self.model.cfg
     styles = dpt.REASSEMBLE[vcfg.patch]
     widths = DPT_WIDTHS[cfg.vit_variant]

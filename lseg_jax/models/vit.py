@@ -45,10 +45,23 @@ class ViTConfig:
   dtype: Any = jnp.float32
   # "xla", or "cudnn" (fused attention on NVIDIA GPUs; tokens padded to a multiple of 64).
   attention: str = "xla"
+  # Rematerialisation of each block in the backward pass: see `REMAT_POLICIES`.
+  remat: str = "none"
 
   @property
   def pretrain_grid(self) -> int:
     return self.pretrain_size // self.patch
+
+
+# Per-block rematerialisation (`jax.checkpoint`): what the backward pass keeps from
+# the forward pass of a block. "none": everything XLA keeps; "dots": the outputs of
+# the dense layers (qkv, proj, fc1, fc2), recomputing the attention scores and the
+# elementwise ops; "full": only the block's input, recomputing the whole block.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def decode_variant(variant: str, **overrides) -> ViTConfig:
@@ -129,10 +142,19 @@ class Block(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
+def _rematerialised(block: Block, x, policy):
+  """block(x) under `jax.checkpoint(policy=policy)`. A block holds parameters only
+  (nothing it writes back), so it goes in as a pure state and is rebuilt inside."""
+  graphdef, state = nnx.split(block)
+  return jax.checkpoint(lambda state, x: nnx.merge(graphdef, state)(x), policy=policy)(state, x)
+
+
 class VisionTransformer(nnx.Module):
   """timm-layout ViT returning the token sequences after the hooked blocks."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    if cfg.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat {cfg.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     self.cfg = cfg
     init = nnx.initializers.normal(0.02)
     g = cfg.pretrain_grid
@@ -172,11 +194,12 @@ class VisionTransformer(nnx.Module):
     x = self.patch_embed(images.astype(self.cfg.dtype)).reshape(b, gh * gw, -1)
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.resized_pos_embed(gh, gw).astype(x.dtype)
+    policy = REMAT_POLICIES[self.cfg.remat]
     hooked = []
     for i, block in enumerate(self.blocks):
       if i > max(self.cfg.hooks):
         break
-      x = block(x)
+      x = block(x) if policy is None else _rematerialised(block, x, policy)
       if i in self.cfg.hooks:
         hooked.append(x)
     return hooked
