@@ -124,6 +124,8 @@ def test_bad_config_values():
     spatial_reg.SpatialRegularization(1, 2, "gelu", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"unknown LSegConfig fields \['colour'\]"):
     lseg.LSegConfig.from_dict({"colour": 1})
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    lseg.LSegConfig(attention="flash")
   with pytest.raises(ValueError, match="remat must be one of .* got 'some'"):
     lseg.LSegConfig(remat="some")
 

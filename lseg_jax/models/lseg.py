@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lseg_jax.models import clip_text, conv, dpt, resize, spatial_reg, vit
+from lseg_jax.models import attention, clip_text, conv, dpt, resize, spatial_reg, vit
 
 # lang-seg backbone name -> (ViT variant, CLIP text variant).
 BACKBONES = {
@@ -51,7 +51,7 @@ class LSegConfig:
   block_depth: int = 0
   activation: str = "lrelu"  # "relu" | "lrelu" | "tanh"
   dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
-  attention: str = "xla"  # "xla" | "cudnn"
+  attention: str = "auto"  # "auto" | "xla" | "cudnn": see `lseg_jax.models.attention`
   remat: str = "none"  # "none" | "dots" | "full": per ViT block, see `vit.REMAT_POLICIES`
   text_vocab_size: int | None = None  # None: the variant's (49408); smaller in tiny tests
 
@@ -62,6 +62,7 @@ class LSegConfig:
       raise ValueError(f"arch_option must be 0, 1 or 2, got {self.arch_option!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    attention.check_implementation(self.attention)
     if self.remat not in vit.REMAT_POLICIES:
       raise ValueError(f"remat must be one of {sorted(vit.REMAT_POLICIES)}, got {self.remat!r}")
 

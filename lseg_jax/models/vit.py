@@ -14,7 +14,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from lseg_jax.models import resize
+from lseg_jax.models import attention, resize
 
 # `reassemble` names the DPT reassemble style lang-seg uses for the patch size:
 # "16": ConvTranspose x4, ConvTranspose x2, none, strided 3x3 conv;
@@ -43,8 +43,8 @@ class ViTConfig:
   num_classes: int = 1000  # timm's unused classifier head; kept for checkpoint interop
   pretrain_size: int = 384  # the position embeddings' grid is pretrain_size // patch
   dtype: Any = jnp.float32
-  # "xla", or "cudnn" (fused attention on NVIDIA GPUs; tokens padded to a multiple of 64).
-  attention: str = "xla"
+  # "auto" | "xla" | "cudnn": see `lseg_jax.models.attention`.
+  attention: str = "auto"
   # Rematerialisation of each block in the backward pass: see `REMAT_POLICIES`.
   remat: str = "none"
 
@@ -91,6 +91,7 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    attention.check_implementation(cfg.attention)
     self.heads = cfg.heads
     self.implementation = cfg.attention
     self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, dtype=cfg.dtype, rngs=rngs)
@@ -101,21 +102,7 @@ class Attention(nnx.Module):
     b, n, c = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.implementation == "cudnn":
-      # cuDNN's fused kernel wants the token axis padded (901 tokens at 480 px
-      # are rejected); padded keys are masked out by the sequence lengths.
-      n_pad = -n % 64
-      pad = ((0, 0), (0, n_pad), (0, 0), (0, 0))
-      q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
-      lengths = jnp.full((b,), n, jnp.int32)
-      out = jax.nn.dot_product_attention(
-          q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-          implementation="cudnn")[:, :n]
-    elif self.implementation == "xla":
-      out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    else:
-      raise ValueError(f"unknown attention implementation {self.implementation!r}; "
-                       "expected 'xla' or 'cudnn'")
+    out = attention.dot_product_attention(q, k, v, self.implementation)
     return self.proj(out.reshape(b, n, c))
 
 
