@@ -14,8 +14,9 @@ ablation, activation=lrelu|relu|tanh), epochs=240, runlocal (4 tiny CPU steps: n
 the data, not the weights). Recipe (lang-seg train.sh): global batch 16, SGD momentum
 0.9, weight decay 1e-4, base lr 0.004 x batch/16 with the decoder at 10x, poly decay
 0.9, 240 epochs, crop 480 from base size 520, scale 0.5-2.0, flip; bfloat16 compute
-(float32 parameters, logits and loss). On NVIDIA GPUs add
---config.model.attention=cudnn; on many chips shard ViT-L with --config.mesh.fsdp=N.
+(float32 parameters, logits and loss). Attention is cuDNN's fused kernel on NVIDIA
+GPUs and XLA's elsewhere (model.attention="auto"); on many chips shard ViT-L with
+--config.mesh.fsdp=N, and --config.model.remat=dots trades compute for memory.
 """
 from configs import common
 

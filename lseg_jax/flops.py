@@ -1,123 +1,122 @@
-r"""Floating-point operations of an LSeg forward pass, for MFU figures.
+"""FLOPs of LSeg per image, from the model config, the crop size and the label count.
 
-Counts 2 FLOPs per multiply-add of every matrix product and convolution; norms,
-activations, softmax, biases, residual adds and the bilinear resizes (position
-embeddings, fusion x2, logits x2) are left out (well under 1% for the real models).
+What is counted: every matrix product and convolution, at 2 FLOPs per
+multiply-accumulate, as this implementation computes them:
 
-For a square crop of side S, a ViT with patch p, width C, MLP width M, depth d (the
-blocks up to the last DPT hook: 12 of ViT-B/32, 24 of ViT-L/16), N = (S/p)^2 patch
-tokens and T = N + 1 tokens; DPT level widths w_1..w_4, decoder width F, text width D
-and L labels, the per-image forward count is the sum of:
+  ViT (the blocks up to the last hook; T = N + 1 tokens of width C, N patches of
+  p x p pixels, MLP width M):
+    patch embedding        2 N (3 p^2) C
+    per block: qkv 6 T C^2, scores QK^T 2 T^2 C, weights x V 2 T^2 C,
+               projection 2 T C^2, MLP 4 T C M
+  DPT decoder (per hook i, width w_i, resampled to P_i pixels; F features):
+    readout "project"      2 N (2C) C
+    1x1 conv               2 N C w_i
+    resample               ConvTranspose k x k, stride k: 2 N k^2 w_i^2;
+                           3x3 stride-2 conv: 2 (P_i) 9 w_i^2
+    layerN_rn (3x3)        2 P_i 9 w_i F
+    fusion block i         2 (or 4 with the skip unit) 3x3 convs: 2 P_i 9 F^2 each;
+                           out_conv (1x1) 2 P_i F^2
+  head: head1 (1x1 to the text width D) 2 P_1 F D; spatial regularisation (arch_option
+    1 or 2): max(block_depth, 1) single-channel 3x3 convs per label on the H/2 x W/2
+    map, 2 (H/2)(W/2) 9 L each.
+  logits: 2 P_1 D L (the scores are taken before the last x2 upsampling).
 
-  patch embed        2 N (3 p^2) C
-  per ViT block      2 T (3C^2)   qkv
-                     2 T^2 C      q k^T (all heads together)
-                     2 T^2 C      attention x V
-                     2 T C^2      output projection
-                     2 T (2 C M)  MLP (fc1, fc2)
-  readout "project"  4 x 2 N (2C) C     (the other readouts: 0)
-  reassemble i       2 N C w_i          1x1 conv on the token grid
-                     2 N k^2 w_i^2      ConvTranspose k x k, stride k (k = 8, 4, 2)
-                     2 (N/4) 9 w_i^2    3x3 conv, stride 2 (patch 16, level 4)
-  layer_i_rn         2 R_i 9 w_i F      3x3 conv at level i's R_i = (S / 2^(i+1))^2
-                                        pixels (strides 4, 8, 16, 32)
-  fusion block i     2 x 2 R_i 9 F^2    a residual unit: two 3x3 convs (two units,
-                                        except the coarsest block without a skip)
-                     2 (4 R_i) F^2      1x1 out_conv after the x2 upsampling
-  head1              2 (S/2)^2 F D
-  logits             2 (S/2)^2 L D      pixel . label embeddings
-  spatial reg.       2 (S/2)^2 L 9      per application (max(block_depth, 1) of them,
-                                        only with arch_option 1 or 2)
+Not counted: normalisations, activations, softmax, resizes, the L2 norms, the loss
+(elementwise work, a few percent at most), and the CLIP text tower: label embeddings
+are computed once per label set, not per image.
 
-A training step is counted as 3 forward passes (forward, and a backward pass of twice
-its cost), the usual convention; it slightly overcounts LSeg, whose frozen text tower is
-not run at all (label embeddings are computed once) and whose first layer needs no
-input gradient.
+lang-seg applies out_conv after each fusion block's x2 upsampling and head1 and the
+logits at H/2 x W/2, 4x the pixels; `reference_order=True` counts them there, for
+comparisons with the official model (it computes the same function).
 
-For ViT-L/16 at 480 px with 150 labels this gives 0.81 TFLOP per image forward, 2.43
-TFLOP per training image (ViT 0.63 of the 0.81; the DPT decoder, mostly its finest
-fusion block at 120x120, most of the rest).
-
-ResNet backbones (`clip_resnet101`) are not counted (`forward_flops` raises
-ValueError).
+Training: backward = 2 x forward, so a training step costs 3 x forward per image.
+Example: ViT-L/16 at 480 x 480 with 150 labels, 0.78 TFLOP forward, 2.35 TFLOP per
+training image (2.43 in lang-seg's order).
 """
 from __future__ import annotations
 
-from lseg_jax.models import dpt, lseg, vit
+import dataclasses
 
-TRAIN_FORWARD_MULTIPLE = 3
-
-
-def _vit_flops(v: vit.ViTConfig, size: int) -> dict[str, float]:
-  n = (size // v.patch) ** 2
-  t = n + 1
-  c, m = v.width, v.mlp_dim
-  depth = max(v.hooks) + 1
-  block = 2 * t * 3 * c * c + 4 * t * t * c + 2 * t * c * c + 4 * t * c * m
-  return {"patch_embed": 2 * n * 3 * v.patch ** 2 * c, "vit_blocks": depth * block}
+from lseg_jax.models import clip_text, dpt, lseg, vit
 
 
-def _dpt_flops(cfg: lseg.LSegConfig, v: vit.ViTConfig, size: int, text_dim: int
-               ) -> dict[str, float]:
-  n = (size // v.patch) ** 2
-  c, f = v.width, cfg.num_features
-  widths = lseg.DPT_WIDTHS[cfg.vit_variant]
-  readout = 4 * 2 * n * 2 * c * c if cfg.readout == "project" else 0
-  reassemble = 0
-  for w, style in zip(widths, dpt.REASSEMBLE[v.patch]):
-    reassemble += 2 * n * c * w
-    if style[0] == "deconv":
-      reassemble += 2 * n * style[1] ** 2 * w * w
-    elif style[0] == "conv_s2":
-      reassemble += 2 * (n // 4) * 9 * w * w
-  pixels = [(size // 2 ** (i + 2)) ** 2 for i in range(4)]  # strides 4, 8, 16, 32
-  layer_rn = sum(2 * r * 9 * w * f for r, w in zip(pixels, widths))
-  rcu = lambda r: 2 * 2 * r * 9 * f * f
-  fusion = sum((1 if i == 3 else 2) * rcu(r) + 2 * 4 * r * f * f
-               for i, r in enumerate(pixels))
-  head1 = 2 * (size // 2) ** 2 * f * text_dim
-  return {"readout": readout, "reassemble": reassemble, "layer_rn": layer_rn,
-          "fusion": fusion, "head1": head1}
+@dataclasses.dataclass(frozen=True)
+class Flops:
+  """Forward FLOPs of one image by part; `forward`, `backward`, `train` in total."""
+  vit: float
+  decoder: float  # readout, reassemble, layerN_rn, fusion blocks
+  head: float  # head1 and the spatial regularisation
+  logits: float
+
+  @property
+  def forward(self) -> float:
+    return self.vit + self.decoder + self.head + self.logits
+
+  @property
+  def backward(self) -> float:
+    return 2 * self.forward
+
+  @property
+  def train(self) -> float:
+    return self.forward + self.backward
 
 
-def forward_flops_breakdown(cfg: lseg.LSegConfig, crop_size: int, num_labels: int
-                            ) -> dict[str, float]:
-  """Forward FLOPs per image by part (see the module docstring).
+def vit_flops(cfg: vit.ViTConfig, height: int, width: int) -> float:
+  """Forward FLOPs of the ViT blocks LSeg runs (up to the last hook) on one image."""
+  n = (height // cfg.patch) * (width // cfg.patch)
+  t, c, m = n + 1, cfg.width, cfg.mlp_dim
+  per_block = 6 * t * c * c + 2 * t * t * c + 2 * t * t * c + 2 * t * c * c + 4 * t * c * m
+  return 2 * n * 3 * cfg.patch ** 2 * c + (max(cfg.hooks) + 1) * per_block
 
-  Args:
-    cfg: the model.
-    crop_size: side S of the square input (a multiple of the model's size multiple).
-    num_labels: labels L scored per pixel.
 
-  Returns:
-    {part: FLOPs}: patch_embed, vit_blocks, readout, reassemble, layer_rn, fusion,
-    head1, logits, spatial_reg.
+def count(cfg: lseg.LSegConfig, height: int, width: int | None = None,
+          num_labels: int = 150, *, reference_order: bool = False) -> Flops:
+  """FLOPs of one image of `height` x `width` (default square) with `num_labels` labels.
 
-  Raises:
-    ValueError: for a ResNet backbone.
+  See the module docstring for what is counted. `height` and `width` must be valid
+  input sizes for the model (multiples of its `size_multiple`).
   """
-  if cfg.image_encoder != "vit":
-    raise ValueError(f"no FLOP count for the ResNet backbone {cfg.backbone!r}")
-  v = vit.decode_variant(cfg.vit_variant)
-  text_dim = _text_dim(cfg)
-  out = {**_vit_flops(v, crop_size), **_dpt_flops(cfg, v, crop_size, text_dim)}
-  half = (crop_size // 2) ** 2
-  out["logits"] = 2 * half * num_labels * text_dim
-  reps = max(cfg.block_depth, 1) if cfg.arch_option else 0
-  out["spatial_reg"] = reps * 2 * half * num_labels * 9
-  return {k: float(x) for k, x in out.items()}
+  width = height if width is None else width
+  vcfg = vit.decode_variant(cfg.vit_variant)
+  p, c = vcfg.patch, vcfg.width
+  if height % p or width % p:
+    raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+  gh, gw = height // p, width // p
+  n = gh * gw
+  f = cfg.num_features
+  d = clip_text.decode_variant(cfg.text_variant).embed_dim
+  widths = lseg.DPT_WIDTHS[cfg.vit_variant]
+
+  decoder = 0.0
+  pixels = []  # P_i: pixels of reassembled level i
+  for w, style in zip(widths, dpt.REASSEMBLE[p]):
+    if cfg.readout == "project":
+      decoder += 2 * n * 2 * c * c
+    decoder += 2 * n * c * w
+    if style[0] == "deconv":
+      k = style[1]
+      decoder += 2 * n * k * k * w * w
+      level = n * k * k
+    elif style[0] == "conv_s2":
+      level = ((gh + 1) // 2) * ((gw + 1) // 2)
+      decoder += 2 * level * 9 * w * w
+    else:
+      level = n
+    decoder += 2 * level * 9 * w * f  # layerN_rn
+    pixels.append(level)
+  out_scale = 4 if reference_order else 1  # out_conv after (lang-seg) or before the x2
+  for i, level in enumerate(pixels):
+    convs = 2 if i == 3 else 4  # refinenet4 has no skip input
+    decoder += convs * 2 * level * 9 * f * f + out_scale * 2 * level * f * f
+
+  half = (height // 2) * (width // 2)  # = 4 P_1
+  head_pixels = half if reference_order else pixels[0]
+  head = 2 * head_pixels * f * d
+  if cfg.arch_option:
+    head += max(cfg.block_depth, 1) * 2 * half * 9 * num_labels
+  logits = 2 * head_pixels * d * num_labels
+  return Flops(vit=float(vit_flops(vcfg, height, width)), decoder=float(decoder),
+               head=float(head), logits=float(logits))
 
 
-def _text_dim(cfg: lseg.LSegConfig) -> int:
-  from lseg_jax.models import clip_text  # pylint: disable=g-import-not-at-top
-  return clip_text.decode_variant(cfg.text_variant).embed_dim
-
-
-def forward_flops(cfg: lseg.LSegConfig, crop_size: int, num_labels: int) -> float:
-  """Forward FLOPs per image of `crop_size` x `crop_size` with `num_labels` labels."""
-  return sum(forward_flops_breakdown(cfg, crop_size, num_labels).values())
-
-
-def train_flops(cfg: lseg.LSegConfig, crop_size: int, num_labels: int) -> float:
-  """Training FLOPs per image: `TRAIN_FORWARD_MULTIPLE` (3) forward passes."""
-  return TRAIN_FORWARD_MULTIPLE * forward_flops(cfg, crop_size, num_labels)
+__all__ = ["Flops", "count", "vit_flops"]

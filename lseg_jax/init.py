@@ -39,7 +39,7 @@ def _prefixed(prefix: str, state: nnx.State) -> dict[str, np.ndarray]:
 def _from_checkpoint(directory: str, model_config: lseg.LSegConfig) -> dict[str, np.ndarray]:
   model, meta = checkpoint.load_model(directory)
   theirs = lseg.LSegConfig.from_dict(meta["model_config"])
-  compute_only = ("dtype", "attention")
+  compute_only = ("dtype", "attention", "remat")
   diff = {k: (v, getattr(model_config, k)) for k, v in theirs.to_dict().items()
           if k not in compute_only and getattr(model_config, k) != v}
   if diff:

@@ -14,9 +14,10 @@ from lseg_jax.models import lseg, spatial_reg
 TEXT_VOCAB = 64
 
 
-def make_model(backbone="tiny_vit32", arch_option=1, block_depth=2, dtype="float32", seed=0):
+def make_model(backbone="tiny_vit32", arch_option=1, block_depth=2, dtype="float32", seed=0,
+               **config):
   cfg = lseg.LSegConfig(backbone=backbone, arch_option=arch_option, block_depth=block_depth,
-                        activation="lrelu", dtype=dtype, text_vocab_size=TEXT_VOCAB)
+                        activation="lrelu", dtype=dtype, text_vocab_size=TEXT_VOCAB, **config)
   model = lseg.LSeg(cfg, rngs=nnx.Rngs(seed))
   model.eval()
   return model
@@ -123,6 +124,10 @@ def test_bad_config_values():
     spatial_reg.SpatialRegularization(1, 2, "gelu", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"unknown LSegConfig fields \['colour'\]"):
     lseg.LSegConfig.from_dict({"colour": 1})
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    lseg.LSegConfig(attention="flash")
+  with pytest.raises(ValueError, match="remat must be one of .* got 'some'"):
+    lseg.LSegConfig(remat="some")
 
 
 def test_bfloat16_compute_float32_params_and_logits():
@@ -150,3 +155,33 @@ def test_batchnorm_train_mode_updates_running_stats():
   after = np.asarray(bn.mean[...]).copy()
   model(images, text)
   np.testing.assert_array_equal(np.asarray(bn.mean[...]), after)
+
+
+def _train_loss_and_grads(model, images, text, labels):
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.pure(params), nnx.pure(rest)
+
+  def loss_fn(params):
+    m = nnx.merge(graphdef, params, rest)
+    logp = jax.nn.log_softmax(m(images, text), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+  return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit16", "tiny_vit32"])
+def test_remat_keeps_loss_and_gradients(backbone):
+  """Rematerialising the ViT blocks changes what is stored, not what is computed."""
+  images, text = inputs(make_model(backbone))
+  labels = jax.random.randint(jax.random.key(1), images.shape[:3], 0, text.shape[0])
+  ref_loss, ref_grads = _train_loss_and_grads(make_model(backbone, remat="none"), images, text,
+                                              labels)
+  for remat in ("dots", "full"):
+    model = make_model(backbone, remat=remat)
+    jaxpr = str(jax.make_jaxpr(lambda x: model(x, text))(images))
+    assert "checkpoint" in jaxpr or "remat" in jaxpr, remat
+    loss, grads = _train_loss_and_grads(model, images, text, labels)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for (path, g), ref in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+      scale = float(jnp.max(jnp.abs(ref))) or 1.0
+      assert float(jnp.max(jnp.abs(g - ref))) <= 1e-5 * scale, (remat, jax.tree_util.keystr(path))

@@ -413,11 +413,12 @@ def main(argv=None) -> int:
   tasks = ("infer", "train") if args.task == "both" else (args.task,)
 
   try:
-    fwd = flops.forward_flops(model_cfg, crop, args.labels)
-  except ValueError:
-    fwd = None
-  flops_of = lambda task: (None if fwd is None else
-                           fwd * (flops.TRAIN_FORWARD_MULTIPLE if task == "train" else 1))
+    counted = flops.count(model_cfg, crop, crop, args.labels)
+  except ValueError:  # no formula for ResNet backbones
+    counted = None
+  fwd = None if counted is None else counted.forward
+  flops_of = lambda task: (None if counted is None else
+                           counted.train if task == "train" else counted.forward)
   peak_by_dtype = lambda dtype: (lambda p: None if p is None else p * mesh.size)(
       peak_flops(device.device_kind, dtype))
   peak = peak_by_dtype(model_cfg.dtype)

@@ -12,7 +12,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from lseg_jax.models import resize
+from lseg_jax.models import conv, resize
 
 # Per reassemble level: ("deconv", factor) | ("conv_s2",) | ("none",), as lang-seg.
 REASSEMBLE = {
@@ -70,13 +70,13 @@ class Reassemble(nnx.Module):
   def __init__(self, readout: str, vit_width: int, width: int, resample: tuple, *,
                dtype: Any, rngs: nnx.Rngs):
     self.readout = Readout(readout, vit_width, dtype=dtype, rngs=rngs)
-    self.conv = nnx.Conv(vit_width, width, (1, 1), dtype=dtype, rngs=rngs)
+    self.conv = conv.Conv(vit_width, width, (1, 1), dtype=dtype, rngs=rngs)
     self.resample_kind = resample[0]
     if resample[0] == "deconv":
       self.resample = ConvTransposeKxK(width, width, resample[1], dtype=dtype, rngs=rngs)
     elif resample[0] == "conv_s2":
-      self.resample = nnx.Conv(width, width, (3, 3), strides=2, padding=((1, 1), (1, 1)),
-                               dtype=dtype, rngs=rngs)
+      self.resample = conv.Conv(width, width, (3, 3), strides=2, padding=((1, 1), (1, 1)),
+                                dtype=dtype, rngs=rngs)
     else:
       self.resample = None
 
@@ -127,11 +127,11 @@ class ResidualConvUnit(nnx.Module):
   """relu -> conv3x3 -> BN -> relu -> conv3x3 -> BN, plus the input."""
 
   def __init__(self, features: int, *, dtype: Any, rngs: nnx.Rngs):
-    conv = lambda: nnx.Conv(features, features, (3, 3), padding=((1, 1), (1, 1)),
-                            use_bias=False, dtype=dtype, rngs=rngs)
-    self.conv1 = conv()
+    conv3x3 = lambda: conv.Conv(features, features, (3, 3), padding=((1, 1), (1, 1)),
+                                use_bias=False, dtype=dtype, rngs=rngs)
+    self.conv1 = conv3x3()
     self.bn1 = BatchNorm(features, dtype=dtype)
-    self.conv2 = conv()
+    self.conv2 = conv3x3()
     self.bn2 = BatchNorm(features, dtype=dtype)
 
   def __call__(self, x):
@@ -146,12 +146,16 @@ class FusionBlock(nnx.Module):
   def __init__(self, features: int, *, dtype: Any, rngs: nnx.Rngs):
     self.resConfUnit1 = ResidualConvUnit(features, dtype=dtype, rngs=rngs)
     self.resConfUnit2 = ResidualConvUnit(features, dtype=dtype, rngs=rngs)
-    self.out_conv = nnx.Conv(features, features, (1, 1), dtype=dtype, rngs=rngs)
+    self.out_conv = conv.Conv(features, features, (1, 1), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, skip=None):
-    """x [B, h, w, F], skip [B, h, w, F] or None -> [B, 2h, 2w, F]."""
+  def __call__(self, x, skip=None, *, upsample: bool = True):
+    """x [B, h, w, F], skip [B, h, w, F] or None -> [B, 2h, 2w, F] ([B, h, w, F] with
+    upsample=False: the caller upsamples)."""
     if skip is not None:
       x = x + self.resConfUnit1(skip)
     x = self.resConfUnit2(x)
-    x = resize.upsample2x_align_corners(x)
-    return self.out_conv(x)
+    # lang-seg upsamples, then applies out_conv. A 1x1 conv commutes with bilinear
+    # upsampling (both linear; each output's interpolation weights sum to 1, so the
+    # bias passes through), so it runs before, at a quarter of the pixels.
+    x = self.out_conv(x)
+    return resize.upsample2x_align_corners(x) if upsample else x

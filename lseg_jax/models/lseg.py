@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lseg_jax.models import clip_text, dpt, resize, resnet, spatial_reg, vit
+from lseg_jax.models import attention, clip_text, conv, dpt, resize, resnet, spatial_reg, vit
 
 # lang-seg backbone name -> (image variant: ViT or ResNet, CLIP text variant).
 BACKBONES = {
@@ -63,7 +63,8 @@ class LSegConfig:
   block_depth: int = 0
   activation: str = "lrelu"  # "relu" | "lrelu" | "tanh"
   dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
-  attention: str = "xla"  # "xla" | "cudnn"
+  attention: str = "auto"  # "auto" | "xla" | "cudnn": see `lseg_jax.models.attention`
+  remat: str = "none"  # "none" | "dots" | "full": per ViT block, see `vit.REMAT_POLICIES`
   text_vocab_size: int | None = None  # None: the variant's (49408); smaller in tiny tests
 
   def __post_init__(self):
@@ -73,6 +74,9 @@ class LSegConfig:
       raise ValueError(f"arch_option must be 0, 1 or 2, got {self.arch_option!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    attention.check_implementation(self.attention)
+    if self.remat not in vit.REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(vit.REMAT_POLICIES)}, got {self.remat!r}")
 
   @property
   def image_variant(self) -> str:
@@ -118,7 +122,8 @@ class Pretrained(nnx.Module):
   def __init__(self, cfg: LSegConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     self.model = vit.VisionTransformer(
-        vit.decode_variant(cfg.vit_variant, dtype=dtype, attention=cfg.attention), rngs=rngs)
+        vit.decode_variant(cfg.vit_variant, dtype=dtype, attention=cfg.attention,
+                           remat=cfg.remat), rngs=rngs)
     vcfg = self.model.cfg
     styles = dpt.REASSEMBLE[vcfg.patch]
     widths = DPT_WIDTHS[cfg.vit_variant]
@@ -161,24 +166,26 @@ class Scratch(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     f = cfg.num_features
     for i, w in enumerate(DPT_WIDTHS[cfg.image_variant]):
-      setattr(self, f"layer{i + 1}_rn", nnx.Conv(
+      setattr(self, f"layer{i + 1}_rn", conv.Conv(
           w, f, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype, rngs=rngs))
     for i in range(4):
       setattr(self, f"refinenet{i + 1}", dpt.FusionBlock(f, dtype=dtype, rngs=rngs))
-    self.head1 = nnx.Conv(f, text_dim, (1, 1), dtype=dtype, rngs=rngs)
+    self.head1 = conv.Conv(f, text_dim, (1, 1), dtype=dtype, rngs=rngs)
     self.head_block = (
         spatial_reg.SpatialRegularization(cfg.arch_option, cfg.block_depth, cfg.activation,
                                           rngs=rngs)
         if cfg.arch_option else None)
 
   def __call__(self, layers):
-    """4 reassembled maps -> pixel features [B, H/2, W/2, D] (not normalised)."""
+    """4 reassembled maps -> pixel features [B, H/4, W/4, D] (not normalised), before
+    the x2 upsampling that ends lang-seg's refinenet1 (the caller upsamples)."""
     l1, l2, l3, l4 = (getattr(self, f"layer{i + 1}_rn")(x) for i, x in enumerate(layers))
     path = self.refinenet4(l4)
     path = self.refinenet3(path, l3)
     path = self.refinenet2(path, l2)
-    path = self.refinenet1(path, l1)
-    return self.head1(path)
+    # head1 (1x1) commutes with refinenet1's x2 upsampling as out_conv does: it runs
+    # on the H/4 x W/4 map.
+    return self.head1(self.refinenet1(path, l1, upsample=False))
 
 
 class LSeg(nnx.Module):
@@ -225,10 +232,15 @@ class LSeg(nnx.Module):
     """tokens [L, 77] int32 -> label embeddings [L, D] float32 (not normalised)."""
     return self.clip_pretrained(tokens)
 
+  def _features(self, images):
+    """images [B, H, W, 3] -> pixel features [B, H/4, W/4, D] float32, not normalised
+    and not yet upsampled."""
+    self.check_images(images)
+    return self.scratch(self.pretrained(images)).astype(jnp.float32)
+
   def embed_pixels(self, images):
     """images [B, H, W, 3] -> L2-normalised pixel embeddings [B, H/2, W/2, D] float32."""
-    self.check_images(images)
-    x = self.scratch(self.pretrained(images)).astype(jnp.float32)
+    x = resize.upsample2x_align_corners(self._features(images))
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
   def __call__(self, images, text_emb, label_mask=None):
@@ -259,11 +271,18 @@ class LSeg(nnx.Module):
       raise ValueError(f"expected label_mask [{b}, {num_labels}], got shape "
                        f"{tuple(label_mask.shape)}")
 
-    pix = self.embed_pixels(images)
+    x = self._features(images)
     text = text_emb.astype(jnp.float32)
     text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
     eq = "bhwd,ld->bhwl" if text.ndim == 2 else "bhwd,bld->bhwl"
-    logits = LOGIT_SCALE * jnp.einsum(eq, pix, text, precision=jax.lax.Precision.HIGHEST)
+    # The pixel embeddings are U x / |U x| (`embed_pixels`; U: the x2 upsampling). U is
+    # linear, so their scores U x . t are U (x . t): L channels are upsampled instead
+    # of D, and U x only enters through its norms (computed without keeping U x).
+    scores = resize.upsample2x_align_corners(
+        jnp.einsum(eq, x, text, precision=jax.lax.Precision.HIGHEST))
+    norms = jnp.sqrt(jnp.sum(jnp.square(resize.upsample2x_align_corners(x)), axis=-1,
+                             keepdims=True))
+    logits = LOGIT_SCALE * (scores / norms)
     if self.scratch.head_block is not None:
       logits = self.scratch.head_block(logits, label_mask)
     if label_mask is not None:

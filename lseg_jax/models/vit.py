@@ -14,7 +14,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from lseg_jax.models import resize
+from lseg_jax.models import attention, resize
 
 # `reassemble` names the DPT reassemble style lang-seg uses for the patch size:
 # "16": ConvTranspose x4, ConvTranspose x2, none, strided 3x3 conv;
@@ -43,12 +43,25 @@ class ViTConfig:
   num_classes: int = 1000  # timm's unused classifier head; kept for checkpoint interop
   pretrain_size: int = 384  # the position embeddings' grid is pretrain_size // patch
   dtype: Any = jnp.float32
-  # "xla", or "cudnn" (fused attention on NVIDIA GPUs; tokens padded to a multiple of 64).
-  attention: str = "xla"
+  # "auto" | "xla" | "cudnn": see `lseg_jax.models.attention`.
+  attention: str = "auto"
+  # Rematerialisation of each block in the backward pass: see `REMAT_POLICIES`.
+  remat: str = "none"
 
   @property
   def pretrain_grid(self) -> int:
     return self.pretrain_size // self.patch
+
+
+# Per-block rematerialisation (`jax.checkpoint`): what the backward pass keeps from
+# the forward pass of a block. "none": everything XLA keeps; "dots": the outputs of
+# the dense layers (qkv, proj, fc1, fc2), recomputing the attention scores and the
+# elementwise ops; "full": only the block's input, recomputing the whole block.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def decode_variant(variant: str, **overrides) -> ViTConfig:
@@ -78,6 +91,7 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    attention.check_implementation(cfg.attention)
     self.heads = cfg.heads
     self.implementation = cfg.attention
     self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, dtype=cfg.dtype, rngs=rngs)
@@ -88,21 +102,7 @@ class Attention(nnx.Module):
     b, n, c = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.implementation == "cudnn":
-      # cuDNN's fused kernel wants the token axis padded (901 tokens at 480 px
-      # are rejected); padded keys are masked out by the sequence lengths.
-      n_pad = -n % 64
-      pad = ((0, 0), (0, n_pad), (0, 0), (0, 0))
-      q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
-      lengths = jnp.full((b,), n, jnp.int32)
-      out = jax.nn.dot_product_attention(
-          q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-          implementation="cudnn")[:, :n]
-    elif self.implementation == "xla":
-      out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    else:
-      raise ValueError(f"unknown attention implementation {self.implementation!r}; "
-                       "expected 'xla' or 'cudnn'")
+    out = attention.dot_product_attention(q, k, v, self.implementation)
     return self.proj(out.reshape(b, n, c))
 
 
@@ -129,10 +129,19 @@ class Block(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
+def _rematerialised(block: Block, x, policy):
+  """block(x) under `jax.checkpoint(policy=policy)`. A block holds parameters only
+  (nothing it writes back), so it goes in as a pure state and is rebuilt inside."""
+  graphdef, state = nnx.split(block)
+  return jax.checkpoint(lambda state, x: nnx.merge(graphdef, state)(x), policy=policy)(state, x)
+
+
 class VisionTransformer(nnx.Module):
   """timm-layout ViT returning the token sequences after the hooked blocks."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    if cfg.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat {cfg.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
     self.cfg = cfg
     init = nnx.initializers.normal(0.02)
     g = cfg.pretrain_grid
@@ -172,11 +181,12 @@ class VisionTransformer(nnx.Module):
     x = self.patch_embed(images.astype(self.cfg.dtype)).reshape(b, gh * gw, -1)
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.resized_pos_embed(gh, gw).astype(x.dtype)
+    policy = REMAT_POLICIES[self.cfg.remat]
     hooked = []
     for i, block in enumerate(self.blocks):
       if i > max(self.cfg.hooks):
         break
-      x = block(x)
+      x = block(x) if policy is None else _rematerialised(block, x, policy)
       if i in self.cfg.hooks:
         hooked.append(x)
     return hooked
