@@ -128,7 +128,7 @@ def assert_same_run(workdir, reference, steps, loss_tol=1e-5):
   final = params(workdir, TOTAL)
   assert final.keys() == reference["params"].keys()
   worst = max(_rel(final[k], v) for k, v in reference["params"].items())
-  assert worst < 1e-5, worst
+  assert worst < loss_tol, worst
 
 
 @pytest.fixture(scope="module")
