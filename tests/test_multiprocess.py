@@ -24,6 +24,7 @@ from lseg_jax.convert import mapping
 from lseg_jax.data import synthetic
 
 import hsnet_splits
+import run_helpers
 
 pytestmark = pytest.mark.slow
 
@@ -40,22 +41,7 @@ OVERRIDES = {
     "mesh.data": 2, "mesh.fsdp": 4, "sharding.min_size": 256,
 }
 # Every batch is delayed so that a signal lands mid-run.
-SLOW_TRAIN = """
-import sys, time
-from lseg_jax.cli import common, train
-from lseg_jax.data import input_pipeline
-_next = input_pipeline.DataIterator.__next__
-def _slow_next(self):
-  time.sleep(0.5)
-  return _next(self)
-input_pipeline.DataIterator.__next__ = _slow_next
-common.entry_point(train.main)
-"""
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+SLOW_TRAIN = run_helpers.slow_train_script(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +107,17 @@ def params(workdir, step):
   return {k: np.asarray(v) for k, v in mapping.flatten_params(model).items()}
 
 
-def assert_same_run(workdir, reference, steps, loss_tol=1e-5):
+def assert_same_run(workdir, reference, steps, exact_first_step):
+  """The reference run's computation on another process layout (run_helpers says how
+  close): every step in `steps` and the final parameters. With `exact_first_step`, the
+  first of `steps` started from the reference's own state (its initial state or its
+  checkpoint) and is held to one step's tolerance."""
   got = losses(workdir)
-  for step in steps:
-    assert _rel(got[step], reference["losses"][step]) < loss_tol, (step, got[step])
-  final = params(workdir, TOTAL)
-  assert final.keys() == reference["params"].keys()
-  worst = max(_rel(final[k], v) for k, v in reference["params"].items())
-  assert worst < loss_tol, worst
+  run_helpers.assert_equivalent_runs(got, reference["losses"], steps, params(workdir, TOTAL),
+                                     reference["params"])
+  if exact_first_step:
+    run_helpers.assert_same_losses(got, reference["losses"], [steps[0]],
+                                   run_helpers.ONE_STEP_TOL)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +158,7 @@ def test_two_processes_equal_one_process(reference, data_dir, env, tmp_path):
   assert steps == list(range(1, TOTAL + 1))
   assert out.count("finished at step") == 1
   # Same losses and parameters; the 2-process checkpoint restores in this 1 process.
-  assert_same_run(workdir, reference, range(1, TOTAL + 1))
+  assert_same_run(workdir, reference, range(1, TOTAL + 1), exact_first_step=True)
 
 
 def test_sigterm_to_one_process_stops_both_then_resume_in_one(reference, data_dir, env,
@@ -195,13 +184,11 @@ def test_sigterm_to_one_process_stops_both_then_resume_in_one(reference, data_di
   assert f"finished at step {stopped} (stopped early" in text
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
   assert mngr.latest_step() == stopped
-  # The 2-process checkpoint resumes in 1 process. The steps after the switch from
-  # 2 x 4 to 1 x 8 devices were measured up to 2.3e-5 away from the uninterrupted
-  # 1 x 8 run's losses (the stop step depends on when the signal lands); an
-  # uninterrupted 2 x 4 run stays within 1e-5 (test above). Open: find what the
-  # topology switch changes beyond reduction order.
+  # The 2-process checkpoint resumes in 1 process. Its state came from 2 x 4 devices,
+  # the reference's from 1 x 8: not the same state, so no step is held to one step's
+  # tolerance (measured: 2.3e-5 at step 8 after a stop at step 5).
   train(workdir, data_dir, env, 1)
-  assert_same_run(workdir, reference, range(stopped + 1, TOTAL + 1), loss_tol=1e-4)
+  assert_same_run(workdir, reference, range(stopped + 1, TOTAL + 1), exact_first_step=False)
 
 
 def test_sigkill_one_process_ends_the_other_then_rerun(reference, data_dir, env, tmp_path):
@@ -228,10 +215,10 @@ def test_sigkill_one_process_ends_the_other_then_rerun(reference, data_dir, env,
   assert "Rerun the same command" in text
   assert checkpoint.manager(os.path.join(workdir, "checkpoints"),
                             read_only=True).latest_step() == 4
-  # Rerunning both processes resumes from step 4: the 1-process checkpoint restores in
-  # 2 processes and training continues exactly.
+  # Rerunning both processes resumes from step 4: the 1-process checkpoint (the
+  # reference's own state at step 4) restores in 2 processes and training continues.
   train(workdir, data_dir, env, 2)
-  assert_same_run(workdir, reference, range(5, TOTAL + 1))
+  assert_same_run(workdir, reference, range(5, TOTAL + 1), exact_first_step=True)
 
 
 @pytest.fixture(scope="module")
