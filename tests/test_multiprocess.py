@@ -9,6 +9,7 @@ reports equal the single-process ones; bad settings fail fast and write nothing.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,6 +160,14 @@ def test_two_processes_equal_one_process(reference, data_dir, env, tmp_path):
   assert out.count("finished at step") == 1
   # Same losses and parameters; the 2-process checkpoint restores in this 1 process.
   assert_same_run(workdir, reference, range(1, TOTAL + 1), exact_first_step=True)
+  # Its step-4 checkpoint resumed in 1 process: the step-5 loss is computed from the
+  # restored state, and equals the 2-process run's to one step's tolerance.
+  resumed = str(tmp_path / "two_then_one")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", str(TOTAL)))
+  train(resumed, data_dir, env, 1, stop_at_step=5)
+  run_helpers.assert_same_losses(losses(resumed), losses(workdir), [5],
+                                 run_helpers.ONE_STEP_TOL)
 
 
 def test_sigterm_to_one_process_stops_both_then_resume_in_one(reference, data_dir, env,
