@@ -57,6 +57,9 @@ class ViTConfig:
 # the forward pass of a block. "none": everything XLA keeps; "dots": the outputs of
 # the dense layers (qkv, proj, fc1, fc2), recomputing the attention scores and the
 # elementwise ops; "full": only the block's input, recomputing the whole block.
+# On the CPU "dots" also made the ViT-B/32 training step ~5% faster: without block
+# boundaries, XLA fuses the LayerNorm gradients of many blocks into a few very large
+# loops that recompute shared terms.
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
