@@ -64,7 +64,7 @@ def _conv(x, k, padding, precision):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_tap_kernel_grad(x, k, padding, precision):
+def _conv_matmul_kernel_grad(x, k, padding, precision):
   """Stride-1 conv [B, H, W, Cin] x [kh, kw, Cin, Cout] whose kernel gradient is one
   matrix product (see the module docstring)."""
   return _conv(x, k, padding, precision)
@@ -97,7 +97,7 @@ def _bwd(padding, precision, res, g):
   return gx.astype(x.dtype), gk
 
 
-_conv_tap_kernel_grad.defvjp(_fwd, _bwd)
+_conv_matmul_kernel_grad.defvjp(_fwd, _bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -117,7 +117,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if tuple(rhs.shape[:2]) == (1, 1) and pads == ((0, 0), (0, 0)):
       return _pointwise(lhs, rhs, precision, **extra)
     if jax.default_backend() == "cpu" and not extra:
-      return _conv_tap_kernel_grad(lhs, rhs, pads, precision)
+      return _conv_matmul_kernel_grad(lhs, rhs, pads, precision)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
