@@ -1,5 +1,5 @@
 """`conv.Conv`: nnx.Conv with 1x1 kernels as matrix products and, on the CPU, stride-1
-kernel gradients as per-tap matrix products; values and gradients equal lax's."""
+kernel gradients as a matrix product; values and gradients equal lax's."""
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -49,11 +49,11 @@ def test_conv_keeps_nnx_parameters_and_lowers_1x1_to_a_dot():
   assert "dot_general" in text and "conv_general_dilated" not in text
 
 
-def test_3x3_kernel_gradient_is_per_tap_matrix_products_on_cpu():
+def test_3x3_kernel_gradient_is_a_matrix_product_on_cpu():
   if jax.default_backend() != "cpu":
-    pytest.skip("the per-tap kernel gradient is the CPU path")
+    pytest.skip("the matrix-product kernel gradient is the CPU path")
   layer = conv.Conv(6, 5, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
   grad = jax.grad(lambda k, x: jnp.sum(conv.conv_general_dilated(
       x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))))
   text = str(jax.make_jaxpr(grad)(layer.kernel[...], jnp.ones((2, 4, 4, 6))))
-  assert text.count("dot_general") == 9, text
+  assert "dot_general" in text, text

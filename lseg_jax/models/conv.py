@@ -9,8 +9,9 @@
   GFLOP/s: 3.9 s of a 12.5 s ViT-B/32 training step.
 - On the CPU, stride-1 KxK kernels (the 3x3 convolutions of the fusion blocks) keep
   XLA's forward and input-gradient convolutions but compute the kernel gradient as
-  K*K matrix products, one per tap, of the shifted input with the output gradient:
-  XLA's own kernel-gradient convolution ran ~2.5x slower than the forward one.
+  one matrix product of the width-shifted inputs with the row-shifted output
+  gradients: XLA's own kernel-gradient convolution ran ~2.7x slower than the forward
+  one (0.32 s vs 0.12 s CPU for a [2, 96, 96, 256] 3x3 conv; 0.19 s this way).
   GPUs and TPUs keep XLA's convolution gradients.
 - Everything else is `lax.conv_general_dilated` unchanged.
 """
@@ -63,9 +64,9 @@ def _conv(x, k, padding, precision):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_tap_kernel_grad(x, k, padding, precision):
-  """Stride-1 conv [B, H, W, Cin] x [kh, kw, Cin, Cout] whose kernel gradient is
-  kh*kw matrix products (see the module docstring)."""
+def _conv_matmul_kernel_grad(x, k, padding, precision):
+  """Stride-1 conv [B, H, W, Cin] x [kh, kw, Cin, Cout] whose kernel gradient is one
+  matrix product (see the module docstring)."""
   return _conv(x, k, padding, precision)
 
 
@@ -80,19 +81,23 @@ def _bwd(padding, precision, res, g):
   # Input gradient: the correlation of g with the rotated, transposed kernel.
   gx = _conv(g, jnp.flip(k, (0, 1)).swapaxes(2, 3),
              ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), precision)
-  # Kernel gradient: tap (i, j) is the sum over b, h, w of xpad[b, h+i, w+j] g[b, h, w].
+  # Kernel gradient dK[i, j] = sum over b, h, w of xpad[b, h+i, w+j] (x) g[b, h, w], as
+  # one matrix product: the width taps side by side (xpad[.., w+j, :] for each j) against
+  # the row taps of g side by side (g shifted down by i rows, zero-padded), contracted
+  # over every padded pixel: [kw*Cin, kh*Cout] holds dK[i, j] in block (j, i).
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  h, w = g.shape[1:3]
-  g2 = g.reshape(-1, g.shape[-1])
-  taps = [lax.dot_general(xp[:, i:i + h, j:j + w].reshape(-1, cin), g2,
-                          (((0,), (0,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32)
-          for i in range(kh) for j in range(kw)]
-  gk = jnp.stack(taps).reshape(k.shape).astype(k.dtype)
+  wo = g.shape[2]
+  cols = jnp.concatenate([xp[:, :, j:j + wo] for j in range(kw)], axis=-1)
+  rows = jnp.concatenate(
+      [jnp.pad(g, ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0))) for i in range(kh)], axis=-1)
+  gk = lax.dot_general(cols.reshape(-1, kw * cin), rows.reshape(-1, rows.shape[-1]),
+                       (((0,), (0,)), ((), ())), precision=precision,
+                       preferred_element_type=jnp.float32)
+  gk = gk.reshape(kw, cin, kh, -1).transpose(2, 0, 1, 3).astype(k.dtype)
   return gx.astype(x.dtype), gk
 
 
-_conv_tap_kernel_grad.defvjp(_fwd, _bwd)
+_conv_matmul_kernel_grad.defvjp(_fwd, _bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -112,7 +117,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if tuple(rhs.shape[:2]) == (1, 1) and pads == ((0, 0), (0, 0)):
       return _pointwise(lhs, rhs, precision, **extra)
     if jax.default_backend() == "cpu" and not extra:
-      return _conv_tap_kernel_grad(lhs, rhs, pads, precision)
+      return _conv_matmul_kernel_grad(lhs, rhs, pads, precision)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

@@ -57,6 +57,10 @@ class ViTConfig:
 # the forward pass of a block. "none": everything XLA keeps; "dots": the outputs of
 # the dense layers (qkv, proj, fc1, fc2), recomputing the attention scores and the
 # elementwise ops; "full": only the block's input, recomputing the whole block.
+# On the CPU, "none" still runs each block under jax.checkpoint, saving everything
+# (nothing is recomputed): without these block boundaries XLA fused the LayerNorm
+# gradients of many blocks into a few very large loops that recompute shared terms,
+# and the ViT-B/32 training step was 5% slower (2.47 s vs 2.35 s).
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -182,6 +186,8 @@ class VisionTransformer(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.resized_pos_embed(gh, gw).astype(x.dtype)
     policy = REMAT_POLICIES[self.cfg.remat]
+    if policy is None and jax.default_backend() == "cpu":
+      policy = jax.checkpoint_policies.everything_saveable  # see REMAT_POLICIES
     hooked = []
     for i, block in enumerate(self.blocks):
       if i > max(self.cfg.hooks):
