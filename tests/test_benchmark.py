@@ -65,3 +65,36 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
           assert key in fig, (task, dtype, key)
         assert fig["jax_speedup"] == pytest.approx(
             result[task]["images_per_s"] / fig["images_per_s"], rel=1e-2)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch and timm")
+@pytest.mark.parametrize("text_tower", ["frozen", "trained"])
+def test_torch_text_tower_trained_runs_and_updates_it_every_step(monkeypatch, text_tower):
+  import torch  # pylint: disable=g-import-not-at-top
+  from lseg_jax.torch_lseg import LSegTorch  # pylint: disable=g-import-not-at-top
+  encoded, stepped = [], []
+  encode = LSegTorch.encode_text
+  step = torch.optim.SGD.step
+
+  def spy_encode(self, tokens):
+    out = encode(self, tokens)
+    encoded.append(out.requires_grad)
+    return out
+
+  def spy_step(self, *args, **kwargs):
+    stepped.append(sum(p.numel() for group in self.param_groups for p in group["params"]))
+    return step(self, *args, **kwargs)
+
+  monkeypatch.setattr(LSegTorch, "encode_text", spy_encode)
+  monkeypatch.setattr(torch.optim.SGD, "step", spy_step)
+  cfg = lseg.LSegConfig(backbone="tiny_vit32")
+  fig = benchmark.bench_torch(cfg, "train", "float32", torch.device("cpu"), batch_size=2,
+                              crop=32, labels=3, steps=2, text_tower=text_tower)
+  assert fig["step_s_median"] > 0
+  text_params = sum(p.numel() for p in LSegTorch(benchmark.torch_config(cfg))
+                    .clip_pretrained.parameters())
+  if text_tower == "trained":  # warm-up + 2 timed steps, each through the text tower
+    assert encoded == [True] * 3
+    assert len(set(stepped)) == 1 and stepped[0] > text_params
+  else:
+    assert encoded == [] and len(stepped) == 3

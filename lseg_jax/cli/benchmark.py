@@ -26,7 +26,10 @@ platform reports none (CPU).
 `--torch` also times the PyTorch LSeg of `lseg_jax.torch_lseg` (same model settings,
 random weights, cached label embeddings) on the same kind of device, in float32 and in
 bfloat16 autocast: train = forward + cross-entropy + backward + SGD step with the text
-tower frozen, infer = forward + argmax under `torch.inference_mode`. Each of its entries
+tower frozen, infer = forward + argmax under `torch.inference_mode`.
+`--torch-text-tower trained` makes its train step the official lang-seg one, which
+encodes the label texts with its CLIP text tower and backpropagates through it (and
+updates it) every step: the same step plus the text tower's forward and backward. Each of its entries
 carries `jax_speedup` = JAX images/s / PyTorch images/s. With `--torch` on a GPU, JAX does
 not preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so that both
 fit.
@@ -49,6 +52,7 @@ from lseg_jax.cli import common
 NA = "n/a"
 TASKS = ("train", "infer", "both")
 TORCH_DTYPES = ("float32", "bfloat16")
+TORCH_TEXT_TOWER = ("frozen", "trained")
 # Peak dense FLOP/s per device, by compute dtype, keyed by a substring of
 # `jax.Device.device_kind` (first match wins, so the more specific keys come first).
 # GPU float32 figures are TF32 tensor-core peaks (XLA's default float32 matmul
@@ -88,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="also time the PyTorch LSeg (float32 and bfloat16 autocast)")
   p.add_argument("--torch-dtypes", default=",".join(TORCH_DTYPES),
                  help="comma-separated PyTorch precisions for --torch")
+  p.add_argument("--torch-text-tower", choices=TORCH_TEXT_TOWER, default="frozen",
+                 help="--torch train step: label embeddings cached (frozen), or encoded "
+                      "and backpropagated every step as official lang-seg does (trained)")
   p.add_argument("--json", default=None, help="also write the JSON line to this file")
   common.add_distributed_args(p)
   return p
@@ -261,8 +268,12 @@ def torch_device(platform: str):
 
 
 def bench_torch(model_cfg, task: str, dtype: str, device, *, batch_size: int, crop: int,
-                labels: int, steps: int) -> dict[str, Any]:
-  """One PyTorch figure: timing (plus peak memory on CUDA) of `task` in `dtype`."""
+                labels: int, steps: int, text_tower: str = "frozen") -> dict[str, Any]:
+  """One PyTorch figure: timing (plus peak memory on CUDA) of `task` in `dtype`.
+
+  text_tower: "frozen" (label embeddings computed once) or "trained" (train: the label
+  token ids encoded, backpropagated and updated every step, as official lang-seg).
+  """
   # pylint: disable=g-import-not-at-top
   import contextlib
   import torch
@@ -271,10 +282,19 @@ def bench_torch(model_cfg, task: str, dtype: str, device, *, batch_size: int, cr
   # pylint: enable=g-import-not-at-top
   torch.manual_seed(0)
   model = LSegTorch(torch_config(model_cfg)).to(device)
+  train_text = task == "train" and text_tower == "trained"
   for p in model.clip_pretrained.parameters():
-    p.requires_grad_(False)
+    p.requires_grad_(train_text)
   g = torch.Generator().manual_seed(0)
   text = torch.randn(labels, model.embed_dim, generator=g).to(device)
+  # Token ids: start token, 8 random word ids, end token (the highest id: CLIP pools
+  # the embedding at the argmax), padding.
+  vocab = model.clip_pretrained.token_embedding.num_embeddings
+  tokens = torch.zeros(labels, model.clip_pretrained.context_length, dtype=torch.long)
+  tokens[:, 0] = vocab - 2
+  tokens[:, 1:9] = torch.randint(1, vocab - 2, (labels, 8), generator=g)
+  tokens[:, 9] = vocab - 1
+  tokens = tokens.to(device)
   images = [torch.rand(batch_size, 3, crop, crop, generator=g).mul(2).sub(1).to(device)
             for _ in range(2)]
   label = [torch.randint(-1, labels, (batch_size, crop, crop), generator=g).to(device)
@@ -295,7 +315,8 @@ def bench_torch(model_cfg, task: str, dtype: str, device, *, batch_size: int, cr
     def step(i):
       opt.zero_grad(set_to_none=True)
       with autocast:
-        logits = model(images[i % 2], text, mask)
+        logits = model(images[i % 2], model.encode_text(tokens) if train_text else text,
+                       mask)
       loss = F.cross_entropy(logits.float(), label[i % 2], ignore_index=-1)
       loss.backward()
       opt.step()
@@ -340,7 +361,7 @@ def torch_worker() -> None:
     log(f"torch {task} {dtype}: batch {batch}, {job['steps']} timed steps")
     out["figures"].append(bench_torch(model_cfg, task, dtype, device, batch_size=batch,
                                       crop=job["crop"], labels=job["labels"],
-                                      steps=job["steps"]))
+                                      steps=job["steps"], text_tower=job["text_tower"]))
   print(json.dumps(out), flush=True)
 
 
@@ -359,7 +380,8 @@ def add_torch(results: dict[str, Any], args, model_cfg, platform: str, infer_bat
   figures = [(task, dtype, infer_batch if task == "infer" else train_batch)
              for task in ("infer", "train") if task in results for dtype in dtypes]
   job = {"model": model_cfg.to_dict(), "platform": platform, "crop": crop,
-         "labels": args.labels, "steps": args.steps, "figures": figures}
+         "labels": args.labels, "steps": args.steps, "figures": figures,
+         "text_tower": args.torch_text_tower}
   # Run from the folder holding this lseg_jax package, so the child imports the same one.
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   proc = subprocess.run(
@@ -373,7 +395,8 @@ def add_torch(results: dict[str, Any], args, model_cfg, platform: str, infer_bat
     results["torch"] = answer
     log(f"--torch skipped: {answer['skipped']}")
     return
-  out = {"version": answer["version"], "device": answer["device"]}
+  out = {"version": answer["version"], "device": answer["device"],
+         "text_tower": args.torch_text_tower}
   for (task, dtype, batch), fig in zip(figures, answer["figures"]):
     fig.update({k: v for k, v in summarize(
         {k: fig[k] for k in ("first_step_s", "step_s_median", "step_s_min")}, batch,
