@@ -35,7 +35,7 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
   argv = ["--config", "configs/synthetic_tiny.py:runlocal",
           "--config.model.backbone=tiny_vit32", "--config.data.crop_size=32",
           "--config.batch_size=2", "--config.mesh.data=2", "--steps", "2", "--task", "both",
-          "--labels", "5",
+          "--labels", "5", "--data",
           "--json", str(out)] + (["--torch"] if HAS_TORCH else [])
   assert benchmark.main(argv) == 0
   line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -55,6 +55,11 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
     assert result[task]["images_per_s"] > 0 and result[task]["batch_size"] == 2
     assert result[task]["step_s_min"] <= result[task]["step_s_median"]
   assert result["train"]["flops_per_image"] == 3 * expected_fwd
+  # --data: the input pipeline at the config's crop, this process's share of the batch.
+  assert result["data"]["crop_size"] == 32 and result["data"]["batch_size"] == 2
+  assert result["data"]["images_per_s"] > 0
+  assert result["bound"] == ("input pipeline" if result["data"]["images_per_s"]
+                             < result["train"]["images_per_s"] else "train step")
   if result["platform"] == "cpu":
     assert result["train"]["mfu"] == "n/a" and result["train"]["peak_memory_bytes"] == "n/a"
   if HAS_TORCH:

@@ -29,10 +29,16 @@ bfloat16 autocast: train = forward + cross-entropy + backward + SGD step with th
 tower frozen, infer = forward + argmax under `torch.inference_mode`.
 `--torch-text-tower trained` makes its train step the official lang-seg one, which
 encodes the label texts with its CLIP text tower and backpropagates through it (and
-updates it) every step: the same step plus the text tower's forward and backward. Each of its entries
-carries `jax_speedup` = JAX images/s / PyTorch images/s. With `--torch` on a GPU, JAX does
-not preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so that both
-fit.
+updates it) every step: the same step plus the text tower's forward and backward.
+Each of its entries carries `jax_speedup` = JAX images/s / PyTorch images/s. With
+`--torch` on a GPU, JAX does not preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false
+unless set), so that both fit.
+
+`--data` (with `--task train|both`) also times this process's tf.data train pipeline
+(`lseg_jax.cli.benchmark_data.measure`: generated 512x683 JPEG/PNG pairs, the config's
+crop and base size, this process's share of the batch) and says which is the bound:
+`"bound": "input pipeline"` if it delivers fewer images/s than this process's share
+of the train step consumes, else `"train step"`.
 
 Prints one JSON line (also written to `--json FILE`); progress goes to stderr.
 """
@@ -95,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--torch-text-tower", choices=TORCH_TEXT_TOWER, default="frozen",
                  help="--torch train step: label embeddings cached (frozen), or encoded "
                       "and backpropagated every step as official lang-seg does (trained)")
+  p.add_argument("--data", action="store_true",
+                 help="train: also time this process's input pipeline on generated "
+                      "ADE20K-shaped JPEG/PNG pairs (config crop and base size, this "
+                      "process's share of the batch) and report which one is the bound")
   p.add_argument("--json", default=None, help="also write the JSON line to this file")
   common.add_distributed_args(p)
   return p
@@ -407,6 +417,25 @@ def add_torch(results: dict[str, Any], args, model_cfg, platform: str, infer_bat
   results["torch"] = out
 
 
+def add_data(results: dict[str, Any], config, process_count: int, steps: int) -> None:
+  """results["data"]: this process's input pipeline rate on ADE20K-shaped data, and
+  results["bound"]: "input pipeline" if it is slower than this process's share of the
+  train step's images/s, else "train step"."""
+  from lseg_jax.cli import benchmark_data  # pylint: disable=g-import-not-at-top
+  per_process = config.batch_size // process_count
+  log(f"data: batch {per_process} per process, crop {config.data.crop_size}")
+  # At least 64 images timed, so that small batches are not timed by a few calls.
+  data = benchmark_data.measure(batch_size=per_process,
+                                num_batches=max(steps, -(-64 // per_process)),
+                                crop_size=int(config.data.crop_size),
+                                base_size=int(config.data.base_size),
+                                num_parallel_calls=int(config.data.num_parallel_calls))
+  need = results["train"]["images_per_s"] / process_count
+  results["data"] = {**data, "train_images_per_s_per_process": round(need, 4)}
+  results["bound"] = "input pipeline" if data["images_per_s"] < need else "train step"
+  log(f"  {json.dumps(results['data'])}; bound: {results['bound']}")
+
+
 # ----------------------------------------------------------------------------------------
 
 
@@ -489,6 +518,8 @@ def main(argv=None) -> int:
                         "peak_memory_bytes": peak_memory(device), "loss": round(loss, 4)}
     log(f"  {json.dumps(results['train'])}")
   del state
+  if args.data and "train" in tasks:
+    add_data(results, config, jax.process_count(), args.steps)
 
   if args.torch:
     add_torch(results, args, model_cfg, device.platform, infer_batch, config.batch_size,

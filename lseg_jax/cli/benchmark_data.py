@@ -47,26 +47,37 @@ def make_source(height, width, num_images):
                                  [f"label_{i}" for i in range(NUM_LABELS)])
 
 
-def main(argv):
-  del argv
-  source = make_source(_HEIGHT.value, _WIDTH.value, _NUM_IMAGES.value)
+def measure(*, height: int = 512, width: int = 683, num_images: int = 32, batch_size: int = 16,
+            num_batches: int = 20, warmup: int = 3, crop_size: int = 480, base_size: int = 520,
+            num_parallel_calls: int = -1) -> dict:
+  """Times the per-host train pipeline on `num_images` generated JPEG/PNG pairs of
+  height x width; returns {"images_per_s", "seconds", ...the settings}."""
+  source = make_source(height, width, num_images)
   registry.register("benchmark")(lambda split, **kw: source)
   cfg = input_pipeline.default_data_config()
-  cfg.update(dict(name="benchmark", crop_size=_CROP.value,
-                  base_size=_BASE.value,
-                  num_parallel_calls=_PARALLEL.value))
+  cfg.update(dict(name="benchmark", crop_size=crop_size, base_size=base_size,
+                  num_parallel_calls=num_parallel_calls))
   it = input_pipeline.make_train_iterator(
-      cfg, global_batch_size=_BATCH.value, seed=0, process_index=0,
-      process_count=1)
-  for _ in range(_WARMUP.value):
+      cfg, global_batch_size=batch_size, seed=0, process_index=0, process_count=1)
+  for _ in range(warmup):
     next(it)
   start = time.perf_counter()
-  for _ in range(_NUM_BATCHES.value):
+  for _ in range(num_batches):
     batch = next(it)
   seconds = time.perf_counter() - start
-  assert batch["image"].shape == (_BATCH.value, _CROP.value, _CROP.value, 3)
-  rate = _NUM_BATCHES.value * _BATCH.value / seconds
-  print(f"{rate:.1f} examples/sec ({_HEIGHT.value}x{_WIDTH.value} JPEG -> "
-        f"crop {_CROP.value}, batch {_BATCH.value}, {_NUM_BATCHES.value} "
-        f"batches in {seconds:.1f} s, {os.cpu_count()} CPUs)")
+  assert batch["image"].shape == (batch_size, crop_size, crop_size, 3)
+  return {"images_per_s": round(num_batches * batch_size / seconds, 2),
+          "seconds": round(seconds, 2), "image_size": [height, width],
+          "crop_size": crop_size, "base_size": base_size, "batch_size": batch_size,
+          "num_batches": num_batches, "cpu_count": os.cpu_count()}
 
+
+def main(argv):
+  del argv
+  r = measure(height=_HEIGHT.value, width=_WIDTH.value, num_images=_NUM_IMAGES.value,
+              batch_size=_BATCH.value, num_batches=_NUM_BATCHES.value, warmup=_WARMUP.value,
+              crop_size=_CROP.value, base_size=_BASE.value,
+              num_parallel_calls=_PARALLEL.value)
+  print(f"{r['images_per_s']:.1f} examples/sec ({_HEIGHT.value}x{_WIDTH.value} JPEG -> "
+        f"crop {_CROP.value}, batch {_BATCH.value}, {_NUM_BATCHES.value} "
+        f"batches in {r['seconds']:.1f} s, {r['cpu_count']} CPUs)")
