@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import threading
 from typing import Any, BinaryIO, Sequence
@@ -339,10 +340,11 @@ class Prediction:
   def area_rows(self) -> list[list[Any]]:
     """[index, label, colour "#rrggbb", area %, pixels] per label, in label order."""
     counts = np.bincount(self.label_map.reshape(-1), minlength=len(self.labels))
+    areas = counts / max(self.label_map.size, 1)
     colours = visualize.palette(len(self.labels))
     return [[i, name, "#%02x%02x%02x" % tuple(int(c) for c in colours[i]),
              round(100.0 * float(a), 2), int(counts[i])]
-            for i, (name, a) in enumerate(zip(self.labels, self.areas))]
+            for i, (name, a) in enumerate(zip(self.labels, areas))]
 
   def summary(self) -> str:
     """'dog 41.2%, grass 55.0%, other 3.8%'."""
@@ -363,6 +365,18 @@ class Prediction:
     }
     out.update(extra)
     return out
+
+  def save(self, overlay_path: str, labels_path: str, json_path: str, *, alpha: float,
+           **fields: Any) -> dict[str, Any]:
+    """Writes the files tools/predict.py and the demo write: the overlay PNG, the
+    label-map PNG and the JSON `report(**fields)` naming the label map; returns the
+    report."""
+    self.overlay(alpha=alpha).save(overlay_path)
+    save_label_map(labels_path, self.label_map, len(self.labels))
+    report = self.report(label_map=os.path.basename(labels_path), **fields)
+    with open(json_path, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    return report
 
 
 class NonFiniteLogitsError(ValueError):

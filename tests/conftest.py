@@ -14,6 +14,7 @@ except ImportError:  # the torch extra is optional
   pass
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Tests build many tiny models whose programs repeat across tests and test files;
@@ -23,3 +24,10 @@ jax.config.update("jax_compilation_cache_dir",
                                  os.path.join(tempfile.gettempdir(), "lseg_jax_test_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A TFDS data directory per test module; datasets are generated into it on first use
+  (modules that need one built up front define their own)."""
+  return tmp_path_factory.mktemp("tfds")

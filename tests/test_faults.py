@@ -131,11 +131,6 @@ def killed_run(workdir, data_dir, trigger, occurrence, delay, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
   done = run_tool("train.py", train_args(workdir, data_dir))

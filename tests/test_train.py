@@ -81,11 +81,6 @@ def host_params(summary):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
   summary = train.train_and_evaluate(make_config(data_dir), str(workdir))

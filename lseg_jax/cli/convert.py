@@ -38,7 +38,7 @@ import numpy as np
 from lseg_jax import checkpoint
 from lseg_jax import langseg_layout
 from lseg_jax.cli import common
-from lseg_jax.convert import clip_openai, langseg, mapping
+from lseg_jax.convert import clip_openai, langseg
 from lseg_jax.models import lseg
 
 _TORCH_HINT = 'install the torch extra: pip install -e ".[torch]"'

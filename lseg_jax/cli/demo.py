@@ -227,7 +227,6 @@ class DemoBackend:
       alpha: overlay opacity in [0, 1].
     """
     # pylint: disable=g-import-not-at-top
-    import json
     from PIL import Image
     from lseg_jax import predict
     # pylint: enable=g-import-not-at-top
@@ -260,15 +259,10 @@ class DemoBackend:
              "labels": os.path.join(folder, f"{stem}_lseg_labels.png"),
              "colours": os.path.join(folder, f"{stem}_lseg_colours.png"),
              "json": os.path.join(folder, f"{stem}_lseg.json")}
-    result.overlay(alpha=float(alpha)).save(paths["overlay"])
-    predict.save_label_map(paths["labels"], result.label_map, len(labels))
+    result.save(paths["overlay"], paths["labels"], paths["json"], alpha=float(alpha),
+                image=image_name, checkpoint=os.path.abspath(self.checkpoint),
+                tokenizer=self.tokenizer_spec, **source.report_fields(), warnings=warnings)
     Image.fromarray(result.colour_map()).save(paths["colours"])
-    report = result.report(image=image_name, label_map=os.path.basename(paths["labels"]),
-                           checkpoint=os.path.abspath(self.checkpoint),
-                           tokenizer=self.tokenizer_spec, **source.report_fields())
-    report["warnings"] = warnings
-    with open(paths["json"], "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
 
     seconds = time.perf_counter() - start
     h, w = image.shape[:2]

@@ -44,7 +44,6 @@ first), else openai/clip-vit-base-patch32 (local Hugging Face cache first).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -157,8 +156,7 @@ def output_stems(paths: list[str]) -> dict[str, str]:
   return out
 
 
-def output_paths(args, image_path: str, stem: str | None = None) -> dict[str, str | None]:
-  stem = stem or os.path.splitext(os.path.basename(image_path))[0]
+def output_paths(args, stem: str) -> dict[str, str | None]:
   if args.image and args.out.lower().endswith(".png"):
     base = args.out[:-4]
   else:
@@ -236,26 +234,22 @@ def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
   warnings = source.warnings + result.warnings
   for message in warnings:
     print(f"warning: {message}", file=sys.stderr)
-  paths = output_paths(args, path, stem)
+  paths = output_paths(args, stem)
   for p in paths.values():
     if p:
       _makedirs_for(p)
-  result.overlay(alpha=args.alpha).save(paths["overlay"])
-  predict_lib.save_label_map(paths["labels"], result.label_map, len(labels))
-  report = result.report(image=path, label_map=os.path.basename(paths["labels"]),
-                         checkpoint=os.path.abspath(args.checkpoint),
-                         tokenizer=tokenizer_spec, **source.report_fields())
-  report["warnings"] = warnings
+  files = {}
   if paths["logits"]:
     np.savez(paths["logits"], logits=np.ascontiguousarray(
         result.logits.transpose(2, 0, 1), np.float32), labels=np.array(labels))
-    report["logits"] = os.path.basename(paths["logits"])
+    files["logits"] = os.path.basename(paths["logits"])
   if paths["embeddings"]:
     np.save(paths["embeddings"], result.embeddings.astype(np.float16))
-    report["embeddings"] = os.path.basename(paths["embeddings"])
-    report["embeddings_shape"] = list(result.embeddings.shape)
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+    files["embeddings"] = os.path.basename(paths["embeddings"])
+    files["embeddings_shape"] = list(result.embeddings.shape)
+  result.save(paths["overlay"], paths["labels"], paths["json"], alpha=args.alpha, image=path,
+              checkpoint=os.path.abspath(args.checkpoint), tokenizer=tokenizer_spec,
+              **source.report_fields(), warnings=warnings, **files)
   print(f"{path}: {result.summary()} -> {paths['overlay']}")
 
 
