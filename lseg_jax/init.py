@@ -24,7 +24,6 @@ import numpy as np
 
 from lseg_jax import checkpoint
 from lseg_jax import langseg_layout as layout
-from lseg_jax import names
 from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit, torchvision_resnet
 from lseg_jax.models import lseg
 
@@ -33,15 +32,14 @@ _IMAGE_ENCODER = {"timm_vit": "vit", "torchvision_resnet": "resnet"}
 
 
 def _prefixed(prefix: str, state: nnx.State) -> dict[str, np.ndarray]:
-  return {prefix + k: np.asarray(v) for k, v in names.flatten(state.to_pure_dict()).items()}
+  return {prefix + k: np.asarray(v) for k, v in mapping.flatten_params(state).items()}
 
 
 def _from_checkpoint(directory: str, model_config: lseg.LSegConfig) -> dict[str, np.ndarray]:
   model, meta = checkpoint.load_model(directory)
   theirs = lseg.LSegConfig.from_dict(meta["model_config"])
-  compute_only = ("dtype", "attention", "remat")
   diff = {k: (v, getattr(model_config, k)) for k, v in theirs.to_dict().items()
-          if k not in compute_only and getattr(model_config, k) != v}
+          if k not in lseg.COMPUTE_ONLY_FIELDS and getattr(model_config, k) != v}
   if diff:
     raise ValueError(f"init.checkpoint {directory!r} holds a different model: "
                      + ", ".join(f"{k}={a!r} there, {b!r} in config.model"

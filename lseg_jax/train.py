@@ -44,6 +44,7 @@ from lseg_jax import state as state_lib
 from lseg_jax import text
 from lseg_jax import train_utils
 from lseg_jax.data import input_pipeline
+from lseg_jax.models import lseg
 
 CHECKPOINT_SUBDIR = checkpoint.CHECKPOINT_SUBDIR
 METRICS_FILE = train_utils.METRICS_FILE
@@ -171,14 +172,15 @@ def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
   fix = "use another --workdir, or train with the checkpoint's value"
   saved, now = meta.get("model_config") or {}, spec.model_cfg.to_dict()
   for key in sorted(set(saved) | set(now)):
-    if key not in ("dtype", "attention") and saved.get(key) != now.get(key):
+    if key not in lseg.COMPUTE_ONLY_FIELDS and saved.get(key) != now.get(key):
       raise ValueError(f"{where} holds another model: config.model.{key}="
                        f"{saved.get(key)!r} there, {now.get(key)!r} now; {fix}")
   recorded = (meta.get(checkpoint.INTEGRITY_KEY) or {}).get("opt_state")
   if recorded and set(recorded) != set(checkpoint.flat_arrays(spec.abstract["opt"])):
     saved_optim = (meta.get("config") or {}).get("optim") or {}
-    differ = [k for k in sorted(saved_optim) if k in config.optim
-              and config_lib.to_json_dict(config)["optim"][k] != saved_optim[k]]
+    optim_now = config_lib.to_json_dict(config)["optim"]
+    differ = [k for k in sorted(saved_optim) if k in optim_now
+              and optim_now[k] != saved_optim[k]]
     raise ValueError(f"{where} holds another optimizer state"
                      + (f" (config.optim.{differ[0]}={saved_optim[differ[0]]!r} there, "
                         f"{config.optim[differ[0]]!r} now)" if differ else "") + f"; {fix}")
@@ -232,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # and the run resumes from the newest intact one.
   resume_step, restored = checkpoint.restore_newest_intact(
       mngr, lambda step: _restore(mngr, step, spec, config),
-      move_damaged=jax.process_index() == 0)
+      move_damaged=True)  # process 0 renames; every process syncs and reloads
   state, resumed_meta = restored or (None, {})
   if resume_step is None:
     state = state_lib.init_state(spec, tuple(config.optim.frozen))()

@@ -50,6 +50,9 @@ DPT_WIDTHS = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # CLIP's initial temperature, exp(log(1/0.07)) in float32 as lang-seg computes it.
+# LSegConfig fields that change how the model computes, not its parameters: a checkpoint
+# resumes or initialises a model that differs from it only in these.
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat")
 LOGIT_SCALE = float(np.exp(np.float32(np.log(1 / 0.07)), dtype=np.float32))
 
 
