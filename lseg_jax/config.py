@@ -95,13 +95,12 @@ def _as_dict(x) -> Any:
   return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else x
 
 
-def _fit(value, default, path: str):
+def _fit(value, default):
   """`value` in the type of `default` (JSON turns tuples into lists)."""
   if isinstance(default, tuple) and isinstance(value, list):
     return tuple(tuple(v) if isinstance(v, list) else v for v in value)
   if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
-  del path
   return value
 
 
@@ -126,7 +125,7 @@ def _overlay(dst: ml_collections.ConfigDict, src, path: str) -> None:
       _overlay(dst[key], value, full + ".")
     else:
       try:
-        dst[key] = _fit(_as_dict(value), dst[key], full)
+        dst[key] = _fit(_as_dict(value), dst[key])
       except TypeError as e:
         raise ValueError(f"config field {full!r}={value!r}: {e}") from None
 
@@ -209,7 +208,7 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[tuple[str,
         raise _unknown(path, leaf, node.keys())
       current = node[leaf]
       try:
-        node[leaf] = _fit(parse_value(text, current), current, key)
+        node[leaf] = _fit(parse_value(text, current), current)
       except TypeError as e:
         raise ValueError(f"--config.{key}={text}: {e}") from None
   return config

@@ -237,11 +237,6 @@ def _could_not_join(process_id, num_processes, coordinator, timeout):
   os._exit(2)  # pylint: disable=protected-access
 
 
-def topology() -> Topology | None:
-  """The topology of `initialize`, or None before it ran."""
-  return _topology
-
-
 def done() -> None:
   """Tells the other processes that this one finished its work: its exit (and a slow
   teardown on either side) is then no sign of a lost process. Tools call it last."""
@@ -411,4 +406,4 @@ class _Watchdog(threading.Thread):
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "ENV_COORDINATOR", "ENV_HEARTBEAT_TIMEOUT",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PROCESS_LOST", "Topology",
-           "add_arguments", "await_lost_process", "barrier", "compile_in_step", "done", "shutdown_finished", "initialize", "leaving", "preemption_sync_enabled", "topology"]
+           "add_arguments", "await_lost_process", "barrier", "compile_in_step", "done", "shutdown_finished", "initialize", "leaving", "preemption_sync_enabled"]

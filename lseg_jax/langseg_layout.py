@@ -154,6 +154,13 @@ def load_state_dict_file(path, *, weights_only: bool = True) -> dict[str, np.nda
   return numpy_state_dict(obj)
 
 
+def read_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
+  """`load_state_dict_file` of a path, or `numpy_state_dict` of a state dict."""
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    return load_state_dict_file(path_or_state_dict)
+  return numpy_state_dict(path_or_state_dict)
+
+
 def split_checkpoint(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Any], dict[str, Any]]:
   """A loaded checkpoint object -> (LSegNet state dict, metadata).
 
@@ -303,10 +310,9 @@ def find_backbone(state_dict: Mapping[str, Any],
 def _shape_settings(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """What the keys and shapes tell, except the backbone."""
   settings: dict[str, Any] = {}
-  if PROJECT_READOUT in state_dict:
-    settings["readout"] = "project"  # 'ignore' and 'add' have no weights
-  elif is_resnet(state_dict):
-    settings["readout"] = "project"  # a ResNet has no readout: the default, unused
+  # 'ignore' and 'add' have no weights; a ResNet has no readout (the default, unused).
+  if PROJECT_READOUT in state_dict or is_resnet(state_dict):
+    settings["readout"] = "project"
   if HEAD_BLOCK_WEIGHT not in state_dict:
     settings["arch_option"] = 0
   for name, key in (("features", "scratch.layer1_rn.weight"),

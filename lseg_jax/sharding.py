@@ -24,8 +24,6 @@ import jax
 import numpy as np
 
 from lseg_jax import names as names_lib
-# Rule validation lives with the names; re-exported for callers that still import it here.
-from lseg_jax.names import check_rules  # pylint: disable=unused-import
 
 P = jax.sharding.PartitionSpec
 MESH_AXES = ("data", "fsdp")

@@ -89,9 +89,8 @@ def init_state(spec: StateSpec, frozen: tuple[str, ...]):
 
 def load_weights(state, spec: StateSpec, weights: dict[str, np.ndarray]):
   """Replaces model leaves named in `weights` ({flat name: host array}) in place."""
-  model_keys = MODEL_KEYS
-  names = {n for k in model_keys for n in sharding.names(spec.abstract[k])}
-  unknown = sorted(set(weights) - names)
+  known = {n for k in MODEL_KEYS for n in sharding.names(spec.abstract[k])}
+  unknown = sorted(set(weights) - known)
   if unknown:
     raise ValueError(f"pretrained weights name {len(unknown)} paths the model does not have: "
                      f"{unknown[:20]}")
@@ -105,7 +104,7 @@ def load_weights(state, spec: StateSpec, weights: dict[str, np.ndarray]):
                        f"{tuple(x.shape)}")
     return jax.device_put(w.astype(x.dtype), s)
   state = dict(state)
-  for k in model_keys:
+  for k in MODEL_KEYS:
     state[k] = sharding.map_with_names(place, state[k], spec.shardings[k])
   return state
 

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import posixpath
-import sys
 import time
 
 from etils import epath

@@ -6,7 +6,6 @@ except for Linear weights, which are transposed.
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Mapping
 
@@ -113,10 +112,7 @@ def load_openai_clip_text(path_or_state_dict, model: clip_text.CLIPTextTransform
     the loaded model. Image-tower keys and `logit_scale` are ignored; any other
     key that does not fit raises a `mapping.MappingError` listing them all.
   """
-  if isinstance(path_or_state_dict, (str, os.PathLike)):
-    state_dict = layout.load_state_dict_file(path_or_state_dict)
-  else:
-    state_dict = layout.numpy_state_dict(path_or_state_dict)
+  state_dict = layout.read_state_dict(path_or_state_dict)
   if prefix is None:
     prefix = find_prefix(state_dict)
   # Keys outside the text tower's prefix (the rest of an LSeg checkpoint) are not ours.

@@ -10,7 +10,6 @@ The same table, prefixed with `pretrained.model.`, is the ViT part of lang-seg's
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 from flax import nnx
@@ -71,12 +70,6 @@ def find_prefix(state_dict: Mapping[str, Any]) -> str:
   return found[0]
 
 
-def _read(path_or_state_dict) -> dict[str, Any]:
-  if isinstance(path_or_state_dict, (str, os.PathLike)):
-    return layout.load_state_dict_file(path_or_state_dict)
-  return layout.numpy_state_dict(path_or_state_dict)
-
-
 def load_timm_vit(path_or_state_dict, vit_module: vit.VisionTransformer | vit.ViTConfig | str,
                   *, prefix: str | None = None) -> vit.VisionTransformer:
   """Loads timm ViT weights into `vit_module` and returns it.
@@ -96,7 +89,7 @@ def load_timm_vit(path_or_state_dict, vit_module: vit.VisionTransformer | vit.Vi
     for a ViT of another size or a position-embedding grid other than the model's
     (`pretrain_size // patch`).
   """
-  state_dict = _read(path_or_state_dict)
+  state_dict = layout.read_state_dict(path_or_state_dict)
   if prefix is None:
     prefix = find_prefix(state_dict)
   state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -16,7 +16,6 @@ Two layouts of the same weights:
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 from flax import nnx
@@ -73,14 +72,13 @@ def find_prefix(state_dict: Mapping[str, Any], layout: str = "torchvision") -> s
   return found[0]
 
 
-def infer_variant(state_dict: Mapping[str, Any], prefix: str = "",
-                  layout: str = "torchvision") -> str:
+def infer_variant(state_dict: Mapping[str, Any], prefix: str = "") -> str:
   """The `resnet.RESNET_VARIANTS` name whose blocks per stage the state dict has.
 
   Raises:
     ValueError naming the block counts when no variant has them.
   """
-  _, _, stages = LAYOUTS[layout]
+  _, _, stages = LAYOUTS["torchvision"]
   counts = langseg_layout.resnet_blocks(state_dict, [f"{prefix}{stage}." for stage in stages])
   for name, layers in resnet.RESNET_VARIANTS.items():
     if tuple(layers) == counts:
@@ -88,12 +86,6 @@ def infer_variant(state_dict: Mapping[str, Any], prefix: str = "",
   raise ValueError(
       f"the ResNet has {counts} Bottleneck blocks per stage; no known variant has "
       f"that: {dict(sorted(resnet.RESNET_VARIANTS.items()))}")
-
-
-def _read(path_or_state_dict) -> dict[str, Any]:
-  if isinstance(path_or_state_dict, (str, os.PathLike)):
-    return langseg_layout.load_state_dict_file(path_or_state_dict)
-  return langseg_layout.numpy_state_dict(path_or_state_dict)
 
 
 def load_torchvision_resnet(path_or_state_dict,
@@ -114,7 +106,7 @@ def load_torchvision_resnet(path_or_state_dict,
   Raises:
     mapping.MappingError listing every missing, unknown and mis-shaped key.
   """
-  state_dict = _read(path_or_state_dict)
+  state_dict = langseg_layout.read_state_dict(path_or_state_dict)
   if prefix is None:
     prefix = find_prefix(state_dict)
   state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -70,10 +70,9 @@ def _stencil(in_size: int, out_size: int, align_corners: bool):
     return None
   r = out_size // in_size
   taps = [t.reshape(in_size, r).T for t in axis_taps(in_size, out_size, align_corners)]
-  i0, i1, w0, w1 = taps  # each [r, in_size]
+  i0, i1, _, w1 = taps  # each [r, in_size]; x0's weight 1 - w1 > 0: x0 is always used
   base = np.arange(in_size)
   shifts = []
-  del w0  # 1 - w1 > 0: x0 is always used
   for idx, used_taps in ((i0, np.ones_like(w1, bool)), (i1, w1 != 0)):
     per_phase = []
     for p in range(r):
