@@ -70,8 +70,10 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]
   check_finite: raise FloatingPointError, naming the array and `check_finite` (what is
   being saved), if a floating-point array holds NaN or Inf.
   """
-  out = {}
+  out: dict[str, str | None] = {}
+  held = {}  # the arrays this process holds whole, fetched to the host in one call
   for name, x in flat_arrays(tree).items():
+    out[name] = None  # named (the set of arrays is checked); summed below if held
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if not x.is_fully_replicated:
         # Sharded over processes: no checksum, but the finiteness check is global (a
@@ -81,10 +83,11 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]
           if bad:
             raise FloatingPointError(
                 f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
-        out[name] = None  # named (the set of arrays is checked), not summed
         continue
       x = x.addressable_data(0)  # replicated: every process holds the same copy
-    a = np.ascontiguousarray(jax.device_get(x))
+    held[name] = x
+  for name, a in zip(held, jax.device_get(list(held.values()))):
+    a = np.ascontiguousarray(a)
     if check_finite and jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):
       bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
       if bad:

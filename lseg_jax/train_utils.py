@@ -39,6 +39,9 @@ class MetricWriter:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self._tf = tf
     self._local = "://" not in self.path
+    # On object stores (no append) the file is rewritten whole each flush: its text
+    # is kept here, so that it is never read back (process 0 is its only writer).
+    self._text = ""
     if tf.io.gfile.exists(self.path):
       # Steps after the restored checkpoint are trained again: drop their old lines
       # (and a line cut short by a kill). A fresh run (resume_step None) starts empty.
@@ -51,7 +54,8 @@ class MetricWriter:
             continue
           if isinstance(record, dict) and record.get("step", 1 << 62) <= (resume_step or 0):
             kept.append(json.dumps(record) + "\n")
-      self._replace("".join(kept))
+      self._text = "".join(kept)
+      self._replace(self._text)
     self._tb = tf.summary.create_file_writer(workdir)
 
   def write(self, step: int, values: dict[str, float]) -> None:
@@ -75,12 +79,8 @@ class MetricWriter:
         os.fsync(f.fileno())
     else:
       # GFile has no append on object stores: the file is rewritten with the new line.
-      gfile = self._tf.io.gfile
-      text = ""
-      if gfile.exists(self.path):
-        with gfile.GFile(self.path) as f:
-          text = f.read()
-      self._replace(text + line)
+      self._text += line
+      self._replace(self._text)
     with self._tb.as_default(step=int(self._step)):
       for k, v in self._values.items():
         self._tf.summary.scalar(k, float(v))
