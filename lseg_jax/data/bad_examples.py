@@ -13,18 +13,30 @@ examples with an int64 `_position` (the example's place in the stream).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from absl import logging
 import tensorflow as tf
 
 from lseg_jax.data import registry
-from lseg_jax.data.data_iterator import BadExampleError, no_autograph
-from lseg_jax.data.data_iterator import PipelineStats
 from lseg_jax.data.source_specs import num_mask_values
+from lseg_jax.data.tfdata import no_autograph
 from lseg_jax.labels import IGNORE_INDEX
 
 ON_BAD = ("error", "skip")
+
+
+class BadExampleError(ValueError):
+  """A corrupt or inconsistent example (the message names the file)."""
+
+
+@dataclasses.dataclass
+class PipelineStats:
+  """Bad examples seen by one pipeline (counted as tf.data reaches them)."""
+  num_skipped: int = 0
+  skipped: list[str] = dataclasses.field(default_factory=list)
+  error: Exception | None = None
 
 
 def check_on_bad(data_cfg):

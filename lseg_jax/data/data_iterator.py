@@ -6,29 +6,12 @@ episodic, the batch size and the bad examples seen (`PipelineStats`).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 import tensorflow as tf
 
 from lseg_jax.data import registry
-
-# Our dataset functions use no Python control flow on tensors; skipping
-# AutoGraph's conversion saves seconds per pipeline.
-no_autograph = tf.autograph.experimental.do_not_convert
-
-
-class BadExampleError(ValueError):
-  """A corrupt or inconsistent example (the message names the file)."""
-
-
-@dataclasses.dataclass
-class PipelineStats:
-  """Bad examples seen by one pipeline (counted as tf.data reaches them)."""
-  num_skipped: int = 0
-  skipped: list[str] = dataclasses.field(default_factory=list)
-  error: Exception | None = None
+from lseg_jax.data.bad_examples import BadExampleError
 
 
 def resolve_process(process_index: int | None,
@@ -40,13 +23,6 @@ def resolve_process(process_index: int | None,
     process_count = jax.process_count()
   registry.check_process(process_index, process_count)
   return process_index, process_count
-
-
-def deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """`ds` with deterministic element order (the pipelines' contract)."""
-  options = tf.data.Options()
-  options.deterministic = True
-  return ds.with_options(options)
 
 
 class DataIterator:

@@ -12,9 +12,9 @@ import tensorflow as tf
 from lseg_jax.data import bad_examples
 from lseg_jax.data import preprocess
 from lseg_jax.data import source_specs
-from lseg_jax.data.data_iterator import DataIterator, PipelineStats
-from lseg_jax.data.data_iterator import deterministic, no_autograph
-from lseg_jax.data.data_iterator import resolve_process
+from lseg_jax.data.bad_examples import PipelineStats
+from lseg_jax.data.data_iterator import DataIterator, resolve_process
+from lseg_jax.data.tfdata import deterministic, no_autograph
 from lseg_jax.labels import IGNORE_INDEX
 
 

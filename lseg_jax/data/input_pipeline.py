@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from lseg_jax.data.data_iterator import BadExampleError, DataIterator
-from lseg_jax.data.data_iterator import PipelineStats
+from lseg_jax.data.bad_examples import BadExampleError, PipelineStats
+from lseg_jax.data.data_iterator import DataIterator
 from lseg_jax.data.eval_stream import make_eval_iterator
 from lseg_jax.data.host_to_device import prefetch_to_device, to_global
 from lseg_jax.data.source_specs import is_episodic, label_table
