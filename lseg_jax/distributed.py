@@ -13,26 +13,32 @@ tool calls first:
             Kubernetes (with the `kubernetes` package);
   no-op     for a single process (nothing detected, or --num-processes 1).
 
-On CPU the processes exchange collectives through gloo. Once started, a watchdog
-thread keeps a heartbeat per process in the coordination service: when a process
-stops beating (killed, machine lost) or exits while the others still run, every
-other process exits with `EXIT_PROCESS_LOST` and a message naming the lost process,
-instead of waiting forever in its next collective. JAX's own preemption sync (which
-catches SIGTERM on whichever process receives it) is enabled, so the training loop
-stops all processes at the same step (`lseg_jax.train_utils.Preemption`).
+The interface: `initialize` (join the job), `barrier` (wait for every process),
+`compile_in_step` (compile a step with collectives in step) and the lost-process policy
+(`done`, `leaving`, `shutdown_finished`, `await_lost_process`, `EXIT_PROCESS_LOST`).
+
+On CPU the processes exchange collectives through gloo. Once started, a watchdog thread
+(`lseg_jax._watchdog`) keeps a heartbeat per process in the coordination service: when
+a process stops beating (killed, machine lost) or exits while the others still run,
+every other process exits with `EXIT_PROCESS_LOST` and a message naming the lost
+process, instead of waiting forever in its next collective. JAX's own preemption sync
+(which catches SIGTERM on whichever process receives it) is enabled, so the training
+loop stops all processes at the same step (`lseg_jax.train_utils.Preemption`). What JAX
+has no public API for is reached through `lseg_jax._jax_private` only.
 """
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import itertools
 import os
 import sys
 import threading
-import time
 
 from absl import logging
+
+# JAX (and `_jax_private`, which imports it) are imported inside the functions: the
+# launcher (tools/launch.py) reads the environment names here without loading JAX.
 
 ENV_COORDINATOR = "LSEG_COORDINATOR"
 ENV_NUM_PROCESSES = "LSEG_NUM_PROCESSES"
@@ -48,7 +54,6 @@ DEFAULT_INIT_TIMEOUT = 300  # seconds to wait for every process to connect
 # (lseg_jax.cli.train.EXIT_PREEMPTED) it means "rerun the same command to resume", but
 # from the last complete checkpoint rather than one saved at the stop.
 EXIT_PROCESS_LOST = 76
-_KEY = "lseg_jax/watchdog"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,23 +72,29 @@ class Topology:
             f"devices" + (f", coordinator {self.coordinator}" if self.coordinator else ""))
 
 
-def _jax_state():
-  # The client of the coordination service and the preemption sync manager have no
-  # public accessor; jax.experimental.multihost_utils reads the same object.
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  return jax_distributed.global_state
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """The job as asked for by arguments and environment (None: left to JAX)."""
+  coordinator: str | None
+  num_processes: int | None
+  process_id: int | None
+  heartbeat_timeout: float
+  init_timeout: int
 
+  @property
+  def single(self) -> bool:
+    return self.num_processes == 1 and not self.coordinator
 
-def _backend_started() -> bool:
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  return xla_bridge.backends_are_initialized()
+  @property
+  def explicit(self) -> tuple:
+    return (self.coordinator, self.num_processes, self.process_id)
 
 
 _topology: Topology | None = None
 _init_timeout = DEFAULT_INIT_TIMEOUT
 _barriers = itertools.count()
 _finished = False
-_watchdog: "_Watchdog | None" = None
+_watchdog = None  # the _watchdog.Watchdog of a multi-process job
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,21 +123,9 @@ def _env_int(name: str) -> int | None:
     raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, heartbeat_timeout: float | None = None,
-               init_timeout: int | None = None) -> Topology:
-  """Joins this process to its job (or does nothing for a single process); logs the
-  topology once and returns it. Call it before any JAX computation; later calls
-  return the first call's topology.
-
-  Raises:
-    ValueError: the process settings are incomplete or inconsistent (named in the
-      message), e.g. a process id outside [0, num_processes).
-    RuntimeError: the coordinator could not be reached within `init_timeout` seconds.
-  """
-  global _topology, _watchdog, _init_timeout
-  import jax  # pylint: disable=g-import-not-at-top
-
+def _settings(coordinator, num_processes, process_id, heartbeat_timeout,
+              init_timeout) -> _Settings:
+  """The arguments completed from the environment and checked (ValueError)."""
   coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
   if num_processes is None:
     num_processes = _env_int(ENV_NUM_PROCESSES)
@@ -141,90 +140,117 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     raise ValueError(f"heartbeat timeout {heartbeat_timeout} s; expected > 0")
   if init_timeout is None:
     init_timeout = _env_int(ENV_INIT_TIMEOUT) or DEFAULT_INIT_TIMEOUT
-
-  _init_timeout = init_timeout
-  explicit = (coordinator, num_processes, process_id)
+  settings = _Settings(coordinator, num_processes, process_id, heartbeat_timeout,
+                       init_timeout)
   if num_processes is not None and num_processes < 1:
     raise ValueError(f"--num-processes {num_processes}; expected >= 1")
   if process_id is not None and num_processes is not None and not (
       0 <= process_id < num_processes):
     raise ValueError(f"--process-id {process_id} is outside [0, {num_processes}) for "
                      f"--num-processes {num_processes}")
-  single = num_processes == 1 and not coordinator
-  if not single and any(v is not None for v in explicit) and None in explicit:
+  explicit = settings.explicit
+  if not settings.single and any(v is not None for v in explicit) and None in explicit:
     missing = [n for n, v in zip(("--coordinator", "--num-processes", "--process-id"),
                                  explicit) if v is None]
     raise ValueError(f"a multi-process run needs --coordinator, --num-processes and "
                      f"--process-id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
                      f"{ENV_PROCESS_ID}); missing {missing}")
+  return settings
 
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, heartbeat_timeout: float | None = None,
+               init_timeout: int | None = None) -> Topology:
+  """Joins this process to its job (or does nothing for a single process); logs the
+  topology once and returns it. Call it before any JAX computation; later calls
+  return the first call's topology.
+
+  Raises:
+    ValueError: the process settings are incomplete or inconsistent (named in the
+      message), e.g. a process id outside [0, num_processes).
+    RuntimeError: the coordinator could not be reached within `init_timeout` seconds.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
+  from lseg_jax import _watchdog as _watchdog_lib  # pylint: disable=g-import-not-at-top
+  global _topology, _watchdog, _init_timeout
+  settings = _settings(coordinator, num_processes, process_id, heartbeat_timeout,
+                       init_timeout)
+  _init_timeout = settings.init_timeout
   if _topology is not None:
     return _topology
-  if not single and all(v is None for v in explicit) and _backend_started():
+  single = settings.single
+  if (not single and all(v is None for v in settings.explicit)
+      and _jax_private.backends_started()):
     # JAX already ran here (a library caller, a test): too late to detect a cluster,
     # and nothing asked for one.
     single = True
-
-  started = False
-  if not single:
-    previous = jax.config.jax_cpu_collectives_implementation
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # Our watchdog reports a lost process first; JAX's own heartbeat is the backstop.
-    # JAX ends the process with a fatal log (no exception) when the job cannot form:
-    # the clear message comes from a timer that fires first.
-    where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(auto-detected)"
-    give_up = threading.Timer(init_timeout, _could_not_join,
-                              (process_id, num_processes, where, init_timeout))
-    give_up.daemon = True
-    give_up.start()
-    if num_processes is not None:
-      logging.info("Joining the job as process %s of %s at coordinator %s (%d s allowed; "
-                   "a process count or id the coordinator does not expect aborts here).",
-                   process_id, num_processes, where, init_timeout)
-    kwargs = dict(initialization_timeout=int(init_timeout) + 60,
-                  heartbeat_timeout_seconds=int(2 * heartbeat_timeout + 10),
-                  shutdown_timeout_seconds=int(2 * heartbeat_timeout + 10))
-    try:
-      if coordinator is None and os.environ.get("JAX_COORDINATOR_ADDRESS") is None:
-        jax.distributed.initialize(**kwargs)  # cluster auto-detection
-      else:
-        jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
-      started = True
-    except ValueError as e:
-      if "coordinator_address should be defined" not in str(e):
-        raise
-      jax.config.update("jax_cpu_collectives_implementation", previous)  # one process
-    except Exception as e:  # pylint: disable=broad-except
-      # DEADLINE_EXCEEDED, UNAVAILABLE (nobody there in time), INVALID_ARGUMENT and
-      # the like (a process id or count the coordinator does not expect).
-      if any(code in str(e) for code in ("DEADLINE_EXCEEDED", "UNAVAILABLE",
-                                         "INVALID_ARGUMENT", "FAILED_PRECONDITION",
-                                         "ALREADY_EXISTS", "ABORTED", "INTERNAL")):
-        raise RuntimeError(
-            f"process {process_id} of {num_processes} could not join the job at "
-            f"coordinator {coordinator or os.environ.get('JAX_COORDINATOR_ADDRESS')} within "
-            f"{init_timeout} s: check that every process was started with the same "
-            "coordinator address and process count, and that process 0 is running and "
-            "reachable (" + str(e).splitlines()[0][:300] + ")") from None
-      raise
-    finally:
-      give_up.cancel()
+  started = not single and _join(settings)
 
   devices = jax.devices()
   _topology = Topology(jax.process_index(), jax.process_count(), jax.local_device_count(),
                        len(devices), devices[0].platform,
-                       _jax_state().coordinator_address if started else None)
+                       _jax_private.coordinator_address() if started else None)
   logging.info("JAX topology: %s.", _topology)
   if started and _topology.process_count > 1:
     # Gloo sets up its context over all devices at the first collective and gives up
     # when the processes arrive more than 30 s apart (compilation under load): set it
     # up now, while they are in step.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("lseg_jax start")
-    _watchdog = _Watchdog(_topology.process_index, _topology.process_count,
-                          heartbeat_timeout)
+    _watchdog = _watchdog_lib.Watchdog(
+        _jax_private.coordination_client(), _topology.process_index,
+        _topology.process_count, settings.heartbeat_timeout, EXIT_PROCESS_LOST)
     _watchdog.start()
   return _topology
+
+
+def _join(settings: _Settings) -> bool:
+  """jax.distributed.initialize with gloo collectives; False if JAX detected no
+  cluster (then the job is this one process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
+  previous = jax.config.jax_cpu_collectives_implementation
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Our watchdog reports a lost process first; JAX's own heartbeat is the backstop.
+  # JAX ends the process with a fatal log (no exception) when the job cannot form:
+  # the clear message comes from a timer that fires first.
+  coordinator, num_processes, process_id = settings.explicit
+  init_timeout, heartbeat_timeout = settings.init_timeout, settings.heartbeat_timeout
+  where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(auto-detected)"
+  give_up = threading.Timer(init_timeout, _could_not_join,
+                            (process_id, num_processes, where, init_timeout))
+  give_up.daemon = True
+  give_up.start()
+  if num_processes is not None:
+    logging.info("Joining the job as process %s of %s at coordinator %s (%d s allowed; "
+                 "a process count or id the coordinator does not expect aborts here).",
+                 process_id, num_processes, where, init_timeout)
+  kwargs = dict(initialization_timeout=int(init_timeout) + 60,
+                heartbeat_timeout_seconds=int(2 * heartbeat_timeout + 10),
+                shutdown_timeout_seconds=int(2 * heartbeat_timeout + 10))
+  try:
+    if coordinator is None and os.environ.get("JAX_COORDINATOR_ADDRESS") is None:
+      jax.distributed.initialize(**kwargs)  # cluster auto-detection
+    else:
+      jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
+    return True
+  except ValueError as e:
+    if not _jax_private.is_no_cluster_error(e):
+      raise
+    jax.config.update("jax_cpu_collectives_implementation", previous)  # one process
+    return False
+  except jax.errors.JaxRuntimeError as e:
+    # DEADLINE_EXCEEDED, UNAVAILABLE (nobody there in time), INVALID_ARGUMENT and
+    # the like (a process id or count the coordinator does not expect).
+    raise RuntimeError(
+        f"process {process_id} of {num_processes} could not join the job at "
+        f"coordinator {coordinator or os.environ.get('JAX_COORDINATOR_ADDRESS')} within "
+        f"{init_timeout} s: check that every process was started with the same "
+        "coordinator address and process count, and that process 0 is running and "
+        "reachable (" + str(e).splitlines()[0][:300] + ")") from None
+  finally:
+    give_up.cancel()
 
 
 def _could_not_join(process_id, num_processes, coordinator, timeout):
@@ -237,30 +263,6 @@ def _could_not_join(process_id, num_processes, coordinator, timeout):
   os._exit(2)  # pylint: disable=protected-access
 
 
-def done() -> None:
-  """Tells the other processes that this one finished its work: its exit (and a slow
-  teardown on either side) is then no sign of a lost process. Tools call it last."""
-  global _finished
-  _finished = True
-  if _watchdog is not None:
-    _watchdog.mark("done")
-
-
-def shutdown_finished() -> None:
-  """For a process that finished its work (`done()`) and exits with os._exit (a
-  non-zero code such as a preempted run's 75): leaves the job with JAX's shutdown
-  barrier, so that process 0, which hosts the coordination service, exits last. Other
-  processes that are still tearing down would otherwise be aborted by JAX."""
-  if _watchdog is None or not _finished:
-    return
-  _watchdog.mark_exited()
-  import jax  # pylint: disable=g-import-not-at-top
-  try:
-    jax.distributed.shutdown()
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("Leaving the job: %s", str(e).splitlines()[0][:200] if str(e) else e)
-
-
 def barrier(name: str, timeout: float | None = None) -> None:
   """Waits until every process got here (a no-op for one process), through the
   coordination service: no device collective, so nothing of gloo's is set up.
@@ -270,9 +272,10 @@ def barrier(name: str, timeout: float | None = None) -> None:
   """
   if _topology is None or _topology.process_count == 1:
     return
+  from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
   timeout = _init_timeout if timeout is None else timeout
-  _jax_state().client.wait_at_barrier(f"lseg_jax/{name}/{next(_barriers)}",
-                                      int(timeout * 1000))
+  _jax_private.coordination_client().wait_at_barrier(
+      f"lseg_jax/{name}/{next(_barriers)}", int(timeout * 1000))
 
 
 def compile_in_step(jitted, *args):
@@ -291,9 +294,33 @@ def compile_in_step(jitted, *args):
   return compiled
 
 
-# Failures of a collective or of the coordination service when a peer went away.
-_PEER_FAILURES = ("Gloo", "gloo", "Connection closed by peer", "Connection reset",
-                  "Broken pipe", "DEADLINE_EXCEEDED", "UNAVAILABLE", "coordination")
+# The lost-process policy: a process that finished says so (`done`), one that exits
+# early says so (`leaving`), and a collective that failed because a peer died waits for
+# the watchdog to name it (`await_lost_process`); a lost peer ends the others with
+# EXIT_PROCESS_LOST.
+
+def done() -> None:
+  """Tells the other processes that this one finished its work: its exit (and a slow
+  teardown on either side) is then no sign of a lost process. Tools call it last."""
+  global _finished
+  _finished = True
+  if _watchdog is not None:
+    _watchdog.mark("done")
+
+
+def shutdown_finished() -> None:
+  """For a process that finished its work (`done()`) and exits with os._exit (a
+  non-zero code such as a preempted run's 75): leaves the job with JAX's shutdown
+  barrier, so that process 0, which hosts the coordination service, exits last. Other
+  processes that are still tearing down would otherwise be aborted by JAX."""
+  if _watchdog is None or not _finished:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  _watchdog.mark_exited()
+  try:
+    jax.distributed.shutdown()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Leaving the job: %s", str(e).splitlines()[0][:200] if str(e) else e)
 
 
 def await_lost_process(error: BaseException) -> None:
@@ -303,7 +330,8 @@ def await_lost_process(error: BaseException) -> None:
   after two heartbeat timeouts if no process was lost."""
   if _watchdog is None or not _watchdog.is_alive():
     return
-  if not any(marker in str(error) for marker in _PEER_FAILURES):
+  from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
+  if not _jax_private.is_peer_failure(error):
     return
   logging.warning("A collective failed (%s); checking whether a process was lost.",
                   str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
@@ -322,88 +350,11 @@ def preemption_sync_enabled() -> bool:
   """Whether JAX's multi-process preemption sync runs (several processes joined by
   `initialize`, with JAX's preemption service on, its default)."""
   import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_count() > 1 and _jax_state().preemption_sync_manager is not None
-
-
-class _Watchdog(threading.Thread):
-  """A heartbeat per process in the coordination service's key-value store.
-
-  Each process increments its counter every `timeout / 6` seconds and watches the
-  others'. A process whose counter does not move for `timeout` seconds is lost (killed,
-  its machine gone); one that exited (its exit key is set) while this process still
-  runs after `timeout` more seconds, without having called `done()`, has left this
-  one alone. Either way this process
-  prints which process was lost and how to resume, and exits with EXIT_PROCESS_LOST:
-  nothing waits forever in a collective.
-  """
-
-  def __init__(self, index: int, count: int, timeout: float):
-    super().__init__(name="lseg-watchdog", daemon=True)
-    self.client = _jax_state().client
-    self.index, self.count, self.timeout = index, count, timeout
-    self._stop_event = threading.Event()
-    atexit.register(self.mark_exited)
-
-  def mark_exited(self):
-    """Tells the other processes that this one is leaving (atexit)."""
-    self._stop_event.set()
-    self.mark("exited")
-
-  def mark(self, what: str):
-    try:
-      self.client.key_value_set(f"{_KEY}/{what}/{self.index}", "1", allow_overwrite=True)
-    except Exception:  # pylint: disable=broad-except
-      pass
-
-  def run(self):
-    interval = max(0.5, self.timeout / 6)
-    now = time.monotonic()
-    seen = {i: (-1, now) for i in range(self.count) if i != self.index}
-    exited_since: dict[int, float] = {}
-    failing_since = None
-    while not self._stop_event.wait(interval):
-      now = time.monotonic()
-      try:
-        self.client.key_value_increment(f"{_KEY}/beat/{self.index}", 1)
-        beats = dict(self.client.key_value_dir_get(f"{_KEY}/beat/"))
-        exited, finished = ({int(k.rsplit("/", 1)[1])
-                             for k, _ in self.client.key_value_dir_get(f"{_KEY}/{what}/")}
-                            for what in ("exited", "done"))
-        failing_since = None
-      except Exception as e:  # pylint: disable=broad-except
-        if self._stop_event.is_set():
-          return
-        failing_since = failing_since or now
-        if now - failing_since > self.timeout:
-          self._lost(0, f"the coordination service on process 0 is unreachable "
-                        f"({str(e).splitlines()[0][:200]})")
-        continue
-      for i, (last, since) in seen.items():
-        if i in finished:
-          continue
-        beat = int(beats.get(f"{_KEY}/beat/{i}", -1))
-        if beat != last:
-          seen[i] = (beat, now)
-        if i in exited:
-          exited_since.setdefault(i, now)
-          if now - exited_since[i] > self.timeout:
-            self._lost(i, f"it exited {now - exited_since[i]:.0f} s ago while this "
-                          "process still runs")
-        elif now - seen[i][1] > self.timeout:
-          self._lost(i, f"no heartbeat for {now - seen[i][1]:.0f} s (killed, or its "
-                        "machine was lost)")
-
-  def _lost(self, i: int, why: str):
-    if self._stop_event.is_set():
-      return
-    message = (f"error: process {i} of {self.count} was lost: {why}. Process {self.index} "
-               f"stops (exit code {EXIT_PROCESS_LOST}). Rerun the same command for all "
-               f"{self.count} processes to resume from the last complete checkpoint.")
-    logging.error(message)
-    print(message, file=sys.stderr, flush=True)
-    os._exit(EXIT_PROCESS_LOST)  # pylint: disable=protected-access
+  from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
+  return jax.process_count() > 1 and _jax_private.preemption_sync_enabled()
 
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "ENV_COORDINATOR", "ENV_HEARTBEAT_TIMEOUT",
            "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PROCESS_LOST", "Topology",
-           "add_arguments", "await_lost_process", "barrier", "compile_in_step", "done", "shutdown_finished", "initialize", "leaving", "preemption_sync_enabled"]
+           "add_arguments", "await_lost_process", "barrier", "compile_in_step", "done",
+           "initialize", "leaving", "preemption_sync_enabled", "shutdown_finished"]
