@@ -1,10 +1,9 @@
-"""The seven datasets of LSeg's mixture, in their official layouts, as a table.
+"""The other six datasets of LSeg's mixture, in their official layouts, as a table.
 
   source = registry.get_source("cityscapes", "train", data_dir=DIR)
 
 Registered sources (label names in `label_names.DATASET_LABEL_NAMES`), each
-with splits "train" and "validation":
-  ade20k            ADE20K SceneParse150, 150 classes.
+with splits "train" and "validation" (the seventh, ade20k, is in `ade20k`):
   bdd100k           BDD100K semantic segmentation, 19 classes (train ids).
   cityscapes        Cityscapes fine annotations, label ids -> 19 train ids;
                     also from TFDS `cityscapes/semantic_segmentation` with
@@ -17,29 +16,23 @@ Everything a dataset marks as void / unlabeled becomes -1 (ignore). The
 error raised when files are missing names the archive to download and where
 to put it; docs/datasets.md has the details.
 
-Each dataset is one `MixtureDataset` row of `DATASETS`: its split folders,
-where its files are (`Layout`s, tried in order: the first whose trees are
-found is read) and how stored label values become classes. TFDS's
-`scene_parse150` is not a way into ADE20K: it is built from the 2017 Places
-challenge's instance annotations (100 classes in the red channel), not the
-150-class semantic masks that LSeg trains and evaluates on.
+Each dataset is one `dataset_layouts.MixtureDataset` row of `DATASETS`: its
+split folders, where its files are (`Layout`s, tried in order: the first whose
+trees are found is read) and how stored label values become classes.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import re
-from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from lseg_jax.data import dataset_files
 from lseg_jax.data import registry
-from lseg_jax.data.label_names import ADE20K_NAMES, COCO_PANOPTIC_NAMES
-from lseg_jax.data.label_names import DATASET_LABEL_NAMES
+from lseg_jax.data.dataset_layouts import Layout, MixtureDataset, TfdsLayout, Tree
+from lseg_jax.data.dataset_layouts import make_source, renamed
+from lseg_jax.data.label_names import COCO_PANOPTIC_NAMES
 from lseg_jax.data.label_names import MAPILLARY_VISTAS_NAMES, SUNRGBD_NAMES
 from lseg_jax.labels import IGNORE_INDEX
 
@@ -48,162 +41,6 @@ from lseg_jax.labels import IGNORE_INDEX
 CITYSCAPES_TRAIN_IDS = np.array(
     [-1, -1, -1, -1, -1, -1, -1, 0, 1, -1, -1, 2, 3, 4, -1, -1, -1, 5, -1, 6,
      7, 8, 9, 10, 11, 12, 13, 14, 15, -1, -1, 16, 17, 18], np.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tree:
-  """Where one file tree of a dataset is (see `dataset_files.find_root`).
-
-  Every string may hold "{split}", the split's folder name.
-
-  Attributes:
-    marker: a sub-folder the tree's root must contain.
-    folders: names the dataset's top folder may have under data_dir.
-    archives: file names of the official .zip archives.
-    under: a sub-folder of data_dir to look in ("" = data_dir itself).
-  """
-  marker: str
-  folders: tuple[str, ...] = ()
-  archives: tuple[str, ...] = ()
-  under: str = ""
-
-  def find(self, data_dir, folder, *, dataset,
-           expected) -> dataset_files.FileTree:
-    """This tree of split folder `folder` under `data_dir`."""
-    fill = functools.partial(str.format, split=folder)
-    base = data_dir
-    if data_dir and self.under:
-      base = f"{data_dir}/{fill(self.under)}"
-    return dataset_files.find_root(
-        base, marker=fill(self.marker), dataset=dataset, expected=expected,
-        folders=self.folders, archives=tuple(map(fill, self.archives)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """One on-disk layout: the trees and how images pair with label files.
-
-  Attributes:
-    images: the tree of the images.
-    masks: the tree of the label files (None: the images' tree).
-    image_glob: glob of the images in their tree ("{split}" = split folder).
-    mask_glob: a glob that matches every label file in its tree.
-    mask_of: image path -> its label file's path (None: the row's `build`
-      pairs them).
-  """
-  images: Tree
-  masks: Tree | None
-  image_glob: str
-  mask_glob: str
-  mask_of: Callable[[str], str] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class TfdsLayout:
-  """A prepared TFDS dataset holding the same examples (`use_tfds=True`)."""
-  name: str
-  splits: Mapping[str, str]  # split folder -> TFDS split
-  image_key: str
-  mask_key: str
-  name_key: str
-
-
-@dataclasses.dataclass(frozen=True)
-class MixtureDataset:
-  """One dataset of the mixture: a row of `DATASETS`.
-
-  Attributes:
-    name: registry name (its label names: `DATASET_LABEL_NAMES[name]`).
-    title: the dataset's name in messages.
-    splits: split name -> the split's folder name.
-    expected: what to download and where to put it ("{d}" = data_dir).
-    layouts: the layouts it may be stored in, tried in order.
-    value_table: stored label value v -> class `value_table[v]` (-1 ignore;
-      values past the table are ignored); None: v is class v.
-    check: called with the images' tree before reading (version checks).
-    build: (trees, split folder, data_dir, expected) -> Source, for
-      datasets whose labels are not one PNG per image.
-    tfds: the TFDS dataset `use_tfds=True` reads, if any.
-  """
-  name: str
-  title: str
-  splits: Mapping[str, str]
-  expected: str
-  layouts: tuple[Layout, ...]
-  value_table: np.ndarray | None = None
-  check: Callable[[dataset_files.FileTree], None] | None = None
-  build: Callable[..., registry.Source] | None = None
-  tfds: TfdsLayout | None = None
-
-  @property
-  def label_names(self) -> tuple[str, ...]:
-    return DATASET_LABEL_NAMES[self.name]
-
-  @property
-  def values(self) -> np.ndarray:
-    """int32 [V]: the value table, stored value -> class."""
-    if self.value_table is None:
-      return np.arange(len(self.label_names), dtype=np.int32)
-    return np.asarray(self.value_table, np.int32)
-
-
-def make_source(dataset: MixtureDataset, split: str, *,
-                data_dir: str | None = None, use_tfds: bool = False,
-                tfds_data_dir: str | None = None) -> registry.Source:
-  """`dataset`'s split read from `data_dir` (registered as `dataset.name`).
-
-  With `use_tfds` (datasets with a `tfds` layout), reads the TFDS dataset
-  from `tfds_data_dir`, preparing it first from the archives in `data_dir`
-  (its manual download folder) if needed.
-  """
-  folder = dataset_files.split_folder(split, dataset.splits, dataset.title)
-  expected = dataset.expected.format(d=data_dir)
-  if use_tfds:
-    return _tfds_source(dataset, folder, data_dir, tfds_data_dir)
-  layout, trees = _find_layout(dataset, folder, data_dir, expected)
-  if dataset.check is not None:
-    dataset.check(trees[0])
-  if dataset.build is not None:
-    return dataset.build(trees, folder, data_dir, expected)
-  images, masks = dataset_files.pair_files(
-      trees[0], layout.image_glob.format(split=folder), trees[1],
-      layout.mask_glob.format(split=folder), layout.mask_of,
-      dataset=dataset.title, expected=expected)
-  return dataset_files.FileSegmentation(
-      label_names=dataset.label_names, image_tree=trees[0], images=images,
-      mask_tree=trees[1], masks=masks, value_table=dataset.values)
-
-
-def _find_layout(dataset, folder, data_dir, expected):
-  """The first layout whose trees exist: (layout, (image tree, mask tree))."""
-  find = functools.partial(Tree.find, data_dir=data_dir, folder=folder,
-                           dataset=dataset.title, expected=expected)
-  for i, layout in enumerate(dataset.layouts):
-    try:
-      image_tree = find(layout.images)
-      mask_tree = image_tree if layout.masks is None else find(layout.masks)
-      return layout, (image_tree, mask_tree)
-    except FileNotFoundError:
-      if i == len(dataset.layouts) - 1:
-        raise
-
-
-def _tfds_source(dataset, folder, data_dir, tfds_data_dir):
-  if dataset.tfds is None:
-    raise ValueError(f"{dataset.title} has no TFDS version; got "
-                     "use_tfds=True, expected False.")
-  builder = tfds.builder(dataset.tfds.name, data_dir=tfds_data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
-  return TfdsSegmentation(
-      builder, dataset.tfds.splits[folder], label_names=dataset.label_names,
-      image_key=dataset.tfds.image_key, mask_key=dataset.tfds.mask_key,
-      name_key=dataset.tfds.name_key, value_table=dataset.values)
-
-
-def _renamed(pattern: str, replacement: str) -> Callable[[str], str]:
-  """Image path -> label path by one regular-expression substitution."""
-  return functools.partial(re.sub, pattern, replacement)
 
 
 def _sunrgbd_mask(image: str) -> str:
@@ -236,8 +73,6 @@ def _check_mapillary_config(tree):
       return
 
 
-ADE20K_URL = (
-    "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip")
 _TRAIN_VAL = {"train": "train", "validation": "val", "val": "val"}
 _TRAINING_VALIDATION = {"train": "training", "validation": "validation",
                         "val": "validation"}
@@ -247,20 +82,6 @@ _MAPILLARY = dict(folders=("mapillary-vistas-dataset_public_v1.2",),
 _BDD = ("bdd100k",)
 
 DATASETS = (
-    MixtureDataset(
-        name="ade20k", title="ADE20K", splits=_TRAINING_VALIDATION,
-        expected=(
-            f"the official ADEChallengeData2016.zip ({ADE20K_URL}) at "
-            "{d}/ADEChallengeData2016.zip, or extracted so that "
-            "{d}/ADEChallengeData2016/images/training/*.jpg and "
-            "{d}/ADEChallengeData2016/annotations/training/*.png exist."),
-        layouts=(Layout(
-            Tree("annotations", ("ADEChallengeData2016",),
-                 ("ADEChallengeData2016.zip",)), None,
-            "images/{split}/*.jpg", "annotations/{split}/*.png",
-            _renamed(r"^images/(.*)\.jpg$", r"annotations/\1.png")),),
-        # Stored value 0 = "other" -> ignore; k -> class k - 1.
-        value_table=np.arange(-1, len(ADE20K_NAMES))),
     MixtureDataset(
         name="bdd100k", title="BDD100K", splits=_TRAIN_VAL,
         expected=(
@@ -276,14 +97,14 @@ DATASETS = (
             Layout(Tree("seg/labels", _BDD, ("bdd100k_seg.zip",)), None,
                    "seg/images/{split}/*.jpg",
                    "seg/labels/{split}/*_train_id.png",
-                   _renamed(r"^seg/images/(.*)\.jpg$",
+                   renamed(r"^seg/images/(.*)\.jpg$",
                             r"seg/labels/\1_train_id.png")),
             Layout(Tree("images/10k", _BDD, ("bdd100k_images_10k.zip",)),
                    Tree("labels/sem_seg", _BDD,
                         ("bdd100k_sem_seg_labels_trainval.zip",)),
                    "images/10k/{split}/*.jpg",
                    "labels/sem_seg/masks/{split}/*.png",
-                   _renamed(r"^images/10k/(.*)\.jpg$",
+                   renamed(r"^images/10k/(.*)\.jpg$",
                             r"labels/sem_seg/masks/\1.png")))),
     MixtureDataset(
         name="cityscapes", title="Cityscapes", splits=_TRAIN_VAL,
@@ -298,7 +119,7 @@ DATASETS = (
             Tree("gtFine", archives=("gtFine_trainvaltest.zip",)),
             "leftImg8bit/{split}/*/*_leftImg8bit.png",
             "gtFine/{split}/*/*_gtFine_labelIds.png",
-            _renamed(r"^leftImg8bit/(.*)_leftImg8bit\.png$",
+            renamed(r"^leftImg8bit/(.*)_leftImg8bit\.png$",
                      r"gtFine/\1_gtFine_labelIds.png")),),
         value_table=CITYSCAPES_TRAIN_IDS,
         tfds=TfdsLayout("cityscapes/semantic_segmentation",
@@ -338,7 +159,7 @@ DATASETS = (
             Tree("gtFine", ("IDD_Segmentation",)), None,
             "leftImg8bit/{split}/*/*_leftImg8bit.*",
             "gtFine/{split}/*/*_gtFine_labellevel3Ids.png",
-            _renamed(r"^leftImg8bit/(.*)_leftImg8bit\.[^/]*$",
+            renamed(r"^leftImg8bit/(.*)_leftImg8bit\.[^/]*$",
                      r"gtFine/\1_gtFine_labellevel3Ids.png")),)),
     MixtureDataset(
         name="mapillary_vistas", title="Mapillary Vistas",
@@ -353,11 +174,11 @@ DATASETS = (
             # The v2.0 archive keeps the v1.2 labels in their own folder.
             Layout(Tree("{split}/v1.2/labels", **_MAPILLARY), None,
                    "{split}/images/*.jpg", "{split}/v1.2/labels/*.png",
-                   _renamed(r"^([^/]*)/images/(.*)\.jpg$",
+                   renamed(r"^([^/]*)/images/(.*)\.jpg$",
                             r"\1/v1.2/labels/\2.png")),
             Layout(Tree("{split}", **_MAPILLARY), None,
                    "{split}/images/*.jpg", "{split}/labels/*.png",
-                   _renamed(r"^([^/]*)/images/(.*)\.jpg$",
+                   renamed(r"^([^/]*)/images/(.*)\.jpg$",
                             r"\1/labels/\2.png"))),
         # Value 65 ("Unlabeled") falls past the table: ignored.
         check=_check_mapillary_config),
@@ -382,42 +203,6 @@ DATASETS = (
 
 for _dataset in DATASETS:
   registry.register(_dataset.name)(functools.partial(make_source, _dataset))
-
-
-class TfdsSegmentation(registry.Source):
-  """A prepared TFDS segmentation dataset, streamed (not indexed)."""
-
-  is_indexed = False
-
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, *,
-               label_names, image_key: str, mask_key: str, name_key: str,
-               value_table: np.ndarray):
-    splits = builder.info.splits
-    if splits and split not in splits:
-      raise ValueError(f"Unknown split {split!r} of {builder.name}; expected "
-                       f"one of {sorted(splits)}.")
-    self.label_names = list(label_names)
-    self.num_examples = splits[split].num_examples if splits else None
-    self._builder, self._split = builder, split
-    self._keys = image_key, mask_key, name_key
-    self._table = np.asarray(value_table, np.int32)
-
-  def as_dataset(self, *, process_index=0, process_count=1, shuffle=False,
-                 seed=0):
-    registry.check_process(process_index, process_count)
-    split = tfds.even_splits(self._split, n=process_count)[process_index]
-    ds = self._builder.as_dataset(
-        split=split, shuffle_files=shuffle,
-        read_config=tfds.ReadConfig(shuffle_seed=seed))
-    image_key, mask_key, name_key = self._keys
-
-    def convert(ex):
-      mask = tf.cast(ex[mask_key][..., 0], tf.int32)
-      return {"image": ex[image_key],
-              "mask": dataset_files.map_values(mask, self._table),
-              "file_name": ex[name_key]}
-    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
 
 
 class CocoPanoptic(dataset_files.FilePairs):

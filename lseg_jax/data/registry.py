@@ -84,7 +84,7 @@ def _import_builtin_sources():
   # Sources register themselves on import; importing here avoids a cycle with
   # modules that import `register` from this file.
   import importlib
-  for module in ("synthetic", "folder", "fewshot", "mix_datasets"):
+  for module in ("synthetic", "folder", "fewshot", "ade20k", "mix_datasets"):
     try:
       importlib.import_module(f"lseg_jax.data.{module}")
     except ModuleNotFoundError as e:
