@@ -37,7 +37,6 @@ class ConstSource(registry.Source):
 
 class EpisodeSource(ConstSource):
   """Binary masks of class `i % 3`: top rows 1, the rest 0, one ignore row."""
-  is_episodic = True
 
   def __init__(self, num_examples):
     super().__init__(num_examples, ["other", "object"])
@@ -267,12 +266,14 @@ def test_the_source_spec_says_whether_it_is_episodic(synth_dir):
     ip.is_episodic(_cfg(name="nope"))
 
 
-def test_registered_episodic_flag_must_match_the_source():
+def test_the_registration_alone_says_whether_a_source_is_episodic():
   registry.register("test_unflagged_episodes")(
       lambda split, **kw: EpisodeSource(3))
-  with pytest.raises(ValueError, match=r"'test_unflagged_episodes'.*episodic="
-                     r"False.*is_episodic=True"):
-    ip.label_table(_cfg(name="test_unflagged_episodes"))
+  assert not registry.get_source("test_unflagged_episodes", "train").is_episodic
+  assert registry.get_source("test_episodes", "train").is_episodic
+  # Unflagged, the same source reads as fixed labels: its own table, no episodes.
+  assert ip.label_table(_cfg(name="test_unflagged_episodes")) == ["other", "object"]
+  assert not ip.is_episodic(_cfg(name="test_unflagged_episodes"))
 
 
 def test_eval_one_pass_padded_and_split_over_processes():

@@ -319,9 +319,8 @@ class FileEpisodes(FilePairs):
   Mask: 1 where the raw label equals the example's `foreground` value,
   -1 where it equals `ignore_value`, 0 elsewhere. With `luma_threshold`, the
   raw label is the label image's grey level >= threshold (0/1).
+  Registered with `episodic=True` (see `registry.register`).
   """
-
-  is_episodic = True
 
   def __init__(self, *, class_names, image_tree, images, mask_tree, masks,
                class_index, foreground, ignore_value: int | None = None,

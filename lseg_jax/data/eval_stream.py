@@ -24,8 +24,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
   """One pass over the eval split in a fixed order, per host.
 
   Every host yields the same number of batches (`iterator.num_batches`); the
-  last ones are padded with `valid=False` examples (image 0, label ignore,
-  label_mask all True).
+  last ones are padded with `valid=False` examples.
 
   Args:
     data_cfg: data ConfigDict (`input_pipeline.default_data_config()`);
@@ -34,42 +33,22 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
     process_index / process_count: this host's slice (default: jax's).
 
   Returns:
-    DataIterator of dicts: image float32 [b, h, w, 3], label int32 [b, h, w],
-    label_mask bool [b, L], valid bool [b], image_size int32 [b, 2], and when
-    `iterator.episodic` (an episodic source) class_index int32 [b].
+    DataIterator of eval batches (the data contract in `lseg_jax.data`; with
+    `class_index` when `iterator.episodic`).
   """
   process_index, process_count = resolve_process(process_index, process_count)
   bad_examples.check_on_bad(data_cfg)
   components, union = source_specs.build_components(data_cfg, eval_split=True)
   mode = data_cfg.eval_resize
-  if mode not in preprocess.EVAL_RESIZE_MODES:
-    raise ValueError(f"data_cfg.eval_resize={mode!r}; expected one of "
-                     f"{preprocess.EVAL_RESIZE_MODES}.")
   crop, base = data_cfg.crop_size, data_cfg.base_size
-  pad_to = data_cfg.eval_pad_to
-  if mode in ("center_crop", "square"):
-    pad_to = (crop, crop)
-  elif mode == "long_side":
-    pad_to = (base, base)
+  pad_to = _pad_to(data_cfg)
   episodic = source_specs.is_episodic(data_cfg)
   stats = PipelineStats()
 
   streams, total = [], 0
   for comp in components:
-    if comp.source.is_indexed:
-      host = comp.source.host_indices(process_index, process_count)
-      index_ds = tf.data.Dataset.zip(
-          tf.data.Dataset.range(len(host)),
-          tf.data.Dataset.from_tensor_slices(host))
-      ds = bad_examples.indexed_examples(comp.source, index_ds, data_cfg,
-                                         stats)
-    else:
-      if comp.source.num_examples is None:
-        raise ValueError(f"Eval source {type(comp.source).__name__} needs "
-                         "num_examples to pad every host to the same count.")
-      ds = bad_examples.streamed_examples(
-          comp.source, data_cfg, stats, process_index=process_index,
-          process_count=process_count)
+    ds = _host_examples(comp.source, data_cfg, stats, process_index,
+                        process_count)
     total += -(-comp.source.num_examples // process_count)
 
     def prepare(ex, comp=comp):
@@ -99,18 +78,51 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
   num_batches = -(-total // batch_size)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(
       _pad_example(len(union), pad_to, episodic)).repeat())
-  ds = ds.take(num_batches * batch_size)
+  ds = _padded_batches(ds.take(num_batches * batch_size), batch_size, pad_to)
+  ds = deterministic(ds.prefetch(data_cfg.prefetch))
+  return DataIterator(ds, union, stats, batch_size, num_batches,
+                      episodic=episodic)
+
+
+def _pad_to(data_cfg):
+  """The (h, w) every eval image is padded to (None: each batch's largest)."""
+  mode = data_cfg.eval_resize
+  if mode not in preprocess.EVAL_RESIZE_MODES:
+    raise ValueError(f"data_cfg.eval_resize={mode!r}; expected one of "
+                     f"{preprocess.EVAL_RESIZE_MODES}.")
+  if mode in ("center_crop", "square"):
+    return (data_cfg.crop_size, data_cfg.crop_size)
+  if mode == "long_side":
+    return (data_cfg.base_size, data_cfg.base_size)
+  return data_cfg.eval_pad_to
+
+
+def _host_examples(source, data_cfg, stats, process_index, process_count):
+  """This host's good raw examples of `source`, one pass in a fixed order."""
+  if source.is_indexed:
+    host = source.host_indices(process_index, process_count)
+    index_ds = tf.data.Dataset.zip(
+        tf.data.Dataset.range(len(host)),
+        tf.data.Dataset.from_tensor_slices(host))
+    return bad_examples.indexed_examples(source, index_ds, data_cfg, stats)
+  if source.num_examples is None:
+    raise ValueError(f"Eval source {type(source).__name__} needs "
+                     "num_examples to pad every host to the same count.")
+  return bad_examples.streamed_examples(
+      source, data_cfg, stats, process_index=process_index,
+      process_count=process_count)
+
+
+def _padded_batches(ds, batch_size, pad_to):
+  """Batches padded to `pad_to` (image -1.0, i.e. black; label ignore)."""
   hw = list(pad_to) if pad_to is not None else [None, None]
-  ds = ds.padded_batch(
+  return ds.padded_batch(
       batch_size,
       padded_shapes={**{k: v.shape for k, v in ds.element_spec.items()},
                      "image": [*hw, 3], "label": hw},
       padding_values={
           **{k: tf.zeros([], v.dtype) for k, v in ds.element_spec.items()},
           "image": tf.constant(-1.0), "label": tf.constant(IGNORE_INDEX)})
-  ds = deterministic(ds.prefetch(data_cfg.prefetch))
-  return DataIterator(ds, union, stats, batch_size, num_batches,
-                      episodic=episodic)
 
 
 def _pad_example(num_labels: int, pad_to, episodic: bool) -> dict:

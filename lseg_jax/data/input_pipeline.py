@@ -4,12 +4,9 @@
                                           seed=0)
   batch = next(it)  # numpy dict; it.label_names, it.episodic
 
-Batches follow the data contract in `lseg_jax.data`: `image` float32
-[B, H, W, 3], `label` int32 [B, H, W] indexing `label_table(data_cfg)`
-(-1 = ignore), `label_mask` bool [B, L]; eval batches add `valid` bool [B],
-`image_size` int32 [B, 2] (true (h, w) before padding) and, for episodes,
-`class_index` int32 [B]. Whether a config reads episodes is `is_episodic(cfg)`
-(no pipeline built) or an iterator's `episodic` attribute.
+Batches follow the data contract stated in `lseg_jax.data`'s docstring (the
+label table is `label_table(data_cfg)`). Whether a config reads episodes is
+`is_episodic(cfg)` (no pipeline built) or an iterator's `episodic` attribute.
 
 Data config fields (`ml_collections.ConfigDict`; `default_data_config()`):
   name ("synthetic"): registered source name, or "mix" for a mixture.

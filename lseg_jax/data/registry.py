@@ -1,8 +1,6 @@
 """Dataset sources: a name -> factory registry and the `Source` interface.
 
-A *source* yields raw examples (see `lseg_jax.data` for the data contract):
-`image` uint8 [H, W, 3], `mask` int32 [H, W] (-1 = ignore), `file_name` string,
-and for episodic (zero-shot) sources also `class_index` int32 and `class_name`.
+A *source* yields raw examples (the data contract in `lseg_jax.data`'s docstring).
 
 Most sources are *indexed*: they know their `num_examples` and can load example
 `i` inside a tf.data graph (`load(i)`). The input pipeline then shuffles
@@ -10,8 +8,9 @@ indices, not decoded images, so per-epoch shuffling is a full permutation and
 resuming at step k skips indices without decoding anything. A source that can
 only stream overrides `as_dataset` instead (`is_indexed = False`).
 
-Registering a source (`episodic=True` for zero-shot episode sources, whose
-Source sets `is_episodic`; `is_episodic(name)` answers without building one):
+Registering a source (`episodic=True` for zero-shot episode sources: the one place
+that says so; `is_episodic(name)` answers without building a source, and `get_source`
+sets the built source's `is_episodic` from it):
 
   @registry.register("my_data")
   def _make(split, *, data_dir=None, **kwargs) -> Source: ...
@@ -34,8 +33,8 @@ def register(name: str, *, episodic: bool = False):
 
   Args:
     name: the source's name in data configs.
-    episodic: whether its sources are zero-shot episode sources (their
-      `is_episodic`); `get_source` checks that the two agree.
+    episodic: whether its sources are zero-shot episode sources (`get_source`
+      sets their `is_episodic` from it).
   """
   def decorator(factory):
     if name in _FACTORIES and _FACTORIES[name] is not factory:
@@ -64,12 +63,7 @@ def get_source(name: str, split: str, **kwargs) -> "Source":
   """The source registered as `name`, for `split` (kwargs go to its factory)."""
   _check_known(name)
   source = _FACTORIES[name](split, **kwargs)
-  if bool(source.is_episodic) != (name in _EPISODIC):
-    raise ValueError(
-        f"Dataset source {name!r} was registered with episodic="
-        f"{name in _EPISODIC} but its {type(source).__name__} has is_episodic="
-        f"{source.is_episodic}; expected them to agree (register it with "
-        f"register({name!r}, episodic={source.is_episodic})).")
+  source.is_episodic = name in _EPISODIC
   return source
 
 
@@ -100,7 +94,8 @@ class Source:
       binary mask's table is ["other", class_name] per example; `class_names`
       lists the fold's classes).
     num_examples: number of examples in the split (None if unknown).
-    is_episodic: True for zero-shot episode sources.
+    is_episodic: True for zero-shot episode sources (set by `get_source` from
+      the registration).
     is_indexed: True if `load(index)` is implemented.
   """
   label_names: list[str] = []

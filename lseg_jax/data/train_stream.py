@@ -49,9 +49,9 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
     process_index / process_count: this host's slice (default: jax's).
 
   Returns:
-    DataIterator of dicts: image float32 [b, crop, crop, 3], label int32
-    [b, crop, crop], label_mask bool [b, L], b = global_batch_size //
-    process_count; `iterator.episodic` says whether the source is episodic.
+    DataIterator of train batches (the data contract in `lseg_jax.data`),
+    b = global_batch_size // process_count; `iterator.episodic` says whether
+    the source is episodic.
   """
   ds, union, stats = make_train_dataset(
       data_cfg, global_batch_size=global_batch_size, seed=seed,
