@@ -37,10 +37,11 @@ Data config fields (`ml_collections.ConfigDict`; `default_data_config()`):
   prefetch (2): batches prefetched by tf.data.
 
 Where things live: `source_specs` (config -> sources, label table, episodic),
-`bad_examples` (the guard every example passes), `train_stream` (endless,
-resumable; its docstring states the determinism contract), `eval_stream`
-(one padded pass), `host_to_device` (global arrays), `data_iterator` (the
-iterator both streams return).
+`bad_examples` (the guard every example passes, `BadExampleError`,
+`PipelineStats`), `train_stream` (endless, resumable; its docstring states the
+determinism contract), `eval_stream` (one padded pass), `host_to_device`
+(global arrays), `data_iterator` (the iterator both streams return), `tfdata`
+(the tf.data settings they share).
 """
 from __future__ import annotations
 
