@@ -241,23 +241,25 @@ def _join(settings: _Settings) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", previous)  # one process
     return False
   except jax.errors.JaxRuntimeError as e:
-    # DEADLINE_EXCEEDED, UNAVAILABLE (nobody there in time), INVALID_ARGUMENT and
-    # the like (a process id or count the coordinator does not expect).
-    raise RuntimeError(
-        f"process {process_id} of {num_processes} could not join the job at "
-        f"coordinator {coordinator or os.environ.get('JAX_COORDINATOR_ADDRESS')} within "
-        f"{init_timeout} s: check that every process was started with the same "
-        "coordinator address and process count, and that process 0 is running and "
-        "reachable (" + str(e).splitlines()[0][:300] + ")") from None
+    # What JAX raises rather than aborts on: e.g. the coordinator's port taken on
+    # process 0 (UNKNOWN: Failed to start RPC server); its status line is kept.
+    raise RuntimeError(_could_not_join_message(process_id, num_processes, where,
+                                               init_timeout)
+                       + " (" + str(e).splitlines()[0][:300] + ")") from None
   finally:
     give_up.cancel()
 
 
+def _could_not_join_message(process_id, num_processes, coordinator, timeout) -> str:
+  return (f"process {process_id} of {num_processes} could not join the job at "
+          f"coordinator {coordinator} within {timeout} s: check that every process was "
+          "started with the same coordinator address and process count, and that "
+          "process 0 is running and reachable")
+
+
 def _could_not_join(process_id, num_processes, coordinator, timeout):
-  message = (f"error: process {process_id} of {num_processes} could not join the job at "
-             f"coordinator {coordinator} within {timeout} s: check that every process was "
-             "started with the same coordinator address and process count, and that "
-             "process 0 is running and reachable. Nothing was written.")
+  message = ("error: " + _could_not_join_message(process_id, num_processes, coordinator,
+                                                 timeout) + ". Nothing was written.")
   logging.error(message)
   print(message, file=sys.stderr, flush=True)
   os._exit(2)  # pylint: disable=protected-access
