@@ -465,7 +465,7 @@ def test_export_refuses_to_overwrite(tiny_model, tmp_path):
   checkpoint.save_model(str(tmp_path / "ckpt"), tiny_model)
   (tmp_path / "model.pt").write_bytes(b"keep me")
   done = run_tool("convert.py", ["export", tmp_path / "ckpt", tmp_path / "model.pt"])
-  assert done.returncode == 1 and "exists; pass --overwrite" in done.stderr
+  assert done.returncode == 2 and "exists; pass --overwrite" in done.stderr
   assert (tmp_path / "model.pt").read_bytes() == b"keep me"
 
 

@@ -413,7 +413,7 @@ def launch(args: argparse.Namespace, *, block: bool = True):
       print(f"warning: {backend.missing()}", file=sys.stderr)
   except ValueError as e:
     if args.checkpoint is not None:
-      raise SystemExit(f"error: {e}") from None
+      raise common.UserError(f"{e}") from None
     print(f"warning: {e}", file=sys.stderr)  # the default run, still being made
   app = build_app(backend)
   app.queue(default_concurrency_limit=1, max_size=args.queue_size)

@@ -152,7 +152,7 @@ def resolve_config(args, meta):
   if args.data:
     return common.load_config(None, args.overrides, base=data_only_config(args.data))
   if "config" not in meta:
-    raise SystemExit(f"error: checkpoint {args.checkpoint!r} carries no training config "
+    raise common.UserError(f"checkpoint {args.checkpoint!r} carries no training config "
                      "(imported checkpoints do not); pass --config FILE or --data NAME")
   return common.load_config(None, args.overrides, base=meta["config"])
 
@@ -166,10 +166,10 @@ def select_evaluations(args, config):
     evals = [ev for ev in evals if ev.name == args.eval]
     if not evals:
       names = [ev.name for ev in evaluate.Evaluation.from_config(config)]
-      raise SystemExit(f"error: --eval {args.eval!r} is not among the config's "
+      raise common.UserError(f"--eval {args.eval!r} is not among the config's "
                        f"evaluations {names}")
   if args.out and len(evals) > 1:
-    raise SystemExit(f"error: --out names one report but the config has "
+    raise common.UserError(f"--out names one report but the config has "
                      f"{len(evals)} evaluations {[ev.name for ev in evals]}; add --eval NAME")
   for ev in evals:
     data = ev.data
@@ -199,7 +199,7 @@ def select_evaluations(args, config):
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.config and not os.path.isfile(args.config.partition(":")[0]):
-    raise SystemExit(f"error: --config file {args.config.partition(':')[0]!r} does not "
+    raise common.UserError(f"--config file {args.config.partition(':')[0]!r} does not "
                      "exist; expected configs/NAME.py[:ARGS]")
   common.setup_logging()
   common.start_jax(args)

@@ -111,20 +111,20 @@ def read_labels(args) -> list[str]:
       return predict_lib.parse_labels(args.labels)
     return predict_lib.read_labels_file(args.labels_file)
   except (OSError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+    raise common.UserError(f"{e}") from None
 
 
 def list_images(args) -> list[str]:
   from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   if args.image:
     if not os.path.isfile(args.image):
-      raise SystemExit(f"error: --image {args.image!r} does not exist")
+      raise common.UserError(f"--image {args.image!r} does not exist")
     return [args.image]
   if not os.path.isdir(args.images):
-    raise SystemExit(f"error: --images {args.images!r} is not a folder")
+    raise common.UserError(f"--images {args.images!r} is not a folder")
   paths = predict_lib.list_images(args.images)
   if not paths:
-    raise SystemExit(f"error: no images ({', '.join(predict_lib.IMAGE_EXTENSIONS)}) in "
+    raise common.UserError(f"no images ({', '.join(predict_lib.IMAGE_EXTENSIONS)}) in "
                      f"{args.images!r}")
   return paths
 

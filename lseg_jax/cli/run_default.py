@@ -51,7 +51,7 @@ def main(argv=None) -> int:
   config = (common.load_config(args.config, args.overrides) if args.config
             else common.load_config(None, args.overrides, base=default_config()))
   if config.data.name != "synthetic":
-    raise SystemExit(f"error: run_default.py runs the synthetic config; got data "
+    raise common.UserError(f"run_default.py runs the synthetic config; got data "
                      f"{config.data.name!r} (use tools/train.py for other configs)")
   common.setup_logging()
   # pylint: disable=g-import-not-at-top
