@@ -32,6 +32,7 @@ from lseg_jax import config as config_lib
 from lseg_jax import distributed
 from lseg_jax import evaluate
 from lseg_jax.errors import UserError
+from lseg_jax.models import lseg
 
 CONFIG_PREFIX = "--config."
 USER_ERROR_EXIT = 2
@@ -247,7 +248,7 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = Tru
   parser.add_argument("--prompt", default=None, help=(
       'label template with one "{}", e.g. "a photo of a {}." (default: the checkpoint\'s '
       'training template, else bare names as LSeg; "" forces bare names)'))
-  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+  parser.add_argument("--dtype", default=None, choices=lseg.FIELD_CHOICES["dtype"],
                       help="override the checkpoint's compute dtype")
 
 

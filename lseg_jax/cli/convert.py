@@ -172,17 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
           "(our exports do). Nothing is written to OUT_DIR unless the import succeeds."))
   imp.add_argument("src", metavar="SRC", help="checkpoint file (.ckpt, .pt, .pth, .safetensors)")
   imp.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to create")
-  imp.add_argument("--backbone", choices=sorted(lseg.BACKBONES),
+  imp.add_argument("--backbone", choices=sorted(lseg.FIELD_CHOICES["backbone"]),
                    help="override the backbone inferred from the image encoder (ViT "
                    "width and patch, ResNet depth) and the text width")
-  imp.add_argument("--arch-option", type=int, choices=(0, 1, 2),
+  imp.add_argument("--arch-option", type=int, choices=lseg.FIELD_CHOICES["arch_option"],
                    help="0 none, 1 bottleneck, 2 depthwise head block; required when the "
                    "weights have a head block and the file does not record it")
   imp.add_argument("--block-depth", type=int,
                    help="times the head block runs (lang-seg --block_depth)")
-  imp.add_argument("--activation", choices=("lrelu", "relu", "tanh"),
+  imp.add_argument("--activation", choices=lseg.FIELD_CHOICES["activation"],
                    help="head-block activation (lang-seg --activation)")
-  imp.add_argument("--readout", choices=("ignore", "add", "project"),
+  imp.add_argument("--readout", choices=lseg.FIELD_CHOICES["readout"],
                    help="only for checkpoints without the readout projection")
   imp.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load unpickle arbitrary objects (official Lightning "
