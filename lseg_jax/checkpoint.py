@@ -40,7 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lseg_jax.errors import UserError
+from lseg_jax.errors import MissingFileError, UserError
 from lseg_jax.models import lseg
 
 # A training work directory keeps its checkpoints here.
@@ -266,7 +266,7 @@ def _resolve_step(mngr, directory, step):
   if step is None:
     step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no complete checkpoint found in {directory!r}; expected a directory "
+    raise MissingFileError(f"no complete checkpoint found in {directory!r}; expected a directory "
                             "written by tools/train.py or tools/convert.py import")
   if step not in mngr.all_steps():
     raise FileNotFoundError(f"checkpoint step {step} not in {directory!r}; "

@@ -12,4 +12,9 @@ class UserError(ValueError):
   what was expected."""
 
 
-__all__ = ["UserError"]
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or folder the user named (or the tool needs from them) is not there; also a
+  FileNotFoundError, for callers that handle that."""
+
+
+__all__ = ["MissingFileError", "UserError"]

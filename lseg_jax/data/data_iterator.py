@@ -13,13 +13,14 @@ import numpy as np
 import tensorflow as tf
 
 from lseg_jax.data import registry
+from lseg_jax.errors import UserError
 
 # Our dataset functions use no Python control flow on tensors; skipping
 # AutoGraph's conversion saves seconds per pipeline.
 no_autograph = tf.autograph.experimental.do_not_convert
 
 
-class BadExampleError(ValueError):
+class BadExampleError(UserError):
   """A corrupt or inconsistent example (the message names the file)."""
 
 
