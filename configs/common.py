@@ -7,11 +7,15 @@ JAX or TensorFlow.
 """
 from __future__ import annotations
 
+import ast
+
 import ml_collections
 
+# Copies of the library's `lseg_jax.text.DEFAULT_TOKENIZER` and `BYTE_LEVEL_TOKENIZER`
+# (the offline tokenizer of the tiny test models; the library sizes the text tower's
+# vocabulary for it): configs import no library code. tests/test_configs.py keeps them,
+# and `parse_value`, equal to the library's.
 CLIP_TOKENIZER = "openai/clip-vit-base-patch32"
-# The offline tokenizer of the tiny test models (`lseg_jax.text.byte_level_tokenizer`);
-# the library sizes the text tower's vocabulary for it.
 BYTE_LEVEL_TOKENIZER = "byte-level"
 # The official ADE20K recipe: crop 480 from base size 520, 240 epochs of 20,210 images.
 ADE20K_TRAIN_IMAGES = 20_210
@@ -28,11 +32,28 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_value(raw: str, current=None):
+  """A command-line string as the type of the field it replaces (a Python literal,
+  else the string): the same rules as `lseg_jax.config.parse_value`."""
+  if isinstance(current, str):
+    return raw
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  if raw in ("None", "none", "null"):
+    return None
+  if isinstance(current, bool) and isinstance(value, str):
+    if value.lower() in ("true", "false"):
+      return value.lower() == "true"
+  return value
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """"variant=vitb32,runlocal,fold=1" -> ConfigDict; a bare word means True.
 
-  Values are parsed as int, then float, else kept as strings; keys must be among
-  `defaults` (with their types), so a typo fails loudly.
+  Values are parsed by `parse_value` in the type of their default; keys must be among
+  `defaults`, so a typo fails loudly.
   """
   out = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
@@ -43,18 +64,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if not sep:
       out[key] = True
       continue
-    for cast in (int, float):
-      try:
-        value = cast(value)
-        break
-      except ValueError:
-        pass
+    value = parse_value(value, defaults[key])
     expected = type(defaults[key])
     if defaults[key] is not None and not isinstance(value, expected):
-      if expected is float and isinstance(value, int):
+      if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-      elif expected is bool and value in ("True", "False", "true", "false"):
-        value = value in ("True", "true")
       else:
         raise ValueError(f"config argument {key}={value!r}; expected {expected.__name__}")
     out[key] = value

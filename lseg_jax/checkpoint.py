@@ -27,6 +27,8 @@ processes are checked for NaN/Inf over all processes together.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any, Callable
 import zlib
 
@@ -38,6 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lseg_jax.errors import MissingFileError, UserError
 from lseg_jax.models import lseg
 
 # A training work directory keeps its checkpoints here.
@@ -46,7 +49,7 @@ INTEGRITY_KEY = "integrity"
 DAMAGED_SUFFIX = ".damaged"
 
 
-class DamagedCheckpointError(ValueError):
+class DamagedCheckpointError(UserError):
   """A checkpoint step that cannot be read back as it was written."""
 
 
@@ -263,7 +266,7 @@ def _resolve_step(mngr, directory, step):
   if step is None:
     step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no complete checkpoint found in {directory!r}; expected a directory "
+    raise MissingFileError(f"no complete checkpoint found in {directory!r}; expected a directory "
                             "written by tools/train.py or tools/convert.py import")
   if step not in mngr.all_steps():
     raise FileNotFoundError(f"checkpoint step {step} not in {directory!r}; "
@@ -345,3 +348,27 @@ def save_model(directory: str, model: lseg.LSeg, *, step: int = 0,
   save(mngr, step, nnx.state(model), meta, check_finite=check_finite)
   mngr.wait_until_finished()
   mngr.close()
+
+
+def write_dir_atomically(out_dir: str, write: Callable[[str], Any]) -> None:
+  """Runs write(tmp_dir) on a temporary directory next to `out_dir`, then renames it
+  to `out_dir`: a failure leaves `out_dir` as it was."""
+  out_dir = os.path.abspath(out_dir)
+  parent, name = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+  old = None
+  try:
+    write(tmp)
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+      os.rename(out_dir, os.path.join(old, name))
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and not os.path.exists(out_dir):
+      os.rename(os.path.join(old, name), out_dir)
+    raise
+  finally:
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)

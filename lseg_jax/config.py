@@ -37,8 +37,10 @@ from typing import Any, Iterable
 import ml_collections
 from ml_collections import config_dict
 
-CLIP_TOKENIZER = "openai/clip-vit-base-patch32"
-BYTE_LEVEL_TOKENIZER = "byte-level"
+from lseg_jax import text
+from lseg_jax.errors import UserError
+from lseg_jax.models import lseg
+
 # Fields whose value is a free-form mapping (not checked against defaults).
 _OPEN_FIELDS = ("data.source_kwargs", "evals")
 REQUIRED_FIELDS = ("seed", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
@@ -52,7 +54,6 @@ def defaults() -> ml_collections.ConfigDict:
   from lseg_jax import optim
   from lseg_jax import sharding
   from lseg_jax.data import input_pipeline
-  from lseg_jax.models import lseg
   # pylint: enable=g-import-not-at-top
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -86,7 +87,7 @@ def defaults() -> ml_collections.ConfigDict:
       torchvision_resnet=config_dict.placeholder(str),
       clip=config_dict.placeholder(str)))
   c.text = ml_collections.ConfigDict(dict(
-      tokenizer=CLIP_TOKENIZER, template=config_dict.placeholder(str)))
+      tokenizer=text.DEFAULT_TOKENIZER, template=config_dict.placeholder(str)))
   c.evals = ml_collections.ConfigDict()
   return c
 
@@ -104,10 +105,10 @@ def _fit(value, default):
   return value
 
 
-def _unknown(path: str, key: str, known: Iterable[str]) -> ValueError:
+def _unknown(path: str, key: str, known: Iterable[str]) -> UserError:
   close = difflib.get_close_matches(key, list(known), n=3)
   hint = f"; did you mean {' or '.join(close)}?" if close else ""
-  return ValueError(f"unknown config field {path + key!r}{hint} (known fields of "
+  return UserError(f"unknown config field {path + key!r}{hint} (known fields of "
                     f"{path.rstrip('.') or 'the config'}: {', '.join(sorted(known))})")
 
 
@@ -121,18 +122,18 @@ def _overlay(dst: ml_collections.ConfigDict, src, path: str) -> None:
       raise _unknown(path, key, dst.keys())
     if isinstance(dst[key], ml_collections.ConfigDict):
       if not isinstance(value, (dict, ml_collections.ConfigDict)):
-        raise ValueError(f"config field {full!r} is a group of fields; got {value!r}")
+        raise UserError(f"config field {full!r} is a group of fields; got {value!r}")
       _overlay(dst[key], value, full + ".")
     else:
       try:
         dst[key] = _fit(_as_dict(value), dst[key])
       except TypeError as e:
-        raise ValueError(f"config field {full!r}={value!r}: {e}") from None
+        raise UserError(f"config field {full!r}={value!r}: {e}") from None
 
 
 def complete(config) -> ml_collections.ConfigDict:
   """`config` (a ConfigDict or dict, e.g. a checkpoint's saved config) laid over
-  `defaults()`; unknown fields raise ValueError naming them. Returns a locked copy."""
+  `defaults()`; unknown fields raise UserError naming them. Returns a locked copy."""
   out = defaults()
   user = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else config
   _overlay(out, user, "")
@@ -143,8 +144,7 @@ def complete(config) -> ml_collections.ConfigDict:
       raise _unknown(f"evals.{name}.", unknown[0], EVAL_FIELDS)
     _overlay(out.data.copy_and_resolve_references(), ev.get("data") or {},
              f"evals.{name}.data.")
-  if out.text.tokenizer == BYTE_LEVEL_TOKENIZER and out.model.text_vocab_size is None:
-    from lseg_jax import text  # pylint: disable=g-import-not-at-top
+  if out.text.tokenizer == text.BYTE_LEVEL_TOKENIZER and out.model.text_vocab_size is None:
     out.model.text_vocab_size = text.BYTE_LEVEL_VOCAB_SIZE
   out.lock()
   return out
@@ -169,16 +169,16 @@ def evals(config) -> dict[str, ml_collections.ConfigDict]:
   return out
 
 
-def parse_value(text: str, current=None):
+def parse_value(raw: str, current=None):
   """A command-line string as the type of the field it replaces (a Python literal,
   else the string)."""
   if isinstance(current, str):
-    return text
+    return raw
   try:
-    value = ast.literal_eval(text)
+    value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
-    value = text
-  if text in ("None", "none", "null"):
+    value = raw
+  if raw in ("None", "none", "null"):
     return None
   if isinstance(current, bool) and isinstance(value, str):
     if value.lower() in ("true", "false"):
@@ -197,7 +197,7 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[tuple[str,
   if not assignments:
     return config
   with config.unlocked():
-    for key, text in assignments:
+    for key, value_text in assignments:
       *parents, leaf = key.split(".")
       node, path = config, ""
       for p in parents:
@@ -208,9 +208,9 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[tuple[str,
         raise _unknown(path, leaf, node.keys())
       current = node[leaf]
       try:
-        node[leaf] = _fit(parse_value(text, current), current)
+        node[leaf] = _fit(parse_value(value_text, current), current)
       except TypeError as e:
-        raise ValueError(f"--config.{key}={text}: {e}") from None
+        raise UserError(f"--config.{key}={value_text}: {e}") from None
   return config
 
 
@@ -239,7 +239,7 @@ def _bool():
 
 
 def _one_of(*choices):
-  return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+  return (lambda v: not isinstance(v, bool) and v in choices), "one of " + ", ".join(repr(c) for c in choices)
 
 
 def _range_pair():
@@ -286,12 +286,7 @@ CHECKS = {
     "data.on_bad_example": _one_of("error", "skip"),
     "model.features": _int(1),
     "model.block_depth": _int(0),
-    "model.activation": _one_of("relu", "lrelu", "tanh"),
-    "model.readout": _one_of("ignore", "add", "project"),
-    "model.attention": _one_of("auto", "xla", "cudnn"),
-    "model.remat": _one_of("none", "dots", "full"),
-    "model.arch_option": _one_of(0, 1, 2),
-    "model.dtype": _one_of("float32", "bfloat16"),
+    **{f"model.{name}": _one_of(*choices) for name, choices in lseg.FIELD_CHOICES.items()},
     "model.text_vocab_size": _int(1),
 }
 
@@ -307,17 +302,17 @@ def _get(config, key):
 
 def _check(name: str, value, check, expected: str) -> None:
   if not check(value):
-    raise ValueError(f"config.{name}={value!r}; expected {expected} "
+    raise UserError(f"config.{name}={value!r}; expected {expected} "
                      f"(set it with --config.{name}=VALUE or in the config file)")
 
 
 def check_config(config) -> None:
-  """Raises ValueError naming the first field whose value is outside its allowed range.
+  """Raises UserError naming the first field whose value is outside its allowed range.
 
   Runs before any work starts (the tools call it on the completed config)."""
   missing = [k for k in REQUIRED_FIELDS if k not in config]
   if missing:
-    raise ValueError(f"config lacks required fields {missing}")
+    raise UserError(f"config lacks required fields {missing}")
   for name, (check, expected) in CHECKS.items():
     value = _get(config, name)
     if value is KeyError or (value is None and name in _OPTIONAL):
@@ -327,10 +322,10 @@ def check_config(config) -> None:
     _check("data.num_parallel_calls", config.data.num_parallel_calls, _int(1)[0],
            "-1 (automatic) or an integer >= 1")
   if config.stop_at_step is not None and config.stop_at_step > config.total_steps:
-    raise ValueError(f"config.stop_at_step={config.stop_at_step} is after "
+    raise UserError(f"config.stop_at_step={config.stop_at_step} is after "
                      f"config.total_steps={config.total_steps}; expected at most total_steps")
   if config.optim.warmup_steps >= config.total_steps and config.optim.warmup_steps:
-    raise ValueError(f"config.optim.warmup_steps={config.optim.warmup_steps}; expected fewer "
+    raise UserError(f"config.optim.warmup_steps={config.optim.warmup_steps}; expected fewer "
                      f"than config.total_steps={config.total_steps}")
   for name, ev in dict(config.evals).items():
     ev = dict(_as_dict(ev))
@@ -345,6 +340,6 @@ def to_json_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-__all__ = ["BYTE_LEVEL_TOKENIZER", "CHECKS", "CLIP_TOKENIZER", "EVAL_FIELDS", "REQUIRED_FIELDS",
+__all__ = ["CHECKS", "EVAL_FIELDS", "REQUIRED_FIELDS",
            "check_config", "complete", "defaults", "evals", "override", "parse_value",
            "to_json_dict"]

@@ -101,19 +101,37 @@ def torch_load(path, *, weights_only: bool = True) -> Any:
       than tensors while `weights_only` is True.
   """
   path = _check_file(path)
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path!r} is empty; expected a PyTorch checkpoint file")
+  if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      head = f.read(2)
+    if head == b"PK":
+      raise ValueError(f"{path!r} is a damaged or truncated zip archive; expected a "
+                       "complete PyTorch checkpoint file")
+    # torch.save's legacy (pre-zip) format starts with a pickle's PROTO opcode, 0x80.
+    if head[:1] != b"\x80":
+      raise ValueError(f"{path!r} is not a PyTorch checkpoint file (neither a zip "
+                       "archive nor a pickle)")
   import torch  # pylint: disable=g-import-not-at-top
   try:
     return torch.load(path, map_location="cpu", weights_only=weights_only)
   except pickle.UnpicklingError as e:
     if not weights_only:
-      raise ValueError(f"could not unpickle {path!r} ({e}); is the file complete?") from e
+      raise ValueError(f"could not unpickle {path!r} ({_first_line(e)}); is the file "
+                       "complete?") from e
     raise ValueError(
         f"torch.load(weights_only=True) refused {path!r}: it pickles objects other than "
-        f"tensors ({e}). If you trust the file, allow arbitrary pickles (weights_only=False; "
-        "tools/convert.py: --trust-pickle)") from e
+        f"tensors ({_first_line(e)}). If you trust the file, allow arbitrary pickles "
+        "(weights_only=False; tools/convert.py: --trust-pickle)") from e
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"could not read {path!r} with torch.load ({type(e).__name__}: {e}); "
-                     "is it a complete PyTorch checkpoint file?") from e
+    raise ValueError(f"could not read {path!r} with torch.load ({type(e).__name__}: "
+                     f"{_first_line(e)}); is it a complete PyTorch checkpoint file?") from e
+
+
+def _first_line(e: BaseException) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
 
 
 def _is_torchscript(path: str) -> bool:
@@ -375,10 +393,42 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
   return settings
 
 
+def json_safe(value):
+  """The JSON-representable part of a checkpoint's metadata (Lightning hparams)."""
+  if isinstance(value, dict):
+    return {str(k): v for k, v in ((k, json_safe(v)) for k, v in value.items())
+            if v is not None}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, (np.integer, np.floating)):
+    return value.item()
+  return None
+
+
+def tensor_warnings(state_dict: Mapping[str, Any]) -> list[str]:
+  """Warnings for tensors that cannot be right: NaN/Inf values, or integers where the
+  model expects floats (BatchNorm's num_batches_tracked counters aside)."""
+  out = []
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    if key.endswith("num_batches_tracked"):
+      continue
+    if not np.issubdtype(value.dtype, np.floating):
+      out.append(f"tensor {key!r} is {value.dtype}; the model expects floating point "
+                 "values (converted)")
+    elif not np.isfinite(value).all():
+      bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+      out.append(f"tensor {key!r} has {bad} NaN/Inf values; the imported model's "
+                 "predictions will not be finite")
+  return out
+
+
 __all__ = ["ACTIVATIONS", "BACKBONE_SHAPES", "CLIP_IMAGE_PREFIXES", "CLIP_PREFIX",
            "HEAD_BLOCK_WEIGHT", "HPARAMS", "LIGHTNING_PREFIX", "PROJECT_READOUT",
            "RESNET_LAYOUT", "RESNET_PREFIX", "RESNET_SHAPES", "RESNET_STEM", "SETTINGS",
            "TEXT_SHAPES", "VIT_PREFIX", "VIT_SHAPES", "backbone_shapes", "check_layout",
-           "find_backbone", "infer_settings", "is_resnet", "load_state_dict_file",
+           "find_backbone", "infer_settings", "is_resnet", "json_safe", "load_state_dict_file",
            "numpy_state_dict", "read_checkpoint", "resnet_blocks", "split_checkpoint",
-           "torch_load", "vit_shapes"]
+           "tensor_warnings", "torch_load", "vit_shapes"]

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lseg_jax.errors import MissingFileError
+
 CONTEXT_LENGTH = 77
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -57,7 +59,7 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
     missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(
         os.path.join(path, f))]
     if missing and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-      raise FileNotFoundError(f"tokenizer folder {path!r} lacks {missing}")
+      raise MissingFileError(f"tokenizer folder {path!r} lacks {missing}")
     tokenizer = CLIPTokenizer.from_pretrained(path)
   else:
     tokenizer = _from_hub(CLIPTokenizer, path)
@@ -96,7 +98,7 @@ def _from_hub(cls, name: str):
   except OSError:
     pass
   if not _hub_reachable():
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"tokenizer {name!r} (vocab.json, merges.txt) is not in the local Hugging Face "
         "cache and the hub cannot be reached (offline); pass --tokenizer FOLDER with "
         "vocab.json and merges.txt (byte-level for the tiny test models), or fetch "

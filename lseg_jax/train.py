@@ -44,6 +44,7 @@ from lseg_jax import state as state_lib
 from lseg_jax import text
 from lseg_jax import train_utils
 from lseg_jax.data import input_pipeline
+from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
 
 CHECKPOINT_SUBDIR = checkpoint.CHECKPOINT_SUBDIR
@@ -153,14 +154,14 @@ def jit_train_step(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mesh):
 def check_batch_config(config, mesh: jax.sharding.Mesh) -> None:
   accum = int(config.optim.accum_steps)
   if accum < 1:
-    raise ValueError(f"config.optim.accum_steps={accum}; expected >= 1")
+    raise UserError(f"config.optim.accum_steps={accum}; expected >= 1")
   for name, size in (("batch_size", config.batch_size),
                      ("eval_batch_size", config.eval_batch_size or config.batch_size)):
     if size % mesh.size:
-      raise ValueError(f"config.{name}={size} is not divisible by the {mesh.size} devices of "
+      raise UserError(f"config.{name}={size} is not divisible by the {mesh.size} devices of "
                        f"the mesh {dict(mesh.shape)}")
   if config.batch_size % (accum * mesh.size):
-    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of "
+    raise UserError(f"config.batch_size={config.batch_size} must be a multiple of "
                      f"accum_steps ({accum}) x devices ({mesh.size}) = {accum * mesh.size}")
 
 
@@ -173,7 +174,7 @@ def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
   saved, now = meta.get("model_config") or {}, spec.model_cfg.to_dict()
   for key in sorted(set(saved) | set(now)):
     if key not in lseg.COMPUTE_ONLY_FIELDS and saved.get(key) != now.get(key):
-      raise ValueError(f"{where} holds another model: config.model.{key}="
+      raise UserError(f"{where} holds another model: config.model.{key}="
                        f"{saved.get(key)!r} there, {now.get(key)!r} now; {fix}")
   recorded = (meta.get(checkpoint.INTEGRITY_KEY) or {}).get("opt_state")
   if recorded and set(recorded) != set(checkpoint.flat_arrays(spec.abstract["opt"])):
@@ -181,7 +182,7 @@ def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
     optim_now = config_lib.to_json_dict(config)["optim"]
     differ = [k for k in sorted(saved_optim) if k in optim_now
               and optim_now[k] != saved_optim[k]]
-    raise ValueError(f"{where} holds another optimizer state"
+    raise UserError(f"{where} holds another optimizer state"
                      + (f" (config.optim.{differ[0]}={saved_optim[differ[0]]!r} there, "
                         f"{config.optim[differ[0]]!r} now)" if differ else "") + f"; {fix}")
   return state_lib.restore(mngr, step, spec), meta
@@ -222,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # fixed before any is allocated, so the state is created directly where it lives.
   spec = state_lib.state_spec(config, mesh)
   if config.data.crop_size % spec.size_multiple:
-    raise ValueError(
+    raise UserError(
         f"config.data.crop_size={config.data.crop_size} is not a multiple of the model's "
         f"size multiple {spec.size_multiple}; expected e.g. "
         f"{max(1, round(config.data.crop_size / spec.size_multiple)) * spec.size_multiple}")

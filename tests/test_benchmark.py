@@ -76,7 +76,9 @@ def test_benchmark_tool_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("text_tower", ["frozen", "trained"])
 def test_torch_text_tower_trained_runs_and_updates_it_every_step(monkeypatch, text_tower):
   import torch  # pylint: disable=g-import-not-at-top
-  from lseg_jax.torch_lseg import LSegTorch  # pylint: disable=g-import-not-at-top
+  from lseg_jax.convert import langseg  # pylint: disable=g-import-not-at-top
+  from lseg_jax.torch_lseg import LSegTorch, TorchLSegConfig  # pylint: disable=g-import-not-at-top
+  from lseg_jax.torch_lseg import benchmark as torch_benchmark  # pylint: disable=g-import-not-at-top
   encoded, stepped = [], []
   encode = LSegTorch.encode_text
   step = torch.optim.SGD.step
@@ -92,11 +94,11 @@ def test_torch_text_tower_trained_runs_and_updates_it_every_step(monkeypatch, te
 
   monkeypatch.setattr(LSegTorch, "encode_text", spy_encode)
   monkeypatch.setattr(torch.optim.SGD, "step", spy_step)
-  cfg = lseg.LSegConfig(backbone="tiny_vit32")
-  fig = benchmark.bench_torch(cfg, "train", "float32", torch.device("cpu"), batch_size=2,
+  cfg = TorchLSegConfig(**langseg.torch_config(lseg.LSegConfig(backbone="tiny_vit32")))
+  fig = torch_benchmark.bench_torch(cfg, "train", "float32", torch.device("cpu"), batch_size=2,
                               crop=32, labels=3, steps=2, text_tower=text_tower)
   assert fig["step_s_median"] > 0
-  text_params = sum(p.numel() for p in LSegTorch(benchmark.torch_config(cfg))
+  text_params = sum(p.numel() for p in LSegTorch(cfg)
                     .clip_pretrained.parameters())
   if text_tower == "trained":  # warm-up + 2 timed steps, each through the text tower
     assert encoded == [True] * 3

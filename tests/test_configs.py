@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from lseg_jax import config as config_lib
+from lseg_jax import text
 from lseg_jax.cli import common
+from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +87,7 @@ def test_command_line_overrides_and_locking():
       "--config.optim.grad_clip_norm=1.0", "--config.model.dtype=float32"])
   assert (c.batch_size, c.mesh.fsdp, c.init.clip) == (32, 4, "/x/ViT-B-32.pt")
   assert c.optim.grad_clip_norm == 1.0 and c.model.backbone == "clip_vitb32_384"
-  with pytest.raises(SystemExit, match="batch_sise.*did you mean batch_size"):
+  with pytest.raises(UserError, match="batch_sise.*did you mean batch_size"):
     parse([f"--config={ROOT}/configs/ade20k.py", "--config.batch_sise=4"])
 
 
@@ -138,3 +140,40 @@ def test_library_defaults_fill_what_a_config_leaves_out():
                                                  "eval_batch_size": 4}))
   assert list(evals) == ["fold1"] and evals["fold1"].data.fold == 1
   assert evals["fold1"].batch_size == 4
+
+
+def test_import_free_configs_copies_equal_the_library():
+  """configs/common.py keeps copies of library values (configs import no library code):
+  they must stay equal to the library's."""
+  configs_common = _load("common")
+  assert configs_common.CLIP_TOKENIZER == text.DEFAULT_TOKENIZER
+  assert configs_common.BYTE_LEVEL_TOKENIZER == text.BYTE_LEVEL_TOKENIZER
+  cases = [("1", 0), ("1", None), ("1.5", 0.0), ("1e-3", None), ("-2", 0), ("x", None),
+           ("32", "name"), ("True", False), ("true", False), ("false", True), ("None", 3),
+           ("null", None), ("(2.0, 1.0)", (1.0, 2.0)), ("[1, 2]", None), ("'q'", None),
+           ("a,b", None), ("", None), ("{'k': 1}", None)]
+  for raw, current in cases:
+    ours, library = configs_common.parse_value(raw, current), config_lib.parse_value(raw, current)
+    assert (ours, type(ours)) == (library, type(library)), (raw, current)
+
+
+def test_model_field_choices_are_declared_once():
+  """LSegConfig, the run config's checks and the tools' choices take the allowed values
+  of the model's fields from `lseg.FIELD_CHOICES`."""
+  from lseg_jax.cli import convert  # pylint: disable=g-import-not-at-top
+  for name, choices in lseg.FIELD_CHOICES.items():
+    check, expected = config_lib.CHECKS[f"model.{name}"]
+    assert all(check(c) for c in choices) and not check("no-such-value"), name
+    assert all(repr(c) in expected for c in choices), (name, expected)
+    with pytest.raises(UserError, match=f"unknown {name} 'no-such-value'"):
+      lseg.LSegConfig(**{name: "no-such-value"})
+  parser = convert.build_parser()
+  imp = parser._subparsers._group_actions[0].choices["import"]  # pylint: disable=protected-access
+  flags = {a.dest: a.choices for a in imp._actions}  # pylint: disable=protected-access
+  for name in ("backbone", "arch_option", "activation", "readout"):
+    assert sorted(flags[name]) == sorted(lseg.FIELD_CHOICES[name]), name
+  import argparse  # pylint: disable=g-import-not-at-top
+  ckpt = argparse.ArgumentParser()
+  common.add_checkpoint_args(ckpt)
+  dtype = next(a for a in ckpt._actions if a.dest == "dtype")  # pylint: disable=protected-access
+  assert tuple(dtype.choices) == lseg.FIELD_CHOICES["dtype"]

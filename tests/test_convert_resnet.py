@@ -126,7 +126,7 @@ def test_bad_resnet_checkpoint_is_reported_and_nothing_is_written(write, tmp_pat
   src = tmp_path / "bad.ckpt"
   expected = write(src)
   rc, log = run(capsys, "import", src, tmp_path / "out", "--trust-pickle")
-  assert rc == 1 and "error: cannot import" in log, log
+  assert rc == 2 and "error: cannot import" in log, log
   for text in expected:
     assert text in log, (text, log)
   assert_nothing_written(tmp_path, tmp_path / "out", ["bad.ckpt"])
@@ -141,7 +141,7 @@ def test_resnet_depth_without_backbone_hint_is_named(tmp_path, capsys):
              if k.startswith("pretrained.layer2.0.") and "downsample" not in k})
   torch.save(sd, tmp_path / "bad.pt")
   rc, log = run(capsys, "import", tmp_path / "bad.pt", tmp_path / "out")
-  assert rc == 1 and "(1, 2, 1, 1) Bottleneck blocks" in log, log
+  assert rc == 2 and "(1, 2, 1, 1) Bottleneck blocks" in log, log
   assert_nothing_written(tmp_path, tmp_path / "out", ["bad.pt"])
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lseg_jax import checkpoint
+from lseg_jax.cli import common as cli_common
 from lseg_jax.cli import convert
 from lseg_jax.convert import langseg
 
@@ -42,7 +43,7 @@ def lightning_checkpoint(tmodel, path, drop=(), extra=None):
 
 
 def run(capsys, *argv):
-  rc = convert.main([str(a) for a in argv])
+  rc = cli_common.run(convert.main, [str(a) for a in argv])
   out, err = capsys.readouterr()
   return rc, out + err
 
@@ -84,12 +85,12 @@ def test_import_head_block_needs_its_settings(tmp_path, capsys):
   lightning_checkpoint(tmodel, tmp_path / "lseg.ckpt")
   out_dir = tmp_path / "out"
   rc, log = run(capsys, "import", tmp_path / "lseg.ckpt", out_dir)
-  assert rc == 1 and "--arch-option" in log and "--block-depth" in log
+  assert rc == 2 and "--arch-option" in log and "--block-depth" in log
   assert_nothing_written(tmp_path, out_dir, ["lseg.ckpt"])
 
   rc, log = run(capsys, "import", tmp_path / "lseg.ckpt", out_dir, "--arch-option", 1,
                 "--block-depth", 2)
-  assert rc == 1 and "--activation" in log
+  assert rc == 2 and "--activation" in log
 
   rc, log = run(capsys, "import", tmp_path / "lseg.ckpt", out_dir, "--arch-option", 1,
                 "--block-depth", 2, "--activation", "relu")
@@ -118,7 +119,7 @@ def test_without_torch_the_tool_says_how_to_install_it(tmp_path, capsys, monkeyp
   for argv in (("import", tmp_path / "lseg.ckpt", tmp_path / "out"),
                ("export", tmp_path / "ckpt", tmp_path / "lseg.pt")):
     rc, log = run(capsys, *argv)
-    assert rc == 1 and 'pip install -e ".[torch]"' in log, log
+    assert rc == 2 and 'pip install -e ".[torch]"' in log, log
   assert not (tmp_path / "out").exists() and not (tmp_path / "lseg.pt").exists()
 
 
@@ -189,7 +190,7 @@ def test_export_rejects_clip_weights_of_another_model(tmp_path, capsys):
   torch.save(other, tmp_path / "other.pt")
   rc, log = run(capsys, "export", tmp_path / "ckpt", tmp_path / "x.pt", "--clip-weights",
                 tmp_path / "other.pt")
-  assert rc == 1 and "text projection" in log
+  assert rc == 2 and "text projection" in log
   assert not (tmp_path / "x.pt").exists()
 
 
@@ -235,7 +236,7 @@ def test_bad_input_is_reported_and_nothing_is_written(write, tmp_path, capsys):
   expected = write(src)
   out_dir = tmp_path / "out"
   rc, log = run(capsys, "import", src, out_dir)
-  assert rc == 1
+  assert rc == 2
   assert "error: cannot import" in log
   if write is _write_missing_keys:
     assert "scratch.refinenet2.out_conv.weight" in log
@@ -251,7 +252,7 @@ def test_existing_out_dir_is_kept_unless_overwrite(tmp_path, capsys, monkeypatch
   out_dir.mkdir()
   (out_dir / "keep.txt").write_text("previous")
   rc, log = run(capsys, "import", tmp_path / "lseg.ckpt", out_dir)
-  assert rc == 1 and "--overwrite" in log
+  assert rc == 2 and "--overwrite" in log
   assert os.listdir(out_dir) == ["keep.txt"]
 
   # A failure while writing leaves the previous OUT_DIR and no temporary folder.

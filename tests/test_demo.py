@@ -23,6 +23,7 @@ from lseg_jax import text  # noqa: E402
 from lseg_jax import visualize  # noqa: E402
 from lseg_jax.cli import demo  # noqa: E402
 from lseg_jax.cli import predict as predict_cli  # noqa: E402
+from lseg_jax.errors import UserError  # noqa: E402
 from lseg_jax.models import lseg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,5 +255,5 @@ def test_bad_command_line():
   with pytest.raises(SystemExit) as e:
     demo.parse_args(["--max-side", "8"])
   assert e.value.code == 2
-  with pytest.raises(SystemExit, match="cannot load checkpoint '/nonexistent/ckpt'"):
+  with pytest.raises(UserError, match="cannot load checkpoint '/nonexistent/ckpt'"):
     demo.launch(demo.parse_args(["--checkpoint", "/nonexistent/ckpt"]), block=False)

@@ -25,6 +25,7 @@ from lseg_jax import text
 from lseg_jax.data import input_pipeline
 from lseg_jax.data import registry
 from lseg_jax.data import synthetic
+from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
 
 import hsnet_splits
@@ -291,7 +292,7 @@ def test_eval_tool_writes_reports(model, tmp_path):
 
 def test_eval_tool_argument_errors(tmp_path):
   tool = eval_cli
-  with pytest.raises(SystemExit, match="does not exist"):
+  with pytest.raises(UserError, match="does not exist"):
     tool.main(["--checkpoint", "c", "--config", str(tmp_path / "nope.py")])
   with pytest.raises(SystemExit):
     tool.parse_args(["--checkpoint", "c", "--config", "x.py", "--scales", "a,b"])

@@ -465,7 +465,7 @@ def test_export_refuses_to_overwrite(tiny_model, tmp_path):
   checkpoint.save_model(str(tmp_path / "ckpt"), tiny_model)
   (tmp_path / "model.pt").write_bytes(b"keep me")
   done = run_tool("convert.py", ["export", tmp_path / "ckpt", tmp_path / "model.pt"])
-  assert done.returncode == 1 and "exists; pass --overwrite" in done.stderr
+  assert done.returncode == 2 and "exists; pass --overwrite" in done.stderr
   assert (tmp_path / "model.pt").read_bytes() == b"keep me"
 
 
@@ -479,3 +479,73 @@ def test_large_images_are_scaled_down_or_a_one_line_memory_error():
   message = common.user_error_message(oom)
   assert "ran out of memory" in message and "--max-side" in message
   assert common.user_error_message(RuntimeError("a bug")) is None
+
+
+# ---------------------------------------------------------------------------
+# Config files that fail to load, and files that are not checkpoints: one line each,
+# naming the file, exit code 2.
+# ---------------------------------------------------------------------------
+_SYNTAX_ERROR = "import ml_collections\ndef get_config(arg=None):\n  c = ml_collections.ConfigDict(\n  return c\n"
+_RAISES = 'def get_config(arg=None):\n  del arg\n  raise RuntimeError("boom in get_config")\n'
+
+
+def _one_error_line(done):
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 2 and lines, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  return lines[-1]
+
+
+def test_config_files_that_fail_to_load_are_one_line_errors(tmp_path):
+  syntax = tmp_path / "syntax.py"
+  syntax.write_text(_SYNTAX_ERROR)
+  with pytest.raises(SyntaxError) as compiled:
+    compile(_SYNTAX_ERROR, str(syntax), "exec")
+  raises = tmp_path / "raises.py"
+  raises.write_text(_RAISES)
+  no_get = tmp_path / "no_get.py"
+  no_get.write_text("X = 1\n")
+  missing = tmp_path / "missing.py"
+  cases = [
+      (syntax, f"error: --config '{syntax}': syntax error in {syntax} line "
+               f"{compiled.value.lineno}: {compiled.value.msg}"),
+      (raises, f"error: --config '{raises}' failed to load (line 3): RuntimeError: "
+               "boom in get_config"),
+      (no_get, f"error: --config '{no_get}' has no get_config(); expected a config file "
+               "that defines get_config(arg=None)"),
+      (missing, f"error: --config file '{missing}' does not exist; expected "
+                "configs/NAME.py[:ARGS]"),
+  ]
+  for path, expected in cases:
+    done = run_tool("train.py", [f"--config={path}", f"--workdir={tmp_path / 'work'}"])
+    assert _one_error_line(done) == expected, done.stderr[-3000:]
+    assert done.stderr.count("error: ") == 1, done.stderr[-3000:]
+
+
+def test_import_of_files_that_are_not_checkpoints_exits_2(tmp_path):
+  torch = pytest.importorskip("torch")
+  whole = tmp_path / "whole.pt"
+  torch.save({"a": torch.zeros(3)}, whole)
+  files = {
+      "empty.pt": b"",
+      "random.pt": bytes(range(1, 128)) * 20,
+      "truncated.pt": whole.read_bytes()[:200],
+  }
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
+  cases = [
+      ("empty.pt", "{src!r} is empty; expected a PyTorch checkpoint file"),
+      ("random.pt", "{src!r} is not a PyTorch checkpoint file (neither a zip archive nor "
+                    "a pickle)"),
+      ("truncated.pt", "{src!r} is a damaged or truncated zip archive; expected a complete "
+                       "PyTorch checkpoint file"),
+      ("whole.pt", "{src} is not an LSegNet state dict: it has no keys under "
+                   "['pretrained.model.', 'scratch.']; first keys: ['a']"),
+  ]
+  for name, reason in cases:
+    src = str(tmp_path / name)
+    done = run_tool("convert.py", ["import", src, tmp_path / "out"])
+    expected = f"error: cannot import {src!r}: " + reason.format(src=src)
+    assert _one_error_line(done) == expected, done.stderr[-3000:]
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()

@@ -118,16 +118,20 @@ def test_bad_label_inputs():
 def test_bad_config_values():
   with pytest.raises(ValueError, match="unknown backbone 'vit_huge'"):
     lseg.LSegConfig(backbone="vit_huge")
-  with pytest.raises(ValueError, match="arch_option must be 0, 1 or 2, got 3"):
+  with pytest.raises(ValueError, match="unknown arch_option 3; expected one of 0, 1, 2"):
     lseg.LSegConfig(arch_option=3)
   with pytest.raises(ValueError, match="unknown activation 'gelu'"):
     spatial_reg.SpatialRegularization(1, 2, "gelu", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"unknown LSegConfig fields \['colour'\]"):
     lseg.LSegConfig.from_dict({"colour": 1})
-  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+  with pytest.raises(ValueError, match="unknown attention 'flash'; expected one of 'auto'"):
     lseg.LSegConfig(attention="flash")
-  with pytest.raises(ValueError, match="remat must be one of .* got 'some'"):
+  with pytest.raises(ValueError, match="unknown remat 'some'; expected one of 'none'"):
     lseg.LSegConfig(remat="some")
+  with pytest.raises(ValueError, match="unknown readout 'concat'"):
+    lseg.LSegConfig(readout="concat")
+  with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+    lseg.LSegConfig(activation="gelu")
 
 
 def test_bfloat16_compute_float32_params_and_logits():

@@ -14,6 +14,7 @@ from PIL import Image
 
 from lseg_jax import checkpoint
 from lseg_jax import visualize
+from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,10 +142,10 @@ def test_bad_arguments(predict, argv, match, capsys):
 
 
 def test_bad_labels_and_missing_image(ckpt, predict, tmp_path):
-  with pytest.raises(SystemExit, match="empty label"):
+  with pytest.raises(UserError, match="empty label"):
     predict.main(["--checkpoint", str(ckpt / "ckpt"), "--image", str(ckpt / "images/odd.png"),
                   "--labels", "dog,,grass", "--out", str(tmp_path / "x.png")])
-  with pytest.raises(SystemExit, match="does not exist"):
+  with pytest.raises(UserError, match="does not exist"):
     predict.main(["--checkpoint", str(ckpt / "ckpt"), "--image", str(tmp_path / "nope.png"),
                   "--labels", "dog", "--out", str(tmp_path / "x.png")])
 

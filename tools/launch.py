@@ -4,9 +4,9 @@ r"""Runs a command as N processes of one JAX job on this machine (see
   python tools/launch.py --processes 2 --devices-per-process 4 -- \
       python tools/train.py --config configs/synthetic_tiny.py --workdir runs/tiny_2x4
 """
-import sys
 
+from lseg_jax.cli import common
 from lseg_jax.cli import launch
 
 if __name__ == "__main__":
-  sys.exit(launch.main())
+  common.entry_point(launch.main)

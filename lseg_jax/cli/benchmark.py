@@ -46,14 +46,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
-import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
 
 from lseg_jax.cli import common
+from lseg_jax.convert import langseg
+from lseg_jax.timing import time_calls
 
 NA = "n/a"
 TASKS = ("train", "infer", "both")
@@ -116,20 +119,6 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     if key.lower() in device_kind.lower():
       return peaks.get(dtype)
   return None
-
-
-def time_calls(fn: Callable[[int], Any], steps: int) -> dict[str, float]:
-  """Times fn(i) (which must wait for its result): the first call, then `steps` calls."""
-  t0 = time.perf_counter()
-  fn(0)
-  first = time.perf_counter() - t0
-  times = []
-  for i in range(steps):
-    t0 = time.perf_counter()
-    fn(i + 1)
-    times.append(time.perf_counter() - t0)
-  return {"first_step_s": first, "step_s_median": statistics.median(times),
-          "step_s_min": min(times)}
 
 
 def summarize(timing: dict[str, float], batch: int, flops_per_image: float | None,
@@ -257,145 +246,32 @@ def bench_train(state, spec, config, mesh, text_emb, labels: int, steps: int):
 # PyTorch
 
 
-def torch_config(model_cfg):
-  """The `TorchLSegConfig` of an `LSegConfig` (the same model)."""
-  from lseg_jax.torch_lseg import TorchLSegConfig  # pylint: disable=g-import-not-at-top
-  return TorchLSegConfig(
-      backbone=model_cfg.backbone, features=model_cfg.num_features,
-      readout=model_cfg.readout, arch_option=model_cfg.arch_option,
-      block_depth=model_cfg.block_depth, activation=model_cfg.activation,
-      **({"vocab_size": model_cfg.text_vocab_size} if model_cfg.text_vocab_size else {}))
-
-
-def torch_device(platform: str):
-  """The torch device of the JAX platform, or None (with the reason) if torch has none."""
-  import torch  # pylint: disable=g-import-not-at-top
-  if platform == "cpu":
-    return torch.device("cpu"), None
-  if platform in ("gpu", "cuda") and torch.cuda.is_available():
-    return torch.device("cuda"), None
-  return None, f"PyTorch has no {platform} device here"
-
-
-def bench_torch(model_cfg, task: str, dtype: str, device, *, batch_size: int, crop: int,
-                labels: int, steps: int, text_tower: str = "frozen") -> dict[str, Any]:
-  """One PyTorch figure: timing (plus peak memory on CUDA) of `task` in `dtype`.
-
-  text_tower: "frozen" (label embeddings computed once) or "trained" (train: the label
-  token ids encoded, backpropagated and updated every step, as official lang-seg).
-  """
-  # pylint: disable=g-import-not-at-top
-  import contextlib
-  import torch
-  import torch.nn.functional as F
-  from lseg_jax.torch_lseg import LSegTorch
-  # pylint: enable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = LSegTorch(torch_config(model_cfg)).to(device)
-  train_text = task == "train" and text_tower == "trained"
-  for p in model.clip_pretrained.parameters():
-    p.requires_grad_(train_text)
-  g = torch.Generator().manual_seed(0)
-  text = torch.randn(labels, model.embed_dim, generator=g).to(device)
-  # Token ids: start token, 8 random word ids, end token (the highest id: CLIP pools
-  # the embedding at the argmax), padding.
-  vocab = model.clip_pretrained.token_embedding.num_embeddings
-  tokens = torch.zeros(labels, model.clip_pretrained.context_length, dtype=torch.long)
-  tokens[:, 0] = vocab - 2
-  tokens[:, 1:9] = torch.randint(1, vocab - 2, (labels, 8), generator=g)
-  tokens[:, 9] = vocab - 1
-  tokens = tokens.to(device)
-  images = [torch.rand(batch_size, 3, crop, crop, generator=g).mul(2).sub(1).to(device)
-            for _ in range(2)]
-  label = [torch.randint(-1, labels, (batch_size, crop, crop), generator=g).to(device)
-           for _ in range(2)]
-  mask = torch.ones(batch_size, labels, dtype=torch.bool, device=device)
-  autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-              else contextlib.nullcontext())
-  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-  if device.type == "cuda":
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-  if task == "train":
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                          momentum=0.9)
-
-    def step(i):
-      opt.zero_grad(set_to_none=True)
-      with autocast:
-        logits = model(images[i % 2], model.encode_text(tokens) if train_text else text,
-                       mask)
-      loss = F.cross_entropy(logits.float(), label[i % 2], ignore_index=-1)
-      loss.backward()
-      opt.step()
-      sync()
-  else:
-    model.eval()
-
-    def step(i):
-      with torch.inference_mode(), autocast:
-        model(images[i % 2], text, mask).argmax(1)
-      sync()
-
-  timing = time_calls(step, steps)
-  out = {k: round(v, 4) for k, v in timing.items()}
-  out["peak_memory_bytes"] = (int(torch.cuda.max_memory_allocated())
-                              if device.type == "cuda" else NA)
-  del model
-  return out
-
-
-def torch_worker() -> None:
-  """The PyTorch side, in a process of its own: importing timm after TensorFlow (which
-  the JAX side's data utilities load) crashes some installs, and a GPU stays shared
-  more predictably. Reads a JSON job from stdin, writes one JSON line to stdout."""
-  # pylint: disable=g-import-not-at-top
-  from lseg_jax.models import lseg
-  # pylint: enable=g-import-not-at-top
-  job = json.load(sys.stdin)
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    from lseg_jax import torch_lseg  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    print(json.dumps({"skipped": f"PyTorch (or timm) is not installed: {e}"}))
-    return
-  device, reason = torch_device(job["platform"])
-  if device is None:
-    print(json.dumps({"skipped": reason}))
-    return
-  model_cfg = lseg.LSegConfig.from_dict(job["model"])
-  out = {"version": torch.__version__, "device": str(device), "figures": []}
-  for task, dtype, batch in job["figures"]:
-    log(f"torch {task} {dtype}: batch {batch}, {job['steps']} timed steps")
-    out["figures"].append(bench_torch(model_cfg, task, dtype, device, batch_size=batch,
-                                      crop=job["crop"], labels=job["labels"],
-                                      steps=job["steps"], text_tower=job["text_tower"]))
-  print(json.dumps(out), flush=True)
-
-
 def add_torch(results: dict[str, Any], args, model_cfg, platform: str, infer_batch: int,
               train_batch: int, crop: int, peak_by_dtype: Callable[[str], float | None],
               flops_of: Callable[[str], float | None]) -> None:
   """results["torch"] = {"version", "device", task: {dtype: figure}}, or {"skipped": why}.
 
-  The figures come from `torch_worker` in a child process.
+  The figures come from `lseg_jax.torch_lseg.benchmark` in a child process: importing
+  timm after TensorFlow (which the JAX side's data utilities load) crashes some installs,
+  and a GPU stays shared more predictably.
   """
-  import subprocess  # pylint: disable=g-import-not-at-top
   dtypes = [d.strip() for d in args.torch_dtypes.split(",") if d.strip()]
   bad = [d for d in dtypes if d not in TORCH_DTYPES]
   if bad:
     raise ValueError(f"--torch-dtypes: unknown {bad}; expected some of {TORCH_DTYPES}")
   figures = [(task, dtype, infer_batch if task == "infer" else train_batch)
              for task in ("infer", "train") if task in results for dtype in dtypes]
-  job = {"model": model_cfg.to_dict(), "platform": platform, "crop": crop,
+  if not all(importlib.util.find_spec(m) for m in ("torch", "timm")):
+    results["torch"] = {"skipped": "PyTorch (or timm) is not installed"}
+    log(f"--torch skipped: {results['torch']['skipped']}")
+    return
+  job = {"model": langseg.torch_config(model_cfg), "platform": platform, "crop": crop,
          "labels": args.labels, "steps": args.steps, "figures": figures,
          "text_tower": args.torch_text_tower}
   # Run from the folder holding this lseg_jax package, so the child imports the same one.
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   proc = subprocess.run(
-      [sys.executable, "-c", "from lseg_jax.cli import benchmark; benchmark.torch_worker()"],
+      [sys.executable, "-m", "lseg_jax.torch_lseg.benchmark"],
       input=json.dumps(job), stdout=subprocess.PIPE, text=True, cwd=root, check=False)
   lines = proc.stdout.strip().splitlines()
   if proc.returncode or not lines:

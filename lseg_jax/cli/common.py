@@ -8,8 +8,10 @@ multi-process arguments (`--coordinator`, `--num-processes`, `--process-id`,
 `--heartbeat-timeout`) and calls `start_jax` before its first computation.
 
 Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
-can cause (a bad value, a missing or damaged file) ends in one line "error: ..." and
-exit code 2; `--verbose` or LSEG_DEBUG=1 shows the traceback instead. A failed run
+can cause (a bad value, a missing or damaged file), which the library raises as
+`lseg_jax.errors.UserError`, ends in one line "error: ..." and exit code 2;
+`--verbose` or LSEG_DEBUG=1 shows the traceback instead. Any other exception is a bug
+and keeps its traceback (exit code 1). A failed run
 exits at once, whatever threads are still running.
 """
 from __future__ import annotations
@@ -21,14 +23,21 @@ import sys
 import traceback
 from typing import Any, Sequence
 
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lseg_jax import checkpoint
+from lseg_jax import config as config_lib
+from lseg_jax import distributed
+from lseg_jax import evaluate
+from lseg_jax.errors import UserError
+from lseg_jax.models import lseg
+
 CONFIG_PREFIX = "--config."
 USER_ERROR_EXIT = 2
 VERBOSE_FLAG = "--verbose"
 DEBUG_ENV = "LSEG_DEBUG"
-
-
-class UserError(Exception):
-  """A problem with the user's input or files; the tools print it without a traceback."""
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -36,12 +45,10 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 
 def user_error_message(e: BaseException) -> str | None:
-  """The one-line message of an error a user can cause; None for a bug (traceback)."""
-  if isinstance(e, (UserError, ValueError, FloatingPointError, OSError, KeyError)):
-    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    if isinstance(e, OSError) and e.filename and e.strerror:
-      message = f"{e.strerror}: {e.filename!r}"
-    return message or type(e).__name__
+  """The one-line message of an error the user caused (`UserError`, or the device
+  running out of memory); None for a bug, which keeps its traceback."""
+  if isinstance(e, UserError):
+    return str(e) or type(e).__name__
   if _is_out_of_memory(e):
     return ("the device ran out of memory; use a smaller batch size or crop size "
             "(--config.batch_size, --config.data.crop_size), smaller images "
@@ -58,9 +65,6 @@ def entry_point(main) -> None:
     code = run(main)
   except SystemExit as e:
     code = e.code
-    if isinstance(code, str):
-      print(code, file=sys.stderr)
-      code = USER_ERROR_EXIT
   except BaseException:  # pylint: disable=broad-except
     traceback.print_exc()
     code = 1
@@ -69,43 +73,40 @@ def entry_point(main) -> None:
   sys.stderr.flush()
   if code:
     logging_std.shutdown()
-    if "lseg_jax.distributed" in sys.modules:
-      # A process that finished its work leaves the job in step with the others;
-      # otherwise they learn that this one left.
-      sys.modules["lseg_jax.distributed"].shutdown_finished()
-      sys.modules["lseg_jax.distributed"].leaving()
+    # A process that finished its work leaves the job in step with the others;
+    # otherwise they learn that this one left (both are no-ops for one process).
+    distributed.shutdown_finished()
+    distributed.leaving()
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(0)
 
 
 def run(main, argv: Sequence[str] | None = None) -> int:
-  """Runs a tool's `main(argv)`: user errors print "error: ..." and return 2.
+  """Runs a tool's `main(argv)`: a `UserError` (or the device running out of memory)
+  prints "error: ..." and returns 2; any other exception keeps its traceback.
 
   `--verbose` (anywhere in argv) or LSEG_DEBUG=1 lets the traceback through.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  verbose = VERBOSE_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-  argv = [a for a in argv if a != VERBOSE_FLAG]
+  # What follows "--" is another command's (tools/launch.py), its --verbose included.
+  end = argv.index("--") if "--" in argv else len(argv)
+  verbose = (VERBOSE_FLAG in argv[:end]
+             or os.environ.get(DEBUG_ENV, "") not in ("", "0"))
+  argv = [a for a in argv[:end] if a != VERBOSE_FLAG] + argv[end:]
   try:
     return main(argv)
-  except SystemExit as e:
-    if not isinstance(e.code, str):
-      raise
-    print(e.code, file=sys.stderr)  # already "error: ..." (argument checks)
-    return USER_ERROR_EXIT
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130
   except Exception as e:  # pylint: disable=broad-except
-    if "lseg_jax.distributed" in sys.modules:
+    if not isinstance(e, UserError):
       # A collective that failed because another process died: the lost process is
       # named instead (the process exits there).
-      sys.modules["lseg_jax.distributed"].await_lost_process(e)
+      distributed.await_lost_process(e)
     message = None if verbose else user_error_message(e)
     if message is None:
       raise
-    print(f"error: {message}\n(rerun with {VERBOSE_FLAG} or {DEBUG_ENV}=1 for the traceback)",
-          file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
     return USER_ERROR_EXIT
 
 
@@ -123,7 +124,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
       key, sep, value = arg[len(CONFIG_PREFIX):].partition("=")
       if not sep:
         if i + 1 >= len(argv):
-          raise SystemExit(f"error: {arg} needs a value ({arg}=VALUE)")
+          raise UserError(f"{arg} needs a value ({arg}=VALUE)")
         value = argv[i + 1]
         i += 1
       overrides.append((key, value))
@@ -152,14 +153,36 @@ def add_config_arg(parser: argparse.ArgumentParser, *, required: bool, help_text
       help_text + "; any field can then be overridden with --config.KEY=VALUE"))
 
 
+def _config_file_error(spec: str, e: BaseException) -> UserError:
+  """A one-line UserError for a config file that failed to load, naming the file (and
+  the line of a syntax error or of the failing statement in that file)."""
+  path = os.path.abspath(spec.partition(":")[0])
+  if isinstance(e, flags.IllegalFlagValueError):  # ml_collections wraps ValueErrors
+    e = e.__cause__ or e.__context__ or e
+  if isinstance(e, SyntaxError):
+    return UserError(f"--config {spec!r}: syntax error in {e.filename} line {e.lineno}: "
+                     f"{e.msg}")
+  if isinstance(e, ValueError):  # get_config's own checks: the message says what is wrong
+    return UserError(f"--config {spec!r}: {e}")
+  if isinstance(e, AttributeError) and "get_config" in str(e):
+    return UserError(f"--config {spec!r} has no get_config(); expected a config file "
+                     "that defines get_config(arg=None)")
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if os.path.abspath(f.filename) == path]
+  where = f" (line {lines[-1]})" if lines else ""
+  return UserError(f"--config {spec!r} failed to load{where}: {type(e).__name__}: {e}")
+
+
 def read_config_file(spec: str):
-  """configs/NAME.py[:ARG] -> its get_config(ARG), loaded by ml_collections."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  """configs/NAME.py[:ARG] -> its get_config(ARG), loaded by ml_collections.
+
+  Raises:
+    UserError: the file is missing, does not parse, or its get_config fails.
+  """
   path = spec.partition(":")[0]
   if not os.path.isfile(path):
-    raise SystemExit(f"error: --config file {path!r} does not exist; expected "
-                     "configs/NAME.py[:ARGS]")
+    raise UserError(f"--config file {path!r} does not exist; expected "
+                    "configs/NAME.py[:ARGS]")
   values = flags.FlagValues()
   # sys_argv: otherwise the flag reads the process's own --config.KEY overrides; they
   # are applied by lseg_jax.config (which knows the library's defaults and the fields
@@ -169,45 +192,47 @@ def read_config_file(spec: str):
                                   sys_argv=argv)
   try:
     values(argv)
-  except (ValueError, flags.IllegalFlagValueError) as e:
-    cause = e.__cause__ or e.__context__ or e
-    raise SystemExit(f"error: --config {spec!r}: {cause}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise _config_file_error(spec, e) from e
   return values.config
 
 
 def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
                 base: dict[str, Any] | None = None):
   """The completed config of a config file (or of `base`, e.g. a checkpoint's saved
-  config), with command-line overrides applied; user errors exit with one line."""
-  from lseg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config), with command-line overrides applied.
+
+  Raises:
+    UserError: the file does not load, or a field or override is not valid.
+  """
+  raw = read_config_file(spec) if spec else base
+  if raw is None:
+    raise UserError("no config: give --config FILE[:ARG]")
   try:
-    raw = read_config_file(spec) if spec else base
-    if raw is None:
-      raise ValueError("no config: give --config FILE[:ARG]")
     config = config_lib.override(config_lib.complete(raw), overrides)
     config_lib.check_config(config)
-    return config
+  except UserError:
+    raise
   except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+    raise UserError(str(e)) from e
+  return config
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
   """The multi-process arguments (`lseg_jax.distributed.add_arguments`)."""
-  from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.add_arguments(parser)
 
 
 def start_jax(args: argparse.Namespace):
   """Joins the process to its multi-process job (a no-op for one process) before the
   first JAX computation; logs and returns the `distributed.Topology`."""
-  from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
   try:
     return distributed.initialize(
         getattr(args, "coordinator", None), getattr(args, "num_processes", None),
         getattr(args, "process_id", None),
         heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
   except (ValueError, RuntimeError) as e:
-    raise SystemExit(f"error: {e}") from None
+    raise UserError(str(e)) from e
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = True,
@@ -223,14 +248,13 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = Tru
   parser.add_argument("--prompt", default=None, help=(
       'label template with one "{}", e.g. "a photo of a {}." (default: the checkpoint\'s '
       'training template, else bare names as LSeg; "" forces bare names)'))
-  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+  parser.add_argument("--dtype", default=None, choices=lseg.FIELD_CHOICES["dtype"],
                       help="override the checkpoint's compute dtype")
 
 
 def model_overrides(overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
   """{field: value} of the `model.FIELD` overrides (compute fields of a loaded model,
   e.g. dtype or attention)."""
-  from lseg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   out = {}
   for key, value in overrides:
     group, _, field = key.partition(".")
@@ -241,10 +265,6 @@ def model_overrides(overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
 
 def load_checkpoint(args):
   """(model, meta, embedder, tokenizer spec, template) for the checkpoint arguments."""
-  # pylint: disable=g-import-not-at-top
-  from lseg_jax import checkpoint
-  from lseg_jax import evaluate
-  # pylint: enable=g-import-not-at-top
   overrides = model_overrides(args.overrides)
   if args.dtype:
     overrides["dtype"] = args.dtype
@@ -270,8 +290,6 @@ class _DropInfoFrom(logging_std.Filter):
 def setup_logging() -> None:
   """absl INFO logging to stderr for the tools' own progress lines, without the
   libraries' INFO noise (JAX's backend probing, Orbax's per-save lines)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()

@@ -28,31 +28,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from lseg_jax import checkpoint
 from lseg_jax import langseg_layout
+from lseg_jax import text
 from lseg_jax.cli import common
 from lseg_jax.convert import clip_openai, langseg
+from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
 
 _TORCH_HINT = 'install the torch extra: pip install -e ".[torch]"'
-
-
-class ConvertError(common.UserError):
-  """A problem with the user's input; printed without a traceback."""
 
 
 def _require_torch(what: str) -> None:
   try:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
-    raise ConvertError(f"{what} needs PyTorch, which is not installed; {_TORCH_HINT}") from e
+    raise UserError(f"{what} needs PyTorch, which is not installed; {_TORCH_HINT}") from e
 
 
 # ---------------------------------------------------------------------------
@@ -61,72 +57,15 @@ def _require_torch(what: str) -> None:
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
   if os.path.exists(out_dir):
     if not os.path.isdir(out_dir):
-      raise ConvertError(f"OUT_DIR {out_dir!r} exists and is not a directory")
+      raise UserError(f"OUT_DIR {out_dir!r} exists and is not a directory")
     if os.listdir(out_dir) and not overwrite:
-      raise ConvertError(f"OUT_DIR {out_dir!r} exists and is not empty; pass --overwrite "
+      raise UserError(f"OUT_DIR {out_dir!r} exists and is not empty; pass --overwrite "
                          "to replace it")
-
-
-def _write_dir_atomically(out_dir: str, write) -> None:
-  """Runs write(tmp_dir) on a temporary directory next to `out_dir`, then renames it
-  to `out_dir`: a failure leaves `out_dir` as it was."""
-  out_dir = os.path.abspath(out_dir)
-  parent, name = os.path.split(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
-  old = None
-  try:
-    write(tmp)
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
-      os.rename(out_dir, os.path.join(old, name))
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None and not os.path.exists(out_dir):
-      os.rename(os.path.join(old, name), out_dir)
-    raise
-  finally:
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-
-
-def _json_safe(value):
-  """Keeps the JSON-representable part of Lightning metadata."""
-  if isinstance(value, dict):
-    return {str(k): v for k, v in ((k, _json_safe(v)) for k, v in value.items())
-            if v is not None}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  if isinstance(value, (bool, int, float, str)):
-    return value
-  if isinstance(value, (np.integer, np.floating)):
-    return value.item()
-  return None
-
-
-def tensor_warnings(state_dict) -> list[str]:
-  """Warnings for tensors that cannot be right: NaN/Inf values, or integers where the
-  model expects floats (BatchNorm's num_batches_tracked counters aside)."""
-  out = []
-  for key, value in state_dict.items():
-    value = np.asarray(value)
-    if key.endswith("num_batches_tracked"):
-      continue
-    if not np.issubdtype(value.dtype, np.floating):
-      out.append(f"tensor {key!r} is {value.dtype}; the model expects floating point "
-                 "values (converted)")
-    elif not np.isfinite(value).all():
-      bad = int(value.size - np.count_nonzero(np.isfinite(value)))
-      out.append(f"tensor {key!r} has {bad} NaN/Inf values; the imported model's "
-                 "predictions will not be finite")
-  return out
 
 
 def default_tokenizer(cfg: lseg.LSegConfig) -> str:
   """The tokenizer recorded for an imported model: CLIP's BPE, or the byte-level one
   of the tiny test models' vocabulary."""
-  from lseg_jax import text  # pylint: disable=g-import-not-at-top
   if cfg.text_vocab_size == text.BYTE_LEVEL_VOCAB_SIZE:
     return text.BYTE_LEVEL_TOKENIZER
   return text.DEFAULT_TOKENIZER
@@ -135,7 +74,7 @@ def default_tokenizer(cfg: lseg.LSegConfig) -> str:
 def run_import(args) -> str:
   src = os.fspath(args.src)
   if not os.path.isfile(src):
-    raise ConvertError(f"SRC {src!r} is not a file")
+    raise UserError(f"SRC {src!r} is not a file")
   if not src.endswith(".safetensors"):
     _require_torch(f"reading {os.path.basename(src)} (a PyTorch file)")
   _check_out_dir(args.out_dir, args.overwrite)
@@ -149,16 +88,16 @@ def run_import(args) -> str:
         activation=args.activation)
     model = langseg.load_langseg(state_dict, cfg)
   except (ValueError, FileNotFoundError) as e:
-    raise ConvertError(f"cannot import {src!r}:\n{e}") from e
-  for warning in tensor_warnings(state_dict):
+    raise UserError(f"cannot import {src!r}: {e}") from e
+  for warning in langseg_layout.tensor_warnings(state_dict):
     print(f"warning: {src}: {warning}", file=sys.stderr)
   del state_dict
   net = "LSegRNNetZS" if cfg.image_encoder == "resnet" else "LSegNet"
   extra = {"source": {"file": os.path.basename(src), "format": f"lang-seg {net}",
                       "converted_by": "tools/convert.py import",
-                      **{k: _json_safe(v) for k, v in meta.items()}},
+                      **{k: langseg_layout.json_safe(v) for k, v in meta.items()}},
            "tokenizer": args.tokenizer or default_tokenizer(cfg)}
-  _write_dir_atomically(args.out_dir, lambda tmp: checkpoint.save_model(
+  checkpoint.write_dir_atomically(args.out_dir, lambda tmp: checkpoint.save_model(
       tmp, model, extra_meta=extra, check_finite=False))
   return (f"imported {src} -> {args.out_dir} ({cfg.backbone}, arch_option "
           f"{cfg.arch_option}, block_depth {cfg.block_depth}) in "
@@ -173,7 +112,7 @@ def _add_clip_weights(state_dict, clip_path: str, trust_pickle: bool):
     clip_sd = langseg_layout.load_state_dict_file(clip_path, weights_only=not trust_pickle)
     merged = langseg.add_clip_image_tower(state_dict, clip_sd)
   except (ValueError, FileNotFoundError) as e:
-    raise ConvertError(f"cannot take CLIP's image tower from {clip_path!r}:\n{e}") from e
+    raise UserError(f"cannot take CLIP's image tower from {clip_path!r}: {e}") from e
   prefix = clip_openai.find_prefix(clip_sd)
   differ = [k for k, v in state_dict.items() if k.startswith(langseg_layout.CLIP_PREFIX)
             and prefix + k[len(langseg_layout.CLIP_PREFIX):] in clip_sd
@@ -190,14 +129,14 @@ def run_export(args) -> str:
   _require_torch("writing a PyTorch checkpoint")
   out = os.path.abspath(args.out)
   if os.path.isdir(out):
-    raise ConvertError(f"OUT {args.out!r} is a directory; expected a file name like lseg.pt")
+    raise UserError(f"OUT {args.out!r} is a directory; expected a file name like lseg.pt")
   if os.path.exists(out) and not args.overwrite:
-    raise ConvertError(f"OUT {args.out!r} exists; pass --overwrite to replace it")
+    raise UserError(f"OUT {args.out!r} exists; pass --overwrite to replace it")
   start = time.perf_counter()
   try:
     model, _ = checkpoint.load_model(args.ckpt_dir, step=args.step)
   except (ValueError, FileNotFoundError) as e:
-    raise ConvertError(f"cannot load {args.ckpt_dir!r}:\n{e}") from e
+    raise UserError(f"cannot load {args.ckpt_dir!r}: {e}") from e
   state_dict = langseg.export_langseg(model)
   if args.clip_weights:
     state_dict = _add_clip_weights(state_dict, args.clip_weights, args.trust_pickle)
@@ -233,17 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
           "(our exports do). Nothing is written to OUT_DIR unless the import succeeds."))
   imp.add_argument("src", metavar="SRC", help="checkpoint file (.ckpt, .pt, .pth, .safetensors)")
   imp.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to create")
-  imp.add_argument("--backbone", choices=sorted(lseg.BACKBONES),
+  imp.add_argument("--backbone", choices=sorted(lseg.FIELD_CHOICES["backbone"]),
                    help="override the backbone inferred from the image encoder (ViT "
                    "width and patch, ResNet depth) and the text width")
-  imp.add_argument("--arch-option", type=int, choices=(0, 1, 2),
+  imp.add_argument("--arch-option", type=int, choices=lseg.FIELD_CHOICES["arch_option"],
                    help="0 none, 1 bottleneck, 2 depthwise head block; required when the "
                    "weights have a head block and the file does not record it")
   imp.add_argument("--block-depth", type=int,
                    help="times the head block runs (lang-seg --block_depth)")
-  imp.add_argument("--activation", choices=("lrelu", "relu", "tanh"),
+  imp.add_argument("--activation", choices=lseg.FIELD_CHOICES["activation"],
                    help="head-block activation (lang-seg --activation)")
-  imp.add_argument("--readout", choices=("ignore", "add", "project"),
+  imp.add_argument("--readout", choices=lseg.FIELD_CHOICES["readout"],
                    help="only for checkpoints without the readout projection")
   imp.add_argument("--trust-pickle", action="store_true",
                    help="let torch.load unpickle arbitrary objects (official Lightning "
@@ -283,11 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    print(args.run(args))
-  except ConvertError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  print(args.run(args))
   return 0
 
 

@@ -36,6 +36,8 @@ served by the app itself.
 from __future__ import annotations
 
 import argparse
+import atexit
+import base64
 import dataclasses
 import logging
 import os
@@ -46,7 +48,12 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from lseg_jax import predict
 from lseg_jax.cli import common
+from lseg_jax.data import synthetic
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "synthetic_tiny")
 MAKE_DEFAULT_COMMAND = "python tools/run_default.py --workdir runs/synthetic_tiny"
@@ -163,7 +170,6 @@ class DemoBackend:
         return True
       if self.missing():
         return False
-      from lseg_jax import predict  # pylint: disable=g-import-not-at-top
       args = argparse.Namespace(**{**vars(self.args), "checkpoint": self.checkpoint})
       start = time.perf_counter()
       try:
@@ -199,11 +205,6 @@ class DemoBackend:
 
   def write_examples(self) -> list[list[Any]]:
     """[[image path, labels], ...]: generated scenes of the built-in default's classes."""
-    # pylint: disable=g-import-not-at-top
-    import numpy as np
-    from PIL import Image
-    from lseg_jax.data import synthetic
-    # pylint: enable=g-import-not-at-top
     os.makedirs(self.examples_dir, exist_ok=True)
     out = []
     for seed, h, w, labels in EXAMPLE_SCENES:
@@ -226,10 +227,6 @@ class DemoBackend:
       protocol: `predict.SINGLE_SCALE` or `predict.MULTI_SCALE`.
       alpha: overlay opacity in [0, 1].
     """
-    # pylint: disable=g-import-not-at-top
-    from PIL import Image
-    from lseg_jax import predict
-    # pylint: enable=g-import-not-at-top
     start = time.perf_counter()
     if not self.load():
       raise ValueError(self.missing())
@@ -314,11 +311,10 @@ class _Upload:
 def build_app(backend: DemoBackend):
   """The Gradio Blocks page of `backend`."""
   _configure_gradio_environment()
+  # Gradio (and its pandas) is an optional dependency: imported here only.
   # pylint: disable=g-import-not-at-top
-  import base64
   import gradio as gr
   import pandas as pd
-  from lseg_jax import predict
   # pylint: enable=g-import-not-at-top
 
   class ImageFile(gr.Image):
@@ -413,12 +409,11 @@ def launch(args: argparse.Namespace, *, block: bool = True):
       print(f"warning: {backend.missing()}", file=sys.stderr)
   except ValueError as e:
     if args.checkpoint is not None:
-      raise SystemExit(f"error: {e}") from None
+      raise common.UserError(f"{e}") from None
     print(f"warning: {e}", file=sys.stderr)  # the default run, still being made
   app = build_app(backend)
   app.queue(default_concurrency_limit=1, max_size=args.queue_size)
   # The app is closed by the caller or at exit; the outputs folder with it.
-  import atexit  # pylint: disable=g-import-not-at-top
   atexit.register(backend.close)
   app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
              prevent_thread_lock=True, show_error=True, quiet=True, footer_links=[],

@@ -38,9 +38,15 @@ import posixpath
 import time
 
 from etils import epath
+import jax
 
+from lseg_jax import checkpoint
 from lseg_jax import distributed
+from lseg_jax import eval_select
+from lseg_jax import evaluate
+from lseg_jax import sharding
 from lseg_jax.cli import common
+import tensorflow as tf  # pylint: disable=g-bad-import-order  (after lseg_jax.data: quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,16 +112,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def make_window(args, data_cfg):
-  from lseg_jax import inference  # pylint: disable=g-import-not-at-top
-  if not (args.multiscale or args.flip or args.scales):
-    return None
-  scales = args.scales or (inference.OFFICIAL_SCALES if args.multiscale else (1.0,))
-  return inference.SlidingWindow(
-      scales=tuple(scales), flip=args.flip, base_size=args.base_size or data_cfg.base_size,
-      crop_size=args.crop_size or data_cfg.crop_size)
-
-
 def default_out(checkpoint_dir: str, data_cfg, mode: str) -> str:
   name = f"{data_cfg.name}_{data_cfg.eval_split}"
   if data_cfg.fold is not None:
@@ -126,7 +122,6 @@ def default_out(checkpoint_dir: str, data_cfg, mode: str) -> str:
 def write_report(path: str, report: dict) -> None:
   """Writes the JSON report in one piece, through tf.io.gfile (local or remote paths,
   e.g. gs://...)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   folder, name = posixpath.split(str(path))
   if folder:
     tf.io.gfile.makedirs(folder)
@@ -136,81 +131,39 @@ def write_report(path: str, report: dict) -> None:
   tf.io.gfile.rename(tmp, str(path), overwrite=True)
 
 
-def data_only_config(name: str) -> dict:
-  """The config of `--data NAME`: the source's default evaluation."""
-  from lseg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  # Episodes: HSNet's protocol, query and mask resized to 480 x 480 and scored there.
-  # Fixed labels: 480 center crops, PyTorch-Encoding's "val" mode that the official
-  # training loop validates with (the sliding window switches to whole images).
-  resize = "square" if input_pipeline.is_episodic({"name": name}) else "center_crop"
-  return {"data": {"name": name, "eval_resize": resize}}
-
-
 def resolve_config(args, meta):
   if args.config:
     return common.load_config(args.config, args.overrides)
   if args.data:
-    return common.load_config(None, args.overrides, base=data_only_config(args.data))
+    return common.load_config(None, args.overrides, base=eval_select.data_only_config(args.data))
   if "config" not in meta:
-    raise SystemExit(f"error: checkpoint {args.checkpoint!r} carries no training config "
+    raise common.UserError(f"checkpoint {args.checkpoint!r} carries no training config "
                      "(imported checkpoints do not); pass --config FILE or --data NAME")
   return common.load_config(None, args.overrides, base=meta["config"])
 
 
-def select_evaluations(args, config):
-  """The config's evaluations with the command line's data and protocol flags."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from lseg_jax import evaluate  # pylint: disable=g-import-not-at-top
-  evals = evaluate.Evaluation.from_config(config)
-  if args.eval is not None:
-    evals = [ev for ev in evals if ev.name == args.eval]
-    if not evals:
-      names = [ev.name for ev in evaluate.Evaluation.from_config(config)]
-      raise SystemExit(f"error: --eval {args.eval!r} is not among the config's "
-                       f"evaluations {names}")
-  if args.out and len(evals) > 1:
-    raise SystemExit(f"error: --out names one report but the config has "
-                     f"{len(evals)} evaluations {[ev.name for ev in evals]}; add --eval NAME")
-  for ev in evals:
-    data = ev.data
-    with data.unlocked():
-      if args.eval_resize:
-        data.eval_resize = args.eval_resize
-      if args.split:
-        data.eval_split = args.split
-      if args.fold is not None:
-        data.fold = args.fold
-      if args.data_dir:
-        data.data_dir = args.data_dir
-      ev.window = make_window(args, data)
-      if ev.window is not None and not (args.keep_eval_resize or args.eval_resize):
-        data.eval_resize = "none"
-        data.eval_pad_to = None
-    if args.batch_size:
-      ev.batch_size = args.batch_size * jax.process_count()
-    elif args.data:
-      ev.batch_size = 2 * jax.local_device_count() * jax.process_count()
-    ev.num_batches = args.max_batches
-    ev.background_text = args.background_text
-    ev.crops_per_device = args.crops_per_device
-  return evals
+def choices(args) -> eval_select.Choices:
+  """The command line's data and protocol flags (`eval_select.select_evaluations`)."""
+  return eval_select.Choices(
+      name=args.eval, single_report=bool(args.out), eval_resize=args.eval_resize,
+      split=args.split, fold=args.fold, data_dir=args.data_dir, multiscale=args.multiscale,
+      flip=args.flip, scales=args.scales, base_size=args.base_size, crop_size=args.crop_size,
+      keep_eval_resize=args.keep_eval_resize, batch_size=args.batch_size,
+      from_data_name=bool(args.data), num_batches=args.max_batches,
+      background_text=args.background_text, crops_per_device=args.crops_per_device)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.config and not os.path.isfile(args.config.partition(":")[0]):
-    raise SystemExit(f"error: --config file {args.config.partition(':')[0]!r} does not "
+    raise common.UserError(f"--config file {args.config.partition(':')[0]!r} does not "
                      "exist; expected configs/NAME.py[:ARGS]")
   common.setup_logging()
   common.start_jax(args)
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from lseg_jax import checkpoint, evaluate, sharding
-  # pylint: enable=g-import-not-at-top
 
   model, meta, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
   config = resolve_config(args, meta)
-  evals = select_evaluations(args, config)
+  evals = eval_select.select_evaluations(config, choices(args))
   mesh = sharding.make_mesh(config.mesh)
   ckpt_dir = checkpoint.resolve_directory(args.checkpoint)
   for ev in evals:

@@ -25,6 +25,8 @@ import threading
 from typing import Sequence
 
 from lseg_jax import distributed
+from lseg_jax.cli import common
+from lseg_jax.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +86,11 @@ def launch(command: Sequence[str], processes: int, *, devices_per_process: int =
            platform: str = "cpu", port: int = 0) -> int:
   """Starts `command` `processes` times as one job; returns the worst exit code."""
   if processes < 1:
-    raise SystemExit(f"error: --processes {processes}; expected >= 1")
+    raise UserError(f"--processes {processes}; expected >= 1")
   if devices_per_process < 1:
-    raise SystemExit(f"error: --devices-per-process {devices_per_process}; expected >= 1")
+    raise UserError(f"--devices-per-process {devices_per_process}; expected >= 1")
   if not command:
-    raise SystemExit("error: no command; expected -- python tools/train.py ...")
+    raise UserError("no command; expected -- python tools/train.py ...")
   coordinator = f"127.0.0.1:{port or free_port()}"
   lock = threading.Lock()
   procs, pumps = [], []
@@ -130,4 +132,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  common.entry_point(main)

@@ -47,9 +47,12 @@ import argparse
 import os
 import sys
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from lseg_jax import distributed
+from lseg_jax import predict as predict_lib
 from lseg_jax.cli import common
 
 # `lseg_jax.predict` imports JAX: the functions load it after the arguments are checked.
@@ -102,7 +105,6 @@ def parse_args(argv=None):
 
 
 def read_labels(args) -> list[str]:
-  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   if args.labels_file is not None and not os.path.isfile(args.labels_file):
     raise common.UserError(f"--labels-file {args.labels_file!r} does not exist; expected "
                            "a text file with one label name per line")
@@ -111,20 +113,19 @@ def read_labels(args) -> list[str]:
       return predict_lib.parse_labels(args.labels)
     return predict_lib.read_labels_file(args.labels_file)
   except (OSError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+    raise common.UserError(f"{e}") from None
 
 
 def list_images(args) -> list[str]:
-  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   if args.image:
     if not os.path.isfile(args.image):
-      raise SystemExit(f"error: --image {args.image!r} does not exist")
+      raise common.UserError(f"--image {args.image!r} does not exist")
     return [args.image]
   if not os.path.isdir(args.images):
-    raise SystemExit(f"error: --images {args.images!r} is not a folder")
+    raise common.UserError(f"--images {args.images!r} is not a folder")
   paths = predict_lib.list_images(args.images)
   if not paths:
-    raise SystemExit(f"error: no images ({', '.join(predict_lib.IMAGE_EXTENSIONS)}) in "
+    raise common.UserError(f"no images ({', '.join(predict_lib.IMAGE_EXTENSIONS)}) in "
                      f"{args.images!r}")
   return paths
 
@@ -132,7 +133,6 @@ def list_images(args) -> list[str]:
 def load_image(path: str, max_side: int | None = None):
   """`lseg_jax.predict.InputImage` of a file (every common PIL mode, 16-bit scaled; see
   `lseg_jax.predict.load_image`); UserError if it cannot be read."""
-  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   try:
     return predict_lib.prepare_image(path, max_side=max_side)
   except ValueError as e:
@@ -181,12 +181,9 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   labels = read_labels(args)
   images = list_images(args)
-  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
 
   common.setup_logging()
   common.start_jax(args)
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     # Prediction files come from process 0 alone; the others wait for it.
     multihost_utils.sync_global_devices("predict done")
@@ -219,7 +216,6 @@ def main(argv=None) -> int:
 
 def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
   """Segments one image and writes its outputs (nothing when the prediction fails)."""
-  from lseg_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   source = load_image(path, args.max_side)
   try:
     result = segmenter(source.image, labels, protocol=protocol,

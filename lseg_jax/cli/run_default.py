@@ -15,7 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 
+import numpy as np
+from PIL import Image
+
+from lseg_jax import train
 from lseg_jax.cli import common
+from lseg_jax.cli import eval as eval_cli
+from lseg_jax.cli import predict
+from lseg_jax.data import synthetic
 
 # configs/synthetic_tiny.py, as a module of the `configs` package.
 DEFAULT_CONFIG = "synthetic_tiny"
@@ -33,15 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_config():
   """configs/synthetic_tiny.py's config (the `configs` package ships with the project)."""
+  # Lazily: `configs` is a folder of the project, not of the installed package.
   from configs import synthetic_tiny  # pylint: disable=g-import-not-at-top
   return synthetic_tiny.get_config()
 
 
 def write_example_image(path: str, height: int, width: int, seed: int = 12345) -> None:
   """A scene from the synthetic generator that is in neither split (another seed)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from lseg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   image, _ = synthetic.generate_scene(np.random.default_rng(seed), height, width)
   Image.fromarray(image).save(path)
 
@@ -51,15 +56,9 @@ def main(argv=None) -> int:
   config = (common.load_config(args.config, args.overrides) if args.config
             else common.load_config(None, args.overrides, base=default_config()))
   if config.data.name != "synthetic":
-    raise SystemExit(f"error: run_default.py runs the synthetic config; got data "
+    raise common.UserError(f"run_default.py runs the synthetic config; got data "
                      f"{config.data.name!r} (use tools/train.py for other configs)")
   common.setup_logging()
-  # pylint: disable=g-import-not-at-top
-  from lseg_jax import train
-  from lseg_jax.cli import eval as eval_cli
-  from lseg_jax.cli import predict
-  from lseg_jax.data import synthetic
-  # pylint: enable=g-import-not-at-top
   workdir = os.path.abspath(args.workdir)
 
   summary = train.train_and_evaluate(config, workdir)

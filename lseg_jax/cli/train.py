@@ -20,7 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 
+import jax
+
 from lseg_jax import distributed
+from lseg_jax import train
 from lseg_jax.cli import common
 
 # Stopped by SIGTERM before total_steps, with a checkpoint saved: rerun to resume.
@@ -68,9 +71,7 @@ def main(argv=None) -> int:
   check_workdir(args.workdir)
   common.setup_logging()
   common.start_jax(args)
-  from lseg_jax import train  # pylint: disable=g-import-not-at-top
   summary = train.train_and_evaluate(config, args.workdir)
-  import jax  # pylint: disable=g-import-not-at-top
   distributed.done()
   # Every process exits with the same code (schedulers read each task's).
   code = EXIT_PREEMPTED if summary.get("terminated") else 0

@@ -22,12 +22,13 @@ import tensorflow as tf
 from lseg_jax.data import registry
 from lseg_jax.data.source_specs import num_mask_values
 from lseg_jax.data.tfdata import no_autograph
+from lseg_jax.errors import UserError
 from lseg_jax.labels import IGNORE_INDEX
 
 ON_BAD = ("error", "skip")
 
 
-class BadExampleError(ValueError):
+class BadExampleError(UserError):
   """A corrupt or inconsistent example (the message names the file)."""
 
 

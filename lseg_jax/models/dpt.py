@@ -21,12 +21,15 @@ REASSEMBLE = {
 }
 
 
+READOUTS = ("ignore", "add", "project")
+
+
 class Readout(nnx.Module):
   """Readout token handling: "ignore" | "add" | "project" (concat + Linear + GELU)."""
 
   def __init__(self, mode: str, width: int, *, dtype: Any, rngs: nnx.Rngs):
-    if mode not in ("ignore", "add", "project"):
-      raise ValueError(f"unknown readout {mode!r}; expected 'ignore', 'add' or 'project'")
+    if mode not in READOUTS:
+      raise ValueError(f"unknown readout {mode!r}; expected one of {READOUTS}")
     self.mode = mode
     if mode == "project":
       self.project = nnx.Linear(2 * width, width, dtype=dtype, rngs=rngs)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lseg_jax.errors import UserError
 from lseg_jax.models import attention, clip_text, conv, dpt, resize, resnet, spatial_reg, vit
 
 # lang-seg backbone name -> (image variant: ViT or ResNet, CLIP text variant).
@@ -53,6 +54,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # LSegConfig fields that change how the model computes, not its parameters: a checkpoint
 # resumes or initialises a model that differs from it only in these.
 COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat")
+# The allowed values of every LSegConfig field that takes one of a few: the one
+# declaration from which LSegConfig's checks, the run config's checks
+# (`lseg_jax.config`) and the tools' argument choices derive.
+FIELD_CHOICES = {
+    "backbone": tuple(BACKBONES),
+    "readout": dpt.READOUTS,
+    "arch_option": tuple(spatial_reg.ARCH_OPTIONS),  # 0 none, 1 bottleneck, 2 depthwise
+    "activation": tuple(spatial_reg.ACTIVATIONS),
+    "dtype": ("float32", "bfloat16"),
+    "attention": attention.IMPLEMENTATIONS,
+    "remat": tuple(vit.REMAT_POLICIES),
+}
 LOGIT_SCALE = float(np.exp(np.float32(np.log(1 / 0.07)), dtype=np.float32))
 
 
@@ -71,15 +84,11 @@ class LSegConfig:
   text_vocab_size: int | None = None  # None: the variant's (49408); smaller in tiny tests
 
   def __post_init__(self):
-    if self.backbone not in BACKBONES:
-      raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {sorted(BACKBONES)}")
-    if self.arch_option not in spatial_reg.ARCH_OPTIONS:
-      raise ValueError(f"arch_option must be 0, 1 or 2, got {self.arch_option!r}")
-    if self.dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-    attention.check_implementation(self.attention)
-    if self.remat not in vit.REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {sorted(vit.REMAT_POLICIES)}, got {self.remat!r}")
+    for name, choices in FIELD_CHOICES.items():
+      value = getattr(self, name)
+      if isinstance(value, bool) or value not in choices:
+        raise UserError(f"unknown {name} {value!r}; expected one of "
+                        f"{', '.join(repr(c) for c in choices)}")
 
   @property
   def image_variant(self) -> str:
@@ -115,7 +124,7 @@ class LSegConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise ValueError(f"unknown LSegConfig fields {unknown}; expected a subset of {sorted(known)}")
+      raise UserError(f"unknown LSegConfig fields {unknown}; expected a subset of {sorted(known)}")
     return cls(**d)
 
 
