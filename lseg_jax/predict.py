@@ -1,8 +1,8 @@
 r"""Prediction as tools/predict.py and the browser demo (tools/demo.py) share it.
 
-  from lseg_jax import checkpoint, evaluate, predict
+  from lseg_jax import checkpoint, predict, text
   model, meta = checkpoint.load_model("runs/synthetic_tiny")
-  embedder, _, _ = evaluate.checkpoint_label_embedder(model, meta, "runs/synthetic_tiny")
+  embedder, _, _ = text.checkpoint_label_embedder(model, meta, "runs/synthetic_tiny")
   segmenter = predict.Segmenter(model, embedder, window=predict.default_window(meta))
   image = predict.load_image("scene.png")                  # uint8 [H, W, 3]
   result = segmenter(image, predict.parse_labels("red disc, green square, other"))

@@ -243,14 +243,14 @@ def load_checkpoint(args):
   """(model, meta, embedder, tokenizer spec, template) for the checkpoint arguments."""
   # pylint: disable=g-import-not-at-top
   from lseg_jax import checkpoint
-  from lseg_jax import evaluate
+  from lseg_jax import text
   # pylint: enable=g-import-not-at-top
   overrides = model_overrides(args.overrides)
   if args.dtype:
     overrides["dtype"] = args.dtype
   directory = checkpoint.resolve_directory(args.checkpoint)
   model, meta = checkpoint.load_model(directory, args.step, **overrides)
-  embedder, tokenizer_spec, template = evaluate.checkpoint_label_embedder(
+  embedder, tokenizer_spec, template = text.checkpoint_label_embedder(
       model, meta, directory, tokenizer=args.tokenizer, prompt=args.prompt)
   return model, meta, embedder, tokenizer_spec, template
 
