@@ -9,9 +9,10 @@ pipeline's `label_names`, `label_mask` [B, L], `valid` [B], `image_size`
 Two inference modes:
   * single scale (window=None): the batch as the pipeline gives it, sides
     padded up to the model's size multiple (image -1 = black, label ignore).
-    One jitted step per batch shape computes logits, argmax and the batch
-    confusion on a global mesh whose "data" axis shards the batch (over all
-    hosts' devices); the confusion comes back summed and replicated.
+    The shared forward (`lseg_jax.apply.forward`) computes the logits on a
+    global mesh that shards the batch over all hosts' devices; a small jitted
+    function takes their argmax and the batch confusion, which comes back
+    summed and replicated.
   * multi scale (window=SlidingWindow(...)): every valid example is cut to
     its `image_size` and scored with the official sliding-window protocol
     (`lseg_jax.inference`) at its original resolution; crops run sharded over
