@@ -9,9 +9,10 @@ pipeline's `label_names`, `label_mask` [B, L], `valid` [B], `image_size`
 Two inference modes:
   * single scale (window=None): the batch as the pipeline gives it, sides
     padded up to the model's size multiple (image -1 = black, label ignore).
-    One jitted step per batch shape computes logits, argmax and the batch
-    confusion on a global mesh whose "data" axis shards the batch (over all
-    hosts' devices); the confusion comes back summed and replicated.
+    The shared forward (`lseg_jax.apply.forward`) computes the logits on a
+    global mesh that shards the batch over all hosts' devices; a small jitted
+    function takes their argmax and the batch confusion, which comes back
+    summed and replicated.
   * multi scale (window=SlidingWindow(...)): every valid example is cut to
     its `image_size` and scored with the official sliding-window protocol
     (`lseg_jax.inference`) at its original resolution; crops run sharded over
@@ -30,25 +31,18 @@ import functools
 import itertools
 from typing import Any, Callable, Iterable, Sequence
 
-from etils import epath
-from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from lseg_jax import apply as apply_lib
 from lseg_jax import inference
 from lseg_jax import labels as labels_lib
 from lseg_jax import metrics
 from lseg_jax import sharding
-from lseg_jax import text
 from lseg_jax.labels import EPISODE_BACKGROUND_TEXT, IGNORE_INDEX, OTHER_LABEL
 
-
-
-def global_mesh() -> jax.sharding.Mesh:
-  """The default evaluation mesh: every device of every process on the batch axis."""
-  return sharding.make_mesh({"data": -1, "fsdp": 1})
 
 
 def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1.0
@@ -100,9 +94,9 @@ class Evaluator:
     text_emb: [L, D] embeddings of `label_names`.
     episodic: score HSNet episodes (True) or a fixed label set (False).
     window: None for single-scale, else the multi-scale sliding-window protocol.
-    mesh: single scale: a mesh with a "data" axis over all processes' devices
-      (default `global_mesh()`); multi scale: over this process's devices
-      (default `inference.local_mesh()`).
+    mesh: the batch (single scale) or the crops (multi scale) are split over all its
+      devices; default: every device of every process (single scale), this
+      process's devices (multi scale).
     crops_per_device: crops per device and model call (multi scale).
   """
 
@@ -120,18 +114,19 @@ class Evaluator:
     else:
       self.meter = metrics.SegmentationMeter(len(label_names))
     if window is None:
-      self.mesh = global_mesh() if mesh is None else mesh
-      # The batch is split over every axis of the mesh.
-      self._data = jax.sharding.NamedSharding(self.mesh, jax.P(tuple(self.mesh.axis_names)))
+      self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1}) if mesh is None else mesh
+      self._data = sharding.batch_sharding(self.mesh)
       replicated = sharding.replicated(self.mesh)
-      self._graphdef, state = nnx.split(model)
+      apply, state = apply_lib.model_apply(model)
+      self._forward = apply_lib.forward(apply, self.mesh)
       # Arrays already on this mesh (a sharded train state) stay where they are.
       self._state = jax.tree.map(
           lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(_host(x), replicated),
           state)
       self._text = jax.device_put(_host(jnp.asarray(text_emb, jnp.float32)), replicated)
     else:
-      self.mesh = inference.local_mesh() if mesh is None else mesh
+      self.mesh = mesh if mesh is not None else sharding.make_mesh(
+          {"data": -1, "fsdp": 1}, jax.local_devices())
       self._infer = inference.SlidingWindowInference.for_model(
           model, window, mesh=self.mesh, crops_per_device=crops_per_device)
       self._text = jnp.asarray(text_emb, jnp.float32)
@@ -159,13 +154,14 @@ class Evaluator:
     keys = ["image", "label", "label_mask", "valid"] + (["class_index"] if self.episodic else [])
     arrays = {k: jax.make_array_from_process_local_data(self._data, np.asarray(batch[k]))
               for k in keys}
-    conf = _single_scale_step(self._state, self._text, **arrays, graphdef=self._graphdef,
-                              episodic=self.episodic, num_labels=len(self.label_names))
+    logits = self._forward(self._state, arrays["image"], self._text, arrays["label_mask"])
+    conf = _batch_confusion(logits, arrays["label"], arrays["valid"], arrays.get("class_index"),
+                            episodic=self.episodic, num_labels=len(self.label_names))
     if self.episodic:
-      self.meter.update(conf, batch["class_index"], batch["valid"])
       # Episode counts are per host; the confusion is already global.
+      self.meter.add(conf, batch["class_index"], batch["valid"])
     else:
-      self.meter.update(conf)
+      self.meter.add(conf)
     self.num_examples += int(np.sum(batch["valid"]))
 
   def _update_multi(self, batch):
@@ -181,11 +177,12 @@ class Evaluator:
       if self.episodic:
         ci_arr = np.array([ci])
         bp, bl = episode_binary(pred[None], label[None], ci_arr)
-        conf = metrics.episode_confusion_np(bp, bl, ci_arr, len(self.label_names) - 1)
-        self.meter.num_episodes[ci] += 1
+        # This host's counts; summed over hosts in result().
+        self.meter.add(metrics.episode_confusion_np(bp, bl, ci_arr, len(self.label_names) - 1),
+                       ci_arr)
       else:
-        conf = metrics.confusion_matrix_np(pred[None], label[None], len(self.label_names))
-      self.meter.conf += conf  # this host's; summed over hosts in result()
+        self.meter.add(metrics.confusion_matrix_np(pred[None], label[None],
+                                                   len(self.label_names)))
       self.num_examples += 1
 
   # ------------------------------------------------------------------------
@@ -256,11 +253,10 @@ def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
   return (gathered[0] << 31) + gathered[1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "episodic", "num_labels"))
-def _single_scale_step(state, text_emb, *, image, label, label_mask, valid, class_index=None,
-                       graphdef, episodic, num_labels):
-  model = nnx.merge(graphdef, state)
-  pred = jnp.argmax(model(image, text_emb, label_mask), axis=-1)
+@functools.partial(jax.jit, static_argnames=("episodic", "num_labels"))
+def _batch_confusion(logits, label, valid, class_index, *, episodic, num_labels):
+  """The global confusion of a batch's predictions (the argmax of the forward's logits)."""
+  pred = jnp.argmax(logits, axis=-1)
   if episodic:
     bin_pred, bin_label = episode_binary(pred, label, class_index)
     return metrics.episode_confusion(bin_pred, bin_label, class_index, num_labels - 1,
@@ -368,27 +364,6 @@ class Evaluation:
             if k in keys}
 
 
-def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, *,
-                              tokenizer: str | None = None, prompt: str | None = None):
-  """The label embedder a checkpoint was trained with: (embedder, tokenizer spec, template).
-
-  tokenizer: a folder, hub name or "byte-level"; None: the meta's "tokenizer"
-    (relative folders are looked up in `checkpoint_dir` first), else
-    `text.DEFAULT_TOKENIZER`.
-  prompt: a template with one "{}"; None: the meta's "text_template"; "": bare
-    label names (as LSeg).
-  """
-  spec = tokenizer or meta.get("tokenizer") or text.DEFAULT_TOKENIZER
-  if not tokenizer and meta.get("tokenizer") and not epath.Path(spec).is_absolute():
-    local = epath.Path(checkpoint_dir) / spec
-    spec = str(local) if local.is_dir() else spec
-  template = meta.get("text_template") if prompt is None else prompt
-  template = template or None
-  embedder = text.LabelEmbedder(model.clip_pretrained, text.load_tokenizer(spec),
-                                template=template)
-  return embedder, spec, template
-
-
 def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
   """The report as a text table: per-class IoU (%) then the summary metrics."""
   per_class = report["per_class_iou"]
@@ -407,5 +382,4 @@ def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
 
 
 __all__ = ["EPISODE_BACKGROUND_TEXT", "OTHER_LABEL", "Evaluation", "Evaluator",
-           "checkpoint_label_embedder", "episode_binary", "evaluate", "format_table",
-           "global_mesh", "pad_batch"]
+           "episode_binary", "evaluate", "format_table", "pad_batch"]

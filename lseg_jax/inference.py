@@ -34,16 +34,15 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import math
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lseg_jax import apply as apply_lib
 from lseg_jax import sharding
 from lseg_jax.models import resize
 
@@ -186,43 +185,12 @@ def _pad_to(x: np.ndarray, h: int, w: int, value: float) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Device side: batches of crops through a jitted, sharded function.
 # --------------------------------------------------------------------------
-def local_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A mesh over this process's devices (default: all local), all on the "data" axis."""
-  devices = jax.local_devices() if devices is None else list(devices)
-  return sharding.make_mesh({"data": -1, "fsdp": 1}, devices=devices)
-
-
-@dataclasses.dataclass(frozen=True)
-class LSegApply:
-  """apply(state, images [N,h,w,3], text_emb [L,D], label_mask [N,L]) -> logits
-  [N,h,w,L] of an LSeg graph. Hashable by its graphdef, so jitted functions
-  taking it as a static argument are compiled once per model structure."""
-  graphdef: Any
-
-  def __call__(self, state, images, text_emb, label_mask):
-    return nnx.merge(self.graphdef, state)(images, text_emb, label_mask)
-
-
-def model_apply(model: nnx.Module) -> tuple[LSegApply, Any]:
-  """(apply, state): a pure, hashable function of an LSeg model and its state."""
-  graphdef, state = nnx.split(model)
-  return LSegApply(graphdef), state
-
-
-@functools.partial(jax.jit, static_argnames=("apply", "flip"))
-def _crop_logits(state, crops, text_emb, label_mask, *, apply, flip):
-  logits = apply(state, crops, text_emb, label_mask)
-  if flip:
-    mirrored = apply(state, crops[:, :, ::-1], text_emb, label_mask)
-    logits = logits + mirrored[:, :, ::-1]
-  return jnp.where(label_mask[:, None, None, :], logits, 0.0)
-
-
 class CropRunner:
-  """Runs `apply` on fixed-size batches of crops, sharded over `mesh`'s "data" axis.
+  """Runs `apply` on fixed-size batches of crops, split over every device of `mesh`
+  (default: this process's devices).
 
-  `apply(state, crops, text_emb, label_mask) -> logits` must be hashable (it
-  is a static argument of the jitted function; see `LSegApply`).
+  `apply(state, crops, text_emb, label_mask) -> logits` must be hashable: it
+  runs through the cached `apply.forward` (see `apply.LSegApply`).
 
   `runner(crops [n, c, c, 3], text_emb [L, D], label_mask [n, L]) -> float32
   numpy [n, c, c, L]` for any n: crops are cut into batches of `batch_size`
@@ -233,17 +201,25 @@ class CropRunner:
 
   def __init__(self, apply: Callable, state: Any, *, flip: bool = False,
                mesh: jax.sharding.Mesh | None = None, batch_size: int | None = None):
-    self.mesh = local_mesh() if mesh is None else mesh
-    num = self.mesh.shape["data"]
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(
+        {"data": -1, "fsdp": 1}, jax.local_devices())
+    num = self.mesh.size
     self.batch_size = num if batch_size is None else batch_size
     if self.batch_size < 1 or self.batch_size % num:
       raise ValueError(f"crop batch_size={self.batch_size} must be a positive multiple of the "
-                       f"{num} devices on the mesh's 'data' axis")
+                       f"{num} devices of the mesh")
     self.flip = flip
-    self._data = jax.sharding.NamedSharding(self.mesh, jax.P("data"))
-    self._replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+    self._data = sharding.batch_sharding(self.mesh)
+    self._replicated = sharding.replicated(self.mesh)
     self.state = jax.device_put(state, self._replicated)
     self.apply = apply
+    self._forward = apply_lib.forward(apply, self.mesh, flip=flip)
+
+  def _logits(self, crops: np.ndarray, text_emb, mask: np.ndarray) -> np.ndarray:
+    """One full batch through the forward; masked labels 0."""
+    logits = np.asarray(self._forward(self.state, jax.device_put(crops, self._data),
+                                      text_emb, jax.device_put(mask, self._data)))
+    return np.where(mask[:, None, None, :], logits, np.float32(0.0))
 
   def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray) -> np.ndarray:
     n = crops.shape[0]
@@ -257,9 +233,7 @@ class CropRunner:
         chunk = np.concatenate([chunk, np.zeros((self.batch_size - k,) + chunk.shape[1:],
                                                 chunk.dtype)])
         mask = np.concatenate([mask, np.ones((self.batch_size - k, mask.shape[1]), bool)])
-      out = _crop_logits(self.state, jax.device_put(chunk, self._data), text_emb,
-                         jax.device_put(mask, self._data), apply=self.apply, flip=self.flip)
-      outs.append(np.asarray(out)[:k])
+      outs.append(self._logits(chunk, text_emb, mask)[:k])
     return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
@@ -344,10 +318,11 @@ class SlidingWindowInference:
     if window.crop_size % m:
       raise ValueError(f"crop_size={window.crop_size} is not a multiple of {m}, the input "
                        f"size multiple of backbone {model.cfg.backbone}")
-    mesh = local_mesh() if mesh is None else mesh
-    apply, state = model_apply(model)
+    mesh = mesh if mesh is not None else sharding.make_mesh(
+        {"data": -1, "fsdp": 1}, jax.local_devices())
+    apply, state = apply_lib.model_apply(model)
     runner = CropRunner(apply, state, flip=window.flip, mesh=mesh,
-                        batch_size=crops_per_device * mesh.shape["data"])
+                        batch_size=crops_per_device * mesh.size)
     return cls(runner, window)
 
   def __call__(self, image: np.ndarray, text_emb, label_mask: np.ndarray | None = None
@@ -432,15 +407,6 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "with_embeddings"))
-def _predict(state, images, text_emb, *, graphdef, with_embeddings):
-  model = nnx.merge(graphdef, state)
-  logits = model(images, text_emb)
-  # The same subgraph as inside model(...): XLA computes it once.
-  emb = model.embed_pixels(images) if with_embeddings else None
-  return logits, emb
-
-
 class ImagePredictor:
   """Logits, label map and pixel embeddings of whole images, one at a time.
 
@@ -456,7 +422,8 @@ class ImagePredictor:
   def __init__(self, model, max_side: int | None = None):
     self.max_side = max_side
     self.size_multiple = model.size_multiple
-    self.graphdef, self.state = nnx.split(model)
+    self.apply, self.state = apply_lib.model_apply(model)
+    self.mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
 
   def __call__(self, image: np.ndarray, text_emb, *, embeddings: bool = False
                ) -> dict[str, Any]:
@@ -467,8 +434,9 @@ class ImagePredictor:
     size = model_input_size(h, w, self.size_multiple, self.max_side)
     if size != (h, w):
       x = resize_bilinear_np(x, size, align_corners=False)
-    logits, emb = _predict(self.state, jnp.asarray(x)[None], jnp.asarray(text_emb),
-                           graphdef=self.graphdef, with_embeddings=embeddings)
+    forward = apply_lib.forward(self.apply, self.mesh, with_embeddings=embeddings)
+    out = forward(self.state, jnp.asarray(x)[None], jnp.asarray(text_emb), None)
+    logits, emb = out if embeddings else (out, None)
     logits = np.asarray(logits[0])
     if size != (h, w):
       logits = resize_bilinear_np(logits, (h, w), align_corners=False)
@@ -476,6 +444,6 @@ class ImagePredictor:
             "embeddings": None if emb is None else np.asarray(emb[0]), "input_size": size}
 
 
-__all__ = ["OFFICIAL_SCALES", "CropRunner", "ImagePredictor", "LSegApply", "SlidingWindow",
-           "SlidingWindowInference", "local_mesh", "model_apply", "model_input_size",
+__all__ = ["OFFICIAL_SCALES", "CropRunner", "ImagePredictor", "SlidingWindow",
+           "SlidingWindowInference", "model_input_size",
            "normalize_image", "resize_bilinear_np", "scaled_size", "window_origins"]

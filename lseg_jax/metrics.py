@@ -258,7 +258,7 @@ class SegmentationMeter:
   def reset(self):
     self.conf = np.zeros((self.num_classes, self.num_classes), np.int64)
 
-  def update(self, conf) -> None:
+  def add(self, conf) -> None:
     """Adds an int [C, C] confusion matrix (jax or numpy)."""
     conf = to_host(conf)
     if conf.shape != self.conf.shape:
@@ -283,7 +283,7 @@ class FewShotMeter:
     self.conf = np.zeros((self.num_classes, 2, 2), np.int64)
     self.num_episodes = np.zeros((self.num_classes,), np.int64)
 
-  def update(self, conf, class_index=None, valid=None) -> None:
+  def add(self, conf, class_index=None, valid=None) -> None:
     """Adds an int [K, 2, 2] from `episode_confusion`; `class_index` [B] and
     `valid` [B] (optional) only count episodes per class."""
     conf = to_host(conf)

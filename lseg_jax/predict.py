@@ -1,19 +1,19 @@
 r"""Prediction as tools/predict.py and the browser demo (tools/demo.py) share it.
 
-  from lseg_jax import checkpoint, evaluate, predict
+  from lseg_jax import checkpoint, predict, text
   model, meta = checkpoint.load_model("runs/synthetic_tiny")
-  embedder, _, _ = evaluate.checkpoint_label_embedder(model, meta, "runs/synthetic_tiny")
+  embedder, _, _ = text.checkpoint_label_embedder(model, meta, "runs/synthetic_tiny")
   segmenter = predict.Segmenter(model, embedder, window=predict.default_window(meta))
-  image = predict.load_image("scene.png")                  # uint8 [H, W, 3]
+  image = predict.load_image("scene.png").image            # uint8 [H, W, 3]
   result = segmenter(image, predict.parse_labels("red disc, green square, other"))
   result.overlay(alpha=0.5).save("scene_seg.png")          # image + ordered legend
   result.report()                                          # the JSON of the outputs
 
 One place for each step, so that both front ends give the same pixels:
   * images: `load_image` reads any Pillow image as uint8 RGB (16-bit, float,
-    grayscale, palette, alpha and CMYK images included; rules in its docstring);
-    `limit_size` shrinks very large ones; `prepare_image` does both and keeps
-    what the user should be told (`InputImage`);
+    grayscale, palette, alpha and CMYK images included; rules in its docstring),
+    shrinks very large ones (`limit_size`) and keeps what the user should be told
+    (`InputImage`);
   * labels: `parse_labels` / `read_labels_file` and their checks (empty and
     duplicate labels are errors; labels longer than CLIP's context are warnings);
   * the model: `Segmenter`, single scale (`inference.ImagePredictor`) or the
@@ -51,9 +51,10 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # --------------------------------------------------------------------------
 # Images.
 # --------------------------------------------------------------------------
-def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image,
-               name: str | None = None) -> np.ndarray:
-  """An image -> uint8 [H, W, 3] RGB, turned upright as its EXIF orientation says.
+def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
+               name: str | None = None, max_side: int | None = None) -> "InputImage":
+  """An image as both front ends segment it: uint8 [H, W, 3] RGB, turned upright as
+  its EXIF orientation says, then shrunk by `limit_size(image, max_side)`.
 
   Modes are converted as follows (the first frame of an animation is used):
     RGB, YCbCr, LAB, HSV, CMYK, L, 1, P   Pillow's conversion to RGB;
@@ -69,17 +70,22 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image,
   Args:
     source: a path, the file's bytes, a binary file object or a PIL image.
     name: how error messages name the image (default: the path).
+    max_side: the long side it is shrunk to if larger (None: kept as read).
+
+  Returns:
+    an `InputImage`: the pixels, the file's Pillow mode and its original size.
 
   Raises:
     ValueError: the source is not an image Pillow can read (the message names
       it), or has more pixels than Pillow's decompression-bomb limit.
   """
-  return read_image(source, name)[0]
+  image, mode = _read(source, name)
+  return InputImage(limit_size(image, max_side), mode, tuple(image.shape[:2]), max_side)
 
 
-def read_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image,
-               name: str | None = None) -> tuple[np.ndarray, str]:
-  """(`load_image`'s uint8 [H, W, 3], the file's Pillow mode, e.g. "I;16")."""
+def _read(source: str | os.PathLike | bytes | BinaryIO | Image.Image,
+          name: str | None) -> tuple[np.ndarray, str]:
+  """(uint8 [H, W, 3] upright RGB, the file's Pillow mode, e.g. "I;16")."""
   if isinstance(source, Image.Image):
     return to_rgb8(_upright(source)), source.mode
   if name is None:
@@ -219,13 +225,6 @@ class InputImage:
     if self.conversion:
       out["input_conversion"] = self.conversion
     return out
-
-
-def prepare_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
-                  name: str | None = None, max_side: int | None = None) -> InputImage:
-  """`read_image`, then `limit_size`: the image as both front ends segment it."""
-  image, mode = read_image(source, name)
-  return InputImage(limit_size(image, max_side), mode, tuple(image.shape[:2]), max_side)
 
 
 def list_images(folder: str) -> list[str]:
@@ -415,7 +414,7 @@ class Segmenter:
     """Segments image uint8 [H, W, 3] into `labels`.
 
     Args:
-      image: uint8 [H, W, 3] (see `load_image`).
+      image: uint8 [H, W, 3] (`load_image(...).image`).
       labels: L label names (checked by `check_labels`).
       template: prompt template with one "{}"; None: the embedder's default;
         "": bare names.
@@ -474,5 +473,5 @@ def save_label_map(path: str | BinaryIO, label_map: np.ndarray, num_labels: int)
 __all__ = ["ALPHA_BACKGROUND", "IMAGE_EXTENSIONS", "MULTI_SCALE", "PROTOCOLS", "SINGLE_SCALE",
            "InputImage", "Prediction", "Segmenter", "check_labels", "default_window",
            "describe_mode", "limit_size", "list_images", "load_image", "long_label_warnings",
-           "parse_labels", "prepare_image", "read_image", "read_labels_file", "save_label_map",
+           "parse_labels", "read_labels_file", "save_label_map",
            "to_rgb8"]

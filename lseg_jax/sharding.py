@@ -83,8 +83,10 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.s
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Leading (batch) axis split over every device of the mesh."""
-  return jax.sharding.NamedSharding(mesh, P(BATCH_AXES))
+  """Leading (batch) axis split over every device of the mesh: over BATCH_AXES for
+  a `make_mesh` mesh, over all its axes for any other."""
+  axes = BATCH_AXES if mesh.axis_names == MESH_AXES else tuple(mesh.axis_names)
+  return jax.sharding.NamedSharding(mesh, P(axes))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

@@ -11,9 +11,10 @@ import collections
 import html
 import os
 import re
-from typing import Sequence
+from typing import Any, Sequence
 import warnings
 
+from etils import epath
 from flax import nnx
 import ftfy
 import jax
@@ -271,6 +272,29 @@ def _check_template(template: str | None) -> None:
     raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
 
 
+def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, *,
+                              tokenizer: str | None = None, prompt: str | None = None):
+  """The label embedder a checkpoint was trained with: (embedder, tokenizer spec, template).
+
+  tokenizer: a folder, hub name or "byte-level"; None: the meta's "tokenizer"
+    (relative folders are looked up in `checkpoint_dir` first), else
+    `DEFAULT_TOKENIZER`.
+  prompt: a template with one "{}"; None: the meta's "text_template"; "": bare
+    label names (as LSeg).
+  """
+  spec = tokenizer or meta.get("tokenizer") or DEFAULT_TOKENIZER
+  if not tokenizer and meta.get("tokenizer") and not epath.Path(spec).is_absolute():
+    local = epath.Path(checkpoint_dir) / spec
+    spec = str(local) if local.is_dir() else spec
+  template = meta.get("text_template") if prompt is None else prompt
+  template = template or None
+  embedder = LabelEmbedder(model.clip_pretrained, load_tokenizer(spec),
+                                template=template)
+  return embedder, spec, template
+
+
+
 __all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "CONTEXT_LENGTH",
-           "DEFAULT_TOKENIZER", "LabelEmbedder", "byte_level_tokenizer", "clean_text",
+           "DEFAULT_TOKENIZER", "LabelEmbedder", "byte_level_tokenizer",
+           "checkpoint_label_embedder", "clean_text",
            "load_tokenizer", "token_counts", "tokenize", "validate_labels"]

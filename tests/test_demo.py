@@ -118,7 +118,7 @@ def test_same_result_as_predict_tool(server, files, tmp_path, protocol, flags):
   # The overlay: the image's size, then the legend; the same PNG the tool writes.
   np.testing.assert_array_equal(got["overlay"], want["overlay"])
   np.testing.assert_array_equal(got["download_overlay"], got["overlay"])
-  image = predict_lib.load_image(files / "odd.png")
+  image = predict_lib.load_image(files / "odd.png").image
   np.testing.assert_array_equal(got["overlay"][:50, :70],
                                 visualize.overlay(image, got["label_map"], 3, alpha=0.5))
   assert np.all(got["overlay"][:, 70:].reshape(-1, 3).min(0) < 255)  # the legend is there
@@ -187,7 +187,8 @@ def test_concurrent_clients_get_their_own_results(server, files):
   url = client.src
   jobs = {"a": (files / "odd.png", "dog, grass, other"),
           "b": (files / "even.jpg", "sky, road, car, tree")}
-  expected = {k: backend.segmenter(predict_lib.load_image(img), predict_lib.parse_labels(lab))
+  expected = {k: backend.segmenter(predict_lib.load_image(img).image,
+                                   predict_lib.parse_labels(lab))
               for k, (img, lab) in jobs.items()}
   results, errors = {}, []
 

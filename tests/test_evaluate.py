@@ -276,7 +276,7 @@ def test_eval_tool_writes_reports(model, tmp_path):
 
   # The same numbers as the library with the checkpoint's label embeddings.
   loaded, meta = checkpoint.load_model(str(ckpt))
-  embedder, _, _ = evaluate.checkpoint_label_embedder(loaded, meta, str(ckpt))
+  embedder, _, _ = text.checkpoint_label_embedder(loaded, meta, str(ckpt))
   direct = run(loaded, fixed_cfg(), embedder(LABELS), episodic=False)
   assert single["metrics"] == direct["metrics"]
 

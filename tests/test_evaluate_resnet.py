@@ -17,7 +17,7 @@ from flax import nnx
 import numpy as np
 import pytest
 
-from lseg_jax import checkpoint, evaluate, labels
+from lseg_jax import checkpoint, evaluate, labels, text
 from lseg_jax.cli import eval as eval_cli
 from lseg_jax.data import input_pipeline
 from lseg_jax.models import lseg
@@ -75,7 +75,7 @@ def test_eval_tool_on_an_imported_lang_seg_resnet_checkpoint(fss_dir, tmp_path, 
   # The same numbers from the library, with the label texts the tool embeds.
   model, meta = checkpoint.load_model(str(tmp_path / "fss_rn101"))
   assert model.cfg.backbone == "tiny_resnet"
-  embedder, _, _ = evaluate.checkpoint_label_embedder(
+  embedder, _, _ = text.checkpoint_label_embedder(
       model, meta, str(tmp_path / "fss_rn101"), tokenizer=BYTE_LEVEL_TOKENIZER)
   data_cfg = input_pipeline.default_data_config()
   data_cfg.update(name="fss1000", data_dir=fss_dir, eval_split="test", eval_resize="square")

@@ -1,8 +1,8 @@
 """Every image mode a user is likely to have, as an input image and as a label mask.
 
-Images: `tools/predict.py`'s `load_image` (PIL, `lseg_jax.predict.load_image`) and the
-training pipeline's decoder (`preprocess.decode_example`, TensorFlow) give the RGB a
-viewer shows: 16-bit and 32-bit integer greys and float greys are scaled, not clipped
+Images: the image loader of tools/predict.py and the demo (PIL,
+`lseg_jax.predict.load_image`) and the training pipeline's decoder
+(`preprocess.decode_example`, TensorFlow) give the RGB a viewer shows: 16-bit and 32-bit integer greys and float greys are scaled, not clipped
 (prediction composites images with transparency over white). Masks: label values are
 read exactly (8- and 16-bit greyscale PNG) or refused with an error naming the file.
 """
@@ -13,8 +13,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from lseg_jax.cli import common
-from lseg_jax.cli import predict
+from lseg_jax import predict
 from lseg_jax.data import preprocess
 
 RAMP = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # [8, 64] grey levels
@@ -70,10 +69,10 @@ def test_predict_load_image(mode, tmp_path):
 
 def test_predict_load_image_refuses_bad_files(tmp_path):
   (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
-  with pytest.raises(common.UserError, match="cannot read image.*bad.png"):
+  with pytest.raises(ValueError, match="bad.png"):
     predict.load_image(str(tmp_path / "bad.png"))
   Image.fromarray(np.full((4, 4), np.nan, np.float32)).save(tmp_path / "nan.tif")
-  with pytest.raises(common.UserError, match="NaN"):
+  with pytest.raises(ValueError, match="NaN"):
     predict.load_image(str(tmp_path / "nan.tif"))
 
 

@@ -87,7 +87,7 @@ def test_matches_official_formulas_over_batches():
   for _ in range(4):
     label = rng.integers(-1, c - 1, size=(3, 9, 11))  # class c-1 never in labels
     pred = rng.integers(0, c - 2, size=(3, 9, 11))     # ... nor predicted
-    meter.update(metrics.confusion_matrix(pred, label, c))
+    meter.add(metrics.confusion_matrix(pred, label, c))
     preds.extend(pred)
     labels.extend(label)
   r = meter.result()
@@ -117,7 +117,7 @@ def test_sharded_confusion_equals_single_device():
 def test_meter_rejects_wrong_shape():
   meter = metrics.SegmentationMeter(3)
   with pytest.raises(ValueError, match=r"\(4, 4\).*\(3, 3\)"):
-    meter.update(np.zeros((4, 4), np.int32))
+    meter.add(np.zeros((4, 4), np.int32))
   with pytest.raises(ValueError, match="same shape"):
     metrics.confusion_matrix(jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 3), jnp.int32), 3)
 
@@ -181,7 +181,7 @@ def test_fewshot_meter_matches_hsnet_with_unsampled_class():
     pred = rng.integers(0, 2, size=(4, 6, 6))
     ci = rng.choice([1, 2, 4], size=4)
     valid = np.array([True, True, True, False])
-    meter.update(metrics.episode_confusion(pred, gt, ci, k, valid=valid), ci, valid)
+    meter.add(metrics.episode_confusion(pred, gt, ci, k, valid=valid), ci, valid)
     episodes.extend(list(zip(pred, gt, ci))[:3])
   r = meter.result()
   miou, fb = _hsnet_reference(episodes, k, class_ids)

@@ -18,16 +18,18 @@ def _png(im: Image.Image) -> bytes:
 def test_rgb_and_formats_round_trip(tmp_path):
   rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
   Image.fromarray(rgb).save(tmp_path / "x.png")
-  np.testing.assert_array_equal(predict.load_image(tmp_path / "x.png"), rgb)
-  np.testing.assert_array_equal(predict.load_image(_png(Image.fromarray(rgb))), rgb)
-  np.testing.assert_array_equal(predict.load_image(Image.fromarray(rgb)), rgb)
-  out, mode = predict.read_image(io.BytesIO(_png(Image.fromarray(rgb))))
+  np.testing.assert_array_equal(predict.load_image(tmp_path / "x.png").image, rgb)
+  np.testing.assert_array_equal(predict.load_image(_png(Image.fromarray(rgb))).image, rgb)
+  np.testing.assert_array_equal(predict.load_image(Image.fromarray(rgb)).image, rgb)
+  loaded = predict.load_image(io.BytesIO(_png(Image.fromarray(rgb))))
+  out, mode = loaded.image, loaded.mode
   assert mode == "RGB" and out.dtype == np.uint8 and out.shape == (5, 7, 3)
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped():
   values = np.array([[0, 257, 32896, 65535]], np.uint16)
-  image, mode = predict.read_image(_png(Image.fromarray(values)))
+  loaded = predict.load_image(_png(Image.fromarray(values)))
+  image, mode = loaded.image, loaded.mode
   assert mode.startswith("I;16")
   np.testing.assert_array_equal(image[..., 0], [[0, 1, 128, 255]])
   np.testing.assert_array_equal(image[..., 0], image[..., 2])
@@ -43,36 +45,38 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
 def test_integer_and_float_images_by_value_range(values, mode, want):
   im = Image.fromarray(values, mode=mode) if mode == "F" else Image.fromarray(values)
   assert im.mode == mode
-  np.testing.assert_array_equal(predict.load_image(im)[..., 1], [want])
+  np.testing.assert_array_equal(predict.load_image(im).image[..., 1], [want])
 
 
 def test_grayscale_palette_cmyk_and_bilevel():
   gray = np.array([[0, 90, 255]], np.uint8)
-  np.testing.assert_array_equal(predict.load_image(Image.fromarray(gray)),
+  np.testing.assert_array_equal(predict.load_image(Image.fromarray(gray)).image,
                                 np.repeat(gray[..., None], 3, -1))
   rgb = np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8)
   pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)
-  np.testing.assert_array_equal(predict.load_image(_png(pal)), rgb)
+  np.testing.assert_array_equal(predict.load_image(_png(pal)).image, rgb)
   cmyk = Image.fromarray(rgb).convert("CMYK")
-  np.testing.assert_array_equal(predict.load_image(cmyk), rgb)
+  np.testing.assert_array_equal(predict.load_image(cmyk).image, rgb)
   bilevel = Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1")
-  np.testing.assert_array_equal(predict.load_image(bilevel)[0, :, 0], [0, 255])
+  np.testing.assert_array_equal(predict.load_image(bilevel).image[0, :, 0], [0, 255])
 
 
 def test_alpha_is_composited_over_white():
   rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 255, 128]]], np.uint8)
-  image, mode = predict.read_image(_png(Image.fromarray(rgba)))
+  loaded = predict.load_image(_png(Image.fromarray(rgba)))
+  image, mode = loaded.image, loaded.mode
   assert mode == "RGBA"
   np.testing.assert_array_equal(image[0, 0], [255, 0, 0])
   np.testing.assert_array_equal(image[0, 1], [255, 255, 255])
   np.testing.assert_allclose(image[0, 2], [127, 127, 255], atol=1)
   la = Image.fromarray(np.array([[[10, 0], [10, 255]]], np.uint8), mode="LA")
-  np.testing.assert_array_equal(predict.load_image(la)[0, :, 0], [255, 10])
+  np.testing.assert_array_equal(predict.load_image(la).image[0, :, 0], [255, 10])
   pal = Image.new("P", (2, 1))
   pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
   pal.putpixel((1, 0), 1)
   pal.info["transparency"] = 0
-  np.testing.assert_array_equal(predict.load_image(_png(pal))[0], [[255, 255, 255], [0, 255, 0]])
+  np.testing.assert_array_equal(predict.load_image(_png(pal)).image[0],
+                                [[255, 255, 255], [0, 255, 0]])
 
 
 def test_exif_orientation_is_applied():
@@ -81,7 +85,7 @@ def test_exif_orientation_is_applied():
   exif[0x0112] = 6  # rotate 90 degrees clockwise to display
   buf = io.BytesIO()
   im.save(buf, format="JPEG", exif=exif)
-  assert predict.load_image(buf.getvalue()).shape == (4, 2, 3)
+  assert predict.load_image(buf.getvalue()).image.shape == (4, 2, 3)
 
 
 def test_unreadable_images_name_the_file(tmp_path, monkeypatch):

@@ -164,32 +164,28 @@ def log(message: str) -> None:
 
 def bench_infer(state, spec, mesh, text_emb, batch_size: int, crop: int, labels: int,
                 steps: int) -> dict[str, float]:
-  """Forward + argmax on [batch_size, crop, crop] generated images."""
+  """The shared forward (`apply.forward`, as evaluation and prediction run it) + argmax
+  on [batch_size, crop, crop] generated images."""
   # pylint: disable=g-import-not-at-top
-  import functools
-  from flax import nnx
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from lseg_jax import apply as apply_lib
   from lseg_jax import sharding, state as state_lib
   from lseg_jax.data import host_to_device
   # pylint: enable=g-import-not-at-top
   if batch_size % mesh.size:
     raise ValueError(f"inference batch {batch_size} is not divisible by the {mesh.size} "
                      "devices; set --infer-batch")
-  graphdef, params = nnx.split(state_lib.model_from_state(state, spec.eval_graphdef))
-
-  @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
-  def infer(params, image, text, label_mask):
-    model = nnx.merge(graphdef, params)
-    return jnp.argmax(model(image, text, label_mask), axis=-1)
-
+  apply, params = apply_lib.model_apply(state_lib.model_from_state(state, spec.eval_graphdef))
+  forward = apply_lib.forward(apply, mesh)
   rng = np.random.default_rng(1)
   batches = [host_to_device.to_global(
       {k: v for k, v in generated_batch(rng, batch_size, crop, labels).items()
        if k != "label"}, sharding.batch_sharding(mesh)) for _ in range(2)]
-  return time_calls(lambda i: jax.block_until_ready(
-      infer(params, batches[i % 2]["image"], text_emb, batches[i % 2]["label_mask"])), steps)
+  return time_calls(lambda i: jax.block_until_ready(jnp.argmax(
+      forward(params, batches[i % 2]["image"], text_emb, batches[i % 2]["label_mask"]),
+      axis=-1)), steps)
 
 
 def bench_multiscale(state, spec, text_emb, crop: int, labels: int, image_size, base_size: int,

@@ -270,7 +270,7 @@ def load_checkpoint(args):
     overrides["dtype"] = args.dtype
   directory = checkpoint.resolve_directory(args.checkpoint)
   model, meta = checkpoint.load_model(directory, args.step, **overrides)
-  embedder, tokenizer_spec, template = evaluate.checkpoint_label_embedder(
+  embedder, tokenizer_spec, template = text.checkpoint_label_embedder(
       model, meta, directory, tokenizer=args.tokenizer, prompt=args.prompt)
   return model, meta, embedder, tokenizer_spec, template
 

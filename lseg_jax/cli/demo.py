@@ -242,8 +242,8 @@ class DemoBackend:
     if image_source is None:
       raise ValueError("no image: upload one, paste one, take one with the webcam or pick "
                        "an example")
-    source = predict.prepare_image(image_source, name=repr(image_name),
-                                   max_side=self.args.max_side)
+    source = predict.load_image(image_source, name=repr(image_name),
+                                max_side=self.args.max_side)
     image = source.image
     warnings = list(source.warnings)
 

@@ -130,15 +130,6 @@ def list_images(args) -> list[str]:
   return paths
 
 
-def load_image(path: str, max_side: int | None = None):
-  """`lseg_jax.predict.InputImage` of a file (every common PIL mode, 16-bit scaled; see
-  `lseg_jax.predict.load_image`); UserError if it cannot be read."""
-  try:
-    return predict_lib.prepare_image(path, max_side=max_side)
-  except ValueError as e:
-    raise common.UserError(f"cannot read image: {e}") from None
-
-
 def output_stems(paths: list[str]) -> dict[str, str]:
   """{image path: output stem}: the file's stem, or stem_EXT where two images share a
   stem (good.jpg and good.png -> good_jpg, good_png), so no output overwrites another."""
@@ -216,7 +207,10 @@ def main(argv=None) -> int:
 
 def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
   """Segments one image and writes its outputs (nothing when the prediction fails)."""
-  source = load_image(path, args.max_side)
+  try:
+    source = predict_lib.load_image(path, max_side=args.max_side)
+  except ValueError as e:
+    raise common.UserError(f"cannot read image: {e}") from None
   try:
     result = segmenter(source.image, labels, protocol=protocol,
                        embeddings=args.embeddings_out is not None)
