@@ -35,6 +35,9 @@ All randomness comes from stateless ops seeded by the caller, so the same
 """
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import tensorflow as tf
 
 from lseg_jax.labels import IGNORE_INDEX
@@ -43,6 +46,69 @@ EVAL_RESIZE_MODES = ("none", "long_side", "center_crop", "square")
 # A PNG's colour type byte (IHDR) sits at offset 25; 3 means "palette".
 _PNG_BIT_DEPTH_OFFSET = 24
 _PNG_COLOR_TYPE_OFFSET = 25
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+  """Image bytes -> uint8 [H, W, 3], the values Pillow gives (the official loaders).
+
+  lang-seg's loaders read every image with `Image.open(f).convert("RGB")`; this
+  returns those values exactly:
+    * JPEGs with 1 or 3 components: TF's libjpeg with the accurate integer DCT,
+      which equals Pillow's decoder (TF's default fast DCT does not: on photos
+      most values differ, by up to ~15 grey levels).
+    * 8-bit PNGs (grey, grey + alpha, RGB, RGBA, palette): TF's PNG decoder,
+      alpha dropped, palettes expanded, as `convert("RGB")`.
+    * everything else (CMYK/YCCK JPEGs, PNGs of 1, 2, 4 or 16 bits, GIF, BMP,
+      WebP, TIFF, ...): Pillow itself, through `tf.numpy_function`.
+  The EXIF orientation is not applied, as in the official code. One departure:
+  16-bit greyscale images (Pillow mode I;16), which `convert("RGB")` clips at
+  255, are scaled to round(value / 257) as the prediction tool does; none of
+  the paper's datasets holds such images.
+  """
+  is_jpeg = tf.io.is_jpeg(data)
+  is_png8 = tf.logical_and(
+      tf.strings.substr(data, 0, 8) == b"\x89PNG\r\n\x1a\n",
+      tf.strings.substr(data, _PNG_BIT_DEPTH_OFFSET, 1) == b"\x08")
+  use_tf = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2] != 4,
+                   lambda: is_png8)
+
+  def with_tf():
+    return tf.cond(
+        is_jpeg,
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_png(data, channels=3))
+
+  def with_pil():
+    # A failure comes back as a message and fails a TF assertion, so that it is a TF
+    # op error in graphs and eagerly alike (the bad-example guard expects those).
+    image, error = tf.numpy_function(_pil_rgb, [data], (tf.uint8, tf.string),
+                                     stateful=False)
+    with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
+      return tf.identity(image)
+
+  image = tf.cond(use_tf, with_tf, with_pil)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _pil_rgb(data) -> tuple[np.ndarray, bytes]:
+  """Bytes (numpy_function's bytes or 0-d array) -> (uint8 [H, W, 3], b"") with
+  Pillow, or (an empty image, the reason) when Pillow cannot decode them."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  data = data.item() if isinstance(data, np.ndarray) else bytes(data)
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      if im.mode.startswith("I;16"):
+        grey = np.round(np.asarray(im, np.float64) / 257.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1), b""
+      return np.array(im.convert("RGB"), np.uint8), b""
+  except Exception as e:  # pylint: disable=broad-except
+    reason = " ".join(str(e).split())
+    return np.zeros((0, 0, 3), np.uint8), (
+        f"Unknown image file format or damaged image ({len(data)} bytes; Pillow: "
+        f"{reason}); expected a JPEG, PNG, GIF, BMP, WebP, TIFF or another format "
+        "Pillow reads").encode()
 
 
 def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
@@ -59,7 +125,7 @@ def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
   Returns:
     {"image": uint8 [H, W, 3], "mask": int32 [H, W], "file_name": string}.
   """
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image = decode_image(image_bytes)
   is_palette = tf.logical_and(
       tf.strings.substr(mask_bytes, 0, 4) == b"\x89PNG",
       tf.strings.substr(mask_bytes, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x03")
