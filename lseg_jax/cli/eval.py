@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--crop-size", type=int, default=None, help="default: the data's crop_size")
   p.add_argument("--split", default=None, help="override the data's eval_split")
   p.add_argument("--fold", type=int, default=None, help="override the data's fold")
+  p.add_argument("--shot", type=int, default=None,
+                 help="episodes of the official --nshot N (default: the data's, else 0, "
+                      "the paper's zero-shot setting; docs/evaluation.md)")
   p.add_argument("--data-dir", default=None, help="override the data's data_dir")
   p.add_argument("--keep-eval-resize", action="store_true",
                  help="keep the data's eval_resize for the sliding window")
@@ -103,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
               f"{0 if flag == 'step' else 1}")
   if args.fold is not None and args.fold < 0:
     p.error(f"--fold {args.fold}: expected a fold number >= 0")
+  if args.shot is not None and args.shot < 0:
+    p.error(f"--shot {args.shot}: expected a number of support images >= 0")
   return args
 
 
@@ -180,6 +185,8 @@ def select_evaluations(args, config):
         data.eval_split = args.split
       if args.fold is not None:
         data.fold = args.fold
+      if args.shot is not None:
+        data.shot = args.shot
       if args.data_dir:
         data.data_dir = args.data_dir
       ev.window = make_window(args, data)
