@@ -76,6 +76,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data = input_pipeline.default_data_config()
   c.data.data_dir = config_dict.placeholder(str)
   c.data.fold = config_dict.placeholder(int)
+  c.data.shot = config_dict.placeholder(int)
   c.data.eval_pad_to = config_dict.placeholder(tuple)
   c.optim = optim.default_optim_config()
   c.optim.grad_clip_norm = config_dict.placeholder(float)
@@ -249,7 +250,7 @@ def _range_pair():
 
 
 _OPTIONAL = ("eval_batch_size", "stop_at_step", "eval_num_batches", "keep_checkpoints",
-             "optim.lr_scale_batch", "optim.grad_clip_norm", "data.fold",
+             "optim.lr_scale_batch", "optim.grad_clip_norm", "data.fold", "data.shot",
              "model.features", "model.text_vocab_size")
 CHECKS = {
     "seed": _int(0),
@@ -283,6 +284,7 @@ CHECKS = {
     "data.shuffle_buffer": _int(1),
     "data.prefetch": _int(-1),
     "data.fold": _int(0),
+    "data.shot": _int(0),
     "data.on_bad_example": _one_of("error", "skip"),
     "model.features": _int(1),
     "model.block_depth": _int(0),

@@ -21,7 +21,7 @@ class Choices:
   Attributes:
     name: run only the evaluation of this name.
     single_report: the results go to one report, so one evaluation is expected.
-    eval_resize, split, fold, data_dir: laid over each evaluation's data config.
+    eval_resize, split, fold, shot, data_dir: laid over each evaluation's data config.
     multiscale, flip, scales, base_size, crop_size: the sliding window (any of the
       first three selects it; sizes default to the data's).
     keep_eval_resize: keep the data's eval_resize under the sliding window (else
@@ -35,6 +35,7 @@ class Choices:
   eval_resize: str | None = None
   split: str | None = None
   fold: int | None = None
+  shot: int | None = None
   data_dir: str | None = None
   multiscale: bool = False
   flip: bool = False
@@ -98,6 +99,8 @@ def select_evaluations(config, choices: Choices) -> list[evaluate.Evaluation]:
           data[field] = value
       if choices.fold is not None:
         data.fold = choices.fold
+      if choices.shot is not None:
+        data.shot = choices.shot
       ev.window = sliding_window(choices, data)
       if ev.window is not None and not (choices.keep_eval_resize or choices.eval_resize):
         data.eval_resize = "none"

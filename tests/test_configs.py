@@ -50,6 +50,8 @@ def test_variants_and_ablation_args():
   assert ade.get_config(None).total_steps == 240 * 20210 // 16
   assert _load("fewshot").get_config("dataset=coco,fold=1").data.fold == 1
   assert _load("fewshot").get_config("dataset=fss").data.name == "fss1000"
+  for dataset in ("pascal", "coco", "fss"):  # the official --nshot 0
+    assert _load("fewshot").get_config(f"dataset={dataset}").data.shot == 0
   for dataset in ("pascal", "coco", "fss"):  # the paper's zero-shot ResNet-101 rows
     assert _load("fewshot").get_config(f"dataset={dataset}").model.backbone == "clip_resnet101"
   assert _load("fewshot").get_config(
@@ -139,6 +141,10 @@ def test_library_defaults_fill_what_a_config_leaves_out():
   evals = config_lib.evals(config_lib.complete({"evals": {"fold1": {"data": {"fold": 1}}},
                                                  "eval_batch_size": 4}))
   assert list(evals) == ["fold1"] and evals["fold1"].data.fold == 1
+  assert config_lib.complete({}).data.shot is None  # each source's default: 0
+  with pytest.raises(ValueError, match="data.shot=-1; expected an integer >= 0"):
+    config_lib.check_config(config_lib.override(config_lib.complete({}),
+                                                [("data.shot", "-1")]))
   assert evals["fold1"].batch_size == 4
 
 

@@ -226,6 +226,90 @@ def test_coco20i_episodes(tmp_path):
   assert names(1) != names(0)
 
 
+PINNED_FOLD0_CLASS_POSITIONS = [18, 17, 19, 1, 6, 6, 4, 19]
+
+
+def _official_coco_episodes(lists, fold, num, shot, seed=0):
+  """lang-seg's COCO-20i test loop written out: `fix_randseed(seed)`, then per
+  episode DatasetCOCO.load_frame's np.random.choice calls, in its order."""
+  class_ids = [fold + 4 * v for v in range(20)]
+  rs = np.random.RandomState(seed)
+  episodes = []
+  for _ in range(num):
+    class_sample = rs.choice(class_ids, 1, replace=False)[0]
+    query_name = rs.choice(lists[class_sample], 1, replace=False)[0]
+    support_names = []
+    if shot:
+      while True:
+        support_name = rs.choice(lists[class_sample], 1, replace=False)[0]
+        if query_name != support_name:
+          support_names.append(support_name)
+        if len(support_names) == shot:
+          break
+    episodes.append((int(class_sample), str(query_name)))
+  return episodes
+
+
+def _varied_coco_lists(fold):
+  """Lists of 2 to 14 images per class, so that the draws consume different amounts
+  of the stream (HSNet's real lists hold hundreds)."""
+  return {c: [f"val2014/COCO_val2014_{1000 * c + i:012d}.jpg" for i in range(2 + 5 * c % 13)]
+          for c in fewshot.fold_classes("coco20i", fold, "val")}
+
+
+def test_coco20i_draws_the_official_episodes(tmp_path):
+  """The default episodes are the official test_lseg_zs.py sequence, for every fold,
+  0-shot and 1-shot; another episode_seed departs from it."""
+  splits = tmp_path / "splits"
+  hsnet_splits.write(tmp_path)
+  root = tmp_path / "COCO2014"
+  for fold in range(4):
+    lists = _varied_coco_lists(fold)
+    with open(splits / "coco" / "val" / f"fold{fold}.pkl", "wb") as f:
+      pickle.dump(lists, f)
+    for c, paths in lists.items():
+      for path in paths:
+        if not os.path.exists(f"{root}/{path}"):
+          _save(f"{root}/{path}", _colour(c % 7))
+          _save(f"{root}/annotations/{path[:-4]}.png", np.full((6, 8), c + 1, np.uint8))
+    for shot in (0, 1):
+      expected = _official_coco_episodes(lists, fold, 1000, shot)
+      source = registry.get_source("coco20i", "validation", data_dir=str(tmp_path),
+                                   fold=fold, shot=shot)
+      assert source.num_examples == 1000
+      classes = fewshot.fold_classes("coco20i", fold, "val")
+      pos, paths = fewshot.official_coco_draw(lists, classes, 1000, shot)
+      assert [(classes[p], q) for p, q in zip(pos, paths)] == expected
+      # The first episodes through the source itself: files, classes, masks.
+      first = list(source.as_dataset().take(12).as_numpy_iterator())
+      for ex, (class_id, query) in zip(first, expected[:12], strict=True):
+        assert ex["file_name"].decode().endswith(query)
+        assert classes[ex["class_index"]] == class_id
+        assert (ex["mask"] == 1).all()
+    assert (_official_coco_episodes(lists, fold, 50, 0)
+            != _official_coco_episodes(lists, fold, 50, 1))
+    other = fewshot.official_coco_draw(lists, classes, 50, 0, seed=7)
+    assert [(classes[p], q) for p, q in zip(*other)] == _official_coco_episodes(
+        lists, fold, 50, 0, seed=7)
+    assert [(classes[p], q) for p, q in zip(*other)] != expected[:50]
+  # Pinned: fold 0's first 0-shot episodes with these lists (NumPy's legacy stream
+  # is frozen, so these never change).
+  lists = _varied_coco_lists(0)
+  pos, _ = fewshot.official_coco_draw(lists, fewshot.fold_classes("coco20i", 0, "val"), 8)
+  assert pos == PINNED_FOLD0_CLASS_POSITIONS
+
+
+def test_coco20i_shot_and_seed_are_checked(tmp_path):
+  hsnet_splits.write(tmp_path)
+  for kwargs, match in (({"shot": -1}, "shot=-1; expected an integer >= 0"),
+                        ({"episode_seed": -3}, r"episode_seed=-3; expected an integer")):
+    with pytest.raises(ValueError, match=match):
+      registry.get_source("coco20i", "validation", data_dir=str(tmp_path), **kwargs)
+  lists = {0: ["val2014/a.jpg"], 4: ["val2014/b.jpg", "val2014/c.jpg"]}
+  with pytest.raises(ValueError, match="lists only the query image val2014/a.jpg"):
+    fewshot.official_coco_draw(lists, [0], 3, shot=1)
+
+
 # --------------------------------------------------------------- FSS-1000 --
 def test_fss1000_test_episodes(tmp_path):
   hsnet_splits.write(tmp_path)
@@ -241,20 +325,27 @@ def test_fss1000_test_episodes(tmp_path):
       mask = colours[rng.integers(0, 6, (6, 8))]
       _save(f"{tmp_path}/FSS-1000/{category}/{n}.png", mask)
       masks[f"{category}/{n}"] = mask
-  source = registry.get_source("fss1000", "test", data_dir=str(tmp_path))
-  assert source.class_names == categories
-  # HSNet's 1-shot test: every image but the first by name ("1.jpg").
-  assert source.num_examples == 2 * len(categories)
-  dataset = source.as_dataset().take(6)
-  for i, ex in enumerate(dataset.as_numpy_iterator()):
-    category = categories[i // 2]
-    n = (10, 2)[i % 2]
-    assert ex["file_name"].decode().endswith(f"FSS-1000/{category}/{n}.jpg")
-    assert ex["class_index"] == i // 2
-    assert ex["class_name"].decode() == category
-    # HSNet: PIL convert("L"), then >= 128 is the class.
-    grey = np.asarray(Image.fromarray(masks[f"{category}/{n}"]).convert("L"))
-    np.testing.assert_array_equal(ex["mask"], (grey >= 128).astype(np.int32))
+  # The official --nshot 0 (the default): every image is a query, in file-name order.
+  # HSNet's 1-shot test: every image but the first by name ("1.jpg", the support).
+  # Other shots draw supports among the others and keep every query, as HSNet's loader.
+  for kwargs, names in (({}, (1, 10, 2)), ({"shot": 0}, (1, 10, 2)),
+                        ({"shot": 1}, (10, 2)), ({"shot": 5}, (1, 10, 2))):
+    source = registry.get_source("fss1000", "test", data_dir=str(tmp_path), **kwargs)
+    assert source.class_names == categories
+    per_class = len(names)
+    assert source.num_examples == per_class * len(categories)
+    dataset = source.as_dataset().take(2 * per_class)
+    for i, ex in enumerate(dataset.as_numpy_iterator()):
+      category = categories[i // per_class]
+      n = names[i % per_class]
+      assert ex["file_name"].decode().endswith(f"FSS-1000/{category}/{n}.jpg")
+      assert ex["class_index"] == i // per_class
+      assert ex["class_name"].decode() == category
+      # HSNet: PIL convert("L"), then >= 128 is the class.
+      grey = np.asarray(Image.fromarray(masks[f"{category}/{n}"]).convert("L"))
+      np.testing.assert_array_equal(ex["mask"], (grey >= 128).astype(np.int32))
+  with pytest.raises(ValueError, match="FSS-1000 shot=-1; expected an integer >= 0"):
+    registry.get_source("fss1000", "test", data_dir=str(tmp_path), shot=-1)
   os.remove(tmp_path / "FSS-1000" / categories[5] / "2.png")
   with pytest.raises(FileNotFoundError, match=f"{categories[5]}/2.png"):
     registry.get_source("fss1000", "test", data_dir=str(tmp_path))

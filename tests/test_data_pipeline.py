@@ -369,13 +369,12 @@ def test_mask_resize_is_pil_nearest():
     np.testing.assert_array_equal(out.numpy(), ref)
 
 
-def test_image_resize_matches_pil_bicubic():
+def test_image_resize_is_pil_bicubic():
   image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8)
-  for size in [(20, 29), (74, 106), (100, 60)]:
+  for size in [(20, 29), (74, 106), (100, 60), (37, 53)]:
     ref = np.array(Image.fromarray(image).resize(size[::-1], Image.BICUBIC))
     out = preprocess.resize_image(tf.constant(image), size).numpy()
-    diff = np.abs(out - ref)
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.02
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_resize_window_equals_full_resize_then_slice():

@@ -169,7 +169,7 @@ def _save(path, array):
 def fss_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("fss")
   hsnet_splits.write(root)
-  # 1.jpg is HSNet's support image: one query per class.
+  # Two queries per class (0-shot); with shot=1, 1.jpg would be the support.
   hsnet_splits.write_fss_images(root, splits=("test",), shots=(1, 2))
   return str(root)
 
@@ -222,7 +222,8 @@ def _direct_episodes(model, data_cfg, text):
 def test_zero_shot_episodes_end_to_end(model, dataset, fss_dir, pascal_dir):
   if dataset == "fss1000":
     data_cfg = episode_cfg("fss1000", fss_dir, "test")
-    num_episodes = num_classes = len(hsnet_splits.FSS_CLASSES["test"])
+    num_classes = len(hsnet_splits.FSS_CLASSES["test"])
+    num_episodes = 2 * num_classes  # 0-shot (the default): 1.jpg and 2.jpg are queries
   else:
     data_cfg = episode_cfg("pascal5i", pascal_dir, "validation", fold=0)
     num_episodes, num_classes = 1000, 5

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--crop-size", type=int, default=None, help="default: the data's crop_size")
   p.add_argument("--split", default=None, help="override the data's eval_split")
   p.add_argument("--fold", type=int, default=None, help="override the data's fold")
+  p.add_argument("--shot", type=int, default=None,
+                 help="episodes of the official --nshot N (default: the data's, else 0, "
+                      "the paper's zero-shot setting; docs/evaluation.md)")
   p.add_argument("--data-dir", default=None, help="override the data's data_dir")
   p.add_argument("--keep-eval-resize", action="store_true",
                  help="keep the data's eval_resize for the sliding window")
@@ -109,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
               f"{0 if flag == 'step' else 1}")
   if args.fold is not None and args.fold < 0:
     p.error(f"--fold {args.fold}: expected a fold number >= 0")
+  if args.shot is not None and args.shot < 0:
+    p.error(f"--shot {args.shot}: expected a number of support images >= 0")
   return args
 
 
@@ -146,7 +151,7 @@ def choices(args) -> eval_select.Choices:
   """The command line's data and protocol flags (`eval_select.select_evaluations`)."""
   return eval_select.Choices(
       name=args.eval, single_report=bool(args.out), eval_resize=args.eval_resize,
-      split=args.split, fold=args.fold, data_dir=args.data_dir, multiscale=args.multiscale,
+      split=args.split, fold=args.fold, shot=args.shot, data_dir=args.data_dir, multiscale=args.multiscale,
       flip=args.flip, scales=args.scales, base_size=args.base_size, crop_size=args.crop_size,
       keep_eval_resize=args.keep_eval_resize, batch_size=args.batch_size,
       from_data_name=bool(args.data), num_batches=args.max_batches,

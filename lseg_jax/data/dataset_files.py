@@ -17,6 +17,7 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
+from lseg_jax.data import preprocess
 from lseg_jax.data import registry
 from lseg_jax.labels import IGNORE_INDEX, OTHER_LABEL
 
@@ -204,13 +205,6 @@ def split_folder(split: str, folders: dict[str, str], dataset: str) -> str:
   return folders[split]
 
 
-def decode_image(data: tf.Tensor) -> tf.Tensor:
-  """JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3]."""
-  image = tf.io.decode_image(data, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
-
-
 def decode_label_png(data: tf.Tensor) -> tf.Tensor:
   """Single-channel label PNG bytes -> int32 [H, W] of the stored values.
 
@@ -250,7 +244,7 @@ def _as_bytes(value) -> bytes:
 
 def decode_luma(data: tf.Tensor) -> tf.Tensor:
   """Image bytes -> int32 [H, W] grey level, exactly as PIL's convert("L")."""
-  rgb = tf.cast(decode_image(data), tf.int32)
+  rgb = tf.cast(preprocess.decode_image(data), tf.int32)
   weights = tf.constant([19595, 38470, 7471], tf.int32)
   return (tf.reduce_sum(rgb * weights, axis=-1) + 32768) // 65536
 
@@ -287,7 +281,7 @@ class FilePairs(registry.Source):
 
   def _read(self, index):
     """(image uint8 [H, W, 3], label file bytes, file name) of `index`."""
-    image = decode_image(self._image_tree.read(tf.gather(self._images, index)))
+    image = preprocess.decode_image(self._image_tree.read(tf.gather(self._images, index)))
     mask_bytes = self._mask_tree.read(tf.gather(self._masks, index))
     return image, mask_bytes, self.file_name(index)
 

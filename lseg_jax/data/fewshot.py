@@ -21,14 +21,26 @@ DATA_DIR/splits.
     draws a class uniformly, then an image uniformly from that class's list
     (HSNet's fold pickles `coco/{trn,val}/fold{k}.pkl`: class id -> image
     paths; read with an unpickler that admits only plain containers).
-    "validation" has 1000
-    episodes, "train" as many as the listed images; drawn once from
-    `episode_seed` (HSNet draws new ones every epoch: vary the seed to get
-    that).
-  * fss1000: classes of the split (`fss/{trn,val,test}.txt`),
-    sorted. "test" = HSNet's 1-shot test queries: every image of a class but
-    the first (sorted by file name, "1.jpg"), which HSNet uses as the support;
-    2,160 episodes. Masks: grey level >= 128 -> 1.
+    "validation" has 1000 episodes, "train" as many as the listed images.
+    By default they are the official evaluation's episodes: lang-seg's
+    `test_lseg_zs.py` calls `fix_randseed(0)` and its loader draws each
+    episode from NumPy's global stream with `np.random.choice(..., 1,
+    replace=False)`: the class, the query image, then (shot >= 1) support
+    images until `shot` of them differ from the query. A legacy
+    `np.random.RandomState(episode_seed)` making the same draws in the same
+    order gives that sequence; `episode_seed` 0 is the paper's, any other
+    value departs from it (HSNet's training draws new episodes every epoch:
+    vary the seed to get that).
+  * fss1000: classes of the split (`fss/{trn,val,test}.txt`), sorted; the
+    queries are every .jpg of each class in file-name order. With shot=1 the
+    "test" split drops each class's first image ("1.jpg", HSNet's 1-shot
+    support): 2,160 episodes; with shot=0 (lang-seg's `--nshot 0`, the
+    paper's zero-shot row, the default) all 2,400 images are queries. Masks:
+    grey level >= 128 -> 1.
+  * `shot` (config: `data.shot`) is the official `--nshot`: the number of
+    support images an episode draws. No support image is produced; the
+    shot decides which episodes there are (COCO-20i's draw, FSS-1000's
+    queries). PASCAL-5i's episodes do not depend on it.
 """
 from __future__ import annotations
 
@@ -115,6 +127,12 @@ def fold_classes(dataset: str, fold: int, split: str) -> list[int]:
   return [c for c in range(num_classes) if c not in held_out]
 
 
+def _check_shot(shot, dataset):
+  if not isinstance(shot, int) or isinstance(shot, bool) or shot < 0:
+    raise ValueError(f"{dataset} shot={shot!r}; expected an integer >= 0 (the official "
+                     "--nshot: 0 for the paper's zero-shot rows).")
+
+
 def _read_pascal_list(split: str, fold: int, splits_dir, data_dir
                       ) -> list[tuple[str, int]]:
   """(image name, class id) lines of HSNet's PASCAL-5i split file."""
@@ -126,8 +144,11 @@ def _read_pascal_list(split: str, fold: int, splits_dir, data_dir
 
 @registry.register("pascal5i", episodic=True)
 def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0,
-                  splits_dir: str | None = None) -> dataset_files.FileEpisodes:
-  """PASCAL-5i episodes of `fold` (0-3): "validation" (1000) or "train"."""
+                  shot: int = 0, splits_dir: str | None = None
+                  ) -> dataset_files.FileEpisodes:
+  """PASCAL-5i episodes of `fold` (0-3): "validation" (1000) or "train"; `shot`
+  is checked but changes nothing (the queries are listed, not drawn)."""
+  _check_shot(shot, "PASCAL-5i")
   split = dataset_files.split_folder(split, _SPLITS, "PASCAL-5i")
   classes = fold_classes("pascal5i", fold, split)
   if split == "val":
@@ -164,11 +185,46 @@ def coco20i_image_lists(split: str, fold: int, splits_dir: str | None = None,
   return {int(c): [str(p) for p in paths] for c, paths in lists.items()}
 
 
+def official_coco_draw(lists: dict[int, list[str]], classes: list[int],
+                       num_episodes: int, shot: int = 0, seed: int = 0
+                       ) -> tuple[list[int], list[str]]:
+  """(class position in `classes`, query path) of each episode, drawn as HSNet's
+  COCO-20i loader draws them after `fix_randseed(seed)` (module docstring).
+
+  `np.random.choice(a, 1, replace=False)` is `permutation(len(a))[:1]` in NumPy's
+  legacy generator, so each draw below consumes the stream exactly as one of
+  the loader's calls does.
+  """
+  rng = np.random.RandomState(seed)
+  class_pos, queries = [], []
+  for _ in range(num_episodes):
+    pos = int(rng.permutation(len(classes))[0])
+    images = lists[classes[pos]]
+    query = images[rng.permutation(len(images))[0]]
+    if shot and all(p == query for p in images):
+      raise ValueError(f"COCO-20i class {classes[pos]} lists only the query image "
+                       f"{query}; a {shot}-shot episode needs another one (HSNet's "
+                       "loader would draw forever)")
+    supports = 0
+    while supports < shot:
+      supports += images[rng.permutation(len(images))[0]] != query
+    class_pos.append(pos)
+    queries.append(query)
+  return class_pos, queries
+
+
 @registry.register("coco20i", episodic=True)
 def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
                  num_episodes: int | None = None, episode_seed: int = 0,
-                 splits_dir: str | None = None) -> dataset_files.FileEpisodes:
-  """COCO-20i episodes of `fold` (0-3), drawn from `episode_seed`."""
+                 shot: int = 0, splits_dir: str | None = None
+                 ) -> dataset_files.FileEpisodes:
+  """COCO-20i episodes of `fold` (0-3): the official draw for `shot` with
+  `episode_seed` 0 (the default); another seed departs from the paper's episodes."""
+  _check_shot(shot, "COCO-20i")
+  if not isinstance(episode_seed, int) or isinstance(episode_seed, bool) or not (
+      0 <= episode_seed < 2**32):
+    raise ValueError(f"COCO-20i episode_seed={episode_seed!r}; expected an integer in "
+                     "[0, 2**32) (0: the official episodes)")
   split = dataset_files.split_folder(split, _SPLITS, "COCO-20i")
   classes = fold_classes("coco20i", fold, split)
   coco_split = "val2014" if split == "val" else "train2014"
@@ -180,10 +236,8 @@ def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
   if num_episodes is None:
     num_episodes = (NUM_EVAL_EPISODES if split == "val" else
                     len({p for c in classes for p in lists[c]}))
-  rng = np.random.default_rng(episode_seed)
-  class_pos = rng.integers(len(classes), size=num_episodes)
-  paths = [lists[classes[p]][rng.integers(len(lists[classes[p]]))]
-           for p in class_pos]
+  class_pos, paths = official_coco_draw(lists, classes, num_episodes, shot,
+                                        episode_seed)
   expected = COCO_EXPECTED.format(d=data_dir)
   tree = dataset_files.find_root(
       data_dir, marker="annotations", dataset="COCO-20i", expected=expected,
@@ -201,9 +255,11 @@ def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
 
 
 @registry.register("fss1000", episodic=True)
-def make_fss1000(split: str, *, data_dir: str | None = None,
+def make_fss1000(split: str, *, data_dir: str | None = None, shot: int = 0,
                  splits_dir: str | None = None) -> dataset_files.FileEpisodes:
-  """FSS-1000 episodes: "train" (520 classes), "validation" / "test" (240)."""
+  """FSS-1000 episodes: "train" (520 classes), "validation" / "test" (240); "test"
+  has 2,400 episodes with shot 0 (the default, the paper's), 2,160 with shot 1."""
+  _check_shot(shot, "FSS-1000")
   split = dataset_files.split_folder(split, _FSS_SPLITS, "FSS-1000")
   with open(splits_file(splits_dir, data_dir, "fss", f"{split}.txt")) as f:
     categories = sorted(f.read().split("\n")[:-1])
@@ -221,7 +277,7 @@ def make_fss1000(split: str, *, data_dir: str | None = None,
       raise FileNotFoundError(
           f"FSS-1000: class folder {tree.describe(category)}/ is missing or "
           f"empty. Expected: {expected}")
-    if split == "test":
+    if split == "test" and shot == 1:
       paths = paths[1:]  # HSNet's 1-shot support image.
     queries = [p for p in paths if p.split("/")[1].split(".")[1] == "jpg"]
     images += queries

@@ -15,9 +15,12 @@ Data config fields (`ml_collections.ConfigDict`; `default_data_config()`):
   eval_split ("validation"): the evaluation split.
   source_kwargs ({}): extra keyword arguments for the source factory.
   fold (None): fold of an episodic (zero-shot) source; passed when set.
+  shot (None): the official evaluation's --nshot for an episodic source (which
+    episodes there are: `fewshot`); passed when set, else the source's default, 0,
+    the paper's zero-shot setting.
   mixture (()): for name == "mix", a list of dicts
     {"name": ..., "weight": ..., ["split": ..., "eval_split": ...,] **kwargs}
-    (kwargs go to that source's factory; data_dir/fold default to the above).
+    (kwargs go to that source's factory; data_dir/fold/shot default to the above).
   crop_size (480): side of the square training crop.
   base_size (520): long side of the image at scale 1.
   scale_range ((0.5, 2.0)): random long side is drawn from
@@ -61,7 +64,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   """The data config with every field the pipelines read, at its default."""
   return ml_collections.ConfigDict(dict(
       name="synthetic", data_dir=None, split="train", eval_split="validation",
-      source_kwargs={}, fold=None, mixture=(), crop_size=480, base_size=520,
+      source_kwargs={}, fold=None, shot=None, mixture=(), crop_size=480, base_size=520,
       scale_range=(0.5, 2.0), flip=True, eval_resize="none", eval_pad_to=None,
       on_bad_example="error", shuffle_buffer=10_000, num_parallel_calls=-1,
       prefetch=2))

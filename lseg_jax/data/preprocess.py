@@ -7,7 +7,7 @@ Training augmentation follows the official LSeg recipe (PyTorch-Encoding's
   2. long side := an integer drawn uniformly from
      [int(base_size * lo), int(base_size * hi)] (both ends included, default
      lo, hi = 0.5, 2.0); short side := int(short * long_new / long + 0.5).
-     Image: bicubic as PIL's BICUBIC (`resize_image`), mask: nearest
+     Image: Pillow's BICUBIC itself (`resize_image`), mask: nearest
      neighbour ONLY (PIL's NEAREST pixel choice);
   3. pad bottom/right up to crop_size: image with 0 (black), mask with ignore;
   4. random crop_size x crop_size crop;
@@ -26,7 +26,7 @@ Evaluation (`eval_resize` in the data config):
     other side truncated, centre crop crop_size x crop_size.
   "square": HSNet's few-shot protocol (used by lang-seg's zero-shot tests):
     image resized to crop_size x crop_size without keeping the aspect ratio
-    (PIL bilinear, as torchvision's Resize on a PIL image), mask with
+    (Pillow's BILINEAR itself, as torchvision's Resize on a PIL image), mask with
     PyTorch's legacy nearest (`F.interpolate(mode="nearest")`: source index
     floor(dst * in / out)).
 
@@ -35,14 +35,81 @@ All randomness comes from stateless ops seeded by the caller, so the same
 """
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import tensorflow as tf
 
 from lseg_jax.labels import IGNORE_INDEX
 
 EVAL_RESIZE_MODES = ("none", "long_side", "center_crop", "square")
+_PIL_FILTERS = {"bilinear": 2, "bicubic": 3}  # PIL.Image.BILINEAR, .BICUBIC
 # A PNG's colour type byte (IHDR) sits at offset 25; 3 means "palette".
 _PNG_BIT_DEPTH_OFFSET = 24
 _PNG_COLOR_TYPE_OFFSET = 25
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+  """Image bytes -> uint8 [H, W, 3], the values Pillow gives (the official loaders).
+
+  lang-seg's loaders read every image with `Image.open(f).convert("RGB")`; this
+  returns those values exactly:
+    * JPEGs with 1 or 3 components: TF's libjpeg with the accurate integer DCT,
+      which equals Pillow's decoder (TF's default fast DCT does not: on photos
+      most values differ, by up to ~15 grey levels).
+    * 8-bit PNGs (grey, grey + alpha, RGB, RGBA, palette): TF's PNG decoder,
+      alpha dropped, palettes expanded, as `convert("RGB")`.
+    * everything else (CMYK/YCCK JPEGs, PNGs of 1, 2, 4 or 16 bits, GIF, BMP,
+      WebP, TIFF, ...): Pillow itself, through `tf.numpy_function`.
+  The EXIF orientation is not applied, as in the official code. One departure:
+  16-bit greyscale images (Pillow mode I;16), which `convert("RGB")` clips at
+  255, are scaled to round(value / 257) as the prediction tool does; none of
+  the paper's datasets holds such images.
+  """
+  is_jpeg = tf.io.is_jpeg(data)
+  is_png8 = tf.logical_and(
+      tf.strings.substr(data, 0, 8) == b"\x89PNG\r\n\x1a\n",
+      tf.strings.substr(data, _PNG_BIT_DEPTH_OFFSET, 1) == b"\x08")
+  use_tf = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2] != 4,
+                   lambda: is_png8)
+
+  def with_tf():
+    return tf.cond(
+        is_jpeg,
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_png(data, channels=3))
+
+  def with_pil():
+    # A failure comes back as a message and fails a TF assertion, so that it is a TF
+    # op error in graphs and eagerly alike (the bad-example guard expects those).
+    image, error = tf.numpy_function(_pil_rgb, [data], (tf.uint8, tf.string),
+                                     stateful=False)
+    with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
+      return tf.identity(image)
+
+  image = tf.cond(use_tf, with_tf, with_pil)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _pil_rgb(data) -> tuple[np.ndarray, bytes]:
+  """Bytes (numpy_function's bytes or 0-d array) -> (uint8 [H, W, 3], b"") with
+  Pillow, or (an empty image, the reason) when Pillow cannot decode them."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  data = data.item() if isinstance(data, np.ndarray) else bytes(data)
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      if im.mode.startswith("I;16"):
+        grey = np.round(np.asarray(im, np.float64) / 257.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1), b""
+      return np.array(im.convert("RGB"), np.uint8), b""
+  except Exception as e:  # pylint: disable=broad-except
+    reason = " ".join(str(e).split())
+    return np.zeros((0, 0, 3), np.uint8), (
+        f"Unknown image file format or damaged image ({len(data)} bytes; Pillow: "
+        f"{reason}); expected a JPEG, PNG, GIF, BMP, WebP, TIFF or another format "
+        "Pillow reads").encode()
 
 
 def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
@@ -59,7 +126,7 @@ def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
   Returns:
     {"image": uint8 [H, W, 3], "mask": int32 [H, W], "file_name": string}.
   """
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image = decode_image(image_bytes)
   is_palette = tf.logical_and(
       tf.strings.substr(mask_bytes, 0, 4) == b"\x89PNG",
       tf.strings.substr(mask_bytes, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x03")
@@ -93,45 +160,40 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(image, tf.float32) / 127.5 - 1.0
 
 
-def resize_image(image: tf.Tensor, size, offset=(0, 0),
-                 window=None) -> tf.Tensor:
-  """PIL-like BICUBIC resize of [H, W, 3] to `size` (h, w); float32 in [0, 255].
+def resize_image(image: tf.Tensor, size, offset=(0, 0), window=None, *,
+                 method: str = "bicubic") -> tf.Tensor:
+  """Pillow's resize of uint8 [H, W, 3] to `size` (h, w); float32 in [0, 255].
 
-  PIL resamples the width, stores uint8, then resamples the height; doing the
-  same (antialiased Keys cubic, rounding and clipping between the passes)
-  matches PIL to within 1 grey level on under 1% of pixels, where a single 2-D
-  float resize differs by up to ~15 levels around clipped overshoots.
+  The project's one host-side image resize: `Image.resize` itself (run through
+  `tf.numpy_function`), so the values are the official loaders' exactly: "bicubic"
+  as PyTorch-Encoding's training and validation transforms (`Image.BICUBIC`),
+  "bilinear" as HSNet's 480 x 480 resize (torchvision's `Resize` on a PIL image
+  is `Image.resize(..., BILINEAR)`).
 
   Args:
-    image: [H, W, 3], values in [0, 255].
+    image: uint8 [H, W, 3] (other dtypes are cast; values must lie in [0, 255]).
     size: (h, w) of the full resized image.
-    offset: (y0, x0) of the window of the resized image to compute.
-    window: (wh, ww) of that window (default: all of `size`). Only the window
-      is computed, so a crop of a 2x upscale costs the crop, not the upscale.
+    offset: (y0, x0) of the window of the resized image to return.
+    window: (wh, ww) of that window (default: all of `size`).
+    method: "bicubic" or "bilinear".
 
   Returns:
-    float32 [wh, ww, 3], equal to resizing fully and slicing the window.
+    float32 [wh, ww, 3]: the resized image's window.
   """
+  if method not in _PIL_FILTERS:
+    raise ValueError(f"resize method={method!r}; expected one of {sorted(_PIL_FILTERS)}.")
   window = size if window is None else window
-  in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
+  resample = _PIL_FILTERS[method]
 
-  def one_pass(x, out_size, scale, translation):
-    # Output pixel i samples input (i + 0.5 - translation) / scale - 0.5, as
-    # tf.image.resize (scale = out / in, translation 0) does; -offset shifts
-    # the window.
-    x = tf.raw_ops.ScaleAndTranslate(
-        images=x[None], size=tf.stack(out_size), scale=scale,
-        translation=translation, kernel_type="keyscubic", antialias=True)[0]
-    return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+  def pil_resize(x, h, w):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    return np.asarray(Image.fromarray(x).resize((int(w), int(h)), resample))
 
-  def ratio(out_len, in_len):
-    return tf.cast(out_len, tf.float32) / tf.cast(in_len, tf.float32)
-  x = tf.cast(image, tf.float32)
-  x = one_pass(x, [in_h, window[1]], tf.stack([1.0, ratio(size[1], in_w)]),
-               tf.stack([0.0, -tf.cast(offset[1], tf.float32)]))
-  return one_pass(x, [window[0], window[1]],
-                  tf.stack([ratio(size[0], in_h), 1.0]),
-                  tf.stack([-tf.cast(offset[0], tf.float32), 0.0]))
+  out = tf.numpy_function(pil_resize, [tf.cast(image, tf.uint8), size[0], size[1]],
+                          tf.uint8, stateful=False)
+  out.set_shape([None, None, 3])
+  out = out[offset[0]:offset[0] + window[0], offset[1]:offset[1] + window[1]]
+  return tf.cast(out, tf.float32)
 
 
 def resize_nearest(x: tf.Tensor, size, offset=(0, 0),
@@ -199,8 +261,8 @@ def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
                                           dtype=tf.int32)
   shape = tf.shape(mask)
   oh, ow = _long_side_size(shape[0], shape[1], long_size)
-  # Crop offsets in the resized image padded up to crop_size; then only the
-  # crop window (its part inside the resized image) is computed and padded.
+  # Crop offsets in the resized image padded up to crop_size; the crop window's
+  # part inside the resized image is cut out and padded.
   y0 = tf.random.stateless_uniform(
       [], y_seed, 0, tf.maximum(oh, crop_size) - crop_size + 1, tf.int32)
   x0 = tf.random.stateless_uniform(
@@ -218,19 +280,7 @@ def _square(image, mask, size):
   """HSNet's eval resize: image [size, size] PIL-bilinear, mask torch-nearest."""
   shape = tf.shape(mask)
   h, w = shape[0], shape[1]
-  def one_pass(x, out_size, scale):
-    # PIL rounds to uint8 after each 1-D pass, half up.
-    x = tf.raw_ops.ScaleAndTranslate(
-        images=x[None], size=tf.stack(out_size), scale=scale, translation=tf.zeros([2]),
-        kernel_type="triangle", antialias=True)[0]
-    return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
-  sh, sw = size / tf.cast(h, tf.float32), size / tf.cast(w, tf.float32)
-  x = tf.cast(image, tf.float32)
-  # Width first, then height, as Pillow (matches it exactly on most pixels; off by
-  # one grey level on a few where its fixed-point rounding differs).
-  x = one_pass(x, [h, size], tf.stack([1.0, sw]))
-  x = one_pass(x, [size, size], tf.stack([sh, 1.0]))
-  image = tf.cast(x, tf.uint8)
+  image = resize_image(image, (size, size), method="bilinear")
 
   def src(in_len):
     step = tf.cast(in_len, tf.float32) / float(size)

@@ -51,13 +51,13 @@ def source_specs(data_cfg, eval_split: bool = False) -> list[SourceSpec]:
 
   Returns:
     One SourceSpec per source. A mixture entry {"name", "weight", ["split",
-    "eval_split",] **kwargs} passes its kwargs to its factory; data_dir and
-    fold default to the config's when set.
+    "eval_split",] **kwargs} passes its kwargs to its factory; data_dir,
+    fold and shot default to the config's when set.
   """
   split_key, other_split_key = (("eval_split", "split") if eval_split
                                 else ("split", "eval_split"))
-  defaults = {key: data_cfg[key] for key in ("data_dir", "fold")
-              if data_cfg[key] is not None}
+  defaults = {key: data_cfg[key] for key in ("data_dir", "fold", "shot")
+              if data_cfg.get(key) is not None}
   if data_cfg.name != MIX:
     kwargs = dict(defaults, **dict(data_cfg.source_kwargs or {}))
     return [SourceSpec(data_cfg.name, data_cfg[split_key], 1.0, kwargs)]
