@@ -310,3 +310,26 @@ def test_two_processes_at_once_download_once(server, tmp_path):
   assert paths == {weights.url_cache_path(url)}
   assert server.gets(server.clip_path) == 1
   assert weights.file_sha256(paths.pop()) == weights.OFFICIAL["ViT-B/32"].sha256
+
+
+@pytest.mark.parametrize("name,arg", [
+    ("ade20k", "variant=vitl16"), ("ade20k", "variant=vitb32"), ("ade20k", "variant=rn50x16"),
+    ("fewshot", "dataset=pascal,fold=1"), ("fewshot", "dataset=fss,backbone=clip_vitl16_384"),
+    ("mix7", None)])
+def test_paper_configs_name_official_weights_of_their_backbone(name, arg):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  given = {k: v for k, v in config.init.items() if v}
+  image, text_variant = lseg.BACKBONES[config.model.backbone]
+  image_field = "torchvision_resnet" if image.startswith("resnet") else "timm_vit"
+  assert set(given) == {image_field, "clip"}
+  for field, spec in given.items():
+    assert weights.OFFICIAL[spec].kind == field
+  assert given["clip"].replace("ViT-", "") == text_variant  # "ViT-B/32" -> "B/32"
+  assert given[image_field] == {"L/16": "vit_large_patch16_384", "B/32": "vit_base_patch32_384",
+                                "resnet101": "resnet101"}[image]
+  # runlocal and the built-in default download nothing.
+  local = importlib.import_module(f"configs.{name}").get_config(
+      ",".join(filter(None, [arg, "runlocal"])))
+  assert not any(local.init.values())
+  assert not any(importlib.import_module("configs.synthetic_tiny").get_config().init.values())
