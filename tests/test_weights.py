@@ -105,7 +105,7 @@ class FakeServer:
 
 def _safetensors_bytes(tensors) -> bytes:
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-  return save({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()})
+  return save({k: np.array(v) for k, v in tensors.items()})
 
 
 def _torch_bytes(tensors) -> bytes:
@@ -333,3 +333,33 @@ def test_paper_configs_name_official_weights_of_their_backbone(name, arg):
       ",".join(filter(None, [arg, "runlocal"])))
   assert not any(local.init.values())
   assert not any(importlib.import_module("configs.synthetic_tiny").get_config().init.values())
+
+
+def test_convert_import_and_export_take_urls_and_names(server, source, tmp_path, capsys):
+  """`tools/convert.py import URL` (a lang-seg layout file on the server) and
+  `export --clip-weights ViT-B/32`; a bad URL is one error line."""
+  from lseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from lseg_jax.cli import convert  # pylint: disable=g-import-not-at-top
+  from lseg_jax.convert import langseg  # pylint: disable=g-import-not-at-top
+  data = _safetensors_bytes(langseg.export_langseg(source))
+  server.files[f"/ckpt/{digest_of(data)}/lseg_tiny.safetensors"] = data
+  url = f"{server.url}/ckpt/{digest_of(data)}/lseg_tiny.safetensors"
+  assert convert.main(["import", url, str(tmp_path / "ckpt")]) == 0, capsys.readouterr().err
+  model, _ = checkpoint.load_model(str(tmp_path / "ckpt"))
+  want = _flat(source, "")
+  got = _flat(model, "")
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+  # The served ViT-B-32.pt holds the text tower only: export resolves the name to the
+  # downloaded file and reads it, which then lacks the image tower export adds.
+  pytest.importorskip("torch")
+  capsys.readouterr()
+  assert convert.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out.pt"),
+                       "--clip-weights", "ViT-B/32"]) == 1
+  err = capsys.readouterr().err
+  assert weights.url_cache_path(weights.OFFICIAL["ViT-B/32"].url) in err
+  assert "has no image tower" in err and server.gets(server.clip_path) == 1
+  assert convert.main(["import", server.url + "/ckpt/missing.pt", str(tmp_path / "x")]) == 1
+  err = capsys.readouterr().err
+  assert "error: SRC='" in err and "answered HTTP 404" in err and len(err.splitlines()) == 1
