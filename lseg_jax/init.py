@@ -112,11 +112,11 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
           f"config.init.{field}={path!r} gives {encoder} weights, but backbone "
           f"{abstract.cfg.backbone!r} has a {abstract.cfg.image_encoder} image encoder; use "
           f"config.init.{'timm_vit' if encoder == 'resnet' else 'torchvision_resnet'}")
-    if field != "checkpoint":
-      path = weights_lib.resolve(path, kind=field, what=f"config.init.{field}")
     if field == "checkpoint":
       weights.update(_from_checkpoint(path, abstract.cfg))
-    elif field == "timm_vit":
+      continue
+    path = weights_lib.resolve(path, kind=field, what=f"config.init.{field}")
+    if field == "timm_vit":
       weights.update(_from_timm_vit(path, abstract))
     elif field == "torchvision_resnet":
       weights.update(_from_torchvision_resnet(path, abstract))

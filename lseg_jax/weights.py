@@ -142,14 +142,6 @@ def names(kind: str | None = None) -> list[str]:
   return [n for n, e in OFFICIAL.items() if kind is None or e.kind == kind]
 
 
-def is_remote(spec: str) -> bool:
-  """Whether `resolve` would look `spec` up by name, URL or Hub id (not a local path)."""
-  spec = os.fspath(spec)
-  return not os.path.exists(spec) and (
-      spec in OFFICIAL or spec.startswith(("http://", "https://"))
-      or _HUB_ID.fullmatch(spec) is not None)
-
-
 def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
   """A local path (file, or folder for Hub CLIP/tokenizer repos) holding `spec`'s weights.
 
@@ -354,4 +346,4 @@ def file_sha256(path: str) -> str:
 
 
 __all__ = ["OFFICIAL", "Official", "WeightsError", "cache_dir", "download_url",
-           "file_sha256", "is_remote", "names", "resolve"]
+           "file_sha256", "hub_cache_dir", "names", "offline", "resolve", "url_cache_path"]

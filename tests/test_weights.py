@@ -335,6 +335,7 @@ def test_paper_configs_name_official_weights_of_their_backbone(name, arg):
   assert not any(importlib.import_module("configs.synthetic_tiny").get_config().init.values())
 
 
+@pytest.mark.slow
 def test_convert_import_and_export_take_urls_and_names(server, source, tmp_path, capsys):
   """`tools/convert.py import URL` (a lang-seg layout file on the server) and
   `export --clip-weights ViT-B/32`; a bad URL is one error line."""
