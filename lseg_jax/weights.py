@@ -48,7 +48,7 @@ import urllib.request
 # connect timeout): offline machines fail within this, never in a retry loop.
 TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 5.0
-KINDS = ("timm_vit", "torchvision_resnet", "clip", "checkpoint", "tokenizer")
+KINDS = ("timm_vit", "torchvision_resnet", "clip", "checkpoint")
 
 
 class WeightsError(OSError):
@@ -120,9 +120,8 @@ _HUB_FILES = {
     "timm_vit": (("model.safetensors",), ("pytorch_model.bin",)),
     "torchvision_resnet": (("model.safetensors",), ("pytorch_model.bin",)),
     "clip": (("config.json", "model.safetensors"), ("config.json", "pytorch_model.bin")),
-    "tokenizer": (("vocab.json", "merges.txt"),),
 }
-_FOLDER_KINDS = ("clip", "tokenizer")
+_FOLDER_KINDS = ("clip",)
 
 
 def cache_dir() -> str:
@@ -143,7 +142,7 @@ def names(kind: str | None = None) -> list[str]:
 
 
 def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
-  """A local path (file, or folder for Hub CLIP/tokenizer repos) holding `spec`'s weights.
+  """A local path (a file; a folder for a Hub CLIP repo) holding `spec`'s weights.
 
   Args:
     spec: a local path, an official name (`OFFICIAL`), an http(s) URL or a Hub id.

@@ -364,3 +364,21 @@ def test_convert_import_and_export_take_urls_and_names(server, source, tmp_path,
   assert convert.main(["import", server.url + "/ckpt/missing.pt", str(tmp_path / "x")]) == 1
   err = capsys.readouterr().err
   assert "error: SRC='" in err and "answered HTTP 404" in err and len(err.splitlines()) == 1
+
+
+def test_hub_clip_id_gives_a_folder_and_missing_files_are_named(server):
+  """A transformers CLIP repo id resolves to the snapshot folder holding config.json and
+  model.safetensors (what `config.init.clip` reads as a Hugging Face folder)."""
+  server.hub[("lseg-tests/clip-tiny", "config.json")] = b'{"model_type": "clip"}'
+  server.hub[("lseg-tests/clip-tiny", "model.safetensors")] = server.hub[
+      (VIT_REPO, "model.safetensors")]
+  folder = weights.resolve("lseg-tests/clip-tiny", kind="clip", what="config.init.clip")
+  assert os.path.isdir(folder)
+  assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+  server.hub[("lseg-tests/config-only", "config.json")] = b"{}"
+  with pytest.raises(weights.WeightsError, match=r"config.init.timm_vit='lseg-tests/config-only'"
+                     r": Hugging Face Hub repo 'lseg-tests/config-only' has none of "
+                     r"model.safetensors or pytorch_model.bin"):
+    weights.resolve("lseg-tests/config-only", kind="timm_vit", what="config.init.timm_vit")
+  with pytest.raises(weights.WeightsError, match="no Hugging Face Hub repo 'nobody/nothing'"):
+    weights.resolve("nobody/nothing", kind="timm_vit", what="config.init.timm_vit")
