@@ -1,17 +1,19 @@
 r"""LSeg on ADE20K (150 classes): the paper's fixed-label experiment and its ablations.
 
   python tools/train.py --config configs/ade20k.py:variant=vitl16 --workdir ckpts/ade20k_l16 \
-      --config.data.data_dir=DATA --config.init.timm_vit=vit_large_patch16_384.safetensors \
-      --config.init.clip=ViT-B-32.pt
+      --config.data.data_dir=DATA
 
-DATA holds ADEChallengeData2016.zip (or its extracted folder). Variants:
-  vitl16   ViT-L/16 image encoder, CLIP ViT-B/32 text encoder (the paper's model);
+DATA holds ADEChallengeData2016.zip (or its extracted folder). The pretrained weights
+are those the official code starts from, by name (downloaded once, SHA-256 checked;
+`configs/common.py` PAPER_WEIGHTS, evidence in docs/interop.md); --config.init.timm_vit
+and --config.init.clip take a local path instead. Variants:
+  vitl16   ViT-L/16 image encoder (timm vit_large_patch16_384), CLIP ViT-B/32 text
+           encoder (the paper's model);
   vitb32   ViT-B/32 image encoder (timm vit_base_patch32_384), CLIP ViT-B/32 text;
-  rn50x16  ViT-L/16 image encoder, CLIP RN50x16 text encoder (768-d; --config.init.clip
-           pointing at RN50x16.pt).
+  rn50x16  ViT-L/16 image encoder, CLIP RN50x16 text encoder (768-d).
 More arguments: arch_option=0|1|2 and block_depth=N (spatial regularisation
 ablation, activation=lrelu|relu|tanh), epochs=240, runlocal (4 tiny CPU steps: needs
-the data, not the weights). Recipe (lang-seg train.sh): global batch 16, SGD momentum
+the data, not the weights: it starts from random weights). Recipe (lang-seg train.sh): global batch 16, SGD momentum
 0.9, weight decay 1e-4, base lr 0.004 x batch/16 with the decoder at 10x, poly decay
 0.9, 240 epochs, crop 480 from base size 520, scale 0.5-2.0, flip; bfloat16 compute
 (float32 parameters, logits and loss). Attention is cuDNN's fused kernel on NVIDIA
@@ -55,4 +57,6 @@ def get_config(arg=None):
 
   if args.runlocal:
     common.shrink_for_local_run(c)
+  else:
+    common.set_paper_weights(c, c.model.backbone)
   return c

@@ -21,6 +21,15 @@ BYTE_LEVEL_TOKENIZER = "byte-level"
 ADE20K_TRAIN_IMAGES = 20_210
 PAPER_EPOCHS = 240
 GROUPS = ("model", "data", "optim", "mesh", "sharding", "init", "text")
+# The weights the official code starts each backbone from, as `config.init` names that
+# `lseg_jax.weights` downloads and verifies (timm 0.4.12's `pretrained=True`, OpenAI's
+# `clip.load`, torchvision's `resnet101(pretrained=True)`; evidence in docs/interop.md).
+PAPER_WEIGHTS = {
+    "clip_vitl16_384": {"timm_vit": "vit_large_patch16_384", "clip": "ViT-B/32"},
+    "clip_vitb32_384": {"timm_vit": "vit_base_patch32_384", "clip": "ViT-B/32"},
+    "clipRN50x16_vitl16_384": {"timm_vit": "vit_large_patch16_384", "clip": "RN50x16"},
+    "clip_resnet101": {"torchvision_resnet": "resnet101", "clip": "ViT-B/32"},
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -73,6 +82,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ValueError(f"config argument {key}={value!r}; expected {expected.__name__}")
     out[key] = value
   return out
+
+
+def set_paper_weights(c: ml_collections.ConfigDict, backbone: str) -> None:
+  """`config.init.*` = the official code's pretrained weights of `backbone` (none for
+  a backbone without official weights, such as the tiny test ones)."""
+  for field, name in PAPER_WEIGHTS.get(backbone, {}).items():
+    c.init[field] = name
 
 
 def ade20k_steps(epochs: int = PAPER_EPOCHS, batch_size: int = 16) -> int:

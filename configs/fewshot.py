@@ -4,25 +4,25 @@ The paper's zero-shot rows, ResNet-101 image encoder (lang-seg's `LSegRNNetZS`) 
 CLIP ViT-B/32 text encoder, one run per fold (PASCAL-5i and COCO-20i: fold=0..3):
 
   python tools/train.py --config configs/fewshot.py:dataset=pascal,fold=0 \
-      --workdir ckpts/pascal_fold0 --config.data.data_dir=DATA \
-      --config.init.torchvision_resnet=resnet101-63fe2227.pth --config.init.clip=ViT-B-32.pt
+      --workdir ckpts/pascal_fold0 --config.data.data_dir=DATA
   python tools/train.py --config configs/fewshot.py:dataset=coco,fold=0 \
-      --workdir ckpts/coco_fold0 --config.data.data_dir=DATA \
-      --config.init.torchvision_resnet=resnet101-63fe2227.pth --config.init.clip=ViT-B-32.pt
+      --workdir ckpts/coco_fold0 --config.data.data_dir=DATA
   python tools/train.py --config configs/fewshot.py:dataset=fss \
-      --workdir ckpts/fss_rn101 --config.data.data_dir=DATA \
-      --config.init.torchvision_resnet=resnet101-63fe2227.pth --config.init.clip=ViT-B-32.pt
+      --workdir ckpts/fss_rn101 --config.data.data_dir=DATA
 
 and the ViT-L/16 FSS-1000 row (lang-seg's `LSegNetZS`):
 
   python tools/train.py --config configs/fewshot.py:dataset=fss,backbone=clip_vitl16_384 \
-      --workdir ckpts/fss_l16 --config.data.data_dir=DATA \
-      --config.init.timm_vit=vit_large_patch16_384.safetensors --config.init.clip=ViT-B-32.pt
+      --workdir ckpts/fss_l16 --config.data.data_dir=DATA
 
 Arguments: dataset=pascal|coco|fss, fold=0..3 (PASCAL-5i and COCO-20i; FSS-1000 has
 one split), backbone (clip_resnet101 by default, or any LSegConfig backbone),
-steps=N, runlocal. `resnet101-63fe2227.pth` is torchvision's ImageNet ResNet-101
-(IMAGENET1K_V1: what `torchvision.models.resnet101(pretrained=True)` gave lang-seg).
+steps=N, runlocal (random weights). The pretrained weights are those the official code
+starts from, by name (downloaded once, SHA-256 checked; `configs/common.py`
+PAPER_WEIGHTS, docs/interop.md): `resnet101` is torchvision's ImageNet ResNet-101
+(IMAGENET1K_V1, `resnet101-63fe2227.pth`: what `torchvision.models.resnet101(pretrained=True)`
+gave lang-seg), `ViT-B/32` OpenAI's CLIP, `vit_large_patch16_384` timm 0.4.12's
+weights; --config.init.* take local paths instead.
 
 Each training example is an episode: the label table is ["other", *the fold's
 training classes] and each example's label mask leaves two candidates, "other" and
@@ -91,4 +91,6 @@ def get_config(arg=None):
 
   if args.runlocal:
     common.shrink_for_local_run(c)
+  else:
+    common.set_paper_weights(c, c.model.backbone)
   return c

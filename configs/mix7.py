@@ -1,8 +1,6 @@
 r"""LSeg on the 7-dataset mixture of the official demo model (`demo_e200.ckpt`).
 
-  python tools/train.py --config configs/mix7.py --workdir ckpts/mix7 \
-      --config.data.data_dir=DATA --config.init.timm_vit=vit_large_patch16_384.safetensors \
-      --config.init.clip=ViT-B-32.pt
+  python tools/train.py --config configs/mix7.py --workdir ckpts/mix7 --config.data.data_dir=DATA
 
 DATA holds every dataset in its official layout (docs/datasets.md): ADE20K, BDD100K,
 Cityscapes, COCO panoptic, IDD, Mapillary Vistas, SUN RGB-D. Batches mix the datasets
@@ -12,7 +10,10 @@ each example's label mask marks its own dataset's labels, so every pixel compete
 only with the classes its dataset annotates. Arguments: epochs=200 (passes over the
 mixture; "e200" of the demo checkpoint), runlocal. The recipe is the ADE20K one
 (ViT-L/16 + CLIP ViT-B/32 text, SGD, lr 0.004 x batch/16, decoder 10x, poly 0.9,
-crop 480, bfloat16); the official code does not publish the mixture's settings.
+crop 480, bfloat16), starting from the official code's pretrained weights by name
+(timm vit_large_patch16_384 and CLIP ViT-B/32, downloaded once and checked: see
+docs/interop.md; runlocal starts from random weights); the official code does not
+publish the mixture's settings.
 Periodic evaluation covers the first `eval_num_batches` batches of the mixture's
 validation splits (one union table).
 """
@@ -52,4 +53,6 @@ def get_config(arg=None):
 
   if args.runlocal:
     common.shrink_for_local_run(c)
+  else:
+    common.set_paper_weights(c, c.model.backbone)
   return c

@@ -17,7 +17,8 @@ evaluator and the tools then read `config.key` directly. Fields:
   mesh      {"data": -1, "fsdp": 1}: device mesh sizes (-1: the remaining devices);
   sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see
             `lseg_jax.sharding`;
-  init      checkpoint / timm_vit / torchvision_resnet / clip paths, see `lseg_jax.init`;
+  init      checkpoint / timm_vit / torchvision_resnet / clip: paths, or names, Hub ids or
+            URLs (`lseg_jax.weights`), see `lseg_jax.init`;
   text      tokenizer (a CLIP tokenizer folder, a Hugging Face name, or "byte-level")
             and template (None: bare label names, as LSeg);
   evals     {name: evaluation} run during training and by `tools/eval.py`; each

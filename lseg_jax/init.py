@@ -1,6 +1,8 @@
 """Initialisation from pretrained weights, by config.
 
-`config.init` fields (each None or a path; applied in this order, later ones win):
+`config.init` fields (each None, a path, or a name that `lseg_jax.weights.resolve`
+downloads and verifies: an official name such as `vit_large_patch16_384`, `ViT-B/32`,
+`resnet101`, a Hugging Face Hub id or a URL; applied in this order, later ones win):
   checkpoint  an Orbax directory (`tools/convert.py import`, or an earlier training
               run): every parameter and BatchNorm statistic of the model;
   timm_vit    a timm ViT state dict (`.safetensors`, `.pth`, ...; lang-seg checkpoints
@@ -24,6 +26,7 @@ import numpy as np
 
 from lseg_jax import checkpoint
 from lseg_jax import langseg_layout as layout
+from lseg_jax import weights as weights_lib
 from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit, torchvision_resnet
 from lseg_jax.models import lseg
 
@@ -101,7 +104,7 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
     if not path:
       continue
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if field == "checkpoint" and not os.path.exists(path):
       raise FileNotFoundError(f"config.init.{field}={path!r} does not exist")
     encoder = _IMAGE_ENCODER.get(field)
     if encoder is not None and abstract.cfg.image_encoder != encoder:
@@ -111,7 +114,9 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
           f"config.init.{'timm_vit' if encoder == 'resnet' else 'torchvision_resnet'}")
     if field == "checkpoint":
       weights.update(_from_checkpoint(path, abstract.cfg))
-    elif field == "timm_vit":
+      continue
+    path = weights_lib.resolve(path, kind=field, what=f"config.init.{field}")
+    if field == "timm_vit":
       weights.update(_from_timm_vit(path, abstract))
     elif field == "torchvision_resnet":
       weights.update(_from_torchvision_resnet(path, abstract))

@@ -78,9 +78,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
   from urllib.parse import urlparse  # pylint: disable=g-import-not-at-top
   if any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_VARIABLES):
     return False
-  host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+  endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+  port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
   try:
-    socket.create_connection((host, 443), timeout=timeout).close()
+    socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     return True
   except OSError:
     return False

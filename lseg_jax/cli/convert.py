@@ -15,7 +15,10 @@ by its `pretrained.layer1.*` keys:
 Export one of our checkpoint directories to a state dict in the LSegNet layout (the
 LSegRNNetZS layout for the ResNet backbones):
 
-  python tools/convert.py export ckpts/lseg_l16 lseg_l16.pt --clip-weights ViT-B-32.pt
+  python tools/convert.py export ckpts/lseg_l16 lseg_l16.pt --clip-weights ViT-B/32
+
+(`--clip-weights` takes a local file or a `clip.load` name, downloaded once and checked;
+SRC of `import` may be an http(s) URL.)
 
 The exported file is `{"state_dict": {LSegNet key: tensor}, "lseg_config": {...}}`
 (`--bare`: the state dict alone). The official code loads it with
@@ -36,6 +39,7 @@ import numpy as np
 from lseg_jax import checkpoint
 from lseg_jax import langseg_layout
 from lseg_jax import text
+from lseg_jax import weights
 from lseg_jax.cli import common
 from lseg_jax.convert import clip_openai, langseg
 from lseg_jax.errors import UserError
@@ -73,6 +77,8 @@ def default_tokenizer(cfg: lseg.LSegConfig) -> str:
 
 def run_import(args) -> str:
   src = os.fspath(args.src)
+  if src.startswith(("http://", "https://")):
+    src = weights.resolve(src, kind="checkpoint", what="SRC")
   if not os.path.isfile(src):
     raise UserError(f"SRC {src!r} is not a file")
   if not src.endswith(".safetensors"):
@@ -108,6 +114,10 @@ def run_import(args) -> str:
 # export
 # ---------------------------------------------------------------------------
 def _add_clip_weights(state_dict, clip_path: str, trust_pickle: bool):
+  clip_path = weights.resolve(clip_path, kind="clip", what="--clip-weights")
+  if os.path.isdir(clip_path):
+    raise UserError(f"--clip-weights {clip_path!r} is a folder; expected an OpenAI CLIP "
+                       f"file (one of {weights.names('clip')}, its URL, or a local .pt)")
   try:
     clip_sd = langseg_layout.load_state_dict_file(clip_path, weights_only=not trust_pickle)
     merged = langseg.add_clip_image_tower(state_dict, clip_sd)
@@ -170,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
           "depthwise (2) hold the same weights, so --arch-option and --block-depth are "
           "required (and --activation for --block-depth >= 2) unless the file records them "
           "(our exports do). Nothing is written to OUT_DIR unless the import succeeds."))
-  imp.add_argument("src", metavar="SRC", help="checkpoint file (.ckpt, .pt, .pth, .safetensors)")
+  imp.add_argument("src", metavar="SRC", help=(
+      "checkpoint file (.ckpt, .pt, .pth, .safetensors), or its http(s) URL (downloaded "
+      "once into the cache; a 64-hex-digit path component is checked as its SHA-256)"))
   imp.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to create")
   imp.add_argument("--backbone", choices=sorted(lseg.FIELD_CHOICES["backbone"]),
                    help="override the backbone inferred from the image encoder (ViT "
@@ -206,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   exp.add_argument("--clip-weights", metavar="CLIP.pt",
                    help="OpenAI CLIP checkpoint (TorchScript .pt as downloaded by clip.load, "
-                   "or a state dict) whose image tower and logit_scale to include")
+                   "or a state dict; or its clip.load name, e.g. ViT-B/32, downloaded and "
+                   "checked, or a URL) whose image tower and logit_scale to include")
   exp.add_argument("--half", action="store_true",
                    help="store the CLIP tower (clip_pretrained.*) in float16, as the official "
                    "checkpoints do; the rest stays float32")

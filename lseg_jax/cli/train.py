@@ -2,7 +2,7 @@ r"""Trains LSeg from a config file.
 
   python tools/train.py --config configs/synthetic_tiny.py --workdir runs/synthetic_tiny
   python tools/train.py --config configs/ade20k.py:variant=vitl16 --workdir ckpts/ade20k_l16 \
-      --config.init.timm_vit=vit_large_patch16_384.safetensors --config.init.clip=ViT-B-32.pt
+      --config.data.data_dir=DATA
 
 Overrides: `--config.KEY=VALUE` for any field of the completed config (see
 `lseg_jax.config`; unknown keys are refused). Rerunning a command on the same
