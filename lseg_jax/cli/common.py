@@ -9,7 +9,8 @@ multi-process arguments (`--coordinator`, `--num-processes`, `--process-id`,
 
 Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
 can cause (a bad value, a missing or damaged file) ends in one line "error: ..." and
-exit code 2; `--verbose` or LSEG_DEBUG=1 shows the traceback instead. A failed run
+exit code 2; `--verbose` or LSEG_DEBUG=1 shows the traceback instead (and TensorFlow's
+C++ warnings, otherwise hidden unless TF_CPP_MIN_LOG_LEVEL is set). A failed run
 exits at once, whatever threads are still running.
 """
 from __future__ import annotations
@@ -86,6 +87,10 @@ def run(main, argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   verbose = VERBOSE_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
   argv = [a for a in argv if a != VERBOSE_FLAG]
+  if not verbose:
+    # TensorFlow's C++ warnings (input threads reporting a failed decode) would
+    # surround the one error line; they are read before TensorFlow loads.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     return main(argv)
   except SystemExit as e:
