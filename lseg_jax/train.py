@@ -208,8 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, checkpoints.
 
   Returns:
-    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM or
-     stop_at_step), "terminated": bool (by SIGTERM), "train": last logged train metrics,
+    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM, SIGINT
+     or stop_at_step), "terminated": bool (by SIGTERM or SIGINT), "interrupted": bool
+     (by SIGINT, Ctrl-C), "checkpoint_dir": where checkpoints are saved,
+     "train": last logged train metrics,
      "eval": last eval metrics, "state": the final train state (global arrays),
      "label_names": the train label table, "embed": label names -> [L, D] label
      embeddings from the model's text tower}.
@@ -307,7 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
   summary: dict[str, Any] = {"train": {}, "eval": {}, "preempted": False,
-                             "terminated": False}
+                             "terminated": False, "interrupted": False,
+                             "checkpoint_dir": ckpt_dir}
   pending = []  # [(step, device metrics)] not yet fetched: at most one
 
   def flush():
@@ -366,7 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if stopping and not is_last:
           summary["preempted"] = True
           summary["terminated"] = preemption.requested
-          logging.warning("Stopped at step %d; rerun the same command to resume.", step)
+          summary["interrupted"] = preemption.interrupted
+          if not preemption.interrupted:  # the tool reports a Ctrl-C in one line
+            logging.warning("Stopped at step %d; rerun the same command to resume.", step)
           break
       flush()
   finally:
