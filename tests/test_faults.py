@@ -491,9 +491,9 @@ def test_bad_training_data_is_one_line(case, tmp_path):
   assert errors == [f"error: Bad example {str(image)!r}: {BAD_DATA[case]}"], done.stderr[-3000:]
   assert "Traceback" not in done.stderr and "tf.Tensor" not in done.stderr
   # Nothing but our own log lines and the error (libjpeg itself prints its complaint
-  # about a truncated file).
+  # about a truncated file, and absl its banner when TensorFlow first logs).
   ours = re.compile(r"[IW]\d{4} [\d:.]+ +\d+ \w+\.py:\d+\] |error: |\(rerun with "
-                    r"|Improper call to JPEG library")
+                    r"|Improper call to JPEG library|WARNING: All log messages before absl")
   others = [line for line in done.stderr.splitlines() if line.strip() and not ours.match(line)]
   assert not others, others
 

@@ -87,10 +87,11 @@ def run(main, argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   verbose = VERBOSE_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
   argv = [a for a in argv if a != VERBOSE_FLAG]
-  if not verbose:
+  import lseg_jax  # pylint: disable=g-import-not-at-top
+  if not verbose and not lseg_jax.TF_LOG_LEVEL_FROM_USER:
     # TensorFlow's C++ warnings (input threads reporting a failed decode) would
-    # surround the one error line; they are read before TensorFlow loads.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # surround the one error line; read when TensorFlow loads, after this.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
   try:
     return main(argv)
   except SystemExit as e:
