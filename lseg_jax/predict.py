@@ -237,16 +237,41 @@ def list_images(folder: str) -> list[str]:
 # Label sets.
 # --------------------------------------------------------------------------
 def parse_labels(spec: str) -> list[str]:
-  """'dog, grass ,other' -> ['dog', 'grass', 'other'].
+  r"""'dog, grass ,other' -> ['dog', 'grass', 'other']; "\," is a comma inside a label.
+
+  'red disc\, large, other' -> ['red disc, large', 'other']. No other backslash is
+  allowed, so that no label reaches the model split otherwise than the user meant.
 
   Raises:
-    ValueError: no labels, an empty label (e.g. "dog,,grass") or two labels
-      that are equal after CLIP's text cleaning (e.g. "Dog" and "dog").
+    ValueError: no labels, an empty label (e.g. "dog,,grass"), a backslash not
+      followed by a comma, or two labels that are equal after CLIP's text
+      cleaning (e.g. "Dog" and "dog").
   """
   if not spec or not spec.strip():
     raise ValueError("no labels given; expected label names separated by commas, "
                      'e.g. "dog, grass, other"')
-  labels = [s.strip() for s in spec.split(",")]
+  labels, current, i = [], [], 0
+  while i < len(spec):
+    char = spec[i]
+    if char == "\\":
+      if spec[i + 1:i + 2] != ",":
+        rest = spec[i:].split(",", 1)[0]
+        raise ValueError(
+            # Quoted as typed: repr would double the backslash the message is about.
+            f'label "{("".join(current) + rest).strip()}" in "{spec}" has a backslash '
+            "not followed by a comma; expected \\, for a comma inside a label and no "
+            "other backslash (use --labels-file for names with backslashes)")
+      current.append(",")
+      i += 2
+      continue
+    if char == ",":
+      labels.append("".join(current))
+      current = []
+    else:
+      current.append(char)
+    i += 1
+  labels.append("".join(current))
+  labels = [s.strip() for s in labels]
   for i, label in enumerate(labels):
     if not label:
       raise ValueError(f"empty label at position {i + 1} in {spec!r}; expected non-empty "

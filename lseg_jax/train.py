@@ -188,6 +188,20 @@ def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
   return state_lib.restore(mngr, step, spec), meta
 
 
+def _divergence_message(step: int, m, last_good: int | None, ckpt_dir: str,
+                        base_lr: float) -> str:
+  """What went wrong at a non-finite step, and how to go on."""
+  what = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+          f"grad_norm={float(m['grad_norm'])}); stopped without applying it.")
+  fix = (f"a lower learning rate (e.g. --config.optim.base_lr={base_lr / 10:g}, now "
+         f"{base_lr:g}) or gradient clipping (--config.optim.grad_clip_norm=1.0)")
+  if last_good is None:
+    return (f"{what} No checkpoint was written (the run diverged before its first "
+            f"checkpoint); restart from scratch with {fix}.")
+  return (f"{what} The last good checkpoint is step {last_good} in {ckpt_dir}. "
+          f"Rerun with {fix}.")
+
+
 # ============================================================================
 # train_and_evaluate
 # ============================================================================
@@ -195,8 +209,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, checkpoints.
 
   Returns:
-    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM or
-     stop_at_step), "terminated": bool (by SIGTERM), "train": last logged train metrics,
+    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM, SIGINT
+     or stop_at_step), "terminated": bool (by SIGTERM or SIGINT), "interrupted": bool
+     (by SIGINT, Ctrl-C), "checkpoint_dir": where checkpoints are saved,
+     "train": last logged train metrics,
      "eval": last eval metrics, "state": the final train state (global arrays),
      "label_names": the train label table, "embed": label names -> [L, D] label
      embeddings from the model's text tower}.
@@ -294,7 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
   summary: dict[str, Any] = {"train": {}, "eval": {}, "preempted": False,
-                             "terminated": False}
+                             "terminated": False, "interrupted": False,
+                             "checkpoint_dir": ckpt_dir}
   pending = []  # [(step, device metrics)] not yet fetched: at most one
 
   def flush():
@@ -304,11 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       m = jax.tree.map(metrics_lib.to_host, m)
       if not m["finite"]:
         mngr.wait_until_finished()
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-            f"grad_norm={float(m['grad_norm'])}); stopped without applying it. The last "
-            f"good checkpoint is step {mngr.latest_step()} in {ckpt_dir}. Lower "
-            "config.optim.base_lr or set config.optim.grad_clip_norm.")
+        raise FloatingPointError(_divergence_message(
+            step, m, mngr.latest_step(), ckpt_dir, config.optim.base_lr))
       meter.add(m)
       lr = float(m["lr"])
       if bar is not None:
@@ -356,7 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if stopping and not is_last:
           summary["preempted"] = True
           summary["terminated"] = preemption.requested
-          logging.warning("Stopped at step %d; rerun the same command to resume.", step)
+          summary["interrupted"] = preemption.interrupted
+          if not preemption.interrupted:  # the tool reports a Ctrl-C in one line
+            logging.warning("Stopped at step %d; rerun the same command to resume.", step)
           break
       flush()
   finally:

@@ -1,5 +1,5 @@
 """Small pieces of the training loop: when things are due, the metric file, the
-meter and the SIGTERM handler.
+meter and the SIGTERM / SIGINT handler.
 
 A local metric file is appended to and synced to disk line by line; a remote one
 (gs://..., through `tf.io.gfile`, wherever TensorFlow reaches it) is replaced whole
@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+# Exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
 
 
 def due(step: int, every: int | None, total: int | None = None) -> bool:
@@ -157,24 +159,29 @@ class TrainMeter:
 
 
 class Preemption:
-  """SIGTERM -> every process stops after the same step.
+  """SIGTERM or SIGINT (Ctrl-C) -> every process stops after the same step.
 
-  One process: a handler turns SIGTERM into a flag. Several processes: the signal
+  One process: handlers turn either signal into a flag. Several processes: the signal
   reaches one of them at a time, so JAX's preemption sync manager (started by
-  `jax.distributed.initialize`) catches it on whichever process gets it and every
-  process agrees on the step to stop after; `reached(step)` must be called after
-  every step by every process.
+  `jax.distributed.initialize`) catches SIGTERM on whichever process gets it and every
+  process agrees on the step to stop after; a SIGINT is passed on to it as a SIGTERM
+  of the process. `reached(step)` must be called after every step by every process.
+  `interrupted` tells a SIGINT from a SIGTERM; a second SIGINT exits at once (code
+  130) without saving.
   """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.interrupted = False
+    self._previous = {}
     from lseg_jax import distributed  # pylint: disable=g-import-not-at-top
     self._sync = distributed.preemption_sync_enabled()
 
   def __enter__(self):
-    if not self._sync and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      if not self._sync:
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
     return self
 
   def reached(self, step: int) -> bool:
@@ -189,9 +196,21 @@ class Preemption:
     logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
     self.requested = True
 
+  def _interrupt(self, signum, frame):
+    del signum, frame
+    if self.interrupted:
+      # os.write: no Python I/O lock can be held by the code this signal interrupted.
+      os.write(2, b"error: interrupted again: stopped at once, without saving\n")
+      os._exit(INTERRUPTED_EXIT)  # pylint: disable=protected-access
+    self.interrupted = True
+    if self._sync:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.requested = True
+
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
-__all__ = ["METRICS_FILE", "MetricWriter", "Preemption", "TrainMeter", "due"]
+__all__ = ["INTERRUPTED_EXIT", "METRICS_FILE", "MetricWriter", "Preemption", "TrainMeter", "due"]

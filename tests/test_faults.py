@@ -12,6 +12,8 @@ import glob
 import json
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -193,6 +195,79 @@ def test_sigterm_saves_and_exits_75_then_resumes(reference, data_dir, tmp_path):
   assert metric_lines(workdir) == metric_lines(reference)
 
 
+def _last_line(text):
+  return text.strip().splitlines()[-1]
+
+
+def test_sigint_saves_prints_the_resume_command_and_exits_130(reference, data_dir, tmp_path):
+  workdir = tmp_path / "work"
+  events = tmp_path / "events"
+  args = train_args(workdir, data_dir)
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _FAULT_TRAIN, *args], cwd=ROOT,
+      env=dict(ENV, FAULT_EVENTS=str(events)), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not (events.exists() and "save 3" in events.read_text()):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert 3 < saved < TOTAL, saved
+  # python -c runs it here: the command names tools/train.py.
+  command = shlex.join(["python", os.path.join("tools", "train.py"), *args])
+  assert _last_line(err) == (f"interrupted: saved step {saved} in "
+                             f"{workdir / 'checkpoints'}; resume with: {command}"), err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err and "finished" not in out
+  resume = shlex.split(_last_line(err).split("resume with: ", 1)[1])
+  assert resume[0] == "python"
+  done = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"Resuming from {workdir / 'checkpoints'} step {saved}." in done.stderr
+  assert metric_lines(workdir) == metric_lines(reference)
+
+
+def test_second_sigint_stops_at_once_without_saving(data_dir, tmp_path):
+  workdir = tmp_path / "work"
+  events = tmp_path / "events"
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _FAULT_TRAIN, *train_args(workdir, data_dir)], cwd=ROOT,
+      env=dict(ENV, FAULT_EVENTS=str(events)), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not (events.exists() and "save 3" in events.read_text()):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.05)  # within the next step (each batch waits 0.1 s): no save yet
+  proc.send_signal(signal.SIGINT)
+  start = time.time()
+  err = proc.communicate(timeout=60)[1]
+  assert proc.returncode == 130, err[-3000:]
+  assert _last_line(err) == "error: interrupted again: stopped at once, without saving"
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+  assert "save 4" not in events.read_text()
+  print(f"exited {time.time() - start:.2f} s after the second SIGINT")
+
+
+def test_divergence_before_the_first_checkpoint_says_none_was_written(data_dir, tmp_path):
+  workdir = tmp_path / "work"
+  done = run_tool("train.py", train_args(workdir, data_dir, **{"optim.base_lr": "1e30"}))
+  assert done.returncode == 2, done.stderr[-3000:]
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+  assert errors == [
+      "error: non-finite loss or gradient at step 2 (loss=nan, grad_norm=nan); stopped "
+      "without applying it. No checkpoint was written (the run diverged before its first "
+      "checkpoint); restart from scratch with a lower learning rate (e.g. "
+      "--config.optim.base_lr=1e+29, now 1e+30) or gradient clipping "
+      "(--config.optim.grad_clip_norm=1.0)."], done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  assert not [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+
+
 # ---------------------------------------------------------------------------
 # Damaged checkpoints.
 # ---------------------------------------------------------------------------
@@ -301,7 +376,6 @@ def test_bad_config_values_are_one_line_errors(key, value, match, data_dir, tmp_
   assert rc == 2, err
   # (In-process, absl's handler may also report writing to an earlier test's stderr.)
   errors = [line for line in err.splitlines() if line.startswith("error: ")]
-  import re  # pylint: disable=g-import-not-at-top
   assert len(errors) == 1 and re.search(match, errors[0]), err
 
 
@@ -343,6 +417,85 @@ def test_pipeline_error_ends_the_process(tmp_path):
     assert "its mask has value 7 outside [0, 3)" in done.stderr
     assert "Traceback" not in done.stderr
     print(f"run {i}: exited {done.returncode} after {time.time() - start:.1f} s")
+
+
+def _bad_example(root, case):
+  """A folder dataset whose train example 5 is broken as `case` says; returns the
+  path the error names."""
+  import io  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  _folder_dataset(root, bad_value=0)
+  image = root / "train" / "images" / "5.png"
+  mask_path = root / "train" / "masks" / "5.png"
+  mask = np.asarray(Image.open(mask_path))
+  if case == "truncated_jpeg":
+    buf = io.BytesIO()
+    Image.open(image).save(buf, "JPEG")
+    image.unlink()
+    image = image.with_suffix(".jpg")
+    image.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+  elif case == "not_an_image":
+    image.write_text("this is not an image\n")
+  elif case == "wrong_size":
+    Image.fromarray(mask[:16]).save(mask_path)
+  elif case == "value_out_of_range":
+    mask = mask.copy()
+    mask[3, 3] = 7
+    Image.fromarray(mask).save(mask_path)
+  elif case == "value_out_of_range_16bit":
+    mask = mask.astype(np.uint16)
+    mask[3, 3] = 300
+    Image.fromarray(mask).save(mask_path)
+  elif case == "palette":
+    Image.fromarray(mask).convert("P").save(mask_path)
+  elif case == "rgb":
+    Image.fromarray(np.stack([mask] * 3, -1)).save(mask_path)
+  return image
+
+
+_SKIP = " Set data_cfg.on_bad_example='skip' to skip such examples."
+_DECODE = ("reading or decoding it failed ({}); expected an image TensorFlow decodes (JPEG, "
+           "PNG, BMP or GIF) and a PNG mask." + _SKIP)
+BAD_DATA = {
+    "truncated_jpeg": _DECODE.format("jpeg::Uncompress failed. Invalid JPEG data or crop "
+                                     "window"),
+    "not_an_image": _DECODE.format("Unknown image file format. One of JPEG, JPEG XL, PNG, "
+                                   "GIF, BMP, WebP required"),
+    "wrong_size": "its mask has size [16 32] but its image has size [32 32]; expected the "
+                  "same height and width." + _SKIP,
+    "value_out_of_range": "its mask has value 7 outside [0, 3); expected a label index 0-2 "
+                          "(3 labels) or 255 for ignore.",
+    "value_out_of_range_16bit": "its mask has value 300 outside [0, 3); expected a label "
+                                "index 0-2 (3 labels) or 255 for ignore.",
+    "palette": "its mask is a palette PNG; expected a greyscale PNG whose pixel values are "
+               "label indices (convert it with PIL: Image.fromarray(np.array(img)))." + _SKIP,
+    "rgb": "its mask is not an 8- or 16-bit greyscale PNG (PIL mode L or I;16); expected one "
+           "channel whose pixel values are label indices (colour, alpha, 1/2/4-bit and "
+           "palette masks are refused: save np.asarray(mask) with Image.fromarray as uint8 or "
+           "uint16)." + _SKIP,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_training_data_is_one_line(case, tmp_path):
+  image = _bad_example(tmp_path / "data", case)
+  args = train_args(tmp_path / "work", tmp_path / "data", **{
+      "data.name": "folder", "data.source_kwargs": "{}", "eval_every_steps": 0})
+  env = dict(ENV)
+  env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user runs it: the tool keeps TF's C++ warnings out
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert done.returncode == 2, done.stderr[-3000:]
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+  assert errors == [f"error: Bad example {str(image)!r}: {BAD_DATA[case]}"], done.stderr[-3000:]
+  assert "Traceback" not in done.stderr and "tf.Tensor" not in done.stderr
+  # Nothing but our own log lines and the error (libjpeg itself prints its complaint
+  # about a truncated file, and absl its banner when TensorFlow first logs).
+  ours = re.compile(r"[IW]\d{4} [\d:.]+ +\d+ \w+\.py:\d+\] |error: |\(rerun with "
+                    r"|Improper call to JPEG library|WARNING: All log messages before absl")
+  others = [line for line in done.stderr.splitlines() if line.strip() and not ours.match(line)]
+  assert not others, others
 
 
 # ---------------------------------------------------------------------------
@@ -444,7 +597,6 @@ def test_user_errors_of_predict_eval_train_are_one_line(tiny_model, images, tmp_
       (train.main, [f"--config={CONFIG}", f"--workdir={images / 'good.jpg' / 'sub'}"],
        "is not writable"),
   ]
-  import re  # pylint: disable=g-import-not-at-top
   for main, argv, match in cases:
     rc = common.run(main, argv)
     err = capsys.readouterr().err

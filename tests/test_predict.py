@@ -154,3 +154,21 @@ def test_palette_is_distinct_and_never_black():
   colours = visualize.palette(300)
   assert len({tuple(c) for c in colours}) == 300
   assert not np.any(np.all(colours == 0, axis=1))
+
+
+def test_labels_with_escaped_commas(ckpt, predict, tmp_path):
+  # What the shell passes for --labels 'dog\, brown,grass,other'.
+  rc = predict.main(["--checkpoint", str(ckpt / "ckpt"), "--image", str(ckpt / "images/odd.png"),
+                     "--labels", "dog\\, brown,grass,other", "--out", str(tmp_path / "x.png")])
+  assert rc == 0
+  assert json.loads((tmp_path / "x.json").read_text())["labels"] == [
+      "dog, brown", "grass", "other"]
+  with pytest.raises(SystemExit) as e:
+    predict.main(["--checkpoint", str(ckpt / "ckpt"), "--image", str(ckpt / "images/odd.png"),
+                  "--labels", "background,red disc\\ large,other", "--out",
+                  str(tmp_path / "y.png")])
+  assert e.value.code == (
+      'error: label "red disc\\ large" in "background,red disc\\ large,other" has a '
+      "backslash not followed by a comma; expected \\, for a comma inside a label and no "
+      "other backslash (use --labels-file for names with backslashes)")
+  assert not (tmp_path / "y.png").exists()

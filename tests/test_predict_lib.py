@@ -112,6 +112,10 @@ def test_limit_size():
 @pytest.mark.parametrize("spec,match", [
     ("", "no labels given"), ("  ", "no labels given"), ("dog,,cat", "empty label at position 2"),
     ("dog, cat,", "empty label at position 3"), ("dog, Dog", "duplicate labels"),
+    ("red disc\\ large, cat", 'label "red disc\\\\ large" in .* backslash not followed by '
+     "a comma"),
+    ("cat, dog\\", 'label "dog\\\\" in .* backslash not followed by a comma'),
+    ("cat\\,,, dog", "empty label at position 2"),
 ])
 def test_parse_labels_errors(spec, match):
   with pytest.raises(ValueError, match=match):
@@ -120,6 +124,10 @@ def test_parse_labels_errors(spec, match):
 
 def test_parse_labels_and_file(tmp_path):
   assert predict.parse_labels(" dog, grass ,other") == ["dog", "grass", "other"]
+  assert predict.parse_labels("background,red disc\\, large,other") == [
+      "background", "red disc, large", "other"]
+  assert predict.parse_labels("\\,a\\,\\,b ,c") == [",a,,b", "c"]
+  assert predict.parse_labels("cat\\,, dog") == ["cat,", "dog"]
   (tmp_path / "l.txt").write_text("dog\n\n grass \n")
   assert predict.read_labels_file(str(tmp_path / "l.txt")) == ["dog", "grass"]
   (tmp_path / "e.txt").write_text("\n")

@@ -10,8 +10,9 @@ multi-process arguments (`--coordinator`, `--num-processes`, `--process-id`,
 Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
 can cause (a bad value, a missing or damaged file), which the library raises as
 `lseg_jax.errors.UserError`, ends in one line "error: ..." and exit code 2;
-`--verbose` or LSEG_DEBUG=1 shows the traceback instead. Any other exception is a bug
-and keeps its traceback (exit code 1). A failed run
+`--verbose` or LSEG_DEBUG=1 shows the traceback instead (and TensorFlow's C++ warnings,
+otherwise hidden unless TF_CPP_MIN_LOG_LEVEL is set: `lseg_jax.cli`). Any other
+exception is a bug and keeps its traceback (exit code 1). A failed run
 exits at once, whatever threads are still running.
 """
 from __future__ import annotations

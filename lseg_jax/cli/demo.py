@@ -222,7 +222,7 @@ class DemoBackend:
     Args:
       image_source: a path, bytes or binary file of the uploaded image.
       image_name: the name the user knows it by (messages, output names).
-      labels_text: comma-separated labels.
+      labels_text: comma-separated labels (`predict.parse_labels`: \\, is a comma).
       template: prompt template with one "{}"; None or blank: the checkpoint's.
       protocol: `predict.SINGLE_SCALE` or `predict.MULTI_SCALE`.
       alpha: overlay opacity in [0, 1].
@@ -358,7 +358,8 @@ def build_app(backend: DemoBackend):
       with gr.Column(scale=1):
         image = ImageFile(label="Image", sources=["upload", "clipboard", "webcam"],
                           type="filepath", image_mode=None, elem_id="image")
-        labels = gr.Textbox(label="Labels, separated by commas", value=backend.default_labels(),
+        labels = gr.Textbox(label="Labels, separated by commas (\\, for a comma inside a label)",
+                            value=backend.default_labels(),
                             placeholder="dog, grass, other", elem_id="labels", max_lines=3)
         prompt = gr.Textbox(
             value="", label="Prompt template (optional)", elem_id="prompt", max_lines=1,

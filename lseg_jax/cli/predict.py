@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument("--image", help="one image file")
   src.add_argument("--images", help="a folder of images")
   lab = p.add_mutually_exclusive_group(required=True)
-  lab.add_argument("--labels", help='comma-separated label names, e.g. "dog,grass,other"')
+  lab.add_argument("--labels", help=(
+      'comma-separated label names, e.g. "dog,grass,other"; write \\, for a comma inside '
+      'a name ("red disc\\, large,other"); any other backslash is refused'))
   lab.add_argument("--labels-file", help="a text file with one label name per line")
   p.add_argument("--out", required=True, help="OUT.png (with --image) or an output folder")
   p.add_argument("--logits-out", default=None, help="OUT.npz (--image) or a folder (--images)")

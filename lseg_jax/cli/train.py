@@ -10,7 +10,9 @@ Overrides: `--config.KEY=VALUE` for any field of the completed config (see
 
 Exit codes: 0 finished (total_steps reached, or config.stop_at_step); 75 (EX_TEMPFAIL)
 stopped by SIGTERM before total_steps, after saving a checkpoint (every process of a
-multi-process run): rerun the same command to resume (schedulers restart on it); 76 a
+multi-process run): rerun the same command to resume (schedulers restart on it); 130
+stopped by Ctrl-C (SIGINT), after saving a checkpoint as for SIGTERM, with one line
+giving the command that resumes (a second Ctrl-C stops at once without saving); 76 a
 multi-process run stopped because another process was lost (killed, its machine gone):
 rerun the same command for every process to resume from the last complete checkpoint;
 2 a user error (one line on stderr); 1 anything else.
@@ -19,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 
 import jax
 
 from lseg_jax import distributed
 from lseg_jax import train
+from lseg_jax import train_utils
 from lseg_jax.cli import common
 
 # Stopped by SIGTERM before total_steps, with a checkpoint saved: rerun to resume.
@@ -65,6 +70,12 @@ def check_workdir(workdir: str) -> None:
                            f"{existing!r}); {fix}")
 
 
+def resume_command(argv) -> str:
+  """The command line that reruns this training (and so resumes it)."""
+  script = sys.argv[0] if sys.argv[0].endswith(".py") else os.path.join("tools", "train.py")
+  return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
   config = common.load_config(args.config, args.overrides)
@@ -74,8 +85,15 @@ def main(argv=None) -> int:
   summary = train.train_and_evaluate(config, args.workdir)
   distributed.done()
   # Every process exits with the same code (schedulers read each task's).
-  code = EXIT_PREEMPTED if summary.get("terminated") else 0
+  if summary.get("interrupted"):
+    code = train_utils.INTERRUPTED_EXIT
+  else:
+    code = EXIT_PREEMPTED if summary.get("terminated") else 0
   if jax.process_index():
+    return code
+  if summary.get("interrupted"):
+    print(f"interrupted: saved step {summary['step']} in {summary['checkpoint_dir']}; "
+          f"resume with: {resume_command(argv)}", file=sys.stderr)
     return code
   print(f"finished at step {summary['step']}"
         + (" (stopped early; rerun to resume)" if summary["preempted"] else "")

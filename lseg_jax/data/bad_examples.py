@@ -6,6 +6,10 @@ An undecodable image, or a mask whose size differs from its image's, is a
 pipeline's `PipelineStats` and logged. A mask value outside
 [0, num_labels) other than -1 (ignore) always raises.
 
+An error ends the stream where it happened instead of failing a tf.data op:
+TensorFlow would print the error, with a Python traceback, from each input
+thread it reaches. `DataIterator` raises the recorded error instead.
+
 Two readers apply the guard: `indexed_examples` (sources with `load(index)`,
 where each load is confined so that one corrupt file can be named) and
 `streamed_examples` (sources without index access). Both yield checked raw
@@ -26,6 +30,9 @@ from lseg_jax.errors import UserError
 from lseg_jax.labels import IGNORE_INDEX
 
 ON_BAD = ("error", "skip")
+_LOAD_FAILED = "reading or decoding it failed"
+# The text of a failed tf.debugging.Assert of the decoder (our own message).
+_SUMMARIZED = re.compile(r"Summarized data: b['\"](.*?)['\"]\s*$", re.S)
 
 
 class BadExampleError(UserError):
@@ -71,7 +78,7 @@ def indexed_examples(source: registry.Source, index_ds: tf.data.Dataset,
   num_labels = num_mask_values(source)
   ds = ds.map(no_autograph(lambda ex: _check_example(ex, num_labels)),
               num_parallel_calls=num_calls, deterministic=True)
-  return ds.filter(no_autograph(_bad_example_filter(source, data_cfg, stats)))
+  return _keep_good(ds, source, data_cfg, stats)
 
 
 def streamed_examples(source: registry.Source, data_cfg, stats: PipelineStats,
@@ -112,7 +119,7 @@ def streamed_examples(source: registry.Source, data_cfg, stats: PipelineStats,
               _reason=tf.constant(""))
     return _check_example(ex, num_labels)
   ds = ds.map(no_autograph(mark))
-  return ds.filter(no_autograph(_bad_example_filter(source, data_cfg, stats)))
+  return _keep_good(ds, source, data_cfg, stats)
 
 
 def _zeros_like_spec(spec):
@@ -141,7 +148,7 @@ def _guarded_load(source: registry.Source):
     ex = {k: _zeros_like_spec(s) for k, s in spec.items()}
     ex.update(file_name=source.file_name(index), _index=index,
               _ok=tf.constant(False),
-              _reason=tf.constant("reading or decoding it failed"))
+              _reason=tf.constant(_LOAD_FAILED))
     return ex
 
   def load(index):
@@ -158,57 +165,93 @@ def _check_example(ex, num_labels):
   same = tf.reduce_all(tf.equal(img_hw, mask_hw))
   mismatch = tf.logical_and(ex["_ok"], tf.logical_not(same))
   reason = tf.where(mismatch, tf.strings.format(
-      "its mask has size {} but its image has size {}", (mask_hw, img_hw)),
-      ex["_reason"])
+      "its mask has size {} but its image has size {}; expected the same height and "
+      "width", (mask_hw, img_hw)), ex["_reason"])
   mask = ex["mask"]
   checkable = tf.logical_and(ex["_ok"], same)
   has_bad_value = tf.logical_and(checkable, tf.logical_or(
       tf.reduce_any(mask < IGNORE_INDEX), tf.reduce_any(mask >= num_labels)))
   high, low = tf.reduce_max(mask), tf.reduce_min(mask)
   bad_value = tf.where(high >= num_labels, high, low)
-  reason = tf.where(has_bad_value, tf.strings.format(
-      "its mask has value {} outside [0, {}) (ignore is -1)",
-      (bad_value, num_labels)), reason)
-  ex = dict(ex, _fatal=has_bad_value, _reason=reason)
+  ex = dict(ex, _fatal=has_bad_value, _reason=reason, _bad_value=bad_value,
+            _num_labels=tf.constant(num_labels, tf.int32))
   ex["_ok"] = tf.logical_and(checkable, tf.logical_not(has_bad_value))
   return ex
 
 
-def _bad_example_filter(source, data_cfg, stats: PipelineStats):
-  """Predicate keeping good examples; bad ones are counted or raise."""
+def _keep_good(ds, source, data_cfg, stats: PipelineStats) -> tf.data.Dataset:
+  """The good examples of `ds`; a bad one is counted (skip) or ends the stream
+  with `stats.error` set (error, or a fatal one)."""
+  handle = _bad_example_handler(source, data_cfg, stats)
+
+  def verdict(ex):
+    # 0 keep, 1 skip, 2 stop. Bad examples only reach Python (in stream order: this
+    # map is sequential).
+    code = tf.cond(
+        ex["_ok"], lambda: tf.constant(0, tf.int32),
+        lambda: tf.py_function(handle, [ex["_index"], ex["file_name"], ex["_reason"],
+                                        ex["_fatal"], ex["_bad_value"],
+                                        ex["_num_labels"]], tf.int32))
+    return dict(ex, _verdict=code)
+  ds = ds.map(no_autograph(verdict))
+  ds = ds.take_while(no_autograph(lambda ex: ex["_verdict"] < 2))
+  ds = ds.filter(no_autograph(lambda ex: ex["_verdict"] == 0))
+  return ds.map(no_autograph(lambda ex: {
+      k: v for k, v in ex.items()
+      if k not in ("_verdict", "_bad_value", "_num_labels")}))
+
+
+def _bad_value_reason(source, value: int, num_labels: int) -> str:
+  """The out-of-range message, in the value convention of the source's files."""
+  ignore = getattr(source, "mask_ignore", None)
+  if ignore is None:
+    return (f"its mask has value {value} outside [0, {num_labels}); expected a label "
+            f"index below {num_labels} or the dataset's ignore value")
+  return (f"its mask has value {value} outside [0, {num_labels}); expected a label "
+          f"index 0-{num_labels - 1} ({num_labels} labels) or {ignore} for ignore")
+
+
+def _bad_example_handler(source, data_cfg, stats: PipelineStats):
+  """(bad example's fields) -> 1 (skip it) or 2 (stop: stats.error is set)."""
   on_bad = data_cfg.on_bad_example
 
-  def handle(index, file_name, reason, fatal):
+  def handle(index, file_name, reason, fatal, bad_value, num_labels):
     file_name = file_name.numpy().decode("utf-8", "replace")
     reason = reason.numpy().decode("utf-8", "replace")
+    if fatal.numpy():
+      reason = _bad_value_reason(source, int(bad_value.numpy()), int(num_labels.numpy()))
     if fatal.numpy() or on_bad == "error":
-      if not fatal.numpy() and source.is_indexed:
-        reason += _load_error_detail(source, index)
-      stats.error = BadExampleError(
-          f"Bad example {file_name!r}: {reason}." + (
-              "" if fatal.numpy() else
-              " Set data_cfg.on_bad_example='skip' to skip such examples."))
-      raise stats.error
+      if not fatal.numpy() and source.is_indexed and reason == _LOAD_FAILED:
+        reason = _load_error_reason(source, index, file_name)
+      if stats.error is None:
+        stats.error = BadExampleError(
+            f"Bad example {file_name!r}: {reason}." + (
+                "" if fatal.numpy() else
+                " Set data_cfg.on_bad_example='skip' to skip such examples."))
+      return 2
     stats.num_skipped += 1
     stats.skipped.append(file_name)
     logging.warning("Skipping bad example %r: %s (%d skipped so far).",
                     file_name, reason, stats.num_skipped)
-    return False
-
-  def keep(ex):
-    return tf.cond(
-        ex["_ok"], lambda: tf.constant(True),
-        lambda: tf.py_function(handle, [ex["_index"], ex["file_name"],
-                                        ex["_reason"], ex["_fatal"]], tf.bool))
-  return keep
+    return 1
+  return handle
 
 
-def _load_error_detail(source, index) -> str:
-  """Reruns a failed load eagerly to report the underlying TF error."""
+def _load_error_reason(source, index, file_name: str) -> str:
+  """Reruns a failed load eagerly to say what is wrong with the example's files."""
   try:
     source.load(tf.constant(index, tf.int64))
   except tf.errors.OpError as e:
+    # A tf.debugging.Assert of the decoder carries our own text ("Mask of FILE is ...").
+    summarized = _SUMMARIZED.search(e.message.strip())
+    if summarized:
+      text = summarized.group(1)
+      for prefix in (f"Mask of {file_name} ", "Mask of "):
+        if text.startswith(prefix):
+          return "its mask " + text[len(prefix):].rstrip(".")
+      return text.rstrip(".")
     first_line = e.message.strip().splitlines()[0]
-    message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", first_line)
-    return f" ({message.strip()})"
-  return ""
+    message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", first_line).strip().rstrip(".")
+    return (f"{_LOAD_FAILED} ({message}); expected an image TensorFlow decodes (JPEG, "
+            "PNG, BMP or GIF) and a PNG mask")
+  return _LOAD_FAILED

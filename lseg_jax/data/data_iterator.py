@@ -59,11 +59,20 @@ class DataIterator:
     if self._it is None:
       self._it = self.dataset.as_numpy_iterator()
     try:
-      return next(self._it)
+      batch = next(self._it)
+    except StopIteration:
+      if self.stats.error is not None:
+        raise self.stats.error from None
+      raise
     except tf.errors.OpError as e:
       if self.stats.error is not None:
         raise self.stats.error from None
       raise BadExampleError(_readable(e.message)) from e
+    # A bad example ends its stream (bad_examples.py): what follows it (a short
+    # batch, eval padding) is never data.
+    if self.stats.error is not None:
+      raise self.stats.error from None
+    return batch
 
 
 def _readable(message: str) -> str:

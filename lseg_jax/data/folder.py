@@ -48,6 +48,7 @@ def read_label_names(path: str) -> list[str]:
 
 class FolderSource(registry.Source):
   """Images and label masks matched by file stem (see module docstring)."""
+  mask_ignore = MASK_IGNORE
 
   def __init__(self, root: str, labels_paths: tuple[str, ...] = ()):
     """Lists and matches the files.

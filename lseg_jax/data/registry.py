@@ -97,11 +97,14 @@ class Source:
     is_episodic: True for zero-shot episode sources (set by `get_source` from
       the registration).
     is_indexed: True if `load(index)` is implemented.
+    mask_ignore: the value of "ignore" in the source's stored masks (255 in PNG
+      masks; None where the files have no single such value), for messages.
   """
   label_names: list[str] = []
   num_examples: int | None = None
   is_episodic: bool = False
   is_indexed: bool = True
+  mask_ignore: int | None = None
   class_names: list[str] = []
 
   def load(self, index: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -174,7 +174,7 @@ class EncodedSource(registry.Source):
     self._images = tf.constant(images, tf.string)
     self._masks = tf.constant(masks, tf.string)
     self._file_names = tf.constant(file_names, tf.string)
-    self._mask_ignore = mask_ignore
+    self.mask_ignore = mask_ignore
 
   def file_name(self, index):
     return tf.gather(self._file_names, index)
@@ -182,7 +182,7 @@ class EncodedSource(registry.Source):
   def load(self, index):
     return preprocess.decode_example(
         tf.gather(self._images, index), tf.gather(self._masks, index),
-        self.file_name(index), mask_ignore=self._mask_ignore)
+        self.file_name(index), mask_ignore=self.mask_ignore)
 
 
 def source_from_tfds(builder: tfds.core.DatasetBuilder, split: str,
