@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lseg_jax.errors import MissingFileError
+from lseg_jax import weights
+from lseg_jax.errors import MissingFileError, UserError
 
 CONTEXT_LENGTH = 77
 START_TOKEN = "<|startoftext|>"
@@ -49,9 +50,19 @@ def byte_level_tokenizer():
 
 
 def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
-  """A transformers `CLIPTokenizer` from a local folder (vocab.json + merges.txt,
-  or a saved tokenizer), a Hugging Face hub name (local cache first), or
-  "byte-level" (`byte_level_tokenizer`, no files needed)."""
+  """A transformers `CLIPTokenizer` by name, as `lseg_jax.weights` takes weights.
+
+  path_or_name:
+    * a local folder with vocab.json + merges.txt (or a saved tokenizer);
+    * "byte-level" (`byte_level_tokenizer`, no files needed);
+    * a name `clip.load` takes (`weights.CLIP_TOKENIZERS`: "ViT-B/32", "RN50x16", ...),
+      read from the Hub repo that table names;
+    * a Hugging Face Hub id (owner/name, e.g. "openai/clip-vit-base-patch32").
+  Hub files come from huggingface_hub's cache (`HF_HOME`, `HF_HUB_CACHE`), else are
+  downloaded from `HF_ENDPOINT` (default the Hub) unless `HF_HUB_OFFLINE` is set or the
+  endpoint cannot be reached within seconds (a `MissingFileError` naming the fix).
+  Anything else is a `UserError` naming the accepted forms and the official names.
+  """
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   path = os.fspath(path_or_name)
   if path == BYTE_LEVEL_TOKENIZER:
@@ -63,11 +74,38 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
       raise MissingFileError(f"tokenizer folder {path!r} lacks {missing}")
     tokenizer = CLIPTokenizer.from_pretrained(path)
   else:
-    tokenizer = _from_hub(CLIPTokenizer, path)
+    tokenizer = CLIPTokenizer.from_pretrained(_hub_folder(path))
   for token in (START_TOKEN, END_TOKEN):
     if token not in tokenizer.get_vocab():
       raise ValueError(f"tokenizer {path!r} has no {token!r} token; not a CLIP vocabulary")
   return tokenizer
+
+
+def _hub_folder(name: str) -> str:
+  """The local folder of Hub tokenizer `name` (an official CLIP name or a Hub id): the
+  cache, else a download if the Hub answers within seconds; no retries."""
+  repo = weights.CLIP_TOKENIZERS.get(name, name)
+  if not weights.HUB_ID.fullmatch(repo):
+    raise UserError(
+        f"tokenizer {name!r} is not a folder, a Hugging Face Hub id (owner/name) or "
+        f"{BYTE_LEVEL_TOKENIZER!r}; expected one of those or an official CLIP name, one "
+        f"of {list(weights.CLIP_TOKENIZERS)}")
+  label = f"tokenizer {name!r}" + (f" (Hub repo {repo!r})" if repo != name else "")
+  cached = weights.hub_cached(repo, weights.TOKENIZER_FILES)
+  if cached:
+    return os.path.dirname(cached[0])
+  if not _hub_reachable():
+    raise MissingFileError(
+        f"{label} (vocab.json, merges.txt) is not in the local Hugging Face cache and "
+        "the hub cannot be reached (offline); pass --tokenizer FOLDER with vocab.json "
+        "and merges.txt (byte-level for the tiny test models), or fetch "
+        f"{name!r} once while online")
+  try:
+    return os.path.dirname(weights.hub_files(repo, weights.TOKENIZER_FILES, label)[0])
+  except weights.WeightsError as e:
+    if repo == name:  # a mistyped relative folder looks like a Hub id
+      raise weights.WeightsError(f"{e}; nor is it a local folder") from None
+    raise
 
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -85,31 +123,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
   except OSError:
     return False
-
-
-def _from_hub(cls, name: str):
-  """`cls.from_pretrained(name)` from the local cache, else from the hub if it can be
-  reached within seconds; otherwise a FileNotFoundError naming the fix (no retries)."""
-  # Recent transformers versions return an empty tokenizer (start and end tokens only)
-  # for files they cannot find: a CLIP vocabulary holds at least the 256 bytes.
-  usable = lambda tok: len(tok.get_vocab()) > 256
-  try:
-    tokenizer = cls.from_pretrained(name, local_files_only=True)
-    if usable(tokenizer):
-      return tokenizer
-  except OSError:
-    pass
-  if not _hub_reachable():
-    raise MissingFileError(
-        f"tokenizer {name!r} (vocab.json, merges.txt) is not in the local Hugging Face "
-        "cache and the hub cannot be reached (offline); pass --tokenizer FOLDER with "
-        "vocab.json and merges.txt (byte-level for the tiny test models), or fetch "
-        f"{name!r} once while online")
-  tokenizer = cls.from_pretrained(name)
-  if not usable(tokenizer):
-    raise FileNotFoundError(f"tokenizer {name!r} has no vocab.json and merges.txt on the "
-                            "Hugging Face hub; pass --tokenizer FOLDER with them")
-  return tokenizer
 
 
 def clean_text(text: str) -> str:

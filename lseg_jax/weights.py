@@ -115,7 +115,24 @@ OFFICIAL: dict[str, Official] = {
         sha256_prefix="63fe2227", source="torchvision models/resnet.py"),
 }
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# The Hub repo holding the tokenizer files (vocab.json, merges.txt) of each name that
+# openai/CLIP's `clip.load` takes, for `config.text.tokenizer` / `--tokenizer`
+# (`lseg_jax.text.load_tokenizer`). `clip.tokenize` reads one BPE
+# (bpe_simple_vocab_16e6) for every model, so all entries give the same tokenizer;
+# OpenAI published transformers files only for its ViT models, so the ResNet names point
+# at the ViT-B/32 repo. Every "clip" name of OFFICIAL has an entry (tests check it).
+CLIP_TOKENIZERS: dict[str, str] = {
+    **dict.fromkeys(("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32"),
+                    "openai/clip-vit-base-patch32"),
+    "ViT-B/16": "openai/clip-vit-base-patch16",
+    "ViT-L/14": "openai/clip-vit-large-patch14",
+    "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
+}
+# The files of a Hub repo a tokenizer is read from (the first group the repo has).
+TOKENIZER_FILES = (("vocab.json", "merges.txt", "tokenizer_config.json",
+                    "special_tokens_map.json"), ("vocab.json", "merges.txt"))
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Per kind, the files a Hub repo is read for (in order of preference; a folder kind
 # needs all files of one group).
@@ -164,13 +181,13 @@ def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
       raise WeightsError(f"{label} names {entry.kind} weights; {what} expects {kind} "
                          f"weights: a path, a URL, a Hub id, or one of {names(kind)}")
     if entry.hub:
-      return _hub_files(entry.hub, ((entry.filename,),), label, sha256=entry.sha256)[0]
+      return hub_files(entry.hub, ((entry.filename,),), label, sha256=entry.sha256)[0]
     return download_url(entry.url, label, sha256=entry.sha256,
                         sha256_prefix=entry.sha256_prefix)
   if spec.startswith(("http://", "https://")):
     return download_url(spec, label)
-  if _HUB_ID.fullmatch(spec):
-    paths = _hub_files(spec, _HUB_FILES.get(kind, (("model.safetensors",),)), label)
+  if HUB_ID.fullmatch(spec):
+    paths = hub_files(spec, _HUB_FILES.get(kind, (("model.safetensors",),)), label)
     return os.path.dirname(paths[0]) if kind in _FOLDER_KINDS else paths[0]
   known = f", one of {names(kind)}" if names(kind) else ""
   raise FileNotFoundError(
@@ -274,15 +291,26 @@ def hub_cache_dir() -> str | None:
   return None
 
 
-def _hub_files(repo: str, groups: Sequence[Sequence[str]], label: str, *,
-               sha256: str = "") -> list[str]:
-  """Local paths of the first group of files that `repo` has (cache first)."""
+def hub_cached(repo: str, groups: Sequence[Sequence[str]]) -> list[str] | None:
+  """Local paths of the first group of `repo`'s files that is all in the Hub cache
+  (no network); None if no group is."""
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   for files in groups:
     cached = [huggingface_hub.try_to_load_from_cache(repo, f, cache_dir=hub_cache_dir())
               for f in files]
     if all(isinstance(p, str) for p in cached):
       return cached
+  return None
+
+
+def hub_files(repo: str, groups: Sequence[Sequence[str]], label: str, *,
+               sha256: str = "") -> list[str]:
+  """Local paths of the first group of files that Hub repo `repo` has: from the cache,
+  else downloaded (a `WeightsError` naming `label` if they cannot be)."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  cached = hub_cached(repo, groups)
+  if cached:
+    return cached
   where = f"Hugging Face Hub repo {repo!r} ({' + '.join(groups[0])})"
   if offline():
     raise _no_network(label, where, "HF_HUB_OFFLINE is set")
@@ -347,5 +375,6 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-__all__ = ["OFFICIAL", "Official", "WeightsError", "cache_dir", "download_url",
-           "file_sha256", "hub_cache_dir", "names", "offline", "resolve", "url_cache_path"]
+__all__ = ["CLIP_TOKENIZERS", "HUB_ID", "OFFICIAL", "Official", "TOKENIZER_FILES",
+           "WeightsError", "cache_dir", "download_url", "file_sha256", "hub_cache_dir",
+           "hub_cached", "hub_files", "names", "offline", "resolve", "url_cache_path"]

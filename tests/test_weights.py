@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import io
 import os
+from pathlib import Path
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from flax import nnx
 import numpy as np
 import pytest
 
-from lseg_jax import init, text, weights
+from lseg_jax import errors, init, text, weights
 from lseg_jax.convert import clip_openai, mapping, timm_vit, torchvision_resnet
 from lseg_jax.models import lseg
 
@@ -382,3 +383,108 @@ def test_hub_clip_id_gives_a_folder_and_missing_files_are_named(server):
     weights.resolve("lseg-tests/config-only", kind="timm_vit", what="config.init.timm_vit")
   with pytest.raises(weights.WeightsError, match="no Hugging Face Hub repo 'nobody/nothing'"):
     weights.resolve("nobody/nothing", kind="timm_vit", what="config.init.timm_vit")
+
+
+# ---------------------------------------------------------------------------
+# Tokenizers by name (`text.load_tokenizer`): the same kinds of names as the weights.
+# ---------------------------------------------------------------------------
+CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "clip_tokenizer"
+TOKENIZER_LABELS = ["a photo of a cat.", "dog", "traffic light", "naïve café", "RN50x16"]
+
+
+@pytest.fixture
+def tokenizer_hub(tmp_path, monkeypatch):
+  """A fake Hub whose CLIP repos (every repo of `weights.CLIP_TOKENIZERS`) hold the real
+  CLIP tokenizer files; HF_HOME and HF_ENDPOINT point at tmp_path and the server."""
+  if not (CLIP_TOKENIZER / "merges.txt").is_file():
+    pytest.skip("CLIP tokenizer files not available")
+  srv = FakeServer()
+  for repo in set(weights.CLIP_TOKENIZERS.values()):
+    for f in weights.TOKENIZER_FILES[0]:
+      srv.hub[(repo, f)] = (CLIP_TOKENIZER / f).read_bytes()
+  monkeypatch.setenv("HF_ENDPOINT", srv.url)
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    monkeypatch.delenv(var, raising=False)
+  yield srv
+  srv.httpd.shutdown()
+  srv.httpd.server_close()
+
+
+def test_every_official_clip_name_has_a_tokenizer():
+  assert set(weights.names("clip")) <= set(weights.CLIP_TOKENIZERS)
+  assert all(weights.HUB_ID.fullmatch(r) for r in weights.CLIP_TOKENIZERS.values())
+
+
+def test_tokenizer_by_official_name_and_hub_id_tokenizes_as_the_local_folder(
+    tokenizer_hub, tmp_path, monkeypatch):
+  want = text.tokenize(TOKENIZER_LABELS, text.load_tokenizer(CLIP_TOKENIZER))
+  assert want[0, 1] == 320  # "a" in OpenAI's vocabulary: the real BPE, not a toy one
+  for name in ("ViT-B/32", "RN50x16", "ViT-B/16", "openai/clip-vit-base-patch32"):
+    np.testing.assert_array_equal(
+        text.tokenize(TOKENIZER_LABELS, text.load_tokenizer(name)), want, err_msg=name)
+  # One download per file and repo, into HF_HOME; RN50x16 shares ViT-B/32's repo.
+  for repo in ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16"):
+    for f in weights.TOKENIZER_FILES[0]:
+      assert tokenizer_hub.gets(f"/{repo}/resolve/main/{f}") == 1, (repo, f)
+  assert tokenizer_hub.gets("/openai/clip-vit-large-patch14/resolve/main/vocab.json") == 0
+  assert list((tmp_path / "hf" / "hub").glob("models--openai--clip-vit-base-patch32/"
+                                             "snapshots/*/merges.txt"))
+  # Cached: offline now, with the server gone, every name still loads.
+  tokenizer_hub.httpd.shutdown()
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  for name in ("ViT-B/32", "RN50", "openai/clip-vit-base-patch32"):
+    np.testing.assert_array_equal(
+        text.tokenize(TOKENIZER_LABELS, text.load_tokenizer(name)), want, err_msg=name)
+
+
+def test_tokenizer_repo_without_config_files_and_missing_repos(tokenizer_hub):
+  for f in ("vocab.json", "merges.txt"):
+    tokenizer_hub.hub[("lseg-tests/bpe-only", f)] = (CLIP_TOKENIZER / f).read_bytes()
+  tokenizer_hub.hub[("lseg-tests/no-bpe", "config.json")] = b"{}"
+  want = text.tokenize(TOKENIZER_LABELS, text.load_tokenizer(CLIP_TOKENIZER))
+  np.testing.assert_array_equal(
+      text.tokenize(TOKENIZER_LABELS, text.load_tokenizer("lseg-tests/bpe-only")), want)
+  with pytest.raises(weights.WeightsError, match=r"tokenizer 'lseg-tests/no-bpe': Hugging "
+                     r"Face Hub repo 'lseg-tests/no-bpe' has none of .*vocab.json \+ "
+                     r"merges.txt; nor is it a local folder"):
+    text.load_tokenizer("lseg-tests/no-bpe")
+  with pytest.raises(weights.WeightsError, match=r"no Hugging Face Hub repo 'my/tokenizer' "
+                     r".*nor is it a local folder"):
+    text.load_tokenizer("my/tokenizer")
+
+
+def test_tokenizer_offline_with_an_empty_cache_fails_fast_naming_the_fix(
+    tokenizer_hub, monkeypatch):
+  for offline_env in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", None):
+    if offline_env:
+      monkeypatch.setenv(offline_env, "1")
+    else:  # no variable set, but nothing listens at the endpoint
+      monkeypatch.delenv("HF_HUB_OFFLINE")
+      monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+      tokenizer_hub.httpd.shutdown()
+      tokenizer_hub.httpd.server_close()
+    for name, repo in (("ViT-B/32", "openai/clip-vit-base-patch32"),
+                       ("openai/clip-vit-base-patch16", None)):
+      start = time.monotonic()
+      with pytest.raises(errors.MissingFileError) as info:
+        text.load_tokenizer(name)
+      assert time.monotonic() - start < 10
+      message = str(info.value)
+      assert "\n" not in message
+      where = f"tokenizer '{name}'" + (f" (Hub repo '{repo}')" if repo else "")
+      assert message.startswith(
+          f"{where} (vocab.json, merges.txt) is not in the local Hugging Face cache and the "
+          "hub cannot be reached (offline); pass --tokenizer FOLDER"), message
+    assert not any(tokenizer_hub.requests.values())
+
+
+def test_unknown_tokenizer_name_names_the_known_ones(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  for name in ("ViT-B-32", "clip", "/no/such/folder"):
+    with pytest.raises(errors.UserError, match=(
+        rf"tokenizer '{re.escape(name)}' is not a folder, a Hugging Face Hub id "
+        r"\(owner/name\) or 'byte-level'; expected one of those or an official CLIP name, "
+        r"one of \['RN50', .*'ViT-B/32', 'ViT-B/16', .*\]")):
+      text.load_tokenizer(name)
+  assert len(text.load_tokenizer(text.BYTE_LEVEL_TOKENIZER)) == text.BYTE_LEVEL_VOCAB_SIZE
