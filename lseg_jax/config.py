@@ -19,7 +19,8 @@ evaluator and the tools then read `config.key` directly. Fields:
             `lseg_jax.sharding`;
   init      checkpoint / timm_vit / torchvision_resnet / clip: paths, or names, Hub ids or
             URLs (`lseg_jax.weights`), see `lseg_jax.init`;
-  text      tokenizer (a CLIP tokenizer folder, a Hugging Face name, or "byte-level")
+  text      tokenizer (a CLIP tokenizer folder, a Hugging Face Hub id, an official CLIP
+            name such as "ViT-B/32" (`lseg_jax.text.load_tokenizer`), or "byte-level")
             and template (None: bare label names, as LSeg);
   evals     {name: evaluation} run during training and by `tools/eval.py`; each
             evaluation may set `data` (fields laid over `config.data`, e.g. another

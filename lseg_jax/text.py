@@ -77,7 +77,7 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
     tokenizer = CLIPTokenizer.from_pretrained(_hub_folder(path))
   for token in (START_TOKEN, END_TOKEN):
     if token not in tokenizer.get_vocab():
-      raise ValueError(f"tokenizer {path!r} has no {token!r} token; not a CLIP vocabulary")
+      raise UserError(f"tokenizer {path!r} has no {token!r} token; not a CLIP vocabulary")
   return tokenizer
 
 
@@ -224,7 +224,7 @@ class LabelEmbedder:
                                CONTEXT_LENGTH)
     self.vocab_size = getattr(getattr(text_model, "cfg", None), "vocab_size", None)
     if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
-      raise ValueError(
+      raise UserError(
           f"the tokenizer has {len(tokenizer)} tokens but the text tower's vocabulary has "
           f"{self.vocab_size}: its ids would index past the embedding table; pass the "
           "tokenizer the model was trained with (e.g. --tokenizer)")
@@ -264,7 +264,7 @@ class LabelEmbedder:
     else:
       tokens = tokenize(self.prompts(labels, template), self.tokenizer, self.context_length)
       if self.vocab_size is not None and tokens.max() >= self.vocab_size:
-        raise ValueError(f"token id {int(tokens.max())} of labels {list(labels)[:5]} is outside "
+        raise UserError(f"token id {int(tokens.max())} of labels {list(labels)[:5]} is outside "
                          f"the text tower's vocabulary of {self.vocab_size}; pass the "
                          "tokenizer the model was trained with (e.g. --tokenizer)")
       self._cache[key] = self._encode(nnx.state(self.text_model), jnp.asarray(tokens)).astype(
@@ -290,7 +290,8 @@ def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, 
                               tokenizer: str | None = None, prompt: str | None = None):
   """The label embedder a checkpoint was trained with: (embedder, tokenizer spec, template).
 
-  tokenizer: a folder, hub name or "byte-level"; None: the meta's "tokenizer"
+  tokenizer: a folder, Hub id, official CLIP name or "byte-level" (`load_tokenizer`);
+    None: the meta's "tokenizer"
     (relative folders are looked up in `checkpoint_dir` first), else
     `DEFAULT_TOKENIZER`.
   prompt: a template with one "{}"; None: the meta's "text_template"; "": bare

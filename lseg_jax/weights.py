@@ -27,6 +27,9 @@ Each host downloads into its own cache unless the cache directory is shared: a b
 across hosts would need JAX's distributed runtime before the model exists, and every
 host reads the file from its own disk anyway.
 
+`CLIP_TOKENIZERS` maps the official CLIP names to the Hub repos of their tokenizer files
+(`lseg_jax.text.load_tokenizer` reads them with `hub_files`).
+
 Direct downloads live in `$LSEG_JAX_CACHE` (default `~/.cache/lseg_jax`, under
 `$XDG_CACHE_HOME` when set); `HF_HUB_OFFLINE=1` turns their network use off too.
 """

@@ -9,6 +9,7 @@ import collections
 import hashlib
 import http.server
 import io
+import json
 import os
 from pathlib import Path
 import re
@@ -488,3 +489,43 @@ def test_unknown_tokenizer_name_names_the_known_ones(monkeypatch):
         r"one of \['RN50', .*'ViT-B/32', 'ViT-B/16', .*\]")):
       text.load_tokenizer(name)
   assert len(text.load_tokenizer(text.BYTE_LEVEL_TOKENIZER)) == text.BYTE_LEVEL_VOCAB_SIZE
+
+
+def test_predict_tool_takes_an_official_tokenizer_name(tokenizer_hub, tmp_path, capsys):
+  """A checkpoint whose meta names "ViT-B/32" predicts with the Hub's tokenizer exactly as
+  with the local folder; a bad --tokenizer is one `error:` line; a tokenizer larger than
+  the text tower's vocabulary is a user error too."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from lseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from lseg_jax.cli import common, predict  # pylint: disable=g-import-not-at-top
+  model = lseg.LSeg(lseg.LSegConfig(backbone="tiny_vit32", text_vocab_size=49408),
+                    rngs=nnx.Rngs(3))
+  checkpoint.save_model(str(tmp_path / "ckpt"), model, extra_meta={"tokenizer": "ViT-B/32"})
+  checkpoint.save_model(str(tmp_path / "byte"), lseg.LSeg(lseg.LSegConfig(
+      backbone="tiny_vit32", text_vocab_size=text.BYTE_LEVEL_VOCAB_SIZE), rngs=nnx.Rngs(3)),
+                        extra_meta={"tokenizer": "byte-level"})
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(
+      tmp_path / "img.png")
+
+  def predict_args(ckpt, name, *tokenizer):
+    return ["--checkpoint", str(tmp_path / ckpt), "--image", str(tmp_path / "img.png"),
+            "--labels", "cat,traffic light", "--out", str(tmp_path / f"{name}.png"),
+            "--logits-out", str(tmp_path / f"{name}.npz"), *tokenizer]
+
+  assert common.run(predict.main, predict_args("ckpt", "by_name")) == 0
+  assert common.run(predict.main, predict_args(
+      "ckpt", "by_folder", "--tokenizer", str(CLIP_TOKENIZER))) == 0
+  assert tokenizer_hub.gets("/openai/clip-vit-base-patch32/resolve/main/vocab.json") == 1
+  by_name = np.load(tmp_path / "by_name.npz")["logits"]
+  np.testing.assert_array_equal(by_name, np.load(tmp_path / "by_folder.npz")["logits"])
+  assert json.loads((tmp_path / "by_name.json").read_text())["tokenizer"] == "ViT-B/32"
+  capsys.readouterr()
+  assert common.run(predict.main, predict_args(
+      "ckpt", "bad", "--tokenizer", "ViT-B-32")) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: tokenizer 'ViT-B-32' is not a folder") and "\n" not in err
+  assert common.run(predict.main, predict_args(
+      "byte", "bad", "--tokenizer", "RN50x16")) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: the tokenizer has 49408 tokens but the text tower's "
+                        f"vocabulary has {text.BYTE_LEVEL_VOCAB_SIZE}"), err

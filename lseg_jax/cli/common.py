@@ -32,6 +32,7 @@ from lseg_jax import checkpoint
 from lseg_jax import config as config_lib
 from lseg_jax import distributed
 from lseg_jax import evaluate
+from lseg_jax import text
 from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
 
@@ -244,8 +245,10 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = Tru
       + (f" (default: {default})" if default else "")))
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: the latest)")
-  parser.add_argument("--tokenizer", default=None,
-                      help="tokenizer folder or hub name (default: the checkpoint's)")
+  parser.add_argument("--tokenizer", default=None, help=(
+      "CLIP tokenizer: a folder with vocab.json and merges.txt, a Hugging Face Hub id "
+      "(owner/name), an official CLIP name (ViT-B/32, ViT-B/16, RN50x16, ...: the Hub "
+      "repo of that model's tokenizer), or byte-level (default: the checkpoint's)"))
   parser.add_argument("--prompt", default=None, help=(
       'label template with one "{}", e.g. "a photo of a {}." (default: the checkpoint\'s '
       'training template, else bare names as LSeg; "" forces bare names)'))

@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let torch.load unpickle arbitrary objects (official Lightning "
                    "checkpoints may need it); only for files you trust")
   imp.add_argument("--tokenizer", default=None, help=(
-      "tokenizer to record for the model (a folder, a hub name or byte-level; default: "
+      "tokenizer to record for the model (a folder, a Hub id, an official CLIP name such "
+      "as ViT-B/32, or byte-level; default: "
       "openai/clip-vit-base-patch32, or byte-level for a tiny byte-level vocabulary)"))
   imp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   imp.set_defaults(run=run_import)

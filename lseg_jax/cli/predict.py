@@ -37,9 +37,10 @@ base and crop sizes of the checkpoint's training data, else 520 / 480; no
 Label embeddings: the checkpoint's frozen CLIP text tower, once per label set,
 with --prompt or else the checkpoint's training template (meta
 "text_template"; none = bare names). Tokenizer: --tokenizer, else the
-checkpoint meta's "tokenizer" (a folder, a hub name, or "byte-level" for the
-tiny offline models; relative folders are looked up in the checkpoint folder
-first), else openai/clip-vit-base-patch32 (local Hugging Face cache first).
+checkpoint meta's "tokenizer" (a folder, a Hub id, an official CLIP name such
+as ViT-B/32, or "byte-level" for the tiny offline models; relative folders are
+looked up in the checkpoint folder first), else openai/clip-vit-base-patch32
+(local Hugging Face cache first).
 """
 from __future__ import annotations
 
