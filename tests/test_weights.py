@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from lseg_jax import errors, init, text, weights
+from lseg_jax.cli import common as cli_common
 from lseg_jax.convert import clip_openai, mapping, timm_vit, torchvision_resnet
 from lseg_jax.models import lseg
 
@@ -358,12 +359,14 @@ def test_convert_import_and_export_take_urls_and_names(server, source, tmp_path,
   # downloaded file and reads it, which then lacks the image tower export adds.
   pytest.importorskip("torch")
   capsys.readouterr()
-  assert convert.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out.pt"),
-                       "--clip-weights", "ViT-B/32"]) == 1
+  assert cli_common.run(convert.main, ["export", str(tmp_path / "ckpt"),
+                                       str(tmp_path / "out.pt"),
+                                       "--clip-weights", "ViT-B/32"]) == 2
   err = capsys.readouterr().err
   assert weights.url_cache_path(weights.OFFICIAL["ViT-B/32"].url) in err
   assert "has no image tower" in err and server.gets(server.clip_path) == 1
-  assert convert.main(["import", server.url + "/ckpt/missing.pt", str(tmp_path / "x")]) == 1
+  assert cli_common.run(convert.main,
+                        ["import", server.url + "/ckpt/missing.pt", str(tmp_path / "x")]) == 2
   err = capsys.readouterr().err
   assert "error: SRC='" in err and "answered HTTP 404" in err and len(err.splitlines()) == 1
 
