@@ -25,10 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lseg_jax import apply as apply_lib
 from lseg_jax import names
+from lseg_jax.errors import UserError
 from lseg_jax import sharding
 from lseg_jax import state as state_lib
 from lseg_jax import train
+from lseg_jax.models import attention
 
 GIB = 2 ** 30
 
@@ -55,19 +58,19 @@ def slice_devices(topology: str) -> list[Any]:
   """The devices of a TPU slice named like "v5p:2x2x2" (generation:chip grid)."""
   generation = topology.split(":")[0]
   if generation not in CHIPS or ":" not in topology:
-    raise ValueError(f"TPU topology {topology!r}: expected GENERATION:GRID with a "
+    raise UserError(f"TPU topology {topology!r}: expected GENERATION:GRID with a "
                      f"generation in {sorted(CHIPS)}, e.g. v5p:2x2x2 or v5e:2x4")
   # pylint: disable=g-import-not-at-top
   try:
     import libtpu  # noqa: F401  pylint: disable=unused-import
   except ImportError as e:
-    raise ValueError("compiling for a TPU needs libtpu: pip install -e \".[tpu]\"") from e
+    raise UserError("compiling for a TPU needs libtpu: pip install -e \".[tpu]\"") from e
   from jax.experimental import topologies
   # pylint: enable=g-import-not-at-top
   try:
     desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   except jax.errors.JaxRuntimeError as e:
-    raise ValueError(f"TPU topology {topology!r}: {str(e).splitlines()[0]}") from e
+    raise UserError(f"TPU topology {topology!r}: {str(e).splitlines()[0]}") from e
   return list(desc.devices)
 
 
@@ -88,6 +91,7 @@ class AotResult:
   flops: float | None = None
   bytes_accessed: float | None = None
   message: str = ""  # "does not fit: ..." when it does not
+  hlo: str = dataclasses.field(default="", repr=False)  # the compiled program's text
 
   def as_dict(self, chip: Chip, shape: dict[str, int], images: int) -> dict[str, Any]:
     """JSON-ready figures with per-image costs and the roofline for `images` per step."""
@@ -105,13 +109,17 @@ class AotResult:
     memory_s = bytes_chip / (chip.hbm_tb_per_s * 1e12)
     step_s = max(compute_s, memory_s)
     out.update(
-        tflops_per_chip=round(flops_chip / 1e12, 3), gb_per_chip=round(bytes_chip / 1e9, 2),
-        tflops_per_image=round(flops_chip / images_chip / 1e12, 4),
-        gb_per_image=round(bytes_chip / images_chip / 1e9, 2),
-        roofline_step_s=round(step_s, 5),
-        roofline_images_per_s_per_chip=round(images_chip / step_s, 1),
+        tflops_per_chip=_sig(flops_chip / 1e12), gb_per_chip=_sig(bytes_chip / 1e9),
+        tflops_per_image=_sig(flops_chip / images_chip / 1e12),
+        gb_per_image=_sig(bytes_chip / images_chip / 1e9),
+        roofline_step_s=_sig(step_s),
+        roofline_images_per_s_per_chip=_sig(images_chip / step_s),
         bound="memory" if memory_s > compute_s else "compute")
     return out
+
+
+def _sig(x: float, digits: int = 4) -> float:
+  return float(f"{x:.{digits}g}")
 
 
 _GIB_FIGURE = re.compile(r"\(([\d.]+)([KMGT])\)")
@@ -129,10 +137,12 @@ def _not_fit_message(error: Exception) -> str:
 
 
 def compile_program(program: str, jitted, args: tuple[Any, ...]) -> AotResult:
-  """Lowers and compiles `jitted` on abstract `args`; an out-of-memory is a result."""
+  """Lowers and compiles `jitted` on abstract `args` (sharded over TPU devices) with
+  "auto" attention chosen for TPUs; an out-of-memory is a result."""
   t0 = time.perf_counter()
   try:
-    compiled = jitted.lower(*args).compile()
+    with attention.compiling_for("tpu"):
+      compiled = jitted.lower(*args).compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -148,7 +158,7 @@ def compile_program(program: str, jitted, args: tuple[Any, ...]) -> AotResult:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return AotResult(program, seconds, True, hbm, float(cost["flops"]),
-                   float(cost["bytes accessed"]))
+                   float(cost["bytes accessed"]), hlo=compiled.as_text())
 
 
 def _text_dim(spec: state_lib.StateSpec) -> int:
@@ -184,9 +194,30 @@ def compile_train(config, devices, num_labels: int) -> tuple[AotResult, Any]:
   return compile_program("train", jitted, args), mesh
 
 
+def compile_eval(config, devices, num_labels: int) -> tuple[AotResult, Any]:
+  """The forward of evaluation and inference (`apply.forward`, as `evaluate.Evaluator`
+  runs it) on batches of `config.eval_batch_size` crops, on a mesh over `devices`."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  spec = state_lib.state_spec(config, mesh)
+  state = {k: sharding.with_shardings(spec.abstract[k], spec.shardings[k])
+           for k in state_lib.MODEL_KEYS}
+  fn, model_state = apply_lib.model_apply(state_lib.model_from_state(state, spec.eval_graphdef))
+  batch = abstract_batch(mesh, config.eval_batch_size or config.batch_size,
+                         config.data.crop_size, num_labels, with_label=False)
+  text = jax.ShapeDtypeStruct((num_labels, _text_dim(spec)), jnp.float32,
+                              sharding=sharding.replicated(mesh))
+  args = (model_state, batch["image"], text, batch["label_mask"])
+  return compile_program("eval", apply_lib.forward(fn, mesh), args), mesh
+
+
+PROGRAMS = {"train": compile_train, "eval": compile_eval}
+
+
 def report(topology: str, config, num_labels: int,
-           programs: dict[str, Callable[..., tuple[AotResult, Any]]]) -> dict[str, Any]:
-  """One JSON-ready line: the slice, the mesh and each program's figures."""
+           programs: dict[str, Callable[..., tuple[AotResult, Any]]],
+           breakdown: int = 0) -> dict[str, Any]:
+  """One JSON-ready line: the slice, the mesh and each program's figures (with the
+  `breakdown` source lines moving the most HBM bytes, `traffic_breakdown`)."""
   generation = topology.split(":")[0]
   devices = slice_devices(topology)
   shape = slice_shape(devices)
@@ -198,12 +229,14 @@ def report(topology: str, config, num_labels: int,
   for name, fn in programs.items():
     result, mesh = fn(config, devices, num_labels)
     out["mesh"] = dict(mesh.shape)
-    out[name] = result.as_dict(CHIPS[generation], shape, config.batch_size)
+    images = config.batch_size if name == "train" else (config.eval_batch_size
+                                                        or config.batch_size)
+    out[name] = result.as_dict(CHIPS[generation], shape, images)
+    if breakdown and result.fits:
+      out[name]["hbm_traffic_by_source"] = traffic_breakdown(result.hlo, breakdown)["top"]
   return out
 
 
-__all__ = ["AotResult", "CHIPS", "Chip", "abstract_batch", "compile_program", "compile_train",
-           "report", "slice_devices", "slice_shape"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,3 +325,8 @@ def traffic_breakdown(hlo: str, top: int = 20) -> dict[str, Any]:
   return {"bytes": total,
           "top": [{"source": k, "gb": round(v / 1e9, 3), "share": round(v / total, 4)}
                   for k, v in ranked]}
+
+
+__all__ = ["AotResult", "CHIPS", "Chip", "PROGRAMS", "abstract_batch", "compile_eval",
+           "compile_program", "compile_train", "report", "slice_devices", "slice_shape",
+           "traffic_breakdown"]

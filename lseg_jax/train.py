@@ -45,6 +45,7 @@ from lseg_jax import text
 from lseg_jax import train_utils
 from lseg_jax.data import input_pipeline
 from lseg_jax.errors import UserError
+from lseg_jax.models import attention
 from lseg_jax.models import lseg
 
 CHECKPOINT_SUBDIR = checkpoint.CHECKPOINT_SUBDIR
@@ -129,7 +130,8 @@ def train_step_program(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mes
   step = make_train_step(spec, tuple(config.optim.frozen), accum, mesh)
 
   def step_with_frozen(state, frozen, batch, text_emb):
-    new, metrics = step({**state, "frozen": frozen}, batch, text_emb)
+    with attention.kernel_mesh(mesh):
+      new, metrics = step({**state, "frozen": frozen}, batch, text_emb)
     del new["frozen"]
     return new, metrics
 

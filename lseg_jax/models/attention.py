@@ -33,6 +33,7 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "tpu_flash")
 CUDNN_TOKEN_MULTIPLE = 64
 TPU_TOKEN_MULTIPLE = 128
 _TARGET_PLATFORM = contextvars.ContextVar("attention_target_platform", default=None)
+_KERNEL_MESH = contextvars.ContextVar("attention_kernel_mesh", default=None)
 
 
 @contextlib.contextmanager
@@ -43,6 +44,17 @@ def compiling_for(platform: str):
     yield
   finally:
     _TARGET_PLATFORM.reset(token)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh: jax.sharding.Mesh | None):
+  """Within the block (entered while a jitted program traces), kernels XLA cannot
+  partition run per device over `mesh`, whose every axis splits the batch."""
+  token = _KERNEL_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _KERNEL_MESH.reset(token)
 
 
 def _cuda_compute_capability() -> tuple[int, ...] | None:
@@ -113,15 +125,26 @@ def tpu_flash_attention(q, k, v):
   """
   # Loaded on use: Pallas' TPU module is only needed when compiling for a TPU.
   from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
-  b, n, _, head_dim = q.shape
+  n, head_dim = q.shape[1], q.shape[-1]
   padded = n + (-n % TPU_TOKEN_MULTIPLE)
-  q, k, v = (jnp.pad(t, ((0, 0), (0, padded - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-             for t in (q, k, v))
-  segment = jnp.broadcast_to((jnp.arange(padded) >= n).astype(jnp.int32), (b, padded))
-  out = pallas_flash.flash_attention(
-      q, k, v, segment_ids=pallas_flash.SegmentIds(q=segment, kv=segment),
-      sm_scale=head_dim ** -0.5)
-  return out.transpose(0, 2, 1, 3)[:, :n]
+
+  def local(q, k, v):
+    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+               for t in (q, k, v))
+    segment = jnp.broadcast_to((jnp.arange(padded) >= n).astype(jnp.int32),
+                               (q.shape[0], padded))
+    out = pallas_flash.flash_attention(
+        q, k, v, segment_ids=pallas_flash.SegmentIds(q=segment, kv=segment),
+        sm_scale=head_dim ** -0.5)
+    return out.transpose(0, 2, 1, 3)[:, :n]
+  # A Pallas kernel is not partitioned by XLA: on the program's mesh (`kernel_mesh`),
+  # each device runs it on its share of the batch.
+  mesh = _KERNEL_MESH.get()
+  if mesh is None or mesh.size == 1:
+    return local(q, k, v)
+  spec = jax.sharding.PartitionSpec(mesh.axis_names)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
 def dot_product_attention(q, k, v, implementation: str = "auto"):
@@ -143,5 +166,5 @@ def dot_product_attention(q, k, v, implementation: str = "auto"):
 
 
 __all__ = ["CUDNN_TOKEN_MULTIPLE", "IMPLEMENTATIONS", "TPU_TOKEN_MULTIPLE",
-           "check_implementation", "compiling_for", "dot_product_attention",
+           "check_implementation", "compiling_for", "dot_product_attention", "kernel_mesh",
            "padded_attention", "resolve", "tpu_flash_attention"]
