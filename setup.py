@@ -29,6 +29,9 @@ setup(
     extras_require={
         # PyTorch interop (checkpoint import/export, the self-contained PyTorch LSeg).
         "torch": ["torch", "torchvision", "timm"],
+        # Compiling for TPU slices on any machine (tools/benchmark.py --aot): libtpu, at
+        # the JAX version it is built for.
+        "tpu": ["jax[tpu]==0.10.2"],
         # The browser demo (tools/demo.py).
         "demo": ["gradio>=6,<7"],
         # The demo's tests drive it over HTTP (gradio_client) and in Chromium (selenium).

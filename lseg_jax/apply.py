@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lseg_jax import sharding
+from lseg_jax.models import attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ def forward(apply: Callable, mesh: jax.sharding.Mesh, dtype: Any = jnp.float32, 
   """
   dtype = jnp.dtype(dtype)
 
-  def fn(state, images, text_emb, label_mask):
+  def program(state, images, text_emb, label_mask):
     images = images.astype(dtype)
     logits = apply(state, images, text_emb, label_mask)
     if flip:
@@ -68,6 +69,10 @@ def forward(apply: Callable, mesh: jax.sharding.Mesh, dtype: Any = jnp.float32, 
     if with_embeddings:
       return logits, apply.embed_pixels(state, images)
     return logits
+
+  def fn(*args):
+    with attention.kernel_mesh(mesh):  # TPU attention kernels run per device
+      return program(*args)
 
   batch = sharding.batch_sharding(mesh)
   return jax.jit(fn, out_shardings=(batch, batch) if with_embeddings else batch)

@@ -45,6 +45,7 @@ from lseg_jax import text
 from lseg_jax import train_utils
 from lseg_jax.data import input_pipeline
 from lseg_jax.errors import UserError
+from lseg_jax.models import attention
 from lseg_jax.models import lseg
 
 CHECKPOINT_SUBDIR = checkpoint.CHECKPOINT_SUBDIR
@@ -117,28 +118,34 @@ def make_train_step(spec: state_lib.StateSpec, frozen: tuple[str, ...], accum_st
   return step
 
 
-def jit_train_step(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mesh):
+def train_step_program(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mesh):
   """The jitted train step with explicit shardings and the state donated.
 
-  Returns (state, batch, text_emb) -> (state, metrics). The frozen parameters go in as
-  an argument of their own that is not donated: they never change, and the label
-  embedder keeps computing with them.
+  (state without "frozen", frozen, batch, text_emb) -> (state without "frozen", metrics).
+  The frozen parameters go in as an argument of their own that is not donated: they
+  never change, and the label embedder keeps computing with them. `jit_train_step` runs
+  it; `lseg_jax.aot` compiles it for TPU slices.
   """
   accum = int(config.optim.accum_steps)
   step = make_train_step(spec, tuple(config.optim.frozen), accum, mesh)
 
   def step_with_frozen(state, frozen, batch, text_emb):
-    new, metrics = step({**state, "frozen": frozen}, batch, text_emb)
+    with attention.kernel_mesh(mesh):
+      new, metrics = step({**state, "frozen": frozen}, batch, text_emb)
     del new["frozen"]
     return new, metrics
 
   repl = sharding.replicated(mesh)
   donated = {k: v for k, v in spec.shardings.items() if k != "frozen"}
-  jitted = jax.jit(
+  return jax.jit(
       step_with_frozen,
       in_shardings=(donated, spec.shardings["frozen"], sharding.batch_sharding(mesh), repl),
       out_shardings=(donated, repl), donate_argnums=(0,))
 
+
+def jit_train_step(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mesh):
+  """(state, batch, text_emb) -> (state, metrics): `train_step_program`, compiled once."""
+  jitted = train_step_program(spec, config, mesh)
   compiled = []
 
   def run(state, batch, text_emb):

@@ -4,6 +4,15 @@ r"""Times the real train and inference steps of a config on generated batches.
   python tools/benchmark.py --config configs/ade20k.py:variant=vitb32 --task infer \
       --config.batch_size=1 --config.data.crop_size=384 --config.model.dtype=float32 --torch
 
+`--aot TOPOLOGY` times nothing: it compiles the same train step (`--task train`) and
+the evaluation/inference forward (`--task infer`; both by default) for a TPU slice with
+libtpu's compile-only client, on this machine (no TPU needed; `pip install -e ".[tpu]"`),
+and prints per-chip HBM (and whether it fits), FLOPs and HBM bytes per chip and per
+image, the roofline step time and images/s per chip (`lseg_jax.aot`; docs/scaling.md):
+
+  python tools/benchmark.py --config configs/ade20k.py:variant=vitl16 --aot v5p:2x2x1 \
+      --config.batch_size=32 --aot-breakdown 20
+
 Random weights, no data files. `train` times the jitted, donated train step of
 `tools/train.py` (`lseg_jax.train.jit_train_step`, the state built from the config on its
 mesh) on batches of `config.batch_size` generated `config.data.crop_size` crops with
@@ -108,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                  help="train: also time this process's input pipeline on generated "
                       "ADE20K-shaped JPEG/PNG pairs (config crop and base size, this "
                       "process's share of the batch) and report which one is the bound")
+  p.add_argument("--aot", metavar="TOPOLOGY", default=None,
+                 help="compile the --task programs for a TPU slice (e.g. v5p:2x2x2, v5e:2x4, "
+                      "v4:2x2x2, v6e:2x2) on this machine with libtpu's compile-only client "
+                      "(pip install -e \".[tpu]\") and report HBM, FLOPs, bytes and the "
+                      "roofline instead of timing (lseg_jax.aot)")
+  p.add_argument("--aot-breakdown", type=int, default=0, metavar="N",
+                 help="with --aot: also list the N source lines moving the most HBM bytes")
   p.add_argument("--json", default=None, help="also write the JSON line to this file")
   common.add_distributed_args(p)
   return p
@@ -311,6 +327,26 @@ def add_data(results: dict[str, Any], config, process_count: int, steps: int) ->
 # ----------------------------------------------------------------------------------------
 
 
+def run_aot(args, config) -> int:
+  """`--aot`: the programs of --task compiled for a TPU slice; one JSON line."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lseg_jax import aot  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")  # the host; the TPU devices are described
+  names = ("train", "eval") if args.task == "both" else (
+      "eval" if args.task == "infer" else "train",)
+  programs = {name: aot.PROGRAMS[name] for name in names}
+  log(f"compiling {', '.join(names)} for {args.aot} (minutes for full-size models)")
+  results = aot.report(args.aot, config, args.labels, programs,
+                       breakdown=args.aot_breakdown)
+  results["date"] = datetime.date.today().isoformat()
+  line = json.dumps(results)
+  print(line, flush=True)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      f.write(line + "\n")
+  return 0
+
+
 def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
   if args.steps < 1:
@@ -318,6 +354,8 @@ def main(argv=None) -> int:
   if args.labels < 1:
     raise ValueError(f"--labels={args.labels}; expected >= 1")
   config = common.load_config(args.config, args.overrides)
+  if args.aot:
+    return run_aot(args, config)
   if args.torch:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   common.setup_logging()

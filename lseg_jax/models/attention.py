@@ -7,22 +7,54 @@
            (CPU, TPU, other GPUs, float32). The choice is made when tracing.
   "xla"    `jax.nn.dot_product_attention(implementation="xla")`.
   "cudnn"  cuDNN flash attention, or an error where cuDNN cannot run it.
+  "tpu_flash"  JAX's Pallas flash-attention kernel for TPUs ("auto" on TPUs): the
+           [heads, N, N] scores never reach HBM, which XLA's attention writes and reads
+           several times per block and pass (the largest HBM consumer of the ViT-L/16
+           train step on TPUs: docs/scaling.md).
 
-On TPUs "auto" is XLA's attention: JAX's Pallas TPU kernels (flash/splash attention)
-want block-aligned token counts and were not adopted without a TPU to measure them.
+The platform is the one the program is compiled for: `jax.default_backend()`, or the
+platform of `compiling_for(...)` (`lseg_jax.aot` compiles TPU programs on a CPU host).
 
 cuDNN rejects token counts such as ViT-L/16's 901 at 480 px, so that path pads the
 token axis to a multiple of 64 and passes the true length as the query and key/value
 sequence lengths: padded keys get no weight and padded queries are dropped
-(`padded_attention`, which any implementation can run).
+(`padded_attention`, which any implementation can run). The TPU kernel wants multiples
+of its 128-token blocks: it pads likewise and gives the padding a segment of its own.
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "tpu_flash")
 CUDNN_TOKEN_MULTIPLE = 64
+TPU_TOKEN_MULTIPLE = 128
+_TARGET_PLATFORM = contextvars.ContextVar("attention_target_platform", default=None)
+_KERNEL_MESH = contextvars.ContextVar("attention_kernel_mesh", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within the block, "auto" chooses for `platform` ("tpu", "gpu", "cpu")."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh: jax.sharding.Mesh | None):
+  """Within the block (entered while a jitted program traces), kernels XLA cannot
+  partition run per device over `mesh`, whose every axis splits the batch."""
+  token = _KERNEL_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _KERNEL_MESH.reset(token)
 
 
 def _cuda_compute_capability() -> tuple[int, ...] | None:
@@ -49,6 +81,10 @@ def resolve(implementation: str, dtype, head_dim: int) -> str:
   check_implementation(implementation)
   if implementation != "auto":
     return implementation
+  if (_TARGET_PLATFORM.get() or jax.default_backend()) == "tpu":
+    return "tpu_flash"
+  if _TARGET_PLATFORM.get() not in (None, "gpu"):
+    return "xla"
   capability = _cuda_compute_capability()
   if capability is None or capability < (8, 0):
     return "xla"
@@ -81,12 +117,42 @@ def padded_attention(q, k, v, multiple: int, implementation: str = "cudnn"):
   return out[:, :n]
 
 
+def tpu_flash_attention(q, k, v):
+  """Pallas flash attention (TPU) of [B, N, heads, head_dim] tensors, N padded to 128s.
+
+  The padded tokens form a second segment: real queries never see padded keys, and the
+  padded queries (which attend among themselves) are sliced off.
+  """
+  # Loaded on use: Pallas' TPU module is only needed when compiling for a TPU.
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  n, head_dim = q.shape[1], q.shape[-1]
+  padded = n + (-n % TPU_TOKEN_MULTIPLE)
+
+  def local(q, k, v):
+    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+               for t in (q, k, v))
+    segment = jnp.broadcast_to((jnp.arange(padded) >= n).astype(jnp.int32),
+                               (q.shape[0], padded))
+    out = pallas_flash.flash_attention(
+        q, k, v, segment_ids=pallas_flash.SegmentIds(q=segment, kv=segment),
+        sm_scale=head_dim ** -0.5)
+    return out.transpose(0, 2, 1, 3)[:, :n]
+  # A Pallas kernel is not partitioned by XLA: on the program's mesh (`kernel_mesh`),
+  # each device runs it on its share of the batch.
+  mesh = _KERNEL_MESH.get()
+  if mesh is None or mesh.size == 1:
+    return local(q, k, v)
+  spec = jax.sharding.PartitionSpec(mesh.axis_names)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
 def dot_product_attention(q, k, v, implementation: str = "auto"):
   """Softmax attention with scale 1/sqrt(head_dim), no mask.
 
   Args:
     q, k, v: [B, N, heads, head_dim].
-    implementation: "auto" | "xla" | "cudnn" (see the module docstring).
+    implementation: one of IMPLEMENTATIONS (see the module docstring).
 
   Returns:
     [B, N, heads, head_dim].
@@ -94,8 +160,11 @@ def dot_product_attention(q, k, v, implementation: str = "auto"):
   implementation = resolve(implementation, q.dtype, q.shape[-1])
   if implementation == "cudnn":
     return padded_attention(q, k, v, CUDNN_TOKEN_MULTIPLE, "cudnn")
+  if implementation == "tpu_flash":
+    return tpu_flash_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
-__all__ = ["CUDNN_TOKEN_MULTIPLE", "IMPLEMENTATIONS", "check_implementation",
-           "dot_product_attention", "padded_attention", "resolve"]
+__all__ = ["CUDNN_TOKEN_MULTIPLE", "IMPLEMENTATIONS", "TPU_TOKEN_MULTIPLE",
+           "check_implementation", "compiling_for", "dot_product_attention", "kernel_mesh",
+           "padded_attention", "resolve", "tpu_flash_attention"]

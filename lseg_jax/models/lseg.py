@@ -79,7 +79,7 @@ class LSegConfig:
   block_depth: int = 0
   activation: str = "lrelu"  # "relu" | "lrelu" | "tanh"
   dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
-  attention: str = "auto"  # "auto" | "xla" | "cudnn": see `lseg_jax.models.attention`
+  attention: str = "auto"  # "auto" | "xla" | "cudnn" | "tpu_flash": `models.attention`
   remat: str = "none"  # "none" | "dots" | "full": per ViT block, see `vit.REMAT_POLICIES`
   text_vocab_size: int | None = None  # None: the variant's (49408); smaller in tiny tests
 

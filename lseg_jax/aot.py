@@ -1,0 +1,332 @@
+"""The real train and evaluation programs compiled for a TPU slice, without a TPU.
+
+libtpu (`pip install -e ".[tpu]"`) has a compile-only client: on any CPU machine,
+`jax.experimental.topologies.get_topology_desc("v5p:2x2x2", "tpu")` describes every chip
+of a slice, several hosts included, and `jax.jit(f).lower(<ShapeDtypeStructs with
+shardings>).compile()` runs XLA's TPU compiler on them. `compile_train` does this for
+the jitted train step of `lseg_jax.train` (the same program `tools/train.py` runs, on a
+mesh over the slice built by `sharding.make_mesh` from `config.mesh`), `compile_eval`
+for the jitted forward of evaluation and inference. The result (`AotResult`) is XLA's
+own account of the program: per-device HBM (arguments, outputs, temporaries; the
+compiler refuses a program that does not fit, which becomes a result, not an error),
+FLOPs and HBM bytes per device (`cost_analysis`; the byte count is XLA's estimate of
+HBM traffic after fusion, good for comparing programs), and the roofline step time
+max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) from the generation's published peaks
+(`CHIPS`; sources in docs/scaling.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lseg_jax import apply as apply_lib
+from lseg_jax import names
+from lseg_jax.errors import UserError
+from lseg_jax import sharding
+from lseg_jax import state as state_lib
+from lseg_jax import train
+from lseg_jax.models import attention
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip figures of a TPU generation (bfloat16 dense peak)."""
+  device_kind: str  # jax.Device.device_kind of its devices
+  hbm_gib: float
+  peak_tflops: float
+  hbm_tb_per_s: float
+
+
+# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (system architecture tables).
+CHIPS = {
+    "v4": Chip("TPU v4", 32, 275, 1.2),
+    "v5e": Chip("TPU v5 lite", 16, 197, 0.819),
+    "v5p": Chip("TPU v5", 95, 459, 2.765),
+    "v6e": Chip("TPU v6 lite", 32, 918, 1.64),
+}
+
+
+def slice_devices(topology: str) -> list[Any]:
+  """The devices of a TPU slice named like "v5p:2x2x2" (generation:chip grid)."""
+  generation = topology.split(":")[0]
+  if generation not in CHIPS or ":" not in topology:
+    raise UserError(f"TPU topology {topology!r}: expected GENERATION:GRID with a "
+                     f"generation in {sorted(CHIPS)}, e.g. v5p:2x2x2 or v5e:2x4")
+  # pylint: disable=g-import-not-at-top
+  try:
+    import libtpu  # noqa: F401  pylint: disable=unused-import
+  except ImportError as e:
+    raise UserError("compiling for a TPU needs libtpu: pip install -e \".[tpu]\"") from e
+  from jax.experimental import topologies
+  # pylint: enable=g-import-not-at-top
+  try:
+    desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  except jax.errors.JaxRuntimeError as e:
+    raise UserError(f"TPU topology {topology!r}: {str(e).splitlines()[0]}") from e
+  return list(desc.devices)
+
+
+def slice_shape(devices) -> dict[str, int]:
+  """Chips, hosts and devices of a slice (v4 shows each chip's 2 cores as 2 devices)."""
+  chips = {tuple(d.coords) for d in devices}
+  return {"devices": len(devices), "chips": len(chips),
+          "hosts": len({d.process_index for d in devices})}
+
+
+@dataclasses.dataclass
+class AotResult:
+  """What XLA's TPU compiler says of one program (per device unless named otherwise)."""
+  program: str
+  compile_s: float
+  fits: bool
+  hbm: dict[str, float]  # GiB per device: arguments, outputs, temporaries, total
+  flops: float | None = None
+  bytes_accessed: float | None = None
+  message: str = ""  # "does not fit: ..." when it does not
+  hlo: str = dataclasses.field(default="", repr=False)  # the compiled program's text
+
+  def as_dict(self, chip: Chip, shape: dict[str, int], images: int) -> dict[str, Any]:
+    """JSON-ready figures with per-image costs and the roofline for `images` per step."""
+    out: dict[str, Any] = {"program": self.program, "compile_s": round(self.compile_s, 1),
+                           "fits": self.fits}
+    per_chip = shape["devices"] // shape["chips"]
+    out["hbm_gib_per_chip"] = {k: round(v * per_chip, 3) for k, v in self.hbm.items()}
+    out["hbm_gib_chip_capacity"] = chip.hbm_gib
+    if not self.fits:
+      out["message"] = self.message
+      return out
+    flops_chip, bytes_chip = self.flops * per_chip, self.bytes_accessed * per_chip
+    images_chip = images / shape["chips"]
+    compute_s = flops_chip / (chip.peak_tflops * 1e12)
+    memory_s = bytes_chip / (chip.hbm_tb_per_s * 1e12)
+    step_s = max(compute_s, memory_s)
+    out.update(
+        tflops_per_chip=_sig(flops_chip / 1e12), gb_per_chip=_sig(bytes_chip / 1e9),
+        tflops_per_image=_sig(flops_chip / images_chip / 1e12),
+        gb_per_image=_sig(bytes_chip / images_chip / 1e9),
+        roofline_step_s=_sig(step_s),
+        roofline_images_per_s_per_chip=_sig(images_chip / step_s),
+        bound="memory" if memory_s > compute_s else "compute")
+    return out
+
+
+def _sig(x: float, digits: int = 4) -> float:
+  return float(f"{x:.{digits}g}")
+
+
+_GIB_FIGURE = re.compile(r"\(([\d.]+)([KMGT])\)")
+
+
+def _not_fit_message(error: Exception) -> str:
+  """'does not fit: needs X GiB of Y' from XLA's RESOURCE_EXHAUSTED text."""
+  text = str(error)
+  line = next((l for l in text.splitlines() if "RESOURCE_EXHAUSTED" in l), text.splitlines()[0])
+  figures = _GIB_FIGURE.findall(line)
+  if len(figures) >= 2:
+    (need, unit), (have, unit2) = figures[0], figures[-1]
+    return f"does not fit: needs {need} {unit}iB of {have} {unit2}iB ({line.strip()})"
+  return f"does not fit: {line.strip()}"
+
+
+def compile_program(program: str, jitted, args: tuple[Any, ...]) -> AotResult:
+  """Lowers and compiles `jitted` on abstract `args` (sharded over TPU devices) with
+  "auto" attention chosen for TPUs; an out-of-memory is a result."""
+  t0 = time.perf_counter()
+  try:
+    with attention.compiling_for("tpu"):
+      compiled = jitted.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return AotResult(program, time.perf_counter() - t0, False, {}, message=_not_fit_message(e))
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  hbm = {"arguments": mem.argument_size_in_bytes / GIB,
+         "outputs": mem.output_size_in_bytes / GIB,
+         "temporaries": mem.temp_size_in_bytes / GIB}
+  hbm["total"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                  - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+                  + mem.generated_code_size_in_bytes) / GIB
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return AotResult(program, seconds, True, hbm, float(cost["flops"]),
+                   float(cost["bytes accessed"]), hlo=compiled.as_text())
+
+
+def _text_dim(spec: state_lib.StateSpec) -> int:
+  flat = names.flatten(spec.abstract["frozen"].to_pure_dict()
+                       if hasattr(spec.abstract["frozen"], "to_pure_dict")
+                       else spec.abstract["frozen"])
+  return int(flat["clip_pretrained/text_projection"].shape[-1])
+
+
+def abstract_batch(mesh, batch: int, crop: int, num_labels: int, with_label: bool = True):
+  """ShapeDtypeStructs of a global batch as the input pipeline delivers it."""
+  sh = sharding.batch_sharding(mesh)
+  out = {"image": jax.ShapeDtypeStruct((batch, crop, crop, 3), jnp.float32, sharding=sh),
+         "label_mask": jax.ShapeDtypeStruct((batch, num_labels), jnp.bool_, sharding=sh)}
+  if with_label:
+    out["label"] = jax.ShapeDtypeStruct((batch, crop, crop), jnp.int32, sharding=sh)
+  return out
+
+
+def compile_train(config, devices, num_labels: int) -> tuple[AotResult, Any]:
+  """The train step of `tools/train.py` for `config` on a mesh over `devices`."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  train.check_batch_config(config, mesh)
+  spec = state_lib.state_spec(config, mesh)
+  jitted = train.train_step_program(spec, config, mesh)
+  state = {k: sharding.with_shardings(spec.abstract[k], spec.shardings[k])
+           for k in spec.abstract}
+  frozen = state.pop("frozen")
+  text = jax.ShapeDtypeStruct((num_labels, _text_dim(spec)), jnp.float32,
+                              sharding=sharding.replicated(mesh))
+  args = (state, frozen, abstract_batch(mesh, config.batch_size, config.data.crop_size,
+                                        num_labels), text)
+  return compile_program("train", jitted, args), mesh
+
+
+def compile_eval(config, devices, num_labels: int) -> tuple[AotResult, Any]:
+  """The forward of evaluation and inference (`apply.forward`, as `evaluate.Evaluator`
+  runs it) on batches of `config.eval_batch_size` crops, on a mesh over `devices`."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  spec = state_lib.state_spec(config, mesh)
+  state = {k: sharding.with_shardings(spec.abstract[k], spec.shardings[k])
+           for k in state_lib.MODEL_KEYS}
+  fn, model_state = apply_lib.model_apply(state_lib.model_from_state(state, spec.eval_graphdef))
+  batch = abstract_batch(mesh, config.eval_batch_size or config.batch_size,
+                         config.data.crop_size, num_labels, with_label=False)
+  text = jax.ShapeDtypeStruct((num_labels, _text_dim(spec)), jnp.float32,
+                              sharding=sharding.replicated(mesh))
+  args = (model_state, batch["image"], text, batch["label_mask"])
+  return compile_program("eval", apply_lib.forward(fn, mesh), args), mesh
+
+
+PROGRAMS = {"train": compile_train, "eval": compile_eval}
+
+
+def report(topology: str, config, num_labels: int,
+           programs: dict[str, Callable[..., tuple[AotResult, Any]]],
+           breakdown: int = 0) -> dict[str, Any]:
+  """One JSON-ready line: the slice, the mesh and each program's figures (with the
+  `breakdown` source lines moving the most HBM bytes, `traffic_breakdown`)."""
+  generation = topology.split(":")[0]
+  devices = slice_devices(topology)
+  shape = slice_shape(devices)
+  out: dict[str, Any] = {"topology": topology, **shape,
+                         "model": config.model.backbone, "dtype": config.model.dtype,
+                         "remat": config.model.remat, "crop": config.data.crop_size,
+                         "labels": num_labels, "global_batch": config.batch_size,
+                         "batch_per_chip": config.batch_size / shape["chips"]}
+  for name, fn in programs.items():
+    result, mesh = fn(config, devices, num_labels)
+    out["mesh"] = dict(mesh.shape)
+    images = config.batch_size if name == "train" else (config.eval_batch_size
+                                                        or config.batch_size)
+    out[name] = result.as_dict(CHIPS[generation], shape, images)
+    if breakdown and result.fits:
+      out[name]["hbm_traffic_by_source"] = traffic_breakdown(result.hlo, breakdown)["top"]
+  return out
+
+
+
+
+# ----------------------------------------------------------------------------------------
+# Where the HBM bytes go: the compiled program's top-level instructions (each fusion reads
+# its operands from HBM and writes its result there), charged to the project source line
+# that emitted them (the HLO's stack frames) and to the forward or backward pass.
+# ----------------------------------------------------------------------------------------
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*?)\)(?:, |$)")
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+         "partition-id", "replica-id"}
+
+
+def _shape_bytes(shape: str) -> int:
+  return sum(_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+             for t, dims in _ARRAY.findall(shape))
+
+
+def _frames(hlo: str) -> dict[int, str]:
+  """stack_frame_id -> "file:line function" of its innermost frame in lseg_jax."""
+  sections: dict[str, dict[int, str]] = {}
+  current = None
+  for line in hlo.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = sections.setdefault(line, {})
+    elif current is not None and line and line[0].isdigit():
+      key, _, value = line.partition(" ")
+      current[int(key)] = value.strip().strip('"')
+    elif not line.strip():
+      current = None
+
+  def field(text, name):
+    m = re.search(name + r"=(\d+)", text)
+    return int(m.group(1)) if m else None
+  files, funcs = sections.get("FileNames", {}), sections.get("FunctionNames", {})
+  locs, frames = sections.get("FileLocations", {}), sections.get("StackFrames", {})
+
+  def where(frame_id):
+    seen = set()
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      loc = locs.get(field(frames[frame_id], "file_location_id"), "")
+      path = files.get(field(loc, "file_name_id"), "")
+      if "lseg_jax/" in path and "lseg_jax/train.py" not in path:
+        return (f"{path.split('lseg_jax/', 1)[1]}:{field(loc, 'line')} "
+                f"{funcs.get(field(loc, 'function_name_id'), '')}")
+      frame_id = field(frames[frame_id], "parent_frame_id")
+    return "other"
+  return {i: where(i) for i in frames}
+
+
+def traffic_breakdown(hlo: str, top: int = 20) -> dict[str, Any]:
+  """HBM bytes per device of a compiled program's text (`compiled.as_text()`), by source.
+
+  Each top-level instruction of the entry computation is charged its result and operand
+  bytes (XLA's own `bytes accessed` counts the same, with slices of operands refined),
+  to the innermost lseg_jax source line of its stack frame (train.py's step itself is
+  not a source: its loss and optimizer lines are charged to their callees) and to
+  "fwd" or "bwd" (the op name of a gradient carries "transpose(").
+  """
+  frames = _frames(hlo)
+  entry = hlo[hlo.index("\nENTRY "):]
+  sizes: dict[str, int] = {}
+  by_source: dict[str, int] = {}
+  total = 0
+  for line in entry.splitlines()[1:]:
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, opcode, operands = m.groups()
+    sizes[name] = _shape_bytes(shape)
+    if opcode in _FREE:
+      continue
+    moved = sizes[name] + sum(sizes.get(o.split()[-1].lstrip("%"), 0)
+                              for o in operands.split(", ") if "%" in o)
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    source = frames.get(int(frame.group(1)), "other") if frame else "other"
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    direction = "bwd" if op_name and "transpose(" in op_name.group(1) else "fwd"
+    key = f"{direction} {source}"
+    by_source[key] = by_source.get(key, 0) + moved
+    total += moved
+  ranked = sorted(by_source.items(), key=lambda kv: -kv[1])[:top]
+  return {"bytes": total,
+          "top": [{"source": k, "gb": round(v / 1e9, 3), "share": round(v / total, 4)}
+                  for k, v in ranked]}
+
+
+__all__ = ["AotResult", "CHIPS", "Chip", "PROGRAMS", "abstract_batch", "compile_eval",
+           "compile_program", "compile_train", "report", "slice_devices", "slice_shape",
+           "traffic_breakdown"]
