@@ -347,6 +347,36 @@ def run_aot(args, config) -> int:
   return 0
 
 
+def bench_jax(results: dict[str, Any], args, config, spec, mesh, state, text_emb,
+              flops_of: Callable[[str], float | None], peak: float | None) -> None:
+  """Times the JAX tasks `args.task` names on `state` and records them in `results`."""
+  device = mesh.devices.flat[0]
+  crop = config.data.crop_size
+  infer_batch = args.infer_batch or config.batch_size
+  tasks = ("infer", "train") if args.task == "both" else (args.task,)
+  # Inference first: the train step donates (invalidates) the state it is given.
+  if "infer" in tasks:
+    log(f"infer: batch {infer_batch}, {args.steps} timed steps")
+    timing = bench_infer(state, spec, mesh, text_emb, infer_batch, crop, args.labels,
+                         args.steps)
+    results["infer"] = {**summarize(timing, infer_batch, flops_of("infer"), peak),
+                        "peak_memory_bytes": peak_memory(device)}
+    log(f"  {json.dumps(results['infer'])}")
+    if args.multiscale:
+      h, w = (int(s) for s in args.image_size.split(","))
+      log(f"infer --multiscale: one {h}x{w} image, {args.steps} timed steps")
+      results["infer_multiscale"] = bench_multiscale(
+          state, spec, text_emb, crop, args.labels, (h, w), int(config.data.base_size),
+          args.steps)
+      log(f"  {json.dumps(results['infer_multiscale'])}")
+  if "train" in tasks:
+    log(f"train: batch {config.batch_size}, {args.steps} timed steps")
+    timing, loss = bench_train(state, spec, config, mesh, text_emb, args.labels, args.steps)
+    results["train"] = {**summarize(timing, config.batch_size, flops_of("train"), peak),
+                        "peak_memory_bytes": peak_memory(device), "loss": round(loss, 4)}
+    log(f"  {json.dumps(results['train'])}")
+
+
 def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
   if args.steps < 1:
@@ -406,27 +436,7 @@ def main(argv=None) -> int:
   text_emb = jax.device_put(rng.normal(size=(args.labels, text_dim)).astype(np.float32),
                             sharding.replicated(mesh))
 
-  # Inference first: the train step donates (invalidates) the state it is given.
-  if "infer" in tasks:
-    log(f"infer: batch {infer_batch}, {args.steps} timed steps")
-    timing = bench_infer(state, spec, mesh, text_emb, infer_batch, crop, args.labels,
-                         args.steps)
-    results["infer"] = {**summarize(timing, infer_batch, flops_of("infer"), peak),
-                        "peak_memory_bytes": peak_memory(device)}
-    log(f"  {json.dumps(results['infer'])}")
-    if args.multiscale:
-      h, w = (int(s) for s in args.image_size.split(","))
-      log(f"infer --multiscale: one {h}x{w} image, {args.steps} timed steps")
-      results["infer_multiscale"] = bench_multiscale(
-          state, spec, text_emb, crop, args.labels, (h, w), int(config.data.base_size),
-          args.steps)
-      log(f"  {json.dumps(results['infer_multiscale'])}")
-  if "train" in tasks:
-    log(f"train: batch {config.batch_size}, {args.steps} timed steps")
-    timing, loss = bench_train(state, spec, config, mesh, text_emb, args.labels, args.steps)
-    results["train"] = {**summarize(timing, config.batch_size, flops_of("train"), peak),
-                        "peak_memory_bytes": peak_memory(device), "loss": round(loss, 4)}
-    log(f"  {json.dumps(results['train'])}")
+  bench_jax(results, args, config, spec, mesh, state, text_emb, flops_of, peak)
   del state
   if args.data and "train" in tasks:
     add_data(results, config, jax.process_count(), args.steps)

@@ -308,14 +308,8 @@ class _Upload:
   name: str
 
 
-def build_app(backend: DemoBackend):
-  """The Gradio Blocks page of `backend`."""
-  _configure_gradio_environment()
-  # Gradio (and its pandas) is an optional dependency: imported here only.
-  # pylint: disable=g-import-not-at-top
-  import gradio as gr
-  import pandas as pd
-  # pylint: enable=g-import-not-at-top
+def _image_file_component(gr):
+  """The Gradio image input (a `gr.Image` subclass) that yields `_Upload`s."""
 
   class ImageFile(gr.Image):
     """gr.Image that hands over the uploaded file untouched: `lseg_jax.predict`
@@ -330,6 +324,12 @@ def build_app(backend: DemoBackend):
       if payload.path is None and payload.url and payload.url.startswith("data:"):
         return _Upload(base64.b64decode(payload.url.split(",", 1)[1]), name)
       return _Upload(payload.path, name)
+
+  return ImageFile
+
+
+def _segment_handler(backend: DemoBackend, gr, pd):
+  """The page's Segment callback: `backend.segment`, its refusals as `gr.Error`s."""
 
   def run(upload, labels_text, template, protocol, alpha):
     try:
@@ -346,6 +346,21 @@ def build_app(backend: DemoBackend):
         lambda col: [f"background-color: {c}; color: {_text_colour(c)}" for c in col],
         subset=["colour"]).format({"area %": "{:.2f}"})
     return out.overlay, out.colour_map, styled, out.files, out.status
+
+  return run
+
+
+def build_app(backend: DemoBackend):
+  """The Gradio Blocks page of `backend`."""
+  _configure_gradio_environment()
+  # Gradio (and its pandas) is an optional dependency: imported here only.
+  # pylint: disable=g-import-not-at-top
+  import gradio as gr
+  import pandas as pd
+  # pylint: enable=g-import-not-at-top
+
+  ImageFile = _image_file_component(gr)  # pylint: disable=invalid-name
+  run = _segment_handler(backend, gr, pd)
 
   template = backend.default_template()
   with gr.Blocks(title="LSeg: language-driven segmentation", analytics_enabled=False,

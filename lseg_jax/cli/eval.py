@@ -42,10 +42,11 @@ import jax
 
 from lseg_jax import checkpoint
 from lseg_jax import distributed
-from lseg_jax import eval_select
 from lseg_jax import evaluate
+from lseg_jax import inference
 from lseg_jax import sharding
 from lseg_jax.cli import common
+from lseg_jax.data import input_pipeline
 import tensorflow as tf  # pylint: disable=g-bad-import-order  (after lseg_jax.data: quiet)
 
 
@@ -140,22 +141,80 @@ def resolve_config(args, meta):
   if args.config:
     return common.load_config(args.config, args.overrides)
   if args.data:
-    return common.load_config(None, args.overrides, base=eval_select.data_only_config(args.data))
+    return common.load_config(None, args.overrides, base=data_only_config(args.data))
   if "config" not in meta:
     raise common.UserError(f"checkpoint {args.checkpoint!r} carries no training config "
                      "(imported checkpoints do not); pass --config FILE or --data NAME")
   return common.load_config(None, args.overrides, base=meta["config"])
 
 
-def choices(args) -> eval_select.Choices:
-  """The command line's data and protocol flags (`eval_select.select_evaluations`)."""
-  return eval_select.Choices(
-      name=args.eval, single_report=bool(args.out), eval_resize=args.eval_resize,
-      split=args.split, fold=args.fold, shot=args.shot, data_dir=args.data_dir, multiscale=args.multiscale,
-      flip=args.flip, scales=args.scales, base_size=args.base_size, crop_size=args.crop_size,
-      keep_eval_resize=args.keep_eval_resize, batch_size=args.batch_size,
-      from_data_name=bool(args.data), num_batches=args.max_batches,
-      background_text=args.background_text, crops_per_device=args.crops_per_device)
+def data_only_config(name: str) -> dict:
+  """The config of a bare dataset name (`--data NAME`): the source's default evaluation."""
+  # Episodes: HSNet's protocol, query and mask resized to 480 x 480 and scored there.
+  # Fixed labels: 480 center crops, PyTorch-Encoding's "val" mode that the official
+  # training loop validates with (the sliding window switches to whole images).
+  resize = "square" if input_pipeline.is_episodic({"name": name}) else "center_crop"
+  return {"data": {"name": name, "eval_resize": resize}}
+
+
+def sliding_window(args, data_cfg) -> inference.SlidingWindow | None:
+  """The multi-scale protocol the command line asks for; None for single scale."""
+  if not (args.multiscale or args.flip or args.scales):
+    return None
+  scales = args.scales or (inference.OFFICIAL_SCALES if args.multiscale else (1.0,))
+  return inference.SlidingWindow(
+      scales=tuple(scales), flip=args.flip,
+      base_size=args.base_size or data_cfg.base_size,
+      crop_size=args.crop_size or data_cfg.crop_size)
+
+
+def _named(evals, args, config):
+  if args.eval is not None:
+    evals = [ev for ev in evals if ev.name == args.eval]
+    if not evals:
+      names = [ev.name for ev in evaluate.Evaluation.from_config(config)]
+      raise common.UserError(f"--eval {args.eval!r} is not among the config's "
+                             f"evaluations {names}")
+  if args.out and len(evals) > 1:
+    raise common.UserError(f"--out names one report but the config has {len(evals)} "
+                           f"evaluations {[ev.name for ev in evals]}; add --eval NAME")
+  return evals
+
+
+def select_evaluations(config, args) -> list[evaluate.Evaluation]:
+  """The config's evaluations (`evaluate.Evaluation.from_config`) with the command
+  line's data and protocol flags laid over them (unset flags keep the config's value).
+
+  --batch-size is per process; without it, the evaluation's, or 2 per local device for
+  a bare dataset (--data NAME).
+
+  Raises:
+    UserError: no evaluation has the chosen name, or one report is asked of several.
+  """
+  evals = _named(evaluate.Evaluation.from_config(config), args, config)
+  for ev in evals:
+    data = ev.data
+    with data.unlocked():
+      for field, value in (("eval_resize", args.eval_resize),
+                           ("eval_split", args.split), ("data_dir", args.data_dir)):
+        if value:
+          data[field] = value
+      if args.fold is not None:
+        data.fold = args.fold
+      if args.shot is not None:
+        data.shot = args.shot
+      ev.window = sliding_window(args, data)
+      if ev.window is not None and not (args.keep_eval_resize or args.eval_resize):
+        data.eval_resize = "none"
+        data.eval_pad_to = None
+    if args.batch_size:
+      ev.batch_size = args.batch_size * jax.process_count()
+    elif args.data:
+      ev.batch_size = 2 * jax.local_device_count() * jax.process_count()
+    ev.num_batches = args.max_batches
+    ev.background_text = args.background_text
+    ev.crops_per_device = args.crops_per_device
+  return evals
 
 
 def main(argv=None) -> int:
@@ -168,7 +227,7 @@ def main(argv=None) -> int:
 
   model, meta, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
   config = resolve_config(args, meta)
-  evals = eval_select.select_evaluations(config, choices(args))
+  evals = select_evaluations(config, args)
   mesh = sharding.make_mesh(config.mesh)
   ckpt_dir = checkpoint.resolve_directory(args.checkpoint)
   for ev in evals:

@@ -24,10 +24,6 @@ from lseg_jax.cli import eval as eval_cli
 from lseg_jax.cli import predict
 from lseg_jax.data import synthetic
 
-# configs/synthetic_tiny.py, as a module of the `configs` package.
-DEFAULT_CONFIG = "synthetic_tiny"
-
-
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,

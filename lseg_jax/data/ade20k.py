@@ -15,17 +15,15 @@ import functools
 import numpy as np
 
 from lseg_jax.data import registry
-from lseg_jax.data.dataset_layouts import Layout, MixtureDataset, Tree, make_source
-from lseg_jax.data.dataset_layouts import renamed
+from lseg_jax.data.dataset_layouts import Layout, MixtureDataset, TRAINING_VALIDATION, Tree
+from lseg_jax.data.dataset_layouts import make_source, renamed
 from lseg_jax.data.label_names import ADE20K_NAMES
 
 ADE20K_URL = (
     "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip")
-_TRAINING_VALIDATION = {"train": "training", "validation": "validation",
-                        "val": "validation"}
 
 ADE20K = MixtureDataset(
-    name="ade20k", title="ADE20K", splits=_TRAINING_VALIDATION,
+    name="ade20k", title="ADE20K", splits=TRAINING_VALIDATION,
     expected=(
         f"the official ADEChallengeData2016.zip ({ADE20K_URL}) at "
         "{d}/ADEChallengeData2016.zip, or extracted so that "

@@ -79,6 +79,10 @@ class TfdsLayout:
   name_key: str
 
 
+# `MixtureDataset.splits` of the datasets whose folders are "training" and "validation".
+TRAINING_VALIDATION = {"train": "training", "validation": "validation", "val": "validation"}
+
+
 @dataclasses.dataclass(frozen=True)
 class MixtureDataset:
   """One dataset of LSeg's mixture, stored as files: a table row.

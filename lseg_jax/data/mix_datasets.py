@@ -30,8 +30,8 @@ import tensorflow as tf
 
 from lseg_jax.data import dataset_files
 from lseg_jax.data import registry
-from lseg_jax.data.dataset_layouts import Layout, MixtureDataset, TfdsLayout, Tree
-from lseg_jax.data.dataset_layouts import make_source, renamed
+from lseg_jax.data.dataset_layouts import Layout, MixtureDataset, TfdsLayout, TRAINING_VALIDATION
+from lseg_jax.data.dataset_layouts import Tree, make_source, renamed
 from lseg_jax.data.label_names import COCO_PANOPTIC_NAMES
 from lseg_jax.data.label_names import MAPILLARY_VISTAS_NAMES, SUNRGBD_NAMES
 from lseg_jax.labels import IGNORE_INDEX
@@ -74,8 +74,6 @@ def _check_mapillary_config(tree):
 
 
 _TRAIN_VAL = {"train": "train", "validation": "val", "val": "val"}
-_TRAINING_VALIDATION = {"train": "training", "validation": "validation",
-                        "val": "validation"}
 _MAPILLARY = dict(folders=("mapillary-vistas-dataset_public_v1.2",),
                   archives=("mapillary-vistas-dataset_public_v1.2.zip",
                             "mapillary-vistas-dataset_public_v2.0.zip"))
@@ -163,7 +161,7 @@ DATASETS = (
                      r"gtFine/\1_gtFine_labellevel3Ids.png")),)),
     MixtureDataset(
         name="mapillary_vistas", title="Mapillary Vistas",
-        splits=_TRAINING_VALIDATION,
+        splits=TRAINING_VALIDATION,
         expected=(
             "Mapillary Vistas v1.2 (mapillary-vistas-dataset_public_v1.2.zip) "
             "or v2.0 from https://www.mapillary.com/dataset/vistas, in {d}/ "
