@@ -32,6 +32,7 @@ from lseg_jax import checkpoint
 from lseg_jax import config as config_lib
 from lseg_jax import distributed
 from lseg_jax import evaluate
+from lseg_jax import text
 from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
 
