@@ -19,10 +19,14 @@ Two inference modes:
     this host's devices, hosts work on their own examples and their
     confusion matrices are summed at the end.
 
-Episodes: the table is ["other", *fold classes]; the label mask leaves two
-candidates per example, "other" and the episode class, so the argmax is a
-binary prediction (foreground = the class), scored with HSNet's protocol
-(`lseg_jax.metrics`).
+Episodes: the table is ["other", *fold classes] and the label mask leaves two
+candidates per example, "other" and the episode class. Only those two are
+computed: each example gets its own label embeddings [2, D] (the table's rows
+0 and 1 + class_index, `episode_rows`), as the official zero-shot forward
+embeds ["others", class]; the argmax over them is the binary prediction
+(1 = the class), scored with HSNet's protocol (`lseg_jax.metrics`). The
+logits of the two labels are those the whole table with the mask gives:
+masked labels never entered any label's logits (the Bottleneck max included).
 """
 from __future__ import annotations
 
@@ -63,17 +67,38 @@ def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1
   return out
 
 
-def episode_binary(pred, label, class_index):
-  """Union-table prediction/label -> binary (1 = episode class, label -1 kept).
+def episode_rows(class_index: np.ndarray) -> np.ndarray:
+  """int [B] episode classes -> int32 [B, 2]: the rows of ["other", *classes] an
+  episode is scored over, "other" (0) then its class (1 + class_index)."""
+  ci = np.asarray(class_index, np.int32).reshape(-1)
+  return np.stack([np.zeros_like(ci), 1 + ci], axis=1)
 
-  pred, label: int [B, H, W] indexing ["other", *classes]; class_index [B].
+
+def episode_label(label, class_index):
+  """Union-table label -> binary label (1 = episode class, 0 = other, -1 kept).
+
+  label: int [B, H, W] indexing ["other", *classes]; class_index [B].
   Works on numpy and jax arrays.
   """
-  xp = jnp if isinstance(pred, jax.Array) else np
+  xp = jnp if isinstance(label, jax.Array) else np
   fg = (1 + class_index).reshape(-1, 1, 1)
-  bin_pred = (pred == fg).astype(xp.int32)
-  bin_label = xp.where(label < 0, IGNORE_INDEX, (label == fg).astype(xp.int32))
-  return bin_pred, bin_label
+  return xp.where(label < 0, IGNORE_INDEX, (label == fg).astype(xp.int32))
+
+
+def _check_episode_masks(batch) -> None:
+  """Every valid episode's label mask must keep exactly "other" and its class: those
+  two are the labels the episode is scored over."""
+  mask = np.asarray(batch["label_mask"], bool)
+  expected = np.zeros_like(mask)
+  rows = episode_rows(batch["class_index"])
+  np.put_along_axis(expected, np.clip(rows, 0, mask.shape[1] - 1), True, axis=1)
+  bad = np.flatnonzero(np.asarray(batch["valid"], bool) & np.any(mask != expected, axis=1))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"episode {i} of the batch has label_mask candidates "
+                     f"{np.flatnonzero(mask[i]).tolist()}; expected exactly "
+                     f"{rows[i].tolist()} (\"other\" and 1 + class_index "
+                     f"{int(batch['class_index'][i])})")
 
 
 def _check_table(label_names: Sequence[str], episodic: bool, text_emb):
@@ -123,13 +148,18 @@ class Evaluator:
       self._state = jax.tree.map(
           lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(_host(x), replicated),
           state)
-      self._text = jax.device_put(_host(jnp.asarray(text_emb, jnp.float32)), replicated)
+      if not episodic:
+        self._text = jax.device_put(_host(jnp.asarray(text_emb, jnp.float32)), replicated)
     else:
       self.mesh = mesh if mesh is not None else sharding.make_mesh(
           {"data": -1, "fsdp": 1}, jax.local_devices())
       self._infer = inference.SlidingWindowInference.for_model(
           model, window, mesh=self.mesh, crops_per_device=crops_per_device)
-      self._text = jnp.asarray(text_emb, jnp.float32)
+      if not episodic:
+        self._text = jnp.asarray(text_emb, jnp.float32)
+    if episodic:
+      # Host copy: each batch gathers its episodes' rows [B, 2, D] from it.
+      self._table = np.asarray(metrics.to_host(text_emb), np.float32)
 
   # ------------------------------------------------------------------------
   def update(self, batch: dict[str, np.ndarray]) -> None:
@@ -151,35 +181,55 @@ class Evaluator:
     if b % local:
       raise ValueError(f"per-host eval batch size {b} is not a multiple of this host's "
                        f"{local} devices; choose a batch size divisible by {local}")
-    keys = ["image", "label", "label_mask", "valid"] + (["class_index"] if self.episodic else [])
-    arrays = {k: jax.make_array_from_process_local_data(self._data, np.asarray(batch[k]))
-              for k in keys}
-    logits = self._forward(self._state, arrays["image"], self._text, arrays["label_mask"])
-    conf = _batch_confusion(logits, arrays["label"], arrays["valid"], arrays.get("class_index"),
-                            episodic=self.episodic, num_labels=len(self.label_names))
+    def global_array(x):
+      return jax.make_array_from_process_local_data(self._data, np.asarray(x))
+
     if self.episodic:
+      _check_episode_masks(batch)
+      text = global_array(self._table[self._rows(batch)])
+      arrays = {k: global_array(batch[k]) for k in ("image", "label", "valid", "class_index")}
+      logits = self._forward(self._state, arrays["image"], text, None)
+      conf = _episode_batch_confusion(logits, arrays["label"], arrays["valid"],
+                                      arrays["class_index"],
+                                      num_classes=len(self.label_names) - 1)
       # Episode counts are per host; the confusion is already global.
       self.meter.add(conf, batch["class_index"], batch["valid"])
     else:
+      arrays = {k: global_array(batch[k]) for k in ("image", "label", "label_mask", "valid")}
+      logits = self._forward(self._state, arrays["image"], self._text, arrays["label_mask"])
+      conf = _batch_confusion(logits, arrays["label"], arrays["valid"],
+                              num_labels=len(self.label_names))
       self.meter.add(conf)
     self.num_examples += int(np.sum(batch["valid"]))
 
+  def _rows(self, batch) -> np.ndarray:
+    """[B, 2] table rows of the batch's episodes; padding examples take row 0 twice
+    (whatever their class_index, they are not counted)."""
+    return np.where(np.asarray(batch["valid"], bool)[:, None],
+                    episode_rows(batch["class_index"]), 0)
+
   def _update_multi(self, batch):
+    if self.episodic:
+      _check_episode_masks(batch)
+      rows = self._rows(batch)
     items = []
     for i in np.flatnonzero(batch["valid"]):
       h, w = (batch["image_size"][i] if "image_size" in batch
               else batch["label"].shape[1:3])
       label = batch["label"][i, :h, :w]
       ci = int(batch["class_index"][i]) if self.episodic else None
-      items.append((batch["image"][i, :h, :w], batch["label_mask"][i], (label, ci)))
-    for scores, (label, ci) in self._infer.stream(items, self._text):
+      labels = rows[i] if self.episodic else batch["label_mask"][i]
+      items.append((batch["image"][i, :h, :w], labels, (label, ci)))
+    table = self._table if self.episodic else self._text
+    for scores, (label, ci) in self._infer.stream(items, table):
       pred = np.argmax(scores, axis=-1)
       if self.episodic:
+        # Scores over ["other", class]: the argmax is the binary prediction.
         ci_arr = np.array([ci])
-        bp, bl = episode_binary(pred[None], label[None], ci_arr)
+        bl = episode_label(label[None], ci_arr)
         # This host's counts; summed over hosts in result().
-        self.meter.add(metrics.episode_confusion_np(bp, bl, ci_arr, len(self.label_names) - 1),
-                       ci_arr)
+        self.meter.add(metrics.episode_confusion_np(pred[None], bl, ci_arr,
+                                                    len(self.label_names) - 1), ci_arr)
       else:
         self.meter.add(metrics.confusion_matrix_np(pred[None], label[None],
                                                    len(self.label_names)))
@@ -253,15 +303,20 @@ def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
   return (gathered[0] << 31) + gathered[1]
 
 
-@functools.partial(jax.jit, static_argnames=("episodic", "num_labels"))
-def _batch_confusion(logits, label, valid, class_index, *, episodic, num_labels):
+@functools.partial(jax.jit, static_argnames=("num_labels",))
+def _batch_confusion(logits, label, valid, *, num_labels):
   """The global confusion of a batch's predictions (the argmax of the forward's logits)."""
-  pred = jnp.argmax(logits, axis=-1)
-  if episodic:
-    bin_pred, bin_label = episode_binary(pred, label, class_index)
-    return metrics.episode_confusion(bin_pred, bin_label, class_index, num_labels - 1,
-                                     valid=valid)
-  return metrics.confusion_matrix(pred, label, num_labels, valid=valid)
+  return metrics.confusion_matrix(jnp.argmax(logits, axis=-1), label, num_labels, valid=valid)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _episode_batch_confusion(logits, label, valid, class_index, *, num_classes):
+  """The global episode confusion of a batch: logits [B, H, W, 2] over ["other", class];
+  their argmax is the binary prediction (a tie goes to "other", as the argmax over the
+  masked table gave it: "other" is its first row)."""
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return metrics.episode_confusion(pred, episode_label(label, class_index), class_index,
+                                   num_classes, valid=valid)
 
 
 def evaluate(evaluator: Evaluator, batches: Iterable[dict[str, np.ndarray]], *,
@@ -382,4 +437,4 @@ def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
 
 
 __all__ = ["EPISODE_BACKGROUND_TEXT", "OTHER_LABEL", "Evaluation", "Evaluator",
-           "episode_binary", "evaluate", "format_table", "pad_batch"]
+           "episode_label", "episode_rows", "evaluate", "format_table", "pad_batch"]

@@ -28,6 +28,10 @@ the crop size, no flip and an image of crop x crop, the result is exactly
 one plain model call.
 
 Labels masked out (label_mask False) get -inf scores, as the model gives.
+An image may instead name the rows of the label table it is scored over (a
+zero-shot episode: "other" and its class): only those labels are computed,
+each crop with its own label embeddings, and its scores have one channel per
+named row.
 """
 from __future__ import annotations
 
@@ -192,11 +196,11 @@ class CropRunner:
   `apply(state, crops, text_emb, label_mask) -> logits` must be hashable: it
   runs through the cached `apply.forward` (see `apply.LSegApply`).
 
-  `runner(crops [n, c, c, 3], text_emb [L, D], label_mask [n, L]) -> float32
-  numpy [n, c, c, L]` for any n: crops are cut into batches of `batch_size`
-  (the last one padded), so one compiled function serves every call. With
-  `flip`, each crop's logits are f(x) + flip(f(flip(x))). Masked labels come
-  back as 0 (finite, so that resizing and summing stay finite).
+  `runner(crops [n, c, c, 3], text_emb [L, D] or per crop [n, L, D], label_mask
+  [n, L] or None) -> float32 numpy [n, c, c, L]` for any n: crops are cut into
+  batches of `batch_size` (the last one padded), so one compiled function serves
+  every call. With `flip`, each crop's logits are f(x) + flip(f(flip(x))). Masked
+  labels come back as 0 (finite, so that resizing and summing stay finite).
   """
 
   def __init__(self, apply: Callable, state: Any, *, flip: bool = False,
@@ -215,25 +219,42 @@ class CropRunner:
     self.apply = apply
     self._forward = apply_lib.forward(apply, self.mesh, flip=flip)
 
-  def _logits(self, crops: np.ndarray, text_emb, mask: np.ndarray) -> np.ndarray:
+  def _logits(self, crops: np.ndarray, text_emb, mask: np.ndarray | None) -> np.ndarray:
     """One full batch through the forward; masked labels 0."""
-    logits = np.asarray(self._forward(self.state, jax.device_put(crops, self._data),
-                                      text_emb, jax.device_put(mask, self._data)))
+    logits = np.asarray(self._forward(
+        self.state, jax.device_put(crops, self._data), text_emb,
+        None if mask is None else jax.device_put(mask, self._data)))
+    if mask is None:
+      return logits
     return np.where(mask[:, None, None, :], logits, np.float32(0.0))
 
-  def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray) -> np.ndarray:
+  def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray | None
+               ) -> np.ndarray:
     n = crops.shape[0]
-    text_emb = jax.device_put(text_emb, self._replicated)
+    per_crop = np.ndim(text_emb) == 3
+    if per_crop:
+      text_emb = np.asarray(text_emb, np.float32)
+      if text_emb.shape[0] != n:
+        raise ValueError(f"per-crop text_emb has {text_emb.shape[0]} rows for {n} crops")
+    else:
+      text_emb = jax.device_put(text_emb, self._replicated)
     outs = []
     for start in range(0, n, self.batch_size):
       chunk = crops[start:start + self.batch_size]
-      mask = label_mask[start:start + self.batch_size]
+      mask = None if label_mask is None else label_mask[start:start + self.batch_size]
+      text = text_emb[start:start + self.batch_size] if per_crop else text_emb
       k = chunk.shape[0]
       if k < self.batch_size:
-        chunk = np.concatenate([chunk, np.zeros((self.batch_size - k,) + chunk.shape[1:],
-                                                chunk.dtype)])
-        mask = np.concatenate([mask, np.ones((self.batch_size - k, mask.shape[1]), bool)])
-      outs.append(self._logits(chunk, text_emb, mask)[:k])
+        pad = self.batch_size - k
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        if mask is not None:
+          mask = np.concatenate([mask, np.ones((pad, mask.shape[1]), bool)])
+        if per_crop:
+          # Copies of a real row: a zero embedding would be normalised to NaN.
+          text = np.concatenate([text, np.repeat(text[-1:], pad, axis=0)])
+      if per_crop:
+        text = jax.device_put(text, self._data)
+      outs.append(self._logits(chunk, text, mask)[:k])
     return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
@@ -243,10 +264,11 @@ class CropRunner:
 class _ImageJob:
   """One image's per-scale canvases while its windows are in flight."""
 
-  def __init__(self, image, label_mask, payload, window: SlidingWindow):
+  def __init__(self, image, label_mask, rows, payload, window: SlidingWindow):
     h, w = image.shape[:2]
     self.size = (h, w)
     self.label_mask = label_mask
+    self.rows = rows
     self.payload = payload
     self.scales = []   # (height, width, canvas or None, count or None)
     self.crops = []    # (scale index, y0, x0, crop [c, c, 3])
@@ -335,35 +357,60 @@ class SlidingWindowInference:
     """Scores of many images, their windows batched together across images.
 
     Args:
-      items: (image float32 [H, W, 3], label_mask bool [L] or None, payload)
-        triples; H, W may differ between images.
+      items: (image float32 [H, W, 3], labels, payload) triples; H, W may differ
+        between images. labels: None (every label), a bool mask [L] (labels
+        False score -inf), or int rows [K] of `text_emb`: the image is scored
+        over those K labels only (K the same for every image of the stream).
       text_emb: label embeddings [L, D].
 
     Yields:
-      (scores float32 [H, W, L], payload) in input order.
+      (scores float32 [H, W, L], or [H, W, K] for rows, payload) in input order.
     """
     num_labels = text_emb.shape[0]
     batch = getattr(self.runner, "batch_size", 1)
     pending: collections.deque[_ImageJob] = collections.deque()
     queue: list[tuple[_ImageJob, int, int, int, np.ndarray]] = []
+    table = None  # host copy of text_emb, for images scored over rows
+    num_rows = None
 
     def run(entries):
       crops = np.stack([e[4] for e in entries]).astype(np.float32)
-      masks = np.stack([np.ones(num_labels, bool) if e[0].label_mask is None
-                        else e[0].label_mask for e in entries])
-      logits = self.runner(crops, text_emb, masks)
+      if num_rows is not None:
+        logits = self.runner(crops, table[np.stack([e[0].rows for e in entries])], None)
+      else:
+        masks = np.stack([np.ones(num_labels, bool) if e[0].label_mask is None
+                          else e[0].label_mask for e in entries])
+        logits = self.runner(crops, text_emb, masks)
       for (job, si, y0, x0, _), out in zip(entries, logits):
         job.add(si, y0, x0, out)
 
-    for image, label_mask, payload in items:
+    for index, (image, labels, payload) in enumerate(items):
       image = np.asarray(image, np.float32)
       if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an image [H, W, 3], got shape {image.shape}")
-      if label_mask is not None:
-        label_mask = np.asarray(label_mask, bool)
+      label_mask = rows = None
+      if labels is not None and np.asarray(labels).dtype != bool:
+        rows = np.asarray(labels)
+        if (rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or not rows.size
+            or rows.min() < 0 or rows.max() >= num_labels):
+          raise ValueError(f"label rows {rows.tolist()}; expected a non-empty int list of "
+                           f"rows in [0, {num_labels})")
+        if index == 0:
+          table, num_rows = np.asarray(text_emb, np.float32), rows.size
+        elif num_rows is None:
+          raise ValueError(f"image {index} names label rows; the images before it did not "
+                           "(a stream uses one kind)")
+        elif num_rows != rows.size:
+          raise ValueError(f"image {index} names {rows.size} label rows; every image of a "
+                           f"stream must name the same number ({num_rows} before)")
+      elif num_rows is not None:
+        raise ValueError(f"image {index} has a label mask or None; the images before it "
+                         "named label rows (a stream uses one kind)")
+      elif labels is not None:
+        label_mask = np.asarray(labels, bool)
         if label_mask.shape != (num_labels,):
           raise ValueError(f"label_mask has shape {label_mask.shape}; expected [{num_labels}]")
-      job = _ImageJob(image, label_mask, payload, self.window)
+      job = _ImageJob(image, label_mask, rows, payload, self.window)
       pending.append(job)
       queue.extend((job, si, y0, x0, crop) for si, y0, x0, crop in job.crops)
       job.crops = None

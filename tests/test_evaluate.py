@@ -323,3 +323,39 @@ def test_episodes_through_the_sliding_window(model, fss_dir):
 def test_sum_over_hosts_is_exact_beyond_int32():
   x = np.array([[0, 2 ** 31 - 1], [2 ** 31 + 3, 5 * 2 ** 33 + 7]], np.int64)
   np.testing.assert_array_equal(evaluate._sum_over_hosts(x), x)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("arch_option", [1, 2])
+def test_episode_pair_logits_equal_the_masked_table(arch_option):
+  # An episode's two labels computed alone (per-example embeddings [B, 2, D]) give the
+  # logits the whole table gives under the episode's mask: with a Bottleneck head the
+  # max over labels sees the same two labels in both. Equal up to float32 rounding
+  # (the matmul over D is blocked differently for 2 and for 241 labels).
+  cfg = lseg.LSegConfig(backbone="tiny_vit32", arch_option=arch_option, block_depth=2,
+                        text_vocab_size=text.BYTE_LEVEL_VOCAB_SIZE)
+  m = lseg.LSeg(cfg, rngs=nnx.Rngs(0))
+  m.eval()
+  table = np.asarray(text_for(m, 241, seed=5))
+  images = jax.random.normal(jax.random.key(6), (4, 64, 64, 3))
+  class_index = np.array([0, 7, 239, 100])
+  rows = evaluate.episode_rows(class_index)
+  np.testing.assert_array_equal(rows, [[0, 1], [0, 8], [0, 240], [0, 101]])
+  mask = np.zeros((4, 241), bool)
+  np.put_along_axis(mask, rows, True, axis=1)
+  whole = np.asarray(jax.jit(lambda x, t, k: m(x, t, k))(images, table, mask))
+  pair = np.asarray(jax.jit(lambda x, t: m(x, t, None))(images, table[rows]))
+  assert pair.shape == (4, 64, 64, 2)
+  np.testing.assert_allclose(pair, np.take_along_axis(whole, rows[:, None, None], -1),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_episode_batches_must_mask_other_and_their_class(model, fss_dir):
+  data_cfg = episode_cfg("fss1000", fss_dir, "test")
+  it = input_pipeline.make_eval_iterator(data_cfg, batch_size=8)
+  ev = evaluate.Evaluator(model, it.label_names, text_for(model, len(it.label_names)),
+                          episodic=True)
+  batch = dict(next(iter(it)))
+  batch["label_mask"] = np.array(batch["label_mask"])
+  batch["label_mask"][1, 0] = False  # "other" dropped from a valid episode
+  with pytest.raises(ValueError, match=r"episode 1 .* expected exactly \[0, "):
+    ev.update(batch)

@@ -124,6 +124,32 @@ def test_stream_batches_across_images_like_one_by_one(model):
     np.testing.assert_allclose(scores, one, rtol=1e-6, atol=1e-5)
 
 
+def test_stream_scores_images_over_their_own_label_rows(model):
+  # Each image scored over its own two rows of a 6-label table: the same scores as
+  # the whole table under the matching mask (arch_option 1: the Bottleneck max sees
+  # the same two labels), up to float32 rounding of the matmul.
+  _, text = random_inputs(model, 8, 8, labels=6)
+  rng = np.random.default_rng(1)
+  images = [rng.uniform(-1, 1, size=s).astype(np.float32) for s in [(40, 70, 3), (33, 33, 3)]]
+  rows = [np.array([0, 3]), np.array([0, 5])]
+  window = inference.SlidingWindow(scales=(0.5, 1.0), base_size=64, crop_size=32)
+  infer = inference.SlidingWindowInference.for_model(model, window)
+  streamed = list(infer.stream([(im, r, i) for i, (im, r) in enumerate(zip(images, rows))],
+                               text))
+  for scores, i in streamed:
+    assert scores.shape == images[i].shape[:2] + (2,)
+    mask = np.zeros(6, bool)
+    mask[rows[i]] = True
+    np.testing.assert_allclose(scores, infer(images[i], text, mask)[..., rows[i]],
+                               rtol=1e-6, atol=1e-5)
+  with pytest.raises(ValueError, match="same number"):
+    list(infer.stream([(images[0], rows[0], 0), (images[1], np.array([0, 1, 2]), 1)], text))
+  with pytest.raises(ValueError, match="one kind"):
+    list(infer.stream([(images[0], rows[0], 0), (images[1], None, 1)], text))
+  with pytest.raises(ValueError, match=r"rows in \[0, 6\)"):
+    list(infer.stream([(images[0], np.array([0, 6]), 0)], text))
+
+
 # --------------------------------------------------------------------------
 # Parity with the PyTorch reference semantics on a toy conv "model".
 # --------------------------------------------------------------------------
