@@ -15,7 +15,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from lseg_jax.cli import predict
+from lseg_jax import predict
 from lseg_jax.data import preprocess
 
 SIZES = [(1, 1), (17, 23), (101, 67), (375, 500)]

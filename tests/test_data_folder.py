@@ -111,7 +111,8 @@ def _mismatch(root):
 
 
 @pytest.mark.parametrize("damage,reason", [
-    (_corrupt, "reading or decoding it failed.*Unknown image file format"),
+    (_corrupt, "Unknown image file format or damaged image .*Pillow: cannot identify image "
+               r"file\); expected a JPEG"),
     (_mismatch, r"mask has size \[10 10\] but its image has size \[24 32\]")])
 def test_bad_example_error_or_skip(tmp_path, damage, reason):
   _write(tmp_path, num=6)

@@ -455,13 +455,14 @@ def _bad_example(root, case):
 
 
 _SKIP = " Set data_cfg.on_bad_example='skip' to skip such examples."
-_DECODE = ("reading or decoding it failed ({}); expected an image TensorFlow decodes (JPEG, "
-           "PNG, BMP or GIF) and a PNG mask." + _SKIP)
+_DECODE = ("reading or decoding it failed ({}); expected an image Pillow reads (JPEG, PNG, "
+           "GIF, BMP, WebP, TIFF, ...) and a PNG mask." + _SKIP)
 BAD_DATA = {
     "truncated_jpeg": _DECODE.format("jpeg::Uncompress failed. Invalid JPEG data or crop "
                                      "window"),
-    "not_an_image": _DECODE.format("Unknown image file format. One of JPEG, JPEG XL, PNG, "
-                                   "GIF, BMP, WebP required"),
+    "not_an_image": "Unknown image file format or damaged image (21 bytes; Pillow: cannot "
+                    "identify image file); expected a JPEG, PNG, GIF, BMP, WebP, TIFF or "
+                    "another format Pillow reads." + _SKIP,
     "wrong_size": "its mask has size [16 32] but its image has size [32 32]; expected the "
                   "same height and width." + _SKIP,
     "value_out_of_range": "its mask has value 7 outside [0, 3); expected a label index 0-2 "

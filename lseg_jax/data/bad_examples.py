@@ -252,6 +252,6 @@ def _load_error_reason(source, index, file_name: str) -> str:
       return text.rstrip(".")
     first_line = e.message.strip().splitlines()[0]
     message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", first_line).strip().rstrip(".")
-    return (f"{_LOAD_FAILED} ({message}); expected an image TensorFlow decodes (JPEG, "
-            "PNG, BMP or GIF) and a PNG mask")
+    return (f"{_LOAD_FAILED} ({message}); expected an image Pillow reads (JPEG, PNG, GIF, "
+            "BMP, WebP, TIFF, ...) and a PNG mask")
   return _LOAD_FAILED

@@ -36,6 +36,7 @@ All randomness comes from stateless ops seeded by the caller, so the same
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -105,7 +106,9 @@ def _pil_rgb(data) -> tuple[np.ndarray, bytes]:
         return np.repeat(grey[..., None], 3, axis=-1), b""
       return np.array(im.convert("RGB"), np.uint8), b""
   except Exception as e:  # pylint: disable=broad-except
-    reason = " ".join(str(e).split())
+    # Pillow names the buffer by its repr ("<_io.BytesIO object at 0x...>"): not the
+    # user's file, and different at every run.
+    reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", " ".join(str(e).split()))
     return np.zeros((0, 0, 3), np.uint8), (
         f"Unknown image file format or damaged image ({len(data)} bytes; Pillow: "
         f"{reason}); expected a JPEG, PNG, GIF, BMP, WebP, TIFF or another format "
