@@ -40,6 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lseg_jax import errors
 from lseg_jax.errors import MissingFileError, UserError
 from lseg_jax.models import lseg
 
@@ -70,7 +71,7 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]
   """{flat name: CRC-32 hex} of every array this process holds completely (None for
   an array sharded over processes).
 
-  check_finite: raise FloatingPointError, naming the array and `check_finite` (what is
+  check_finite: raise errors.NonFiniteError (a FloatingPointError), naming the array and `check_finite` (what is
   being saved), if a floating-point array holds NaN or Inf.
   """
   out: dict[str, str | None] = {}
@@ -84,7 +85,7 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]
         if check_finite and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
           bad = int(_count_non_finite(x))
           if bad:
-            raise FloatingPointError(
+            raise errors.NonFiniteError(
                 f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
         continue
       x = x.addressable_data(0)  # replicated: every process holds the same copy
@@ -94,7 +95,7 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]
     if check_finite and jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):
       bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
       if bad:
-        raise FloatingPointError(
+        raise errors.NonFiniteError(
             f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
     out[name] = f"{zlib.crc32(a.tobytes()) & 0xffffffff:08x}"
   return out

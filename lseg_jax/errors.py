@@ -17,4 +17,9 @@ class MissingFileError(UserError, FileNotFoundError):
   FileNotFoundError, for callers that handle that."""
 
 
-__all__ = ["MissingFileError", "UserError"]
+class NonFiniteError(UserError, FloatingPointError):
+  """Training diverged (a non-finite loss or gradient: too high a learning rate), or
+  arrays to be saved are not finite; also a FloatingPointError."""
+
+
+__all__ = ["MissingFileError", "NonFiniteError", "UserError"]

@@ -44,6 +44,7 @@ from lseg_jax import state as state_lib
 from lseg_jax import text
 from lseg_jax import train_utils
 from lseg_jax.data import input_pipeline
+from lseg_jax import errors
 from lseg_jax.errors import UserError
 from lseg_jax.models import attention
 from lseg_jax.models import lseg
@@ -225,8 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
      embeddings from the model's text tower}.
 
   Raises:
-    FloatingPointError: a step produced a non-finite loss or gradient; the run stops
-      without saving that step (the latest checkpoint is the last good one).
+    errors.NonFiniteError (a FloatingPointError): a step produced a non-finite loss or
+      gradient; the run stops without saving that step (the latest checkpoint is the
+      last good one).
   """
   config = config_lib.complete(config)
   config_lib.check_config(config)
@@ -328,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       m = jax.tree.map(metrics_lib.to_host, m)
       if not m["finite"]:
         mngr.wait_until_finished()
-        raise FloatingPointError(_divergence_message(
+        raise errors.NonFiniteError(_divergence_message(
             step, m, mngr.latest_step(), ckpt_dir, config.optim.base_lr))
       meter.add(m)
       lr = float(m["lr"])
