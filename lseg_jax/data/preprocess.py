@@ -50,6 +50,12 @@ _PNG_BIT_DEPTH_OFFSET = 24
 _PNG_COLOR_TYPE_OFFSET = 25
 
 
+def _header(data: tf.Tensor) -> tf.Tensor:
+  """The first 32 bytes of `data`, zero-padded: the PNG header fields can be read from
+  files of any length (substr fails past the end)."""
+  return tf.strings.join([tf.strings.substr(data, 0, 32), "\0" * 32])
+
+
 def decode_image(data: tf.Tensor) -> tf.Tensor:
   """Image bytes -> uint8 [H, W, 3], the values Pillow gives (the official loaders).
 
@@ -68,9 +74,10 @@ def decode_image(data: tf.Tensor) -> tf.Tensor:
   the paper's datasets holds such images.
   """
   is_jpeg = tf.io.is_jpeg(data)
+  header = _header(data)
   is_png8 = tf.logical_and(
-      tf.strings.substr(data, 0, 8) == b"\x89PNG\r\n\x1a\n",
-      tf.strings.substr(data, _PNG_BIT_DEPTH_OFFSET, 1) == b"\x08")
+      tf.strings.substr(header, 0, 8) == b"\x89PNG\r\n\x1a\n",
+      tf.strings.substr(header, _PNG_BIT_DEPTH_OFFSET, 1) == b"\x08")
   use_tf = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2] != 4,
                    lambda: is_png8)
 
@@ -130,19 +137,20 @@ def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
     {"image": uint8 [H, W, 3], "mask": int32 [H, W], "file_name": string}.
   """
   image = decode_image(image_bytes)
+  header = _header(mask_bytes)
   is_palette = tf.logical_and(
-      tf.strings.substr(mask_bytes, 0, 4) == b"\x89PNG",
-      tf.strings.substr(mask_bytes, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x03")
+      tf.strings.substr(header, 0, 4) == b"\x89PNG",
+      tf.strings.substr(header, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x03")
   tf.debugging.Assert(tf.logical_not(is_palette), [tf.strings.join([
       "Mask of ", file_name, " is a palette PNG; expected a greyscale PNG "
       "whose pixel values are label indices (convert it with PIL: "
       "Image.fromarray(np.array(img)))."])])
   # Label values are read exactly: 8-bit (mode L) or 16-bit (I;16) greyscale only. TF
   # would turn colour into luma and scale 16-bit values or 1/2/4-bit ones into 0-255.
-  bit_depth = tf.strings.substr(mask_bytes, _PNG_BIT_DEPTH_OFFSET, 1)
+  bit_depth = tf.strings.substr(header, _PNG_BIT_DEPTH_OFFSET, 1)
   is_grey = tf.logical_and(
-      tf.strings.substr(mask_bytes, 0, 4) == b"\x89PNG",
-      tf.strings.substr(mask_bytes, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x00")
+      tf.strings.substr(header, 0, 4) == b"\x89PNG",
+      tf.strings.substr(header, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x00")
   is_16bit = bit_depth == b"\x10"
   with tf.control_dependencies([tf.debugging.Assert(
       tf.logical_and(is_grey, tf.logical_or(is_16bit, bit_depth == b"\x08")),
