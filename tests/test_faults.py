@@ -458,8 +458,7 @@ _SKIP = " Set data_cfg.on_bad_example='skip' to skip such examples."
 _DECODE = ("reading or decoding it failed ({}); expected an image Pillow reads (JPEG, PNG, "
            "GIF, BMP, WebP, TIFF, ...) and a PNG mask." + _SKIP)
 BAD_DATA = {
-    "truncated_jpeg": _DECODE.format("jpeg::Uncompress failed. Invalid JPEG data or crop "
-                                     "window"),
+    "truncated_jpeg": _DECODE.format("Invalid JPEG data, size 618"),
     "not_an_image": "Unknown image file format or damaged image (21 bytes; Pillow: cannot "
                     "identify image file); expected a JPEG, PNG, GIF, BMP, WebP, TIFF or "
                     "another format Pillow reads." + _SKIP,
