@@ -71,8 +71,8 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]
   """{flat name: CRC-32 hex} of every array this process holds completely (None for
   an array sharded over processes).
 
-  check_finite: raise errors.NonFiniteError (a FloatingPointError), naming the array and `check_finite` (what is
-  being saved), if a floating-point array holds NaN or Inf.
+  check_finite: raise errors.NonFiniteError (a FloatingPointError), naming the array
+  and `check_finite` (what is being saved), if a floating-point array holds NaN or Inf.
   """
   out: dict[str, str | None] = {}
   held = {}  # the arrays this process holds whole, fetched to the host in one call

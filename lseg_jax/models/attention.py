@@ -124,7 +124,8 @@ def tpu_flash_attention(q, k, v):
   padded queries (which attend among themselves) are sliced off.
   """
   # Loaded on use: Pallas' TPU module is only needed when compiling for a TPU.
-  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
   n, head_dim = q.shape[1], q.shape[-1]
   padded = n + (-n % TPU_TOKEN_MULTIPLE)
 
