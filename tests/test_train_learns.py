@@ -21,8 +21,10 @@ def tiny_config(arg=None):
 
 
 def test_tiny_config_learns(tmp_path):
+  # The config's own 600 steps: since training resizes with Pillow, 300 steps (the
+  # poly schedule squeezed into them) ended at 0.54x the first logged loss, a
+  # trajectory away from the 0.5x asked below; the full schedule ends near 0.3x.
   config = tiny_config()
-  config.total_steps = 300
   config.eval_every_steps = 0
   config.checkpoint_every_steps = 0
   config.progress_bar = False
@@ -31,7 +33,7 @@ def test_tiny_config_learns(tmp_path):
   summary = train.train_and_evaluate(config, str(tmp_path / "work"))
   records = [json.loads(x) for x in open(tmp_path / "work" / train.METRICS_FILE)]
   train_losses = [r["train/loss"] for r in records if "train/loss" in r]
-  assert len(train_losses) == 300 // config.log_every_steps
+  assert len(train_losses) == config.total_steps // config.log_every_steps
   # Chance: predicting background everywhere scores mIoU ~0.13 on this data.
   assert train_losses[-1] < 0.5 * train_losses[0], train_losses
   assert summary["eval"]["eval/miou"] > 0.45, (summary["eval"], train_losses)
