@@ -13,11 +13,17 @@ Two inference modes:
     global mesh that shards the batch over all hosts' devices; a small jitted
     function takes their argmax and the batch confusion, which comes back
     summed and replicated.
-  * multi scale (window=SlidingWindow(...)): every valid example is cut to
-    its `image_size` and scored with the official sliding-window protocol
-    (`lseg_jax.inference`) at its original resolution; crops run sharded over
-    this host's devices, hosts work on their own examples and their
-    confusion matrices are summed at the end.
+  * multi scale (window=SlidingWindow(...)) or the open-vocabulary papers' views
+    (window=ViewProtocol(...)): every valid example is cut to its `image_size`
+    and scored with that protocol (`lseg_jax.inference`) at its original
+    resolution, by blocks of rows; crops run sharded over this host's devices,
+    hosts work on their own examples and their confusion matrices are summed at
+    the end.
+
+Scored names (`scored_class`): the model may score other texts than the label
+table, e.g. synonyms or extra names: text_emb [T, D] then has one row per text
+and scored_class [T] names the ground-truth class each text counts as; a pixel's
+prediction is scored_class[argmax over the T texts] (`lseg_jax.openvocab`).
 
 Episodes: the table is ["other", *fold classes] and the label mask leaves two
 candidates per example, "other" and the episode class. Only those two are
@@ -101,10 +107,15 @@ def _check_episode_masks(batch) -> None:
                      f"{int(batch['class_index'][i])})")
 
 
-def _check_table(label_names: Sequence[str], episodic: bool, text_emb):
-  if text_emb.ndim != 2 or text_emb.shape[0] != len(label_names):
+def _check_table(label_names: Sequence[str], episodic: bool, text_emb, scored_class=None):
+  rows = len(label_names) if scored_class is None else len(scored_class)
+  if text_emb.ndim != 2 or text_emb.shape[0] != rows:
     raise ValueError(f"text_emb has shape {tuple(text_emb.shape)}; expected "
-                     f"[{len(label_names)}, D] for the {len(label_names)} label names")
+                     f"[{rows}, D] for the {rows} label names or scored texts")
+  if scored_class is not None and (episodic or not len(scored_class) or np.min(
+      scored_class) < 0 or np.max(scored_class) >= len(label_names)):
+    raise ValueError(f"scored_class must map texts to classes in [0, {len(label_names)}) "
+                     "of a fixed label set")
   if episodic and (len(label_names) < 2 or label_names[0] != OTHER_LABEL):
     raise ValueError(f"episode label table must be ['{OTHER_LABEL}', *classes]; got "
                      f"{list(label_names)[:5]}...")
@@ -118,7 +129,10 @@ class Evaluator:
     label_names: the pipeline's label table (`iterator.label_names`).
     text_emb: [L, D] embeddings of `label_names`.
     episodic: score HSNet episodes (True) or a fixed label set (False).
-    window: None for single-scale, else the multi-scale sliding-window protocol.
+    window: None for single-scale, else the multi-scale sliding-window protocol or
+      a `ViewProtocol`.
+    scored_class: None (text_emb embeds label_names), or int [T]: the class each
+      row of text_emb [T, D] counts as (module docstring).
     mesh: the batch (single scale) or the crops (multi scale) are split over all its
       devices; default: every device of every process (single scale), this
       process's devices (multi scale).
@@ -126,9 +140,11 @@ class Evaluator:
   """
 
   def __init__(self, model, label_names: Sequence[str], text_emb, *, episodic: bool,
-               window: inference.SlidingWindow | None = None,
-               mesh: jax.sharding.Mesh | None = None, crops_per_device: int = 2):
-    _check_table(label_names, episodic, text_emb)
+               window: inference.SlidingWindow | inference.ViewProtocol | None = None,
+               mesh: jax.sharding.Mesh | None = None, crops_per_device: int = 2,
+               scored_class: np.ndarray | None = None):
+    _check_table(label_names, episodic, text_emb, scored_class)
+    self._scored = None if scored_class is None else jnp.asarray(scored_class, jnp.int32)
     self.label_names = list(label_names)
     self.episodic = episodic
     self.window = window
@@ -150,6 +166,8 @@ class Evaluator:
           state)
       if not episodic:
         self._text = jax.device_put(_host(jnp.asarray(text_emb, jnp.float32)), replicated)
+      if scored_class is not None:
+        self._scored = jax.device_put(np.asarray(scored_class, np.int32), replicated)
     else:
       self.mesh = mesh if mesh is not None else sharding.make_mesh(
           {"data": -1, "fsdp": 1}, jax.local_devices())
@@ -196,8 +214,9 @@ class Evaluator:
       self.meter.add(conf, batch["class_index"], batch["valid"])
     else:
       arrays = {k: global_array(batch[k]) for k in ("image", "label", "label_mask", "valid")}
-      logits = self._forward(self._state, arrays["image"], self._text, arrays["label_mask"])
-      conf = _batch_confusion(logits, arrays["label"], arrays["valid"],
+      mask = arrays["label_mask"] if self._scored is None else None
+      logits = self._forward(self._state, arrays["image"], self._text, mask)
+      conf = _batch_confusion(logits, arrays["label"], arrays["valid"], self._scored,
                               num_labels=len(self.label_names))
       self.meter.add(conf)
     self.num_examples += int(np.sum(batch["valid"]))
@@ -218,11 +237,12 @@ class Evaluator:
               else batch["label"].shape[1:3])
       label = batch["label"][i, :h, :w]
       ci = int(batch["class_index"][i]) if self.episodic else None
-      labels = rows[i] if self.episodic else batch["label_mask"][i]
+      labels = rows[i] if self.episodic else (
+          batch["label_mask"][i] if self._scored is None else None)
       items.append((batch["image"][i, :h, :w], labels, (label, ci)))
     table = self._table if self.episodic else self._text
-    for scores, (label, ci) in self._infer.stream(items, table):
-      pred = np.argmax(scores, axis=-1)
+    reduce = functools.partial(_scored_argmax, scored=self._scored)
+    for pred, (label, ci) in self._infer.stream(items, table, reduce=reduce):
       if self.episodic:
         # Scores over ["other", class]: the argmax is the binary prediction.
         ci_arr = np.array([ci])
@@ -262,7 +282,8 @@ class Evaluator:
       r = metrics.miou_pixacc(conf)
     report = {
         "protocol": "episodes" if self.episodic else "fixed",
-        "mode": "single_scale" if self.window is None else "multi_scale",
+        "mode": ("single_scale" if self.window is None else "multi_scale"
+                 if isinstance(self.window, inference.SlidingWindow) else "views"),
         "window": None if self.window is None else self.window.to_dict(),
         "num_examples": num_examples,
     }
@@ -303,10 +324,19 @@ def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
   return (gathered[0] << 31) + gathered[1]
 
 
+@jax.jit
+def _scored_argmax(scores, scored=None):
+  """Predictions of scores [..., T]: the argmax, mapped through scored_class [T] if given."""
+  pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  return pred if scored is None else scored[pred]
+
+
 @functools.partial(jax.jit, static_argnames=("num_labels",))
-def _batch_confusion(logits, label, valid, *, num_labels):
-  """The global confusion of a batch's predictions (the argmax of the forward's logits)."""
-  return metrics.confusion_matrix(jnp.argmax(logits, axis=-1), label, num_labels, valid=valid)
+def _batch_confusion(logits, label, valid, scored=None, *, num_labels):
+  """The global confusion of a batch's predictions (the argmax of the forward's logits,
+  mapped through `scored` [T] if given)."""
+  return metrics.confusion_matrix(_scored_argmax(logits, scored), label, num_labels,
+                                  valid=valid)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))

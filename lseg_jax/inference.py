@@ -36,10 +36,9 @@ named row.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
+import functools
 import math
-import os
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
@@ -89,6 +88,69 @@ class SlidingWindow:
     return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class ViewProtocol:
+  """The open-vocabulary papers' test protocols: one resize, then one view of the whole
+  image (SAN) or windows plus a global view (CAT-Seg); scored at the original size.
+
+  Attributes:
+    resize: "short_side": the short side to `size`, the long side then at most
+      `max_size` (detectron2's ResizeShortestEdge sizes); "square": size x size.
+    size, max_size: see resize.
+    crop_size: None: one view, the resized image padded at the bottom/right with
+      `pad_value` to the model's size multiple (detectron2's ImageList padding),
+      scores cut back to the resized size. Else the window side: windows every
+      int(crop_size * (1 - overlap)) pixels, laid out as torch's Unfold (they must
+      cover the resized image), their scores averaged where they overlap.
+    overlap: see crop_size.
+    global_view: with windows, also the image resized to crop_size x crop_size;
+      its scores, resized to the resized image's size, are averaged with the
+      windows' (CAT-Seg: (windows + global) / 2).
+    activation: "none" or "sigmoid" (CAT-Seg), applied to each view's logits before
+      they are merged.
+  All resizes are bilinear with align_corners=False, the scores' last one to the
+  original size (detectron2's sem_seg_postprocess).
+  """
+  resize: str = "short_side"
+  size: int = 640
+  max_size: int = 2560
+  crop_size: int | None = None
+  overlap: float = 0.0
+  global_view: bool = False
+  activation: str = "none"
+  pad_value: float = 0.0
+  size_multiple: int = 32
+  flip: bool = False
+
+  def __post_init__(self):
+    for field, value, choices in (("resize", self.resize, ("short_side", "square")),
+                                  ("activation", self.activation, ("none", "sigmoid"))):
+      if value not in choices:
+        raise ValueError(f"{field}={value!r}; expected one of {choices}")
+    if self.size < 1 or (self.crop_size is not None and self.crop_size < 1):
+      raise ValueError(f"size={self.size}, crop_size={self.crop_size}; expected >= 1")
+    if not 0 <= self.overlap < 1:
+      raise ValueError(f"overlap={self.overlap}; expected in [0, 1)")
+
+  @property
+  def stride(self) -> int:
+    return max(1, int(self.crop_size * (1 - self.overlap)))
+
+  def resized(self, h: int, w: int) -> tuple[int, int]:
+    """The (height, width) an [h, w] image is resized to."""
+    if self.resize == "square":
+      return self.size, self.size
+    scale = self.size / min(h, w)
+    nh, nw = h * scale, w * scale
+    if max(nh, nw) > self.max_size:
+      scale = self.max_size / max(nh, nw)
+      nh, nw = nh * scale, nw * scale
+    return int(nh + 0.5), int(nw + 0.5)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != "size_multiple"}
+
+
 # --------------------------------------------------------------------------
 # Geometry (pure Python / numpy).
 # --------------------------------------------------------------------------
@@ -112,70 +174,74 @@ def window_origins(height: int, width: int, crop: int, stride: int
   return (ph, pw), [(i * stride, j * stride) for i in range(rows) for j in range(cols)]
 
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+# Rows of logits resized at once: a block of [rows, W, L] float32 stays near this size.
+BLOCK_BYTES = 64 << 20
 
 
-def _row_blocks(fn: Callable[[int, int], None], num_rows: int) -> None:
-  """Runs fn(r0, r1) over blocks of rows on a thread pool (numpy drops the GIL)."""
-  global _POOL
-  if _POOL is None:
-    _POOL = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1))
-  n = min(num_rows, 4 * _POOL._max_workers)  # pylint: disable=protected-access
-  bounds = np.linspace(0, num_rows, n + 1).astype(int)
-  for f in [_POOL.submit(fn, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
-    f.result()
+@functools.lru_cache(maxsize=256)
+def _taps(in_size: int, out_size: int, align_corners: bool):
+  return resize.axis_taps(in_size, out_size, align_corners)
 
 
-def resize_bilinear_np(x: np.ndarray, size: tuple[int, int], align_corners: bool = True,
-                       *, add_to: np.ndarray | None = None) -> np.ndarray:
-  """Bilinear resize of float32 [H, W, C] to `size` (h, w) in numpy.
+@jax.jit
+def _resize_rows(src, hi0, hi1, hw0, hw1, wi0, wi1, ww0, ww1):
+  """Rows of a bilinear resize on the device: src [h, w, C] -> [R, W, C] for the R
+  output rows whose height taps are given, with the width taps of all W columns.
 
-  Same taps, weights and order (width, then height; each tap x0 * w0 + x1 * w1)
-  as `lseg_jax.models.resize.resize_bilinear` and PyTorch's `F.interpolate`.
-  With `add_to` [h, w, C], the result is added into it (and it is returned).
-  Rows are processed in parallel threads: the multi-scale protocol resizes
-  [~900, ~900, L] logits several times per image.
+  The taps and order of `lseg_jax.models.resize` and PyTorch (`resize.axis_taps`):
+  width first, then height, each output x[i0] * w0 + x[i1] * w1. Gathers, not the
+  interpolation matrices of `resize.resize_bilinear`: an [H, W, L] resize costs
+  O(H W L), and a block of rows never needs the whole output.
   """
-  x = np.asarray(x, np.float32)
-  if x.ndim != 3:
-    raise ValueError(f"expected an array [H, W, C], got shape {x.shape}")
-  h, w = x.shape[:2]
+  def width(rows):
+    return rows[:, wi0] * ww0[None, :, None] + rows[:, wi1] * ww1[None, :, None]
+  return width(src[hi0]) * hw0[:, None, None] + width(src[hi1]) * hw1[:, None, None]
+
+
+def resize_blocks(sources, size: tuple[int, int], align_corners: bool, *,
+                  reduce: Callable | None = None, label_mask: np.ndarray | None = None,
+                  block_bytes: int = BLOCK_BYTES) -> np.ndarray:
+  """The sum of bilinear resizes of `sources` to `size`, one block of rows at a time.
+
+  sources: arrays [h_i, w_i, C] (numpy or device), each resized to `size` = (H, W)
+    (`_resize_rows`) and summed in order. Labels False in `label_mask` [C] get -inf.
+  reduce: None returns the sum, float32 numpy [H, W, C]; else a function of a device
+    block [R, W, C] -> [R, W] (an argmax), and the result is its numpy [H, W]. Only
+    [R, W, C] floats exist at a time, R chosen so that a block is about `block_bytes`:
+    scoring at full resolution never materialises [H, W, C] (847 labels on a 2048 x
+    1536 image would take 10.7 GB).
+  """
   out_h, out_w = size
-  if out_w != w:
-    i0, i1, w0, w1 = resize.axis_taps(w, out_w, align_corners)
-    w0, w1 = w0[:, None], w1[:, None]
-    tmp = np.empty((h, out_w, x.shape[2]), np.float32)
-    src = x
+  sources = [jnp.asarray(s, jnp.float32) for s in sources]
+  channels = sources[0].shape[-1]
+  rows = out_h if reduce is None else int(np.clip(block_bytes // (4 * out_w * channels),
+                                                  1, out_h))
+  width_taps = [[jnp.asarray(t) for t in _taps(s.shape[1], out_w, align_corners)]
+                for s in sources]
+  height_taps = [_taps(s.shape[0], out_h, align_corners) for s in sources]
+  mask = None if label_mask is None else jnp.asarray(label_mask, bool)
+  blocks = []
+  for r0 in range(0, out_h, rows):
+    r1 = min(r0 + rows, out_h)
+    # The last block repeats its last row: one compiled shape per image.
+    index = np.minimum(np.arange(r0, r0 + rows), out_h - 1)
+    acc = None
+    for src, ht, wt in zip(sources, height_taps, width_taps):
+      y = _resize_rows(src, *(t[index] for t in ht), *wt)
+      acc = y if acc is None else acc + y
+    if mask is not None:
+      acc = jnp.where(mask, acc, -jnp.inf)
+    blocks.append(np.asarray(acc if reduce is None else reduce(acc))[:r1 - r0])
+  return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
-    def width_rows(r0, r1):
-      a = np.take(src[r0:r1], i0, axis=1)
-      a *= w0
-      b = np.take(src[r0:r1], i1, axis=1)
-      b *= w1
-      np.add(a, b, out=tmp[r0:r1])
-    _row_blocks(width_rows, h)
-    x = tmp
-  if out_h == h:
-    if add_to is None:
-      return x
-    _row_blocks(lambda r0, r1: np.add(add_to[r0:r1], x[r0:r1], out=add_to[r0:r1]), h)
-    return add_to
-  i0, i1, w0, w1 = resize.axis_taps(h, out_h, align_corners)
-  out = np.empty((out_h, out_w, x.shape[2]), np.float32) if add_to is None else add_to
-  src = x
 
-  def height_rows(r0, r1):
-    a = src[i0[r0:r1]]
-    a *= w0[r0:r1, None, None]
-    b = src[i1[r0:r1]]
-    b *= w1[r0:r1, None, None]
-    if add_to is None:
-      np.add(a, b, out=out[r0:r1])
-    else:
-      a += b
-      out[r0:r1] += a
-  _row_blocks(height_rows, out_h)
-  return out
+def resize_image(x, size: tuple[int, int], align_corners: bool) -> np.ndarray:
+  """Bilinear resize of float32 [H, W, C] to `size` on the device (`_resize_rows`)."""
+  if np.ndim(x) != 3:
+    raise ValueError(f"expected an array [H, W, C], got shape {np.shape(x)}")
+  if tuple(size) == tuple(np.shape(x)[:2]):
+    return np.asarray(x, np.float32)
+  return resize_blocks([x], size, align_corners)
 
 
 def _pad_to(x: np.ndarray, h: int, w: int, value: float) -> np.ndarray:
@@ -275,7 +341,7 @@ class _ImageJob:
     c = window.crop_size
     for s in window.scales:
       height, width = scaled_size(h, w, s, window.base_size)
-      img = resize_bilinear_np(image, (height, width), align_corners=True)
+      img = resize_image(image, (height, width), align_corners=True)
       (ph, pw), origins = window_origins(height, width, c, window.stride)
       # Padding past the canvas with the same value makes every window a
       # plain slice, identical to "cut at the canvas, then pad to crop".
@@ -298,23 +364,70 @@ class _ImageJob:
     entry[4][y0:y1, x0:x1] += 1
     self.remaining -= 1
 
-  def finish(self) -> np.ndarray:
+  def finish(self, reduce: Callable | None = None) -> np.ndarray:
+    """The scores [H, W, L] summed over scales, or reduce(scores) [H, W] by row blocks
+    (`resize_blocks`)."""
     assert self.remaining == 0
-    scores = None
-    for i, (height, width, _, canvas, count) in enumerate(self.scales):
+    outs = []
+    for height, width, _, canvas, count in self.scales:
       assert np.all(count > 0), "sliding windows left a pixel uncovered"
       canvas /= count
-      out = canvas[:height, :width]
-      if scores is None:
-        scores = resize_bilinear_np(out, self.size, align_corners=True)
-        if scores is out or scores.base is not None:
-          scores = np.array(scores)  # own the memory before adding into it
-      else:
-        resize_bilinear_np(out, self.size, align_corners=True, add_to=scores)
-      self.scales[i][3] = self.scales[i][4] = None
-    if self.label_mask is not None:
-      scores[..., ~self.label_mask] = -np.inf
-    return scores
+      outs.append(canvas[:height, :width])
+    self.scales = None
+    return resize_blocks(outs, self.size, True, reduce=reduce, label_mask=self.label_mask)
+
+
+class _ViewJob:
+  """One image's views (`ViewProtocol`) while they are in flight."""
+
+  def __init__(self, image, label_mask, rows, payload, p: ViewProtocol):
+    self.size = image.shape[:2]
+    self.label_mask, self.rows, self.payload, self.p = label_mask, rows, payload, p
+    self.work = p.resized(*self.size)
+    x = resize_image(image, self.work, align_corners=False)
+    height, width = self.work
+    self.canvas = self.count = self.global_scores = None
+    if p.crop_size is None:
+      m = p.size_multiple
+      self.crops = [(0, 0, 0, _pad_to(x, -(-height // m) * m, -(-width // m) * m,
+                                      p.pad_value))]
+    else:
+      c = p.crop_size
+      ys, xs = range(0, height - c + 1, p.stride), range(0, width - c + 1, p.stride)
+      if not ys or not xs or ys[-1] + c != height or xs[-1] + c != width:
+        raise ValueError(f"windows of {c} at stride {p.stride} do not cover the resized "
+                         f"image {height} x {width}; choose a size they tile")
+      self.crops = [(1, y0, x0, x[y0:y0 + c, x0:x0 + c]) for y0 in ys for x0 in xs]
+      if p.global_view:
+        self.crops.append((2, 0, 0, resize_image(image, (c, c), align_corners=False)))
+    self.remaining = len(self.crops)
+
+  def add(self, kind, y0, x0, logits):
+    if self.p.activation == "sigmoid":
+      logits = 1 / (1 + np.exp(-logits))
+    height, width = self.work
+    if kind == 0:
+      self.canvas, self.count = logits[:height, :width], 1
+    elif kind == 1:
+      if self.canvas is None:
+        self.canvas = np.zeros((height, width, logits.shape[-1]), np.float32)
+        self.count = np.zeros((height, width, 1), np.float32)
+      c = logits.shape[0]
+      self.canvas[y0:y0 + c, x0:x0 + c] += logits
+      self.count[y0:y0 + c, x0:x0 + c] += 1
+    else:
+      self.global_scores = logits
+    self.remaining -= 1
+
+  def finish(self, reduce: Callable | None = None) -> np.ndarray:
+    assert self.remaining == 0
+    scores = self.canvas / self.count
+    if self.global_scores is not None:
+      scores += resize_image(self.global_scores, self.work, align_corners=False)
+      scores /= 2
+    self.canvas = self.global_scores = None
+    return resize_blocks([scores], self.size, False, reduce=reduce,
+                         label_mask=self.label_mask)
 
 
 class SlidingWindowInference:
@@ -326,20 +439,22 @@ class SlidingWindowInference:
     window: the protocol parameters.
   """
 
-  def __init__(self, runner: CropRunner, window: SlidingWindow):
+  def __init__(self, runner: CropRunner, window: SlidingWindow | ViewProtocol):
     if getattr(runner, "flip", window.flip) != window.flip:
       raise ValueError(f"runner.flip={runner.flip} differs from window.flip={window.flip}")
     self.runner = runner
     self.window = window
 
   @classmethod
-  def for_model(cls, model, window: SlidingWindow, *, mesh=None,
+  def for_model(cls, model, window: SlidingWindow | ViewProtocol, *, mesh=None,
                 crops_per_device: int = 2) -> "SlidingWindowInference":
     """For an LSeg model: checks the crop size and builds its CropRunner."""
     m = model.size_multiple
-    if window.crop_size % m:
+    if (window.crop_size or m) % m:
       raise ValueError(f"crop_size={window.crop_size} is not a multiple of {m}, the input "
                        f"size multiple of backbone {model.cfg.backbone}")
+    if isinstance(window, ViewProtocol):
+      window = dataclasses.replace(window, size_multiple=m)
     mesh = mesh if mesh is not None else sharding.make_mesh(
         {"data": -1, "fsdp": 1}, jax.local_devices())
     apply, state = apply_lib.model_apply(model)
@@ -352,9 +467,10 @@ class SlidingWindowInference:
     """image float32 [H, W, 3] (normalised) -> scores float32 [H, W, L]."""
     return next(self.stream([(image, label_mask, None)], text_emb))[0]
 
-  def stream(self, items: Iterable[tuple[np.ndarray, np.ndarray | None, Any]], text_emb
-             ) -> Iterator[tuple[np.ndarray, Any]]:
-    """Scores of many images, their windows batched together across images.
+  def stream(self, items: Iterable[tuple[np.ndarray, np.ndarray | None, Any]], text_emb,
+             reduce: Callable | None = None) -> Iterator[tuple[np.ndarray, Any]]:
+    """Scores of many images, their windows batched together across images (windows of
+    one shape per batch).
 
     Args:
       items: (image float32 [H, W, 3], labels, payload) triples; H, W may differ
@@ -362,14 +478,17 @@ class SlidingWindowInference:
         False score -inf), or int rows [K] of `text_emb`: the image is scored
         over those K labels only (K the same for every image of the stream).
       text_emb: label embeddings [L, D].
+      reduce: None, or a function of device score rows [R, W, L] -> [R, W] (an
+        argmax): images then yield reduce(scores) [H, W], computed by row blocks.
 
     Yields:
-      (scores float32 [H, W, L], or [H, W, K] for rows, payload) in input order.
+      (scores float32 [H, W, L], or [H, W, K] for rows, or reduce's [H, W]; payload) in
+      input order.
     """
     num_labels = text_emb.shape[0]
     batch = getattr(self.runner, "batch_size", 1)
     pending: collections.deque[_ImageJob] = collections.deque()
-    queue: list[tuple[_ImageJob, int, int, int, np.ndarray]] = []
+    queues: dict[tuple, list] = collections.defaultdict(list)
     table = None  # host copy of text_emb, for images scored over rows
     num_rows = None
 
@@ -410,21 +529,25 @@ class SlidingWindowInference:
         label_mask = np.asarray(labels, bool)
         if label_mask.shape != (num_labels,):
           raise ValueError(f"label_mask has shape {label_mask.shape}; expected [{num_labels}]")
-      job = _ImageJob(image, label_mask, rows, payload, self.window)
+      job_type = _ImageJob if isinstance(self.window, SlidingWindow) else _ViewJob
+      job = job_type(image, label_mask, rows, payload, self.window)
       pending.append(job)
-      queue.extend((job, si, y0, x0, crop) for si, y0, x0, crop in job.crops)
+      for si, y0, x0, crop in job.crops:
+        queue = queues[crop.shape]
+        queue.append((job, si, y0, x0, crop))
+        if len(queue) >= batch:
+          run(queue)
+          queue.clear()
       job.crops = None
-      while len(queue) >= batch:
-        run(queue[:batch])
-        del queue[:batch]
       while pending and pending[0].remaining == 0:
         done = pending.popleft()
-        yield done.finish(), done.payload
-    if queue:
-      run(queue)
+        yield done.finish(reduce), done.payload
+    for queue in queues.values():
+      if queue:
+        run(queue)
     while pending:
       done = pending.popleft()
-      yield done.finish(), done.payload
+      yield done.finish(reduce), done.payload
 
 
 # --------------------------------------------------------------------------
@@ -480,17 +603,18 @@ class ImagePredictor:
     h, w = x.shape[:2]
     size = model_input_size(h, w, self.size_multiple, self.max_side)
     if size != (h, w):
-      x = resize_bilinear_np(x, size, align_corners=False)
+      x = resize_image(x, size, align_corners=False)
     forward = apply_lib.forward(self.apply, self.mesh, with_embeddings=embeddings)
     out = forward(self.state, jnp.asarray(x)[None], jnp.asarray(text_emb), None)
     logits, emb = out if embeddings else (out, None)
     logits = np.asarray(logits[0])
     if size != (h, w):
-      logits = resize_bilinear_np(logits, (h, w), align_corners=False)
+      logits = resize_image(logits, (h, w), align_corners=False)
     return {"logits": logits, "label_map": logits.argmax(-1).astype(np.int32),
             "embeddings": None if emb is None else np.asarray(emb[0]), "input_size": size}
 
 
 __all__ = ["OFFICIAL_SCALES", "CropRunner", "ImagePredictor", "SlidingWindow",
            "SlidingWindowInference", "model_input_size",
-           "normalize_image", "resize_bilinear_np", "scaled_size", "window_origins"]
+           "ViewProtocol", "normalize_image", "resize_blocks", "resize_image", "scaled_size",
+           "window_origins"]

@@ -241,7 +241,7 @@ def test_numpy_resize_matches_torch():
   x = rng.normal(size=(13, 21, 3)).astype(np.float32)
   for size in [(7, 9), (26, 40), (13, 50)]:
     for ac in (True, False):
-      ours = inference.resize_bilinear_np(x, size, align_corners=ac)
+      ours = inference.resize_image(x, size, align_corners=ac)
       ref = torch.nn.functional.interpolate(
           torch.from_numpy(np.transpose(x, (2, 0, 1))[None].copy()), size, mode="bilinear",
           align_corners=ac)[0].numpy().transpose(1, 2, 0)

@@ -3,6 +3,8 @@ r"""Evaluate a checkpoint with the evaluations of its training config.
   python tools/eval.py --checkpoint RUN_DIR [--multiscale] [--flip] [--out report.json]
   python tools/eval.py --checkpoint CKPT_DIR --config configs/NAME.py[:ARGS] [--config.KEY=V]
   python tools/eval.py --checkpoint CKPT_DIR --data fss1000
+  python tools/eval.py --checkpoint CKPT --suite openvocab --data-dir ROOT [--protocol NAME]
+      [--benchmarks a847,pc459,...] [--synonyms join|max|mean] [--out DIR]
 
 Config: by default the training config saved in the checkpoint (with every
 --config.* override given at training time); --config FILE[:ARG] uses a config file
@@ -28,13 +30,17 @@ unless --keep-eval-resize.
 Writes a JSON report (metrics, per-class IoU, dataset, split, fold, checkpoint,
 config) to --out (default CKPT_DIR/eval/<dataset>_<split>[_fold<k>]_<mode>.json) and
 prints a table. See docs/evaluation.md for every paper table's command.
+
+--suite openvocab: the open-vocabulary benchmarks (A-847, PC-459, A-150, PC-59, PAS-20,
+PAS-20b, PAS-21) under one protocol of configs/openvocab.py (whole, sliding_cat_seg,
+lseg_single, lseg_multiscale), all read from --data-dir; a report per benchmark, then
+suite.json and suite.md in --out (default CKPT_DIR/eval/openvocab_<protocol>). A rerun
+skips the benchmarks whose report is there (`lseg_jax.openvocab`).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import posixpath
 import time
 
 from etils import epath
@@ -44,10 +50,10 @@ from lseg_jax import checkpoint
 from lseg_jax import distributed
 from lseg_jax import evaluate
 from lseg_jax import inference
+from lseg_jax import openvocab
 from lseg_jax import sharding
 from lseg_jax.cli import common
 from lseg_jax.data import input_pipeline
-import tensorflow as tf  # pylint: disable=g-bad-import-order  (after lseg_jax.data: quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                       '(default: "others", as lang-seg\'s zero-shot code)')
   p.add_argument("--max-batches", type=int, default=None,
                  help="stop after this many batches (default: the whole split)")
-  p.add_argument("--out", default=None, help="JSON report path")
+  p.add_argument("--out", default=None, help="JSON report path (--suite: a folder)")
+  p.add_argument("--suite", default=None, choices=["openvocab"],
+                 help="evaluate a benchmark suite (configs/SUITE.py) instead")
+  p.add_argument("--protocol", default=None, help="the suite's protocol (configs/openvocab.py)")
+  p.add_argument("--benchmarks", default=None, help="comma-separated suite benchmarks")
+  p.add_argument("--synonyms", default=None, choices=openvocab.SYNONYMS,
+                 help="override the protocol's synonym rule")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
   common.add_distributed_args(p)
   return p
@@ -126,15 +138,8 @@ def default_out(checkpoint_dir: str, data_cfg, mode: str) -> str:
 
 
 def write_report(path: str, report: dict) -> None:
-  """Writes the JSON report in one piece, through tf.io.gfile (local or remote paths,
-  e.g. gs://...)."""
-  folder, name = posixpath.split(str(path))
-  if folder:
-    tf.io.gfile.makedirs(folder)
-  tmp = posixpath.join(folder, f".{name}.tmp")
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(json.dumps(report, indent=2))
-  tf.io.gfile.rename(tmp, str(path), overwrite=True)
+  """Writes the JSON report in one piece (`openvocab.write_json`: local or remote paths)."""
+  openvocab.write_json(path, report)
 
 
 def resolve_config(args, meta):
@@ -223,6 +228,8 @@ def main(argv=None) -> int:
     raise common.UserError(f"--config file {args.config.partition(':')[0]!r} does not "
                      "exist; expected configs/NAME.py[:ARGS]")
   common.setup_logging()
+  if args.suite:
+    return run_suite(args)
   common.start_jax(args)
 
   model, meta, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
@@ -248,6 +255,40 @@ def main(argv=None) -> int:
       print(title)
       print(evaluate.format_table(report))
       print(f"report: {out}")
+  distributed.done()
+  return 0
+
+
+def suite_config(args):
+  """The suite's protocol config: configs/SUITE.py:protocol=NAME (next to the package)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  path = os.path.join(root, "configs", f"{args.suite}.py")
+  arg = f":protocol={args.protocol}" if args.protocol else ""
+  return common.read_config_file(path + arg)
+
+
+def run_suite(args) -> int:
+  """--suite: every benchmark under one protocol (`lseg_jax.openvocab.run_suite`)."""
+  if args.config or args.data or args.multiscale or args.flip or args.scales:
+    raise common.UserError("--suite takes its protocol from --protocol; drop --config, "
+                           "--data, --multiscale, --flip and --scales")
+  if not args.data_dir:
+    raise common.UserError("--suite needs --data-dir ROOT, the folder of every benchmark")
+  protocol = suite_config(args)
+  common.start_jax(args)
+  model, meta, embedder, tokenizer_spec, prompt = common.load_checkpoint(args)
+  ckpt_dir = checkpoint.resolve_directory(args.checkpoint)
+  out = args.out or str(epath.Path(ckpt_dir) / "eval" / f"{args.suite}_{protocol.name}")
+  summary = openvocab.run_suite(
+      model, embedder, protocol, data_dir=args.data_dir, out_dir=out,
+      benchmarks=args.benchmarks.split(",") if args.benchmarks else None,
+      synonyms=args.synonyms, batch_size=args.batch_size,
+      crops_per_device=args.crops_per_device, progress=not args.no_progress,
+      info={"checkpoint": ckpt_dir, "step": meta.get("step", args.step),
+            "tokenizer": tokenizer_spec, "prompt": prompt})
+  if jax.process_index() == 0:
+    print(openvocab.markdown(summary), end="")
+    print(f"reports: {out}")
   distributed.done()
   return 0
 

@@ -99,6 +99,10 @@ class Source:
     is_indexed: True if `load(index)` is implemented.
     mask_ignore: the value of "ignore" in the source's stored masks (255 in PNG
       masks; None where the files have no single such value), for messages.
+    scored_names: the texts the model scores (None: `label_names`); a name may list
+      synonyms separated by commas.
+    scored_class: int [len(scored_names)], the class each scored name counts as
+      (None: 0, 1, ...).
   """
   label_names: list[str] = []
   num_examples: int | None = None
@@ -106,6 +110,8 @@ class Source:
   is_indexed: bool = True
   mask_ignore: int | None = None
   class_names: list[str] = []
+  scored_names: list[str] | None = None
+  scored_class: np.ndarray | None = None
 
   def load(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
     """Raw example `index` (int64 scalar tensor), written with TF ops only."""
