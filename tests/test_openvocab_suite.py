@@ -1,0 +1,271 @@
+"""The open-vocabulary suite: protocols against a direct computation with the model,
+scored names and synonyms, row-block scoring, and the suite command end to end (one
+process and two on localhost, resumed after a benchmark's report is deleted).
+
+Data: two in-memory fixed-label sources registered here, one PAS-20b-like (extra scored
+names counted as background).
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from lseg_jax import apply as apply_lib
+from lseg_jax import checkpoint
+from lseg_jax import evaluate
+from lseg_jax import inference
+from lseg_jax import metrics
+from lseg_jax import openvocab
+from lseg_jax import text
+from lseg_jax.cli import eval as eval_cli
+from lseg_jax.data import registry
+from lseg_jax.data import synthetic
+from lseg_jax.errors import UserError
+from lseg_jax.models import lseg
+from lseg_jax.models import resize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABELS_A = ["sky", "tree, trees", "road", "car"]
+LABELS_B = ["background", "cat", "dog"]
+SCORED_B = ["cat", "dog, puppy", "sky", "grass"]  # extras scored as background
+SIZES = [(48, 64), (64, 48), (48, 64)]
+
+
+def _png(array):
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(array, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _source(labels, seed, split):
+  rng = np.random.default_rng(seed)
+  values = list(range(len(labels))) + [255]
+  images = [_png(rng.integers(0, 256, (h, w, 3))) for h, w in SIZES]
+  masks = [_png(rng.choice(values, (h, w))) for h, w in SIZES]
+  return synthetic.EncodedSource(images, masks, [f"{split}_{i}" for i in range(len(SIZES))],
+                                 labels, mask_ignore=255)
+
+
+@registry.register("ovtest_a")
+def _source_a(split, **_):
+  return _source(LABELS_A, 0, split)
+
+
+@registry.register("ovtest_b")
+def _source_b(split, **_):
+  source = _source(LABELS_B, 1, split)
+  source.scored_names = SCORED_B
+  source.scored_class = np.array([1, 2, 0, 0])
+  return source
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = lseg.LSegConfig(backbone="tiny_vit32", arch_option=2, block_depth=1,
+                        text_vocab_size=text.BYTE_LEVEL_VOCAB_SIZE)
+  m = lseg.LSeg(cfg, rngs=nnx.Rngs(0))
+  m.eval()
+  return m
+
+
+def _runner(model):
+  apply, state = apply_lib.model_apply(model)
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  return inference.CropRunner(apply, state, mesh=mesh, batch_size=2)
+
+
+def _direct(model, x, emb):
+  """The model's logits of one image [h, w, 3] (a plain call)."""
+  return np.asarray(model(jnp.asarray(x)[None], emb)[0])
+
+
+def _resize(x, size):
+  return np.asarray(resize.resize_bilinear(jnp.asarray(x), size, False))
+
+
+def _rel(a, b):
+  return np.abs(a - b).max() / np.abs(b).max()
+
+
+def test_whole_protocol_equals_resize_forward_resize_back(model):
+  rng = np.random.default_rng(0)
+  image = rng.uniform(-1, 1, (50, 70, 3)).astype(np.float32)
+  emb = jnp.asarray(rng.normal(size=(5, model.text_dim)), jnp.float32)
+  protocol = inference.ViewProtocol(resize="short_side", size=64, max_size=256,
+                                    size_multiple=model.size_multiple)
+  ours = inference.SlidingWindowInference(_runner(model), protocol)(image, emb)
+  assert protocol.resized(50, 70) == (64, 90)
+  x = np.pad(_resize(image, (64, 90)), ((0, 0), (0, 6), (0, 0)))  # to 96: zeros
+  ref = _resize(_direct(model, x, emb)[:64, :90], (50, 70))
+  assert ours.shape == (50, 70, 5) and _rel(ours, ref) < 1e-5
+
+
+def test_cat_seg_protocol_equals_windows_plus_global_view(model):
+  rng = np.random.default_rng(1)
+  image = rng.uniform(-1, 1, (45, 80, 3)).astype(np.float32)
+  emb = jnp.asarray(rng.normal(size=(4, model.text_dim)), jnp.float32)
+  # CAT-Seg's geometry at the configured sizes: 384 windows at stride 256 tile 640.
+  cat = inference.ViewProtocol(resize="square", size=640, crop_size=384, overlap=0.333)
+  assert cat.stride == 256 and cat.resized(480, 640) == (640, 640)
+  # The same rule, small: 96 x 96, windows of 64 at stride 32 (2 x 2) + global 64.
+  protocol = inference.ViewProtocol(resize="square", size=96, crop_size=64, overlap=0.5,
+                                    global_view=True, activation="sigmoid")
+  ours = inference.SlidingWindowInference(_runner(model), protocol)(image, emb)
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  x = _resize(image, (96, 96))
+  canvas, count = np.zeros((96, 96, 4), np.float32), np.zeros((96, 96, 1), np.float32)
+  for y0 in (0, 32):
+    for x0 in (0, 32):
+      canvas[y0:y0 + 64, x0:x0 + 64] += sig(_direct(model, x[y0:y0 + 64, x0:x0 + 64], emb))
+      count[y0:y0 + 64, x0:x0 + 64] += 1
+  glob = _resize(sig(_direct(model, _resize(image, (64, 64)), emb)), (96, 96))
+  ref = _resize((canvas / count + glob) / 2, (45, 80))
+  assert _rel(ours, ref) < 1e-5
+  with pytest.raises(ValueError, match="do not cover"):
+    inference.SlidingWindowInference(_runner(model), inference.ViewProtocol(
+        resize="square", size=90, crop_size=64, overlap=0.5))(image, emb)
+
+
+def test_scored_names_map_extras_to_background():
+  names, classes = openvocab.scored_table(_source_b("validation"))
+  rows, row_class = openvocab.scored_texts(names, classes, "max")
+  assert rows == [["cat"], ["dog"], ["puppy"], ["sky"], ["grass"]]
+  assert row_class.tolist() == [1, 2, 2, 0, 0]
+  # A constructed prediction: the argmax row per pixel, then its class.
+  argmax_rows = np.array([[0, 1, 2], [3, 4, 0]])
+  scores = np.full((2, 3, 5), -1.0, np.float32)
+  np.put_along_axis(scores, argmax_rows[..., None], 5.0, axis=-1)
+  pred = np.asarray(evaluate._scored_argmax(jnp.asarray(scores), jnp.asarray(row_class)))
+  assert pred.tolist() == [[1, 2, 2], [0, 0, 1]]
+  label = np.array([[1, 2, 0], [0, 0, -1]])
+  conf = metrics.confusion_matrix_np(pred[None], label[None], 3)
+  assert conf.tolist() == [[2, 0, 1], [0, 1, 0], [0, 0, 1]]
+  # Identity by default: a source without scored names scores its label names.
+  names, classes = openvocab.scored_table(_source_a("validation"))
+  assert names == LABELS_A and classes.tolist() == [0, 1, 2, 3]
+  assert openvocab.scored_texts(names, classes, "join")[0] == [[n] for n in LABELS_A]
+
+
+def test_synonyms_max_equals_max_over_synonym_logits():
+  names = ["a, b, c", "d", "e, f"]
+  rows, row_class = openvocab.scored_texts(names, np.arange(3), "max")
+  assert [r[0] for r in rows] == list("abcdef") and row_class.tolist() == [0, 0, 0, 1, 2, 2]
+  logits = np.random.default_rng(2).normal(size=(7, 9, 6)).astype(np.float32)
+  per_class = np.stack([logits[..., :3].max(-1), logits[..., 3], logits[..., 4:].max(-1)], -1)
+  pred = evaluate._scored_argmax(jnp.asarray(logits), jnp.asarray(row_class))
+  np.testing.assert_array_equal(np.asarray(pred), per_class.argmax(-1))
+
+
+def test_prompt_ensemble_is_the_normalised_mean_of_normalised_embeddings():
+  rng = np.random.default_rng(3)
+  table = {}
+
+  def embed(texts, template):
+    return jnp.asarray(np.stack([table.setdefault((template, t), rng.normal(size=4) * 3)
+                                 for t in texts]), jnp.float32)
+  out = np.asarray(openvocab.embed_rows(embed, [["x", "y"], ["z"]], ["a {}", "b {}"]))
+  unit = lambda v: v / np.linalg.norm(v)
+  want0 = unit(sum(unit(table[(t, s)]) for t in ("a {}", "b {}") for s in "xy"))
+  np.testing.assert_allclose(out[0], want0, rtol=1e-5)
+  np.testing.assert_allclose(out[1], unit(unit(table[("a {}", "z")])
+                                          + unit(table[("b {}", "z")])), rtol=1e-5)
+
+
+def test_row_blocks_equal_one_block():
+  rng = np.random.default_rng(4)
+  sources = [rng.normal(size=s).astype(np.float32) for s in ((13, 17, 6), (20, 9, 6))]
+  mask = np.array([True, True, False, True, True, True])
+  whole = inference.resize_blocks(sources, (41, 29), True, label_mask=mask)
+  argmax = jax.jit(lambda s: jnp.argmax(s, -1))
+  for block_bytes in (1, 4 * 29 * 6 * 5, 1 << 30):
+    np.testing.assert_array_equal(inference.resize_blocks(
+        sources, (41, 29), True, reduce=argmax, label_mask=mask, block_bytes=block_bytes),
+        whole.argmax(-1))
+    np.testing.assert_array_equal(inference.resize_blocks(
+        sources, (41, 29), True, reduce=lambda s: s[..., 3], block_bytes=block_bytes),
+        inference.resize_blocks(sources, (41, 29), True)[..., 3])
+  assert not np.isfinite(whole[..., 2]).any()
+
+
+def test_suite_errors_name_the_value(model, tmp_path):
+  with pytest.raises(UserError, match="'nope'"):
+    openvocab.check_benchmarks(["a150", "nope"], {"a150": "A-150"})
+  with pytest.raises(UserError, match="synonyms='all'"):
+    openvocab.scored_texts(["a"], np.arange(1), "all")
+  ckpt = _checkpoint(model, tmp_path)
+  with pytest.raises(UserError, match="protocol='nope'"):
+    eval_cli.main(["--checkpoint", ckpt, "--suite", "openvocab", "--protocol", "nope",
+                   "--data-dir", str(tmp_path)])
+  with pytest.raises(UserError, match="--data-dir"):
+    eval_cli.main(["--checkpoint", ckpt, "--suite", "openvocab"])
+
+
+def _checkpoint(model, tmp_path):
+  ckpt = tmp_path / "ckpt"
+  if not ckpt.exists():
+    checkpoint.save_model(str(ckpt), model, extra_meta={"tokenizer": text.BYTE_LEVEL_TOKENIZER})
+  return str(ckpt)
+
+
+SUITE_ARGS = ["--suite", "openvocab", "--benchmarks", "ovtest_a,ovtest_b", "--no-progress"]
+
+
+def test_suite_command_writes_reports_and_resumes(model, tmp_path, monkeypatch):
+  ckpt, out = _checkpoint(model, tmp_path), tmp_path / "suite"
+  args = ["--checkpoint", ckpt, "--data-dir", str(tmp_path), "--out", str(out), *SUITE_ARGS]
+  assert eval_cli.main(args) == 0
+  summary = json.loads((out / "suite.json").read_text())
+  assert summary["protocol"] == "whole" and list(summary["benchmarks"]) == ["ovtest_a",
+                                                                           "ovtest_b"]
+  b = json.loads((out / "ovtest_b.json").read_text())
+  assert b["num_texts"] == 4 and b["num_classes"] == 3 and b["num_examples"] == len(SIZES)
+  assert b["mode"] == "views" and b["window"]["size"] == 640
+  assert summary["benchmarks"]["ovtest_b"]["mIoU"] == b["metrics"]["mIoU"]
+  table = (out / "suite.md").read_text().splitlines()
+  assert table[0] == "| benchmark | classes | images | mIoU | protocol |"
+  assert table[3] == f"| ovtest_b | 3 | 3 | {100 * b['metrics']['mIoU']:.2f} | whole |"
+
+  # A rerun recomputes only the benchmark whose report is gone.
+  calls = []
+  real = openvocab.evaluate_benchmark
+  monkeypatch.setattr(openvocab, "evaluate_benchmark",
+                      lambda m, e, name, *a, **k: calls.append(name) or real(m, e, name, *a, **k))
+  os.remove(out / "ovtest_a.json")
+  assert eval_cli.main(args) == 0
+  assert calls == ["ovtest_a"]
+  assert json.loads((out / "suite.json").read_text())["benchmarks"] == summary["benchmarks"]
+
+
+@pytest.mark.slow
+def test_suite_two_processes_equal_one(model, tmp_path):
+  ckpt = _checkpoint(model, tmp_path)
+  script = tmp_path / "suite_eval.py"
+  script.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+      "import test_openvocab_suite  # registers the test sources\n"
+      "from lseg_jax.cli import common, eval as eval_cli\n"
+      "common.entry_point(eval_cli.main)\n")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  summaries = []
+  for processes in (1, 2):
+    out = tmp_path / f"suite_{processes}"
+    cmd = [sys.executable, str(script), "--checkpoint", ckpt, "--data-dir", str(tmp_path),
+           "--out", str(out), *SUITE_ARGS]
+    if processes == 2:
+      cmd = [sys.executable, "tools/launch.py", "--processes", "2", "--devices-per-process",
+             "1", "--", *cmd]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summaries.append(json.loads((out / "suite.json").read_text())["benchmarks"])
+    assert (out / "suite.md").exists()
+  assert summaries[0] == summaries[1]
