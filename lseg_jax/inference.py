@@ -407,7 +407,7 @@ class _ViewJob:
       logits = 1 / (1 + np.exp(-logits))
     height, width = self.work
     if kind == 0:
-      self.canvas, self.count = logits[:height, :width], 1
+      self.canvas = logits[:height, :width]
     elif kind == 1:
       if self.canvas is None:
         self.canvas = np.zeros((height, width, logits.shape[-1]), np.float32)
@@ -421,11 +421,11 @@ class _ViewJob:
 
   def finish(self, reduce: Callable | None = None) -> np.ndarray:
     assert self.remaining == 0
-    scores = self.canvas / self.count
+    scores = self.canvas if self.count is None else self.canvas / self.count
     if self.global_scores is not None:
       scores += resize_image(self.global_scores, self.work, align_corners=False)
       scores /= 2
-    self.canvas = self.global_scores = None
+    self.canvas = self.count = self.global_scores = None
     return resize_blocks([scores], self.size, False, reduce=reduce,
                          label_mask=self.label_mask)
 

@@ -93,11 +93,8 @@ def embed_rows(embed: Callable, rows: Sequence[Sequence[str]],
   for template in (templates or [None]):
     e = jnp.asarray(embed(unique, template), jnp.float32)
     total = total + e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-  rows_emb = []
-  for r in rows:
-    rows_emb.append(jnp.mean(total[np.array([index[text_lib.clean_text(t)] for t in r])],
-                             axis=0))
-  out = jnp.stack(rows_emb)
+  out = jnp.stack([jnp.mean(total[np.array([index[text_lib.clean_text(t)] for t in r])], 0)
+                   for r in rows])
   return out / jnp.linalg.norm(out, axis=-1, keepdims=True)
 
 
@@ -203,8 +200,8 @@ def run_suite(model, embed: Callable, protocol, *, data_dir: str, out_dir: str,
                   "images": report.get("num_examples"),
                   "mIoU": report.get("metrics", {}).get("mIoU")}
   summary = {"suite": "openvocab", "protocol": protocol["name"],
-             "protocol_config": protocol.to_dict() if hasattr(protocol, "to_dict")
-             else dict(protocol), "synonyms": synonyms, "benchmarks": rows, **(info or {})}
+             "protocol_config": protocol.to_dict(), "synonyms": synonyms, "benchmarks": rows,
+             **(info or {})}
   if jax.process_index() == 0:
     write_json(posixpath.join(str(out_dir), "suite.json"), summary)
     write_json(posixpath.join(str(out_dir), "suite.md"), None, markdown(summary))
