@@ -142,3 +142,15 @@ def test_missing_layout_names_the_preparation(tmp_path):
   os.remove(tmp_path / "VOCdevkit/VOC2012/JPEGImages/2007_000001.jpg")
   with pytest.raises(FileNotFoundError, match="JPEGImages/2007_000001.jpg is missing"):
     registry.get_source("pas20", "validation", data_dir=str(tmp_path))
+
+
+def test_undecodable_label_map_is_named(tmp_path):
+  fixtures.write_pc459(tmp_path)
+  path = tmp_path / "VOCdevkit/VOC2010/annotations_detectron2/pc459_val/2008_000001.tif"
+  path.write_bytes(path.read_bytes()[:200])
+  cfg = ip.default_data_config()
+  cfg.update(name="pc459", data_dir=str(tmp_path), num_parallel_calls=1)
+  with pytest.raises(ip.BadExampleError,
+                     match=r"^Bad example '.*2008_000001.jpg': its mask cannot be decoded "
+                           r"\(Pillow: image file is truncated.*\)\. Set data_cfg"):
+    list(ip.make_eval_iterator(cfg, batch_size=2, process_index=0, process_count=1))

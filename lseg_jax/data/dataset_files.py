@@ -172,7 +172,7 @@ def pair_files(image_tree: FileTree, image_pattern: str, mask_tree: FileTree,
   (Called with the trees swapped, it lists the label files and finds their images.)
 
   Raises:
-    FileNotFoundError: no image matches, or an image lacks its label file.
+    FileNotFoundError: no file matches, or an image lacks its label file.
   """
   images = image_tree.glob(image_pattern)
   if not images:
@@ -251,12 +251,21 @@ def decode_label_map(data: tf.Tensor) -> tf.Tensor:
 def _decode_with_pil(data):
   """Palette PNGs (their indices) and TIFFs (any integer depth) via PIL."""
   def _decode(b):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    mask = np.asarray(Image.open(io.BytesIO(_as_bytes(b))))
+    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+    try:
+      mask = np.asarray(Image.open(io.BytesIO(_as_bytes(b))))
+    except (OSError, ValueError) as e:
+      reason = ("Pillow cannot identify it" if isinstance(e, UnidentifiedImageError)
+                else f"Pillow: {e}")
+      return np.zeros((0, 0), np.int32), f"its mask cannot be decoded ({reason})"
     if mask.ndim != 2:
-      raise ValueError(f"expected a single-channel label map; got shape {mask.shape}")
-    return mask.astype(np.int32)
-  return tf.numpy_function(_decode, [data], tf.int32, stateful=False)
+      return np.zeros((0, 0), np.int32), (
+          f"its mask has shape {mask.shape}; expected a single-channel label map")
+    return mask.astype(np.int32), ""
+  # Failures as the image decoder reports them: an assertion whose text is the reason.
+  mask, error = tf.numpy_function(_decode, [data], (tf.int32, tf.string), stateful=False)
+  with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
+    return tf.identity(mask)
 
 
 def _as_bytes(value) -> bytes:

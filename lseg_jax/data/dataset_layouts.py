@@ -89,7 +89,7 @@ TRAINING_VALIDATION = {"train": "training", "validation": "validation", "val": "
 
 @dataclasses.dataclass(frozen=True)
 class MixtureDataset:
-  """One dataset of LSeg's mixture, stored as files: a table row.
+  """One dataset stored as image and label files (of the mixture or a benchmark): a row.
 
   Attributes:
     name: registry name (its label names: `DATASET_LABEL_NAMES[name]`).
