@@ -2,8 +2,8 @@
 
   source = registry.get_source("a847", "validation", data_dir=ROOT)
 
-ROOT is the detectron2 datasets root (`DETECTRON2_DATASETS`) that CAT-Seg's and
-SAN's `datasets/prepare_*.py` scripts fill; each source reads one prepared folder:
+ROOT is the detectron2 datasets root (`DETECTRON2_DATASETS`) that CAT-Seg's
+`datasets/prepare_*.py` scripts fill; each source reads one prepared folder:
   a847    ADE20K-Full validation, 847 classes: ADE20K_2021_17_01/images_detectron2/
           validation/*.jpg, annotations_detectron2/validation/*.tif (16-bit).
   pc459   PASCAL Context validation, 459 classes: VOCdevkit/VOC2010/JPEGImages/*.jpg,
@@ -45,7 +45,8 @@ def _voc(name, title, annotations):
       name=name, title=title, splits=_VAL, ignore_value=255,
       expected=_PREPARE.format(
           script="prepare_voc.py",
-          files=f"VOCdevkit/VOC2012/JPEGImages/*.jpg and {annotations}/val/*.png"),
+          files=f"VOCdevkit/VOC2012/JPEGImages/*.jpg and VOCdevkit/VOC2012/{annotations}"
+                "/val/*.png"),
       layouts=(Layout(
           Tree(annotations, ("VOCdevkit/VOC2012",)), None, "JPEGImages/*.jpg",
           f"{annotations}/{{split}}/*.png", None,
@@ -61,8 +62,8 @@ def _context(name, ext, ignore_value):
       ignore_value=ignore_value,
       expected=_PREPARE.format(
           script=script,
-          files=f"VOCdevkit/VOC2010/JPEGImages/*.jpg and {folder.format(split='val')}"
-                f"/*.{ext}"),
+          files=f"VOCdevkit/VOC2010/JPEGImages/*.jpg and VOCdevkit/VOC2010/"
+                f"{folder.format(split='val')}/*.{ext}"),
       layouts=(Layout(
           Tree(folder, ("VOCdevkit/VOC2010",)), None, "JPEGImages/*.jpg",
           f"{folder}/*.{ext}", None,
