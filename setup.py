@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax reimplementation of LSeg (Li et al., ICLR 2022)",
     packages=find_packages(include=["lseg_jax", "lseg_jax.*", "configs"]),
-    package_data={"lseg_jax.data": ["*.txt", "*.json"]},
+    package_data={"lseg_jax.data": ["*.txt", "*.json", "class_names/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -537,4 +537,4 @@ def test_every_source_is_registered():
           } <= set(registry.available_sources())
   for name, names in label_names.DATASET_LABEL_NAMES.items():
     with pytest.raises((ValueError, FileNotFoundError), match="data_dir"):
-      registry.get_source(name, "train")
+      registry.get_source(name, "validation")

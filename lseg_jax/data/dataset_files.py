@@ -25,6 +25,8 @@ from lseg_jax.labels import IGNORE_INDEX, OTHER_LABEL
 # colour type 3 means "palette".
 _PNG_BIT_DEPTH_OFFSET = 24
 _PNG_COLOR_TYPE_OFFSET = 25
+# The first bytes of a TIFF file (little- and big-endian).
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
 
 class FileTree:
@@ -167,13 +169,15 @@ def pair_files(image_tree: FileTree, image_pattern: str, mask_tree: FileTree,
                expected: str) -> tuple[list[str], list[str]]:
   """Images matching `image_pattern` and their label files `mask_of(image)`.
 
+  (Called with the trees swapped, it lists the label files and finds their images.)
+
   Raises:
-    FileNotFoundError: no image matches, or an image lacks its label file.
+    FileNotFoundError: no file matches, or an image lacks its label file.
   """
   images = image_tree.glob(image_pattern)
   if not images:
     raise FileNotFoundError(
-        f"{dataset}: no image matches {image_tree.describe(image_pattern)}. "
+        f"{dataset}: no file matches {image_tree.describe(image_pattern)}. "
         f"Expected: {expected}")
   masks = [mask_of(p) for p in images]
   check_present(mask_tree, masks, mask_pattern, dataset=dataset,
@@ -225,16 +229,43 @@ def decode_label_png(data: tf.Tensor) -> tf.Tensor:
         message="expected a single-channel label PNG (pixel = label value)")
     return mask[..., 0]
 
-  mask = tf.cond(is_palette, lambda: _decode_png_indices(data), _decode_grey)
+  mask = tf.cond(is_palette, lambda: _decode_with_pil(data), _decode_grey)
   mask.set_shape([None, None])
   return mask
 
 
-def _decode_png_indices(data):
+def decode_label_map(data: tf.Tensor) -> tf.Tensor:
+  """Label PNG or TIFF bytes -> int32 [H, W] of the stored values.
+
+  TIFF maps (16-bit in the prepared A-847 and PC-459 layouts) are read with PIL at
+  their full depth: values above 255 stay as stored.
+  """
+  is_tiff = tf.reduce_any(
+      tf.equal(tf.strings.substr(data, 0, 4), tf.constant(_TIFF_MAGIC)))
+  mask = tf.cond(is_tiff, lambda: _decode_with_pil(data),
+                 lambda: decode_label_png(data))
+  mask.set_shape([None, None])
+  return mask
+
+
+def _decode_with_pil(data):
+  """Palette PNGs (their indices) and TIFFs (any integer depth) via PIL."""
   def _decode(b):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    return np.asarray(Image.open(io.BytesIO(_as_bytes(b))), dtype=np.int32)
-  return tf.numpy_function(_decode, [data], tf.int32, stateful=False)
+    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+    try:
+      mask = np.asarray(Image.open(io.BytesIO(_as_bytes(b))))
+    except (OSError, ValueError) as e:
+      reason = ("Pillow cannot identify it" if isinstance(e, UnidentifiedImageError)
+                else f"Pillow: {e}")
+      return np.zeros((0, 0), np.int32), f"its mask cannot be decoded ({reason})"
+    if mask.ndim != 2:
+      return np.zeros((0, 0), np.int32), (
+          f"its mask has shape {mask.shape}; expected a single-channel label map")
+    return mask.astype(np.int32), ""
+  # Failures as the image decoder reports them: an assertion whose text is the reason.
+  mask, error = tf.numpy_function(_decode, [data], (tf.int32, tf.string), stateful=False)
+  with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
+    return tf.identity(mask)
 
 
 def _as_bytes(value) -> bytes:
@@ -287,22 +318,29 @@ class FilePairs(registry.Source):
 
 
 class FileSegmentation(FilePairs):
-  """A fixed-label-set source: label PNG values mapped by `value_table`.
+  """A fixed-label-set source: label PNG or TIFF values mapped by `value_table`.
 
   Raw label value v becomes `value_table[v]` (-1 = ignore); values beyond the
-  table are ignored too.
+  table are ignored too. With `ignore_value`, the table is unused: that value
+  becomes -1 and every other value is its class, so that a value outside
+  [0, L) reaches the bad-example guard, which names it.
   """
 
   def __init__(self, *, label_names, image_tree, images, mask_tree, masks,
-               value_table: np.ndarray):
+               value_table: np.ndarray, ignore_value: int | None = None):
     super().__init__(image_tree, images, mask_tree, masks)
     self.label_names = list(label_names)
     self._table = np.asarray(value_table, np.int32)
     assert self._table.max() < len(self.label_names)
+    self.mask_ignore = ignore_value
 
   def load(self, index):
     image, mask_bytes, name = self._read(index)
-    mask = map_values(decode_label_png(mask_bytes), self._table)
+    raw = decode_label_map(mask_bytes)
+    if self.mask_ignore is None:
+      mask = map_values(raw, self._table)
+    else:
+      mask = tf.where(raw == self.mask_ignore, IGNORE_INDEX, raw)
     check_same_size(image, mask, name)
     return {"image": image, "mask": mask, "file_name": name}
 

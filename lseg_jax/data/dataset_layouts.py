@@ -3,7 +3,7 @@
 A `MixtureDataset` row says where a dataset's files are (`Layout`s of `Tree`s, tried
 in order) and how stored label values become classes; `make_source` reads a split of
 it. The rows: ADE20K in `ade20k`, the other datasets of LSeg's mixture in
-`mix_datasets`.
+`mix_datasets`, the open-vocabulary benchmarks in `openvocab`.
 """
 from __future__ import annotations
 
@@ -60,13 +60,17 @@ class Layout:
     image_glob: glob of the images in their tree ("{split}" = split folder).
     mask_glob: a glob that matches every label file in its tree.
     mask_of: image path -> its label file's path (None: the row's `build`
-      pairs them).
+      pairs them, or `image_of` does).
+    image_of: label path -> its image's path. When set, the label files make
+      the split (as detectron2's `load_sem_seg` pairs a prepared layout: its
+      image folder may hold other splits' images).
   """
   images: Tree
   masks: Tree | None
   image_glob: str
   mask_glob: str
   mask_of: Callable[[str], str] | None
+  image_of: Callable[[str], str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +89,7 @@ TRAINING_VALIDATION = {"train": "training", "validation": "validation", "val": "
 
 @dataclasses.dataclass(frozen=True)
 class MixtureDataset:
-  """One dataset of LSeg's mixture, stored as files: a table row.
+  """One dataset stored as image and label files (of the mixture or a benchmark): a row.
 
   Attributes:
     name: registry name (its label names: `DATASET_LABEL_NAMES[name]`).
@@ -95,6 +99,9 @@ class MixtureDataset:
     layouts: the layouts it may be stored in, tried in order.
     value_table: stored label value v -> class `value_table[v]` (-1 ignore;
       values past the table are ignored); None: v is class v.
+    ignore_value: the stored value of ignore; when set, the table is unused,
+      every other stored value is its class and one outside [0, L) fails the
+      example with an error naming it (`dataset_files.FileSegmentation`).
     check: called with the images' tree before reading (version checks).
     build: (trees, split folder, data_dir, expected) -> Source, for
       datasets whose labels are not one PNG per image.
@@ -106,6 +113,7 @@ class MixtureDataset:
   expected: str
   layouts: tuple[Layout, ...]
   value_table: np.ndarray | None = None
+  ignore_value: int | None = None
   check: Callable[[dataset_files.FileTree], None] | None = None
   build: Callable[..., registry.Source] | None = None
   tfds: TfdsLayout | None = None
@@ -140,13 +148,18 @@ def make_source(dataset: MixtureDataset, split: str, *,
     dataset.check(trees[0])
   if dataset.build is not None:
     return dataset.build(trees, folder, data_dir, expected)
-  images, masks = dataset_files.pair_files(
-      trees[0], layout.image_glob.format(split=folder), trees[1],
-      layout.mask_glob.format(split=folder), layout.mask_of,
-      dataset=dataset.title, expected=expected)
+  image_glob = layout.image_glob.format(split=folder)
+  mask_glob = layout.mask_glob.format(split=folder)
+  pair = functools.partial(dataset_files.pair_files, dataset=dataset.title,
+                           expected=expected)
+  if layout.image_of is None:
+    images, masks = pair(trees[0], image_glob, trees[1], mask_glob, layout.mask_of)
+  else:
+    masks, images = pair(trees[1], mask_glob, trees[0], image_glob, layout.image_of)
   return dataset_files.FileSegmentation(
       label_names=dataset.label_names, image_tree=trees[0], images=images,
-      mask_tree=trees[1], masks=masks, value_table=dataset.values)
+      mask_tree=trees[1], masks=masks, value_table=dataset.values,
+      ignore_value=dataset.ignore_value)
 
 
 def _find_layout(dataset, folder, data_dir, expected):

@@ -2,7 +2,14 @@
 
 A dataset's mask value k (after its id -> train id mapping) means
 `<DATASET>_NAMES[k]`; these strings are the text the CLIP text tower encodes.
+
+The open-vocabulary benchmarks' lists are data files, `class_names/<list>.txt`
+(one class per line, "#" lines are comments naming where the list comes from),
+read by `class_names`. A line may hold several synonyms of one class, separated
+by ", " as the benchmark's published list writes them (A-847: "building, edifice").
 """
+import functools
+import importlib.resources
 
 # ADE20K SceneParse150, as the official LSeg code builds it from
 # `label_files/ade20k_objectInfo150.txt`: the first name of each row. That file
@@ -135,8 +142,28 @@ SUNRGBD_NAMES = (
     "bag",
 )
 
+
+
+@functools.cache
+def class_names(name: str) -> tuple[str, ...]:
+  """The class list `class_names/<name>.txt` shipped with the package."""
+  text = importlib.resources.files(__package__).joinpath(
+      f"class_names/{name}.txt").read_text(encoding="utf-8")
+  return tuple(line.strip() for line in text.splitlines()
+               if line.strip() and not line.startswith("#"))
+
+
+_VOC_BACKGROUND = (*class_names("voc20"), "background")
+
 # Label names of every fixed-label-set source, by registry name.
 DATASET_LABEL_NAMES = {
+    "a150": class_names("a150"),
+    "a847": class_names("a847"),
+    "pc459": class_names("pc459"),
+    "pc59": class_names("pc59"),
+    "pas20": class_names("voc20"),
+    "pas21": _VOC_BACKGROUND,  # Background is class 20, as the prepared maps store it.
+    "pas20b": _VOC_BACKGROUND,
     "ade20k": ADE20K_NAMES,
     "bdd100k": BDD100K_NAMES,
     "cityscapes": CITYSCAPES_NAMES,

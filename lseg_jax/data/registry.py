@@ -78,7 +78,8 @@ def _import_builtin_sources():
   # Sources register themselves on import; importing here avoids a cycle with
   # modules that import `register` from this file.
   import importlib
-  for module in ("synthetic", "folder", "fewshot", "ade20k", "mix_datasets"):
+  for module in ("synthetic", "folder", "fewshot", "ade20k", "mix_datasets",
+                 "openvocab"):
     try:
       importlib.import_module(f"lseg_jax.data.{module}")
     except ModuleNotFoundError as e:
@@ -99,10 +100,14 @@ class Source:
     is_indexed: True if `load(index)` is implemented.
     mask_ignore: the value of "ignore" in the source's stored masks (255 in PNG
       masks; None where the files have no single such value), for messages.
-    scored_names: the texts the model scores (None: `label_names`); a name may list
-      synonyms separated by commas.
-    scored_class: int [len(scored_names)], the class each scored name counts as
-      (None: 0, 1, ...).
+    scored_names: the texts a model scores on this source's images (default:
+      `label_names`).
+    scored_class: int32 [len(scored_names)]: the ground-truth class (index into
+      `label_names`) that a pixel predicted as scored name j counts as (default:
+      arange). Evaluation takes the argmax over `scored_names`, maps it through
+      `scored_class` and compares the result with the mask. PAS-20b scores 59
+      names: the 20 VOC classes count as themselves, the 39 other PC-59 classes
+      as background (class 20 of its masks).
   """
   label_names: list[str] = []
   num_examples: int | None = None
@@ -110,8 +115,28 @@ class Source:
   is_indexed: bool = True
   mask_ignore: int | None = None
   class_names: list[str] = []
-  scored_names: list[str] | None = None
-  scored_class: np.ndarray | None = None
+  _scored_names: list[str] | None = None
+  _scored_class: np.ndarray | None = None
+
+  @property
+  def scored_names(self) -> list[str]:
+    return list(self.label_names if self._scored_names is None
+                else self._scored_names)
+
+  @scored_names.setter
+  def scored_names(self, names):
+    self._scored_names = list(names)
+
+  @property
+  def scored_class(self) -> np.ndarray:
+    if self._scored_class is None:
+      return np.arange(len(self.scored_names), dtype=np.int32)
+    return self._scored_class
+
+  @scored_class.setter
+  def scored_class(self, classes):
+    self._scored_class = np.asarray(classes, np.int32)
+    assert self._scored_class.shape == (len(self.scored_names),)
 
   def load(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
     """Raw example `index` (int64 scalar tensor), written with TF ops only."""
