@@ -65,9 +65,20 @@ PROTOCOLS = {
 DEFAULT_PROTOCOL = "whole"
 
 
+# `runlocal`: the same rules at sizes a CPU runs in seconds (tests, a laptop check).
+RUNLOCAL = {"views": dict(size=64, max_size=256), "sliding": dict(base_size=64, crop_size=32)}
+RUNLOCAL_WINDOWS = dict(resize="square", size=96, max_size=96, crop_size=64, overlap=0.5)
+
+
 def get_config(arg=None):
-  """arg: "protocol=NAME" (default `DEFAULT_PROTOCOL`) -> that protocol with its name."""
-  name = common.parse_arg(arg, protocol=DEFAULT_PROTOCOL).protocol
-  if name not in PROTOCOLS:
-    raise ValueError(f"protocol={name!r}; expected one of {sorted(PROTOCOLS)}")
-  return ml_collections.ConfigDict(dict(name=name, benchmarks=BENCHMARKS, **PROTOCOLS[name]))
+  """arg: "protocol=NAME[,runlocal]" (default `DEFAULT_PROTOCOL`) -> that protocol with
+  its name and the suite's benchmarks."""
+  args = common.parse_arg(arg, protocol=DEFAULT_PROTOCOL, runlocal=False)
+  if args.protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={args.protocol!r}; expected one of {sorted(PROTOCOLS)}")
+  name = args.protocol + ("_runlocal" if args.runlocal else "")
+  c = ml_collections.ConfigDict(dict(name=name, benchmarks=tuple(BENCHMARKS.items()),
+                                     **PROTOCOLS[args.protocol]))
+  if args.runlocal:
+    c.update(RUNLOCAL_WINDOWS if c.get("crop_size") and c.kind == "views" else RUNLOCAL[c.kind])
+  return c

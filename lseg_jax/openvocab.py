@@ -131,15 +131,15 @@ def write_json(path: str, obj: Any, text: str | None = None) -> None:
   tf.io.gfile.rename(tmp, str(path), overwrite=True)
 
 
-def _finished(path: str, protocol_name: str) -> dict | None:
-  """The saved report of a benchmark finished under this protocol (process 0 reads;
-  every process learns whether there is one)."""
+def _finished(path: str, protocol: dict[str, Any]) -> dict | None:
+  """The saved report of a benchmark finished under this protocol, synonyms included
+  (process 0 reads; every process learns whether there is one)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   report = None
   if jax.process_index() == 0 and tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       report = json.load(f)
-    if report.get("protocol_name") != protocol_name:
+    if report.get("protocol_config") != json.loads(json.dumps(protocol)):
       report = None
   done = np.int32(report is not None)
   if jax.process_count() > 1:
@@ -151,7 +151,10 @@ def evaluate_benchmark(model, embed: Callable, name: str, protocol, *, data_dir:
                        synonyms: str, batch_size: int, crops_per_device: int = 2,
                        progress: bool = False) -> dict[str, Any]:
   """One benchmark's report (`Evaluator.result()` + the texts it scored)."""
-  source = registry.get_source(name, "validation", data_dir=data_dir)
+  try:
+    source = registry.get_source(name, "validation", data_dir=data_dir)
+  except (FileNotFoundError, ValueError) as e:  # missing data: the source says what is where
+    raise UserError(f"benchmark {name!r}: {e}") from e
   names, classes = scored_table(source)
   rows, row_class = scored_texts(names, classes, synonyms)
   templates = None if protocol["templates"] is None else list(protocol["templates"])
@@ -164,6 +167,7 @@ def evaluate_benchmark(model, embed: Callable, name: str, protocol, *, data_dir:
                                  crops_per_device=crops_per_device, scored_class=row_class)
   report = evaluate.evaluate(evaluator, it, num_batches=it.num_batches, progress=progress)
   report.update({"benchmark": name, "protocol_name": protocol["name"],
+                 "protocol_config": {**protocol.to_dict(), "synonyms": synonyms},
                  "templates": templates, "synonyms": synonyms, "num_labels": len(names),
                  "num_classes": len(it.label_names), "num_texts": len(rows),
                  "skipped_examples": it.num_skipped})
@@ -188,7 +192,7 @@ def run_suite(model, embed: Callable, protocol, *, data_dir: str, out_dir: str,
   rows = {}
   for name in names:
     path = posixpath.join(str(out_dir), f"{name}.json")
-    report = _finished(path, protocol["name"])
+    report = _finished(path, {**protocol.to_dict(), "synonyms": synonyms})
     if report is None:
       report = evaluate_benchmark(model, embed, name, protocol, data_dir=data_dir,
                                   synonyms=synonyms, batch_size=batch_size,

@@ -1,11 +1,8 @@
 """The open-vocabulary suite: protocols against a direct computation with the model,
-scored names and synonyms, row-block scoring, and the suite command end to end (one
-process and two on localhost, resumed after a benchmark's report is deleted).
-
-Data: two in-memory fixed-label sources registered here, one PAS-20b-like (extra scored
-names counted as background).
+scored names and synonyms, row-block scoring, and the suite command end to end on the
+benchmarks' fixtures (tests/openvocab_fixtures.py: every benchmark in its prepared
+layout), in one process and two on localhost, resumed after a report is deleted.
 """
-import io
 import json
 import os
 import subprocess
@@ -16,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from lseg_jax import apply as apply_lib
 from lseg_jax import checkpoint
@@ -27,44 +23,21 @@ from lseg_jax import openvocab
 from lseg_jax import text
 from lseg_jax.cli import eval as eval_cli
 from lseg_jax.data import registry
-from lseg_jax.data import synthetic
 from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
 from lseg_jax.models import resize
 
+import openvocab_fixtures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LABELS_A = ["sky", "tree, trees", "road", "car"]
-LABELS_B = ["background", "cat", "dog"]
-SCORED_B = ["cat", "dog, puppy", "sky", "grass"]  # extras scored as background
-SIZES = [(48, 64), (64, 48), (48, 64)]
+BENCHMARKS = ["a847", "pc459", "a150", "pc59", "pas20", "pas20b", "pas21"]
 
 
-def _png(array):
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(array, np.uint8)).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def _source(labels, seed, split):
-  rng = np.random.default_rng(seed)
-  values = list(range(len(labels))) + [255]
-  images = [_png(rng.integers(0, 256, (h, w, 3))) for h, w in SIZES]
-  masks = [_png(rng.choice(values, (h, w))) for h, w in SIZES]
-  return synthetic.EncodedSource(images, masks, [f"{split}_{i}" for i in range(len(SIZES))],
-                                 labels, mask_ignore=255)
-
-
-@registry.register("ovtest_a")
-def _source_a(split, **_):
-  return _source(LABELS_A, 0, split)
-
-
-@registry.register("ovtest_b")
-def _source_b(split, **_):
-  source = _source(LABELS_B, 1, split)
-  source.scored_names = SCORED_B
-  source.scored_class = np.array([1, 2, 0, 0])
-  return source
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("openvocab")
+  openvocab_fixtures.write_all(str(root))
+  return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +107,14 @@ def test_cat_seg_protocol_equals_windows_plus_global_view(model):
         resize="square", size=90, crop_size=64, overlap=0.5))(image, emb)
 
 
-def test_scored_names_map_extras_to_background():
-  names, classes = openvocab.scored_table(_source_b("validation"))
-  rows, row_class = openvocab.scored_texts(names, classes, "max")
+def test_scored_names_map_extras_to_background(data_root):
+  source = registry.get_source("pas20b", "validation", data_dir=data_root)
+  names, classes = openvocab.scored_table(source)
+  assert len(source.label_names) == 21 and source.label_names[20] == "background"
+  assert len(names) == 59 and classes[:20].tolist() == list(range(20))
+  assert classes[20:].tolist() == [20] * 39  # the PC-59 extras count as background
+  rows, row_class = openvocab.scored_texts(["cat", "dog, puppy", "sky", "grass"],
+                                           np.array([1, 2, 0, 0]), "max")
   assert rows == [["cat"], ["dog"], ["puppy"], ["sky"], ["grass"]]
   assert row_class.tolist() == [1, 2, 2, 0, 0]
   # A constructed prediction: the argmax row per pixel, then its class.
@@ -149,9 +127,9 @@ def test_scored_names_map_extras_to_background():
   conf = metrics.confusion_matrix_np(pred[None], label[None], 3)
   assert conf.tolist() == [[2, 0, 1], [0, 1, 0], [0, 0, 1]]
   # Identity by default: a source without scored names scores its label names.
-  names, classes = openvocab.scored_table(_source_a("validation"))
-  assert names == LABELS_A and classes.tolist() == [0, 1, 2, 3]
-  assert openvocab.scored_texts(names, classes, "join")[0] == [[n] for n in LABELS_A]
+  source = registry.get_source("pc59", "validation", data_dir=data_root)
+  names, classes = openvocab.scored_table(source)
+  assert names == source.label_names and classes.tolist() == list(range(59))
 
 
 def test_synonyms_max_equals_max_over_synonym_logits():
@@ -198,6 +176,8 @@ def test_row_blocks_equal_one_block():
 def test_suite_errors_name_the_value(model, tmp_path):
   with pytest.raises(UserError, match="'nope'"):
     openvocab.check_benchmarks(["a150", "nope"], {"a150": "A-150"})
+  with pytest.raises(UserError, match="'fss1000'"):  # episodic
+    openvocab.check_benchmarks(["fss1000"], {"a150": "A-150"})
   with pytest.raises(UserError, match="synonyms='all'"):
     openvocab.scored_texts(["a"], np.arange(1), "all")
   ckpt = _checkpoint(model, tmp_path)
@@ -206,6 +186,9 @@ def test_suite_errors_name_the_value(model, tmp_path):
                    "--data-dir", str(tmp_path)])
   with pytest.raises(UserError, match="--data-dir"):
     eval_cli.main(["--checkpoint", ckpt, "--suite", "openvocab"])
+  with pytest.raises(UserError, match="empty"):  # the source names the missing folder
+    eval_cli.main(["--checkpoint", ckpt, "--suite", "openvocab", "--benchmarks", "pc59",
+                   "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
 
 
 def _checkpoint(model, tmp_path):
@@ -215,57 +198,56 @@ def _checkpoint(model, tmp_path):
   return str(ckpt)
 
 
-SUITE_ARGS = ["--suite", "openvocab", "--benchmarks", "ovtest_a,ovtest_b", "--no-progress"]
+SUITE_ARGS = ["--suite", "openvocab", "--protocol", "whole,runlocal", "--no-progress"]
 
 
-def test_suite_command_writes_reports_and_resumes(model, tmp_path, monkeypatch):
+def test_suite_command_writes_reports_and_resumes(model, data_root, tmp_path, monkeypatch):
   ckpt, out = _checkpoint(model, tmp_path), tmp_path / "suite"
-  args = ["--checkpoint", ckpt, "--data-dir", str(tmp_path), "--out", str(out), *SUITE_ARGS]
+  args = ["--checkpoint", ckpt, "--data-dir", data_root, "--out", str(out), *SUITE_ARGS]
   assert eval_cli.main(args) == 0
   summary = json.loads((out / "suite.json").read_text())
-  assert summary["protocol"] == "whole" and list(summary["benchmarks"]) == ["ovtest_a",
-                                                                           "ovtest_b"]
-  b = json.loads((out / "ovtest_b.json").read_text())
-  assert b["num_texts"] == 4 and b["num_classes"] == 3 and b["num_examples"] == len(SIZES)
-  assert b["mode"] == "views" and b["window"]["size"] == 640
-  assert summary["benchmarks"]["ovtest_b"]["mIoU"] == b["metrics"]["mIoU"]
+  assert summary["protocol"] == "whole_runlocal" and list(summary["benchmarks"]) == BENCHMARKS
+  b = json.loads((out / "pas20b.json").read_text())
+  assert b["num_texts"] == 59 and b["num_classes"] == 21 and b["num_examples"] == 2
+  assert b["mode"] == "views" and b["window"]["size"] == 64 and b["synonyms"] == "join"
+  assert len(b["templates"]) == 14
+  assert summary["benchmarks"]["pas20b"]["mIoU"] == b["metrics"]["mIoU"]
+  assert json.loads((out / "a847.json").read_text())["num_classes"] == 847
   table = (out / "suite.md").read_text().splitlines()
   assert table[0] == "| benchmark | classes | images | mIoU | protocol |"
-  assert table[3] == f"| ovtest_b | 3 | 3 | {100 * b['metrics']['mIoU']:.2f} | whole |"
+  assert len(table) == 2 + len(BENCHMARKS)
+  assert table[7] == f"| PAS-20b | 21 | 2 | {100 * b['metrics']['mIoU']:.2f} | whole_runlocal |"
 
   # A rerun recomputes only the benchmark whose report is gone.
   calls = []
   real = openvocab.evaluate_benchmark
   monkeypatch.setattr(openvocab, "evaluate_benchmark",
                       lambda m, e, name, *a, **k: calls.append(name) or real(m, e, name, *a, **k))
-  os.remove(out / "ovtest_a.json")
+  os.remove(out / "a150.json")
   assert eval_cli.main(args) == 0
-  assert calls == ["ovtest_a"]
+  assert calls == ["a150"]
   assert json.loads((out / "suite.json").read_text())["benchmarks"] == summary["benchmarks"]
+  # Another synonym rule is another result: nothing is reused.
+  calls.clear()
+  assert eval_cli.main(args + ["--synonyms", "max", "--benchmarks", "pc59"]) == 0
+  assert calls == ["pc59"]
 
 
 @pytest.mark.slow
-def test_suite_two_processes_equal_one(model, tmp_path):
+def test_suite_two_processes_equal_one(model, data_root, tmp_path):
   ckpt = _checkpoint(model, tmp_path)
-  script = tmp_path / "suite_eval.py"
-  script.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
-      "import test_openvocab_suite  # registers the test sources\n"
-      "from lseg_jax.cli import common, eval as eval_cli\n"
-      "common.entry_point(eval_cli.main)\n")
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   summaries = []
   for processes in (1, 2):
     out = tmp_path / f"suite_{processes}"
-    cmd = [sys.executable, str(script), "--checkpoint", ckpt, "--data-dir", str(tmp_path),
+    cmd = [sys.executable, "tools/eval.py", "--checkpoint", ckpt, "--data-dir", data_root,
            "--out", str(out), *SUITE_ARGS]
     if processes == 2:
       cmd = [sys.executable, "tools/launch.py", "--processes", "2", "--devices-per-process",
              "1", "--", *cmd]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summaries.append(json.loads((out / "suite.json").read_text())["benchmarks"])
-    assert (out / "suite.md").exists()
+    assert (out / "suite.md").read_text().count("\n") == 2 + len(BENCHMARKS)
   assert summaries[0] == summaries[1]
