@@ -369,10 +369,11 @@ class _ImageJob:
     (`resize_blocks`)."""
     assert self.remaining == 0
     outs = []
-    for height, width, _, canvas, count in self.scales:
+    for i, (height, width, _, canvas, count) in enumerate(self.scales):
       assert np.all(count > 0), "sliding windows left a pixel uncovered"
       canvas /= count
-      outs.append(canvas[:height, :width])
+      outs.append(jnp.asarray(canvas[:height, :width]))  # the host copy goes now
+      self.scales[i] = canvas = None
     self.scales = None
     return resize_blocks(outs, self.size, True, reduce=reduce, label_mask=self.label_mask)
 
