@@ -21,7 +21,8 @@ each scale s (default 0.5, 0.75, 1.0, 1.25, 1.5, 1.75):
 
 Every model call therefore sees a crop x crop input: one jitted function
 serves the whole protocol. Here the geometry and the accumulation run on the
-host in float32 numpy (same operations and order as the reference), while
+host in float32 numpy, the resizes on the device with the reference's taps and
+order (`resize_blocks`: the scores at the image's size by blocks of rows), while
 batches of crops, gathered across images, run on the devices with the batch
 axis sharded over a `data` mesh axis. With a single scale whose long side is
 the crop size, no flip and an image of crop x crop, the result is exactly
