@@ -107,6 +107,20 @@ def test_cat_seg_protocol_equals_windows_plus_global_view(model):
         resize="square", size=90, crop_size=64, overlap=0.5))(image, emb)
 
 
+@pytest.mark.parametrize("runlocal", [False, True])
+def test_every_protocol_of_the_config_builds(runlocal):
+  from configs import openvocab as suite_config  # pylint: disable=g-import-not-at-top
+  for name in suite_config.PROTOCOLS:
+    protocol = suite_config.get_config(f"protocol={name}" + (",runlocal" if runlocal else ""))
+    window = openvocab.protocol_window(protocol)
+    assert protocol.kind == ("views" if isinstance(window, inference.ViewProtocol)
+                             else "sliding")
+    assert protocol.synonyms in openvocab.SYNONYMS
+  assert [n for n, _ in protocol.benchmarks] == BENCHMARKS
+  with pytest.raises(ValueError, match="protocol='sam'"):
+    suite_config.get_config("protocol=sam")
+
+
 def test_scored_names_map_extras_to_background(data_root):
   source = registry.get_source("pas20b", "validation", data_dir=data_root)
   names, classes = openvocab.scored_table(source)
