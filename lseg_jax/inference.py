@@ -124,14 +124,10 @@ class ViewProtocol:
   flip: bool = False
 
   def __post_init__(self):
-    for field, value, choices in (("resize", self.resize, ("short_side", "square")),
-                                  ("activation", self.activation, ("none", "sigmoid"))):
-      if value not in choices:
-        raise ValueError(f"{field}={value!r}; expected one of {choices}")
-    if self.size < 1 or (self.crop_size is not None and self.crop_size < 1):
-      raise ValueError(f"size={self.size}, crop_size={self.crop_size}; expected >= 1")
-    if not 0 <= self.overlap < 1:
-      raise ValueError(f"overlap={self.overlap}; expected in [0, 1)")
+    if (self.resize not in ("short_side", "square") or self.activation not in ("none", "sigmoid")
+        or self.size < 1 or (self.crop_size or 1) < 1 or not 0 <= self.overlap < 1):
+      raise ValueError(f"{self}: expected resize short_side|square, activation none|sigmoid, "
+                       "size and crop_size >= 1, overlap in [0, 1)")
 
   @property
   def stride(self) -> int:

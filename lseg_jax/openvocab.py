@@ -1,18 +1,13 @@
-"""The open-vocabulary benchmark suite (A-847, PC-459, A-150, PC-59, PAS-20, PAS-20b,
-PAS-21) under one named protocol, resumable benchmark by benchmark.
+"""The open-vocabulary benchmark suite (A-847 ... PAS-21) under one named protocol.
 
 A protocol is plain data (configs/openvocab.py): a `ViewProtocol` or `SlidingWindow`,
-prompt templates and a synonym rule. Each benchmark is a registered fixed-label source
-whose `scored_names` (default `label_names`) are the texts the model scores and whose
-`scored_class` (default 0, 1, ...) names the ground-truth class each counts as (PAS-20b:
-the 20 VOC classes plus 39 PASCAL-Context names scored as background). The scoring is
-the one evaluator's (`evaluate.Evaluator` with `scored_class`), at the ground truth's
-resolution, by blocks of rows (`inference.resize_blocks`).
-
-Every process runs every benchmark (hosts score their own images; counts are summed);
-process 0 writes each benchmark's report as soon as it is done (atomically), then the
-suite's JSON and Markdown table. A rerun reads the reports of finished benchmarks
-(process 0 decides, every process follows) and computes only the others.
+prompt templates and a synonym rule. A benchmark is a fixed-label source; its
+`scored_names` are the texts the model scores, `scored_class` the ground-truth class
+each counts as (PAS-20b: 39 extra names scored as background). Scoring is the one
+evaluator's (`evaluate.Evaluator(scored_class=...)`) at the ground truth's resolution.
+Every process runs every benchmark on its own images; process 0 writes each report as
+soon as it is done (atomically), then the suite's JSON and Markdown. A rerun reuses the
+finished reports (process 0 decides, every process follows).
 """
 from __future__ import annotations
 
