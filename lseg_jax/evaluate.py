@@ -424,9 +424,12 @@ class Evaluation:
     it = self.iterator()
     episodic = it.episodic
     names = labels_lib.text_names(it.label_names, episodic, self.background_text)
+    scored = None if episodic else _scored_names(self.data)
+    if scored is not None:  # a source that scores other names (PAS-20b), as they are
+      names, scored = scored
     evaluator = Evaluator(model, it.label_names, embed(names), episodic=episodic,
                           window=self.window, mesh=mesh if self.window is None else None,
-                          crops_per_device=self.crops_per_device)
+                          crops_per_device=self.crops_per_device, scored_class=scored)
     batches, num_batches = it, it.num_batches
     if self.num_batches is not None:
       batches = itertools.islice(it, self.num_batches)
@@ -447,6 +450,20 @@ class Evaluation:
     keys = {"mIoU": "miou", "pixAcc": "pixacc", "FB-IoU": "fbiou"}
     return {f"{self.prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items()
             if k in keys}
+
+
+def _scored_names(data) -> tuple[list[str], np.ndarray] | None:
+  """(scored_names, scored_class) of a single-source data config whose source scores
+  other texts than its label names (`registry.Source`); None otherwise."""
+  from lseg_jax.data import source_specs  # pylint: disable=g-import-not-at-top
+  components, _ = source_specs.build_components(data, eval_split=True)
+  source = components[0].source
+  names = getattr(source, "scored_names", None)
+  classes = getattr(source, "scored_class", None)
+  if len(components) > 1 or names is None or (list(names) == list(source.label_names) and (
+      classes is None or np.array_equal(classes, np.arange(len(names))))):
+    return None
+  return list(names), np.asarray(np.arange(len(names)) if classes is None else classes)
 
 
 def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:

@@ -146,6 +146,25 @@ def test_scored_names_map_extras_to_background(data_root):
   assert names == source.label_names and classes.tolist() == list(range(59))
 
 
+def test_config_evaluations_score_a_sources_scored_names(model, data_root):
+  """tools/eval.py --data pas20b (an Evaluation of a config) scores its 59 names too."""
+  from lseg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def embed(names):
+    calls.append(list(names))
+    return jax.random.normal(jax.random.key(len(names)), (len(names), model.text_dim))
+  reports = {}
+  for name in ("pas20b", "pas21"):
+    data = input_pipeline.default_data_config()
+    data.update(name=name, data_dir=data_root, eval_resize="none", eval_pad_to=(32, 32))
+    reports[name] = evaluate.Evaluation("val", data, 8).run(model, embed)
+  assert calls[0] == registry.get_source("pas20b", "validation",
+                                         data_dir=data_root).scored_names
+  assert len(calls[0]) == 59 and len(reports["pas20b"]["per_class_iou"]) == 21
+  assert calls[1] == registry.get_source("pas21", "validation", data_dir=data_root).label_names
+
+
 def test_synonyms_max_equals_max_over_synonym_logits():
   names = ["a, b, c", "d", "e, f"]
   rows, row_class = openvocab.scored_texts(names, np.arange(3), "max")
