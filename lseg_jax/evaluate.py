@@ -458,12 +458,11 @@ def _scored_names(data) -> tuple[list[str], np.ndarray] | None:
   from lseg_jax.data import source_specs  # pylint: disable=g-import-not-at-top
   components, _ = source_specs.build_components(data, eval_split=True)
   source = components[0].source
-  names = getattr(source, "scored_names", None)
-  classes = getattr(source, "scored_class", None)
-  if len(components) > 1 or names is None or (list(names) == list(source.label_names) and (
-      classes is None or np.array_equal(classes, np.arange(len(names))))):
+  names, classes = list(source.scored_names), np.asarray(source.scored_class)
+  if len(components) > 1 or (names == list(source.label_names)
+                             and np.array_equal(classes, np.arange(len(names)))):
     return None
-  return list(names), np.asarray(np.arange(len(names)) if classes is None else classes)
+  return names, classes
 
 
 def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:

@@ -39,13 +39,8 @@ def synonyms_of(name: str) -> list[str]:
 
 
 def scored_table(source) -> tuple[list[str], np.ndarray]:
-  """(scored names, int32 class of each) of a source, defaults filled in."""
-  names = list(getattr(source, "scored_names", None) or source.label_names)
-  classes = getattr(source, "scored_class", None)
-  classes = np.arange(len(names)) if classes is None else np.asarray(classes)
-  if classes.shape != (len(names),):
-    raise ValueError(f"scored_class has shape {classes.shape}; expected [{len(names)}]")
-  return names, classes.astype(np.int32)
+  """(scored names, int32 class of each) of a source (`registry.Source`)."""
+  return list(source.scored_names), np.asarray(source.scored_class, np.int32)
 
 
 def scored_texts(names: Sequence[str], classes: np.ndarray, synonyms: str
