@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import optax
 
+from lseg_jax import fields
 from lseg_jax import names
 from lseg_jax import sharding
 
@@ -32,23 +33,28 @@ PAPER_BASE_LR = 0.004
 PAPER_BATCH = 16  # base_lr is given for this global batch and scaled linearly
 
 
+# The paper's recipe; configs override fields.
+FIELDS = {
+    "base_lr": fields.number(PAPER_BASE_LR, 0, lo_open=True),
+    # lr = base_lr * global_batch / this; None: no scaling
+    "lr_scale_batch": fields.number(PAPER_BATCH, 0, lo_open=True, optional=True),
+    "momentum": fields.number(0.9, 0, 1, hi_open=True),
+    "nesterov": fields.boolean(False),
+    "weight_decay": fields.number(1e-4, 0),
+    "power": fields.number(0.9, 0),
+    "end_lr": fields.number(0.0, 0),
+    "warmup_steps": fields.integer(0, 0),
+    "lr_mults": fields.free((("scratch/.*", 10.0),)),
+    "frozen": fields.free(("clip_pretrained/.*",)),
+    "no_decay": fields.free(()),
+    "grad_clip_norm": fields.number(None, 0, lo_open=True),  # None: no clipping
+    # micro-batches per optimizer step (see train.make_train_step)
+    "accum_steps": fields.integer(1, 1),
+}
+
+
 def default_optim_config() -> ml_collections.ConfigDict:
-  """The paper's recipe; configs override fields."""
-  return ml_collections.ConfigDict(dict(
-      base_lr=PAPER_BASE_LR,
-      lr_scale_batch=PAPER_BATCH,  # lr = base_lr * global_batch / this; None: no scaling
-      momentum=0.9,
-      nesterov=False,
-      weight_decay=1e-4,
-      power=0.9,
-      end_lr=0.0,
-      warmup_steps=0,
-      lr_mults=(("scratch/.*", 10.0),),
-      frozen=("clip_pretrained/.*",),
-      no_decay=(),
-      grad_clip_norm=None,  # None: no clipping
-      accum_steps=1,  # micro-batches per optimizer step (see train.make_train_step)
-  ))
+  return fields.config_dict_of(FIELDS)
 
 
 def complete_optim_config(optim_cfg) -> ml_collections.ConfigDict:
