@@ -106,17 +106,9 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-  import socket  # pylint: disable=g-import-not-at-top
-  from urllib.parse import urlparse  # pylint: disable=g-import-not-at-top
   if any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_VARIABLES):
     return False
-  endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-  port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-  try:
-    socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    return True
-  except OSError:
-    return False
+  return weights.hub_unreachable(timeout) is None
 
 
 def clean_text(text: str) -> str:
