@@ -82,9 +82,7 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   common.add_config_arg(p, required=True, help_text="training config file[:arg]")
   p.add_argument("--task", choices=TASKS, default="both", help="what to time")
   p.add_argument("--steps", type=int, default=5,

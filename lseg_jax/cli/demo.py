@@ -64,9 +64,7 @@ log = logging.getLogger("lseg_jax.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   common.add_checkpoint_args(p, required=False, default=None)
   p.add_argument("--host", default="127.0.0.1",
                  help="address to serve on (0.0.0.0: every interface of this machine)")
