@@ -163,11 +163,8 @@ class PretrainedResNet(nnx.Module):
         resnet.decode_variant(cfg.image_variant, dtype=jnp.dtype(cfg.dtype)), rngs=rngs)
 
   def __call__(self, images):
-    """images [B, H, W, 3] (mean 0.5, std 0.5) -> the 4 stage outputs at strides 4..32.
-
-    The images are re-normalised with ImageNet's mean and std first, so the ResNet sees
-    what lang-seg's does.
-    """
+    """images [B, H, W, 3] (mean 0.5, std 0.5) -> the 4 stage outputs at strides 4..32,
+    re-normalised with ImageNet's mean and std first, as lang-seg's ResNet sees them."""
     x = images.astype(jnp.float32) * 0.5 + 0.5
     x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
     return self.model(x)
@@ -258,20 +255,10 @@ class LSeg(nnx.Module):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
   def __call__(self, images, text_emb, label_mask=None):
-    """Per-pixel logits over a label set.
-
-    Args:
-      images: [B, H, W, 3] float, normalised with mean 0.5 and std 0.5; H and W
-        multiples of `size_multiple`.
-      text_emb: label embeddings [L, D] shared by the batch, or [B, L, D] per example
-        (not necessarily normalised).
-      label_mask: optional bool [B, L]; False marks labels that are not candidates
-        for that example: their logits are -inf and they do not enter the
-        bottleneck max. Every row needs at least one True.
-
-    Returns:
-      logits [B, H, W, L] float32.
-    """
+    """images [B, H, W, 3] (mean 0.5, std 0.5; sides multiples of `size_multiple`),
+    label embeddings [L, D] or [B, L, D] (any norm), optional bool label_mask [B, L]
+    (False: not a candidate, logit -inf and out of the bottleneck max; every row needs a
+    True) -> float32 logits [B, H, W, L]."""
     b = images.shape[0]
     if text_emb.ndim not in (2, 3) or text_emb.shape[-1] != self.text_dim:
       raise ValueError(f"expected text_emb [L, {self.text_dim}] or [B, L, {self.text_dim}], "

@@ -140,13 +140,6 @@ class _ProjectReadout(nn.Module):
     return self.project(torch.cat([patches, cls], dim=-1))
 
 
-class _ChannelsFirst(nn.Module):
-  """[B, N, C] -> [B, C, N]."""
-
-  def forward(self, tokens):
-    return tokens.transpose(1, 2)
-
-
 class Reassemble(nn.Sequential):
   """One DPT reassemble level: tokens of a ViT block -> feature map. Index 2 (the
   official fixed-size Unflatten) is a placeholder: the token grid is passed to `forward`."""
