@@ -22,7 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 from lseg_jax import fields
-from lseg_jax.data.bad_examples import BadExampleError, PipelineStats
+from lseg_jax.data.bad_examples import ON_BAD, BadExampleError, PipelineStats
 from lseg_jax.data.data_iterator import DataIterator
 from lseg_jax.data.eval_stream import make_eval_iterator
 from lseg_jax.data.host_to_device import prefetch_to_device, to_global
@@ -59,7 +59,7 @@ FIELDS = {
     # An undecodable image or a mask whose size differs from its image raises an error
     # naming the file, or is skipped, counted (`iterator.num_skipped`) and logged. Mask
     # values outside [0, num_labels) other than -1 always raise an error.
-    "on_bad_example": fields.one_of("error", ("error", "skip")),
+    "on_bad_example": fields.one_of("error", ON_BAD),
     "shuffle_buffer": fields.integer(10_000, 1),  # for sources without index access
     # Parallelism of loading and augmentation (-1: AUTOTUNE).
     "num_parallel_calls": fields.Field(
