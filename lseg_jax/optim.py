@@ -82,11 +82,8 @@ def trainable_filter(frozen: Sequence[str]) -> Callable[[tuple, Any], bool]:
 
 
 def partition(model: nnx.Module, frozen: Sequence[str]):
-  """model -> (graphdef, trainable params, frozen params, everything else).
-
-  The three states are pure (arrays, not Variables) and disjoint; `nnx.merge(graphdef,
-  params, frozen_params, rest)` rebuilds the model. `rest` holds BatchNorm statistics.
-  """
+  """model -> (graphdef, trainable params, frozen params, the rest: BatchNorm statistics),
+  pure and disjoint; `nnx.merge(graphdef, params, frozen_params, rest)` rebuilds it."""
   graphdef, params, frozen_params, rest = nnx.split(
       model, trainable_filter(frozen), nnx.Param, ...)
   return graphdef, nnx.pure(params), nnx.pure(frozen_params), nnx.pure(rest)
@@ -139,14 +136,7 @@ def decay_mask(params, no_decay: Sequence[str]) -> Any:
 
 def scale_by_tree(factors) -> optax.GradientTransformation:
   """Multiplies each update by its factor in `factors` (a tree like the params)."""
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, f: u * f, updates, factors), state
-  return optax.GradientTransformation(init, update)
+  return optax.stateless(lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors))
 
 
 # --------------------------------------------------------------------------
@@ -154,18 +144,9 @@ def scale_by_tree(factors) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------
 def make_optimizer(optim_cfg, params, *, total_steps: int, global_batch_size: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD with momentum, torch-style weight decay, poly decay and lr multipliers.
-
-  Args:
-    optim_cfg: `default_optim_config()` fields.
-    params: the trainable parameters (arrays or ShapeDtypeStructs; names and
-      structure only).
-    total_steps: optimizer steps of the run (the schedule reaches end_lr there).
-    global_batch_size: examples per optimizer step (for the lr scaling).
-
-  Returns:
-    (transformation, schedule of the base learning rate).
-  """
+  """(SGD with momentum, torch-style weight decay, poly decay and lr multipliers, the
+  schedule of the base lr reaching end_lr at `total_steps`) for the trainable `params`
+  (arrays or ShapeDtypeStructs: names and structure only)."""
   optim_cfg = complete_optim_config(optim_cfg)
   schedule = lr_schedule(
       base_learning_rate(optim_cfg, global_batch_size), total_steps,
