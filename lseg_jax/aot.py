@@ -237,13 +237,9 @@ def report(topology: str, config, num_labels: int,
   return out
 
 
-
-
-# ----------------------------------------------------------------------------------------
-# Where the HBM bytes go: the compiled program's top-level instructions (each fusion reads
+# --- Where the HBM bytes go: the compiled program's top-level instructions (each fusion reads
 # its operands from HBM and writes its result there), charged to the project source line
 # that emitted them (the HLO's stack frames) and to the forward or backward pass.
-# ----------------------------------------------------------------------------------------
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
           "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")

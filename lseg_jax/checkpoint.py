@@ -325,10 +325,8 @@ def _load_step(mngr, step, config_overrides):
   model = abstract_model(cfg)
   graphdef, state = nnx.split(model)
   pure = state.to_pure_dict()
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
-      pure)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), pure)
   restored = _restore_verified(mngr, step, {"model": ocp.args.StandardRestore(target)}, meta)
   nnx.replace_by_pure_dict(state, restored["model"])
   model = nnx.merge(graphdef, state)

@@ -55,9 +55,7 @@ TEXT_SHAPES = ("text_width", "text_dim")
 BACKBONE_SHAPES = VIT_SHAPES + RESNET_SHAPES + TEXT_SHAPES
 
 
-# ---------------------------------------------------------------------------
-# Reading files.
-# ---------------------------------------------------------------------------
+# --- Reading files ---
 def numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """torch tensors (any device, bf16 included) or arrays -> {key: np.ndarray}.
 
@@ -205,9 +203,7 @@ def read_checkpoint(path, *, weights_only: bool = True
   return numpy_state_dict(state_dict), meta
 
 
-# ---------------------------------------------------------------------------
-# Key layout and settings.
-# ---------------------------------------------------------------------------
+# --- Key layout and settings ---
 def is_resnet(state_dict: Mapping[str, Any]) -> bool:
   """Whether an LSegNet-like state dict has lang-seg's ResNet encoder (`LSegRNNetZS`)."""
   return RESNET_STEM in state_dict

@@ -20,9 +20,7 @@ SEP = "/"
 _PAYLOAD_ATTRS = ("value", "raw_value")
 
 
-# --------------------------------------------------------------------------
-# Paths -> names.
-# --------------------------------------------------------------------------
+# --- Paths -> names ---
 def key_name(key) -> str | None:
   """One path segment's name: a str or int segment, or a jax pytree key.
 
@@ -72,9 +70,7 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
   return flat
 
 
-# --------------------------------------------------------------------------
-# Regex rules over names.
-# --------------------------------------------------------------------------
+# --- Regex rules over names ---
 def _check_regex(pattern, what: str) -> None:
   try:
     re.compile(pattern)

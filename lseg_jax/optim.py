@@ -69,9 +69,7 @@ def complete_optim_config(optim_cfg) -> ml_collections.ConfigDict:
   return out
 
 
-# --------------------------------------------------------------------------
-# Which parameters are trained.
-# --------------------------------------------------------------------------
+# --- Which parameters are trained ---
 def trainable_filter(frozen: Sequence[str]) -> Callable[[tuple, Any], bool]:
   """An NNX filter: parameters whose flat name matches no `frozen` regex."""
   frozen = names.check_patterns(frozen, "optim.frozen")
@@ -89,9 +87,7 @@ def partition(model: nnx.Module, frozen: Sequence[str]):
   return graphdef, nnx.pure(params), nnx.pure(frozen_params), nnx.pure(rest)
 
 
-# --------------------------------------------------------------------------
-# Learning rate.
-# --------------------------------------------------------------------------
+# --- Learning rate ---
 def base_learning_rate(optim_cfg, global_batch_size: int) -> float:
   """The configured base lr, scaled by global_batch / lr_scale_batch (lang-seg)."""
   optim_cfg = complete_optim_config(optim_cfg)
@@ -139,9 +135,7 @@ def scale_by_tree(factors) -> optax.GradientTransformation:
   return optax.stateless(lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors))
 
 
-# --------------------------------------------------------------------------
-# The optimizer.
-# --------------------------------------------------------------------------
+# --- The optimizer ---
 def make_optimizer(optim_cfg, params, *, total_steps: int, global_batch_size: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(SGD with momentum, torch-style weight decay, poly decay and lr multipliers, the

@@ -41,9 +41,7 @@ PROTOCOLS = (SINGLE_SCALE, MULTI_SCALE)
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
-# --------------------------------------------------------------------------
-# Images.
-# --------------------------------------------------------------------------
+# --- Images ---
 def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
                name: str | None = None, max_side: int | None = None) -> "InputImage":
   """An image as both front ends segment it: uint8 [H, W, 3] RGB, turned upright as
@@ -212,9 +210,7 @@ def list_images(folder: str) -> list[str]:
                 if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-# --------------------------------------------------------------------------
-# Label sets.
-# --------------------------------------------------------------------------
+# --- Label sets ---
 def parse_labels(spec: str) -> list[str]:
   r"""'dog, grass ,other' -> ['dog', 'grass', 'other']; "\," is a comma inside a label
   and no other backslash is allowed. ValueError for no labels, an empty label, a lone
@@ -278,9 +274,7 @@ def long_label_warnings(prompts: Sequence[str], tokenizer, context_length: int
           for p, n in zip(prompts, counts) if n > context_length]
 
 
-# --------------------------------------------------------------------------
-# The model.
-# --------------------------------------------------------------------------
+# --- The model ---
 def default_window(meta: dict[str, Any] | None = None) -> inference.SlidingWindow:
   """The multi-scale + flip protocol with the official scales, at the base and
   crop sizes of the checkpoint's training data when its meta records them (as
@@ -425,9 +419,7 @@ class Segmenter:
         warnings=notes)
 
 
-# --------------------------------------------------------------------------
-# Output files.
-# --------------------------------------------------------------------------
+# --- Output files ---
 def save_label_map(path: str | BinaryIO, label_map: np.ndarray, num_labels: int) -> None:
   """label_map int [H, W] as a PNG whose pixel values are label indices (8-bit
   for up to 256 labels, 16-bit above)."""

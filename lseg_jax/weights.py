@@ -179,9 +179,7 @@ def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
       f"Hub id (owner/name){known}")
 
 
-# ---------------------------------------------------------------------------
-# Direct URLs
-# ---------------------------------------------------------------------------
+# --- Direct URLs ---
 def _url_sha256(url: str) -> str:
   for part in urllib.parse.urlparse(url).path.split("/"):
     if _SHA256.fullmatch(part):
@@ -262,9 +260,7 @@ def _fetch(url: str, dest: str, label: str, sha256: str, sha256_prefix: str) -> 
       os.remove(tmp)
 
 
-# ---------------------------------------------------------------------------
-# Hugging Face Hub
-# ---------------------------------------------------------------------------
+# --- Hugging Face Hub ---
 def hub_cache_dir() -> str | None:
   """huggingface_hub's cache as the environment says now (it reads its variables once,
   at import); None: its default."""
@@ -369,4 +365,5 @@ def file_sha256(path: str) -> str:
 
 __all__ = ["CLIP_TOKENIZERS", "HUB_ID", "OFFICIAL", "Official", "TOKENIZER_FILES",
            "WeightsError", "cache_dir", "download_url", "file_sha256", "hub_cache_dir",
-           "hub_cached", "hub_files", "hub_unreachable", "names", "offline", "resolve", "url_cache_path"]
+           "hub_cached", "hub_files", "hub_unreachable", "names", "offline", "resolve",
+           "url_cache_path"]

@@ -157,8 +157,7 @@ def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------
-# JAX
+# --- JAX ---
 
 
 def bench_infer(state, spec, mesh, text_emb, batch_size: int, crop: int, labels: int,
@@ -235,8 +234,7 @@ def bench_train(state, spec, config, mesh, text_emb, labels: int, steps: int):
   return timing, float(box["metrics"]["loss"])
 
 
-# ----------------------------------------------------------------------------------------
-# PyTorch
+# --- PyTorch ---
 
 
 def add_torch(results: dict[str, Any], args, model_cfg, platform: str, infer_batch: int,
@@ -305,9 +303,7 @@ def add_data(results: dict[str, Any], config, process_count: int, steps: int) ->
   log(f"  {json.dumps(results['data'])}; bound: {results['bound']}")
 
 
-# ----------------------------------------------------------------------------------------
-
-
+# --- --aot ---
 def run_aot(args, config) -> int:
   """`--aot`: the programs of --task compiled for a TPU slice; one JSON line."""
   import jax  # pylint: disable=g-import-not-at-top

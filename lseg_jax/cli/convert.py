@@ -55,9 +55,7 @@ def _require_torch(what: str) -> None:
     raise UserError(f"{what} needs PyTorch, which is not installed; {_TORCH_HINT}") from e
 
 
-# ---------------------------------------------------------------------------
-# import
-# ---------------------------------------------------------------------------
+# --- import ---
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
   if os.path.exists(out_dir):
     if not os.path.isdir(out_dir):
@@ -110,9 +108,7 @@ def run_import(args) -> str:
           f"{time.perf_counter() - start:.1f} s")
 
 
-# ---------------------------------------------------------------------------
-# export
-# ---------------------------------------------------------------------------
+# --- export ---
 def _add_clip_weights(state_dict, clip_path: str, trust_pickle: bool):
   clip_path = weights.resolve(clip_path, kind="clip", what="--clip-weights")
   if os.path.isdir(clip_path):
@@ -158,9 +154,7 @@ def run_export(args) -> str:
           f"{len(state_dict)} tensors in {time.perf_counter() - start:.1f} s")
 
 
-# ---------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------
+# --- command line ---
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="tools/convert.py", description=__doc__,

@@ -261,9 +261,7 @@ def _safe_stem(name: str) -> str:
   return stem[:64] or "image"
 
 
-# --------------------------------------------------------------------------
-# The web page.
-# --------------------------------------------------------------------------
+# --- The web page ---
 def _configure_gradio_environment() -> None:
   """Before Gradio is imported: no analytics or version checks (no network)."""
   os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

@@ -84,9 +84,7 @@ def table_for(cfg: lseg.LSegConfig) -> MappingTable:
   return table(vit.VIT_VARIANTS[cfg.vit_variant]["patch"])
 
 
-# ---------------------------------------------------------------------------
-# Config inference.
-# ---------------------------------------------------------------------------
+# --- Config inference ---
 def _image_shapes(image_variant: str) -> dict[str, Any]:
   """The `langseg_layout.VIT_SHAPES` or `RESNET_SHAPES` of an image encoder variant."""
   if image_variant in resnet.RESNET_VARIANTS:
@@ -128,9 +126,7 @@ def infer_config(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | No
                             if k in lseg.FIELDS and v is not None})
 
 
-# ---------------------------------------------------------------------------
-# Import / export.
-# ---------------------------------------------------------------------------
+# --- Import / export ---
 def load_langseg(path_or_state_dict, config: lseg.LSegConfig | None = None, *,
                  metadata: Mapping[str, Any] | None = None, weights_only: bool = True,
                  **overrides) -> lseg.LSeg:

@@ -29,9 +29,7 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _MAX_LISTED = 100  # per category in a MappingError message
 
 
-# ---------------------------------------------------------------------------
-# Flat NNX paths.
-# ---------------------------------------------------------------------------
+# --- Flat NNX paths ---
 def flatten_params(tree) -> dict[str, Any]:
   """nnx.Module | nnx.State | nested or flat dict -> {"a/b/c": value} (`names.flatten`;
   Variables replaced by their arrays or `jax.ShapeDtypeStruct`s)."""
@@ -68,9 +66,7 @@ def update(model: nnx.Module, params) -> None:
       {k: jnp.array(v, dtype=current[k].dtype) for k, v in flat.items()}))
 
 
-# ---------------------------------------------------------------------------
-# Hooks: array conversions that run in both directions.
-# ---------------------------------------------------------------------------
+# --- Hooks: array conversions that run in both directions ---
 @dataclasses.dataclass(frozen=True)
 class Hook:
   """to_nnx: torch arrays (one per torch key of the rule) -> the NNX array;
@@ -139,9 +135,7 @@ CONV = permute((2, 3, 1, 0), "conv_oihw_hwio")
 INT64 = Hook("int64", lambda xs: xs[0], lambda x: (np.asarray(x, np.int64),))
 
 
-# ---------------------------------------------------------------------------
-# Rules and tables.
-# ---------------------------------------------------------------------------
+# --- Rules and tables ---
 @functools.lru_cache(maxsize=None)
 def _pattern_regex(pattern: str) -> re.Pattern:
   """"a/{i}/b" -> regex with a named group per placeholder; placeholders match

@@ -112,8 +112,7 @@ def _check_choice(name, value, choices):
     raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-# ----------------------------------------------------------------------------
-# Image encoder: timm ViT + reassemble blocks.
+# --- Image encoder: timm ViT + reassemble blocks ---
 
 
 class _Fn(nn.Module):
@@ -214,8 +213,7 @@ class ViTBackbone(nn.Module):
             for i, t in enumerate(hooked)]
 
 
-# ----------------------------------------------------------------------------
-# Decoder: DPT fusion blocks.
+# --- Decoder: DPT fusion blocks ---
 
 
 class ResidualConvUnit(nn.Module):
@@ -251,8 +249,7 @@ class FusionBlock(nn.Module):
     return self.out_conv(x)
 
 
-# ----------------------------------------------------------------------------
-# Spatial regularisation on the logits.
+# --- Spatial regularisation on the logits ---
 
 
 class _LabelwiseConv(nn.Module):
@@ -299,8 +296,7 @@ class BottleneckBlock(DepthwiseBlock):
     return conv_x + x.amax(dim=1, keepdim=True)
 
 
-# ----------------------------------------------------------------------------
-# LSeg.
+# --- LSeg ---
 
 
 class LSegTorch(nn.Module):
