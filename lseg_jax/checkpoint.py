@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lseg_jax import errors
+from lseg_jax import names
 from lseg_jax.errors import MissingFileError, UserError
 from lseg_jax.models import lseg
 
@@ -54,17 +55,9 @@ class DamagedCheckpointError(UserError):
   """A checkpoint step that cannot be read back as it was written."""
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def flat_arrays(tree) -> dict[str, Any]:
   """{"a/b/0": leaf} of any pytree (nested dicts, optax states)."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_name(k) for k in path): x for path, x in leaves}
+  return {names.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]:
