@@ -25,7 +25,6 @@ from flax import nnx
 import numpy as np
 
 from lseg_jax import checkpoint
-from lseg_jax import langseg_layout as layout
 from lseg_jax import weights as weights_lib
 from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit, torchvision_resnet
 from lseg_jax.models import lseg
@@ -50,23 +49,15 @@ def _from_checkpoint(directory: str, model_config: lseg.LSegConfig) -> dict[str,
   return _prefixed("", nnx.state(model))
 
 
-def _read_under_prefix(path: str, find_prefix) -> tuple[dict[str, np.ndarray], str]:
-  """The file's arrays under the prefix `find_prefix` finds in it (e.g. `net.` of a
-  lang-seg checkpoint), and that prefix."""
-  state_dict = layout.load_state_dict_file(path)
-  prefix = find_prefix(state_dict)
-  return {k: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
-
-
 def _from_timm_vit(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
-  state_dict, prefix = _read_under_prefix(path, timm_vit.find_prefix)
+  state_dict, prefix = mapping.read_under_prefix(path, None, timm_vit.find_prefix)
   vit = abstract.pretrained.model
   table = timm_vit.table(prefix, head=vit.head is not None)
   return _prefixed("pretrained/model/", mapping.torch_to_nnx(state_dict, table, vit))
 
 
 def _from_torchvision_resnet(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
-  state_dict, prefix = _read_under_prefix(path, torchvision_resnet.find_prefix)
+  state_dict, prefix = mapping.read_under_prefix(path, None, torchvision_resnet.find_prefix)
   return _prefixed("pretrained/model/", mapping.torch_to_nnx(
       state_dict, torchvision_resnet.table(prefix), abstract.pretrained.model))
 
@@ -83,7 +74,7 @@ def _from_clip(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
     _, state_dict = clip_hf.read_hf_checkpoint(path)
     table = clip_hf.table()
   else:
-    state_dict, prefix = _read_under_prefix(path, clip_openai.find_prefix)
+    state_dict, prefix = mapping.read_under_prefix(path, None, clip_openai.find_prefix)
     table = clip_openai.table(prefix)
   return _prefixed("clip_pretrained/", mapping.torch_to_nnx(state_dict, table, text))
 

@@ -31,7 +31,6 @@ from ml_collections import config_flags
 from lseg_jax import checkpoint
 from lseg_jax import config as config_lib
 from lseg_jax import distributed
-from lseg_jax import evaluate
 from lseg_jax import text
 from lseg_jax.errors import UserError
 from lseg_jax.models import lseg

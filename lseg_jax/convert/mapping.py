@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lseg_jax import names
-from lseg_jax.langseg_layout import numpy_state_dict
+from lseg_jax.langseg_layout import numpy_state_dict, read_state_dict
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _MAX_LISTED = 100  # per category in a MappingError message
 
@@ -41,6 +41,26 @@ def flatten_params(tree) -> dict[str, Any]:
     raise TypeError(f"expected an nnx.Module, nnx.State or dict of arrays, got {type(tree)}")
   return {k: v.get_value() if isinstance(v, nnx.Variable) else v
           for k, v in names.flatten(tree).items()}
+
+
+def find_prefix(state_dict: Mapping[str, Any], first: str, second: str, what: str) -> str:
+  """The one prefix P for which `state_dict` has keys P + first and P + second (the
+  module `what` inside a checkpoint); ValueError naming the prefixes found otherwise."""
+  found = [k[:-len(first)] for k in state_dict
+           if k.endswith(first) and k[:-len(first)] + second in state_dict]
+  if len(found) != 1:
+    raise ValueError(f"expected exactly one {what} (keys '<prefix>{first}' and "
+                     f"'<prefix>{second}'), found prefixes {found}; first keys: "
+                     f"{sorted(state_dict)[:10]}")
+  return found[0]
+
+
+def read_under_prefix(path_or_state_dict, prefix: str | None, find) -> tuple[dict, str]:
+  """(the arrays of a file or state dict under `prefix`, the prefix); prefix None: the
+  one `find(state_dict)` finds. Keys outside it (the rest of a checkpoint) are dropped."""
+  state_dict = read_state_dict(path_or_state_dict)
+  prefix = find(state_dict) if prefix is None else prefix
+  return {k: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
 
 
 def unflatten(flat: Mapping[str, Any]) -> nnx.State:
