@@ -114,17 +114,9 @@ def read_hf_checkpoint(path) -> tuple[dict[str, Any], dict[str, Any]]:
 def load_hf_clip_text(path_or_state_dict, model: clip_text.CLIPTextTransformer | None = None,
                       *, config: Mapping[str, Any] | None = None, prefix: str = "",
                       dtype: Any = jnp.float32) -> clip_text.CLIPTextTransformer:
-  """Loads Hugging Face CLIP text weights into our OpenAI-layout tower.
-
-  Args:
-    path_or_state_dict: a Hugging Face model folder (`config.json` +
-      `model.safetensors`), or a state dict (numpy or torch) with `config`.
-    model: the tower to load into (in place); None builds one from the config.
-    config: config.json dict; read from the folder when a path is given.
-    prefix: key prefix of the CLIP model inside the state dict.
-    dtype: compute dtype of a built model (ignored when `model` is given).
-
-  Our tower pools at the largest token id, which equals Hugging Face's pooling at
+  """Loads Hugging Face CLIP text weights (a model folder, or a state dict with its
+  config.json dict `config`; keys under `prefix`) into `model` in place, or into one
+  built from the config. Our tower pools at the largest token id, which equals Hugging Face's pooling at
   the first end-of-text token whenever end-of-text is the largest id (CLIP's
   49407) or the config keeps the legacy `eos_token_id=2` (argmax) behaviour.
   """
