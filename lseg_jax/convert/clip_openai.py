@@ -13,8 +13,7 @@ from flax import nnx
 import jax.numpy as jnp
 
 from lseg_jax.convert import mapping
-from lseg_jax.convert.mapping import (IDENTITY, TRANSPOSE, MappingTable, Rule, layer_norm,
-                                      linear)
+from lseg_jax.convert.mapping import IDENTITY, TRANSPOSE, MappingTable, Rule, layer_norm
 from lseg_jax.models import clip_text
 
 _BLOCK = "transformer.resblocks.{i}."
@@ -22,13 +21,10 @@ _NNX_BLOCK = "transformer/resblocks/{i}/"
 
 
 def _block_rules():
-  rules = layer_norm(_NNX_BLOCK + "ln_1", _BLOCK + "ln_1")
-  rules += layer_norm(_NNX_BLOCK + "ln_2", _BLOCK + "ln_2")
-  rules += [Rule(f"{_NNX_BLOCK}attn/in_proj/kernel", f"{_BLOCK}attn.in_proj_weight", TRANSPOSE),
-            Rule(f"{_NNX_BLOCK}attn/in_proj/bias", f"{_BLOCK}attn.in_proj_bias")]
-  for name in ("attn/out_proj", "mlp/c_fc", "mlp/c_proj"):
-    rules += linear(_NNX_BLOCK + name, _BLOCK + name.replace("/", "."))
-  return rules
+  return [Rule(f"{_NNX_BLOCK}attn/in_proj/kernel", f"{_BLOCK}attn.in_proj_weight", TRANSPOSE),
+          Rule(f"{_NNX_BLOCK}attn/in_proj/bias", f"{_BLOCK}attn.in_proj_bias"),
+          *mapping.block_rules(_NNX_BLOCK, _BLOCK, ("ln_1", "ln_2"),
+                               ("attn/out_proj", "mlp/c_fc", "mlp/c_proj"))]
 
 
 TABLE = MappingTable(

@@ -207,6 +207,15 @@ def layer_norm(nnx_name: str, torch_name: str) -> list[Rule]:
           Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
 
 
+def block_rules(nnx_block: str, torch_block: str, layer_norms, linears) -> list[Rule]:
+  """The `layer_norm` and `linear` rules of one transformer block; each name is an NNX
+  path under `nnx_block` (its torch name: "/" -> ".") or an (NNX, torch) pair."""
+  def pairs(names):
+    return [(n, n.replace("/", ".")) if isinstance(n, str) else n for n in names]
+  return ([r for n, t in pairs(layer_norms) for r in layer_norm(nnx_block + n, torch_block + t)]
+          + [r for n, t in pairs(linears) for r in linear(nnx_block + n, torch_block + t)])
+
+
 def batch_norm(nnx_name: str, torch_name: str) -> list[Rule]:
   """nn.BatchNorm2d `torch_name.*` <-> `dpt.BatchNorm` `nnx_name/*`: weight, bias,
   running_mean, running_var, num_batches_tracked <-> scale, bias, mean, var,

@@ -22,20 +22,13 @@ _BLOCK = "blocks.{i}."
 _NNX_BLOCK = "blocks/{i}/"
 
 
-def _block_rules() -> list[Rule]:
-  rules = layer_norm(_NNX_BLOCK + "norm1", _BLOCK + "norm1")
-  rules += layer_norm(_NNX_BLOCK + "norm2", _BLOCK + "norm2")
-  for name in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2"):
-    rules += linear(_NNX_BLOCK + name, _BLOCK + name.replace("/", "."))
-  return rules
-
-
 TABLE = MappingTable(
     rules=(
         Rule("cls_token", "cls_token"),
         Rule("pos_embed", "pos_embed"),
         *conv("patch_embed/proj", "patch_embed.proj"),
-        *_block_rules(),
+        *mapping.block_rules(_NNX_BLOCK, _BLOCK, ("norm1", "norm2"),
+                             ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")),
         *layer_norm("norm", "norm"),
         *linear("head", "head"),
     ),
