@@ -14,15 +14,13 @@ multi-process job every process takes part in saving and restoring (each writes 
 own shards; process 0 writes the metadata). Paths go through `etils.epath`, Orbax's
 own path layer, so a directory may be remote (gs://...).
 
-Integrity: `save` records a CRC-32 of every array in `meta["integrity"]` and refuses to
-save non-finite parameters; every restore recomputes the checksums and raises
-`DamagedCheckpointError` naming the first array that differs (also for unreadable,
-truncated or empty step folders and garbage metadata). `restore_newest_intact` walks
-back from the newest step to the newest intact one; training resumes from it and moves
-the damaged step folders aside (`STEP.damaged`), which Orbax then ignores. In a
-multi-process job the checksums cover the arrays each process holds whole (replicated
-ones included, so they do not depend on the process count); arrays sharded over
-processes are checked for NaN/Inf over all processes together.
+Integrity: `save` records a CRC-32 of every array in `meta["integrity"]` and refuses
+non-finite parameters; every restore recomputes the checksums and raises
+`DamagedCheckpointError` naming the first array that differs (or an unreadable step).
+`restore_newest_intact` walks back to the newest intact step; training resumes from it
+and moves damaged step folders aside (`STEP.damaged`). In a multi-process job the
+checksums cover the arrays each process holds whole; arrays sharded over processes are
+checked for NaN/Inf over all processes together.
 """
 from __future__ import annotations
 

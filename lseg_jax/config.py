@@ -15,11 +15,9 @@ with its default and allowed values (`lseg_jax.fields`), from which `defaults()`
   mesh      {"data": -1, "fsdp": 1}: device mesh sizes (-1: the remaining devices);
   sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see
             `lseg_jax.sharding`;
-  init      checkpoint / timm_vit / torchvision_resnet / clip: paths, or names, Hub ids or
-            URLs (`lseg_jax.weights`), see `lseg_jax.init`;
-  text      tokenizer (a CLIP tokenizer folder, a Hugging Face Hub id, an official CLIP
-            name such as "ViT-B/32" (`lseg_jax.text.load_tokenizer`), or "byte-level")
-            and template (None: bare label names, as LSeg);
+  init      checkpoint / timm_vit / torchvision_resnet / clip weights (`lseg_jax.init`);
+  text      tokenizer (`lseg_jax.text.load_tokenizer`) and template (None: bare label
+            names, as LSeg);
   evals     {name: evaluation} run during training and by `tools/eval.py`; each
             evaluation may set `data` (fields laid over `config.data`, e.g. another
             split, fold or dataset), `every_steps`, `batch_size`, `num_batches` and
