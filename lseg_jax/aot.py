@@ -1,12 +1,10 @@
 """The real train and evaluation programs compiled for a TPU slice, without a TPU.
 
-libtpu (`pip install -e ".[tpu]"`) has a compile-only client: on any CPU machine,
-`jax.experimental.topologies.get_topology_desc("v5p:2x2x2", "tpu")` describes every chip
-of a slice, several hosts included, and `jax.jit(f).lower(<ShapeDtypeStructs with
-shardings>).compile()` runs XLA's TPU compiler on them. `compile_train` does this for
-the jitted train step of `lseg_jax.train` (the same program `tools/train.py` runs, on a
-mesh over the slice built by `sharding.make_mesh` from `config.mesh`), `compile_eval`
-for the jitted forward of evaluation and inference. The result (`AotResult`) is XLA's
+libtpu's compile-only client describes every chip of a slice on any CPU machine
+(`topologies.get_topology_desc("v5p:2x2x2", "tpu")`), and `jax.jit(f).lower(<sharded
+ShapeDtypeStructs>).compile()` runs XLA's TPU compiler on them: `compile_train` for the
+train step `tools/train.py` runs (on `config.mesh` over the slice), `compile_eval` for the
+forward of evaluation and inference. The result (`AotResult`) is XLA's
 own account of the program: per-device HBM (arguments, outputs, temporaries; the
 compiler refuses a program that does not fit, which becomes a result, not an error),
 FLOPs and HBM bytes per device (`cost_analysis`; the byte count is XLA's estimate of
@@ -161,11 +159,12 @@ def compile_program(program: str, jitted, args: tuple[Any, ...]) -> AotResult:
                    float(cost["bytes accessed"]), hlo=compiled.as_text())
 
 
-def _text_dim(spec: state_lib.StateSpec) -> int:
-  flat = names.flatten(spec.abstract["frozen"].to_pure_dict()
-                       if hasattr(spec.abstract["frozen"], "to_pure_dict")
-                       else spec.abstract["frozen"])
-  return int(flat["clip_pretrained/text_projection"].shape[-1])
+def _abstract_text(spec: state_lib.StateSpec, mesh, num_labels: int):
+  """Replicated label embeddings [L, D] of the model's text width."""
+  frozen = spec.abstract["frozen"]
+  flat = names.flatten(frozen.to_pure_dict() if hasattr(frozen, "to_pure_dict") else frozen)
+  dim = int(flat["clip_pretrained/text_projection"].shape[-1])
+  return jax.ShapeDtypeStruct((num_labels, dim), jnp.float32, sharding=sharding.replicated(mesh))
 
 
 def abstract_batch(mesh, batch: int, crop: int, num_labels: int, with_label: bool = True):
@@ -187,8 +186,7 @@ def compile_train(config, devices, num_labels: int) -> tuple[AotResult, Any]:
   state = {k: sharding.with_shardings(spec.abstract[k], spec.shardings[k])
            for k in spec.abstract}
   frozen = state.pop("frozen")
-  text = jax.ShapeDtypeStruct((num_labels, _text_dim(spec)), jnp.float32,
-                              sharding=sharding.replicated(mesh))
+  text = _abstract_text(spec, mesh, num_labels)
   args = (state, frozen, abstract_batch(mesh, config.batch_size, config.data.crop_size,
                                         num_labels), text)
   return compile_program("train", jitted, args), mesh
@@ -204,8 +202,7 @@ def compile_eval(config, devices, num_labels: int) -> tuple[AotResult, Any]:
   fn, model_state = apply_lib.model_apply(state_lib.model_from_state(state, spec.eval_graphdef))
   batch = abstract_batch(mesh, config.eval_batch_size or config.batch_size,
                          config.data.crop_size, num_labels, with_label=False)
-  text = jax.ShapeDtypeStruct((num_labels, _text_dim(spec)), jnp.float32,
-                              sharding=sharding.replicated(mesh))
+  text = _abstract_text(spec, mesh, num_labels)
   args = (model_state, batch["image"], text, batch["label_mask"])
   return compile_program("eval", apply_lib.forward(fn, mesh), args), mesh
 
@@ -237,13 +234,9 @@ def report(topology: str, config, num_labels: int,
   return out
 
 
-
-
-# ----------------------------------------------------------------------------------------
-# Where the HBM bytes go: the compiled program's top-level instructions (each fusion reads
+# --- Where the HBM bytes go: the compiled program's top-level instructions (each fusion reads
 # its operands from HBM and writes its result there), charged to the project source line
 # that emitted them (the HLO's stack frames) and to the forward or backward pass.
-# ----------------------------------------------------------------------------------------
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
           "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")

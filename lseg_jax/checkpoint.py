@@ -14,15 +14,13 @@ multi-process job every process takes part in saving and restoring (each writes 
 own shards; process 0 writes the metadata). Paths go through `etils.epath`, Orbax's
 own path layer, so a directory may be remote (gs://...).
 
-Integrity: `save` records a CRC-32 of every array in `meta["integrity"]` and refuses to
-save non-finite parameters; every restore recomputes the checksums and raises
-`DamagedCheckpointError` naming the first array that differs (also for unreadable,
-truncated or empty step folders and garbage metadata). `restore_newest_intact` walks
-back from the newest step to the newest intact one; training resumes from it and moves
-the damaged step folders aside (`STEP.damaged`), which Orbax then ignores. In a
-multi-process job the checksums cover the arrays each process holds whole (replicated
-ones included, so they do not depend on the process count); arrays sharded over
-processes are checked for NaN/Inf over all processes together.
+Integrity: `save` records a CRC-32 of every array in `meta["integrity"]` and refuses
+non-finite parameters; every restore recomputes the checksums and raises
+`DamagedCheckpointError` naming the first array that differs (or an unreadable step).
+`restore_newest_intact` walks back to the newest intact step; training resumes from it
+and moves damaged step folders aside (`STEP.damaged`). In a multi-process job the
+checksums cover the arrays each process holds whole; arrays sharded over processes are
+checked for NaN/Inf over all processes together.
 """
 from __future__ import annotations
 
@@ -41,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lseg_jax import errors
+from lseg_jax import names
 from lseg_jax.errors import MissingFileError, UserError
 from lseg_jax.models import lseg
 
@@ -54,17 +53,9 @@ class DamagedCheckpointError(UserError):
   """A checkpoint step that cannot be read back as it was written."""
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def flat_arrays(tree) -> dict[str, Any]:
   """{"a/b/0": leaf} of any pytree (nested dicts, optax states)."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_name(k) for k in path): x for path, x in leaves}
+  return {names.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]:
@@ -83,22 +74,21 @@ def checksums(tree, *, check_finite: str | None = None) -> dict[str, str | None]
         # Sharded over processes: no checksum, but the finiteness check is global (a
         # collective every process runs, so every process gives the same answer).
         if check_finite and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
-          bad = int(_count_non_finite(x))
-          if bad:
-            raise errors.NonFiniteError(
-                f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
+          _refuse_non_finite(check_finite, name, int(_count_non_finite(x)))
         continue
       x = x.addressable_data(0)  # replicated: every process holds the same copy
     held[name] = x
   for name, a in zip(held, jax.device_get(list(held.values()))):
     a = np.ascontiguousarray(a)
     if check_finite and jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):
-      bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-      if bad:
-        raise errors.NonFiniteError(
-            f"{check_finite}: array {name!r} has {bad} NaN/Inf values; not saved")
+      _refuse_non_finite(check_finite, name, int(np.size(a) - np.count_nonzero(np.isfinite(a))))
     out[name] = f"{zlib.crc32(a.tobytes()) & 0xffffffff:08x}"
   return out
+
+
+def _refuse_non_finite(what: str, name: str, bad: int) -> None:
+  if bad:
+    raise errors.NonFiniteError(f"{what}: array {name!r} has {bad} NaN/Inf values; not saved")
 
 
 @jax.jit
@@ -184,12 +174,18 @@ def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: dict[st
 
 def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
   """The `meta` JSON of `step` (default: the newest step whose meta is readable)."""
+  return _read_step(directory, step, step_meta)
+
+
+def _read_step(directory: str, step: int | None, read: Callable[[Any, int], Any]):
+  """read(manager, step) of `step` in a checkpoint or work directory; without a step, of
+  the newest intact one (damaged newer ones are skipped with a warning)."""
   directory = resolve_directory(directory)
   mngr = manager(directory, read_only=True)
+  _resolve_step(mngr, directory, step)
   if step is not None:
-    return step_meta(mngr, _resolve_step(mngr, directory, step))
-  _resolve_step(mngr, directory, None)
-  return restore_newest_intact(mngr, lambda s: step_meta(mngr, s))[1]
+    return read(mngr, step)
+  return restore_newest_intact(mngr, lambda s: read(mngr, s))[1]
 
 
 def _where(mngr, step) -> str:
@@ -286,11 +282,17 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_model_state: Any,
                meta=ocp.args.JsonRestore())
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+  return _restore_verified(mngr, step, items)
+
+
+def _restore_verified(mngr, step: int, items: dict[str, Any], meta=None) -> dict[str, Any]:
+  """The restored `items` of `step`, checked against the checksums of `meta` (default:
+  the restored meta); DamagedCheckpointError if unreadable or different."""
   try:
     restored = dict(mngr.restore(step, args=ocp.args.Composite(**items)))
   except Exception as e:  # pylint: disable=broad-except
     raise _damaged(mngr, step, e) from e
-  verify(restored, restored["meta"], _where(mngr, step))
+  verify(restored, restored["meta"] if meta is None else meta, _where(mngr, step))
   return restored
 
 
@@ -301,20 +303,9 @@ def abstract_model(model_config: lseg.LSegConfig) -> nnx.Module:
 
 def load_model(directory: str, step: int | None = None,
                **config_overrides) -> tuple[lseg.LSeg, dict[str, Any]]:
-  """Builds the LSeg model stored in `directory` and loads its weights.
-
-  `config_overrides` change compute-only fields (e.g. dtype="bfloat16",
-  attention="cudnn"). `directory` may also be a training work directory. Without
-  `step`, the newest intact step (a damaged newer one is skipped with a warning).
-  Returns (model in eval mode, meta).
-  """
-  directory = resolve_directory(directory)
-  mngr = manager(directory, read_only=True)
-  if step is not None:
-    _resolve_step(mngr, directory, step)
-    return _load_step(mngr, step, config_overrides)
-  _resolve_step(mngr, directory, None)
-  return restore_newest_intact(mngr, lambda s: _load_step(mngr, s, config_overrides))[1]
+  """(LSeg model in eval mode, meta) of `step` in `directory` (as `read_meta`);
+  `config_overrides` change compute-only fields (e.g. dtype="bfloat16")."""
+  return _read_step(directory, step, lambda m, s: _load_step(m, s, config_overrides))
 
 
 def _load_step(mngr, step, config_overrides):
@@ -325,16 +316,9 @@ def _load_step(mngr, step, config_overrides):
   model = abstract_model(cfg)
   graphdef, state = nnx.split(model)
   pure = state.to_pure_dict()
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
-      pure)
-  try:
-    restored = dict(mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(target))))
-  except Exception as e:  # pylint: disable=broad-except
-    raise _damaged(mngr, step, e) from e
-  verify(restored, meta, _where(mngr, step))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), pure)
+  restored = _restore_verified(mngr, step, {"model": ocp.args.StandardRestore(target)}, meta)
   nnx.replace_by_pure_dict(state, restored["model"])
   model = nnx.merge(graphdef, state)
   model.eval()

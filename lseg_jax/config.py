@@ -4,24 +4,20 @@ A config file of `configs/` is plain data: `get_config(arg)` returns a ConfigDic
 holding only what the experiment sets. `complete(config)` lays it over `defaults()`
 (every field the library reads, at the paper's values where it has them), refuses
 fields the library does not know, and returns a locked config; the training loop, the
-evaluator and the tools then read `config.key` directly. Fields:
+evaluator and the tools then read `config.key` directly. Every field is declared once,
+with its default and allowed values (`lseg_jax.fields`), from which `defaults()` and
+`check_config()` derive. Fields:
 
-  seed, batch_size (global, per optimizer step), eval_batch_size (None: batch_size),
-  total_steps, log_every_steps, eval_every_steps, checkpoint_every_steps (0: only at
-  the end), keep_checkpoints, stop_at_step (None; stop there with a checkpoint, as on
-  SIGTERM), eval_num_batches (None: the whole eval split), eval_at_end, progress_bar,
-  prefetch_to_device;
+  seed, batch_size, ...: `TOP_FIELDS` below;
   model     `lseg_jax.models.lseg.LSegConfig` fields;
-  data      `lseg_jax.data.input_pipeline.default_data_config()` fields;
-  optim     `lseg_jax.optim.default_optim_config()` fields (the paper's recipe);
+  data      `lseg_jax.data.input_pipeline.FIELDS`;
+  optim     `lseg_jax.optim.FIELDS` (the paper's recipe);
   mesh      {"data": -1, "fsdp": 1}: device mesh sizes (-1: the remaining devices);
   sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see
             `lseg_jax.sharding`;
-  init      checkpoint / timm_vit / torchvision_resnet / clip: paths, or names, Hub ids or
-            URLs (`lseg_jax.weights`), see `lseg_jax.init`;
-  text      tokenizer (a CLIP tokenizer folder, a Hugging Face Hub id, an official CLIP
-            name such as "ViT-B/32" (`lseg_jax.text.load_tokenizer`), or "byte-level")
-            and template (None: bare label names, as LSeg);
+  init      checkpoint / timm_vit / torchvision_resnet / clip weights (`lseg_jax.init`);
+  text      tokenizer (`lseg_jax.text.load_tokenizer`) and template (None: bare label
+            names, as LSeg);
   evals     {name: evaluation} run during training and by `tools/eval.py`; each
             evaluation may set `data` (fields laid over `config.data`, e.g. another
             split, fold or dataset), `every_steps`, `batch_size`, `num_batches` and
@@ -37,8 +33,8 @@ import json
 from typing import Any, Iterable
 
 import ml_collections
-from ml_collections import config_dict
 
+from lseg_jax import fields
 from lseg_jax import text
 from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
@@ -47,50 +43,60 @@ from lseg_jax.models import lseg
 _OPEN_FIELDS = ("data.source_kwargs", "evals")
 REQUIRED_FIELDS = ("seed", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
                    "checkpoint_every_steps")
-EVAL_FIELDS = ("data", "every_steps", "batch_size", "num_batches", "at_end")
 
 
-def defaults() -> ml_collections.ConfigDict:
-  """Every field the library reads, at its default."""
+TOP_FIELDS = {
+    "seed": fields.integer(0, 0),
+    "batch_size": fields.integer(16, 1),  # global, per optimizer step
+    "eval_batch_size": fields.integer(None, 1),  # None: batch_size
+    "total_steps": fields.integer(1000, 1),
+    "log_every_steps": fields.integer(50, 0),
+    "eval_every_steps": fields.integer(1000, 0),
+    "checkpoint_every_steps": fields.integer(1000, 0),  # 0: only at the end
+    # 0 would delete every checkpoint, the trained model included; None keeps all.
+    "keep_checkpoints": fields.integer(3, 1, optional=True),
+    "stop_at_step": fields.integer(None, 1),  # stop there with a checkpoint, as on SIGTERM
+    "eval_num_batches": fields.integer(None, 1),  # None: the whole eval split
+    "eval_at_end": fields.boolean(True),
+    "progress_bar": fields.boolean(True),
+    "prefetch_to_device": fields.integer(2, 1),
+}
+EVAL_SPECS = {"every_steps": fields.integer(None, 0), "batch_size": fields.integer(None, 1),
+              "num_batches": fields.integer(None, 1), "at_end": fields.boolean(None)}
+EVAL_FIELDS = ("data", *EVAL_SPECS)
+
+
+def _group_fields() -> dict[str, dict[str, fields.Field]]:
   # pylint: disable=g-import-not-at-top
   from lseg_jax import optim
   from lseg_jax import sharding
   from lseg_jax.data import input_pipeline
   # pylint: enable=g-import-not-at-top
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.batch_size = 16
-  c.eval_batch_size = config_dict.placeholder(int)
-  c.total_steps = 1000
-  c.log_every_steps = 50
-  c.eval_every_steps = 1000
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
-  c.stop_at_step = config_dict.placeholder(int)
-  c.eval_num_batches = config_dict.placeholder(int)
-  c.eval_at_end = True
-  c.progress_bar = True
-  c.prefetch_to_device = 2
+  free = fields.free
+  return {
+      "model": lseg.FIELDS, "data": input_pipeline.FIELDS, "optim": optim.FIELDS,
+      "mesh": {"data": free(-1), "fsdp": free(1)},
+      "sharding": {"rules": free(sharding.DEFAULT_RULES),
+                   "min_size": free(sharding.DEFAULT_MIN_SIZE)},
+      "init": {k: free(None, str) for k in ("checkpoint", "timm_vit", "torchvision_resnet",
+                                            "clip")},
+      "text": {"tokenizer": free(text.DEFAULT_TOKENIZER), "template": free(None, str)},
+  }
 
-  c.model = ml_collections.ConfigDict(lseg.LSegConfig().to_dict())
-  c.model.features = config_dict.placeholder(int)
-  c.model.text_vocab_size = config_dict.placeholder(int)
-  c.data = input_pipeline.default_data_config()
-  c.data.data_dir = config_dict.placeholder(str)
-  c.data.fold = config_dict.placeholder(int)
-  c.data.shot = config_dict.placeholder(int)
-  c.data.eval_pad_to = config_dict.placeholder(tuple)
-  c.optim = optim.default_optim_config()
-  c.optim.grad_clip_norm = config_dict.placeholder(float)
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  c.sharding = ml_collections.ConfigDict(dict(
-      rules=sharding.DEFAULT_RULES, min_size=sharding.DEFAULT_MIN_SIZE))
-  c.init = ml_collections.ConfigDict(dict(
-      checkpoint=config_dict.placeholder(str), timm_vit=config_dict.placeholder(str),
-      torchvision_resnet=config_dict.placeholder(str),
-      clip=config_dict.placeholder(str)))
-  c.text = ml_collections.ConfigDict(dict(
-      tokenizer=text.DEFAULT_TOKENIZER, template=config_dict.placeholder(str)))
+
+def all_fields() -> dict[str, fields.Field]:
+  """Every declared field by its dotted name ("seed", "optim.base_lr", ...)."""
+  out = dict(TOP_FIELDS)
+  for group, specs in _group_fields().items():
+    out.update({f"{group}.{name}": f for name, f in specs.items()})
+  return out
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every field the library reads, at its default."""
+  c = fields.config_dict_of(TOP_FIELDS)
+  for group, specs in _group_fields().items():
+    c[group] = fields.config_dict_of(specs)
   c.evals = ml_collections.ConfigDict()
   return c
 
@@ -217,84 +223,6 @@ def override(config: ml_collections.ConfigDict, assignments: Iterable[tuple[str,
   return config
 
 
-# Allowed values of the fields a user sets: (check, what is expected). A None value is
-# allowed only where the default is None (the field is optional).
-def _int(lo=None):
-  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo),
-          "an integer" + (f" >= {lo}" if lo is not None else ""))
-
-
-def _float(lo=None, hi=None, lo_open=False, hi_open=False):
-  def ok(v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (
-        float("inf"), float("-inf")):
-      return False
-    return ((lo is None or (v > lo if lo_open else v >= lo))
-            and (hi is None or (v < hi if hi_open else v <= hi)))
-  lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-  hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
-  return ok, "a finite number" + (" " if lo_s or hi_s else "") + " and ".join(
-      x for x in (lo_s, hi_s) if x)
-
-
-def _bool():
-  return (lambda v: isinstance(v, bool)), "True or False"
-
-
-def _one_of(*choices):
-  return (lambda v: not isinstance(v, bool) and v in choices), "one of " + ", ".join(repr(c) for c in choices)
-
-
-def _range_pair():
-  ok = _float(0, lo_open=True)[0]
-  return (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and ok(v[0]) and ok(v[1])
-          and v[0] <= v[1]), "a pair (low, high) with 0 < low <= high"
-
-
-_OPTIONAL = ("eval_batch_size", "stop_at_step", "eval_num_batches", "keep_checkpoints",
-             "optim.lr_scale_batch", "optim.grad_clip_norm", "data.fold", "data.shot",
-             "model.features", "model.text_vocab_size")
-CHECKS = {
-    "seed": _int(0),
-    "batch_size": _int(1),
-    "eval_batch_size": _int(1),
-    "total_steps": _int(1),
-    "log_every_steps": _int(0),
-    "eval_every_steps": _int(0),
-    "checkpoint_every_steps": _int(0),
-    # 0 would delete every checkpoint, the trained model included; None keeps all.
-    "keep_checkpoints": _int(1),
-    "stop_at_step": _int(1),
-    "eval_num_batches": _int(1),
-    "eval_at_end": _bool(),
-    "progress_bar": _bool(),
-    "prefetch_to_device": _int(1),
-    "optim.base_lr": _float(0, lo_open=True),
-    "optim.lr_scale_batch": _float(0, lo_open=True),
-    "optim.momentum": _float(0, 1, hi_open=True),
-    "optim.nesterov": _bool(),
-    "optim.weight_decay": _float(0),
-    "optim.power": _float(0),
-    "optim.end_lr": _float(0),
-    "optim.warmup_steps": _int(0),
-    "optim.grad_clip_norm": _float(0, lo_open=True),
-    "optim.accum_steps": _int(1),
-    "data.crop_size": _int(1),
-    "data.base_size": _int(1),
-    "data.scale_range": _range_pair(),
-    "data.flip": _bool(),
-    "data.shuffle_buffer": _int(1),
-    "data.prefetch": _int(-1),
-    "data.fold": _int(0),
-    "data.shot": _int(0),
-    "data.on_bad_example": _one_of("error", "skip"),
-    "model.features": _int(1),
-    "model.block_depth": _int(0),
-    **{f"model.{name}": _one_of(*choices) for name, choices in lseg.FIELD_CHOICES.items()},
-    "model.text_vocab_size": _int(1),
-}
-
-
 def _get(config, key):
   node = config
   for part in key.split("."):
@@ -304,9 +232,9 @@ def _get(config, key):
   return node
 
 
-def _check(name: str, value, check, expected: str) -> None:
-  if not check(value):
-    raise UserError(f"config.{name}={value!r}; expected {expected} "
+def _check(name: str, value, spec: fields.Field) -> None:
+  if not spec.allows(value):
+    raise UserError(f"config.{name}={value!r}; expected {spec.expected} "
                      f"(set it with --config.{name}=VALUE or in the config file)")
 
 
@@ -317,14 +245,10 @@ def check_config(config) -> None:
   missing = [k for k in REQUIRED_FIELDS if k not in config]
   if missing:
     raise UserError(f"config lacks required fields {missing}")
-  for name, (check, expected) in CHECKS.items():
+  for name, spec in all_fields().items():
     value = _get(config, name)
-    if value is KeyError or (value is None and name in _OPTIONAL):
-      continue
-    _check(name, value, check, expected)
-  if config.data.num_parallel_calls != -1:
-    _check("data.num_parallel_calls", config.data.num_parallel_calls, _int(1)[0],
-           "-1 (automatic) or an integer >= 1")
+    if value is not KeyError:
+      _check(name, value, spec)
   if config.stop_at_step is not None and config.stop_at_step > config.total_steps:
     raise UserError(f"config.stop_at_step={config.stop_at_step} is after "
                      f"config.total_steps={config.total_steps}; expected at most total_steps")
@@ -333,10 +257,9 @@ def check_config(config) -> None:
                      f"than config.total_steps={config.total_steps}")
   for name, ev in dict(config.evals).items():
     ev = dict(_as_dict(ev))
-    for field, (check, expected) in (("every_steps", _int(0)), ("batch_size", _int(1)),
-                                     ("num_batches", _int(1)), ("at_end", _bool())):
+    for field, spec in EVAL_SPECS.items():
       if ev.get(field) is not None:
-        _check(f"evals.{name}.{field}", ev[field], check, expected)
+        _check(f"evals.{name}.{field}", ev[field], spec)
 
 
 def to_json_dict(config) -> dict[str, Any]:
@@ -344,6 +267,6 @@ def to_json_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-__all__ = ["CHECKS", "EVAL_FIELDS", "REQUIRED_FIELDS",
+__all__ = ["EVAL_FIELDS", "REQUIRED_FIELDS", "TOP_FIELDS", "all_fields",
            "check_config", "complete", "defaults", "evals", "override", "parse_value",
            "to_json_dict"]

@@ -13,10 +13,6 @@ tool calls first:
             Kubernetes (with the `kubernetes` package);
   no-op     for a single process (nothing detected, or --num-processes 1).
 
-The interface: `initialize` (join the job), `barrier` (wait for every process),
-`compile_in_step` (compile a step with collectives in step) and the lost-process policy
-(`done`, `leaving`, `shutdown_finished`, `await_lost_process`, `EXIT_PROCESS_LOST`).
-
 On CPU the processes exchange collectives through gloo. Once started, a watchdog thread
 (`lseg_jax._watchdog`) keeps a heartbeat per process in the coordination service: when
 a process stops beating (killed, machine lost) or exits while the others still run,
@@ -163,13 +159,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                init_timeout: int | None = None) -> Topology:
   """Joins this process to its job (or does nothing for a single process); logs the
   topology once and returns it. Call it before any JAX computation; later calls
-  return the first call's topology.
-
-  Raises:
-    ValueError: the process settings are incomplete or inconsistent (named in the
-      message), e.g. a process id outside [0, num_processes).
-    RuntimeError: the coordinator could not be reached within `init_timeout` seconds.
-  """
+  return the first call's topology. ValueError for incomplete or inconsistent settings,
+  RuntimeError if the coordinator cannot be reached within `init_timeout` seconds."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
@@ -267,11 +258,8 @@ def _could_not_join(process_id, num_processes, coordinator, timeout):
 
 def barrier(name: str, timeout: float | None = None) -> None:
   """Waits until every process got here (a no-op for one process), through the
-  coordination service: no device collective, so nothing of gloo's is set up.
-
-  timeout: seconds (default: the start's `LSEG_INIT_TIMEOUT`); a process that does not
-  come in time is an error.
-  """
+  coordination service: no device collective, so nothing of gloo's is set up. A process
+  that does not come within `timeout` s (default: the start's) is an error."""
   if _topology is None or _topology.process_count == 1:
     return
   from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
@@ -281,13 +269,9 @@ def barrier(name: str, timeout: float | None = None) -> None:
 
 
 def compile_in_step(jitted, *args):
-  """`jitted` compiled for `args`, returned once every process has compiled it.
-
-  Gloo sets up a context for each group of devices at its first collective and gives
-  up when the processes arrive more than 30 s apart, which compilation and input
-  pipeline start-up under load easily exceed: the first call of a step with
-  collectives is made in step. One process: `jitted` itself.
-  """
+  """`jitted` compiled for `args`, returned once every process has compiled it (one
+  process: `jitted` itself). Gloo gives up when the processes arrive at a first
+  collective more than 30 s apart, which compilation under load easily exceeds."""
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return jitted

@@ -25,7 +25,6 @@ from flax import nnx
 import numpy as np
 
 from lseg_jax import checkpoint
-from lseg_jax import langseg_layout as layout
 from lseg_jax import weights as weights_lib
 from lseg_jax.convert import clip_hf, clip_openai, mapping, timm_vit, torchvision_resnet
 from lseg_jax.models import lseg
@@ -51,18 +50,14 @@ def _from_checkpoint(directory: str, model_config: lseg.LSegConfig) -> dict[str,
 
 
 def _from_timm_vit(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
-  state_dict = layout.load_state_dict_file(path)
-  prefix = timm_vit.find_prefix(state_dict)
-  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  state_dict, prefix = mapping.read_under_prefix(path, None, timm_vit.find_prefix)
   vit = abstract.pretrained.model
   table = timm_vit.table(prefix, head=vit.head is not None)
   return _prefixed("pretrained/model/", mapping.torch_to_nnx(state_dict, table, vit))
 
 
 def _from_torchvision_resnet(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
-  state_dict = layout.load_state_dict_file(path)
-  prefix = torchvision_resnet.find_prefix(state_dict)
-  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  state_dict, prefix = mapping.read_under_prefix(path, None, torchvision_resnet.find_prefix)
   return _prefixed("pretrained/model/", mapping.torch_to_nnx(
       state_dict, torchvision_resnet.table(prefix), abstract.pretrained.model))
 
@@ -79,21 +74,14 @@ def _from_clip(path: str, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
     _, state_dict = clip_hf.read_hf_checkpoint(path)
     table = clip_hf.table()
   else:
-    state_dict = layout.load_state_dict_file(path)
-    prefix = clip_openai.find_prefix(state_dict)
-    state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    state_dict, prefix = mapping.read_under_prefix(path, None, clip_openai.find_prefix)
     table = clip_openai.table(prefix)
   return _prefixed("clip_pretrained/", mapping.torch_to_nnx(state_dict, table, text))
 
 
 def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
-  """{flat name: host array} of every weight `init_cfg` provides (empty: none).
-
-  Args:
-    init_cfg: mapping with optional fields `checkpoint`, `timm_vit`,
-      `torchvision_resnet`, `clip`.
-    abstract: the model to fill, e.g. `nnx.eval_shape(lambda: LSeg(cfg, rngs=...))`.
-  """
+  """{flat name: host array} of every weight `init_cfg` (`INIT_FIELDS`) provides for the
+  abstract model `abstract` (`nnx.eval_shape` of it); empty for none."""
   init_cfg = dict(init_cfg or {})
   unknown = sorted(set(init_cfg) - set(INIT_FIELDS))
   if unknown:

@@ -4,26 +4,16 @@ The one owner of what a lang-seg checkpoint looks like on disk, shared by the
 converter (`lseg_jax.convert.langseg`, JAX) and the PyTorch LSeg
 (`lseg_jax.torch_lseg`, which imports nothing from the JAX side):
 
-  reading files   `load_state_dict_file` (any state dict: safetensors without torch,
-                  or torch files), `torch_load` (its errors say what to do),
-                  `read_checkpoint` / `split_checkpoint` (an LSegNet checkpoint and
-                  its metadata);
-  key layout      the prefixes below; official Lightning `.ckpt` files put every key
-                  of the `LSegNet` under `net.`; `check_layout`; the zero-shot
-                  ResNet model (`LSegRNNetZS`, `is_resnet`) has the same
-                  `clip_pretrained.*` and `scratch.*` and, instead of the ViT
-                  (`pretrained.model.*`) and its reassemble stages, lang-seg's
-                  regrouped torchvision ResNet (`RESNET_LAYOUT`) under `pretrained.`;
-  settings        `infer_settings`: the hyper-parameters, by precedence, from the
-                  caller, the checkpoint's metadata and the shapes.
-
-Settings use the names of the `lseg_config` metadata our exporter writes
-(`TorchLSegConfig` fields): backbone, features, readout, arch_option, block_depth,
-activation, vocab_size, context_length. Shapes tell the backbone (ViT width, patch
-and depth, or ResNet blocks per stage; CLIP text width and output), the decoder
-width, the text vocabulary and context, and whether a spatial-regularisation head
-exists, but not which one (bottleneck and depthwise blocks hold the same conv), how
-deep, or its activation.
+  reading files   `load_state_dict_file` (any state dict; safetensors need no torch),
+                  `torch_load`, `read_checkpoint` / `split_checkpoint` (an LSegNet
+                  checkpoint and its metadata);
+  key layout      the prefixes below (Lightning `.ckpt` files put every key under
+                  `net.`), `check_layout`; the zero-shot `LSegRNNetZS` (`is_resnet`) has
+                  lang-seg's regrouped torchvision ResNet (`RESNET_LAYOUT`) under
+                  `pretrained.` instead of the ViT and its reassemble stages;
+  settings        `infer_settings`: the hyper-parameters (`SETTINGS`, the names of our
+                  exporter's `lseg_config` metadata) from the caller, the metadata and
+                  the shapes.
 """
 from __future__ import annotations
 
@@ -65,9 +55,7 @@ TEXT_SHAPES = ("text_width", "text_dim")
 BACKBONE_SHAPES = VIT_SHAPES + RESNET_SHAPES + TEXT_SHAPES
 
 
-# ---------------------------------------------------------------------------
-# Reading files.
-# ---------------------------------------------------------------------------
+# --- Reading files ---
 def numpy_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """torch tensors (any device, bf16 included) or arrays -> {key: np.ndarray}.
 
@@ -92,14 +80,9 @@ def _check_file(path) -> str:
 
 
 def torch_load(path, *, weights_only: bool = True) -> Any:
-  """`torch.load(path)` on the CPU, with errors that say what to do.
-
-  `weights_only=False` unpickles arbitrary objects: only for files you trust.
-
-  Raises:
-    ValueError: the file is not a complete torch file, or pickles objects other
-      than tensors while `weights_only` is True.
-  """
+  """`torch.load(path)` on the CPU; ValueError saying what to do for a damaged file or
+  one that pickles objects other than tensors while `weights_only` (`weights_only=False`
+  unpickles arbitrary objects: only for files you trust)."""
   path = _check_file(path)
   if os.path.getsize(path) == 0:
     raise ValueError(f"{path!r} is empty; expected a PyTorch checkpoint file")
@@ -133,7 +116,6 @@ def _first_line(e: BaseException) -> str:
   return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
-
 def _is_torchscript(path: str) -> bool:
   # Both formats are zip archives; only TorchScript ones hold code and constants.pkl.
   if not zipfile.is_zipfile(path):
@@ -143,13 +125,9 @@ def _is_torchscript(path: str) -> bool:
 
 
 def load_state_dict_file(path, *, weights_only: bool = True) -> dict[str, np.ndarray]:
-  """Reads a checkpoint file into {key: np.ndarray}.
-
-  `.safetensors` files are read with safetensors' numpy API (no torch needed).
-  Anything else needs torch: a TorchScript archive (e.g. OpenAI CLIP's `.pt`
-  files), or a pickled state dict, also inside a dict under "state_dict"
-  (PyTorch Lightning `.ckpt`) or "model" (see `torch_load` for `weights_only`).
-  """
+  """A checkpoint file -> {key: np.ndarray}: `.safetensors` (no torch needed), a
+  TorchScript archive (OpenAI CLIP's `.pt`), or a pickled state dict, bare or under
+  "state_dict" (Lightning `.ckpt`) or "model"."""
   path = _check_file(path)
   if path.endswith(".safetensors"):
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
@@ -180,15 +158,10 @@ def read_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
 
 
 def split_checkpoint(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Any], dict[str, Any]]:
-  """A loaded checkpoint object -> (LSegNet state dict, metadata).
-
-  Accepts a bare state dict, or a dict holding it under "state_dict" (Lightning
-  `.ckpt` files, with `net.`-prefixed keys, and our exporters' wrapper). Metadata
-  are the wrapper's other JSON-like entries: "lseg_config", "hyper_parameters",
-  "epoch", "global_step". Keys outside `net.` of a Lightning checkpoint (losses,
-  metrics) and entries that are not arrays are dropped; the arrays are returned as
-  they are (torch tensors stay tensors).
-  """
+  """A loaded checkpoint object (a bare state dict, or one under "state_dict": Lightning
+  `.ckpt` with `net.` keys, our exporters' wrapper) -> (its arrays as they are, metadata:
+  the wrapper's "lseg_config", "hyper_parameters", "epoch", "global_step"). Keys outside
+  `net.` of a Lightning checkpoint and entries that are not arrays are dropped."""
   if not isinstance(obj, Mapping):
     raise ValueError(f"{where}: expected a state dict or a dict with a 'state_dict' entry, "
                      f"got a {type(obj).__name__}")
@@ -215,12 +188,8 @@ def split_checkpoint(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Any
 
 def read_checkpoint(path, *, weights_only: bool = True
                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Reads an LSegNet checkpoint file -> (state dict of numpy arrays, metadata).
-
-  `.safetensors` files hold a bare state dict and need no torch. Anything else is
-  read with `torch_load`: a Lightning `.ckpt`, a pickled state dict, or our
-  exporters' wrapper (see `split_checkpoint`).
-  """
+  """An LSegNet checkpoint file (`.safetensors`, or anything `torch_load` reads) ->
+  (state dict of numpy arrays, metadata), by `split_checkpoint`."""
   path = _check_file(path)
   if path.endswith(".safetensors"):
     try:
@@ -234,9 +203,7 @@ def read_checkpoint(path, *, weights_only: bool = True
   return numpy_state_dict(state_dict), meta
 
 
-# ---------------------------------------------------------------------------
-# Key layout and settings.
-# ---------------------------------------------------------------------------
+# --- Key layout and settings ---
 def is_resnet(state_dict: Mapping[str, Any]) -> bool:
   """Whether an LSegNet-like state dict has lang-seg's ResNet encoder (`LSegRNNetZS`)."""
   return RESNET_STEM in state_dict

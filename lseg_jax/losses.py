@@ -14,15 +14,8 @@ from lseg_jax.labels import IGNORE_INDEX
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
-  """Mean cross-entropy over valid pixels.
-
-  Args:
-    logits: float [B, H, W, L] (-inf for masked labels).
-    labels: int [B, H, W] in [0, L), or `ignore_index`.
-
-  Returns:
-    (loss float32 scalar, number of valid pixels int32 scalar).
-  """
+  """Mean cross-entropy of logits [B, H, W, L] (-inf: masked labels) over the pixels of
+  labels int [B, H, W] that are not `ignore_index` -> (float32 loss, int32 valid count)."""
   if logits.shape[:-1] != labels.shape:
     raise ValueError(f"logits {logits.shape} and labels {labels.shape} disagree; expected "
                      "logits [B, H, W, L] and labels [B, H, W]")

@@ -20,14 +20,10 @@ SEP = "/"
 _PAYLOAD_ATTRS = ("value", "raw_value")
 
 
-# --------------------------------------------------------------------------
-# Paths -> names.
-# --------------------------------------------------------------------------
+# --- Paths -> names ---
 def key_name(key) -> str | None:
-  """One path segment's name: a str or int segment, or a jax pytree key.
-
-  Returns None for a Variable's payload attribute (`.value`), which names nothing.
-  """
+  """One path segment's name (a str or int, or a jax pytree key); None for a Variable's
+  payload attribute (`.value`), which names nothing."""
   if isinstance(key, (str, int)):
     return str(key)
   if hasattr(key, "idx"):  # SequenceKey
@@ -52,10 +48,7 @@ def split_name(name: str) -> tuple[str | int, ...]:
 
 
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """A nested mapping -> {flat name: leaf}, e.g. {"a": {"b": x}} -> {"a/b": x}.
-
-  A mapping that is already flat comes back as a copy.
-  """
+  """A nested (or flat: copied) mapping -> {flat name: leaf}: {"a": {"b": x}} -> {"a/b": x}."""
   if not isinstance(tree, Mapping):
     raise TypeError(f"expected a nested mapping of arrays, got {type(tree).__name__}")
   flat = {}
@@ -72,9 +65,7 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
   return flat
 
 
-# --------------------------------------------------------------------------
-# Regex rules over names.
-# --------------------------------------------------------------------------
+# --- Regex rules over names ---
 def _check_regex(pattern, what: str) -> None:
   try:
     re.compile(pattern)
@@ -83,12 +74,8 @@ def _check_regex(pattern, what: str) -> None:
 
 
 def check_rules(rules, what: str) -> list[tuple[str, Any]]:
-  """Validates `(regex, value)` pairs (a config's tuples may come back as lists).
-
-  Args:
-    rules: pairs, or None for none.
-    what: where the rules come from, for error messages ("config.sharding.rules").
-  """
+  """Validates `(regex, value)` pairs (None: none; a config's tuples may come back as
+  lists); `what` names their origin in errors ("config.sharding.rules")."""
   out = []
   for rule in rules or ():
     if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):

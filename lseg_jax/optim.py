@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import optax
 
+from lseg_jax import fields
 from lseg_jax import names
 from lseg_jax import sharding
 
@@ -32,23 +33,28 @@ PAPER_BASE_LR = 0.004
 PAPER_BATCH = 16  # base_lr is given for this global batch and scaled linearly
 
 
+# The paper's recipe; configs override fields.
+FIELDS = {
+    "base_lr": fields.number(PAPER_BASE_LR, 0, lo_open=True),
+    # lr = base_lr * global_batch / this; None: no scaling
+    "lr_scale_batch": fields.number(PAPER_BATCH, 0, lo_open=True, optional=True),
+    "momentum": fields.number(0.9, 0, 1, hi_open=True),
+    "nesterov": fields.boolean(False),
+    "weight_decay": fields.number(1e-4, 0),
+    "power": fields.number(0.9, 0),
+    "end_lr": fields.number(0.0, 0),
+    "warmup_steps": fields.integer(0, 0),
+    "lr_mults": fields.free((("scratch/.*", 10.0),)),
+    "frozen": fields.free(("clip_pretrained/.*",)),
+    "no_decay": fields.free(()),
+    "grad_clip_norm": fields.number(None, 0, lo_open=True),  # None: no clipping
+    # micro-batches per optimizer step (see train.make_train_step)
+    "accum_steps": fields.integer(1, 1),
+}
+
+
 def default_optim_config() -> ml_collections.ConfigDict:
-  """The paper's recipe; configs override fields."""
-  return ml_collections.ConfigDict(dict(
-      base_lr=PAPER_BASE_LR,
-      lr_scale_batch=PAPER_BATCH,  # lr = base_lr * global_batch / this; None: no scaling
-      momentum=0.9,
-      nesterov=False,
-      weight_decay=1e-4,
-      power=0.9,
-      end_lr=0.0,
-      warmup_steps=0,
-      lr_mults=(("scratch/.*", 10.0),),
-      frozen=("clip_pretrained/.*",),
-      no_decay=(),
-      grad_clip_norm=None,  # None: no clipping
-      accum_steps=1,  # micro-batches per optimizer step (see train.make_train_step)
-  ))
+  return fields.config_dict_of(FIELDS)
 
 
 def complete_optim_config(optim_cfg) -> ml_collections.ConfigDict:
@@ -63,9 +69,7 @@ def complete_optim_config(optim_cfg) -> ml_collections.ConfigDict:
   return out
 
 
-# --------------------------------------------------------------------------
-# Which parameters are trained.
-# --------------------------------------------------------------------------
+# --- Which parameters are trained ---
 def trainable_filter(frozen: Sequence[str]) -> Callable[[tuple, Any], bool]:
   """An NNX filter: parameters whose flat name matches no `frozen` regex."""
   frozen = names.check_patterns(frozen, "optim.frozen")
@@ -76,19 +80,14 @@ def trainable_filter(frozen: Sequence[str]) -> Callable[[tuple, Any], bool]:
 
 
 def partition(model: nnx.Module, frozen: Sequence[str]):
-  """model -> (graphdef, trainable params, frozen params, everything else).
-
-  The three states are pure (arrays, not Variables) and disjoint; `nnx.merge(graphdef,
-  params, frozen_params, rest)` rebuilds the model. `rest` holds BatchNorm statistics.
-  """
+  """model -> (graphdef, trainable params, frozen params, the rest: BatchNorm statistics),
+  pure and disjoint; `nnx.merge(graphdef, params, frozen_params, rest)` rebuilds it."""
   graphdef, params, frozen_params, rest = nnx.split(
       model, trainable_filter(frozen), nnx.Param, ...)
   return graphdef, nnx.pure(params), nnx.pure(frozen_params), nnx.pure(rest)
 
 
-# --------------------------------------------------------------------------
-# Learning rate.
-# --------------------------------------------------------------------------
+# --- Learning rate ---
 def base_learning_rate(optim_cfg, global_batch_size: int) -> float:
   """The configured base lr, scaled by global_batch / lr_scale_batch (lang-seg)."""
   optim_cfg = complete_optim_config(optim_cfg)
@@ -133,33 +132,15 @@ def decay_mask(params, no_decay: Sequence[str]) -> Any:
 
 def scale_by_tree(factors) -> optax.GradientTransformation:
   """Multiplies each update by its factor in `factors` (a tree like the params)."""
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, f: u * f, updates, factors), state
-  return optax.GradientTransformation(init, update)
+  return optax.stateless(lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors))
 
 
-# --------------------------------------------------------------------------
-# The optimizer.
-# --------------------------------------------------------------------------
+# --- The optimizer ---
 def make_optimizer(optim_cfg, params, *, total_steps: int, global_batch_size: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD with momentum, torch-style weight decay, poly decay and lr multipliers.
-
-  Args:
-    optim_cfg: `default_optim_config()` fields.
-    params: the trainable parameters (arrays or ShapeDtypeStructs; names and
-      structure only).
-    total_steps: optimizer steps of the run (the schedule reaches end_lr there).
-    global_batch_size: examples per optimizer step (for the lr scaling).
-
-  Returns:
-    (transformation, schedule of the base learning rate).
-  """
+  """(SGD with momentum, torch-style weight decay, poly decay and lr multipliers, the
+  schedule of the base lr reaching end_lr at `total_steps`) for the trainable `params`
+  (arrays or ShapeDtypeStructs: names and structure only)."""
   optim_cfg = complete_optim_config(optim_cfg)
   schedule = lr_schedule(
       base_learning_rate(optim_cfg, global_batch_size), total_steps,

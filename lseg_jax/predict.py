@@ -9,18 +9,11 @@ r"""Prediction as tools/predict.py and the browser demo (tools/demo.py) share it
   result.overlay(alpha=0.5).save("scene_seg.png")          # image + ordered legend
   result.report()                                          # the JSON of the outputs
 
-One place for each step, so that both front ends give the same pixels:
-  * images: `load_image` reads any Pillow image as uint8 RGB (16-bit, float,
-    grayscale, palette, alpha and CMYK images included; rules in its docstring),
-    shrinks very large ones (`limit_size`) and keeps what the user should be told
-    (`InputImage`);
-  * labels: `parse_labels` / `read_labels_file` and their checks (empty and
-    duplicate labels are errors; labels longer than CLIP's context are warnings);
-  * the model: `Segmenter`, single scale (`inference.ImagePredictor`) or the
-    official multi-scale + flip protocol (`inference.SlidingWindowInference`),
-    with the label embeddings cached per label set and prompt template;
-  * outputs: `Prediction.overlay` (colours and legend of `lseg_jax.visualize`),
-    `save_label_map`, `Prediction.report` (the JSON), `Prediction.area_rows`.
+One place for each step, so that both front ends give the same pixels: images
+(`load_image`, `limit_size`, `InputImage`), labels (`parse_labels`, `read_labels_file`:
+empty and duplicate labels are errors, labels longer than CLIP's context warnings), the
+model (`Segmenter`: single scale or the official multi-scale + flip protocol, label
+embeddings cached per label set and template) and outputs (`Prediction`, `save_label_map`).
 """
 from __future__ import annotations
 
@@ -48,9 +41,7 @@ PROTOCOLS = (SINGLE_SCALE, MULTI_SCALE)
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
-# --------------------------------------------------------------------------
-# Images.
-# --------------------------------------------------------------------------
+# --- Images ---
 def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
                name: str | None = None, max_side: int | None = None) -> "InputImage":
   """An image as both front ends segment it: uint8 [H, W, 3] RGB, turned upright as
@@ -67,17 +58,9 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
                                           min-max stretched to [0, 255].
   16-bit RGB(A) files are already reduced to 8 bits per channel by Pillow.
 
-  Args:
-    source: a path, the file's bytes, a binary file object or a PIL image.
-    name: how error messages name the image (default: the path).
-    max_side: the long side it is shrunk to if larger (None: kept as read).
-
-  Returns:
-    an `InputImage`: the pixels, the file's Pillow mode and its original size.
-
-  Raises:
-    ValueError: the source is not an image Pillow can read (the message names
-      it), or has more pixels than Pillow's decompression-bomb limit.
+  `source` is a path, bytes, a binary file or a PIL image; `name` names it in errors
+  (default: the path). ValueError for what Pillow cannot read or more pixels than its
+  decompression-bomb limit.
   """
   image, mode = _read(source, name)
   return InputImage(limit_size(image, max_side), mode, tuple(image.shape[:2]), max_side)
@@ -187,14 +170,8 @@ def limit_size(image: np.ndarray, max_side: int | None) -> np.ndarray:
 
 @dataclasses.dataclass
 class InputImage:
-  """An image ready to segment, with what was done to it on the way.
-
-  Attributes:
-    image: uint8 [H, W, 3] as it will be segmented.
-    mode: the file's Pillow mode ("RGB", "I;16", ...).
-    original_size: (height, width) of the file, before `limit_size`.
-    max_side: the limit it was shrunk to, or None.
-  """
+  """An image ready to segment (uint8 [H, W, 3]), with the file's Pillow mode, its
+  (height, width) before `limit_size` and the limit it was shrunk to (or None)."""
   image: np.ndarray
   mode: str
   original_size: tuple[int, int]
@@ -233,20 +210,11 @@ def list_images(folder: str) -> list[str]:
                 if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-# --------------------------------------------------------------------------
-# Label sets.
-# --------------------------------------------------------------------------
+# --- Label sets ---
 def parse_labels(spec: str) -> list[str]:
-  r"""'dog, grass ,other' -> ['dog', 'grass', 'other']; "\," is a comma inside a label.
-
-  'red disc\, large, other' -> ['red disc, large', 'other']. No other backslash is
-  allowed, so that no label reaches the model split otherwise than the user meant.
-
-  Raises:
-    ValueError: no labels, an empty label (e.g. "dog,,grass"), a backslash not
-      followed by a comma, or two labels that are equal after CLIP's text
-      cleaning (e.g. "Dog" and "dog").
-  """
+  r"""'dog, grass ,other' -> ['dog', 'grass', 'other']; "\," is a comma inside a label
+  and no other backslash is allowed. ValueError for no labels, an empty label, a lone
+  backslash, or two labels equal after CLIP's text cleaning ("Dog", "dog")."""
   if not spec or not spec.strip():
     raise ValueError("no labels given; expected label names separated by commas, "
                      'e.g. "dog, grass, other"')
@@ -306,9 +274,7 @@ def long_label_warnings(prompts: Sequence[str], tokenizer, context_length: int
           for p, n in zip(prompts, counts) if n > context_length]
 
 
-# --------------------------------------------------------------------------
-# The model.
-# --------------------------------------------------------------------------
+# --- The model ---
 def default_window(meta: dict[str, Any] | None = None) -> inference.SlidingWindow:
   """The multi-scale + flip protocol with the official scales, at the base and
   crop sizes of the checkpoint's training data when its meta records them (as
@@ -320,32 +286,18 @@ def default_window(meta: dict[str, Any] | None = None) -> inference.SlidingWindo
 
 @dataclasses.dataclass
 class Prediction:
-  """One image's segmentation.
-
-  Attributes:
-    image: uint8 [H, W, 3], the image as segmented.
-    labels: the L label names, in order.
-    prompts: the L texts the text tower read (labels in the template).
-    template: the prompt template, None for bare names.
-    protocol: SINGLE_SCALE or MULTI_SCALE.
-    logits: float32 [H, W, L]; for MULTI_SCALE the summed window logits.
-    label_map: int32 [H, W], indices into labels (argmax of logits).
-    input_size: (H', W') the model saw (single scale), else None.
-    window: the multi-scale protocol's parameters (MULTI_SCALE), else None.
-    embeddings: float32 [H'/2, W'/2, D] pixel embeddings when asked for.
-    warnings: messages for the user (e.g. truncated labels).
-  """
-  image: np.ndarray
-  labels: list[str]
-  prompts: list[str]
-  template: str | None
-  protocol: str
-  logits: np.ndarray
-  label_map: np.ndarray
-  input_size: tuple[int, int] | None = None
-  window: inference.SlidingWindow | None = None
-  embeddings: np.ndarray | None = None
-  warnings: list[str] = dataclasses.field(default_factory=list)
+  """One image's segmentation."""
+  image: np.ndarray  # uint8 [H, W, 3], as segmented
+  labels: list[str]  # L names
+  prompts: list[str]  # the L texts the text tower read
+  template: str | None  # None: bare names
+  protocol: str  # SINGLE_SCALE or MULTI_SCALE
+  logits: np.ndarray  # float32 [H, W, L]; MULTI_SCALE: the summed window logits
+  label_map: np.ndarray  # int32 [H, W], argmax of logits
+  input_size: tuple[int, int] | None = None  # (H', W') the model saw (single scale)
+  window: inference.SlidingWindow | None = None  # MULTI_SCALE's parameters
+  embeddings: np.ndarray | None = None  # float32 [H'/2, W'/2, D] when asked for
+  warnings: list[str] = dataclasses.field(default_factory=list)  # for the user
 
   @property
   def areas(self) -> np.ndarray:
@@ -408,17 +360,9 @@ class NonFiniteLogitsError(ValueError):
 
 
 class Segmenter:
-  """An LSeg model with its label embedder: image + label names -> `Prediction`.
-
-  Label embeddings come from the embedder's cache (one text-tower run per label
-  set and template). The multi-scale runner is built on first use. Calls are
-  serialised by a lock, so one Segmenter may serve several threads.
-
-  Args:
-    model: an LSeg model in eval mode.
-    embedder: its `text.LabelEmbedder` (its template is the default prompt).
-    window: the multi-scale protocol (default `default_window()`).
-  """
+  """An LSeg model in eval mode with its `text.LabelEmbedder` (whose template is the
+  default prompt): image + label names -> `Prediction`. Calls are serialised by a lock,
+  so one Segmenter may serve several threads."""
 
   def __init__(self, model, embedder: text.LabelEmbedder, *,
                window: inference.SlidingWindow | None = None):
@@ -436,20 +380,10 @@ class Segmenter:
   def __call__(self, image: np.ndarray, labels: Sequence[str], *,
                template: str | None = None, protocol: str = SINGLE_SCALE,
                embeddings: bool = False) -> Prediction:
-    """Segments image uint8 [H, W, 3] into `labels`.
-
-    Args:
-      image: uint8 [H, W, 3] (`load_image(...).image`).
-      labels: L label names (checked by `check_labels`).
-      template: prompt template with one "{}"; None: the embedder's default;
-        "": bare names.
-      protocol: SINGLE_SCALE (`inference.ImagePredictor`: sides rounded to
-        multiples of 32) or MULTI_SCALE (`self.window`).
-      embeddings: also return the pixel embeddings (single scale only).
-
-    Raises:
-      ValueError: bad labels, template, protocol or image shape.
-    """
+    """Segments image uint8 [H, W, 3] into `labels` (template: one "{}"; None: the
+    embedder's default; "": bare names), single scale (`inference.ImagePredictor`) or
+    MULTI_SCALE (`self.window`); `embeddings`: also the pixel embeddings (single scale).
+    ValueError for bad labels, template, protocol or image shape."""
     if protocol not in PROTOCOLS:
       raise ValueError(f"protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
     if embeddings and protocol != SINGLE_SCALE:
@@ -485,9 +419,7 @@ class Segmenter:
         warnings=notes)
 
 
-# --------------------------------------------------------------------------
-# Output files.
-# --------------------------------------------------------------------------
+# --- Output files ---
 def save_label_map(path: str | BinaryIO, label_map: np.ndarray, num_labels: int) -> None:
   """label_map int [H, W] as a PNG whose pixel values are label indices (8-bit
   for up to 256 labels, 16-bit above)."""

@@ -32,9 +32,7 @@ DEFAULT_RULES = ((".*", "fsdp"),)
 DEFAULT_MIN_SIZE = 2 ** 14  # smaller arrays are cheaper replicated than gathered
 
 
-# --------------------------------------------------------------------------
-# Flat names of pytree leaves (`lseg_jax.names` turns key paths into names).
-# --------------------------------------------------------------------------
+# --- Flat names of pytree leaves (`lseg_jax.names` turns key paths into names) ---
 def names(tree) -> list[str]:
   """Flat names of the leaves of `tree`, in `jax.tree.leaves` order."""
   return [names_lib.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -46,9 +44,7 @@ def map_with_names(fn: Callable[[str, Any], Any], tree, *rest):
       lambda p, *x: fn(names_lib.path_name(p), *x), tree, *rest)
 
 
-# --------------------------------------------------------------------------
-# Mesh.
-# --------------------------------------------------------------------------
+# --- Mesh ---
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A ("data", "fsdp") mesh from sizes like {"data": -1, "fsdp": 1}.
 
@@ -93,9 +89,7 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, P())
 
 
-# --------------------------------------------------------------------------
-# Rules -> shardings.
-# --------------------------------------------------------------------------
+# --- Rules -> shardings ---
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_MIN_SIZE) -> P:
   """Splits the largest axis divisible by `fsdp_size` (ties: the last such axis)."""
   if fsdp_size == 1 or math.prod(shape) < min_size:

@@ -27,12 +27,7 @@ MODEL_KEYS = ("params", "frozen", "rest")
 
 @dataclasses.dataclass(frozen=True)
 class StateSpec:
-  """Everything known about the train state before any array exists.
-
-  The state is a dict {"params", "frozen", "rest", "opt", "step"}: trainable
-  parameters, frozen parameters (the text tower), other model variables (BatchNorm
-  statistics), optimizer state and the number of optimizer steps done.
-  """
+  """Everything known about the train state (module docstring) before any array exists."""
   model_cfg: lseg.LSegConfig
   graphdef: Any  # train mode (batch statistics)
   eval_graphdef: Any  # eval mode (running statistics)

@@ -35,12 +35,8 @@ BYTE_LEVEL_VOCAB_SIZE = 2 * 256 + 2
 
 
 def byte_level_tokenizer():
-  """A CLIP tokenizer without merges: every byte of a word is a token.
-
-  Needs no vocabulary file (tiny models with a random text tower, such as the
-  built-in default config, only need distinct token sequences for distinct labels);
-  its ids are < `BYTE_LEVEL_VOCAB_SIZE`.
-  """
+  """A CLIP tokenizer without merges (every byte of a word is a token, ids <
+  `BYTE_LEVEL_VOCAB_SIZE`) and without vocabulary files, for tiny random text towers."""
   from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   chars = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -58,10 +54,8 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
     * a name `clip.load` takes (`weights.CLIP_TOKENIZERS`: "ViT-B/32", "RN50x16", ...),
       read from the Hub repo that table names;
     * a Hugging Face Hub id (owner/name, e.g. "openai/clip-vit-base-patch32").
-  Hub files come from huggingface_hub's cache (`HF_HOME`, `HF_HUB_CACHE`), else are
-  downloaded from `HF_ENDPOINT` (default the Hub) unless `HF_HUB_OFFLINE` is set or the
-  endpoint cannot be reached within seconds (a `MissingFileError` naming the fix).
-  Anything else is a `UserError` naming the accepted forms and the official names.
+  Hub files come from huggingface_hub's cache, else are downloaded unless offline or
+  unreachable within seconds (then a `MissingFileError` naming the fix).
   """
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   path = os.fspath(path_or_name)
@@ -112,17 +106,9 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-  import socket  # pylint: disable=g-import-not-at-top
-  from urllib.parse import urlparse  # pylint: disable=g-import-not-at-top
   if any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_VARIABLES):
     return False
-  endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-  port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-  try:
-    socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    return True
-  except OSError:
-    return False
+  return weights.hub_unreachable(timeout) is None
 
 
 def clean_text(text: str) -> str:
@@ -133,12 +119,8 @@ def clean_text(text: str) -> str:
 
 
 def validate_labels(labels: Sequence[str]) -> list[str]:
-  """Checks a label set; returns it as a list.
-
-  Raises:
-    ValueError: a bare string, an empty set, a blank label, or labels that are
-      equal after cleaning (they would get the same embedding).
-  """
+  """The label set as a list; ValueError for a bare string, an empty set, a blank label,
+  or labels equal after cleaning (they would get the same embedding)."""
   if isinstance(labels, (str, bytes)):
     raise ValueError(f"expected a sequence of label names, got the single string {labels!r}")
   labels = list(labels)
@@ -194,28 +176,17 @@ def token_counts(texts: Sequence[str], tokenizer) -> list[int]:
 
 
 class LabelEmbedder:
-  """Label names -> text embeddings [L, D], computed once per label set.
+  """Label names -> the text tower's raw (unnormalised) embeddings [L, D], one jitted
+  tower call per new (template, labels) key, then served from the cache. The tower's
+  weights are read at each cache miss: call `clear()` after changing them.
 
-  The embeddings are the tower's raw outputs (not normalised; LSeg normalises
-  them). Each new label set costs one jitted tower call; a set seen before is
-  served from the cache (keyed by the template and the tuple of labels), so the
-  tower is not run again. The tower's weights are read at each cache miss: call
-  `clear()` after changing them.
+  `text_model` maps tokens [N, T] int32 -> [N, D] (`CLIPTextTransformer`); `template`
+  has one "{}" (None: bare names, as LSeg); `context_length` defaults to the model's;
+  `max_cached` bounds the cache, least recently used dropped (None: unbounded).
   """
 
   def __init__(self, text_model: nnx.Module, tokenizer, template: str | None = None,
                context_length: int | None = None, max_cached: int | None = None):
-    """
-    Args:
-      text_model: a module mapping tokens [N, T] int32 -> [N, D], e.g.
-        `CLIPTextTransformer`.
-      tokenizer: from `load_tokenizer`.
-      template: optional prompt with one "{}", e.g. "a photo of a {}."; None uses
-        the bare names, as LSeg does.
-      context_length: defaults to the model's `cfg.context_length`, else 77.
-      max_cached: keep at most this many label sets, dropping the least recently
-        used (a long-running server sees unboundedly many); None keeps all.
-    """
     _check_template(template)
     if max_cached is not None and max_cached < 1:
       raise ValueError(f"max_cached={max_cached}; expected >= 1 or None")
@@ -252,11 +223,7 @@ class LabelEmbedder:
     return labels if template is None else [template.format(s) for s in labels]
 
   def __call__(self, labels: Sequence[str], template: str | None = None) -> jax.Array:
-    """labels (L names) -> float32 [L, D].
-
-    template: this call's prompt template with one "{}"; None uses the
-      embedder's template, "" the bare names.
-    """
+    """labels (L names) -> float32 [L, D]; template None: the embedder's, "": bare names."""
     labels = tuple(validate_labels(labels))
     key = (self.template_for(template), labels)
     if key in self._cache:
@@ -290,23 +257,17 @@ def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, 
                               tokenizer: str | None = None, prompt: str | None = None):
   """The label embedder a checkpoint was trained with: (embedder, tokenizer spec, template).
 
-  tokenizer: a folder, Hub id, official CLIP name or "byte-level" (`load_tokenizer`);
-    None: the meta's "tokenizer"
-    (relative folders are looked up in `checkpoint_dir` first), else
-    `DEFAULT_TOKENIZER`.
-  prompt: a template with one "{}"; None: the meta's "text_template"; "": bare
-    label names (as LSeg).
-  """
+  tokenizer (`load_tokenizer`) None: the meta's (a relative folder looked up in
+  `checkpoint_dir` first), else `DEFAULT_TOKENIZER`; prompt None: the meta's
+  "text_template", "": bare label names."""
   spec = tokenizer or meta.get("tokenizer") or DEFAULT_TOKENIZER
   if not tokenizer and meta.get("tokenizer") and not epath.Path(spec).is_absolute():
     local = epath.Path(checkpoint_dir) / spec
     spec = str(local) if local.is_dir() else spec
   template = meta.get("text_template") if prompt is None else prompt
   template = template or None
-  embedder = LabelEmbedder(model.clip_pretrained, load_tokenizer(spec),
-                                template=template)
+  embedder = LabelEmbedder(model.clip_pretrained, load_tokenizer(spec), template=template)
   return embedder, spec, template
-
 
 
 __all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "CONTEXT_LENGTH",

@@ -55,9 +55,7 @@ _BATCH_KEYS = ("image", "label", "label_mask")
 StateSpec = state_lib.StateSpec
 
 
-# ============================================================================
-# The training step.
-# ============================================================================
+# --- The training step ---
 def make_train_step(spec: state_lib.StateSpec, frozen: tuple[str, ...], accum_steps: int,
                     mesh: jax.sharding.Mesh):
   """(state, batch, text_emb [L, D]) -> (state, metrics); pure, for jax.jit.
@@ -210,9 +208,7 @@ def _divergence_message(step: int, m, last_good: int | None, ckpt_dir: str,
           f"Rerun with {fix}.")
 
 
-# ============================================================================
-# train_and_evaluate
-# ============================================================================
+# --- train_and_evaluate ---
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, checkpoints.
 

@@ -73,12 +73,8 @@ class MetricWriter:
       return
     record = {"step": int(self._step), **{k: float(v) for k, v in self._values.items()}}
     line = json.dumps(record) + "\n"
-    if self._local:
-      # On disk before the step's checkpoint can exist (crash consistency).
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    if self._local:  # on disk before the step's checkpoint can exist (crash consistency)
+      _write_synced(self.path, "a", line)
     else:
       # GFile has no append on object stores: the file is rewritten with the new line.
       self._text += line
@@ -93,10 +89,7 @@ class MetricWriter:
     """Writes the whole file in one piece (a new file renamed over the old one)."""
     tmp = self.path + ".tmp"
     if self._local:
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+      _write_synced(tmp, "w", text)
       os.replace(tmp, self.path)
       return
     gfile = self._tf.io.gfile
@@ -108,6 +101,13 @@ class MetricWriter:
     self.flush()
     if self.enabled:
       self._tb.close()
+
+
+def _write_synced(path: str, mode: str, text: str) -> None:
+  with open(path, mode, encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class TrainMeter:

@@ -20,15 +20,9 @@ no file that passes for complete, and the next try starts it again. A file whose
 differs is an error and is deleted. Every failure is a `WeightsError` (an OSError, so
 the tools print it as one `error: ...` line) naming the spec and what to do.
 
-Several processes (the processes of a multi-process job, or several jobs) may resolve
-the same name at once: a file lock beside the target lets one download while the others
-wait and then read the finished file (`huggingface_hub` locks its blobs the same way).
-Each host downloads into its own cache unless the cache directory is shared: a barrier
-across hosts would need JAX's distributed runtime before the model exists, and every
-host reads the file from its own disk anyway.
-
-`CLIP_TOKENIZERS` maps the official CLIP names to the Hub repos of their tokenizer files
-(`lseg_jax.text.load_tokenizer` reads them with `hub_files`).
+Processes resolving the same name at once share one download through a file lock beside
+the target (`huggingface_hub` locks its blobs the same way); each host downloads into its
+own cache unless the cache directory is shared.
 
 Direct downloads live in `$LSEG_JAX_CACHE` (default `~/.cache/lseg_jax`, under
 `$XDG_CACHE_HOME` when set); `HF_HUB_OFFLINE=1` turns their network use off too.
@@ -63,22 +57,14 @@ class WeightsError(UserError, OSError):
 
 @dataclasses.dataclass(frozen=True)
 class Official:
-  """Where one official name's file comes from.
-
-  kind: the `config.init` field that takes it (`timm_vit`, `torchvision_resnet`, `clip`).
-  url: a direct download; or `hub` + `filename`: a file of a Hugging Face Hub repo.
-  sha256: the file's full SHA-256, only where a source states it (OpenAI's URLs embed
-    theirs; the Hub states an LFS file's own); sha256_prefix: the leading hex digits a
-    file name carries (torchvision's rule: `name-<first 8+ hex digits of the SHA-256>.pth`).
-  source: the evidence that this is the file the official code loaded (docs/interop.md).
-  """
-  kind: str
-  url: str = ""
-  hub: str = ""
-  filename: str = ""
-  sha256: str = ""
-  sha256_prefix: str = ""
-  source: str = ""
+  """Where one official name's file comes from."""
+  kind: str  # the `config.init` field that takes it
+  url: str = ""  # a direct download, or:
+  hub: str = ""  # a Hugging Face Hub repo and
+  filename: str = ""  # its file
+  sha256: str = ""  # only where a source states it (OpenAI's URLs, the Hub for LFS files)
+  sha256_prefix: str = ""  # torchvision's `name-<first 8+ hex digits>.pth`
+  source: str = ""  # evidence that the official code loaded this file (docs/interop.md)
 
 
 _CLIP = "https://openaipublic.azureedge.net/clip/models/{}/{}"
@@ -165,14 +151,9 @@ def names(kind: str | None = None) -> list[str]:
 
 
 def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
-  """A local path (a file; a folder for a Hub CLIP repo) holding `spec`'s weights.
-
-  Args:
-    spec: a local path, an official name (`OFFICIAL`), an http(s) URL or a Hub id.
-    kind: what the file is for (one of `KINDS`): chooses the files of a Hub repo and
-      refuses an official name of another kind.
-    what: how the user wrote it (e.g. "config.init.clip"), for error messages.
-  """
+  """A local path (a file; a folder for a Hub CLIP repo) holding `spec`'s weights (module
+  docstring). `kind` (`KINDS`) chooses the files of a Hub repo and refuses an official
+  name of another kind; `what` is how the user wrote it ("config.init.clip")."""
   assert kind in KINDS, kind
   spec = os.fspath(spec)
   if os.path.exists(spec):
@@ -198,9 +179,7 @@ def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
       f"Hub id (owner/name){known}")
 
 
-# ---------------------------------------------------------------------------
-# Direct URLs
-# ---------------------------------------------------------------------------
+# --- Direct URLs ---
 def _url_sha256(url: str) -> str:
   for part in urllib.parse.urlparse(url).path.split("/"):
     if _SHA256.fullmatch(part):
@@ -281,9 +260,7 @@ def _fetch(url: str, dest: str, label: str, sha256: str, sha256_prefix: str) -> 
       os.remove(tmp)
 
 
-# ---------------------------------------------------------------------------
-# Hugging Face Hub
-# ---------------------------------------------------------------------------
+# --- Hugging Face Hub ---
 def hub_cache_dir() -> str | None:
   """huggingface_hub's cache as the environment says now (it reads its variables once,
   at import); None: its default."""
@@ -317,13 +294,9 @@ def hub_files(repo: str, groups: Sequence[Sequence[str]], label: str, *,
   where = f"Hugging Face Hub repo {repo!r} ({' + '.join(groups[0])})"
   if offline():
     raise _no_network(label, where, "HF_HUB_OFFLINE is set")
-  # huggingface_hub retries an unreachable host for ~20 s; one connect attempt decides.
-  endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-  try:
-    socket.create_connection((endpoint.hostname, endpoint.port or (
-        443 if endpoint.scheme == "https" else 80)), timeout=CONNECT_TIMEOUT_S).close()
-  except OSError as e:
-    raise _no_network(label, where, f"cannot reach {endpoint.hostname}: {e}") from None
+  unreachable = hub_unreachable()
+  if unreachable:
+    raise _no_network(label, where, unreachable)
   missing = []
   for files in groups:
     try:
@@ -333,6 +306,18 @@ def hub_files(repo: str, groups: Sequence[Sequence[str]], label: str, *,
       missing.append(" + ".join(files))
   raise WeightsError(f"{label}: Hugging Face Hub repo {repo!r} has none of "
                      f"{' or '.join(missing)}")
+
+
+def hub_unreachable(timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+  """Why the Hub (`HF_ENDPOINT`) cannot be reached, by one connect attempt
+  (huggingface_hub retries an unreachable host for ~20 s); None if it can."""
+  endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+  port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+  try:
+    socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    return None
+  except OSError as e:
+    return f"cannot reach {endpoint.hostname}: {e}"
 
 
 def _hub_download(repo: str, filename: str, label: str, sha256: str) -> str:
@@ -380,4 +365,5 @@ def file_sha256(path: str) -> str:
 
 __all__ = ["CLIP_TOKENIZERS", "HUB_ID", "OFFICIAL", "Official", "TOKENIZER_FILES",
            "WeightsError", "cache_dir", "download_url", "file_sha256", "hub_cache_dir",
-           "hub_cached", "hub_files", "names", "offline", "resolve", "url_cache_path"]
+           "hub_cached", "hub_files", "hub_unreachable", "names", "offline", "resolve",
+           "url_cache_path"]

@@ -168,9 +168,9 @@ def test_model_field_choices_are_declared_once():
   of the model's fields from `lseg.FIELD_CHOICES`."""
   from lseg_jax.cli import convert  # pylint: disable=g-import-not-at-top
   for name, choices in lseg.FIELD_CHOICES.items():
-    check, expected = config_lib.CHECKS[f"model.{name}"]
-    assert all(check(c) for c in choices) and not check("no-such-value"), name
-    assert all(repr(c) in expected for c in choices), (name, expected)
+    spec = config_lib.all_fields()[f"model.{name}"]
+    assert all(spec.ok(c) for c in choices) and not spec.ok("no-such-value"), name
+    assert all(repr(c) in spec.expected for c in choices), (name, spec.expected)
     with pytest.raises(UserError, match=f"unknown {name} 'no-such-value'"):
       lseg.LSegConfig(**{name: "no-such-value"})
   parser = convert.build_parser()

@@ -4,24 +4,20 @@ r"""Times the real train and inference steps of a config on generated batches.
   python tools/benchmark.py --config configs/ade20k.py:variant=vitb32 --task infer \
       --config.batch_size=1 --config.data.crop_size=384 --config.model.dtype=float32 --torch
 
-`--aot TOPOLOGY` times nothing: it compiles the same train step (`--task train`) and
-the evaluation/inference forward (`--task infer`; both by default) for a TPU slice with
-libtpu's compile-only client, on this machine (no TPU needed; `pip install -e ".[tpu]"`),
-and prints per-chip HBM (and whether it fits), FLOPs and HBM bytes per chip and per
-image, the roofline step time and images/s per chip (`lseg_jax.aot`; docs/scaling.md):
+`--aot TOPOLOGY` (e.g. v5p:2x2x2, v5e:2x4, v4:2x2x2, v6e:2x2) times nothing: it compiles
+the same programs for a TPU slice with libtpu's compile-only client on this machine (no
+TPU needed; `pip install -e ".[tpu]"`) and prints per-chip HBM, FLOPs, HBM bytes and the
+roofline (`lseg_jax.aot`; docs/scaling.md; `--aot-breakdown N`: the N source lines moving
+the most bytes):
 
   python tools/benchmark.py --config configs/ade20k.py:variant=vitl16 --aot v5p:2x2x1 \
       --config.batch_size=32 --aot-breakdown 20
 
 Random weights, no data files. `train` times the jitted, donated train step of
-`tools/train.py` (`lseg_jax.train.jit_train_step`, the state built from the config on its
-mesh) on batches of `config.batch_size` generated `config.data.crop_size` crops with
-`--labels` labels. `infer` times the model forward + per-pixel argmax (what
-`inference.ImagePredictor` and single-scale evaluation run) on `--infer-batch` crops
-(default `config.batch_size`); `--multiscale` also times the official multi-scale
-sliding-window protocol (`lseg_jax.evaluate.Evaluator` with `inference.SlidingWindow`) on
-one image of `--image-size`. Label embeddings are random [labels, D] arrays, computed
-once, as in training and evaluation: the text tower is not part of the cost.
+`tools/train.py` on `config.batch_size` generated crops; `infer` the forward + per-pixel
+argmax of single-scale evaluation and prediction on `--infer-batch` crops; `--multiscale`
+also the official multi-scale sliding-window protocol on one `--image-size` image. Label
+embeddings are random and computed once: the text tower is not part of the cost.
 
 Every figure: the first call (compilation + one step) is timed on its own, then the
 median and the minimum of `--steps` timed calls, each ended by `block_until_ready`.
@@ -32,22 +28,16 @@ images/s / (devices x the device's peak FLOP/s for the compute dtype, `PEAK_FLOP
 (so `infer`'s figure is also part of `train`'s with `--task both`); "n/a" where the
 platform reports none (CPU).
 
-`--torch` also times the PyTorch LSeg of `lseg_jax.torch_lseg` (same model settings,
-random weights, cached label embeddings) on the same kind of device, in float32 and in
-bfloat16 autocast: train = forward + cross-entropy + backward + SGD step with the text
-tower frozen, infer = forward + argmax under `torch.inference_mode`.
-`--torch-text-tower trained` makes its train step the official lang-seg one, which
-encodes the label texts with its CLIP text tower and backpropagates through it (and
-updates it) every step: the same step plus the text tower's forward and backward.
-Each of its entries carries `jax_speedup` = JAX images/s / PyTorch images/s. With
-`--torch` on a GPU, JAX does not preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false
-unless set), so that both fit.
+`--torch` also times the PyTorch LSeg of `lseg_jax.torch_lseg` (same settings, random
+weights, cached label embeddings) on the same kind of device in float32 and bfloat16
+autocast (train: forward + cross-entropy + backward + SGD, text tower frozen, or with
+`--torch-text-tower trained` encoded and backpropagated every step as official lang-seg
+does; infer: forward + argmax); each entry carries `jax_speedup`. On a GPU, JAX then does
+not preallocate memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set).
 
-`--data` (with `--task train|both`) also times this process's tf.data train pipeline
-(`lseg_jax.cli.benchmark_data.measure`: generated 512x683 JPEG/PNG pairs, the config's
-crop and base size, this process's share of the batch) and says which is the bound:
-`"bound": "input pipeline"` if it delivers fewer images/s than this process's share
-of the train step consumes, else `"train step"`.
+`--data` (with `--task train|both`) also times this process's tf.data train pipeline on
+generated ADE20K-shaped JPEG/PNG pairs (`benchmark_data.measure`) and says which is the
+bound: `"bound": "input pipeline"` or `"train step"`.
 
 Prints one JSON line (also written to `--json FILE`); progress goes to stderr.
 """
@@ -92,9 +82,7 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   common.add_config_arg(p, required=True, help_text="training config file[:arg]")
   p.add_argument("--task", choices=TASKS, default="both", help="what to time")
   p.add_argument("--steps", type=int, default=5,
@@ -111,19 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--torch-dtypes", default=",".join(TORCH_DTYPES),
                  help="comma-separated PyTorch precisions for --torch")
   p.add_argument("--torch-text-tower", choices=TORCH_TEXT_TOWER, default="frozen",
-                 help="--torch train step: label embeddings cached (frozen), or encoded "
-                      "and backpropagated every step as official lang-seg does (trained)")
-  p.add_argument("--data", action="store_true",
-                 help="train: also time this process's input pipeline on generated "
-                      "ADE20K-shaped JPEG/PNG pairs (config crop and base size, this "
-                      "process's share of the batch) and report which one is the bound")
+                 help="--torch train step: label embeddings cached, or trained as lang-seg")
+  p.add_argument("--data", action="store_true", help="train: also time the input pipeline")
   p.add_argument("--aot", metavar="TOPOLOGY", default=None,
-                 help="compile the --task programs for a TPU slice (e.g. v5p:2x2x2, v5e:2x4, "
-                      "v4:2x2x2, v6e:2x2) on this machine with libtpu's compile-only client "
-                      "(pip install -e \".[tpu]\") and report HBM, FLOPs, bytes and the "
-                      "roofline instead of timing (lseg_jax.aot)")
+                 help="compile for a TPU slice instead of timing (see below)")
   p.add_argument("--aot-breakdown", type=int, default=0, metavar="N",
-                 help="with --aot: also list the N source lines moving the most HBM bytes")
+                 help="with --aot: the N source lines moving the most HBM bytes")
   p.add_argument("--json", default=None, help="also write the JSON line to this file")
   common.add_distributed_args(p)
   return p
@@ -161,11 +142,13 @@ def peak_memory(device) -> int | str:
 
 
 def generated_batch(rng, batch_size: int, crop: int, num_labels: int):
-  """Random image [B, crop, crop, 3] in [-1, 1], label [B, crop, crop], all labels on."""
+  """Random image [B, H, W, 3] in [-1, 1], label [B, H, W], all labels on; crop: an int
+  (square) or (H, W)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  h, w = (crop, crop) if isinstance(crop, int) else crop
   return {
-      "image": rng.uniform(-1, 1, (batch_size, crop, crop, 3)).astype(np.float32),
-      "label": rng.integers(-1, num_labels, (batch_size, crop, crop)).astype(np.int32),
+      "image": rng.uniform(-1, 1, (batch_size, h, w, 3)).astype(np.float32),
+      "label": rng.integers(-1, num_labels, (batch_size, h, w)).astype(np.int32),
       "label_mask": np.ones((batch_size, num_labels), bool),
   }
 
@@ -174,8 +157,7 @@ def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------
-# JAX
+# --- JAX ---
 
 
 def bench_infer(state, spec, mesh, text_emb, batch_size: int, crop: int, labels: int,
@@ -217,9 +199,7 @@ def bench_multiscale(state, spec, text_emb, crop: int, labels: int, image_size, 
   ev = evaluate.Evaluator(model, [f"label {i}" for i in range(labels)], np.asarray(text_emb),
                           episodic=False, window=window)
   rng = np.random.default_rng(2)
-  batch = {"image": rng.uniform(-1, 1, (1, h, w, 3)).astype(np.float32),
-           "label": rng.integers(-1, labels, (1, h, w)).astype(np.int32),
-           "label_mask": np.ones((1, labels), bool), "valid": np.ones(1, bool),
+  batch = {**generated_batch(rng, 1, (h, w), labels), "valid": np.ones(1, bool),
            "image_size": np.array([[h, w]], np.int32)}
   windows = sum(len(inference.window_origins(
       *inference.scaled_size(h, w, s, window.base_size), crop, window.stride)[1])
@@ -254,8 +234,7 @@ def bench_train(state, spec, config, mesh, text_emb, labels: int, steps: int):
   return timing, float(box["metrics"]["loss"])
 
 
-# ----------------------------------------------------------------------------------------
-# PyTorch
+# --- PyTorch ---
 
 
 def add_torch(results: dict[str, Any], args, model_cfg, platform: str, infer_batch: int,
@@ -324,9 +303,7 @@ def add_data(results: dict[str, Any], config, process_count: int, steps: int) ->
   log(f"  {json.dumps(results['data'])}; bound: {results['bound']}")
 
 
-# ----------------------------------------------------------------------------------------
-
-
+# --- --aot ---
 def run_aot(args, config) -> int:
   """`--aot`: the programs of --task compiled for a TPU slice; one JSON line."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -339,12 +316,17 @@ def run_aot(args, config) -> int:
   results = aot.report(args.aot, config, args.labels, programs,
                        breakdown=args.aot_breakdown)
   results["date"] = datetime.date.today().isoformat()
+  emit(results, args.json)
+  return 0
+
+
+def emit(results: dict[str, Any], path: str | None) -> None:
+  """Prints the JSON line, and writes it to `path` when given."""
   line = json.dumps(results)
   print(line, flush=True)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
+  if path:
+    with open(path, "w", encoding="utf-8") as f:
       f.write(line + "\n")
-  return 0
 
 
 def bench_jax(results: dict[str, Any], args, config, spec, mesh, state, text_emb,
@@ -401,14 +383,10 @@ def main(argv=None) -> int:
   spec = state_lib.state_spec(config, mesh)
   model_cfg = spec.model_cfg
   crop = config.data.crop_size
-  infer_batch = args.infer_batch or config.batch_size
-  tasks = ("infer", "train") if args.task == "both" else (args.task,)
-
   try:
     counted = flops.count(model_cfg, crop, crop, args.labels)
   except ValueError:  # no formula for ResNet backbones
     counted = None
-  fwd = None if counted is None else counted.forward
   flops_of = lambda task: (None if counted is None else
                            counted.train if task == "train" else counted.forward)
   peak_by_dtype = lambda dtype: (lambda p: None if p is None else p * mesh.size)(
@@ -422,7 +400,7 @@ def main(argv=None) -> int:
       "devices": mesh.size, "mesh": dict(mesh.shape), "cpu_count": os.cpu_count(),
       "jax_version": jax.__version__,
       "peak_flops_per_device": NA if peak is None else peak / mesh.size,
-      "forward_flops_per_image": NA if fwd is None else fwd,
+      "forward_flops_per_image": NA if counted is None else counted.forward,
   }
   log(f"{model_cfg.backbone} ({model_cfg.dtype}) at {crop}x{crop}, {args.labels} labels, on "
       f"{mesh.size} x {device.device_kind} ({device.platform})")
@@ -438,19 +416,16 @@ def main(argv=None) -> int:
 
   bench_jax(results, args, config, spec, mesh, state, text_emb, flops_of, peak)
   del state
-  if args.data and "train" in tasks:
+  if args.data and "train" in results:
     add_data(results, config, jax.process_count(), args.steps)
 
   if args.torch:
-    add_torch(results, args, model_cfg, device.platform, infer_batch, config.batch_size,
+    add_torch(results, args, model_cfg, device.platform,
+              args.infer_batch or config.batch_size, config.batch_size,
               crop, peak_by_dtype, flops_of)
 
-  line = json.dumps(results)
   if jax.process_index() == 0:
-    print(line, flush=True)
-    if args.json:
-      with open(args.json, "w", encoding="utf-8") as f:
-        f.write(line + "\n")
+    emit(results, args.json)
   distributed.done()
   return 0
 

@@ -7,6 +7,7 @@ normalise, batch.
 
   python tools/benchmark_data.py --batch_size=16 --num_batches=20
 """
+import inspect
 import os
 import time
 
@@ -18,16 +19,6 @@ from lseg_jax.data import registry
 from lseg_jax.data import synthetic
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 
-_HEIGHT = flags.DEFINE_integer("height", 512, "Image height.")
-_WIDTH = flags.DEFINE_integer("width", 683, "Image width.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 32, "Distinct images.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Batch size.")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Timed batches.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed batches first.")
-_CROP = flags.DEFINE_integer("crop_size", 480, "Training crop.")
-_BASE = flags.DEFINE_integer("base_size", 520, "Base size of random scaling.")
-_PARALLEL = flags.DEFINE_integer("num_parallel_calls", -1,
-                                 "tf.data parallelism (-1 = AUTOTUNE).")
 NUM_LABELS = 150
 
 
@@ -77,12 +68,14 @@ def measure(*, height: int = 512, width: int = 683, num_images: int = 32, batch_
           "num_batches": num_batches, "cpu_count": os.cpu_count()}
 
 
+# One flag per `measure` argument, with its default (num_parallel_calls -1: AUTOTUNE).
+for _name, _param in inspect.signature(measure).parameters.items():
+  flags.DEFINE_integer(_name, _param.default, f"measure({_name}=...)")
+
+
 def main(argv):
   del argv
-  r = measure(height=_HEIGHT.value, width=_WIDTH.value, num_images=_NUM_IMAGES.value,
-              batch_size=_BATCH.value, num_batches=_NUM_BATCHES.value, warmup=_WARMUP.value,
-              crop_size=_CROP.value, base_size=_BASE.value,
-              num_parallel_calls=_PARALLEL.value)
-  print(f"{r['images_per_s']:.1f} examples/sec ({_HEIGHT.value}x{_WIDTH.value} JPEG -> "
-        f"crop {_CROP.value}, batch {_BATCH.value}, {_NUM_BATCHES.value} "
+  r = measure(**{name: flags.FLAGS[name].value for name in inspect.signature(measure).parameters})
+  print(f"{r['images_per_s']:.1f} examples/sec ({r['image_size'][0]}x{r['image_size'][1]} JPEG "
+        f"-> crop {r['crop_size']}, batch {r['batch_size']}, {r['num_batches']} "
         f"batches in {r['seconds']:.1f} s, {r['cpu_count']} CPUs)")

@@ -31,7 +31,6 @@ from ml_collections import config_flags
 from lseg_jax import checkpoint
 from lseg_jax import config as config_lib
 from lseg_jax import distributed
-from lseg_jax import evaluate
 from lseg_jax import text
 from lseg_jax.errors import UserError
 from lseg_jax.models import lseg
@@ -112,11 +111,15 @@ def run(main, argv: Sequence[str] | None = None) -> int:
     return USER_ERROR_EXIT
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-  """Takes `--config.KEY=VALUE` and `--config.KEY VALUE` out of argv.
+def new_parser(doc: str) -> argparse.ArgumentParser:
+  """A tool's parser: the module docstring's first line as description, the rest as epilog."""
+  return argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
-  Returns (remaining argv, [(KEY, VALUE)]).
-  """
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """argv -> (argv without them, [(KEY, VALUE)] of `--config.KEY=VALUE` and
+  `--config.KEY VALUE`)."""
   rest, overrides = [], []
   argv = list(argv)
   i = 0
@@ -176,11 +179,8 @@ def _config_file_error(spec: str, e: BaseException) -> UserError:
 
 
 def read_config_file(spec: str):
-  """configs/NAME.py[:ARG] -> its get_config(ARG), loaded by ml_collections.
-
-  Raises:
-    UserError: the file is missing, does not parse, or its get_config fails.
-  """
+  """configs/NAME.py[:ARG] -> its get_config(ARG), loaded by ml_collections; UserError
+  if the file is missing, does not parse, or its get_config fails."""
   path = spec.partition(":")[0]
   if not os.path.isfile(path):
     raise UserError(f"--config file {path!r} does not exist; expected "
@@ -201,12 +201,8 @@ def read_config_file(spec: str):
 
 def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
                 base: dict[str, Any] | None = None):
-  """The completed config of a config file (or of `base`, e.g. a checkpoint's saved
-  config), with command-line overrides applied.
-
-  Raises:
-    UserError: the file does not load, or a field or override is not valid.
-  """
+  """The completed, checked config of a config file (or of `base`, e.g. a checkpoint's
+  saved config), with command-line overrides applied (UserError if not valid)."""
   raw = read_config_file(spec) if spec else base
   if raw is None:
     raise UserError("no config: give --config FILE[:ARG]")
@@ -305,5 +301,5 @@ def setup_logging() -> None:
 
 __all__ = ["DEBUG_ENV", "USER_ERROR_EXIT", "UserError", "VERBOSE_FLAG", "add_checkpoint_args",
            "add_config_arg", "add_distributed_args", "entry_point", "load_checkpoint",
-           "load_config", "parse", "read_config_file", "run", "setup_logging",
+           "load_config", "new_parser", "parse", "read_config_file", "run", "setup_logging",
            "split_overrides", "start_jax", "user_error_message"]

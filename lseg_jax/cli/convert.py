@@ -55,9 +55,7 @@ def _require_torch(what: str) -> None:
     raise UserError(f"{what} needs PyTorch, which is not installed; {_TORCH_HINT}") from e
 
 
-# ---------------------------------------------------------------------------
-# import
-# ---------------------------------------------------------------------------
+# --- import ---
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
   if os.path.exists(out_dir):
     if not os.path.isdir(out_dir):
@@ -110,9 +108,7 @@ def run_import(args) -> str:
           f"{time.perf_counter() - start:.1f} s")
 
 
-# ---------------------------------------------------------------------------
-# export
-# ---------------------------------------------------------------------------
+# --- export ---
 def _add_clip_weights(state_dict, clip_path: str, trust_pickle: bool):
   clip_path = weights.resolve(clip_path, kind="clip", what="--clip-weights")
   if os.path.isdir(clip_path):
@@ -158,9 +154,7 @@ def run_export(args) -> str:
           f"{len(state_dict)} tensors in {time.perf_counter() - start:.1f} s")
 
 
-# ---------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------
+# --- command line ---
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="tools/convert.py", description=__doc__,
@@ -170,26 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
   imp = sub.add_parser(
       "import", help="lang-seg checkpoint -> lseg-jax checkpoint directory",
       description=(
-          "Reads a lang-seg LSegNet checkpoint (Lightning .ckpt with `net.` keys, a bare "
-          "state dict saved with torch.save, or .safetensors), or one of the zero-shot "
-          "LSegNetZS (ViT) or LSegRNNetZS (ResNet-101) models, and writes an Orbax "
-          "checkpoint directory (weights plus the model config and the source file name). "
-          "The backbone, decoder width and readout are inferred from the weights. The "
-          "spatial-regularisation head is not: without head-block keys the model is "
-          "arch_option 0, like every released lang-seg model; with them, bottleneck (1) and "
-          "depthwise (2) hold the same weights, so --arch-option and --block-depth are "
-          "required (and --activation for --block-depth >= 2) unless the file records them "
-          "(our exports do). Nothing is written to OUT_DIR unless the import succeeds."))
+          "The backbone, decoder width and readout are inferred from the weights; a "
+          "spatial-regularisation head is not (bottleneck and depthwise hold the same "
+          "weights): --arch-option, --block-depth (and --activation for depth >= 2) are "
+          "then required unless the file records them. Nothing is written to OUT_DIR "
+          "unless the import succeeds."))
   imp.add_argument("src", metavar="SRC", help=(
-      "checkpoint file (.ckpt, .pt, .pth, .safetensors), or its http(s) URL (downloaded "
-      "once into the cache; a 64-hex-digit path component is checked as its SHA-256)"))
+      "checkpoint file (.ckpt, .pt, .pth, .safetensors), or its http(s) URL"))
   imp.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to create")
   imp.add_argument("--backbone", choices=sorted(lseg.FIELD_CHOICES["backbone"]),
-                   help="override the backbone inferred from the image encoder (ViT "
-                   "width and patch, ResNet depth) and the text width")
+                   help="override the backbone inferred from the weights")
   imp.add_argument("--arch-option", type=int, choices=lseg.FIELD_CHOICES["arch_option"],
-                   help="0 none, 1 bottleneck, 2 depthwise head block; required when the "
-                   "weights have a head block and the file does not record it")
+                   help="0 none, 1 bottleneck, 2 depthwise head block")
   imp.add_argument("--block-depth", type=int,
                    help="times the head block runs (lang-seg --block_depth)")
   imp.add_argument("--activation", choices=lseg.FIELD_CHOICES["activation"],
@@ -200,27 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let torch.load unpickle arbitrary objects (official Lightning "
                    "checkpoints may need it); only for files you trust")
   imp.add_argument("--tokenizer", default=None, help=(
-      "tokenizer to record for the model (a folder, a Hub id, an official CLIP name such "
-      "as ViT-B/32, or byte-level; default: "
-      "openai/clip-vit-base-patch32, or byte-level for a tiny byte-level vocabulary)"))
+      "tokenizer to record for the model (default: CLIP's, or byte-level for a byte-level "
+      "vocabulary)"))
   imp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   imp.set_defaults(run=run_import)
 
   exp = sub.add_parser(
       "export", help="lseg-jax checkpoint directory -> PyTorch state dict (LSegNet layout)",
-      description=(
-          "Writes {'state_dict': {LSegNet key: float32 tensor}, 'lseg_config': {...}} with "
-          "torch.save, in the official LSegNet layout (LSegRNNetZS for clip_resnet101). "
-          "Loaded into the official model with strict=False, only "
-          "clip_pretrained.visual.* and clip_pretrained.logit_scale are missing; "
-          "--clip-weights fills them from an OpenAI CLIP checkpoint so strict loading works."))
+      description="The file format and how the official code loads it: tools/convert.py --help.")
   exp.add_argument("ckpt_dir", metavar="CKPT_DIR", help="checkpoint directory (ours)")
   exp.add_argument("out", metavar="OUT.pt", help="file to write")
   exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   exp.add_argument("--clip-weights", metavar="CLIP.pt",
-                   help="OpenAI CLIP checkpoint (TorchScript .pt as downloaded by clip.load, "
-                   "or a state dict; or its clip.load name, e.g. ViT-B/32, downloaded and "
-                   "checked, or a URL) whose image tower and logit_scale to include")
+                   help="OpenAI CLIP checkpoint (a file, a clip.load name such as ViT-B/32, "
+                   "or a URL) whose image tower and logit_scale to include")
   exp.add_argument("--half", action="store_true",
                    help="store the CLIP tower (clip_pretrained.*) in float16, as the official "
                    "checkpoints do; the rest stays float32")

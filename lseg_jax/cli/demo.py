@@ -3,35 +3,18 @@ r"""Interactive segmentation in the browser: upload an image, type labels, see t
   pip install -e ".[demo]"
   python tools/demo.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860]
 
-then open http://127.0.0.1:7860 (the terminal prints the address when the page is
-ready). A Gradio app; any checkpoint `tools/predict.py` reads works: a run of
-tools/train.py, a lang-seg checkpoint imported with tools/convert.py, or the built-in
-default. Without --checkpoint the demo uses the built-in default's run,
-runs/synthetic_tiny, which `python tools/run_default.py --workdir runs/synthetic_tiny`
-makes (about 2 minutes on a CPU); while it is missing, the terminal and the page say
-so, and the page uses it as soon as it exists.
+then open http://127.0.0.1:7860. A Gradio app serving any checkpoint tools/predict.py
+reads; without --checkpoint the built-in default's run, runs/synthetic_tiny (made by
+`python tools/run_default.py --workdir runs/synthetic_tiny`; the page picks it up as soon
+as it exists).
 
-Page inputs: an image (upload, paste, webcam or an example), labels as free text
-(comma-separated; "other" is an ordinary label), an optional prompt template with
-one "{}" (blank: the checkpoint's training template; "{}": the bare names), the
-single-scale or the official multi-scale + flip protocol, and the overlay opacity.
-Outputs: the overlay with its legend in label order (colour, label, area %), the
-label map in the legend's colours, a per-label area table, and downloads: the
-overlay PNG, the label-index PNG and the JSON report, as tools/predict.py writes
-them (`lseg_jax.predict` computes all of them for both).
-
-Images whose long side exceeds --max-side (default 1024) are shrunk to it, aspect
-kept, before segmenting; the outputs have the shrunk size and the page says so.
-16-bit, float, grayscale, alpha and CMYK images are converted as
-`lseg_jax.predict.load_image` documents. Bad input (no labels, an empty or
-duplicate label, a template without "{}", a file that is not an image) gets a
-message in the page; labels longer than CLIP's 77 tokens get a warning.
-
-The model loads once; label embeddings are cached per label set and template.
-Requests wait in a queue (--queue-size) and run one at a time, since one
-prediction already uses every core; a request's image, labels and outputs are its
-own. Nothing is fetched from the network: no analytics, no share link, fonts
-served by the app itself.
+The page takes an image, labels separated by commas, an optional prompt template with one
+"{}", single-scale or the official multi-scale + flip protocol and the overlay opacity,
+and shows the overlay with its legend, the label map, an area table and the files
+tools/predict.py writes (`lseg_jax.predict` computes all of them for both). Images over
+--max-side are shrunk first; bad input gets a message in the page. The model loads once;
+requests wait in a queue (--queue-size) and run one at a time. Nothing is fetched from
+the network: no analytics, no share link, fonts served by the app itself.
 """
 from __future__ import annotations
 
@@ -81,9 +64,7 @@ log = logging.getLogger("lseg_jax.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   common.add_checkpoint_args(p, required=False, default=None)
   p.add_argument("--host", default="127.0.0.1",
                  help="address to serve on (0.0.0.0: every interface of this machine)")
@@ -133,11 +114,8 @@ class Result:
 
 
 class DemoBackend:
-  """The demo without its web page: loads the model once, segments requests.
-
-  Args:
-    args: parsed arguments (`parse_args`).
-  """
+  """The demo without its web page (`parse_args`' arguments): loads the model once,
+  segments requests."""
 
   def __init__(self, args: argparse.Namespace):
     self.args = args
@@ -160,11 +138,8 @@ class DemoBackend:
     return missing_default_message(self.checkpoint)
 
   def load(self) -> bool:
-    """Loads the model unless loaded; False while the default checkpoint is missing.
-
-    Raises:
-      ValueError: the checkpoint cannot be loaded (the message says why).
-    """
+    """Loads the model unless loaded; False while the default checkpoint is missing,
+    ValueError saying why it cannot be loaded."""
     with self._load_lock:
       if self.segmenter is not None:
         return True
@@ -217,16 +192,9 @@ class DemoBackend:
   # --- One request.
   def segment(self, image_source, image_name: str, labels_text: str, template: str | None,
               protocol: str, alpha: float) -> Result:
-    """Segments one uploaded image; every user error is a ValueError with the message.
-
-    Args:
-      image_source: a path, bytes or binary file of the uploaded image.
-      image_name: the name the user knows it by (messages, output names).
-      labels_text: comma-separated labels (`predict.parse_labels`: \\, is a comma).
-      template: prompt template with one "{}"; None or blank: the checkpoint's.
-      protocol: `predict.SINGLE_SCALE` or `predict.MULTI_SCALE`.
-      alpha: overlay opacity in [0, 1].
-    """
+    """Segments one uploaded image (a path, bytes or binary file; `image_name` as the user
+    knows it) into `predict.parse_labels(labels_text)`; template None or blank: the
+    checkpoint's. Every user error is a ValueError with the message."""
     start = time.perf_counter()
     if not self.load():
       raise ValueError(self.missing())
@@ -293,9 +261,7 @@ def _safe_stem(name: str) -> str:
   return stem[:64] or "image"
 
 
-# --------------------------------------------------------------------------
-# The web page.
-# --------------------------------------------------------------------------
+# --- The web page ---
 def _configure_gradio_environment() -> None:
   """Before Gradio is imported: no analytics or version checks (no network)."""
   os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

@@ -30,9 +30,7 @@ from lseg_jax.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   p.add_argument("--processes", type=int, required=True, help="number of processes")
   p.add_argument("--devices-per-process", type=int, default=None, help=(
       "CPU: host devices per process (default 1); GPU: GPUs per process (default 1)"))

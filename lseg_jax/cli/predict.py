@@ -20,31 +20,18 @@ OUT/<image stem>):
                     (`model.embed_pixels`, before the dot product with the
                     label embeddings); H', W' = the model input size below.
 
-Images: any Pillow image; 16-bit, float, grayscale, palette, alpha and CMYK
-images are converted to 8-bit RGB as `lseg_jax.predict.load_image` documents
-(alpha over white). --max-side N first shrinks larger images (aspect kept); the
-outputs then have the reduced size.
-
-Single scale (default): RGB normalised with mean 0.5 / std 0.5. Sides that are
-multiples of the model's size multiple (32) are used as they are; otherwise the
-image is resized (bilinear) to the nearest multiples of 32 and the logits are
-resized back to the original size before the argmax
-(`lseg_jax.inference.ImagePredictor`). --multiscale: the official multi-scale +
-flip protocol (scales 0.5-1.75, sliding windows; `lseg_jax.inference`) at the
-base and crop sizes of the checkpoint's training data, else 520 / 480; no
---embeddings-out then.
-
-Label embeddings: the checkpoint's frozen CLIP text tower, once per label set,
-with --prompt or else the checkpoint's training template (meta
-"text_template"; none = bare names). Tokenizer: --tokenizer, else the
-checkpoint meta's "tokenizer" (a folder, a Hub id, an official CLIP name such
-as ViT-B/32, or "byte-level" for the tiny offline models; relative folders are
-looked up in the checkpoint folder first), else openai/clip-vit-base-patch32
-(local Hugging Face cache first).
+Images are read as `lseg_jax.predict.load_image` documents; --max-side N first shrinks
+larger ones (the outputs then have the reduced size). Single scale (default) runs
+`lseg_jax.inference.ImagePredictor` (sides rounded to multiples of 32, logits resized
+back); --multiscale the official multi-scale + flip protocol at the checkpoint's training
+base and crop sizes (no --embeddings-out then). Labels are embedded once by the
+checkpoint's frozen text tower with --prompt, else its training template, and
+--tokenizer, else its own (`lseg_jax.text.checkpoint_label_embedder`).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 
@@ -56,13 +43,9 @@ from lseg_jax import distributed
 from lseg_jax import predict as predict_lib
 from lseg_jax.cli import common
 
-# `lseg_jax.predict` imports JAX: the functions load it after the arguments are checked.
-
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   common.add_checkpoint_args(p)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--image", help="one image file")
@@ -137,13 +120,9 @@ def output_stems(paths: list[str]) -> dict[str, str]:
   """{image path: output stem}: the file's stem, or stem_EXT where two images share a
   stem (good.jpg and good.png -> good_jpg, good_png), so no output overwrites another."""
   stems = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
-  counts = {}
-  for stem in stems.values():
-    counts[stem] = counts.get(stem, 0) + 1
-  out = {}
-  for p, stem in stems.items():
-    ext = os.path.splitext(p)[1].lstrip(".").lower()
-    out[p] = f"{stem}_{ext}" if counts[stem] > 1 else stem
+  counts = collections.Counter(stems.values())
+  out = {p: f"{stem}_{os.path.splitext(p)[1].lstrip('.').lower()}" if counts[stem] > 1
+         else stem for p, stem in stems.items()}
   if len(set(out.values())) != len(out):
     raise common.UserError(f"images in {os.path.dirname(paths[0])!r} give the same output "
                            "name; rename them")
@@ -155,20 +134,11 @@ def output_paths(args, stem: str) -> dict[str, str | None]:
     base = args.out[:-4]
   else:
     base = os.path.join(args.out, stem)
-  paths = {"overlay": base + ".png", "labels": base + "_labels.png", "json": base + ".json",
-           "logits": None, "embeddings": None}
-  if args.logits_out:
-    paths["logits"] = (args.logits_out if args.image
-                       else os.path.join(args.logits_out, stem + ".npz"))
-  if args.embeddings_out:
-    paths["embeddings"] = (args.embeddings_out if args.image
-                           else os.path.join(args.embeddings_out, stem + ".npy"))
+  paths = {"overlay": base + ".png", "labels": base + "_labels.png", "json": base + ".json"}
+  for key, out, ext in (("logits", args.logits_out, ".npz"),
+                        ("embeddings", args.embeddings_out, ".npy")):
+    paths[key] = out and (out if args.image else os.path.join(out, stem + ext))
   return paths
-
-
-def _makedirs_for(path):
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
 
 
 def main(argv=None) -> int:
@@ -230,7 +200,7 @@ def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
   paths = output_paths(args, stem)
   for p in paths.values():
     if p:
-      _makedirs_for(p)
+      os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
   files = {}
   if paths["logits"]:
     np.savez(paths["logits"], logits=np.ascontiguousarray(

@@ -25,9 +25,7 @@ from lseg_jax.cli import predict
 from lseg_jax.data import synthetic
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   common.add_config_arg(p, required=False, help_text=(
       "training config file[:arg] (default: configs/synthetic_tiny.py)"))
   p.add_argument("--workdir", default="runs/synthetic_tiny", help="output directory")

@@ -36,9 +36,7 @@ EXIT_PREEMPTED = 75
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   common.add_config_arg(p, required=True, help_text="training config file[:arg]")
   p.add_argument("--workdir", required=True, help=(
       "directory for checkpoints and metrics (local, or any path etils.epath reads, "

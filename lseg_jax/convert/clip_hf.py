@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
-from lseg_jax.convert.mapping import (TRANSPOSE, MappingTable, Rule, concat, layer_norm,
-                                      linear)
+from lseg_jax.convert.mapping import TRANSPOSE, MappingTable, Rule, concat, layer_norm
 from lseg_jax.models import clip_text
 
 _LAYER = "text_model.encoder.layers.{i}."
@@ -32,12 +31,10 @@ def _layer_rules():
       Rule(_NNX_BLOCK + "attn/in_proj/bias",
            tuple(f"{attn}{p}_proj.bias" for p in "qkv"), concat(3, 0)),
   ]
-  for nnx_name, hf_name in (("attn/out_proj", "self_attn.out_proj"), ("mlp/c_fc", "mlp.fc1"),
-                            ("mlp/c_proj", "mlp.fc2")):
-    rules += linear(_NNX_BLOCK + nnx_name, _LAYER + hf_name)
-  for nnx_name, hf_name in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
-    rules += layer_norm(_NNX_BLOCK + nnx_name, _LAYER + hf_name)
-  return rules
+  return rules + mapping.block_rules(
+      _NNX_BLOCK, _LAYER, (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")),
+      (("attn/out_proj", "self_attn.out_proj"), ("mlp/c_fc", "mlp.fc1"),
+       ("mlp/c_proj", "mlp.fc2")))
 
 
 TABLE = MappingTable(
@@ -114,18 +111,10 @@ def read_hf_checkpoint(path) -> tuple[dict[str, Any], dict[str, Any]]:
 def load_hf_clip_text(path_or_state_dict, model: clip_text.CLIPTextTransformer | None = None,
                       *, config: Mapping[str, Any] | None = None, prefix: str = "",
                       dtype: Any = jnp.float32) -> clip_text.CLIPTextTransformer:
-  """Loads Hugging Face CLIP text weights into our OpenAI-layout tower.
-
-  Args:
-    path_or_state_dict: a Hugging Face model folder (`config.json` +
-      `model.safetensors`), or a state dict (numpy or torch) with `config`.
-    model: the tower to load into (in place); None builds one from the config.
-    config: config.json dict; read from the folder when a path is given.
-    prefix: key prefix of the CLIP model inside the state dict.
-    dtype: compute dtype of a built model (ignored when `model` is given).
-
-  Our tower pools at the largest token id, which equals Hugging Face's pooling at
-  the first end-of-text token whenever end-of-text is the largest id (CLIP's
+  """Loads Hugging Face CLIP text weights (a model folder, or a state dict with its
+  config.json dict `config`; keys under `prefix`) into `model` in place, or into one
+  built from the config. Our tower pools at the largest token id, which equals Hugging
+  Face's pooling at the first end-of-text token whenever end-of-text is the largest id (CLIP's
   49407) or the config keeps the legacy `eos_token_id=2` (argmax) behaviour.
   """
   if isinstance(path_or_state_dict, (str, os.PathLike)):

@@ -12,10 +12,8 @@ from typing import Any, Mapping
 from flax import nnx
 import jax.numpy as jnp
 
-from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
-from lseg_jax.convert.mapping import (IDENTITY, TRANSPOSE, MappingTable, Rule, layer_norm,
-                                      linear)
+from lseg_jax.convert.mapping import IDENTITY, TRANSPOSE, MappingTable, Rule, layer_norm
 from lseg_jax.models import clip_text
 
 _BLOCK = "transformer.resblocks.{i}."
@@ -23,13 +21,10 @@ _NNX_BLOCK = "transformer/resblocks/{i}/"
 
 
 def _block_rules():
-  rules = layer_norm(_NNX_BLOCK + "ln_1", _BLOCK + "ln_1")
-  rules += layer_norm(_NNX_BLOCK + "ln_2", _BLOCK + "ln_2")
-  rules += [Rule(f"{_NNX_BLOCK}attn/in_proj/kernel", f"{_BLOCK}attn.in_proj_weight", TRANSPOSE),
-            Rule(f"{_NNX_BLOCK}attn/in_proj/bias", f"{_BLOCK}attn.in_proj_bias")]
-  for name in ("attn/out_proj", "mlp/c_fc", "mlp/c_proj"):
-    rules += linear(_NNX_BLOCK + name, _BLOCK + name.replace("/", "."))
-  return rules
+  return [Rule(f"{_NNX_BLOCK}attn/in_proj/kernel", f"{_BLOCK}attn.in_proj_weight", TRANSPOSE),
+          Rule(f"{_NNX_BLOCK}attn/in_proj/bias", f"{_BLOCK}attn.in_proj_bias"),
+          *mapping.block_rules(_NNX_BLOCK, _BLOCK, ("ln_1", "ln_2"),
+                               ("attn/out_proj", "mlp/c_fc", "mlp/c_proj"))]
 
 
 TABLE = MappingTable(
@@ -57,15 +52,8 @@ def find_prefix(state_dict: Mapping[str, Any]) -> str:
   """The key prefix of the OpenAI CLIP text tower in `state_dict` ("" for a bare
   CLIP model, "clip_pretrained." for lang-seg, "net.clip_pretrained." for its
   Lightning checkpoints)."""
-  found = [k[:-len("token_embedding.weight")] for k in state_dict
-           if k.endswith("token_embedding.weight")
-           and k[:-len("token_embedding.weight")] + "positional_embedding" in state_dict]
-  if len(found) != 1:
-    sample = sorted(state_dict)[:10]
-    raise ValueError(
-        "expected exactly one OpenAI CLIP text tower (keys '<prefix>token_embedding.weight' "
-        f"and '<prefix>positional_embedding'), found prefixes {found}; first keys: {sample}")
-  return found[0]
+  return mapping.find_prefix(state_dict, "token_embedding.weight", "positional_embedding",
+                             "OpenAI CLIP text tower")
 
 
 def infer_config(state_dict: Mapping[str, Any], prefix: str = "", **overrides
@@ -96,27 +84,12 @@ def infer_config(state_dict: Mapping[str, Any], prefix: str = "", **overrides
 def load_openai_clip_text(path_or_state_dict, model: clip_text.CLIPTextTransformer | None = None,
                           *, prefix: str | None = None, dtype: Any = jnp.float32,
                           heads: int | None = None) -> clip_text.CLIPTextTransformer:
-  """Loads OpenAI-layout CLIP text weights.
-
-  Args:
-    path_or_state_dict: a `.pt` file (TorchScript archive from `clip.load`'s
-      downloads, or a pickled state dict / Lightning checkpoint), a `.safetensors`
-      file, or a state dict of numpy arrays or torch tensors.
-    model: the tower to load into (in place); None builds one whose variant is
-      inferred from the shapes (see `infer_config`).
-    prefix: key prefix of the text tower; None finds it (see `find_prefix`).
-    dtype: compute dtype of a built model (ignored when `model` is given).
-    heads: attention heads of a built model; None: width // 64.
-
-  Returns:
-    the loaded model. Image-tower keys and `logit_scale` are ignored; any other
-    key that does not fit raises a `mapping.MappingError` listing them all.
-  """
-  state_dict = layout.read_state_dict(path_or_state_dict)
-  if prefix is None:
-    prefix = find_prefix(state_dict)
-  # Keys outside the text tower's prefix (the rest of an LSeg checkpoint) are not ours.
-  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  """Loads OpenAI-layout CLIP text weights (a state dict or any file
+  `langseg_layout.read_state_dict` reads: `clip.load`'s TorchScript archives, lang-seg
+  checkpoints; prefix None: found) into `model` in place, or into one built from the
+  shapes (`infer_config`; `dtype`, `heads`). Image-tower keys and `logit_scale` are
+  ignored; MappingError lists every other key that does not fit."""
+  state_dict, prefix = mapping.read_under_prefix(path_or_state_dict, prefix, find_prefix)
   if model is None:
     cfg = infer_config(state_dict, prefix, dtype=dtype, **({"heads": heads} if heads else {}))
     model = lambda: clip_text.CLIPTextTransformer(cfg, rngs=nnx.Rngs(0))

@@ -1,41 +1,20 @@
 """lang-seg `LSegNet` state dict <-> our `LSeg`, both directions with one table.
 
-Key layout of the official checkpoints (Lightning `.ckpt` files prefix every key
-with `net.`):
-
-  clip_pretrained.*                 OpenAI CLIP; the text tower maps onto our
-                                    `clip_pretrained` (`convert.clip_openai`), the
-                                    image tower (`visual.*`) and `logit_scale` are
-                                    not part of LSeg's forward pass and are skipped
+The official key layout is `lseg_jax.langseg_layout`'s (shared with the PyTorch LSeg,
+with reading files and inferring settings from shapes); this module holds the table:
+  clip_pretrained.*                 OpenAI CLIP text tower (`convert.clip_openai`); the
+                                    image tower and `logit_scale` are skipped
   pretrained.model.*                timm ViT (`convert.timm_vit`)
-  pretrained.act_postprocessN.0.project.0.*   readout Linear    -> readout/project
-  pretrained.act_postprocessN.3.*   1x1 Conv2d                  -> conv
-  pretrained.act_postprocessN.4.*   ConvTranspose2d [I, O, k, k] or strided 3x3
-                                    Conv2d                      -> resample
-  scratch.layerN_rn.weight          3x3 Conv2d, no bias
-  scratch.refinenetN.resConfUnitU.{conv1,conv2,bn1,bn2}.*, .out_conv.*
-                                    BatchNorm running_mean/var/num_batches_tracked
-                                    <-> our BatchStats mean/var/num_batches_tracked
-  scratch.head1.*                   1x1 Conv2d to the text width
-  scratch.head_block.depthwise.depthwise.{weight [1,1,3,3], bias [1]}
-                                    <-> SpatialRegularization kernel [3,3], bias []
-
-The zero-shot ResNet model (`LSegRNNetZS`, backbone `clip_resnet101`) has the same
-`clip_pretrained.*` and `scratch.*`, and instead of the ViT and its reassemble stages
-  pretrained.layer1.{0,1}.*         torchvision ResNet's conv1, bn1
-  pretrained.layer1.4.I.*, pretrained.layer{2,3,4}.I.*
-                                    its Bottleneck blocks (`convert.torchvision_resnet`,
-                                    "langseg" layout) -> pretrained/model/*
-The zero-shot ViT model (`LSegNetZS`) has exactly `LSegNet`'s layout (arch_option 0).
-
-Reading checkpoint files, the key prefixes (the ResNet's included) and what the shapes
-tell about the model are `lseg_jax.langseg_layout`'s, shared with the PyTorch LSeg;
-shapes do not tell which spatial-regularisation head a checkpoint has, how deep, or
-its activation: those come from its metadata or from the caller (`infer_config`).
+  pretrained.act_postprocessN.{0.project.0,3,4}.*   readout Linear, 1x1 conv, resample
+                                    (ConvTranspose2d [I, O, k, k] or strided 3x3 conv)
+  pretrained.layer1.{0,1}.*, pretrained.layer1.4.*, pretrained.layer{2,3,4}.*
+                                    `LSegRNNetZS`'s ResNet (`convert.torchvision_resnet`,
+                                    "langseg" layout) instead of the ViT
+  scratch.*                         projections, fusion blocks (BatchNorm), head1 and
+                                    head_block ([1,1,3,3] <-> our [3,3] kernel)
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from typing import Any, Mapping
@@ -105,9 +84,7 @@ def table_for(cfg: lseg.LSegConfig) -> MappingTable:
   return table(vit.VIT_VARIANTS[cfg.vit_variant]["patch"])
 
 
-# ---------------------------------------------------------------------------
-# Config inference.
-# ---------------------------------------------------------------------------
+# --- Config inference ---
 def _image_shapes(image_variant: str) -> dict[str, Any]:
   """The `langseg_layout.VIT_SHAPES` or `RESNET_SHAPES` of an image encoder variant."""
   if image_variant in resnet.RESNET_VARIANTS:
@@ -127,14 +104,8 @@ _MODEL_SETTINGS = tuple(layout.HPARAMS.values())
 
 def infer_config(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
                  **overrides) -> lseg.LSegConfig:
-  """The LSegConfig of an LSegNet state dict.
-
-  `overrides` are LSegConfig fields (None values ignored); the model's settings come
-  from them, the metadata and the shapes as `langseg_layout.infer_settings` says.
-
-  Raises:
-    ValueError naming what cannot be told and how to pass it.
-  """
+  """The LSegConfig of an LSegNet state dict, from `overrides` (LSegConfig fields, None
+  ignored), the metadata and the shapes (`langseg_layout.infer_settings`)."""
   check_layout(state_dict)
   settings = layout.infer_settings(
       state_dict, metadata, _BACKBONE_SHAPES,
@@ -151,28 +122,16 @@ def infer_config(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | No
   if ("text_vocab_size" not in settings and vocab is not None
       and vocab != clip_text.decode_variant(text_variant).vocab_size):
     settings["text_vocab_size"] = vocab
-  fields = {f.name for f in dataclasses.fields(lseg.LSegConfig)}
-  return lseg.LSegConfig(**{k: v for k, v in settings.items() if k in fields and v is not None})
+  return lseg.LSegConfig(**{k: v for k, v in settings.items()
+                            if k in lseg.FIELDS and v is not None})
 
 
-# ---------------------------------------------------------------------------
-# Import / export.
-# ---------------------------------------------------------------------------
+# --- Import / export ---
 def load_langseg(path_or_state_dict, config: lseg.LSegConfig | None = None, *,
                  metadata: Mapping[str, Any] | None = None, weights_only: bool = True,
                  **overrides) -> lseg.LSeg:
-  """Builds our LSeg from an LSegNet checkpoint (in eval mode).
-
-  Args:
-    path_or_state_dict: a checkpoint file (see `read_checkpoint`), or a state dict of
-      numpy arrays / torch tensors in the LSegNet layout (with or without `net.`).
-    config: the model config; None infers it (`infer_config`) from `metadata`, the
-      file's own metadata, `overrides` and the shapes.
-    weights_only: passed to `torch.load` for files.
-
-  Raises:
-    mapping.MappingError listing every unknown, missing and mis-shaped key.
-  """
+  """Our LSeg (in eval mode) from an LSegNet checkpoint file (`read_checkpoint`) or state
+  dict; `config` None: `infer_config` of the metadata, `overrides` and the shapes."""
   if isinstance(path_or_state_dict, (str, os.PathLike)):
     state_dict, file_meta = read_checkpoint(path_or_state_dict, weights_only=weights_only)
     metadata = {**file_meta, **(metadata or {})}
@@ -199,22 +158,15 @@ def torch_config(cfg: lseg.LSegConfig) -> dict[str, Any]:
 
 
 def export_langseg(model: lseg.LSeg) -> dict[str, np.ndarray]:
-  """Our LSeg -> {LSegNet key: np.ndarray} (float32; BatchNorm counters int64).
-
-  Has every key of the official LSegNet except `clip_pretrained.visual.*` and
-  `clip_pretrained.logit_scale` (CLIP's image side; see `add_clip_image_tower`).
-  """
+  """Our LSeg -> {LSegNet key: np.ndarray}: every key but CLIP's image side
+  (`add_clip_image_tower`)."""
   return mapping.nnx_to_torch(model, table_for(model.cfg))
 
 
 def add_clip_image_tower(state_dict: Mapping[str, np.ndarray],
                          clip_state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Adds `clip_pretrained.visual.*` and `clip_pretrained.logit_scale` from an OpenAI
-  CLIP state dict, so that the official LSegNet loads the result strictly.
-
-  The CLIP model must be the one whose text tower LSeg uses (ViT-B/32, or RN50x16
-  for clipRN50x16_vitl16_384): its text projection must have our shape.
-  """
+  """Adds CLIP's image side (`clip_pretrained.visual.*`, `.logit_scale`) from the OpenAI
+  CLIP model whose text tower LSeg uses, so that the official LSegNet loads strictly."""
   clip_sd = layout.numpy_state_dict(clip_state_dict)
   prefix = clip_openai.find_prefix(clip_sd)
   ours, theirs = (state_dict[CLIP_PREFIX + "text_projection"],
@@ -233,12 +185,8 @@ def add_clip_image_tower(state_dict: Mapping[str, np.ndarray],
 def write_torch_checkpoint(path, state_dict: Mapping[str, np.ndarray], *,
                            lseg_config: Mapping[str, Any] | None = None,
                            half_prefixes: tuple[str, ...] = (), bare: bool = False) -> None:
-  """Writes `state_dict` as torch tensors with `torch.save`, atomically.
-
-  The file is {"state_dict": ..., "lseg_config": {...}} (Lightning's wrapper layout,
-  keys without `net.`) unless `bare`, then the state dict alone. Floating arrays whose
-  key starts with one of `half_prefixes` are stored as float16.
-  """
+  """`torch.save` of {"state_dict": tensors, "lseg_config": {...}} (or the tensors alone
+  if `bare`), atomically; floats under `half_prefixes` as float16, others float32."""
   import torch  # pylint: disable=g-import-not-at-top
   tensors = {}
   for key, value in state_dict.items():

@@ -24,21 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lseg_jax import names
-from lseg_jax.langseg_layout import numpy_state_dict
+from lseg_jax.langseg_layout import numpy_state_dict, read_state_dict
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _MAX_LISTED = 100  # per category in a MappingError message
 
 
-# ---------------------------------------------------------------------------
-# Flat NNX paths.
-# ---------------------------------------------------------------------------
+# --- Flat NNX paths ---
 def flatten_params(tree) -> dict[str, Any]:
-  """nnx.Module | nnx.State | nested dict -> {"a/b/c": leaf} (`names.flatten`).
-
-  Variables are replaced by their values (arrays, or `jax.ShapeDtypeStruct` for
-  an abstract state); list indices become decimal path segments ("resblocks/0/...").
-  A dict that is already flat is returned as a copy.
-  """
+  """nnx.Module | nnx.State | nested or flat dict -> {"a/b/c": value} (`names.flatten`;
+  Variables replaced by their arrays or `jax.ShapeDtypeStruct`s)."""
   if isinstance(tree, nnx.Module):
     tree = nnx.state(tree)
   if isinstance(tree, nnx.State):
@@ -49,17 +43,34 @@ def flatten_params(tree) -> dict[str, Any]:
           for k, v in names.flatten(tree).items()}
 
 
+def find_prefix(state_dict: Mapping[str, Any], first: str, second: str, what: str) -> str:
+  """The one prefix P for which `state_dict` has keys P + first and P + second (the
+  module `what` inside a checkpoint); ValueError naming the prefixes found otherwise."""
+  found = [k[:-len(first)] for k in state_dict
+           if k.endswith(first) and k[:-len(first)] + second in state_dict]
+  if len(found) != 1:
+    raise ValueError(f"expected exactly one {what} (keys '<prefix>{first}' and "
+                     f"'<prefix>{second}'), found prefixes {found}; first keys: "
+                     f"{sorted(state_dict)[:10]}")
+  return found[0]
+
+
+def read_under_prefix(path_or_state_dict, prefix: str | None, find) -> tuple[dict, str]:
+  """(the arrays of a file or state dict under `prefix`, the prefix); prefix None: the
+  one `find(state_dict)` finds. Keys outside it (the rest of a checkpoint) are dropped."""
+  state_dict = read_state_dict(path_or_state_dict)
+  prefix = find(state_dict) if prefix is None else prefix
+  return {k: v for k, v in state_dict.items() if k.startswith(prefix)}, prefix
+
+
 def unflatten(flat: Mapping[str, Any]) -> nnx.State:
   """{"a/b/c": array} -> nested nnx.State (digit segments become list indices)."""
   return nnx.from_flat_state([(names.split_name(k), v) for k, v in sorted(flat.items())])
 
 
 def update(model: nnx.Module, params) -> None:
-  """Writes `params` ({"a/b/c": array}, nested dict or State) into `model` in place.
-
-  Values are converted to jax arrays in the dtype of the variable they replace;
-  variables not named in `params` keep their values.
-  """
+  """Writes `params` (flat or nested dict, or State) into `model` in place, each in the
+  dtype of the variable it replaces; variables not named keep their values."""
   current = flatten_params(model)
   flat = flatten_params(params)
   unknown = sorted(set(flat) - set(current))
@@ -75,9 +86,7 @@ def update(model: nnx.Module, params) -> None:
       {k: jnp.array(v, dtype=current[k].dtype) for k, v in flat.items()}))
 
 
-# ---------------------------------------------------------------------------
-# Hooks: array conversions that run in both directions.
-# ---------------------------------------------------------------------------
+# --- Hooks: array conversions that run in both directions ---
 @dataclasses.dataclass(frozen=True)
 class Hook:
   """to_nnx: torch arrays (one per torch key of the rule) -> the NNX array;
@@ -146,9 +155,7 @@ CONV = permute((2, 3, 1, 0), "conv_oihw_hwio")
 INT64 = Hook("int64", lambda xs: xs[0], lambda x: (np.asarray(x, np.int64),))
 
 
-# ---------------------------------------------------------------------------
-# Rules and tables.
-# ---------------------------------------------------------------------------
+# --- Rules and tables ---
 @functools.lru_cache(maxsize=None)
 def _pattern_regex(pattern: str) -> re.Pattern:
   """"a/{i}/b" -> regex with a named group per placeholder; placeholders match
@@ -164,15 +171,10 @@ def _pattern_regex(pattern: str) -> re.Pattern:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One NNX path pattern <-> one or more torch key patterns.
-
-  Attributes:
-    nnx: flat NNX path pattern, "/"-separated, e.g. "blocks/{i}/attn/qkv/kernel".
-    torch: torch key pattern(s), "."-separated, e.g. "blocks.{i}.attn.qkv.weight".
-      Several keys (for fused parameters) are given to the hook in this order.
-    hook: converts the arrays; IDENTITY by default.
-  """
-  nnx: str
+  """One NNX path pattern <-> one or more torch key patterns."""
+  nnx: str  # "/"-separated, e.g. "blocks/{i}/attn/qkv/kernel"
+  # "."-separated, e.g. "blocks.{i}.attn.qkv.weight"; several (fused parameters) are given
+  # to the hook in this order
   torch: str | tuple[str, ...]
   hook: Hook = IDENTITY
 
@@ -189,8 +191,7 @@ class Rule:
 
 def linear(nnx_name: str, torch_name: str) -> list[Rule]:
   """nn.Linear `torch_name.{weight, bias}` <-> nnx.Linear `nnx_name/{kernel, bias}`."""
-  return [Rule(f"{nnx_name}/kernel", f"{torch_name}.weight", TRANSPOSE),
-          Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
+  return conv(nnx_name, torch_name, TRANSPOSE)
 
 
 def conv(nnx_name: str, torch_name: str, hook: Hook = CONV) -> list[Rule]:
@@ -206,6 +207,15 @@ def layer_norm(nnx_name: str, torch_name: str) -> list[Rule]:
           Rule(f"{nnx_name}/bias", f"{torch_name}.bias")]
 
 
+def block_rules(nnx_block: str, torch_block: str, layer_norms, linears) -> list[Rule]:
+  """The `layer_norm` and `linear` rules of one transformer block; each name is an NNX
+  path under `nnx_block` (its torch name: "/" -> ".") or an (NNX, torch) pair."""
+  def pairs(names):
+    return [(n, n.replace("/", ".")) if isinstance(n, str) else n for n in names]
+  return ([r for n, t in pairs(layer_norms) for r in layer_norm(nnx_block + n, torch_block + t)]
+          + [r for n, t in pairs(linears) for r in linear(nnx_block + n, torch_block + t)])
+
+
 def batch_norm(nnx_name: str, torch_name: str) -> list[Rule]:
   """nn.BatchNorm2d `torch_name.*` <-> `dpt.BatchNorm` `nnx_name/*`: weight, bias,
   running_mean, running_var, num_batches_tracked <-> scale, bias, mean, var,
@@ -218,15 +228,9 @@ def batch_norm(nnx_name: str, torch_name: str) -> list[Rule]:
 
 @dataclasses.dataclass(frozen=True)
 class MappingTable:
-  """Rules plus the keys either side deliberately leaves out.
-
-  Attributes:
-    rules: the `Rule`s; every NNX path must match exactly one.
-    ignore_torch: regexes (full match) of torch keys skipped on import, e.g. the
-      CLIP vision tower when only the text tower is loaded.
-    ignore_nnx: regexes (full match) of NNX paths that have no torch counterpart;
-      import leaves them untouched and export leaves them out.
-  """
+  """Rules (every NNX path matches exactly one) plus the keys either side deliberately
+  leaves out (regexes, full match): torch keys skipped on import, and NNX paths without
+  a torch counterpart (import leaves them untouched, export leaves them out)."""
   rules: tuple[Rule, ...]
   ignore_torch: tuple[str, ...] = ()
   ignore_nnx: tuple[str, ...] = ()
@@ -294,22 +298,9 @@ def _match_rule(table: MappingTable, path: str):
 
 def torch_to_nnx(state_dict: Mapping[str, Any], table: MappingTable, abstract_state,
                  ) -> nnx.State:
-  """Imports a torch state dict into NNX params.
-
-  Args:
-    state_dict: {torch key: array} (numpy, or anything `numpy_state_dict` takes).
-    table: the `MappingTable` of the source layout.
-    abstract_state: the target's structure, e.g. `nnx.state(nnx.eval_shape(...))`,
-      a module, or flat {"a/b": array or ShapeDtypeStruct}; every leaf it holds
-      (except `ignore_nnx` paths) is filled.
-
-  Returns:
-    nested nnx.State of numpy arrays in the abstract dtypes; apply with
-    `nnx.update(model, params)` or `update(model, params)`.
-
-  Raises:
-    MappingError listing all unknown, missing and mis-shaped keys at once.
-  """
+  """{torch key: array} -> nested nnx.State of numpy arrays filling every leaf of
+  `abstract_state` (anything `flatten_params` takes; `ignore_nnx` paths aside) in its
+  dtypes. MappingError lists all unknown, missing and mis-shaped keys at once."""
   state_dict = numpy_state_dict(state_dict)
   targets = flatten_params(abstract_state)
   out, used = {}, set()
@@ -358,13 +349,9 @@ def nnx_to_torch(params, table: MappingTable) -> dict[str, np.ndarray]:
 
 
 def load_module(state_dict: Mapping[str, Any], table: MappingTable, model):
-  """Imports `state_dict` into a module and returns it.
-
-  `model` is either an nnx.Module, updated in place, or a zero-argument factory
-  (`lambda: Model(cfg, rngs=nnx.Rngs(0))`) whose module is built from the
-  converted arrays without running its random initialisation. With a factory the
-  table may not ignore any NNX path (`ignore_nnx`): those would have no value.
-  """
+  """Imports `state_dict` into `model`, an nnx.Module updated in place, or a
+  zero-argument factory whose module is built from the converted arrays without its
+  random initialisation (then the table may not ignore NNX paths: they have no value)."""
   if isinstance(model, nnx.Module):
     update(model, torch_to_nnx(state_dict, table, model))
     return model

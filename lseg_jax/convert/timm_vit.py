@@ -14,7 +14,6 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from lseg_jax import langseg_layout as layout
 from lseg_jax.convert import mapping
 from lseg_jax.convert.mapping import MappingTable, Rule, conv, layer_norm, linear
 from lseg_jax.models import vit
@@ -23,20 +22,13 @@ _BLOCK = "blocks.{i}."
 _NNX_BLOCK = "blocks/{i}/"
 
 
-def _block_rules() -> list[Rule]:
-  rules = layer_norm(_NNX_BLOCK + "norm1", _BLOCK + "norm1")
-  rules += layer_norm(_NNX_BLOCK + "norm2", _BLOCK + "norm2")
-  for name in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2"):
-    rules += linear(_NNX_BLOCK + name, _BLOCK + name.replace("/", "."))
-  return rules
-
-
 TABLE = MappingTable(
     rules=(
         Rule("cls_token", "cls_token"),
         Rule("pos_embed", "pos_embed"),
         *conv("patch_embed/proj", "patch_embed.proj"),
-        *_block_rules(),
+        *mapping.block_rules(_NNX_BLOCK, _BLOCK, ("norm1", "norm2"),
+                             ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")),
         *layer_norm("norm", "norm"),
         *linear("head", "head"),
     ),
@@ -61,38 +53,16 @@ def find_prefix(state_dict: Mapping[str, Any]) -> str:
   """The key prefix of the timm ViT in `state_dict` ("" for a bare timm model,
   "pretrained.model." for lang-seg, "net.pretrained.model." for its Lightning
   checkpoints, "model." for some training wrappers)."""
-  found = [k[:-len("cls_token")] for k in state_dict
-           if k.endswith("cls_token") and k[:-len("cls_token")] + "pos_embed" in state_dict]
-  if len(found) != 1:
-    raise ValueError(
-        "expected exactly one timm ViT (keys '<prefix>cls_token' and '<prefix>pos_embed'), "
-        f"found prefixes {found}; first keys: {sorted(state_dict)[:10]}")
-  return found[0]
+  return mapping.find_prefix(state_dict, "cls_token", "pos_embed", "timm ViT")
 
 
 def load_timm_vit(path_or_state_dict, vit_module: vit.VisionTransformer | vit.ViTConfig | str,
                   *, prefix: str | None = None) -> vit.VisionTransformer:
-  """Loads timm ViT weights into `vit_module` and returns it.
-
-  Args:
-    path_or_state_dict: a timm ViT state dict (numpy arrays or torch tensors), or a
-      file: `.safetensors` (read without torch), or a torch file (`.pth`, `.bin`,
-      `.pt`, Lightning `.ckpt`; needs torch).
-    vit_module: our ViT, updated in place; or a `vit.ViTConfig` or variant name
-      ("L/16", "B/32", ...) to build one from the weights without initialising it.
-    prefix: key prefix of the ViT in the state dict; None finds it (`find_prefix`),
-      so lang-seg checkpoints (`pretrained.model.`) work too. Keys outside the prefix
-      are ignored.
-
-  Raises:
-    mapping.MappingError listing every missing, unknown and mis-shaped key, e.g.
-    for a ViT of another size or a position-embedding grid other than the model's
-    (`pretrain_size // patch`).
-  """
-  state_dict = layout.read_state_dict(path_or_state_dict)
-  if prefix is None:
-    prefix = find_prefix(state_dict)
-  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  """Loads timm ViT weights (a state dict or any file `langseg_layout.read_state_dict`
+  reads; lang-seg checkpoints too: prefix None finds the ViT) into `vit_module`, our ViT
+  updated in place, or one built from a `vit.ViTConfig` or variant name ("L/16") without
+  initialising it. MappingError lists every missing, unknown and mis-shaped key."""
+  state_dict, prefix = mapping.read_under_prefix(path_or_state_dict, prefix, find_prefix)
   if isinstance(vit_module, vit.VisionTransformer):
     return mapping.load_module(state_dict, table(prefix, head=vit_module.head is not None),
                                vit_module)

@@ -61,23 +61,12 @@ def find_prefix(state_dict: Mapping[str, Any], layout: str = "torchvision") -> s
   """The key prefix of the ResNet in `state_dict` ("" for a bare torchvision model,
   "module." or "model." for training wrappers, "pretrained." for lang-seg)."""
   conv1, _, stages = LAYOUTS[layout]
-  first_block = f"{stages[0]}.0.conv1.weight"
-  found = [k[:-len(first_block)] for k in state_dict
-           if k.endswith(first_block) and k[:-len(first_block)] + f"{conv1}.weight" in state_dict]
-  if len(found) != 1:
-    raise ValueError(
-        f"expected exactly one ResNet in the {layout} layout (keys '<prefix>{conv1}.weight' "
-        f"and '<prefix>{first_block}'), found prefixes {found}; first keys: "
-        f"{sorted(state_dict)[:10]}")
-  return found[0]
+  return mapping.find_prefix(state_dict, f"{conv1}.weight", f"{stages[0]}.0.conv1.weight",
+                             f"ResNet in the {layout} layout")
 
 
 def infer_variant(state_dict: Mapping[str, Any], prefix: str = "") -> str:
-  """The `resnet.RESNET_VARIANTS` name whose blocks per stage the state dict has.
-
-  Raises:
-    ValueError naming the block counts when no variant has them.
-  """
+  """The `resnet.RESNET_VARIANTS` name whose blocks per stage the state dict has."""
   _, _, stages = LAYOUTS["torchvision"]
   counts = langseg_layout.resnet_blocks(state_dict, [f"{prefix}{stage}." for stage in stages])
   for name, layers in resnet.RESNET_VARIANTS.items():
@@ -91,25 +80,12 @@ def infer_variant(state_dict: Mapping[str, Any], prefix: str = "") -> str:
 def load_torchvision_resnet(path_or_state_dict,
                             resnet_module: resnet.ResNet | resnet.ResNetConfig | str | None = None,
                             *, prefix: str | None = None) -> resnet.ResNet:
-  """Loads torchvision ResNet weights into `resnet_module` and returns it.
-
-  Args:
-    path_or_state_dict: a torchvision `ResNet` state dict (numpy arrays or torch
-      tensors; `fc.*` is skipped), or a file: `.safetensors` (read without torch) or a
-      torch file (`.pth` as torchvision downloads it, Lightning `.ckpt`; needs torch).
-    resnet_module: our ResNet, updated in place; or a `resnet.ResNetConfig` or variant
-      name ("resnet101", ...) to build one from the weights without initialising it;
-      None: the variant the weights have (`infer_variant`).
-    prefix: key prefix of the ResNet in the state dict; None finds it (`find_prefix`).
-      Keys outside the prefix are ignored.
-
-  Raises:
-    mapping.MappingError listing every missing, unknown and mis-shaped key.
-  """
-  state_dict = langseg_layout.read_state_dict(path_or_state_dict)
-  if prefix is None:
-    prefix = find_prefix(state_dict)
-  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+  """Loads torchvision ResNet weights (a state dict or any file
+  `langseg_layout.read_state_dict` reads; `fc.*` skipped; prefix None: found) into
+  `resnet_module`, our ResNet updated in place, or one built from a `ResNetConfig` or
+  variant name (None: `infer_variant`) without initialising it. MappingError lists every
+  missing, unknown and mis-shaped key."""
+  state_dict, prefix = mapping.read_under_prefix(path_or_state_dict, prefix, find_prefix)
   tab = table(prefix)
   if isinstance(resnet_module, resnet.ResNet):
     return mapping.load_module(state_dict, tab, resnet_module)

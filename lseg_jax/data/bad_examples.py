@@ -56,18 +56,8 @@ def check_on_bad(data_cfg):
 
 def indexed_examples(source: registry.Source, index_ds: tf.data.Dataset,
                      data_cfg, stats: PipelineStats) -> tf.data.Dataset:
-  """(position, index) int64 pairs -> the good raw examples, in order.
-
-  Args:
-    source: an indexed source.
-    index_ds: dataset of (position, index) int64 scalars.
-    data_cfg: data ConfigDict (reads num_parallel_calls, on_bad_example).
-    stats: where skipped examples are counted.
-
-  Returns:
-    Raw examples (`image` uint8 [H, W, 3], `mask` int32 [H, W], ...) plus
-    `_position`.
-  """
+  """(position, index) int64 pairs of an indexed source -> its good raw examples, in
+  order, plus `_position`; skipped ones are counted in `stats`."""
   num_calls = data_cfg.num_parallel_calls
   load = _guarded_load(source)
   ds = index_ds.interleave(
@@ -85,21 +75,9 @@ def streamed_examples(source: registry.Source, data_cfg, stats: PipelineStats,
                       *, process_index: int, process_count: int,
                       shuffle_seed: int | None = None,
                       start: int = 0) -> tf.data.Dataset:
-  """This host's good raw examples of a source without index access.
-
-  Args:
-    source: a source whose `as_dataset` streams its examples.
-    data_cfg: data ConfigDict (reads shuffle_buffer, on_bad_example).
-    stats: where skipped examples are counted.
-    process_index / process_count: this host's slice.
-    shuffle_seed: None: one pass in the source's order. Otherwise an endless
-      stream, reshuffled (`shuffle_buffer`) every pass from this seed.
-    start: the first position to yield; skipping decodes the examples before
-      it.
-
-  Returns:
-    Raw examples plus `_position`.
-  """
+  """This host's good raw examples (plus `_position`) of a source without index access,
+  from position `start` (the examples before it are decoded and dropped): one pass in the
+  source's order, or with a `shuffle_seed` an endless stream reshuffled every pass."""
   ds = source.as_dataset(process_index=process_index,
                          process_count=process_count,
                          shuffle=shuffle_seed is not None,
@@ -130,12 +108,8 @@ def _zeros_like_spec(spec):
 
 
 def _guarded_load(source: registry.Source):
-  """index -> 1-element dataset: the example, or a marker if loading failed.
-
-  Nested datasets confine a decode error to its own example (ignore_errors),
-  so a corrupt file can be named, skipped or reported instead of killing the
-  whole pipeline with an anonymous error.
-  """
+  """index -> 1-element dataset: the example, or a marker if loading failed (a nested
+  dataset's ignore_errors confines a decode error to its example, so it can be named)."""
   spec = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(
       no_autograph(source.load)).element_spec
 
@@ -204,11 +178,9 @@ def _keep_good(ds, source, data_cfg, stats: PipelineStats) -> tf.data.Dataset:
 def _bad_value_reason(source, value: int, num_labels: int) -> str:
   """The out-of-range message, in the value convention of the source's files."""
   ignore = getattr(source, "mask_ignore", None)
-  if ignore is None:
-    return (f"its mask has value {value} outside [0, {num_labels}); expected a label "
-            f"index below {num_labels} or the dataset's ignore value")
-  return (f"its mask has value {value} outside [0, {num_labels}); expected a label "
-          f"index 0-{num_labels - 1} ({num_labels} labels) or {ignore} for ignore")
+  expected = (f"below {num_labels} or the dataset's ignore value" if ignore is None else
+              f"0-{num_labels - 1} ({num_labels} labels) or {ignore} for ignore")
+  return f"its mask has value {value} outside [0, {num_labels}); expected a label index {expected}"
 
 
 def _bad_example_handler(source, data_cfg, stats: PipelineStats):

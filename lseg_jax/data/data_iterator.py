@@ -26,17 +26,10 @@ def resolve_process(process_index: int | None,
 
 
 class DataIterator:
-  """Iterator of numpy batches with the label table and bad-example counts.
-
-  Attributes:
-    dataset: the tf.data.Dataset of batches.
-    label_names: the batch label table (list[str]).
-    episodic: whether the source yields zero-shot episodes (its table is
-      ["other", *classes]; eval batches carry `class_index` [B]).
-    batch_size: examples per batch on this host.
-    num_batches: batches in one pass (eval), or None (endless train stream).
-    stats: PipelineStats (num_skipped, skipped file names).
-  """
+  """Iterator of numpy batches of a tf.data.Dataset, with the batch label table
+  (`label_names`; ["other", *classes] for zero-shot episodes, `episodic`), this host's
+  `batch_size`, `num_batches` in one pass (None: the endless train stream) and the
+  bad-example counts (`stats`)."""
 
   def __init__(self, dataset, label_names, stats, batch_size,
                num_batches=None, *, episodic: bool = False):

@@ -21,21 +21,9 @@ from lseg_jax.labels import IGNORE_INDEX
 def make_eval_iterator(data_cfg, *, batch_size: int,
                        process_index: int | None = None,
                        process_count: int | None = None) -> DataIterator:
-  """One pass over the eval split in a fixed order, per host.
-
-  Every host yields the same number of batches (`iterator.num_batches`); the
-  last ones are padded with `valid=False` examples.
-
-  Args:
-    data_cfg: data ConfigDict (`input_pipeline.default_data_config()`);
-      reads eval_split, eval_resize, eval_pad_to.
-    batch_size: examples per batch on this host.
-    process_index / process_count: this host's slice (default: jax's).
-
-  Returns:
-    DataIterator of eval batches (the data contract in `lseg_jax.data`; with
-    `class_index` when `iterator.episodic`).
-  """
+  """One pass over the eval split in a fixed order, per host (default: JAX's process
+  slice), in batches of `batch_size` (the data contract in `lseg_jax.data`). Every host
+  yields `iterator.num_batches` batches, the last ones padded with `valid=False`."""
   process_index, process_count = resolve_process(process_index, process_count)
   bad_examples.check_on_bad(data_cfg)
   components, union = source_specs.build_components(data_cfg, eval_split=True)

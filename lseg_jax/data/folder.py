@@ -51,13 +51,8 @@ class FolderSource(registry.Source):
   mask_ignore = MASK_IGNORE
 
   def __init__(self, root: str, labels_paths: tuple[str, ...] = ()):
-    """Lists and matches the files.
-
-    Args:
-      root: folder holding images/ and masks/.
-      labels_paths: labels.txt candidates, the first existing one is used
-        (default: root/labels.txt).
-    """
+    """Lists and matches the files of root/images and root/masks; the label names come
+    from the first existing of `labels_paths` (default: root/labels.txt)."""
     images_dir = os.path.join(root, "images")
     masks_dir = os.path.join(root, "masks")
     for d in (images_dir, masks_dir):

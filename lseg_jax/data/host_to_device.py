@@ -15,16 +15,8 @@ import jax
 
 
 def to_global(batch, sharding):
-  """Per-host numpy batch -> global jax.Arrays (leading axis = batch).
-
-  Args:
-    batch: pytree of per-host arrays [b, ...].
-    sharding: a jax.sharding.Sharding of the global batch (e.g.
-      NamedSharding(mesh, P(("data", "fsdp")))), used for every leaf.
-
-  Returns:
-    The same pytree of global arrays [process_count * b, ...].
-  """
+  """Per-host pytree of numpy arrays [b, ...] -> global jax.Arrays [process_count * b, ...]
+  with `sharding` (of the global batch, e.g. `sharding.batch_sharding(mesh)`)."""
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 

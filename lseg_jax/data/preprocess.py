@@ -125,32 +125,20 @@ def _pil_rgb(data) -> tuple[np.ndarray, bytes]:
 def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
                    file_name: tf.Tensor, *,
                    mask_ignore: int = 255) -> dict[str, tf.Tensor]:
-  """Decodes an encoded image and a label PNG into a raw example.
-
-  Args:
-    image_bytes: JPEG/PNG/BMP/GIF bytes (scalar tf.string).
-    mask_bytes: single-channel PNG bytes, pixel value = label index.
-    file_name: scalar tf.string, kept for error messages.
-    mask_ignore: mask pixel value meaning "ignore" (mapped to -1).
-
-  Returns:
-    {"image": uint8 [H, W, 3], "mask": int32 [H, W], "file_name": string}.
-  """
+  """Encoded image and greyscale label PNG (pixel value = label index, `mask_ignore` ->
+  -1) -> {"image": uint8 [H, W, 3], "mask": int32 [H, W], "file_name": for errors}."""
   image = decode_image(image_bytes)
   header = _header(mask_bytes)
-  is_palette = tf.logical_and(
-      tf.strings.substr(header, 0, 4) == b"\x89PNG",
-      tf.strings.substr(header, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x03")
-  tf.debugging.Assert(tf.logical_not(is_palette), [tf.strings.join([
+  is_png = tf.strings.substr(header, 0, 4) == b"\x89PNG"
+  color_type = tf.strings.substr(header, _PNG_COLOR_TYPE_OFFSET, 1)
+  tf.debugging.Assert(tf.logical_not(is_png & (color_type == b"\x03")), [tf.strings.join([
       "Mask of ", file_name, " is a palette PNG; expected a greyscale PNG "
       "whose pixel values are label indices (convert it with PIL: "
       "Image.fromarray(np.array(img)))."])])
   # Label values are read exactly: 8-bit (mode L) or 16-bit (I;16) greyscale only. TF
   # would turn colour into luma and scale 16-bit values or 1/2/4-bit ones into 0-255.
   bit_depth = tf.strings.substr(header, _PNG_BIT_DEPTH_OFFSET, 1)
-  is_grey = tf.logical_and(
-      tf.strings.substr(header, 0, 4) == b"\x89PNG",
-      tf.strings.substr(header, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x00")
+  is_grey = is_png & (color_type == b"\x00")
   is_16bit = bit_depth == b"\x10"
   with tf.control_dependencies([tf.debugging.Assert(
       tf.logical_and(is_grey, tf.logical_or(is_16bit, bit_depth == b"\x08")),
@@ -173,24 +161,13 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
 
 def resize_image(image: tf.Tensor, size, offset=(0, 0), window=None, *,
                  method: str = "bicubic") -> tf.Tensor:
-  """Pillow's resize of uint8 [H, W, 3] to `size` (h, w); float32 in [0, 255].
+  """Pillow's resize of uint8 [H, W, 3] to `size` (h, w) -> float32 [wh, ww, 3] in
+  [0, 255], the window (wh, ww) at `offset` (y0, x0) of the result (default: all of it).
 
-  The project's one host-side image resize: `Image.resize` itself (run through
-  `tf.numpy_function`), so the values are the official loaders' exactly: "bicubic"
-  as PyTorch-Encoding's training and validation transforms (`Image.BICUBIC`),
-  "bilinear" as HSNet's 480 x 480 resize (torchvision's `Resize` on a PIL image
-  is `Image.resize(..., BILINEAR)`).
-
-  Args:
-    image: uint8 [H, W, 3] (other dtypes are cast; values must lie in [0, 255]).
-    size: (h, w) of the full resized image.
-    offset: (y0, x0) of the window of the resized image to return.
-    window: (wh, ww) of that window (default: all of `size`).
-    method: "bicubic" or "bilinear".
-
-  Returns:
-    float32 [wh, ww, 3]: the resized image's window.
-  """
+  The project's one host-side image resize: `Image.resize` itself (in
+  `tf.numpy_function`), so the values are the official loaders' exactly: "bicubic" as
+  PyTorch-Encoding's transforms, "bilinear" as HSNet's (torchvision's `Resize` on a PIL
+  image)."""
   if method not in _PIL_FILTERS:
     raise ValueError(f"resize method={method!r}; expected one of {sorted(_PIL_FILTERS)}.")
   window = size if window is None else window
@@ -250,17 +227,9 @@ def _pad_to(image, mask, height, width):
 def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
                   crop_size: int = 480, base_size: int = 520,
                   scale_range=(0.5, 2.0), flip: bool = True):
-  """The official training augmentation (module docstring) of one example.
-
-  Args:
-    image: uint8 [H, W, 3].
-    mask: int32 [H, W], -1 = ignore.
-    seed: int64 [2], stateless seed of this example.
-
-  Returns:
-    image float32 [crop_size, crop_size, 3] normalised, mask int32
-    [crop_size, crop_size].
-  """
+  """The official training augmentation (module docstring) of image uint8 [H, W, 3] and
+  mask int32 [H, W] with this example's stateless seed int64 [2] -> normalised image
+  float32 [crop_size, crop_size, 3], mask int32 [crop_size, crop_size]."""
   flip_seed, scale_seed, y_seed, x_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 4))
   if flip:
@@ -304,21 +273,10 @@ def _square(image, mask, size):
 
 def eval_preprocess(image: tf.Tensor, mask: tf.Tensor, *, mode: str = "none",
                     crop_size: int = 480, base_size: int = 520):
-  """Deterministic evaluation preprocessing (module docstring).
-
-  Args:
-    image: uint8 [H, W, 3].
-    mask: int32 [H, W].
-    mode: one of EVAL_RESIZE_MODES.
-
-  Returns:
-    image float32 [h, w, 3] normalised, mask int32 [h, w] ([crop_size,
-    crop_size] for "center_crop" and "square", long side base_size for "long_side",
-    [H, W] for "none").
-  """
+  """Evaluation preprocessing `mode` (module docstring) of image uint8 [H, W, 3] and
+  mask int32 [H, W] -> normalised image float32 [h, w, 3], mask int32 [h, w]."""
   if mode not in EVAL_RESIZE_MODES:
-    raise ValueError(f"eval_resize={mode!r}; expected one of "
-                     f"{EVAL_RESIZE_MODES}.")
+    raise ValueError(f"eval_resize={mode!r}; expected one of {EVAL_RESIZE_MODES}.")
   if mode == "none":
     return normalize(image), mask
   shape = tf.shape(mask)

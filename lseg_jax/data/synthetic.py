@@ -140,13 +140,8 @@ def _texture(label, rng, yy, xx):
 
 
 def build(data_dir: str | None = None, **config_kwargs) -> LsegSynthetic:
-  """Generates the dataset into `data_dir` (if missing) and returns its builder.
-
-  Args:
-    data_dir: TFDS data directory (None = the TFDS default).
-    **config_kwargs: `make_config` arguments (height, width, num_train,
-      num_validation, seed).
-  """
+  """Generates the dataset (`make_config(**config_kwargs)`) into the TFDS `data_dir` (None:
+  TFDS' default) if missing, and returns its builder."""
   config = make_config(**config_kwargs)
   if config.name in LsegSynthetic.builder_configs:
     config = config.name  # TFDS refuses a custom config named like a built-in.

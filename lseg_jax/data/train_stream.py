@@ -38,21 +38,10 @@ _MAX_EPOCHS = 2 ** 62
 def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
                         start_step: int = 0, process_index: int | None = None,
                         process_count: int | None = None) -> DataIterator:
-  """Endless per-host train batches (numpy), reshuffled every epoch.
-
-  Args:
-    data_cfg: data ConfigDict (`input_pipeline.default_data_config()`).
-    global_batch_size: examples per step over all processes.
-    seed: data seed; the same seed gives the same batches.
-    start_step: first step to produce; the stream from step k equals the
-      uninterrupted stream's batches k, k+1, ...
-    process_index / process_count: this host's slice (default: jax's).
-
-  Returns:
-    DataIterator of train batches (the data contract in `lseg_jax.data`),
-    b = global_batch_size // process_count; `iterator.episodic` says whether
-    the source is episodic.
-  """
+  """Endless per-host train batches (numpy; the data contract in `lseg_jax.data`) of
+  global_batch_size // process_count examples, reshuffled every epoch, from
+  `start_step` on (equal to the uninterrupted stream's batches from there); the process
+  slice defaults to JAX's."""
   ds, union, stats = make_train_dataset(
       data_cfg, global_batch_size=global_batch_size, seed=seed,
       start_step=start_step, process_index=process_index,
@@ -65,10 +54,7 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
 def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
                        start_step: int = 0, process_index: int | None = None,
                        process_count: int | None = None):
-  """The endless per-host train tf.data.Dataset and its (labels, stats).
-
-  See `make_train_iterator`; returns (dataset, label_names, stats).
-  """
+  """(endless per-host train tf.data.Dataset, label names, stats): `make_train_iterator`."""
   process_index, process_count = resolve_process(process_index, process_count)
   bad_examples.check_on_bad(data_cfg)
   if global_batch_size % process_count:
@@ -83,8 +69,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   # depends on the seed alone; this process keeps rows [i * b, (i + 1) * b) of each.
   start = start_step * global_batch_size
   if len(components) > 1:
-    choices = _mixture_choices([c.weight for c in components],
-                               _seed_int(seed, 1))
+    choices = _mixture_choices([c.weight for c in components], _seed_int(seed, 1))
     starts = _mixture_counts(choices, len(components), start)
     first_block, offset = divmod(start, _MIX_BLOCK)
     choice_ds = tf.data.Dataset.range(first_block, _MAX_EPOCHS).map(
@@ -109,8 +94,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
           _index_stream(comp.source, comp_seed, comp_start), slots)
       index_ds = index_ds.filter(no_autograph(lambda item, slot: slot[1])).map(
           no_autograph(lambda item, slot: (slot[0], item[1])))
-      ds = bad_examples.indexed_examples(comp.source, index_ds, data_cfg,
-                                         stats)
+      ds = bad_examples.indexed_examples(comp.source, index_ds, data_cfg, stats)
     else:
       # No index access: every process reads the whole stream and keeps its rows.
       ds = bad_examples.streamed_examples(
@@ -159,11 +143,8 @@ def _seed_int(*values) -> int:
 
 
 def _index_stream(source: registry.Source, seed, start):
-  """Endless (position, index) dataset of a source from position `start` on.
-
-  Epoch e visits every index in the permutation drawn from (seed, e); the
-  skip within the start epoch touches indices only.
-  """
+  """Endless (position, index) dataset of a source from position `start` on: epoch e
+  visits the permutation drawn from (seed, e); the skip touches indices only."""
   host = tf.constant(source.host_indices(0, 1))
   n = int(host.shape[0])
   if n == 0:
@@ -186,9 +167,7 @@ def _mixture_choices(weights, seed):
   cum = tf.constant(np.cumsum(weights) / np.sum(weights), tf.float32)
 
   def choices(block):
-    u = tf.random.stateless_uniform([_MIX_BLOCK],
-                                    tf.stack([tf.constant(seed, tf.int64),
-                                              block]))
+    u = tf.random.stateless_uniform([_MIX_BLOCK], tf.stack([tf.constant(seed, tf.int64), block]))
     c = tf.searchsorted(cum, u, side="right", out_type=tf.int32)
     return tf.minimum(c, len(weights) - 1)
   return choices

@@ -37,24 +37,23 @@ _KERNEL_MESH = contextvars.ContextVar("attention_kernel_mesh", default=None)
 
 
 @contextlib.contextmanager
-def compiling_for(platform: str):
-  """Within the block, "auto" chooses for `platform` ("tpu", "gpu", "cpu")."""
-  token = _TARGET_PLATFORM.set(platform)
+def _setting(var: contextvars.ContextVar, value):
+  token = var.set(value)
   try:
     yield
   finally:
-    _TARGET_PLATFORM.reset(token)
+    var.reset(token)
 
 
-@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within the block, "auto" chooses for `platform` ("tpu", "gpu", "cpu")."""
+  return _setting(_TARGET_PLATFORM, platform)
+
+
 def kernel_mesh(mesh: jax.sharding.Mesh | None):
   """Within the block (entered while a jitted program traces), kernels XLA cannot
   partition run per device over `mesh`, whose every axis splits the batch."""
-  token = _KERNEL_MESH.set(mesh)
-  try:
-    yield
-  finally:
-    _KERNEL_MESH.reset(token)
+  return _setting(_KERNEL_MESH, mesh)
 
 
 def _cuda_compute_capability() -> tuple[int, ...] | None:
@@ -96,17 +95,9 @@ def resolve(implementation: str, dtype, head_dim: int) -> str:
 
 
 def padded_attention(q, k, v, multiple: int, implementation: str = "cudnn"):
-  """Attention over the token axis padded to a multiple of `multiple`, masked back.
-
-  Args:
-    q, k, v: [B, N, heads, head_dim].
-    multiple: the padded token count is the next multiple of this.
-    implementation: "xla" or "cudnn" (`jax.nn.dot_product_attention`).
-
-  Returns:
-    [B, N, heads, head_dim], equal to unpadded attention: the padded keys are
-    excluded through `key_value_seq_lengths`, the padded queries sliced off.
-  """
+  """Attention of q, k, v [B, N, heads, head_dim] with the token axis padded to a multiple
+  of `multiple` ("xla" or "cudnn"), equal to unpadded attention: padded keys are excluded
+  through `key_value_seq_lengths`, padded queries sliced off."""
   b, n = q.shape[:2]
   pad = ((0, 0), (0, -n % multiple), (0, 0), (0, 0))
   q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
@@ -149,15 +140,8 @@ def tpu_flash_attention(q, k, v):
 
 
 def dot_product_attention(q, k, v, implementation: str = "auto"):
-  """Softmax attention with scale 1/sqrt(head_dim), no mask.
-
-  Args:
-    q, k, v: [B, N, heads, head_dim].
-    implementation: one of IMPLEMENTATIONS (see the module docstring).
-
-  Returns:
-    [B, N, heads, head_dim].
-  """
+  """Softmax attention of q, k, v [B, N, heads, head_dim], scale 1/sqrt(head_dim), no
+  mask, by `implementation` (module docstring) -> [B, N, heads, head_dim]."""
   implementation = resolve(implementation, q.dtype, q.shape[-1])
   if implementation == "cudnn":
     return padded_attention(q, k, v, CUDNN_TOKEN_MULTIPLE, "cudnn")

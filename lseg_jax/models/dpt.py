@@ -74,7 +74,6 @@ class Reassemble(nnx.Module):
                dtype: Any, rngs: nnx.Rngs):
     self.readout = Readout(readout, vit_width, dtype=dtype, rngs=rngs)
     self.conv = conv.Conv(vit_width, width, (1, 1), dtype=dtype, rngs=rngs)
-    self.resample_kind = resample[0]
     if resample[0] == "deconv":
       self.resample = ConvTransposeKxK(width, width, resample[1], dtype=dtype, rngs=rngs)
     elif resample[0] == "conv_s2":

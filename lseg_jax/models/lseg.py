@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lseg_jax import fields
 from lseg_jax.errors import UserError
 from lseg_jax.models import attention, clip_text, conv, dpt, resize, resnet, spatial_reg, vit
 
@@ -54,41 +55,38 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # LSegConfig fields that change how the model computes, not its parameters: a checkpoint
 # resumes or initialises a model that differs from it only in these.
 COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat")
-# The allowed values of every LSegConfig field that takes one of a few: the one
-# declaration from which LSegConfig's checks, the run config's checks
-# (`lseg_jax.config`) and the tools' argument choices derive.
-FIELD_CHOICES = {
-    "backbone": tuple(BACKBONES),
-    "readout": dpt.READOUTS,
-    "arch_option": tuple(spatial_reg.ARCH_OPTIONS),  # 0 none, 1 bottleneck, 2 depthwise
-    "activation": tuple(spatial_reg.ACTIVATIONS),
-    "dtype": ("float32", "bfloat16"),
-    "attention": attention.IMPLEMENTATIONS,
-    "remat": tuple(vit.REMAT_POLICIES),
-}
 LOGIT_SCALE = float(np.exp(np.float32(np.log(1 / 0.07)), dtype=np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
 class LSegConfig:
-  """Everything that defines an LSeg model; stored beside every checkpoint."""
-  backbone: str = "clip_vitb32_384"
-  features: int | None = None  # DPT width; None: 256, or 16 for the tiny backbones
-  readout: str = "project"  # "ignore" | "add" | "project"
-  arch_option: int = 0  # 0: none, 1: BottleneckBlock, 2: DepthwiseBlock
-  block_depth: int = 0
-  activation: str = "lrelu"  # "relu" | "lrelu" | "tanh"
-  dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); params stay float32
-  attention: str = "auto"  # "auto" | "xla" | "cudnn" | "tpu_flash": `models.attention`
-  remat: str = "none"  # "none" | "dots" | "full": per ViT block, see `vit.REMAT_POLICIES`
-  text_vocab_size: int | None = None  # None: the variant's (49408); smaller in tiny tests
+  """Everything that defines an LSeg model; stored beside every checkpoint. Each field is
+  declared once (`lseg_jax.fields`): the run config's checks and the tools' choices
+  (`FIELD_CHOICES`) derive from it."""
+  backbone: str = fields.one_of("clip_vitb32_384", BACKBONES).dataclass_field()
+  # DPT width; None: 256, or 16 for the tiny backbones
+  features: int | None = fields.integer(None, 1).dataclass_field()
+  readout: str = fields.one_of("project", dpt.READOUTS).dataclass_field()
+  # 0: none, 1: BottleneckBlock, 2: DepthwiseBlock
+  arch_option: int = fields.one_of(0, spatial_reg.ARCH_OPTIONS).dataclass_field()
+  block_depth: int = fields.integer(0, 0).dataclass_field()
+  activation: str = fields.one_of("lrelu", spatial_reg.ACTIVATIONS).dataclass_field()
+  # compute dtype ("bfloat16" on accelerators); params stay float32
+  dtype: str = fields.one_of("float32", ("float32", "bfloat16")).dataclass_field()
+  # `models.attention`
+  attention: str = fields.one_of("auto", attention.IMPLEMENTATIONS).dataclass_field()
+  # per ViT block, see `vit.REMAT_POLICIES`
+  remat: str = fields.one_of("none", vit.REMAT_POLICIES).dataclass_field()
+  # None: the variant's (49408); smaller in tiny tests
+  text_vocab_size: int | None = fields.integer(None, 1).dataclass_field()
 
   def __post_init__(self):
-    for name, choices in FIELD_CHOICES.items():
+    for name, spec in FIELDS.items():
       value = getattr(self, name)
-      if isinstance(value, bool) or value not in choices:
-        raise UserError(f"unknown {name} {value!r}; expected one of "
-                        f"{', '.join(repr(c) for c in choices)}")
+      if not spec.allows(value):
+        raise UserError(f"unknown {name} {value!r}; expected {spec.expected}"
+                        if spec.choices else f"LSegConfig {name}={value!r}; expected "
+                        f"{spec.expected}")
 
   @property
   def image_variant(self) -> str:
@@ -128,6 +126,10 @@ class LSegConfig:
     return cls(**d)
 
 
+FIELDS = {f.name: f.metadata["spec"] for f in dataclasses.fields(LSegConfig)}
+FIELD_CHOICES = {name: f.choices for name, f in FIELDS.items() if f.choices}
+
+
 class Pretrained(nnx.Module):
   """lang-seg's `pretrained`: the ViT (`model`) and the four reassemble stages."""
 
@@ -161,11 +163,8 @@ class PretrainedResNet(nnx.Module):
         resnet.decode_variant(cfg.image_variant, dtype=jnp.dtype(cfg.dtype)), rngs=rngs)
 
   def __call__(self, images):
-    """images [B, H, W, 3] (mean 0.5, std 0.5) -> the 4 stage outputs at strides 4..32.
-
-    The images are re-normalised with ImageNet's mean and std first, so the ResNet sees
-    what lang-seg's does.
-    """
+    """images [B, H, W, 3] (mean 0.5, std 0.5) -> the 4 stage outputs at strides 4..32,
+    re-normalised with ImageNet's mean and std first, as lang-seg's ResNet sees them."""
     x = images.astype(jnp.float32) * 0.5 + 0.5
     x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
     return self.model(x)
@@ -256,20 +255,10 @@ class LSeg(nnx.Module):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
   def __call__(self, images, text_emb, label_mask=None):
-    """Per-pixel logits over a label set.
-
-    Args:
-      images: [B, H, W, 3] float, normalised with mean 0.5 and std 0.5; H and W
-        multiples of `size_multiple`.
-      text_emb: label embeddings [L, D] shared by the batch, or [B, L, D] per example
-        (not necessarily normalised).
-      label_mask: optional bool [B, L]; False marks labels that are not candidates
-        for that example: their logits are -inf and they do not enter the
-        bottleneck max. Every row needs at least one True.
-
-    Returns:
-      logits [B, H, W, L] float32.
-    """
+    """images [B, H, W, 3] (mean 0.5, std 0.5; sides multiples of `size_multiple`),
+    label embeddings [L, D] or [B, L, D] (any norm), optional bool label_mask [B, L]
+    (False: not a candidate, logit -inf and out of the bottleneck max; every row needs a
+    True) -> float32 logits [B, H, W, L]."""
     b = images.shape[0]
     if text_emb.ndim not in (2, 3) or text_emb.shape[-1] != self.text_dim:
       raise ValueError(f"expected text_emb [L, {self.text_dim}] or [B, L, {self.text_dim}], "

@@ -4,23 +4,10 @@ This is the reference the JAX model is tested against and the target of the
 exporter: a state dict in the lang-seg layout loads here with `strict=True`
 without the (unmaintained) official repository or the `clip` package.
 
-Key layout (the official `LSegNet`'s, minus CLIP's image side:
-`clip_pretrained.visual.*` and `clip_pretrained.logit_scale`):
-  clip_pretrained.*                  OpenAI CLIP text tower
-  pretrained.model.*                 timm `VisionTransformer` (incl. unused `norm`, `head`)
-  pretrained.act_postprocessN.{0,3,4}.*  reassemble level N (N = 1..4); the indices
-                                     are those of the official nn.Sequential:
-                                     0 readout, 1 transpose, 2 unflatten (no
-                                     parameters), 3 1x1 conv, 4 resampling conv
-  scratch.layerN_rn.weight           3x3 conv, no bias
-  scratch.refinenetN.*               fusion blocks with BatchNorm
-  scratch.head1.*                    1x1 conv to the text embedding width
-  scratch.head_block.depthwise.depthwise.*  spatial regularisation (arch_option 1, 2)
-
-The ResNet backbones (`clip_resnet101`: the official zero-shot `LSegRNNetZS`) have
-`pretrained.layer1..4.*` (torchvision's ResNet as lang-seg regroups it, see
-`torch_lseg.resnet`) instead of `pretrained.model.*` and `pretrained.act_postprocessN.*`;
-the rest is the same.
+Key layout: the official `LSegNet`'s minus CLIP's image side (`clip_pretrained.visual.*`,
+`clip_pretrained.logit_scale`), as `lseg_jax.langseg_layout` describes it;
+`pretrained.act_postprocessN.{0,3,4}` keep the indices of the official nn.Sequential
+(0 readout, 1 transpose, 2 unflatten, 3 1x1 conv, 4 resampling conv).
 
 Images are NCHW here (PyTorch convention), normalised as (x/255 - 0.5)/0.5 for every
 backbone (the ResNet backbones convert to ImageNet's normalisation themselves).
@@ -88,21 +75,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclasses.dataclass(frozen=True)
 class TorchLSegConfig:
-  """Hyper-parameters of `LSegTorch` (names follow the official CLI flags).
-
-  Attributes:
-    backbone: a key of `VARIANTS`.
-    features: decoder width (official `--num_features`); None: 256, or 16 for
-      the tiny backbones.
-    readout: how the ViT class token enters the reassemble blocks.
-    arch_option: 0 none, 1 bottleneck block, 2 depthwise block (spatial
-      regularisation after the cosine logits).
-    block_depth: how many times the shared head block is applied (the official
-      code applies it max(block_depth, 1) times when arch_option is 1 or 2).
-    activation: head-block activation between applications.
-    vocab_size: text-tower vocabulary (49408 for the CLIP BPE tokenizer).
-    context_length: text-tower context length (77 for CLIP).
-  """
+  """Hyper-parameters of `LSegTorch`, named as the official CLI flags (`features` is
+  `--num_features`; None: 256, or 16 for the tiny backbones). The head block runs
+  max(block_depth, 1) times when arch_option is 1 or 2, as in the official code."""
   backbone: str = "clip_vitl16_384"
   features: Optional[int] = None
   readout: str = "project"
@@ -137,22 +112,18 @@ def _check_choice(name, value, choices):
     raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-# ----------------------------------------------------------------------------
-# Image encoder: timm ViT + reassemble blocks.
+# --- Image encoder: timm ViT + reassemble blocks ---
 
 
-class _SkipReadout(nn.Module):
-  """readout='ignore': drop the class token. [B, 1+N, C] -> [B, N, C]."""
+class _Fn(nn.Module):
+  """A parameter-free step of the official nn.Sequential."""
 
-  def forward(self, tokens):
-    return tokens[:, 1:]
+  def __init__(self, fn):
+    super().__init__()
+    self.fn = fn
 
-
-class _AddReadout(nn.Module):
-  """readout='add': add the class token to every patch token."""
-
-  def forward(self, tokens):
-    return tokens[:, 1:] + tokens[:, :1]
+  def forward(self, x):
+    return self.fn(x)
 
 
 class _ProjectReadout(nn.Module):
@@ -168,29 +139,18 @@ class _ProjectReadout(nn.Module):
     return self.project(torch.cat([patches, cls], dim=-1))
 
 
-class _ChannelsFirst(nn.Module):
-  """[B, N, C] -> [B, C, N]."""
-
-  def forward(self, tokens):
-    return tokens.transpose(1, 2)
-
-
 class Reassemble(nn.Sequential):
-  """One DPT reassemble level: tokens of a ViT block -> feature map.
-
-  An nn.Sequential so that parameter names carry the official indices; index 2
-  (the official fixed-size Unflatten) is a placeholder because the token grid
-  depends on the input size and is passed to `forward`.
-  """
+  """One DPT reassemble level: tokens of a ViT block -> feature map. Index 2 (the
+  official fixed-size Unflatten) is a placeholder: the token grid is passed to `forward`."""
 
   def __init__(self, readout: str, vit_width: int, width: int, resample: float):
     if readout == "project":
       readout_op = _ProjectReadout(vit_width)
-    elif readout == "add":
-      readout_op = _AddReadout()
-    else:
-      readout_op = _SkipReadout()
-    layers = [readout_op, _ChannelsFirst(), nn.Identity(),
+    elif readout == "add":  # the class token added to every patch token
+      readout_op = _Fn(lambda t: t[:, 1:] + t[:, :1])
+    else:  # "ignore": the class token dropped
+      readout_op = _Fn(lambda t: t[:, 1:])
+    layers = [readout_op, _Fn(lambda t: t.transpose(1, 2)), nn.Identity(),
               nn.Conv2d(vit_width, width, kernel_size=1)]
     if resample > 1:
       layers.append(nn.ConvTranspose2d(width, width, kernel_size=int(resample),
@@ -253,8 +213,7 @@ class ViTBackbone(nn.Module):
             for i, t in enumerate(hooked)]
 
 
-# ----------------------------------------------------------------------------
-# Decoder: DPT fusion blocks.
+# --- Decoder: DPT fusion blocks ---
 
 
 class ResidualConvUnit(nn.Module):
@@ -290,8 +249,7 @@ class FusionBlock(nn.Module):
     return self.out_conv(x)
 
 
-# ----------------------------------------------------------------------------
-# Spatial regularisation on the logits.
+# --- Spatial regularisation on the logits ---
 
 
 class _LabelwiseConv(nn.Module):
@@ -338,22 +296,15 @@ class BottleneckBlock(DepthwiseBlock):
     return conv_x + x.amax(dim=1, keepdim=True)
 
 
-# ----------------------------------------------------------------------------
-# LSeg.
+# --- LSeg ---
 
 
 class LSegTorch(nn.Module):
-  """LSeg: per-pixel cosine logits between DPT features and label text embeddings.
-
-  Computes like the official `LSegNet.forward`, except that
-    * everything stays float32 (the official casts the pixel features to half
-      before the dot product with the text embeddings);
-    * text embeddings are an input (`encode_text` / `forward_labels` run the
-      text tower);
-    * an optional `label_mask` marks candidate labels: masked labels get -inf
-      logits and are left out of the bottleneck max. Without a mask the result
-      is the official one.
-  """
+  """LSeg as the official `LSegNet.forward` computes it, except that everything stays
+  float32 (the official casts pixel features to half before the dot product), text
+  embeddings are an input (`encode_text` / `forward_labels` run the text tower), and an
+  optional `label_mask` gives masked labels -inf logits and leaves them out of the
+  bottleneck max (without a mask the result is the official one)."""
 
   def __init__(self, config: Optional[TorchLSegConfig] = None, **kwargs):
     super().__init__()
@@ -415,16 +366,9 @@ class LSegTorch(nn.Module):
     return s.head1(path)
 
   def cosine_logits(self, x, text_features):
-    """Scaled cosine similarities before regularisation and upsampling.
-
-    Args:
-      x: float images [B, 3, H, W], H and W multiples of 32.
-      text_features: unnormalised label embeddings [L, D] or [B, L, D].
-
-    Returns:
-      logits [B, L, H/2, W/2] = exp(log(1/0.07)) * <pixel, text>, both
-      L2-normalised (no epsilon, as the official).
-    """
+    """Images x [B, 3, H, W], label embeddings [L, D] or [B, L, D] -> logits
+    [B, L, H/2, W/2] = exp(log(1/0.07)) * <pixel, text>, both L2-normalised (no epsilon,
+    as the official), before regularisation and upsampling."""
     text_features, _ = self._check_labels(x, text_features, None)
     pix = self.pixel_features(x)
     b, d, h, w = pix.shape
@@ -436,18 +380,9 @@ class LSegTorch(nn.Module):
     return logits.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
   def forward(self, x, text_features, label_mask=None):
-    """Per-pixel label logits.
-
-    Args:
-      x: float images [B, 3, H, W], H and W multiples of 32.
-      text_features: unnormalised label embeddings [L, D] (shared by the batch)
-        or [B, L, D] (per example).
-      label_mask: optional bool [B, L]; False marks labels that are not
-        candidates for that example.
-
-    Returns:
-      float32 logits [B, L, H, W]; -inf where `label_mask` is False.
-    """
+    """Images x [B, 3, H, W] (sides multiples of 32), unnormalised label embeddings
+    [L, D] or [B, L, D], optional bool label_mask [B, L] (False: not a candidate) ->
+    float32 logits [B, L, H, W], -inf where `label_mask` is False."""
     text_features, label_mask = self._check_labels(x, text_features, label_mask)
     logits = self.cosine_logits(x, text_features)
 
@@ -505,22 +440,11 @@ class LSegTorch(nn.Module):
 
   @classmethod
   def from_checkpoint(cls, path, *, weights_only: bool = True, **overrides):
-    """Builds an LSegTorch from a state dict in the lang-seg layout.
-
-    Accepts a bare state dict, or {"state_dict": ...} (Lightning `.ckpt`, keys
-    prefixed `net.`) with optional "lseg_config" metadata (our exporters) or
-    Lightning "hyper_parameters". The config is, by precedence: `overrides`,
-    "lseg_config", "hyper_parameters", then what the keys and shapes tell
-    (`langseg_layout.infer_settings`). `clip_pretrained.visual.*` and
-    `clip_pretrained.logit_scale` (CLIP's image side) are ignored; all other keys
-    load strictly.
-
-    Args:
-      path: file written by `torch.save`.
-      weights_only: passed to `torch.load`; official Lightning checkpoints
-        pickle other objects and need False (only for files you trust).
-      **overrides: `TorchLSegConfig` fields.
-    """
+    """An LSegTorch from a file in the lang-seg layout (`langseg_layout.split_checkpoint`;
+    the config from `overrides`, the file's metadata and its shapes, by
+    `langseg_layout.infer_settings`). CLIP's image side is ignored; all other keys load
+    strictly. `weights_only=False` (official Lightning checkpoints) unpickles arbitrary
+    objects: only for files you trust."""
     fields = {f.name for f in dataclasses.fields(TorchLSegConfig)}
     unknown = set(overrides) - fields
     if unknown:
