@@ -7,10 +7,11 @@ train step `tools/train.py` runs (on `config.mesh` over the slice), `compile_eva
 forward of evaluation and inference. The result (`AotResult`) is XLA's
 own account of the program: per-device HBM (arguments, outputs, temporaries; the
 compiler refuses a program that does not fit, which becomes a result, not an error),
-FLOPs and HBM bytes per device (`cost_analysis`; the byte count is XLA's estimate of
-HBM traffic after fusion, good for comparing programs), and the roofline step time
-max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) from the generation's published peaks
-(`CHIPS`; sources in docs/scaling.md).
+FLOPs and bytes per device (`cost_analysis`: XLA's `bytes accessed`, which also counts
+the accesses to the on-chip VMEM that operands are prefetched into; and the HBM bytes
+alone, `traffic_breakdown`), and the roofline step time max(FLOPs / peak FLOP/s, HBM
+bytes / HBM bandwidth) from the generation's published peaks (`CHIPS`; sources in
+docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ class AotResult:
   fits: bool
   hbm: dict[str, float]  # GiB per device: arguments, outputs, temporaries, total
   flops: float | None = None
-  bytes_accessed: float | None = None
+  bytes_accessed: float | None = None  # XLA's count (VMEM accesses included)
+  hbm_bytes: float | None = None  # HBM only (`traffic_breakdown`)
   message: str = ""  # "does not fit: ..." when it does not
   hlo: str = dataclasses.field(default="", repr=False)  # the compiled program's text
 
@@ -102,14 +104,16 @@ class AotResult:
       out["message"] = self.message
       return out
     flops_chip, bytes_chip = self.flops * per_chip, self.bytes_accessed * per_chip
+    hbm_chip = self.hbm_bytes * per_chip
     images_chip = images / shape["chips"]
     compute_s = flops_chip / (chip.peak_tflops * 1e12)
-    memory_s = bytes_chip / (chip.hbm_tb_per_s * 1e12)
+    memory_s = hbm_chip / (chip.hbm_tb_per_s * 1e12)
     step_s = max(compute_s, memory_s)
     out.update(
         tflops_per_chip=_sig(flops_chip / 1e12), gb_per_chip=_sig(bytes_chip / 1e9),
         tflops_per_image=_sig(flops_chip / images_chip / 1e12),
         gb_per_image=_sig(bytes_chip / images_chip / 1e9),
+        hbm_gb_per_image=_sig(hbm_chip / images_chip / 1e9),
         roofline_step_s=_sig(step_s),
         roofline_images_per_s_per_chip=_sig(images_chip / step_s),
         bound="memory" if memory_s > compute_s else "compute")
@@ -155,8 +159,10 @@ def compile_program(program: str, jitted, args: tuple[Any, ...]) -> AotResult:
                   + mem.generated_code_size_in_bytes) / GIB
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = compiled.as_text()
   return AotResult(program, seconds, True, hbm, float(cost["flops"]),
-                   float(cost["bytes accessed"]), hlo=compiled.as_text())
+                   float(cost["bytes accessed"]), float(traffic_breakdown(hlo, 0)["bytes"]),
+                   hlo=hlo)
 
 
 def _abstract_text(spec: state_lib.StateSpec, mesh, num_labels: int):
@@ -240,6 +246,7 @@ def report(topology: str, config, num_labels: int,
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
           "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
+_LAID_OUT = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\](\{[^}]*\})?")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*?)\)(?:, |$)")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
          "partition-id", "replica-id"}
@@ -283,30 +290,47 @@ def _frames(hlo: str) -> dict[int, str]:
   return {i: where(i) for i in frames}
 
 
+def _hbm_shape_bytes(shape: str) -> int:
+  """Bytes of the arrays of `shape` placed in HBM (layouts without a memory space S(n);
+  S(1) is the TPU core's VMEM, where XLA prefetches operands with copy-start)."""
+  return sum(_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+             for t, dims, layout in _LAID_OUT.findall(shape)
+             if not re.search(r"S\(\d+\)", layout))
+
+
 def traffic_breakdown(hlo: str, top: int = 20) -> dict[str, Any]:
   """HBM bytes per device of a compiled program's text (`compiled.as_text()`), by source.
 
-  Each top-level instruction of the entry computation is charged its result and operand
-  bytes (XLA's own `bytes accessed` counts the same, with slices of operands refined),
-  to the innermost lseg_jax source line of its stack frame (train.py's step itself is
-  not a source: its loss and optimizer lines are charged to their callees) and to
-  "fwd" or "bwd" (the op name of a gradient carries "transpose(").
+  Each top-level instruction of the entry computation is charged the bytes of its result
+  and operands that live in HBM, to the innermost lseg_jax source line of its stack frame
+  (train.py's step itself is not a source: its loss and optimizer lines are charged to
+  their callees) and to "fwd" or "bwd" (the op name of a gradient carries "transpose(").
+  XLA's own `bytes accessed` also counts arrays in VMEM (memory space S(1)): a prefetched
+  operand is counted when copy-start reads it from HBM, again when copy-done writes VMEM
+  and again when the fusion reads it from there. Here a copy-start moves its HBM source
+  (or HBM destination, for an eviction) once, and VMEM accesses are not HBM traffic.
+  Returns {"bytes": HBM bytes per device, "xla_like_bytes": every array counted as XLA
+  does (within a few % of `bytes accessed`), "top": the `top` sources}.
   """
   frames = _frames(hlo)
   entry = hlo[hlo.index("\nENTRY "):]
-  sizes: dict[str, int] = {}
+  sizes: dict[str, tuple[int, int]] = {}  # name -> (HBM bytes, all bytes)
   by_source: dict[str, int] = {}
-  total = 0
+  total = total_all = 0
   for line in entry.splitlines()[1:]:
     m = _INSTR.match(line)
     if not m:
       continue
     name, shape, opcode, operands = m.groups()
-    sizes[name] = _shape_bytes(shape)
+    sizes[name] = (_hbm_shape_bytes(shape), _shape_bytes(shape))
     if opcode in _FREE:
       continue
-    moved = sizes[name] + sum(sizes.get(o.split()[-1].lstrip("%"), 0)
-                              for o in operands.split(", ") if "%" in o)
+    inputs = [sizes.get(o.split()[-1].lstrip("%"), (0, 0))
+              for o in operands.split(", ") if "%" in o]
+    total_all += sizes[name][1] + sum(b for _, b in inputs)
+    if opcode == "copy-done":  # the copy's bytes are counted at its copy-start
+      continue
+    moved = sizes[name][0] + (0 if opcode == "copy-start" else sum(h for h, _ in inputs))
     frame = re.search(r"stack_frame_id=(\d+)", line)
     source = frames.get(int(frame.group(1)), "other") if frame else "other"
     op_name = re.search(r'op_name="([^"]*)"', line)
@@ -315,7 +339,7 @@ def traffic_breakdown(hlo: str, top: int = 20) -> dict[str, Any]:
     by_source[key] = by_source.get(key, 0) + moved
     total += moved
   ranked = sorted(by_source.items(), key=lambda kv: -kv[1])[:top]
-  return {"bytes": total,
+  return {"bytes": total, "xla_like_bytes": total_all,
           "top": [{"source": k, "gb": round(v / 1e9, 3), "share": round(v / total, 4)}
                   for k, v in ranked]}
 

@@ -61,6 +61,7 @@ def test_tiny_train_and_eval_compile_for_a_two_host_tpu_slice():
     assert 0 < hbm["total"] < fig["hbm_gib_chip_capacity"] == 95
     assert hbm["arguments"] > 0 and hbm["temporaries"] > 0
     assert fig["tflops_per_image"] > 0 and fig["gb_per_image"] > 0
+    assert 0 < fig["hbm_gb_per_image"] <= fig["gb_per_image"]
     assert fig["roofline_images_per_s_per_chip"] > 0
     assert fig["bound"] in ("memory", "compute")
     assert len(fig["hbm_traffic_by_source"]) == 5
@@ -103,3 +104,26 @@ def test_flop_counter_equals_xla_cost_analysis_of_the_forward():
   xla_per_image = float(cost["flops"]) / 2
   counted = flops.count(spec.model_cfg, 64, 64, 6).forward
   np.testing.assert_allclose(counted, xla_per_image, rtol=0.02)
+
+
+_PREFETCH_HLO = """HloModule m
+
+ENTRY %main (p0: f32[1024], p1: f32[1024]) -> f32[1024] {
+  %p0 = f32[1024]{0} parameter(0)
+  %p1 = f32[1024]{0} parameter(1)
+  %cs = (f32[1024]{0}, f32[1024]{0:S(1)}, u32[]) copy-start(f32[1024]{0} %p1)
+  %cd = f32[1024]{0:S(1)} copy-done((f32[1024]{0}, f32[1024]{0:S(1)}, u32[]) %cs)
+  ROOT %add = f32[1024]{0} fusion(f32[1024]{0} %p0, f32[1024]{0:S(1)} %cd), kind=kLoop
+}
+"""
+
+
+def test_traffic_breakdown_counts_hbm_once_and_vmem_never():
+  """A prefetch into VMEM (memory space S(1)) reads its HBM source once (copy-start);
+  XLA's `bytes accessed` also counts the VMEM write (copy-done) and the fusion's VMEM
+  read. Here: copy-start 4 KiB + its u32 context, the fusion's HBM operand and result
+  8 KiB; the XLA-like count adds the VMEM copies (copy-done 8 KiB + 4 + fusion's 4 KiB)."""
+  out = aot.traffic_breakdown(_PREFETCH_HLO, top=5)
+  assert out["bytes"] == 4096 + 4 + 8192
+  assert out["xla_like_bytes"] == (4096 + (8192 + 4)) + (4096 + (8192 + 4)) + 3 * 4096
+  assert sum(row["gb"] for row in out["top"]) == pytest.approx(out["bytes"] / 1e9, abs=1e-3)
