@@ -6,33 +6,16 @@ pipeline's `label_names`, `label_mask` [B, L], `valid` [B], `image_size`
 [B, 2] and, for episodes, `class_index` [B]; and label embeddings [L, D] of
 `label_names` (computed once, `lseg_jax.text.LabelEmbedder`).
 
-Two inference modes:
-  * single scale (window=None): the batch as the pipeline gives it, sides
-    padded up to the model's size multiple (image -1 = black, label ignore).
-    The shared forward (`lseg_jax.apply.forward`) computes the logits on a
-    global mesh that shards the batch over all hosts' devices; a small jitted
-    function takes their argmax and the batch confusion, which comes back
-    summed and replicated.
-  * multi scale (window=SlidingWindow(...)) or the open-vocabulary papers' views
-    (window=ViewProtocol(...)): every valid example is cut to its `image_size`
-    and scored with that protocol (`lseg_jax.inference`) at its original
-    resolution, by blocks of rows; crops run sharded over this host's devices,
-    hosts work on their own examples and their confusion matrices are summed at
-    the end.
+The inference modes (window=None: single scale, the batch sharded over every host's
+devices; a `SlidingWindow` or `ViewProtocol`: each valid example at its original
+resolution, crops over this host's devices, confusions summed over hosts at the end) are
+those of docs/evaluation.md, "Inference modes"; an episode is scored over its two labels
+only, "other" and its class (`episode_rows`; docs/evaluation.md, "Metrics").
 
 Scored names (`scored_class`): the model may score other texts than the label
 table, e.g. synonyms or extra names: text_emb [T, D] then has one row per text
 and scored_class [T] names the ground-truth class each text counts as; a pixel's
 prediction is scored_class[argmax over the T texts] (`lseg_jax.openvocab`).
-
-Episodes: the table is ["other", *fold classes] and the label mask leaves two
-candidates per example, "other" and the episode class. Only those two are
-computed: each example gets its own label embeddings [2, D] (the table's rows
-0 and 1 + class_index, `episode_rows`), as the official zero-shot forward
-embeds ["others", class]; the argmax over them is the binary prediction
-(1 = the class), scored with HSNet's protocol (`lseg_jax.metrics`). The
-logits of the two labels are those the whole table with the mask gives:
-masked labels never entered any label's logits (the Bottleneck max included).
 """
 from __future__ import annotations
 
@@ -52,7 +35,6 @@ from lseg_jax import labels as labels_lib
 from lseg_jax import metrics
 from lseg_jax import sharding
 from lseg_jax.labels import EPISODE_BACKGROUND_TEXT, IGNORE_INDEX, OTHER_LABEL
-
 
 
 def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1.0
@@ -179,7 +161,6 @@ class Evaluator:
       # Host copy: each batch gathers its episodes' rows [B, 2, D] from it.
       self._table = np.asarray(metrics.to_host(text_emb), np.float32)
 
-  # ------------------------------------------------------------------------
   def update(self, batch: dict[str, np.ndarray]) -> None:
     """Adds one per-host numpy eval batch (data contract)."""
     for key in ("image", "label", "label_mask", "valid"):
@@ -255,7 +236,6 @@ class Evaluator:
                                                    len(self.label_names)))
       self.num_examples += 1
 
-  # ------------------------------------------------------------------------
   def running(self) -> dict[str, float]:
     """This host's running metrics (for progress bars)."""
     r = self.meter.result()
@@ -366,9 +346,7 @@ def evaluate(evaluator: Evaluator, batches: Iterable[dict[str, np.ndarray]], *,
   return evaluator.result()
 
 
-# ----------------------------------------------------------------------------
-# One evaluation of a config: used by periodic evaluation and by tools/eval.py.
-# ----------------------------------------------------------------------------
+# --- One evaluation of a config: used by periodic evaluation and by tools/eval.py ---
 @dataclasses.dataclass
 class Evaluation:
   """One entry of `config.evals` (see `lseg_jax.config.evals`): a data split scored

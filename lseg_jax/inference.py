@@ -1,38 +1,18 @@
 """Sliding-window, multi-scale inference: the official LSeg test protocol.
 
-`test_lseg.py` evaluates with PyTorch-Encoding's `MultiEvalModule`
-(lang-seg's `additional_utils/encoding_models.py`). For an image [H, W] and
-each scale s (default 0.5, 0.75, 1.0, 1.25, 1.5, 1.75):
+PyTorch-Encoding's `MultiEvalModule`, as lang-seg's `test_lseg.py` runs it; its five steps
+(docs/evaluation.md, "Inference modes") give every model call a crop x crop input, so one
+jitted function serves the whole protocol. Here the geometry and the accumulation run on
+the host in float32 numpy, the resizes on the device with the reference's taps and order
+(`resize_blocks`: the scores at the image's size by blocks of rows), while batches of
+crops, gathered across images, run on the devices with the batch axis sharded over a
+`data` mesh axis. With a single scale whose long side is the crop size, no flip and an
+image of crop x crop, the result is exactly one plain model call.
 
-  1. long side := ceil(base_size * s) (base 520), short side :=
-     int(short * long_new / long + 0.5); the normalised image is resized to
-     it, bilinear with align_corners=True;
-  2. the resized image is padded at the bottom/right to at least crop x crop
-     (crop 480) with the normalised value of black, -mean/std = -1;
-  3. windows of crop x crop start every stride = int(crop * 2/3) pixels
-     (h_grids = ceil((ph - crop) / stride) + 1 rows, likewise columns); a
-     window reaching past the canvas is cut there and re-padded to crop x crop;
-  4. each window's logits, plus the flipped logits of its mirror image when
-     flipping, are summed into the canvas; overlapping windows are averaged
-     (divided by their count);
-  5. the canvas is cut back to the resized size, resized to [H, W] (bilinear,
-     align_corners=True) and added to the scores. Logits, not probabilities,
-     are summed; the prediction is the argmax of the sum.
-
-Every model call therefore sees a crop x crop input: one jitted function
-serves the whole protocol. Here the geometry and the accumulation run on the
-host in float32 numpy, the resizes on the device with the reference's taps and
-order (`resize_blocks`: the scores at the image's size by blocks of rows), while
-batches of crops, gathered across images, run on the devices with the batch
-axis sharded over a `data` mesh axis. With a single scale whose long side is
-the crop size, no flip and an image of crop x crop, the result is exactly
-one plain model call.
-
-Labels masked out (label_mask False) get -inf scores, as the model gives.
-An image may instead name the rows of the label table it is scored over (a
-zero-shot episode: "other" and its class): only those labels are computed,
-each crop with its own label embeddings, and its scores have one channel per
-named row.
+Labels masked out (label_mask False) get -inf scores, as the model gives. An image may
+instead name the rows of the label table it is scored over (a zero-shot episode: "other"
+and its class): only those labels are computed, each crop with its own label embeddings,
+and its scores have one channel per named row.
 """
 from __future__ import annotations
 
@@ -148,9 +128,7 @@ class ViewProtocol:
     return {k: v for k, v in dataclasses.asdict(self).items() if k != "size_multiple"}
 
 
-# --------------------------------------------------------------------------
-# Geometry (pure Python / numpy).
-# --------------------------------------------------------------------------
+# --- Geometry (pure Python / numpy) ---
 def scaled_size(h: int, w: int, scale: float, base_size: int) -> tuple[int, int]:
   """(height, width) of an [h, w] image at `scale`: long side ceil(base * scale)."""
   long_size = int(math.ceil(base_size * scale))
@@ -249,9 +227,7 @@ def _pad_to(x: np.ndarray, h: int, w: int, value: float) -> np.ndarray:
   return np.pad(x, ((0, ph), (0, pw), (0, 0)), constant_values=value)
 
 
-# --------------------------------------------------------------------------
-# Device side: batches of crops through a jitted, sharded function.
-# --------------------------------------------------------------------------
+# --- Device side: batches of crops through a jitted, sharded function ---
 class CropRunner:
   """Runs `apply` on fixed-size batches of crops, split over every device of `mesh`
   (default: this process's devices).
@@ -321,9 +297,7 @@ class CropRunner:
     return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
-# --------------------------------------------------------------------------
-# Host side: windows in, per-image scores out.
-# --------------------------------------------------------------------------
+# --- Host side: windows in, per-image scores out ---
 class _ImageJob:
   """One image's per-scale canvases while its windows are in flight."""
 
@@ -548,9 +522,7 @@ class SlidingWindowInference:
       yield done.finish(reduce), done.payload
 
 
-# --------------------------------------------------------------------------
-# Whole-image prediction (tools/predict.py).
-# --------------------------------------------------------------------------
+# --- Whole-image prediction (tools/predict.py) ---
 def model_input_size(h: int, w: int, multiple: int, max_side: int | None = None
                      ) -> tuple[int, int]:
   """(H', W') fed to the model: (h, w) if both are multiples of `multiple`, else

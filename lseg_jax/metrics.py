@@ -59,9 +59,7 @@ import numpy as np
 EPS = float(np.spacing(1))
 
 
-# --------------------------------------------------------------------------
-# Device side: per-batch counts.
-# --------------------------------------------------------------------------
+# --- Device side: per-batch counts ---
 def _pixel_weights(label, valid, num_classes):
   """int32 [B, H, W]: 1 where the pixel is scored, 0 where ignored or padding."""
   w = (label >= 0) & (label < num_classes)
@@ -176,9 +174,7 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# --------------------------------------------------------------------------
-# Host side: dataset totals and the official formulas.
-# --------------------------------------------------------------------------
+# --- Host side: dataset totals and the official formulas ---
 def miou_pixacc(conf) -> dict:
   """pixAcc and mIoU of a confusion matrix, as PyTorch-Encoding computes them.
 
