@@ -373,10 +373,6 @@ class Segmenter:
     self._multi: inference.SlidingWindowInference | None = None
     self._lock = threading.Lock()
 
-  def prompts(self, labels: Sequence[str], template: str | None = None) -> list[str]:
-    """The texts the tower reads; template None: the default, "": bare names."""
-    return self.embedder.prompts(labels, template)
-
   def __call__(self, image: np.ndarray, labels: Sequence[str], *,
                template: str | None = None, protocol: str = SINGLE_SCALE,
                embeddings: bool = False) -> Prediction:
@@ -393,7 +389,7 @@ class Segmenter:
       raise ValueError(f"expected an RGB image uint8 [H, W, 3], got {image.dtype} "
                        f"{list(image.shape)}")
     labels = check_labels(labels)
-    prompts = self.prompts(labels, template)
+    prompts = self.embedder.prompts(labels, template)
     notes = long_label_warnings(prompts, self.embedder.tokenizer, self.embedder.context_length)
     with self._lock:
       with warnings.catch_warnings():  # `notes` say it once, in the user's terms.

@@ -39,13 +39,9 @@ class StateSpec:
   create: Callable[[], nnx.Module]
 
 
-def model_config(config) -> lseg.LSegConfig:
-  return lseg.LSegConfig.from_dict(dict(config.model))
-
-
 def state_spec(config, mesh: jax.sharding.Mesh) -> StateSpec:
   """Abstract model, optimizer and their shardings, from the config (no allocation)."""
-  model_cfg = model_config(config)
+  model_cfg = lseg.LSegConfig.from_dict(dict(config.model))
   create = lambda: lseg.LSeg(model_cfg, rngs=nnx.Rngs(config.seed))
   abstract_model = nnx.eval_shape(create)
   frozen = tuple(config.optim.frozen)
@@ -143,6 +139,5 @@ def restore(mngr, step: int, spec: StateSpec) -> dict[str, Any]:
   return jax.tree.map(jax.device_put, state, spec.shardings)
 
 
-__all__ = ["MODEL_KEYS", "StateSpec", "init_state", "load_weights", "model_config",
-           "model_from_state", "model_state_dict", "restore", "split_model_state",
-           "state_spec"]
+__all__ = ["MODEL_KEYS", "StateSpec", "init_state", "load_weights", "model_from_state",
+           "model_state_dict", "restore", "split_model_state", "state_spec"]
