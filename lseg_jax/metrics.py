@@ -248,11 +248,7 @@ class SegmentationMeter:
   def __init__(self, num_classes: int):
     if num_classes < 1:
       raise ValueError(f"num_classes={num_classes}; expected >= 1")
-    self.num_classes = num_classes
-    self.reset()
-
-  def reset(self):
-    self.conf = np.zeros((self.num_classes, self.num_classes), np.int64)
+    self.conf = np.zeros((num_classes, num_classes), np.int64)
 
   def add(self, conf) -> None:
     """Adds an int [C, C] confusion matrix (jax or numpy)."""
@@ -273,11 +269,8 @@ class FewShotMeter:
       raise ValueError(f"num_classes={num_classes}; expected >= 1")
     self.num_classes = num_classes
     self.class_ids = None if class_ids is None else list(class_ids)
-    self.reset()
-
-  def reset(self):
-    self.conf = np.zeros((self.num_classes, 2, 2), np.int64)
-    self.num_episodes = np.zeros((self.num_classes,), np.int64)
+    self.conf = np.zeros((num_classes, 2, 2), np.int64)
+    self.num_episodes = np.zeros((num_classes,), np.int64)
 
   def add(self, conf, class_index=None, valid=None) -> None:
     """Adds an int [K, 2, 2] from `episode_confusion`; `class_index` [B] and
