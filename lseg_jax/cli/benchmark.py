@@ -53,6 +53,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from lseg_jax import distributed
 from lseg_jax.cli import common
 from lseg_jax.convert import langseg
 from lseg_jax.timing import time_calls
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--aot-breakdown", type=int, default=0, metavar="N",
                  help="with --aot: the N source lines moving the most HBM bytes")
   p.add_argument("--json", default=None, help="also write the JSON line to this file")
-  common.add_distributed_args(p)
+  distributed.add_arguments(p)
   return p
 
 
@@ -375,7 +376,7 @@ def main(argv=None) -> int:
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from lseg_jax import distributed, flops, sharding, state as state_lib
+  from lseg_jax import flops, sharding, state as state_lib
   # pylint: enable=g-import-not-at-top
 
   mesh = sharding.make_mesh(config.mesh)

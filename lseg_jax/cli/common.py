@@ -4,8 +4,9 @@ Every tool that reads a run config takes `--config FILE[:ARG]` and any number of
 `--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`);
 eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
 `--tokenizer`, `--prompt`, `--dtype`). Every tool that runs JAX takes the
-multi-process arguments (`--coordinator`, `--num-processes`, `--process-id`,
-`--heartbeat-timeout`) and calls `start_jax` before its first computation.
+multi-process arguments (`lseg_jax.distributed.add_arguments`: `--coordinator`,
+`--num-processes`, `--process-id`, `--heartbeat-timeout`) and calls `start_jax` before
+its first computation.
 
 Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
 can cause (a bad value, a missing or damaged file), which the library raises as
@@ -216,11 +217,6 @@ def load_config(spec: str | None, overrides: Sequence[tuple[str, str]] = (), *,
   return config
 
 
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-  """The multi-process arguments (`lseg_jax.distributed.add_arguments`)."""
-  distributed.add_arguments(parser)
-
-
 def start_jax(args: argparse.Namespace):
   """Joins the process to its multi-process job (a no-op for one process) before the
   first JAX computation; logs and returns the `distributed.Topology`."""
@@ -300,6 +296,6 @@ def setup_logging() -> None:
 
 
 __all__ = ["DEBUG_ENV", "USER_ERROR_EXIT", "UserError", "VERBOSE_FLAG", "add_checkpoint_args",
-           "add_config_arg", "add_distributed_args", "entry_point", "load_checkpoint",
+           "add_config_arg", "entry_point", "load_checkpoint",
            "load_config", "new_parser", "parse", "read_config_file", "run", "setup_logging",
            "split_overrides", "start_jax", "user_error_message"]

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the official multi-scale + flip protocol (slower)")
   p.add_argument("--max-side", type=int, default=None,
                  help="shrink images whose long side is longer to this many pixels")
-  common.add_distributed_args(p)
+  distributed.add_arguments(p)
   return p
 
 

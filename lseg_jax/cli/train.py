@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help=(
       "directory for checkpoints and metrics (local, or any path etils.epath reads, "
       "e.g. gs://bucket/run)"))
-  common.add_distributed_args(p)
+  distributed.add_arguments(p)
   return p
 
 
