@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from lseg_jax import distributed
+from lseg_jax import openvocab
 from lseg_jax import train_utils
 from lseg_jax.cli import eval as eval_cli
 from lseg_jax.cli import launch
@@ -46,7 +47,7 @@ def test_metrics_and_reports_on_a_second_filesystem():
   train_utils.MetricWriter(workdir, 2).close()
   with tf.io.gfile.GFile(workdir + "/metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2]
-  eval_cli.write_report("ram://lseg_test/ckpt/eval/val.json", {"metrics": {"mIoU": 0.5}})
+  openvocab.write_json("ram://lseg_test/ckpt/eval/val.json", {"metrics": {"mIoU": 0.5}})
   with tf.io.gfile.GFile("ram://lseg_test/ckpt/eval/val.json") as f:
     assert json.load(f) == {"metrics": {"mIoU": 0.5}}
   assert eval_cli.default_out("gs://b/ckpt", _Data(), "single_scale") == (

@@ -57,9 +57,7 @@ from lseg_jax.data import input_pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split("\n", 1)[1])
+  p = common.new_parser(__doc__)
   common.add_checkpoint_args(p)
   src = p.add_mutually_exclusive_group()
   common.add_config_arg(src, required=False, help_text=(
@@ -101,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--synonyms", default=None, choices=openvocab.SYNONYMS,
                  help="override the protocol's synonym rule")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-  common.add_distributed_args(p)
+  distributed.add_arguments(p)
   return p
 
 
@@ -117,16 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--multiscale uses the official scales; give either it or --scales")
   if args.scales is not None and not all(0 < s <= 16 for s in args.scales):
     p.error(f"--scales {','.join(map(str, args.scales))}: expected scales in (0, 16]")
-  for flag in ("batch_size", "base_size", "crop_size", "max_batches", "crops_per_device",
-               "step"):
+  minimum = {"batch_size": 1, "base_size": 1, "crop_size": 1, "max_batches": 1,
+             "crops_per_device": 1, "step": 0, "fold": 0, "shot": 0}
+  for flag, low in minimum.items():
     value = getattr(args, flag)
-    if value is not None and value < (0 if flag == "step" else 1):
-      p.error(f"--{flag.replace('_', '-')} {value}: expected an integer >= "
-              f"{0 if flag == 'step' else 1}")
-  if args.fold is not None and args.fold < 0:
-    p.error(f"--fold {args.fold}: expected a fold number >= 0")
-  if args.shot is not None and args.shot < 0:
-    p.error(f"--shot {args.shot}: expected a number of support images >= 0")
+    if value is not None and value < low:
+      p.error(f"--{flag.replace('_', '-')} {value}: expected an integer >= {low}")
   return args
 
 
@@ -135,11 +129,6 @@ def default_out(checkpoint_dir: str, data_cfg, mode: str) -> str:
   if data_cfg.fold is not None:
     name += f"_fold{data_cfg.fold}"
   return str(epath.Path(checkpoint_dir) / "eval" / f"{name}_{mode}.json")
-
-
-def write_report(path: str, report: dict) -> None:
-  """Writes the JSON report in one piece (`openvocab.write_json`: local or remote paths)."""
-  openvocab.write_json(path, report)
 
 
 def resolve_config(args, meta):
@@ -248,7 +237,7 @@ def main(argv=None) -> int:
     })
     if jax.process_index() == 0:
       out = args.out or default_out(ckpt_dir, ev.data, report["mode"])
-      write_report(out, report)
+      openvocab.write_json(out, report)  # in one piece, local or remote
       title = (f"{report['dataset']} / {report['split']}"
                + (f" / fold {report['fold']}" if report["fold"] is not None else "")
                + f" ({report['protocol']}, {report['mode']})")
