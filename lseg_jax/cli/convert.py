@@ -65,14 +65,6 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
                          "to replace it")
 
 
-def default_tokenizer(cfg: lseg.LSegConfig) -> str:
-  """The tokenizer recorded for an imported model: CLIP's BPE, or the byte-level one
-  of the tiny test models' vocabulary."""
-  if cfg.text_vocab_size == text.BYTE_LEVEL_VOCAB_SIZE:
-    return text.BYTE_LEVEL_TOKENIZER
-  return text.DEFAULT_TOKENIZER
-
-
 def run_import(args) -> str:
   src = os.fspath(args.src)
   if src.startswith(("http://", "https://")):
@@ -100,7 +92,10 @@ def run_import(args) -> str:
   extra = {"source": {"file": os.path.basename(src), "format": f"lang-seg {net}",
                       "converted_by": "tools/convert.py import",
                       **{k: langseg_layout.json_safe(v) for k, v in meta.items()}},
-           "tokenizer": args.tokenizer or default_tokenizer(cfg)}
+           # CLIP's BPE, or the byte-level one of the tiny test models' vocabulary.
+           "tokenizer": args.tokenizer or (
+               text.BYTE_LEVEL_TOKENIZER if cfg.text_vocab_size == text.BYTE_LEVEL_VOCAB_SIZE
+               else text.DEFAULT_TOKENIZER)}
   checkpoint.write_dir_atomically(args.out_dir, lambda tmp: checkpoint.save_model(
       tmp, model, extra_meta=extra, check_finite=False))
   return (f"imported {src} -> {args.out_dir} ({cfg.backbone}, arch_option "

@@ -90,13 +90,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def missing_default_message(directory: str) -> str:
-  return (f"No checkpoint to run: the built-in default's run {directory!r} does not exist "
-          f"yet. Make it with `{MAKE_DEFAULT_COMMAND}` (about 2 minutes on a CPU; the page "
-          "picks it up without a restart), or start the demo with `--checkpoint DIR` (a "
-          "run of tools/train.py or a checkpoint from tools/convert.py import).")
-
-
 @dataclasses.dataclass
 class Result:
   """One request's outputs (file paths are in the request's own folder)."""
@@ -131,11 +124,13 @@ class DemoBackend:
   def missing(self) -> str | None:
     """The message for a missing default checkpoint; None once a model is loaded
     or loadable."""
-    if self.segmenter is not None or self.args.checkpoint is not None:
+    if (self.segmenter is not None or self.args.checkpoint is not None
+        or os.path.isdir(self.checkpoint)):
       return None
-    if os.path.isdir(self.checkpoint):
-      return None
-    return missing_default_message(self.checkpoint)
+    return (f"No checkpoint to run: the built-in default's run {self.checkpoint!r} does not "
+            f"exist yet. Make it with `{MAKE_DEFAULT_COMMAND}` (about 2 minutes on a CPU; the "
+            "page picks it up without a restart), or start the demo with `--checkpoint DIR` "
+            "(a run of tools/train.py or a checkpoint from tools/convert.py import).")
 
   def load(self) -> bool:
     """Loads the model unless loaded; False while the default checkpoint is missing,
@@ -262,12 +257,6 @@ def _safe_stem(name: str) -> str:
 
 
 # --- The web page ---
-def _configure_gradio_environment() -> None:
-  """Before Gradio is imported: no analytics or version checks (no network)."""
-  os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-  os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
 @dataclasses.dataclass
 class _Upload:
   source: Any  # path or bytes
@@ -318,7 +307,9 @@ def _segment_handler(backend: DemoBackend, gr, pd):
 
 def build_app(backend: DemoBackend):
   """The Gradio Blocks page of `backend`."""
-  _configure_gradio_environment()
+  # Before Gradio is imported: no analytics or version checks (no network).
+  os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+  os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
   # Gradio (and its pandas) is an optional dependency: imported here only.
   # pylint: disable=g-import-not-at-top
   import gradio as gr
