@@ -68,6 +68,14 @@ def _pixel_weights(label, valid, num_classes):
   return w.astype(jnp.int32)
 
 
+def _check_shapes(pred, label) -> int:
+  """The batch size B of pred and label [B, H, W]; ValueError unless their shapes agree."""
+  if pred.shape != label.shape or pred.ndim < 1:
+    raise ValueError(f"pred {pred.shape} and label {label.shape} must have the "
+                     "same shape [B, H, W]")
+  return pred.shape[0]
+
+
 def _batched_bincount(index, weights, length):
   """Per-example bincount summed over the batch: [B, N] -> int32 [length].
 
@@ -82,22 +90,10 @@ def _batched_bincount(index, weights, length):
 
 @functools.partial(jax.jit, static_argnames="num_classes")
 def confusion_matrix(pred, label, num_classes: int, valid=None):
-  """Confusion matrix of a batch, summed over the batch.
-
-  Args:
-    pred: int [B, H, W] predicted class indices in [0, num_classes).
-    label: int [B, H, W] ground truth in [0, num_classes), -1 = ignore
-      (any value outside [0, num_classes) is ignored).
-    num_classes: C.
-    valid: optional bool [B]; False drops that example (eval padding).
-
-  Returns:
-    int32 [C, C]: entry [g, p] counts pixels of ground truth g predicted as p.
-  """
-  if pred.shape != label.shape or pred.ndim < 1:
-    raise ValueError(f"pred {pred.shape} and label {label.shape} must have the "
-                     "same shape [B, H, W]")
-  b = pred.shape[0]
+  """int32 [C, C] confusion of a batch, summed over it: [g, p] counts the pixels of ground
+  truth g predicted as p. pred int [B, H, W] in [0, C); label int [B, H, W], -1 (any value
+  outside [0, C)) ignored; valid optional bool [B], False drops that example (padding)."""
+  b = _check_shapes(pred, label)
   w = _pixel_weights(label, valid, num_classes).reshape(b, -1)
   # Ignored pixels are sent to bin 0 with weight 0.
   index = jnp.where(w > 0, (label * num_classes + pred).reshape(b, -1), 0)
@@ -107,24 +103,12 @@ def confusion_matrix(pred, label, num_classes: int, valid=None):
 
 @functools.partial(jax.jit, static_argnames="num_classes")
 def episode_confusion(pred, label, class_index, num_classes: int, valid=None):
-  """Binary confusion matrices of a batch of episodes, per episode class.
-
-  Args:
-    pred: int [B, H, W], 1 = the episode class predicted, 0 = background.
-    label: int [B, H, W], 1 = episode class, 0 = background, -1 = ignore.
-    class_index: int [B], index of each episode's class in the fold's class
-      list, in [0, num_classes).
-    num_classes: K, classes of the fold.
-    valid: optional bool [B]; False drops that episode (eval padding).
-
-  Returns:
-    int32 [K, 2, 2]: [k, g, p] counts pixels with ground truth g predicted as
-    p, over the episodes of class k.
-  """
-  if pred.shape != label.shape or pred.ndim < 1:
-    raise ValueError(f"pred {pred.shape} and label {label.shape} must have the "
-                     "same shape [B, H, W]")
-  b = pred.shape[0]
+  """int32 [K, 2, 2] binary confusions of a batch of episodes per class of the fold: [k, g, p]
+  counts the pixels of ground truth g predicted as p over the episodes of class k. pred int
+  [B, H, W] (1 = the episode class, 0 = background); label int [B, H, W] (1, 0, -1 ignore);
+  class_index int [B] in [0, K), each episode's class in the fold's list; valid optional
+  bool [B], False drops that episode (padding)."""
+  b = _check_shapes(pred, label)
   if class_index.shape != (b,):
     raise ValueError(f"class_index has shape {class_index.shape}; expected [{b}]")
   w = _pixel_weights(label, valid, 2)
@@ -176,17 +160,10 @@ def to_host(x) -> np.ndarray:
 
 # --- Host side: dataset totals and the official formulas ---
 def miou_pixacc(conf) -> dict:
-  """pixAcc and mIoU of a confusion matrix, as PyTorch-Encoding computes them.
-
-  Args:
-    conf: int [C, C] ([ground truth, prediction]) summed over the dataset.
-
-  Returns:
-    dict with floats "pixAcc", "mIoU" (mean over all C classes),
-    "mIoU_present" (mean over classes with union > 0; not official) and
-    numpy arrays "iou" float64 [C], "intersection" and "union" int64 [C],
-    plus ints "correct" and "labeled".
-  """
+  """pixAcc and mIoU, as PyTorch-Encoding computes them, of conf int [C, C] ([ground truth,
+  prediction], summed over the dataset): floats "pixAcc", "mIoU" (over all C classes),
+  "mIoU_present" (over classes with union > 0; not official), ints "correct", "labeled"
+  and numpy "iou" float64 [C], "intersection" and "union" int64 [C]."""
   conf = np.asarray(conf, np.int64)
   if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
     raise ValueError(f"expected a square confusion matrix [C, C], got shape {conf.shape}")
@@ -205,18 +182,11 @@ def miou_pixacc(conf) -> dict:
 
 
 def fewshot_iou(conf, class_ids: Sequence[int] | None = None) -> dict:
-  """HSNet's mIoU and FB-IoU from per-class binary confusion matrices.
-
-  Args:
-    conf: int [K, 2, 2] from `episode_confusion`, summed over the episodes.
-    class_ids: the classes of interest (HSNet's `class_ids`); default all K.
-
-  Returns:
-    dict with floats "mIoU", "FB-IoU" and numpy arrays over the classes of
-    interest: "iou" float64 (foreground IoU), "intersection" and "union" int64
-    [n, 2] (background, foreground), and "episodes_pixels" int64 (scored
-    pixels per class).
-  """
+  """HSNet's mIoU and FB-IoU of conf int [K, 2, 2] (`episode_confusion` summed over the
+  episodes) over `class_ids` (HSNet's classes of interest; default all K): floats "mIoU",
+  "FB-IoU" and numpy arrays over those n classes, "iou" float64 [n] (foreground),
+  "intersection" and "union" int64 [n, 2] (background, foreground), "episodes_pixels"
+  int64 [n] (scored pixels per class)."""
   conf = np.asarray(conf, np.int64)
   if conf.ndim != 3 or conf.shape[1:] != (2, 2):
     raise ValueError(f"expected per-class binary confusion matrices [K, 2, 2], got "
