@@ -104,21 +104,14 @@ def _check_table(label_names: Sequence[str], episodic: bool, text_emb, scored_cl
 
 
 class Evaluator:
-  """Accumulates one dataset's metrics from eval batches.
+  """Accumulates one dataset's metrics from eval batches of an LSeg `model` (eval mode).
 
-  Args:
-    model: an LSeg model in eval mode.
-    label_names: the pipeline's label table (`iterator.label_names`).
-    text_emb: [L, D] embeddings of `label_names`.
-    episodic: score HSNet episodes (True) or a fixed label set (False).
-    window: None for single-scale, else the multi-scale sliding-window protocol or
-      a `ViewProtocol`.
-    scored_class: None (text_emb embeds label_names), or int [T]: the class each
-      row of text_emb [T, D] counts as (module docstring).
-    mesh: the batch (single scale) or the crops (multi scale) are split over all its
-      devices; default: every device of every process (single scale), this
-      process's devices (multi scale).
-    crops_per_device: crops per device and model call (multi scale).
+  label_names: the pipeline's label table; text_emb [L, D] their embeddings, or [T, D] with
+  scored_class int [T] the class each row counts as (module docstring); episodic: HSNet
+  episodes or a fixed label set; window: None (single scale), a `SlidingWindow` or a
+  `ViewProtocol`. The batch (single scale) or the crops (`crops_per_device` per device and
+  call) are split over every device of `mesh`; default: every process's devices (single
+  scale), this process's (windows).
   """
 
   def __init__(self, model, label_names: Sequence[str], text_emb, *, episodic: bool,
@@ -350,26 +343,15 @@ def evaluate(evaluator: Evaluator, batches: Iterable[dict[str, np.ndarray]], *,
 @dataclasses.dataclass
 class Evaluation:
   """One entry of `config.evals` (see `lseg_jax.config.evals`): a data split scored
-  with the protocol its source implies (fixed labels or episodes).
-
-  Attributes:
-    name: the entry's name; metrics are logged as "eval/..." for "val", else
-      "eval_<name>/...".
-    data: the data config of this evaluation (eval_split, eval_resize, ...).
-    batch_size: global eval batch (split over processes).
-    num_batches: stop after this many batches (None: the whole split).
-    every_steps / at_end: when training runs it.
-    window: None for single scale, else the multi-scale sliding window.
-    background_text: the text embedded for an episode table's "other".
-  """
-  name: str
-  data: Any
-  batch_size: int
-  num_batches: int | None = None
-  every_steps: int | None = None
+  with the protocol its source implies (fixed labels or episodes)."""
+  name: str  # metrics are logged as "eval/..." for "val", else "eval_<name>/..."
+  data: Any  # the data config of this evaluation (eval_split, eval_resize, ...)
+  batch_size: int  # global (split over processes)
+  num_batches: int | None = None  # None: the whole split
+  every_steps: int | None = None  # every_steps, at_end: when training runs it
   at_end: bool = True
-  window: inference.SlidingWindow | None = None
-  background_text: str | None = None
+  window: inference.SlidingWindow | None = None  # None: single scale
+  background_text: str | None = None  # the text embedded for an episode table's "other"
   crops_per_device: int = 2
 
   @classmethod

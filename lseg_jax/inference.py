@@ -35,23 +35,13 @@ OFFICIAL_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 @dataclasses.dataclass(frozen=True)
 class SlidingWindow:
-  """Parameters of the multi-scale sliding-window protocol (module docstring).
-
-  Attributes:
-    scales: image scales relative to base_size (long side).
-    base_size: long side at scale 1.0.
-    crop_size: window side; a multiple of the model's `size_multiple`.
-    stride_rate: window stride as a fraction of crop_size.
-    flip: also run each window mirrored and add the mirrored-back logits.
-    pad_value: value of padded pixels in the normalised image (black = -1
-      for mean 0.5, std 0.5).
-  """
-  scales: tuple[float, ...] = OFFICIAL_SCALES
-  base_size: int = 520
-  crop_size: int = 480
-  stride_rate: float = 2.0 / 3.0
-  flip: bool = True
-  pad_value: float = -1.0
+  """Parameters of the multi-scale sliding-window protocol (module docstring)."""
+  scales: tuple[float, ...] = OFFICIAL_SCALES  # relative to base_size (long side)
+  base_size: int = 520  # long side at scale 1.0
+  crop_size: int = 480  # window side; a multiple of the model's `size_multiple`
+  stride_rate: float = 2.0 / 3.0  # window stride as a fraction of crop_size
+  flip: bool = True  # also run each window mirrored and add the mirrored-back logits
+  pad_value: float = -1.0  # padded pixels of the normalised image (black for mean, std 0.5)
 
   def __post_init__(self):
     if not self.scales or any(not s > 0 for s in self.scales):
@@ -302,11 +292,8 @@ class _ImageJob:
   """One image's per-scale canvases while its windows are in flight."""
 
   def __init__(self, image, label_mask, rows, payload, window: SlidingWindow):
-    h, w = image.shape[:2]
-    self.size = (h, w)
-    self.label_mask = label_mask
-    self.rows = rows
-    self.payload = payload
+    h, w = self.size = image.shape[:2]
+    self.label_mask, self.rows, self.payload = label_mask, rows, payload
     self.scales = []   # (height, width, canvas or None, count or None)
     self.crops = []    # (scale index, y0, x0, crop [c, c, 3])
     c = window.crop_size
@@ -441,21 +428,14 @@ class SlidingWindowInference:
 
   def stream(self, items: Iterable[tuple[np.ndarray, np.ndarray | None, Any]], text_emb,
              reduce: Callable | None = None) -> Iterator[tuple[np.ndarray, Any]]:
-    """Scores of many images, their windows batched together across images (windows of
-    one shape per batch).
+    """(scores float32 [H, W, L], or [H, W, K] for rows, or reduce's [H, W]; payload) of
+    each (image float32 [H, W, 3], labels, payload) of `items`, in input order, their
+    windows batched together across images (one window shape per batch); H, W may differ.
 
-    Args:
-      items: (image float32 [H, W, 3], labels, payload) triples; H, W may differ
-        between images. labels: None (every label), a bool mask [L] (labels
-        False score -inf), or int rows [K] of `text_emb`: the image is scored
-        over those K labels only (K the same for every image of the stream).
-      text_emb: label embeddings [L, D].
-      reduce: None, or a function of device score rows [R, W, L] -> [R, W] (an
-        argmax): images then yield reduce(scores) [H, W], computed by row blocks.
-
-    Yields:
-      (scores float32 [H, W, L], or [H, W, K] for rows, or reduce's [H, W]; payload) in
-      input order.
+    labels: None (every label of text_emb [L, D]), a bool mask [L] (labels False score
+    -inf), or int rows [K] of `text_emb`, the only labels the image is scored over (K the
+    same for every image of the stream). reduce: None, or a function of device score rows
+    [R, W, L] -> [R, W] (an argmax), computed by row blocks.
     """
     num_labels = text_emb.shape[0]
     batch = getattr(self.runner, "batch_size", 1)
@@ -548,16 +528,11 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 
 
 class ImagePredictor:
-  """Logits, label map and pixel embeddings of whole images, one at a time.
-
-  An image whose sides are multiples of `model.size_multiple` is used as is.
-  Otherwise the normalised image is resized (bilinear, align_corners=False)
-  to `model_input_size` and the logits are resized back to the original
-  size the same way before the argmax; the embeddings stay at the model's
-  resolution [H'/2, W'/2, D]. One compilation per input size. `max_side`: images
-  whose long side exceeds it are scaled down for the model (see `model_input_size`),
-  so that large images fit in device memory; the logits still come back at full size.
-  """
+  """Logits, label map and pixel embeddings of whole images, one at a time, one compilation
+  per input size. An image whose sides are not multiples of `model.size_multiple` (or
+  whose long side exceeds `max_side`) is resized (bilinear, align_corners=False) to
+  `model_input_size` and its logits resized back the same way before the argmax; the
+  embeddings stay at the model's resolution [H'/2, W'/2, D]."""
 
   def __init__(self, model, max_side: int | None = None):
     self.max_side = max_side
