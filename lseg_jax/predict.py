@@ -45,18 +45,8 @@ ALPHA_BACKGROUND = (255, 255, 255)
 def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
                name: str | None = None, max_side: int | None = None) -> "InputImage":
   """An image as both front ends segment it: uint8 [H, W, 3] RGB, turned upright as
-  its EXIF orientation says, then shrunk by `limit_size(image, max_side)`.
-
-  Modes are converted as follows (the first frame of an animation is used):
-    RGB, YCbCr, LAB, HSV, CMYK, L, 1, P   Pillow's conversion to RGB;
-    RGBA, LA, PA, P with transparency     composited over white
-                                          (`ALPHA_BACKGROUND`);
-    I;16 (16-bit grayscale)               value / 257 (65535 -> 255);
-    I (32-bit integer), F (float)         by the range the values lie in:
-                                          [0, 1] (float only) x 255, [0, 255]
-                                          as is, [0, 65535] / 257, otherwise
-                                          min-max stretched to [0, 255].
-  16-bit RGB(A) files are already reduced to 8 bits per channel by Pillow.
+  its EXIF orientation says, then shrunk by `limit_size(image, max_side)`. Pixel modes
+  become RGB as docs/evaluation.md, "Prediction" states (`to_rgb8`).
 
   `source` is a path, bytes, a binary file or a PIL image; `name` names it in errors
   (default: the path). ValueError for what Pillow cannot read or more pixels than its
@@ -119,7 +109,7 @@ def _upright(im: Image.Image) -> Image.Image:
 
 
 def to_rgb8(im: Image.Image) -> np.ndarray:
-  """A PIL image of any mode -> uint8 [H, W, 3] (rules in `load_image`)."""
+  """A PIL image of any mode -> uint8 [H, W, 3] (docs/evaluation.md, "Prediction")."""
   mode = im.mode
   if mode == "RGB":
     return np.array(im, np.uint8)
