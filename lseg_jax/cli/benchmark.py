@@ -3,41 +3,19 @@ r"""Times the real train and inference steps of a config on generated batches.
   python tools/benchmark.py --config configs/ade20k.py:variant=vitl16 --task both
   python tools/benchmark.py --config configs/ade20k.py:variant=vitb32 --task infer \
       --config.batch_size=1 --config.data.crop_size=384 --config.model.dtype=float32 --torch
-
-`--aot TOPOLOGY` (e.g. v5p:2x2x2, v5e:2x4, v4:2x2x2, v6e:2x2) times nothing: it compiles
-the same programs for a TPU slice with libtpu's compile-only client on this machine (no
-TPU needed; `pip install -e ".[tpu]"`) and prints per-chip HBM, FLOPs, HBM bytes and the
-roofline (`lseg_jax.aot`; docs/scaling.md; `--aot-breakdown N`: the N source lines moving
-the most bytes):
-
   python tools/benchmark.py --config configs/ade20k.py:variant=vitl16 --aot v5p:2x2x1 \
       --config.batch_size=32 --aot-breakdown 20
 
-Random weights, no data files. `train` times the jitted, donated train step of
-`tools/train.py` on `config.batch_size` generated crops; `infer` the forward + per-pixel
-argmax of single-scale evaluation and prediction on `--infer-batch` crops; `--multiscale`
-also the official multi-scale sliding-window protocol on one `--image-size` image. Label
-embeddings are random and computed once: the text tower is not part of the cost.
-
-Every figure: the first call (compilation + one step) is timed on its own, then the
-median and the minimum of `--steps` timed calls, each ended by `block_until_ready`.
-MFU = FLOPs per image (`lseg_jax.flops`; a train step counts 3 forward passes) x
-images/s / (devices x the device's peak FLOP/s for the compute dtype, `PEAK_FLOPS`);
-"n/a" for devices not in the table (CPUs). Peak device memory is
-`memory_stats()["peak_bytes_in_use"]` of the first device since the start of the process
-(so `infer`'s figure is also part of `train`'s with `--task both`); "n/a" where the
-platform reports none (CPU).
-
-`--torch` also times the PyTorch LSeg of `lseg_jax.torch_lseg` (same settings, random
-weights, cached label embeddings) on the same kind of device in float32 and bfloat16
-autocast (train: forward + cross-entropy + backward + SGD, text tower frozen, or with
-`--torch-text-tower trained` encoded and backpropagated every step as official lang-seg
-does; infer: forward + argmax); each entry carries `jax_speedup`. On a GPU, JAX then does
-not preallocate memory (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set).
-
-`--data` (with `--task train|both`) also times this process's tf.data train pipeline on
-generated ADE20K-shaped JPEG/PNG pairs (`benchmark_data.measure`) and says which is the
-bound: `"bound": "input pipeline"` or `"train step"`.
+Random weights, no data files, label embeddings computed once (the text tower is not part
+of the cost). `train` times the jitted, donated train step of `tools/train.py`; `infer` the
+forward + per-pixel argmax of single-scale evaluation and prediction; `--multiscale` also
+the official multi-scale protocol on one `--image-size` image. Each figure: the first call
+(compilation + one step) on its own, then the median and minimum of `--steps` calls, with
+images/s, FLOPs (`lseg_jax.flops`), MFU (peaks: `PEAK_FLOPS`) and peak device memory.
+`--torch` also times the PyTorch LSeg (`lseg_jax.torch_lseg.benchmark`), `--data` the
+input pipeline (`benchmark_data.measure`); `--aot TOPOLOGY` times nothing and compiles for
+a TPU slice instead (`lseg_jax.aot`, no TPU needed). What each figure means: README,
+"Speed" (--aot: docs/scaling.md).
 
 Prints one JSON line (also written to `--json FILE`); progress goes to stderr.
 """
