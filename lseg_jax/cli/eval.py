@@ -12,30 +12,19 @@ instead, and --data NAME a registered dataset with its default evaluation (for
 imported checkpoints, which carry no training config). --config.KEY=VALUE overrides
 any field on top. Each entry of config.evals is evaluated (--eval NAME: one of them);
 without entries, config.data's eval split.
-Protocol (from the data source): a fixed label set (ADE20K, ...) gives pixAcc and
-mIoU as PyTorch-Encoding computes them; an episodic source (pascal5i, coco20i,
-fss1000) gives HSNet's mIoU and FB-IoU over the fold's classes.
-Inference:
-  default         single scale: each eval batch as the data config prepares it
-                  (sides padded to multiples of 32), sharded over all devices;
-  --multiscale    the official test protocol: scales 0.5-1.75 of base size
-                  520, sliding 480 crops at stride 320, padded borders,
-                  logits summed; add --flip for the mirrored pass (the paper's
-                  numbers are --multiscale --flip);
-  --flip alone    the sliding window at scale 1.0 with flipping;
-  --scales a,b,c  any other scale list (implies the sliding window).
-The sliding window needs the original images: the tool sets eval_resize="none"
-unless --keep-eval-resize.
+Protocol (from the data source): a fixed label set (ADE20K, ...) gives pixAcc and mIoU,
+an episodic source (pascal5i, coco20i, fss1000) HSNet's mIoU and FB-IoU over the fold's
+classes. Inference: single scale by default; --multiscale [--flip] the official sliding
+window (the paper's numbers are --multiscale --flip), --flip alone at scale 1.0, --scales
+a,b,c any other scales; the sliding window sets eval_resize="none" unless
+--keep-eval-resize. Writes a JSON report to --out (default
+CKPT_DIR/eval/<dataset>_<split>[_fold<k>]_<mode>.json) and prints a table.
 
-Writes a JSON report (metrics, per-class IoU, dataset, split, fold, checkpoint,
-config) to --out (default CKPT_DIR/eval/<dataset>_<split>[_fold<k>]_<mode>.json) and
-prints a table. See docs/evaluation.md for every paper table's command.
-
---suite openvocab: the open-vocabulary benchmarks (A-847, PC-459, A-150, PC-59, PAS-20,
-PAS-20b, PAS-21) under one protocol of configs/openvocab.py (whole, sliding_cat_seg,
-lseg_single, lseg_multiscale), all read from --data-dir; a report per benchmark, then
-suite.json and suite.md in --out (default CKPT_DIR/eval/openvocab_<protocol>). A rerun
-skips the benchmarks whose report is there (`lseg_jax.openvocab`).
+--suite openvocab: the open-vocabulary benchmarks under one protocol of
+configs/openvocab.py, all read from --data-dir; a report per benchmark, then suite.json
+and suite.md in --out (default CKPT_DIR/eval/openvocab_<protocol>); a rerun skips the
+finished ones. Every mode, the report's fields and every paper table's command:
+docs/evaluation.md.
 """
 from __future__ import annotations
 
