@@ -8,25 +8,13 @@ r"""Segment images with a text-defined label set.
       --labels-file labels.txt --out results/
 
 Writes, for each image (BASE = OUT without ".png" for --image OUT.png, else
-OUT/<image stem>):
-  BASE.png          the image with label colours blended over it and a legend
-                    listing the labels in the given order (with area %);
-  BASE_labels.png   the label map: pixel value = label index (8-bit for up to
-                    256 labels, 16-bit above);
-  BASE.json         labels, per-label area fractions, sizes, prompt, checkpoint.
-  --logits-out      float32 [L, H, W] logits at the image size, key "logits"
-                    (and "labels"); a .npz file for --image, a folder for --images.
-  --embeddings-out  float16 [H'/2, W'/2, D] L2-normalised pixel embeddings
-                    (`model.embed_pixels`, before the dot product with the
-                    label embeddings); H', W' = the model input size below.
-
-Images are read as `lseg_jax.predict.load_image` documents; --max-side N first shrinks
-larger ones (the outputs then have the reduced size). Single scale (default) runs
-`lseg_jax.inference.ImagePredictor` (sides rounded to multiples of 32, logits resized
-back); --multiscale the official multi-scale + flip protocol at the checkpoint's training
-base and crop sizes (no --embeddings-out then). Labels are embedded once by the
-checkpoint's frozen text tower with --prompt, else its training template, and
---tokenizer, else its own (`lseg_jax.text.checkpoint_label_embedder`).
+OUT/<image stem>): BASE.png, the image with label colours blended over it and a legend in
+label order (with area %); BASE_labels.png, the label map (pixel value = label index);
+BASE.json (labels, areas, sizes, prompt, checkpoint); with --logits-out the float32
+[L, H, W] logits, with --embeddings-out the float16 [H'/2, W'/2, D] pixel embeddings (a
+file for --image, a folder for --images). Single scale by default, --multiscale the
+official multi-scale + flip protocol; --max-side N first shrinks larger images. Formats,
+image modes and input sizes: docs/evaluation.md, "Prediction".
 """
 from __future__ import annotations
 
