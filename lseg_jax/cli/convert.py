@@ -1,31 +1,18 @@
 r"""Converts LSeg checkpoints between lang-seg (PyTorch) and lseg-jax (Orbax).
 
-Import an official lang-seg checkpoint (Lightning `.ckpt`, `net.`-prefixed keys) or a
-bare LSegNet state dict (torch file or `.safetensors`) into a checkpoint directory
-that `lseg_jax.checkpoint.load_model` (and every tool) reads:
+Import an official lang-seg checkpoint (Lightning `.ckpt`, `net.`-prefixed keys; also the
+zero-shot `LSegNetZS` and `LSegRNNetZS`) or a bare LSegNet state dict (torch file or
+`.safetensors`; SRC may be an http(s) URL) into a checkpoint directory that
+`lseg_jax.checkpoint.load_model` (and every tool) reads; export one of ours to a state
+dict in the LSegNet layout (LSegRNNetZS's for the ResNet backbones), which the official
+code and `LSegTorch.from_checkpoint` load (`--clip-weights`, a local file or a `clip.load`
+name: CLIP's image tower too, for `strict=True`):
 
   python tools/convert.py import demo_e200.ckpt ckpts/lseg_l16 --trust-pickle
-
-The zero-shot models import the same way: `LSegNetZS` (ViT, e.g. fss_l16.ckpt) has
-LSegNet's layout, and `LSegRNNetZS` (ResNet-101, e.g. pascal_fold0.ckpt) is recognised
-by its `pretrained.layer1.*` keys:
-
   python tools/convert.py import pascal_fold0.ckpt ckpts/pascal_fold0 --trust-pickle
-
-Export one of our checkpoint directories to a state dict in the LSegNet layout (the
-LSegRNNetZS layout for the ResNet backbones):
-
   python tools/convert.py export ckpts/lseg_l16 lseg_l16.pt --clip-weights ViT-B/32
 
-(`--clip-weights` takes a local file or a `clip.load` name, downloaded once and checked;
-SRC of `import` may be an http(s) URL.)
-
-The exported file is `{"state_dict": {LSegNet key: tensor}, "lseg_config": {...}}`
-(`--bare`: the state dict alone). The official code loads it with
-`net.load_state_dict(torch.load(f)["state_dict"], strict=False)`; only CLIP's image
-tower (`clip_pretrained.visual.*`, `clip_pretrained.logit_scale`) is missing unless
-`--clip-weights` fills it, and then `strict=True` works. Our PyTorch LSeg loads it
-with `LSegTorch.from_checkpoint(f)`. See docs/interop.md.
+The exported file's format and how to load it: docs/interop.md, "Export".
 """
 from __future__ import annotations
 
@@ -188,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   exp = sub.add_parser(
       "export", help="lseg-jax checkpoint directory -> PyTorch state dict (LSegNet layout)",
-      description="The file format and how the official code loads it: tools/convert.py --help.")
+      description="The file format and how the official code loads it: docs/interop.md, \"Export\".")
   exp.add_argument("ckpt_dir", metavar="CKPT_DIR", help="checkpoint directory (ours)")
   exp.add_argument("out", metavar="OUT.pt", help="file to write")
   exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
