@@ -4,14 +4,11 @@ r"""Runs a command as N processes of one JAX job on this machine.
       python tools/train.py --config configs/synthetic_tiny.py --workdir runs/tiny_2x4
   python tools/launch.py --processes 8 --platform gpu -- python tools/train.py ...
 
-Each process gets LSEG_COORDINATOR (127.0.0.1 and a free port), LSEG_NUM_PROCESSES
-and LSEG_PROCESS_ID, which `lseg_jax.distributed.initialize` reads. On CPU
-(--platform cpu, the default) each process sees --devices-per-process host devices
-and the processes exchange collectives through gloo; on GPU (--platform gpu) each
-process sees its own --devices-per-process GPUs (CUDA_VISIBLE_DEVICES), one process
-per GPU by default. Every output line is prefixed with "[i] ", the process id.
-SIGTERM and SIGINT are forwarded to every process. The exit code is the worst of the
-processes' (signals count as 128 + signal number).
+Each process gets LSEG_COORDINATOR (127.0.0.1 and a free port), LSEG_NUM_PROCESSES and
+LSEG_PROCESS_ID, which `lseg_jax.distributed.initialize` reads, and its own devices;
+output lines are prefixed with "[i] ", SIGTERM and SIGINT forwarded to every process, and
+the exit code is the worst of the processes' (signals count as 128 + signal number).
+Devices and platforms: docs/scaling.md, "On one machine".
 """
 from __future__ import annotations
 
