@@ -271,16 +271,10 @@ def load_checkpoint(args):
   return model, meta, embedder, tokenizer_spec, template
 
 
-class _DropInfoFrom(logging_std.Filter):
-  """Drops INFO lines of the named libraries (their warnings still show)."""
-
-  def __init__(self, *fragments: str):
-    super().__init__()
-    self.fragments = fragments
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-        f in record.pathname for f in self.fragments)
+def _drop_library_info(record) -> bool:
+  """A logging filter: drops the INFO lines of the libraries (their warnings still show)."""
+  return record.levelno >= logging_std.WARNING or not any(
+      f in record.pathname for f in ("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/"))
 
 
 def setup_logging() -> None:
@@ -291,8 +285,8 @@ def setup_logging() -> None:
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropInfoFrom) for f in handler.filters):
-    handler.addFilter(_DropInfoFrom("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/"))
+  if _drop_library_info not in handler.filters:
+    handler.addFilter(_drop_library_info)
 
 
 __all__ = ["DEBUG_ENV", "USER_ERROR_EXIT", "UserError", "VERBOSE_FLAG", "add_checkpoint_args",
