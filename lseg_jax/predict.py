@@ -332,17 +332,17 @@ class Prediction:
     out.update(extra)
     return out
 
-  def save(self, overlay_path: str, labels_path: str, json_path: str, *, alpha: float,
-           **fields: Any) -> dict[str, Any]:
-    """Writes the files tools/predict.py and the demo write: the overlay PNG, the
-    label-map PNG and the JSON `report(**fields)` naming the label map; returns the
-    report."""
-    self.overlay(alpha=alpha).save(overlay_path)
-    save_label_map(labels_path, self.label_map, len(self.labels))
-    report = self.report(label_map=os.path.basename(labels_path), **fields)
-    with open(json_path, "w", encoding="utf-8") as f:
+  def save(self, base: str, *, alpha: float, **fields: Any) -> dict[str, str]:
+    """Writes the files tools/predict.py and the demo write, BASE.png (the overlay),
+    BASE_labels.png (the label map) and BASE.json (`report(**fields)` naming the label
+    map); returns their paths {"overlay", "labels", "json"}."""
+    paths = {"overlay": base + ".png", "labels": base + "_labels.png", "json": base + ".json"}
+    self.overlay(alpha=alpha).save(paths["overlay"])
+    save_label_map(paths["labels"], self.label_map, len(self.labels))
+    report = self.report(label_map=os.path.basename(paths["labels"]), **fields)
+    with open(paths["json"], "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
-    return report
+    return paths
 
 
 class NonFiniteLogitsError(ValueError):

@@ -213,16 +213,12 @@ class DemoBackend:
     result = self.segmenter(image, labels, template=template, protocol=protocol)
     warnings += result.warnings
 
-    folder = self._request_folder()
-    stem = _safe_stem(image_name)
-    paths = {"overlay": os.path.join(folder, f"{stem}_lseg.png"),
-             "labels": os.path.join(folder, f"{stem}_lseg_labels.png"),
-             "colours": os.path.join(folder, f"{stem}_lseg_colours.png"),
-             "json": os.path.join(folder, f"{stem}_lseg.json")}
-    result.save(paths["overlay"], paths["labels"], paths["json"], alpha=float(alpha),
-                image=image_name, checkpoint=os.path.abspath(self.checkpoint),
-                tokenizer=self.tokenizer_spec, **source.report_fields(), warnings=warnings)
-    Image.fromarray(result.colour_map()).save(paths["colours"])
+    base = os.path.join(self._request_folder(), f"{_safe_stem(image_name)}_lseg")
+    paths = result.save(base, alpha=float(alpha), image=image_name,
+                        checkpoint=os.path.abspath(self.checkpoint),
+                        tokenizer=self.tokenizer_spec, **source.report_fields(),
+                        warnings=warnings)
+    Image.fromarray(result.colour_map()).save(base + "_colours.png")
 
     seconds = time.perf_counter() - start
     h, w = image.shape[:2]
@@ -234,7 +230,7 @@ class DemoBackend:
     status += [f"**Warning:** {m}." for m in warnings]
     log.info("segmented %r (%dx%d, %d labels, %s) in %.2f s", image_name, w, h, len(labels),
              protocol, seconds)
-    return Result(overlay=paths["overlay"], colour_map=paths["colours"],
+    return Result(overlay=paths["overlay"], colour_map=base + "_colours.png",
                   label_map=paths["labels"], report=paths["json"], rows=result.area_rows(),
                   status="\n\n".join(status), warnings=warnings)
 

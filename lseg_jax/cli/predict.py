@@ -118,11 +118,9 @@ def output_stems(paths: list[str]) -> dict[str, str]:
 
 
 def output_paths(args, stem: str) -> dict[str, str | None]:
-  if args.image and args.out.lower().endswith(".png"):
-    base = args.out[:-4]
-  else:
-    base = os.path.join(args.out, stem)
-  paths = {"overlay": base + ".png", "labels": base + "_labels.png", "json": base + ".json"}
+  """{"base": BASE of `Prediction.save`, "logits", "embeddings": a path or None}."""
+  paths = {"base": (args.out[:-4] if args.image and args.out.lower().endswith(".png")
+                    else os.path.join(args.out, stem))}
   for key, out, ext in (("logits", args.logits_out, ".npz"),
                         ("embeddings", args.embeddings_out, ".npy")):
     paths[key] = out and (out if args.image else os.path.join(out, stem + ext))
@@ -198,10 +196,10 @@ def predict_one(args, path, stem, labels, segmenter, protocol, tokenizer_spec):
     np.save(paths["embeddings"], result.embeddings.astype(np.float16))
     files["embeddings"] = os.path.basename(paths["embeddings"])
     files["embeddings_shape"] = list(result.embeddings.shape)
-  result.save(paths["overlay"], paths["labels"], paths["json"], alpha=args.alpha, image=path,
-              checkpoint=os.path.abspath(args.checkpoint), tokenizer=tokenizer_spec,
-              **source.report_fields(), warnings=warnings, **files)
-  print(f"{path}: {result.summary()} -> {paths['overlay']}")
+  written = result.save(paths["base"], alpha=args.alpha, image=path,
+                        checkpoint=os.path.abspath(args.checkpoint), tokenizer=tokenizer_spec,
+                        **source.report_fields(), warnings=warnings, **files)
+  print(f"{path}: {result.summary()} -> {written['overlay']}")
 
 
 if __name__ == "__main__":
