@@ -104,12 +104,9 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
       weights.update(_from_checkpoint(path, abstract.cfg))
       continue
     path = weights_lib.resolve(path, kind=field, what=f"config.init.{field}")
-    if field == "timm_vit":
-      weights.update(_from_timm_vit(path, abstract))
-    elif field == "torchvision_resnet":
-      weights.update(_from_torchvision_resnet(path, abstract))
-    else:
-      weights.update(_from_clip(path, abstract))
+    load = {"timm_vit": _from_timm_vit, "torchvision_resnet": _from_torchvision_resnet,
+            "clip": _from_clip}[field]
+    weights.update(load(path, abstract))
   return weights
 
 
