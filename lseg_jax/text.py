@@ -88,7 +88,9 @@ def _hub_folder(name: str) -> str:
   cached = weights.hub_cached(repo, weights.TOKENIZER_FILES)
   if cached:
     return os.path.dirname(cached[0])
-  if not _hub_reachable():
+  offline = any(os.environ.get(v, "") not in ("", "0")
+                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+  if offline or weights.hub_unreachable(3.0) is not None:
     raise MissingFileError(
         f"{label} (vocab.json, merges.txt) is not in the local Hugging Face cache and "
         "the hub cannot be reached (offline); pass --tokenizer FOLDER with vocab.json "
@@ -100,15 +102,6 @@ def _hub_folder(name: str) -> str:
     if repo == name:  # a mistyped relative folder looks like a Hub id
       raise weights.WeightsError(f"{e}; nor is it a local folder") from None
     raise
-
-
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-  if any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_VARIABLES):
-    return False
-  return weights.hub_unreachable(timeout) is None
 
 
 def clean_text(text: str) -> str:
