@@ -139,14 +139,10 @@ def manager(directory: str, *, max_to_keep: int | None = 3,
   read_only: for loading; the manager never saves, deletes or creates anything.
   Orbax's own read-only mode is not used: it warns on every open.
   """
-  directory = absolute(directory)
-  if read_only:
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
-                                           create=False)
-  else:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(directory, options=options)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else max_to_keep,
+      enable_async_checkpointing=async_save and not read_only, create=not read_only)
+  return ocp.CheckpointManager(absolute(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: dict[str, Any],
