@@ -122,21 +122,17 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
   """argv -> (argv without them, [(KEY, VALUE)] of `--config.KEY=VALUE` and
   `--config.KEY VALUE`)."""
   rest, overrides = [], []
-  argv = list(argv)
-  i = 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith(CONFIG_PREFIX):
-      key, sep, value = arg[len(CONFIG_PREFIX):].partition("=")
-      if not sep:
-        if i + 1 >= len(argv):
-          raise UserError(f"{arg} needs a value ({arg}=VALUE)")
-        value = argv[i + 1]
-        i += 1
-      overrides.append((key, value))
-    else:
+  args = iter(argv)
+  for arg in args:
+    if not arg.startswith(CONFIG_PREFIX):
       rest.append(arg)
-    i += 1
+      continue
+    key, sep, value = arg[len(CONFIG_PREFIX):].partition("=")
+    if not sep:
+      value = next(args, None)
+      if value is None:
+        raise UserError(f"{arg} needs a value ({arg}=VALUE)")
+    overrides.append((key, value))
   return rest, overrides
 
 
