@@ -232,9 +232,7 @@ class Evaluator:
   def running(self) -> dict[str, float]:
     """This host's running metrics (for progress bars)."""
     r = self.meter.result()
-    if self.episodic:
-      return {"mIoU": r["mIoU"], "FB-IoU": r["FB-IoU"]}
-    return {"pixAcc": r["pixAcc"], "mIoU": r["mIoU"]}
+    return {k: r[k] for k in (("mIoU", "FB-IoU") if self.episodic else ("pixAcc", "mIoU"))}
 
   def result(self) -> dict[str, Any]:
     """The final report (all hosts): metrics, per-class IoU and counts."""

@@ -91,11 +91,8 @@ def partition(model: nnx.Module, frozen: Sequence[str]):
 def base_learning_rate(optim_cfg, global_batch_size: int) -> float:
   """The configured base lr, scaled by global_batch / lr_scale_batch (lang-seg)."""
   optim_cfg = complete_optim_config(optim_cfg)
-  lr = float(optim_cfg.base_lr)
   ref = optim_cfg.lr_scale_batch
-  if ref:
-    lr *= global_batch_size / float(ref)
-  return lr
+  return float(optim_cfg.base_lr) * (global_batch_size / float(ref) if ref else 1.0)
 
 
 def lr_schedule(base_lr: float, total_steps: int, *, power: float = 0.9,
