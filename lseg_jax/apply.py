@@ -1,13 +1,10 @@
 """The one model-apply path: images, label embeddings, label mask -> logits.
 
-`forward(apply, mesh)` is the jitted, sharded forward pass of an LSeg graph,
-built once per (graph, mesh, dtype) and cached. Every caller runs it:
-evaluation (`evaluate.Evaluator`, used by training's periodic evaluation and
-tools/eval.py), the sliding-window and multi-scale inference
-(`inference.CropRunner`), the whole-image predictor (`inference.ImagePredictor`,
-hence `predict.Segmenter`, tools/predict.py and the demo) and the benchmark.
-Variants compose on top of its output (flip sums, masking, argmax and
-confusion counts) instead of being programs of their own.
+`forward(apply, mesh)` is the jitted, sharded forward pass of an LSeg graph, built once per
+(graph, mesh, dtype) and cached. Evaluation, the sliding-window inference, the
+whole-image predictor (hence tools/predict.py and the demo) and the benchmark all run it;
+variants compose on top of its output (flip sums, masking, argmax and confusion counts)
+instead of being programs of their own.
 """
 from __future__ import annotations
 

@@ -3,18 +3,12 @@ r"""Interactive segmentation in the browser: upload an image, type labels, see t
   pip install -e ".[demo]"
   python tools/demo.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860]
 
-then open http://127.0.0.1:7860. A Gradio app serving any checkpoint tools/predict.py
-reads; without --checkpoint the built-in default's run, runs/synthetic_tiny (made by
-`python tools/run_default.py --workdir runs/synthetic_tiny`; the page picks it up as soon
-as it exists).
-
-The page takes an image, labels separated by commas, an optional prompt template with one
-"{}", single-scale or the official multi-scale + flip protocol and the overlay opacity,
-and shows the overlay with its legend, the label map, an area table and the files
-tools/predict.py writes (`lseg_jax.predict` computes all of them for both). Images over
---max-side are shrunk first; bad input gets a message in the page. The model loads once;
-requests wait in a queue (--queue-size) and run one at a time. Nothing is fetched from
-the network: no analytics, no share link, fonts served by the app itself.
+then open http://127.0.0.1:7860. A Gradio page over `lseg_jax.predict` (the code
+tools/predict.py runs) for any checkpoint tools/predict.py reads; without --checkpoint the
+built-in default's run, runs/synthetic_tiny (`python tools/run_default.py`; the page picks
+it up as soon as it exists). The model loads once; requests wait in a queue (--queue-size)
+and run one at a time; nothing is fetched from the network. What the page takes and
+shows: README, "Demo".
 """
 from __future__ import annotations
 
