@@ -9,13 +9,10 @@ Overrides: `--config.KEY=VALUE` for any field of the completed config (see
 --workdir resumes from its latest checkpoint.
 
 Exit codes: 0 finished (total_steps reached, or config.stop_at_step); 75 (EX_TEMPFAIL)
-stopped by SIGTERM before total_steps, after saving a checkpoint (every process of a
-multi-process run): rerun the same command to resume (schedulers restart on it); 130
-stopped by Ctrl-C (SIGINT), after saving a checkpoint as for SIGTERM, with one line
-giving the command that resumes (a second Ctrl-C stops at once without saving); 76 a
-multi-process run stopped because another process was lost (killed, its machine gone):
-rerun the same command for every process to resume from the last complete checkpoint;
-2 a user error (one line on stderr); 1 anything else.
+stopped by SIGTERM, 130 by Ctrl-C (SIGINT; printing the command that resumes), each after
+saving a checkpoint; 76 another process of the job was lost; 2 a user error (one line on
+stderr); 1 anything else. After 75, 130 or 76 rerun the same command (for every process)
+to resume: docs/scaling.md, "Preemption and lost processes".
 """
 from __future__ import annotations
 
