@@ -1,26 +1,13 @@
 """Starting the JAX distributed runtime, once per process, before any computation.
 
-JAX is multi-controller: the same program runs once per host (a TPU pod slice worker,
-a SLURM task, a Kubernetes pod, a process of `tools/launch.py`), and
-`jax.distributed.initialize` joins them into one job. `initialize` below is what every
-tool calls first:
-
-  explicit  --coordinator HOST:PORT --num-processes N --process-id I, or the
-            environment LSEG_COORDINATOR, LSEG_NUM_PROCESSES, LSEG_PROCESS_ID
-            (the process id falls back to JOB_COMPLETION_INDEX, set by a
-            Kubernetes indexed Job); JAX_COORDINATOR_ADDRESS is JAX's own;
-  automatic where JAX detects the cluster: Cloud TPU pod slices, SLURM, Open MPI,
-            Kubernetes (with the `kubernetes` package);
-  no-op     for a single process (nothing detected, or --num-processes 1).
-
-On CPU the processes exchange collectives through gloo. Once started, a watchdog thread
-(`lseg_jax._watchdog`) keeps a heartbeat per process in the coordination service: when
-a process stops beating (killed, machine lost) or exits while the others still run,
-every other process exits with `EXIT_PROCESS_LOST` and a message naming the lost
-process, instead of waiting forever in its next collective. JAX's own preemption sync
-(which catches SIGTERM on whichever process receives it) is enabled, so the training
-loop stops all processes at the same step (`lseg_jax.train_utils.Preemption`). What JAX
-has no public API for is reached through `lseg_jax._jax_private` only.
+`initialize` below is what every tool calls first: it joins the processes of a job given
+explicitly (flags or LSEG_* environment), or detected by JAX, or does nothing for a single
+process (docs/scaling.md has the table). On CPU the processes exchange collectives
+through gloo. Once started, a watchdog thread (`lseg_jax._watchdog`) ends every process
+with `EXIT_PROCESS_LOST` and a message naming a lost process (killed, or exited while the
+others run), instead of leaving it waiting forever in its next collective; JAX's own
+preemption sync stops all processes at the same step (`lseg_jax.train_utils.Preemption`).
+What JAX has no public API for is reached through `lseg_jax._jax_private` only.
 """
 from __future__ import annotations
 

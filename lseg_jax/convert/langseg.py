@@ -1,17 +1,10 @@
 """lang-seg `LSegNet` state dict <-> our `LSeg`, both directions with one table.
 
 The official key layout is `lseg_jax.langseg_layout`'s (shared with the PyTorch LSeg,
-with reading files and inferring settings from shapes); this module holds the table:
-  clip_pretrained.*                 OpenAI CLIP text tower (`convert.clip_openai`); the
-                                    image tower and `logit_scale` are skipped
-  pretrained.model.*                timm ViT (`convert.timm_vit`)
-  pretrained.act_postprocessN.{0.project.0,3,4}.*   readout Linear, 1x1 conv, resample
-                                    (ConvTranspose2d [I, O, k, k] or strided 3x3 conv)
-  pretrained.layer1.{0,1}.*, pretrained.layer1.4.*, pretrained.layer{2,3,4}.*
-                                    `LSegRNNetZS`'s ResNet (`convert.torchvision_resnet`,
-                                    "langseg" layout) instead of the ViT
-  scratch.*                         projections, fusion blocks (BatchNorm), head1 and
-                                    head_block ([1,1,3,3] <-> our [3,3] kernel)
+with reading files and inferring settings from shapes); this module holds the table,
+made of the CLIP text tower's (`convert.clip_openai`), the timm ViT's (`convert.timm_vit`)
+or lang-seg's ResNet's (`convert.torchvision_resnet`, "langseg" layout) and the decoder's
+rules below. Key by key: docs/interop.md, "Key layout".
 """
 from __future__ import annotations
 

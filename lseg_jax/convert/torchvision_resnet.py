@@ -5,14 +5,10 @@ layouts: Conv2d weights [O, I, kH, kW] <-> kernels [kH, kW, I, O], and BatchNorm
 `weight`/`bias`/`running_mean`/`running_var`/`num_batches_tracked` <->
 `scale`/`bias`/`mean`/`var`/`num_batches_tracked` (int64 <-> int32).
 
-Two layouts of the same weights:
-  "torchvision"  `conv1`, `bn1`, `layerS.I.*`, plus the classifier `fc.*` (skipped:
-                 not part of our model), as in torchvision's ImageNet checkpoints;
-  "langseg"      lang-seg's `_make_resnet_backbone` (`LSegRNNetZS.pretrained`):
-                 `layer1` is nn.Sequential(conv1, bn1, relu, maxpool, layer1), so the
-                 stem is `layer1.0` / `layer1.1` and the first stage's blocks are
-                 `layer1.4.I.*`; `layer2..4.I.*` as torchvision; no `fc`
-                 (`langseg_layout.RESNET_LAYOUT`, the one owner of that layout).
+Two layouts of the same weights (`LAYOUTS`): "torchvision" (`conv1`, `bn1`, `layerS.I.*`,
+plus the classifier `fc.*`, skipped: not part of our model), as in torchvision's ImageNet
+checkpoints, and "langseg", lang-seg's regrouping in `LSegRNNetZS.pretrained`
+(`langseg_layout.RESNET_LAYOUT`, the one owner of that layout).
 """
 from __future__ import annotations
 

@@ -2,45 +2,15 @@
 
   source = registry.get_source("pascal5i", "validation", data_dir=DIR, fold=0)
 
-Each example is one query image with the binary mask of its episode class
-(0 other, 1 the class, -1 ignore), `class_index` (position of the class in
-`source.class_names`, the fold's classes) and `class_name`. LSeg evaluates
-zero-shot on the query images only, so no support images are produced.
-
-Episode lists and order follow HSNet's loaders (`fewshot_data/data/*.py` of
-the official LSeg code). They read HSNet's split files (its `data/splits`
-folder; lang-seg ships the same as `fewshot_data/data/splits`), which this
-package does not redistribute: pass `splits_dir=` (config:
-`data.source_kwargs`), set $LSEG_FEWSHOT_SPLITS, or put the folder at
-DATA_DIR/splits.
-  * pascal5i: "validation" = the fold's val list (`pascal/val/fold{k}.txt`)
-    cycled to 1000 episodes; "train" = the other folds' train lists, one
-    episode per (image, class) line. Classes 5*fold .. 5*fold+4 are the
-    fold's (held-out) classes. Label 255 (object boundaries) -> ignore.
-  * coco20i: classes fold, fold+4, ..., fold+76 are the fold's. An episode
-    draws a class uniformly, then an image uniformly from that class's list
-    (HSNet's fold pickles `coco/{trn,val}/fold{k}.pkl`: class id -> image
-    paths; read with an unpickler that admits only plain containers).
-    "validation" has 1000 episodes, "train" as many as the listed images.
-    By default they are the official evaluation's episodes: lang-seg's
-    `test_lseg_zs.py` calls `fix_randseed(0)` and its loader draws each
-    episode from NumPy's global stream with `np.random.choice(..., 1,
-    replace=False)`: the class, the query image, then (shot >= 1) support
-    images until `shot` of them differ from the query. A legacy
-    `np.random.RandomState(episode_seed)` making the same draws in the same
-    order gives that sequence; `episode_seed` 0 is the paper's, any other
-    value departs from it (HSNet's training draws new episodes every epoch:
-    vary the seed to get that).
-  * fss1000: classes of the split (`fss/{trn,val,test}.txt`), sorted; the
-    queries are every .jpg of each class in file-name order. With shot=1 the
-    "test" split drops each class's first image ("1.jpg", HSNet's 1-shot
-    support): 2,160 episodes; with shot=0 (lang-seg's `--nshot 0`, the
-    paper's zero-shot row, the default) all 2,400 images are queries. Masks:
-    grey level >= 128 -> 1.
-  * `shot` (config: `data.shot`) is the official `--nshot`: the number of
-    support images an episode draws. No support image is produced; the
-    shot decides which episodes there are (COCO-20i's draw, FSS-1000's
-    queries). PASCAL-5i's episodes do not depend on it.
+Each example is one query image with the binary mask of its episode class (0 other,
+1 the class, -1 ignore), `class_index` (into `source.class_names`, the fold's classes)
+and `class_name`; LSeg evaluates zero-shot on the query images only, so no support
+image is produced. Episode lists and order follow HSNet's loaders (`fewshot_data/data/*.py`
+of the official LSeg code), read from HSNet's split files (`splits_dir=`,
+$LSEG_FEWSHOT_SPLITS or DATA_DIR/splits). `shot` (config: `data.shot`) is the official
+`--nshot`: it decides which episodes there are (COCO-20i's draw, FSS-1000's queries), not
+what an example holds. Each dataset's layout, folds, splits and draws: docs/datasets.md,
+"Zero-shot episodes".
 """
 from __future__ import annotations
 

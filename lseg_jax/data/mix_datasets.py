@@ -2,23 +2,11 @@
 
   source = registry.get_source("cityscapes", "train", data_dir=DIR)
 
-Registered sources (label names in `label_names.DATASET_LABEL_NAMES`), each
-with splits "train" and "validation" (the seventh, ade20k, is in `ade20k`):
-  bdd100k           BDD100K semantic segmentation, 19 classes (train ids).
-  cityscapes        Cityscapes fine annotations, label ids -> 19 train ids;
-                    also from TFDS `cityscapes/semantic_segmentation` with
-                    `use_tfds=True`.
-  coco_panoptic     COCO panoptic 2017 as semantic masks, 133 classes.
-  idd               IDD segmentation (IDD 20k part I), 26 level-3 classes.
-  mapillary_vistas  Mapillary Vistas v1.2, 65 classes.
-  sunrgbd           SUN RGB-D, 37 classes ("validation" = its test split).
-Everything a dataset marks as void / unlabeled becomes -1 (ignore). The
-error raised when files are missing names the archive to download and where
-to put it; docs/datasets.md has the details.
-
-Each dataset is one `dataset_layouts.MixtureDataset` row of `DATASETS`: its
-split folders, where its files are (`Layout`s, tried in order: the first whose
-trees are found is read) and how stored label values become classes.
+bdd100k, cityscapes (also from TFDS with `use_tfds=True`), coco_panoptic, idd,
+mapillary_vistas and sunrgbd ("validation" = its test split), each with splits "train" and
+"validation" (the seventh, ade20k, is in `ade20k`), are the `dataset_layouts.MixtureDataset`
+rows of `DATASETS`; whatever a dataset marks as void becomes -1 (ignore). Downloads,
+layouts and label mappings: docs/datasets.md, "The mixture datasets".
 """
 from __future__ import annotations
 
