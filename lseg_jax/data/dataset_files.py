@@ -21,10 +21,6 @@ from lseg_jax.data import preprocess
 from lseg_jax.data import registry
 from lseg_jax.labels import IGNORE_INDEX, OTHER_LABEL
 
-# A PNG's bit depth and colour type bytes (in IHDR) sit at offsets 24 and 25;
-# colour type 3 means "palette".
-_PNG_BIT_DEPTH_OFFSET = 24
-_PNG_COLOR_TYPE_OFFSET = 25
 # The first bytes of a TIFF file (little- and big-endian).
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
@@ -103,7 +99,7 @@ class ZipTree(FileTree):
   def read(self, path):
     def _read(p):
       # An object array keeps trailing NUL bytes, which bytes arrays strip.
-      return np.array(self.read_bytes(_as_bytes(p).decode()), dtype=object)
+      return np.array(self.read_bytes(preprocess.as_bytes(p).decode()), dtype=object)
     out = tf.numpy_function(_read, [path], tf.string, stateful=False)
     out.set_shape([])
     return out
@@ -215,15 +211,11 @@ def decode_label_png(data: tf.Tensor) -> tf.Tensor:
   Palette PNGs (VOC, Mapillary Vistas) hold palette indices, which TF's PNG
   decoder would turn into colours: those are decoded with PIL instead.
   """
-  is_palette = tf.strings.substr(data, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x03"
-  # decode_png(dtype=uint16) rescales 8-bit values (x 257): pick by bit depth.
-  is_16bit = tf.strings.substr(data, _PNG_BIT_DEPTH_OFFSET, 1) == b"\x10"
+  is_palette = tf.strings.substr(data, preprocess.PNG_COLOR_TYPE_OFFSET, 1) == b"\x03"
+  is_16bit = tf.strings.substr(data, preprocess.PNG_BIT_DEPTH_OFFSET, 1) == b"\x10"
 
   def _decode_grey():
-    mask = tf.cond(is_16bit,
-                   lambda: tf.cast(tf.io.decode_png(data, dtype=tf.uint16),
-                                   tf.int32),
-                   lambda: tf.cast(tf.io.decode_png(data), tf.int32))
+    mask = preprocess.decode_png_values(data, is_16bit)
     tf.debugging.assert_equal(
         tf.shape(mask)[-1], 1,
         message="expected a single-channel label PNG (pixel = label value)")
@@ -253,7 +245,7 @@ def _decode_with_pil(data):
   def _decode(b):
     from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
     try:
-      mask = np.asarray(Image.open(io.BytesIO(_as_bytes(b))))
+      mask = np.asarray(Image.open(io.BytesIO(preprocess.as_bytes(b))))
     except (OSError, ValueError) as e:
       reason = ("Pillow cannot identify it" if isinstance(e, UnidentifiedImageError)
                 else f"Pillow: {e}")
@@ -262,15 +254,7 @@ def _decode_with_pil(data):
       return np.zeros((0, 0), np.int32), (
           f"its mask has shape {mask.shape}; expected a single-channel label map")
     return mask.astype(np.int32), ""
-  # Failures as the image decoder reports them: an assertion whose text is the reason.
-  mask, error = tf.numpy_function(_decode, [data], (tf.int32, tf.string), stateful=False)
-  with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
-    return tf.identity(mask)
-
-
-def _as_bytes(value) -> bytes:
-  """A tf.string scalar handed to numpy_function (bytes, or a 0-d array)."""
-  return value.item() if isinstance(value, np.ndarray) else bytes(value)
+  return preprocess.with_pil(_decode, data, tf.int32)  # failures as the image decoder's
 
 
 def decode_luma(data: tf.Tensor) -> tf.Tensor:
