@@ -51,18 +51,16 @@ class DataIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._it is None:
       self._it = self.dataset.as_numpy_iterator()
+    # A bad example ends its stream (bad_examples.py) with its error recorded: what
+    # follows it (the stream's end, a short batch, eval padding) is never data.
     try:
       batch = next(self._it)
     except StopIteration:
-      if self.stats.error is not None:
-        raise self.stats.error from None
-      raise
+      if self.stats.error is None:
+        raise
     except tf.errors.OpError as e:
-      if self.stats.error is not None:
-        raise self.stats.error from None
-      raise BadExampleError(_readable(e.message)) from e
-    # A bad example ends its stream (bad_examples.py): what follows it (a short
-    # batch, eval padding) is never data.
+      if self.stats.error is None:
+        raise BadExampleError(_readable(e.message)) from e
     if self.stats.error is not None:
       raise self.stats.error from None
     return batch
