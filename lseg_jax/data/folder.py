@@ -38,11 +38,9 @@ def read_label_names(path: str) -> list[str]:
                        "name per line (line i names mask value i - 1).")
   if not lines:
     raise ValueError(f"{path} names no labels.")
-  seen = set()
-  for name in lines:
-    if name in seen:
+  for i, name in enumerate(lines):
+    if name in lines[:i]:
       raise ValueError(f"{path} names label {name!r} twice.")
-    seen.add(name)
   return lines
 
 

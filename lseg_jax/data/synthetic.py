@@ -38,10 +38,6 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def _config_name(height, width, num_train, num_validation, seed):
-  return f"{height}x{width}_n{num_train}_{num_validation}_s{seed}"
-
-
 def make_config(height=64, width=64, num_train=512, num_validation=64,
                 seed=0) -> SyntheticConfig:
   for key, value in dict(height=height, width=width).items():
@@ -49,7 +45,7 @@ def make_config(height=64, width=64, num_train=512, num_validation=64,
       raise ValueError(f"Synthetic image {key}={value} is too small; "
                        "expected >= 16.")
   return SyntheticConfig(
-      name=_config_name(height, width, num_train, num_validation, seed),
+      name=f"{height}x{width}_n{num_train}_{num_validation}_s{seed}",
       version="1.0.0", height=height, width=width, num_train=num_train,
       num_validation=num_validation, seed=seed)
 
@@ -122,14 +118,13 @@ def _shape_region(label, rng, yy, xx, height, width):
   return (np.abs(yy - cy) < rh) & (np.abs(xx - cx) < r)
 
 
+_PLAIN = {1: [200., 30., 30.], 2: [30., 180., 40.], 3: [30., 50., 210.]}  # RGB
+
+
 def _texture(label, rng, yy, xx):
   noise = rng.normal(0, 8, yy.shape + (3,))
-  if label == 1:
-    base = np.broadcast_to([200., 30., 30.], noise.shape)
-  elif label == 2:
-    base = np.broadcast_to([30., 180., 40.], noise.shape)
-  elif label == 3:
-    base = np.broadcast_to([30., 50., 210.], noise.shape)
+  if label in _PLAIN:
+    base = np.broadcast_to(_PLAIN[label], noise.shape)
   elif label == 4:
     stripe = ((yy // 3) % 2 == 0)[..., None]
     base = np.where(stripe, [230., 210., 20.], [60., 50., 0.])
