@@ -18,8 +18,6 @@ skipped as bad before step k.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
@@ -187,8 +185,3 @@ def _mixture_counts(choices, num_components, start) -> list[int]:
     c = choices(tf.constant(full, tf.int64))[:rest].numpy()
     counts += np.bincount(c, minlength=num_components)
   return [int(x) for x in counts]
-
-
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-  """Whole steps in one epoch of `num_examples` (for schedules and logs)."""
-  return max(1, math.floor(num_examples / global_batch_size))
