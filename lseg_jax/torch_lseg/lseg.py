@@ -48,25 +48,21 @@ _VIT_TINY = dict(width=32, depth=4, heads=2, mlp=64)
 _RESAMPLE_VIT16 = (4, 2, 1, 0.5)
 _RESAMPLE_VIT32 = (8, 4, 2, 1)
 
+_LSEG_L16 = dict(vit=_VIT_L16, hooks=(5, 11, 17, 23), widths=(256, 512, 1024, 1024),
+                 resample=_RESAMPLE_VIT16)
+_LSEG_TINY = dict(hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32), text=_TINY_TEXT)
+
 # backbone -> structure. The official backbones pair a ViT image encoder with
 # the text tower of a CLIP model (ViT-B/32's for both ViT-based names).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "clip_vitl16_384": dict(
-        vit=_VIT_L16, hooks=(5, 11, 17, 23), widths=(256, 512, 1024, 1024),
-        resample=_RESAMPLE_VIT16, text=_CLIP_B32_TEXT),
-    "clipRN50x16_vitl16_384": dict(
-        vit=_VIT_L16, hooks=(5, 11, 17, 23), widths=(256, 512, 1024, 1024),
-        resample=_RESAMPLE_VIT16, text=_CLIP_RN50X16_TEXT),
+    "clip_vitl16_384": dict(_LSEG_L16, text=_CLIP_B32_TEXT),
+    "clipRN50x16_vitl16_384": dict(_LSEG_L16, text=_CLIP_RN50X16_TEXT),
     "clip_vitb32_384": dict(
         vit=_VIT_B32, hooks=(2, 5, 8, 11), widths=(96, 192, 384, 768),
         resample=_RESAMPLE_VIT32, text=_CLIP_B32_TEXT),
     # Tiny test variants: the same structure with small widths.
-    "tiny_vit16": dict(
-        vit=dict(patch=16, **_VIT_TINY), hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32),
-        resample=_RESAMPLE_VIT16, text=_TINY_TEXT),
-    "tiny_vit32": dict(
-        vit=dict(patch=32, **_VIT_TINY), hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32),
-        resample=_RESAMPLE_VIT32, text=_TINY_TEXT),
+    "tiny_vit16": dict(_LSEG_TINY, vit=dict(patch=16, **_VIT_TINY), resample=_RESAMPLE_VIT16),
+    "tiny_vit32": dict(_LSEG_TINY, vit=dict(patch=32, **_VIT_TINY), resample=_RESAMPLE_VIT32),
     # ResNet image encoders (`resnet`: Bottleneck blocks per stage), `LSegRNNetZS`.
     "clip_resnet101": dict(resnet=(3, 4, 23, 3), widths=STAGE_WIDTHS, text=_CLIP_B32_TEXT),
     "tiny_resnet": dict(resnet=(1, 1, 1, 1), widths=STAGE_WIDTHS, text=_TINY_TEXT),
