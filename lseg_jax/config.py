@@ -151,8 +151,7 @@ def complete(config) -> ml_collections.ConfigDict:
     unknown = sorted(set(ev) - set(EVAL_FIELDS))
     if unknown:
       raise _unknown(f"evals.{name}.", unknown[0], EVAL_FIELDS)
-    _overlay(out.data.copy_and_resolve_references(), ev.get("data") or {},
-             f"evals.{name}.data.")
+    _overlay(out.data.copy_and_resolve_references(), ev.get("data") or {}, f"evals.{name}.data.")
   if out.text.tokenizer == text.BYTE_LEVEL_TOKENIZER and out.model.text_vocab_size is None:
     out.model.text_vocab_size = text.BYTE_LEVEL_VOCAB_SIZE
   out.lock()

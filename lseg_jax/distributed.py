@@ -106,8 +106,7 @@ def _env_int(name: str) -> int | None:
     raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _settings(coordinator, num_processes, process_id, heartbeat_timeout,
-              init_timeout) -> _Settings:
+def _settings(coordinator, num_processes, process_id, heartbeat_timeout, init_timeout) -> _Settings:
   """The arguments completed from the environment and checked (ValueError)."""
   coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
   if num_processes is None:
@@ -117,18 +116,15 @@ def _settings(coordinator, num_processes, process_id, heartbeat_timeout,
   if process_id is None and num_processes is not None:
     process_id = _env_int(ENV_K8S_INDEX)
   if heartbeat_timeout is None:
-    heartbeat_timeout = float(os.environ.get(ENV_HEARTBEAT_TIMEOUT)
-                              or DEFAULT_HEARTBEAT_TIMEOUT)
+    heartbeat_timeout = float(os.environ.get(ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT)
   if heartbeat_timeout <= 0:
     raise ValueError(f"heartbeat timeout {heartbeat_timeout} s; expected > 0")
   if init_timeout is None:
     init_timeout = _env_int(ENV_INIT_TIMEOUT) or DEFAULT_INIT_TIMEOUT
-  settings = _Settings(coordinator, num_processes, process_id, heartbeat_timeout,
-                       init_timeout)
+  settings = _Settings(coordinator, num_processes, process_id, heartbeat_timeout, init_timeout)
   if num_processes is not None and num_processes < 1:
     raise ValueError(f"--num-processes {num_processes}; expected >= 1")
-  if process_id is not None and num_processes is not None and not (
-      0 <= process_id < num_processes):
+  if process_id is not None and num_processes is not None and not (0 <= process_id < num_processes):
     raise ValueError(f"--process-id {process_id} is outside [0, {num_processes}) for "
                      f"--num-processes {num_processes}")
   explicit = settings.explicit
@@ -153,14 +149,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
   from lseg_jax import _watchdog as _watchdog_lib  # pylint: disable=g-import-not-at-top
   global _topology, _watchdog, _init_timeout
-  settings = _settings(coordinator, num_processes, process_id, heartbeat_timeout,
-                       init_timeout)
+  settings = _settings(coordinator, num_processes, process_id, heartbeat_timeout, init_timeout)
   _init_timeout = settings.init_timeout
   if _topology is not None:
     return _topology
   single = settings.single
-  if (not single and all(v is None for v in settings.explicit)
-      and _jax_private.backends_started()):
+  if not single and all(v is None for v in settings.explicit) and _jax_private.backends_started():
     # JAX already ran here (a library caller, a test): too late to detect a cluster,
     # and nothing asked for one.
     single = True

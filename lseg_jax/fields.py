@@ -49,8 +49,7 @@ def integer(default, lo=None, *, optional=False) -> Field:
                optional or default is None)
 
 
-def number(default, lo=None, hi=None, *, lo_open=False, hi_open=False,
-           optional=False) -> Field:
+def number(default, lo=None, hi=None, *, lo_open=False, hi_open=False, optional=False) -> Field:
   def ok(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
       return False

@@ -273,8 +273,7 @@ def backbone_shapes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return dict(image, text_width=int(text_width), text_dim=int(text_dim))
 
 
-def find_backbone(state_dict: Mapping[str, Any],
-                  backbones: Mapping[str, Mapping[str, Any]]) -> str:
+def find_backbone(state_dict: Mapping[str, Any], backbones: Mapping[str, Mapping[str, Any]]) -> str:
   """The one name in `backbones` ({name: `backbone_shapes`-like dict}) the weights fit."""
   shapes = backbone_shapes(state_dict)
   found = [name for name, known in backbones.items()
@@ -363,8 +362,7 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
 def json_safe(value):
   """The JSON-representable part of a checkpoint's metadata (Lightning hparams)."""
   if isinstance(value, dict):
-    return {str(k): v for k, v in ((k, json_safe(v)) for k, v in value.items())
-            if v is not None}
+    return {str(k): v for k, v in ((k, json_safe(v)) for k, v in value.items()) if v is not None}
   if isinstance(value, (list, tuple)):
     return [json_safe(v) for v in value]
   if isinstance(value, (bool, int, float, str)):

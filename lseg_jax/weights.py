@@ -149,8 +149,7 @@ def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
                          f"weights: a path, a URL, a Hub id, or one of {names(kind)}")
     if entry.hub:
       return hub_files(entry.hub, ((entry.filename,),), label, sha256=entry.sha256)[0]
-    return download_url(entry.url, label, sha256=entry.sha256,
-                        sha256_prefix=entry.sha256_prefix)
+    return download_url(entry.url, label, sha256=entry.sha256, sha256_prefix=entry.sha256_prefix)
   if spec.startswith(("http://", "https://")):
     return download_url(spec, label)
   if HUB_ID.fullmatch(spec):
@@ -283,8 +282,7 @@ def hub_files(repo: str, groups: Sequence[Sequence[str]], label: str, *,
   missing = []
   for files in groups:
     try:
-      return [_hub_download(repo, f, label, sha256 if len(files) == 1 else "")
-              for f in files]
+      return [_hub_download(repo, f, label, sha256 if len(files) == 1 else "") for f in files]
     except huggingface_hub.errors.RemoteEntryNotFoundError:
       missing.append(" + ".join(files))
   raise WeightsError(f"{label}: Hugging Face Hub repo {repo!r} has none of "
@@ -313,8 +311,7 @@ def _hub_download(repo: str, filename: str, label: str, sha256: str) -> str:
         endpoint=os.environ.get("HF_ENDPOINT") or None)
   except errors.RemoteEntryNotFoundError:
     raise
-  except (errors.RepositoryNotFoundError, errors.GatedRepoError,
-          errors.RevisionNotFoundError) as e:
+  except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError) as e:
     raise WeightsError(f"{label}: no Hugging Face Hub repo {repo!r} readable without a "
                        f"login ({type(e).__name__}); check the name") from None
   except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:

@@ -162,8 +162,7 @@ def add_clip_image_tower(state_dict: Mapping[str, np.ndarray],
   CLIP model whose text tower LSeg uses, so that the official LSegNet loads strictly."""
   clip_sd = layout.numpy_state_dict(clip_state_dict)
   prefix = clip_openai.find_prefix(clip_sd)
-  ours, theirs = (state_dict[CLIP_PREFIX + "text_projection"],
-                  clip_sd[prefix + "text_projection"])
+  ours, theirs = state_dict[CLIP_PREFIX + "text_projection"], clip_sd[prefix + "text_projection"]
   if ours.shape != theirs.shape:
     raise ValueError(
         f"the CLIP checkpoint's text projection is {tuple(theirs.shape)} but the LSeg model's "

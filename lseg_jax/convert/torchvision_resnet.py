@@ -33,8 +33,7 @@ def _block_rules(nnx_block: str, torch_block: str) -> list[Rule]:
   for c in (1, 2, 3):
     rules.append(Rule(f"{nnx_block}/conv{c}/kernel", f"{torch_block}.conv{c}.weight", CONV))
     rules += batch_norm(f"{nnx_block}/bn{c}", f"{torch_block}.bn{c}")
-  rules.append(Rule(f"{nnx_block}/downsample/0/kernel", f"{torch_block}.downsample.0.weight",
-                    CONV))
+  rules.append(Rule(f"{nnx_block}/downsample/0/kernel", f"{torch_block}.downsample.0.weight", CONV))
   rules += batch_norm(f"{nnx_block}/downsample/1", f"{torch_block}.downsample.1")
   return rules
 
@@ -87,8 +86,7 @@ def load_torchvision_resnet(path_or_state_dict,
     return mapping.load_module(state_dict, tab, resnet_module)
   if resnet_module is None:
     resnet_module = infer_variant(state_dict, prefix)
-  cfg = (resnet.decode_variant(resnet_module) if isinstance(resnet_module, str)
-         else resnet_module)
+  cfg = resnet.decode_variant(resnet_module) if isinstance(resnet_module, str) else resnet_module
   if not isinstance(cfg, resnet.ResNetConfig):
     raise TypeError(f"resnet_module must be a ResNet, ResNetConfig or variant name, "
                     f"got {type(resnet_module).__name__}")

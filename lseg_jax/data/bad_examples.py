@@ -93,8 +93,7 @@ def streamed_examples(source: registry.Source, data_cfg, stats: PipelineStats,
   num_labels = num_mask_values(source)
 
   def mark(pos, ex):
-    ex = dict(ex, _position=pos, _index=pos, _ok=tf.constant(True),
-              _reason=tf.constant(""))
+    ex = dict(ex, _position=pos, _index=pos, _ok=tf.constant(True), _reason=tf.constant(""))
     return _check_example(ex, num_labels)
   ds = ds.map(no_autograph(mark))
   return _keep_good(ds, source, data_cfg, stats)
@@ -126,8 +125,7 @@ def _guarded_load(source: registry.Source):
     return ex
 
   def load(index):
-    ok = tf.data.Dataset.from_tensors(index).map(
-        no_autograph(good)).ignore_errors()
+    ok = tf.data.Dataset.from_tensors(index).map(no_autograph(good)).ignore_errors()
     marker = tf.data.Dataset.from_tensors(index).map(no_autograph(bad))
     return ok.concatenate(marker).take(1)
   return load

@@ -14,8 +14,7 @@ from lseg_jax.data import registry
 from lseg_jax.data.bad_examples import BadExampleError
 
 
-def resolve_process(process_index: int | None,
-                    process_count: int | None) -> tuple[int, int]:
+def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   """(process_index, process_count), each defaulting to jax's."""
   if process_index is None:
     process_index = jax.process_index()

@@ -55,8 +55,7 @@ class FolderTree(FileTree):
 
   def glob(self, pattern):
     start = len(self.location) + 1
-    return sorted(p[start:] for p in
-                  tf.io.gfile.glob(f"{self.location}/{pattern}"))
+    return sorted(p[start:] for p in tf.io.gfile.glob(f"{self.location}/{pattern}"))
 
   def read_bytes(self, path):
     with tf.io.gfile.GFile(self.describe(path), "rb") as f:
@@ -82,8 +81,7 @@ class ZipTree(FileTree):
     with self._lock:
       if self._zip is None:
         local = "://" not in self.archive
-        f = open(self.archive, "rb") if local else tf.io.gfile.GFile(
-            self.archive, "rb")
+        f = open(self.archive, "rb") if local else tf.io.gfile.GFile(self.archive, "rb")
         self._zip = zipfile.ZipFile(f)
       return self._zip
 
@@ -176,13 +174,11 @@ def pair_files(image_tree: FileTree, image_pattern: str, mask_tree: FileTree,
         f"{dataset}: no file matches {image_tree.describe(image_pattern)}. "
         f"Expected: {expected}")
   masks = [mask_of(p) for p in images]
-  check_present(mask_tree, masks, mask_pattern, dataset=dataset,
-                expected=expected)
+  check_present(mask_tree, masks, mask_pattern, dataset=dataset, expected=expected)
   return images, masks
 
 
-def check_present(tree: FileTree, paths: list[str], pattern: str, *,
-                  dataset: str, expected: str):
+def check_present(tree: FileTree, paths: list[str], pattern: str, *, dataset: str, expected: str):
   """Raises FileNotFoundError naming the first of `paths` not in `tree`.
 
   `pattern` must match every one of `paths` (one glob instead of a lookup
@@ -232,10 +228,8 @@ def decode_label_map(data: tf.Tensor) -> tf.Tensor:
   TIFF maps (16-bit in the prepared A-847 and PC-459 layouts) are read with PIL at
   their full depth: values above 255 stay as stored.
   """
-  is_tiff = tf.reduce_any(
-      tf.equal(tf.strings.substr(data, 0, 4), tf.constant(_TIFF_MAGIC)))
-  mask = tf.cond(is_tiff, lambda: _decode_with_pil(data),
-                 lambda: decode_label_png(data))
+  is_tiff = tf.reduce_any(tf.equal(tf.strings.substr(data, 0, 4), tf.constant(_TIFF_MAGIC)))
+  mask = tf.cond(is_tiff, lambda: _decode_with_pil(data), lambda: decode_label_png(data))
   mask.set_shape([None, None])
   return mask
 
@@ -267,8 +261,7 @@ def decode_luma(data: tf.Tensor) -> tf.Tensor:
 def map_values(mask: tf.Tensor, table: np.ndarray) -> tf.Tensor:
   """int32 [H, W] raw values -> `table[value]`; values past the table -> -1."""
   size = len(table)
-  mapped = tf.gather(tf.constant(table, tf.int32),
-                     tf.clip_by_value(mask, 0, size - 1))
+  mapped = tf.gather(tf.constant(table, tf.int32), tf.clip_by_value(mask, 0, size - 1))
   return tf.where((mask >= 0) & (mask < size), mapped, IGNORE_INDEX)
 
 

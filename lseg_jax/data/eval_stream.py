@@ -35,15 +35,13 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
 
   streams, total = [], 0
   for comp in components:
-    ds = _host_examples(comp.source, data_cfg, stats, process_index,
-                        process_count)
+    ds = _host_examples(comp.source, data_cfg, stats, process_index, process_count)
     total += -(-comp.source.num_examples // process_count)
 
     def prepare(ex, comp=comp):
       image, mask = preprocess.eval_preprocess(
           ex["image"], ex["mask"], mode=mode, crop_size=crop, base_size=base)
-      label, label_mask = comp.to_table(mask, ex.get("class_index"),
-                                        len(union))
+      label, label_mask = comp.to_table(mask, ex.get("class_index"), len(union))
       size = tf.shape(label)
       if pad_to is not None:
         tf.debugging.Assert(
@@ -68,8 +66,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
       _pad_example(len(union), pad_to, episodic)).repeat())
   ds = _padded_batches(ds.take(num_batches * batch_size), batch_size, pad_to)
   ds = deterministic(ds.prefetch(data_cfg.prefetch))
-  return DataIterator(ds, union, stats, batch_size, num_batches,
-                      episodic=episodic)
+  return DataIterator(ds, union, stats, batch_size, num_batches, episodic=episodic)
 
 
 def _pad_to(data_cfg):

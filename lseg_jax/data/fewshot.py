@@ -26,8 +26,7 @@ from lseg_jax.data.label_names import COCO_FEWSHOT_NAMES, PASCAL_VOC_NAMES
 NUM_FOLDS = 4
 NUM_EVAL_EPISODES = 1000
 _SPLITS = {"train": "trn", "validation": "val", "val": "val", "test": "val"}
-_FSS_SPLITS = {"train": "trn", "validation": "val", "val": "val",
-               "test": "test"}
+_FSS_SPLITS = {"train": "trn", "validation": "val", "val": "val", "test": "test"}
 
 HSNET_URL = "https://github.com/juhongm999/hsnet"
 SPLITS_ENV = "LSEG_FEWSHOT_SPLITS"
@@ -103,13 +102,11 @@ def _check_shot(shot, dataset):
                      "--nshot: 0 for the paper's zero-shot rows).")
 
 
-def _read_pascal_list(split: str, fold: int, splits_dir, data_dir
-                      ) -> list[tuple[str, int]]:
+def _read_pascal_list(split: str, fold: int, splits_dir, data_dir) -> list[tuple[str, int]]:
   """(image name, class id) lines of HSNet's PASCAL-5i split file."""
   with open(splits_file(splits_dir, data_dir, "pascal", split, f"fold{fold}.txt")) as f:
     lines = f.read().split()
-  return [(line.split("__")[0], int(line.split("__")[1]) - 1)
-          for line in lines]
+  return [(line.split("__")[0], int(line.split("__")[1]) - 1) for line in lines]
 
 
 @registry.register("pascal5i", episodic=True)
@@ -133,10 +130,8 @@ def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0,
       expected=expected, folders=("VOC2012", "VOCdevkit/VOC2012"))
   images = [f"JPEGImages/{name}.jpg" for name, _ in episodes]
   masks = [f"SegmentationClassAug/{name}.png" for name, _ in episodes]
-  for paths, pattern in ((images, "JPEGImages/*.jpg"),
-                         (masks, "SegmentationClassAug/*.png")):
-    dataset_files.check_present(tree, paths, pattern, dataset="PASCAL-5i",
-                                expected=expected)
+  for paths, pattern in ((images, "JPEGImages/*.jpg"), (masks, "SegmentationClassAug/*.png")):
+    dataset_files.check_present(tree, paths, pattern, dataset="PASCAL-5i", expected=expected)
   return dataset_files.FileEpisodes(
       class_names=[PASCAL_VOC_NAMES[c] for c in classes], image_tree=tree,
       images=images, mask_tree=tree, masks=masks,
@@ -206,8 +201,7 @@ def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
   if num_episodes is None:
     num_episodes = (NUM_EVAL_EPISODES if split == "val" else
                     len({p for c in classes for p in lists[c]}))
-  class_pos, paths = official_coco_draw(lists, classes, num_episodes, shot,
-                                        episode_seed)
+  class_pos, paths = official_coco_draw(lists, classes, num_episodes, shot, episode_seed)
   expected = COCO_EXPECTED.format(d=data_dir)
   tree = dataset_files.find_root(
       data_dir, marker="annotations", dataset="COCO-20i", expected=expected,
@@ -216,8 +210,7 @@ def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
   masks = ["annotations/" + os.path.splitext(p)[0] + ".png" for p in paths]
   for paths, pattern in ((images, f"{coco_split}/*.jpg"),
                          (masks, f"annotations/{coco_split}/*.png")):
-    dataset_files.check_present(tree, paths, pattern, dataset="COCO-20i",
-                                expected=expected)
+    dataset_files.check_present(tree, paths, pattern, dataset="COCO-20i", expected=expected)
   return dataset_files.FileEpisodes(
       class_names=[COCO_FEWSHOT_NAMES[c] for c in classes], image_tree=tree,
       images=images, mask_tree=tree, masks=masks, class_index=class_pos,
@@ -252,10 +245,8 @@ def make_fss1000(split: str, *, data_dir: str | None = None, shot: int = 0,
     queries = [p for p in paths if p.split("/")[1].split(".")[1] == "jpg"]
     images += queries
     class_index += [index] * len(queries)
-  masks = [p.split("/")[0] + "/" + p.split("/")[1].split(".")[0] + ".png"
-           for p in images]
-  dataset_files.check_present(tree, masks, "*/*.png", dataset="FSS-1000",
-                              expected=expected)
+  masks = [p.split("/")[0] + "/" + p.split("/")[1].split(".")[0] + ".png" for p in images]
+  dataset_files.check_present(tree, masks, "*/*.png", dataset="FSS-1000", expected=expected)
   return dataset_files.FileEpisodes(
       class_names=categories, image_tree=tree, images=images, mask_tree=tree,
       masks=masks, class_index=class_index, foreground=[1] * len(images),

@@ -82,11 +82,9 @@ class FolderSource(registry.Source):
                        "stem; expected one image per mask.")
     unused = sorted(set(masks) - stems)
     if unused:
-      logging.warning("%d masks in %s have no image, e.g. %s.", len(unused),
-                      masks_dir, unused[:3])
+      logging.warning("%d masks in %s have no image, e.g. %s.", len(unused), masks_dir, unused[:3])
     self.num_examples = len(images)
-    self._image_paths = tf.constant(
-        [os.path.join(images_dir, f) for f in images])
+    self._image_paths = tf.constant([os.path.join(images_dir, f) for f in images])
     self._mask_paths = tf.constant(
         [os.path.join(masks_dir, masks[os.path.splitext(f)[0]])
          for f in images])
@@ -111,6 +109,5 @@ def make_source(split: str, *, data_dir: str | None = None) -> FolderSource:
   split_dir = os.path.join(data_dir, split)
   top_labels = os.path.join(data_dir, "labels.txt")
   if tf.io.gfile.isdir(os.path.join(split_dir, "images")):
-    return FolderSource(
-        split_dir, (os.path.join(split_dir, "labels.txt"), top_labels))
+    return FolderSource(split_dir, (os.path.join(split_dir, "labels.txt"), top_labels))
   return FolderSource(data_dir, (top_labels,))

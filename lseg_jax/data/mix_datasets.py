@@ -198,8 +198,7 @@ class CocoPanoptic(dataset_files.FilePairs):
   of no segment (id 0) are ignored.
   """
 
-  def __init__(self, annotations: dict, image_tree, image_folder, mask_tree,
-               mask_folder, expected):
+  def __init__(self, annotations: dict, image_tree, image_folder, mask_tree, mask_folder, expected):
     class_of = {}
     for cat in annotations["categories"]:
       if cat["name"] not in COCO_PANOPTIC_NAMES:
@@ -212,16 +211,14 @@ class CocoPanoptic(dataset_files.FilePairs):
     masks = [f"{mask_folder}/{a['file_name']}" for a in anns]
     for tree, paths, pattern in ((image_tree, images, f"{image_folder}/*"),
                                  (mask_tree, masks, f"{mask_folder}/*.png")):
-      dataset_files.check_present(tree, paths, pattern,
-                                  dataset="COCO panoptic", expected=expected)
+      dataset_files.check_present(tree, paths, pattern, dataset="COCO panoptic", expected=expected)
     super().__init__(image_tree, images, mask_tree, masks)
     self.label_names = list(COCO_PANOPTIC_NAMES)
     # Per image, its segment ids sorted, behind a sentinel id 0 (-> ignore) so
     # that every lookup has a row to land on.
     ids, classes, starts = [], [], [0]
     for a in anns:
-      segs = sorted((s["id"], class_of[s["category_id"]])
-                    for s in a["segments_info"])
+      segs = sorted((s["id"], class_of[s["category_id"]]) for s in a["segments_info"])
       ids += [0] + [s for s, _ in segs]
       classes += [IGNORE_INDEX] + [c for _, c in segs]
       starts.append(len(ids))
@@ -239,8 +236,7 @@ class CocoPanoptic(dataset_files.FilePairs):
     seg_classes = tf.slice(self._seg_classes, [start], [size])
     flat = tf.reshape(ids, [-1])
     pos = tf.minimum(tf.searchsorted(seg_ids, flat), size - 1)
-    mask = tf.where(tf.gather(seg_ids, pos) == flat,
-                    tf.gather(seg_classes, pos), IGNORE_INDEX)
+    mask = tf.where(tf.gather(seg_ids, pos) == flat, tf.gather(seg_classes, pos), IGNORE_INDEX)
     mask = tf.reshape(mask, tf.shape(ids))
     dataset_files.check_same_size(image, mask, name)
     return {"image": image, "mask": mask, "file_name": name}

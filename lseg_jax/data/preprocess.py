@@ -79,8 +79,7 @@ def decode_image(data: tf.Tensor) -> tf.Tensor:
   is_png8 = tf.logical_and(
       tf.strings.substr(header, 0, 8) == b"\x89PNG\r\n\x1a\n",
       tf.strings.substr(header, PNG_BIT_DEPTH_OFFSET, 1) == b"\x08")
-  use_tf = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2] != 4,
-                   lambda: is_png8)
+  use_tf = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2] != 4, lambda: is_png8)
 
   def with_tf():
     return tf.cond(
@@ -196,8 +195,7 @@ def resize_image(image: tf.Tensor, size, offset=(0, 0), window=None, *,
   return tf.cast(out, tf.float32)
 
 
-def resize_nearest(x: tf.Tensor, size, offset=(0, 0),
-                   window=None) -> tf.Tensor:
+def resize_nearest(x: tf.Tensor, size, offset=(0, 0), window=None) -> tf.Tensor:
   """Nearest-neighbour resize of [H, W, ...] to `size` (h, w), any dtype.
 
   Picks exactly PIL's NEAREST source pixels: PIL walks the output adding the
@@ -249,8 +247,7 @@ def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
     image = tf.cond(do_flip, lambda: image[:, ::-1], lambda: image)
     mask = tf.cond(do_flip, lambda: mask[:, ::-1], lambda: mask)
   lo, hi = int(base_size * scale_range[0]), int(base_size * scale_range[1])
-  long_size = tf.random.stateless_uniform([], scale_seed, lo, hi + 1,
-                                          dtype=tf.int32)
+  long_size = tf.random.stateless_uniform([], scale_seed, lo, hi + 1, dtype=tf.int32)
   shape = tf.shape(mask)
   oh, ow = _long_side_size(shape[0], shape[1], long_size)
   # Crop offsets in the resized image padded up to crop_size; the crop window's
@@ -279,8 +276,7 @@ def _square(image, mask, size):
     idx = tf.cast(tf.floor(tf.range(size, dtype=tf.float32) * step), tf.int32)
     return tf.minimum(idx, in_len - 1)
   mask = tf.gather(tf.gather(mask, src(h), axis=0), src(w), axis=1)
-  return (tf.ensure_shape(normalize(image), [size, size, 3]),
-          tf.ensure_shape(mask, [size, size]))
+  return (tf.ensure_shape(normalize(image), [size, size, 3]), tf.ensure_shape(mask, [size, size]))
 
 
 def eval_preprocess(image: tf.Tensor, mask: tf.Tensor, *, mode: str = "none",

@@ -38,8 +38,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def make_config(height=64, width=64, num_train=512, num_validation=64,
-                seed=0) -> SyntheticConfig:
+def make_config(height=64, width=64, num_train=512, num_validation=64, seed=0) -> SyntheticConfig:
   for key, value in dict(height=height, width=width).items():
     if value < 16:
       raise ValueError(f"Synthetic image {key}={value} is too small; "
@@ -141,8 +140,7 @@ def build(data_dir: str | None = None, **config_kwargs) -> LsegSynthetic:
   if config.name in LsegSynthetic.builder_configs:
     config = config.name  # TFDS refuses a custom config named like a built-in.
   builder = LsegSynthetic(data_dir=data_dir, config=config)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 
@@ -203,8 +201,7 @@ _SOURCES: dict[tuple, EncodedSource] = {}
 
 
 @registry.register("synthetic")
-def make_source(split: str, *, data_dir: str | None = None,
-                **config_kwargs) -> EncodedSource:
+def make_source(split: str, *, data_dir: str | None = None, **config_kwargs) -> EncodedSource:
   """The synthetic dataset split ("train" / "validation"), built if missing.
 
   Sources are cached per (data_dir, config, split): pipelines ask for the

@@ -88,8 +88,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
     slots = owners.filter(no_autograph(lambda pos, c, mine, i=i: tf.equal(c, i)))
     slots = slots.map(no_autograph(lambda pos, c, mine: (pos, mine)))
     if comp.source.is_indexed:
-      index_ds = tf.data.Dataset.zip(
-          _index_stream(comp.source, comp_seed, comp_start), slots)
+      index_ds = tf.data.Dataset.zip(_index_stream(comp.source, comp_seed, comp_start), slots)
       index_ds = index_ds.filter(no_autograph(lambda item, slot: slot[1])).map(
           no_autograph(lambda item, slot: (slot[0], item[1])))
       ds = bad_examples.indexed_examples(comp.source, index_ds, data_cfg, stats)
@@ -117,8 +116,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   return deterministic(ds), union, stats
 
 
-def _augment_fn(data_cfg, comp: source_specs.Component, union_size: int,
-                aug_seed: int):
+def _augment_fn(data_cfg, comp: source_specs.Component, union_size: int, aug_seed: int):
   """Raw example -> {image, label, label_mask}, augmented from its position."""
   crop, base = data_cfg.crop_size, data_cfg.base_size
   scale_range, flip = tuple(data_cfg.scale_range), bool(data_cfg.flip)
@@ -135,8 +133,7 @@ def _augment_fn(data_cfg, comp: source_specs.Component, union_size: int,
 
 def _seed_int(*values) -> int:
   """A 63-bit integer derived from the given integers (stable across runs)."""
-  state = np.random.SeedSequence([int(v) for v in values]).generate_state(
-      2, np.uint32)
+  state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
   return int((int(state[0]) << 31) ^ int(state[1]))
 
 
@@ -150,11 +147,9 @@ def _index_stream(source: registry.Source, seed, start):
   epoch_seed = tf.constant(seed, tf.int64)
 
   def epoch(e):
-    perm = tf.random.experimental.stateless_shuffle(
-        host, seed=tf.stack([epoch_seed, e]))
+    perm = tf.random.experimental.stateless_shuffle(host, seed=tf.stack([epoch_seed, e]))
     return tf.data.Dataset.from_tensor_slices(perm)
-  indices = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(
-      no_autograph(epoch))
+  indices = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(no_autograph(epoch))
   indices = indices.skip(start % n)
   positions = tf.data.Dataset.range(start, _MAX_EPOCHS)
   return tf.data.Dataset.zip(positions, indices)

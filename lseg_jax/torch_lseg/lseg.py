@@ -89,8 +89,7 @@ class TorchLSegConfig:
     _check_choice("arch_option", self.arch_option, ARCH_OPTIONS)
     _check_choice("activation", self.activation, ACTIVATIONS)
     if self.features is None:
-      object.__setattr__(self, "features",
-                         16 if self.backbone.startswith("tiny") else 256)
+      object.__setattr__(self, "features", 16 if self.backbone.startswith("tiny") else 256)
     for name in ("features", "vocab_size", "context_length"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
@@ -178,8 +177,7 @@ class ViTBackbone(nn.Module):
     self.hooks = tuple(hooks)
     assert list(self.hooks) == sorted(set(self.hooks)), self.hooks
     for i, (width, factor) in enumerate(zip(widths, resample)):
-      self.add_module(f"act_postprocess{i + 1}",
-                      Reassemble(readout, vit["width"], width, factor))
+      self.add_module(f"act_postprocess{i + 1}", Reassemble(readout, vit["width"], width, factor))
 
   def _pos_embed(self, grid_hw):
     """Position embeddings [1, 1+h*w, C], the grid part resized bilinearly."""
@@ -187,8 +185,7 @@ class ViTBackbone(nn.Module):
     cls_pos, grid_pos = pos[:, :1], pos[0, 1:]
     side = int(math.isqrt(grid_pos.shape[0]))
     grid_pos = grid_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid_pos = F.interpolate(grid_pos, size=grid_hw, mode="bilinear",
-                             align_corners=False)
+    grid_pos = F.interpolate(grid_pos, size=grid_hw, mode="bilinear", align_corners=False)
     grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(1, grid_hw[0] * grid_hw[1], -1)
     return torch.cat([cls_pos, grid_pos], dim=1)
 
@@ -205,8 +202,7 @@ class ViTBackbone(nn.Module):
       tokens = block(tokens)
       if i in self.hooks:
         hooked.append(tokens)
-    return [getattr(self, f"act_postprocess{i + 1}")(t, grid_hw)
-            for i, t in enumerate(hooked)]
+    return [getattr(self, f"act_postprocess{i + 1}")(t, grid_hw) for i, t in enumerate(hooked)]
 
 
 # --- Decoder: DPT fusion blocks ---

@@ -28,10 +28,8 @@ class ResNetBackbone(nn.Module):
     self.layer2 = net.layer2
     self.layer3 = net.layer3
     self.layer4 = net.layer4
-    self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1),
-                         persistent=False)
-    self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1),
-                         persistent=False)
+    self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
+    self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
 
   def forward(self, x):
     """[B, 3, H, W] (mean 0.5, std 0.5) -> [B, 256, H/4, W/4], [B, 512, H/8, W/8],
