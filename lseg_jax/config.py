@@ -266,6 +266,5 @@ def to_json_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-__all__ = ["EVAL_FIELDS", "REQUIRED_FIELDS", "TOP_FIELDS", "all_fields",
-           "check_config", "complete", "defaults", "evals", "override", "parse_value",
-           "to_json_dict"]
+__all__ = ["EVAL_FIELDS", "REQUIRED_FIELDS", "TOP_FIELDS", "all_fields", "check_config", "complete",
+           "defaults", "evals", "override", "parse_value", "to_json_dict"]

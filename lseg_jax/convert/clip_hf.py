@@ -72,10 +72,8 @@ def text_config_from_hf(config: Mapping[str, Any], **overrides) -> clip_text.Tex
     if value != expected:
       raise ValueError(f"CLIP text config has {name}={value!r}; the OpenAI-layout tower "
                        f"supports only {expected!r}")
-  fields = dict(width=width,
-                layers=text.get("num_hidden_layers", 12),
-                heads=text.get("num_attention_heads", 8),
-                embed_dim=projection_dim,
+  fields = dict(width=width, layers=text.get("num_hidden_layers", 12),
+                heads=text.get("num_attention_heads", 8), embed_dim=projection_dim,
                 vocab_size=text.get("vocab_size", 49408),
                 context_length=text.get("max_position_embeddings", 77))
   return clip_text.TextConfig(**{**fields, **overrides})

@@ -145,9 +145,8 @@ def torch_config(cfg: lseg.LSegConfig) -> dict[str, Any]:
   """The `lseg_config` metadata our exporter writes (`TorchLSegConfig` fields)."""
   text = clip_text.decode_variant(cfg.text_variant)
   return dict(backbone=cfg.backbone, features=cfg.num_features, readout=cfg.readout,
-              arch_option=cfg.arch_option, block_depth=cfg.block_depth,
-              activation=cfg.activation, vocab_size=cfg.text_vocab_size or text.vocab_size,
-              context_length=text.context_length)
+              arch_option=cfg.arch_option, block_depth=cfg.block_depth, activation=cfg.activation,
+              vocab_size=cfg.text_vocab_size or text.vocab_size, context_length=text.context_length)
 
 
 def export_langseg(model: lseg.LSeg) -> dict[str, np.ndarray]:

@@ -108,9 +108,8 @@ def _match_parts(name_parts, pattern_parts):
       fnmatch.fnmatchcase(n, p) for n, p in zip(name_parts, pattern_parts))
 
 
-def find_root(data_dir: str | None, *, marker: str, dataset: str,
-              expected: str, folders: tuple[str, ...] = (),
-              archives: tuple[str, ...] = ()) -> FileTree:
+def find_root(data_dir: str | None, *, marker: str, dataset: str, expected: str,
+              folders: tuple[str, ...] = (), archives: tuple[str, ...] = ()) -> FileTree:
   """The dataset root under `data_dir`: the first tree that contains `marker`.
 
   Tried in order: `data_dir` itself, `data_dir/<folder>` for each of
@@ -158,9 +157,8 @@ def _open_zip(archive):
   return zipfile.ZipFile(archive)
 
 
-def pair_files(image_tree: FileTree, image_pattern: str, mask_tree: FileTree,
-               mask_pattern: str, mask_of, *, dataset: str,
-               expected: str) -> tuple[list[str], list[str]]:
+def pair_files(image_tree: FileTree, image_pattern: str, mask_tree: FileTree, mask_pattern: str,
+               mask_of, *, dataset: str, expected: str) -> tuple[list[str], list[str]]:
   """Images matching `image_pattern` and their label files `mask_of(image)`.
 
   (Called with the trees swapped, it lists the label files and finds their images.)
@@ -213,8 +211,7 @@ def decode_label_png(data: tf.Tensor) -> tf.Tensor:
   def _decode_grey():
     mask = preprocess.decode_png_values(data, is_16bit)
     tf.debugging.assert_equal(
-        tf.shape(mask)[-1], 1,
-        message="expected a single-channel label PNG (pixel = label value)")
+        tf.shape(mask)[-1], 1, message="expected a single-channel label PNG (pixel = label value)")
     return mask[..., 0]
 
   mask = tf.cond(is_palette, lambda: _decode_with_pil(data), _decode_grey)
@@ -331,9 +328,8 @@ class FileEpisodes(FilePairs):
   Registered with `episodic=True` (see `registry.register`).
   """
 
-  def __init__(self, *, class_names, image_tree, images, mask_tree, masks,
-               class_index, foreground, ignore_value: int | None = None,
-               luma_threshold: int | None = None):
+  def __init__(self, *, class_names, image_tree, images, mask_tree, masks, class_index, foreground,
+               ignore_value: int | None = None, luma_threshold: int | None = None):
     super().__init__(image_tree, images, mask_tree, masks)
     self.class_names = list(class_names)
     self.label_names = [OTHER_LABEL, *self.class_names]
@@ -353,6 +349,5 @@ class FileEpisodes(FilePairs):
       mask = tf.where(raw == self._ignore_value, IGNORE_INDEX, mask)
     check_same_size(image, mask, name)
     class_index = tf.gather(self._class_index, index)
-    return {"image": image, "mask": mask, "file_name": name,
-            "class_index": class_index,
+    return {"image": image, "mask": mask, "file_name": name, "class_index": class_index,
             "class_name": tf.gather(tf.constant(self.class_names), class_index)}

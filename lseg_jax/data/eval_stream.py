@@ -18,8 +18,7 @@ from lseg_jax.data.tfdata import deterministic, no_autograph
 from lseg_jax.labels import IGNORE_INDEX
 
 
-def make_eval_iterator(data_cfg, *, batch_size: int,
-                       process_index: int | None = None,
+def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int | None = None,
                        process_count: int | None = None) -> DataIterator:
   """One pass over the eval split in a fixed order, per host (default: JAX's process
   slice), in batches of `batch_size` (the data contract in `lseg_jax.data`). Every host
@@ -54,8 +53,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
       if episodic:
         out["class_index"] = tf.cast(ex.get("class_index", 0), tf.int32)
       return out
-    streams.append(ds.map(no_autograph(prepare),
-                          num_parallel_calls=data_cfg.num_parallel_calls,
+    streams.append(ds.map(no_autograph(prepare), num_parallel_calls=data_cfg.num_parallel_calls,
                           deterministic=True))
 
   ds = streams[0]
@@ -87,15 +85,13 @@ def _host_examples(source, data_cfg, stats, process_index, process_count):
   if source.is_indexed:
     host = source.host_indices(process_index, process_count)
     index_ds = tf.data.Dataset.zip(
-        tf.data.Dataset.range(len(host)),
-        tf.data.Dataset.from_tensor_slices(host))
+        tf.data.Dataset.range(len(host)), tf.data.Dataset.from_tensor_slices(host))
     return bad_examples.indexed_examples(source, index_ds, data_cfg, stats)
   if source.num_examples is None:
     raise ValueError(f"Eval source {type(source).__name__} needs "
                      "num_examples to pad every host to the same count.")
   return bad_examples.streamed_examples(
-      source, data_cfg, stats, process_index=process_index,
-      process_count=process_count)
+      source, data_cfg, stats, process_index=process_index, process_count=process_count)
 
 
 def _padded_batches(ds, batch_size, pad_to):
@@ -112,10 +108,9 @@ def _padded_batches(ds, batch_size, pad_to):
 
 def _pad_example(num_labels: int, pad_to, episodic: bool) -> dict:
   """The `valid=False` example that fills the last batches of a host."""
-  pad = {"image": tf.zeros([0, 0, 3], tf.float32),
-         "label": tf.zeros([0, 0], tf.int32),
-         "label_mask": tf.ones([num_labels], tf.bool),
-         "valid": tf.constant(False), "image_size": tf.zeros([2], tf.int32)}
+  pad = {"image": tf.zeros([0, 0, 3], tf.float32), "label": tf.zeros([0, 0], tf.int32),
+         "label_mask": tf.ones([num_labels], tf.bool), "valid": tf.constant(False),
+         "image_size": tf.zeros([2], tf.int32)}
   if episodic:
     pad["class_index"] = tf.constant(0, tf.int32)
   if pad_to is not None:

@@ -133,9 +133,8 @@ def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0,
   for paths, pattern in ((images, "JPEGImages/*.jpg"), (masks, "SegmentationClassAug/*.png")):
     dataset_files.check_present(tree, paths, pattern, dataset="PASCAL-5i", expected=expected)
   return dataset_files.FileEpisodes(
-      class_names=[PASCAL_VOC_NAMES[c] for c in classes], image_tree=tree,
-      images=images, mask_tree=tree, masks=masks,
-      class_index=[classes.index(c) for _, c in episodes],
+      class_names=[PASCAL_VOC_NAMES[c] for c in classes], image_tree=tree, images=images,
+      mask_tree=tree, masks=masks, class_index=[classes.index(c) for _, c in episodes],
       foreground=[c + 1 for _, c in episodes], ignore_value=255)
 
 
@@ -204,8 +203,7 @@ def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
   class_pos, paths = official_coco_draw(lists, classes, num_episodes, shot, episode_seed)
   expected = COCO_EXPECTED.format(d=data_dir)
   tree = dataset_files.find_root(
-      data_dir, marker="annotations", dataset="COCO-20i", expected=expected,
-      folders=("COCO2014",))
+      data_dir, marker="annotations", dataset="COCO-20i", expected=expected, folders=("COCO2014",))
   images = list(paths)
   masks = ["annotations/" + os.path.splitext(p)[0] + ".png" for p in paths]
   for paths, pattern in ((images, f"{coco_split}/*.jpg"),
@@ -248,6 +246,5 @@ def make_fss1000(split: str, *, data_dir: str | None = None, shot: int = 0,
   masks = [p.split("/")[0] + "/" + p.split("/")[1].split(".")[0] + ".png" for p in images]
   dataset_files.check_present(tree, masks, "*/*.png", dataset="FSS-1000", expected=expected)
   return dataset_files.FileEpisodes(
-      class_names=categories, image_tree=tree, images=images, mask_tree=tree,
-      masks=masks, class_index=class_index, foreground=[1] * len(images),
-      luma_threshold=128)
+      class_names=categories, image_tree=tree, images=images, mask_tree=tree, masks=masks,
+      class_index=class_index, foreground=[1] * len(images), luma_threshold=128)

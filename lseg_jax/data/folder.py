@@ -95,9 +95,8 @@ class FolderSource(registry.Source):
   def load(self, index):
     image_path = self.file_name(index)
     return preprocess.decode_example(
-        tf.io.read_file(image_path),
-        tf.io.read_file(tf.gather(self._mask_paths, index)), image_path,
-        mask_ignore=MASK_IGNORE)
+        tf.io.read_file(image_path), tf.io.read_file(tf.gather(self._mask_paths, index)),
+        image_path, mask_ignore=MASK_IGNORE)
 
 
 @registry.register("folder")

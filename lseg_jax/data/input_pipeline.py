@@ -74,7 +74,6 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    "FIELDS", "BadExampleError", "DataIterator", "IGNORE_INDEX", "OTHER_LABEL",
-    "PipelineStats", "default_data_config", "is_episodic", "label_table",
-    "make_eval_iterator", "make_train_dataset", "make_train_iterator",
-    "prefetch_to_device", "to_global"]
+    "FIELDS", "BadExampleError", "DataIterator", "IGNORE_INDEX", "OTHER_LABEL", "PipelineStats",
+    "default_data_config", "is_episodic", "label_table", "make_eval_iterator", "make_train_dataset",
+    "make_train_iterator", "prefetch_to_device", "to_global"]

@@ -83,8 +83,7 @@ def decode_image(data: tf.Tensor) -> tf.Tensor:
 
   def with_tf():
     return tf.cond(
-        is_jpeg,
-        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        is_jpeg, lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
         lambda: tf.io.decode_png(data, channels=3))
 
   image = tf.cond(use_tf, with_tf, lambda: with_pil(_pil_rgb, data, tf.uint8))
@@ -135,8 +134,7 @@ def _pil_rgb(data) -> tuple[np.ndarray, bytes]:
         "Pillow reads").encode()
 
 
-def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
-                   file_name: tf.Tensor, *,
+def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor, file_name: tf.Tensor, *,
                    mask_ignore: int = 255) -> dict[str, tf.Tensor]:
   """Encoded image and greyscale label PNG (pixel value = label index, `mask_ignore` ->
   -1) -> {"image": uint8 [H, W, 3], "mask": int32 [H, W], "file_name": for errors}."""
@@ -234,9 +232,8 @@ def _pad_to(image, mask, height, width):
   return image, mask
 
 
-def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
-                  crop_size: int = 480, base_size: int = 520,
-                  scale_range=(0.5, 2.0), flip: bool = True):
+def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *, crop_size: int = 480,
+                  base_size: int = 520, scale_range=(0.5, 2.0), flip: bool = True):
   """The official training augmentation (module docstring) of image uint8 [H, W, 3] and
   mask int32 [H, W] with this example's stateless seed int64 [2] -> normalised image
   float32 [crop_size, crop_size, 3], mask int32 [crop_size, crop_size]."""

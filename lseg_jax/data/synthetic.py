@@ -44,9 +44,8 @@ def make_config(height=64, width=64, num_train=512, num_validation=64, seed=0) -
       raise ValueError(f"Synthetic image {key}={value} is too small; "
                        "expected >= 16.")
   return SyntheticConfig(
-      name=f"{height}x{width}_n{num_train}_{num_validation}_s{seed}",
-      version="1.0.0", height=height, width=width, num_train=num_train,
-      num_validation=num_validation, seed=seed)
+      name=f"{height}x{width}_n{num_train}_{num_validation}_s{seed}", version="1.0.0",
+      height=height, width=width, num_train=num_train, num_validation=num_validation, seed=seed)
 
 
 class LsegSynthetic(tfds.core.GeneratorBasedBuilder):
@@ -151,9 +150,8 @@ class EncodedSource(registry.Source):
   ignore. Suits small datasets (the synthetic one, benchmarks, tests).
   """
 
-  def __init__(self, images: list[bytes], masks: list[bytes],
-               file_names: list[str], label_names: list[str],
-               mask_ignore: int = MASK_IGNORE):
+  def __init__(self, images: list[bytes], masks: list[bytes], file_names: list[str],
+               label_names: list[str], mask_ignore: int = MASK_IGNORE):
     if not len(images) == len(masks) == len(file_names):
       raise ValueError(f"Got {len(images)} images, {len(masks)} masks and "
                        f"{len(file_names)} file names; expected equal counts.")

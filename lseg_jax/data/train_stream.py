@@ -41,17 +41,15 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   `start_step` on (equal to the uninterrupted stream's batches from there); the process
   slice defaults to JAX's."""
   ds, union, stats = make_train_dataset(
-      data_cfg, global_batch_size=global_batch_size, seed=seed,
-      start_step=start_step, process_index=process_index,
-      process_count=process_count)
+      data_cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+      process_index=process_index, process_count=process_count)
   process_index, process_count = resolve_process(process_index, process_count)
   return DataIterator(ds, union, stats, global_batch_size // process_count,
                       episodic=source_specs.is_episodic(data_cfg))
 
 
-def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
-                       start_step: int = 0, process_index: int | None = None,
-                       process_count: int | None = None):
+def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                       process_index: int | None = None, process_count: int | None = None):
   """(endless per-host train tf.data.Dataset, label names, stats): `make_train_iterator`."""
   process_index, process_count = resolve_process(process_index, process_count)
   bad_examples.check_on_bad(data_cfg)
@@ -101,8 +99,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
           no_autograph(lambda ex, slot: slot[1])).map(
               no_autograph(lambda ex, slot: dict(ex, _position=slot[0])))
     augment = _augment_fn(data_cfg, comp, len(union), _seed_int(seed, 3, i))
-    streams.append(ds.map(no_autograph(augment),
-                          num_parallel_calls=data_cfg.num_parallel_calls,
+    streams.append(ds.map(no_autograph(augment), num_parallel_calls=data_cfg.num_parallel_calls,
                           deterministic=True))
 
   if len(streams) == 1:

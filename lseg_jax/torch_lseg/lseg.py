@@ -320,8 +320,7 @@ class LSegTorch(nn.Module):
     self.scratch = nn.Module()
     for i, width in enumerate(variant["widths"]):
       self.scratch.add_module(
-          f"layer{i + 1}_rn",
-          nn.Conv2d(width, config.features, 3, padding=1, bias=False))
+          f"layer{i + 1}_rn", nn.Conv2d(width, config.features, 3, padding=1, bias=False))
     for i in range(4):
       self.scratch.add_module(f"refinenet{i + 1}", FusionBlock(config.features))
     self.scratch.head1 = nn.Conv2d(config.features, self.embed_dim, kernel_size=1)
