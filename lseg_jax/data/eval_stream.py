@@ -45,8 +45,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int | None =
       if pad_to is not None:
         tf.debugging.Assert(
             tf.reduce_all(size <= tf.constant(pad_to)),
-            [tf.strings.format("Eval image {} has size {}, larger than "
-                               "data_cfg.eval_pad_to={}.",
+            [tf.strings.format("Eval image {} has size {}, larger than data_cfg.eval_pad_to={}.",
                                (ex["file_name"], size, tf.constant(pad_to)))])
       out = {"image": image, "label": label, "label_mask": label_mask,
              "valid": tf.constant(True), "image_size": size}

@@ -71,13 +71,11 @@ DATASETS = (
     MixtureDataset(
         name="bdd100k", title="BDD100K", splits=_TRAIN_VAL,
         expected=(
-            "BDD100K from https://bdd-data.berkeley.edu/ (or "
-            "https://dl.cv.ethz.ch/bdd100k/data/): bdd100k_images_10k.zip and "
-            "bdd100k_sem_seg_labels_trainval.zip in {d}/ (read in place) or "
-            "extracted there (giving {d}/bdd100k/images/10k/train/*.jpg and "
-            "{d}/bdd100k/labels/sem_seg/masks/train/*.png); or the older "
-            "bdd100k_seg.zip ({d}/bdd100k/seg/images/, "
-            "{d}/bdd100k/seg/labels/)."),
+            "BDD100K from https://bdd-data.berkeley.edu/ (or https://dl.cv.ethz.ch/bdd100k/data/): "
+            "bdd100k_images_10k.zip and bdd100k_sem_seg_labels_trainval.zip in {d}/ (read in "
+            "place) or extracted there (giving {d}/bdd100k/images/10k/train/*.jpg and "
+            "{d}/bdd100k/labels/sem_seg/masks/train/*.png); or the older bdd100k_seg.zip "
+            "({d}/bdd100k/seg/images/, {d}/bdd100k/seg/labels/)."),
         layouts=(
             # The older single-archive release.
             Layout(Tree("seg/labels", _BDD, ("bdd100k_seg.zip",)), None,
@@ -96,9 +94,8 @@ DATASETS = (
         name="cityscapes", title="Cityscapes", splits=_TRAIN_VAL,
         expected=(
             "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
-            "https://www.cityscapes-dataset.com/downloads/ (registration "
-            "needed) in {d}/ (read in place) or extracted there, giving "
-            "{d}/leftImg8bit/train/<city>/*_leftImg8bit.png and "
+            "https://www.cityscapes-dataset.com/downloads/ (registration needed) in {d}/ (read in "
+            "place) or extracted there, giving {d}/leftImg8bit/train/<city>/*_leftImg8bit.png and "
             "{d}/gtFine/train/<city>/*_gtFine_labelIds.png."),
         layouts=(Layout(
             Tree("leftImg8bit", archives=("leftImg8bit_trainvaltest.zip",)),
@@ -115,14 +112,12 @@ DATASETS = (
     MixtureDataset(
         name="coco_panoptic", title="COCO panoptic", splits=_TRAIN_VAL,
         expected=(
-            "COCO 2017 from https://cocodataset.org/#download: train2017.zip "
-            "and val2017.zip in {d}/ (read in place, or extracted to "
-            "{d}/train2017/*.jpg, {d}/val2017/*.jpg), and "
+            "COCO 2017 from https://cocodataset.org/#download: train2017.zip and val2017.zip in "
+            "{d}/ (read in place, or extracted to {d}/train2017/*.jpg, {d}/val2017/*.jpg), and "
             "panoptic_annotations_trainval2017.zip extracted in {d}/ (giving "
-            "{d}/annotations/panoptic_train2017.json) with the archives "
-            "inside it, {d}/annotations/panoptic_train2017.zip and "
-            "panoptic_val2017.zip, read in place or extracted to "
-            "{d}/annotations/panoptic_train2017/*.png."),
+            "{d}/annotations/panoptic_train2017.json) with the archives inside it, "
+            "{d}/annotations/panoptic_train2017.zip and panoptic_val2017.zip, read in place or "
+            "extracted to {d}/annotations/panoptic_train2017/*.png."),
         layouts=(Layout(
             Tree("{split}2017", archives=("{split}2017.zip",)),
             Tree("panoptic_{split}2017", archives=("panoptic_{split}2017.zip",),
@@ -133,13 +128,12 @@ DATASETS = (
         name="idd", title="IDD", splits=_TRAIN_VAL,
         expected=(
             "IDD Segmentation (IDD 20k part I, idd-segmentation.tar.gz from "
-            "https://idd.insaan.iiit.ac.in/) extracted to "
-            "{d}/IDD_Segmentation/ (leftImg8bit/train/<seq>/*_leftImg8bit.png, "
-            "gtFine/train/<seq>/*_gtFine_polygons.json), then the level-3 "
-            "label PNGs generated next to the polygons with the AutoNUE "
-            "toolkit (https://github.com/AutoNUE/public-code): python "
-            "preperation/createLabels.py --datadir {d}/IDD_Segmentation "
-            "--id-type level3Id, giving "
+            "https://idd.insaan.iiit.ac.in/) extracted to {d}/IDD_Segmentation/ "
+            "(leftImg8bit/train/<seq>/*_leftImg8bit.png, "
+            "gtFine/train/<seq>/*_gtFine_polygons.json), then the level-3 label PNGs generated "
+            "next to the polygons with the AutoNUE toolkit "
+            "(https://github.com/AutoNUE/public-code): python preperation/createLabels.py "
+            "--datadir {d}/IDD_Segmentation --id-type level3Id, giving "
             "gtFine/train/<seq>/*_gtFine_labellevel3Ids.png."),
         layouts=(Layout(
             Tree("gtFine", ("IDD_Segmentation",)), None,
@@ -151,11 +145,10 @@ DATASETS = (
         name="mapillary_vistas", title="Mapillary Vistas",
         splits=TRAINING_VALIDATION,
         expected=(
-            "Mapillary Vistas v1.2 (mapillary-vistas-dataset_public_v1.2.zip) "
-            "or v2.0 from https://www.mapillary.com/dataset/vistas, in {d}/ "
-            "(read in place) or extracted there, giving "
-            "{d}/training/images/*.jpg and {d}/training/labels/*.png (v1.2) "
-            "or {d}/training/v1.2/labels/*.png (v2.0 archive)."),
+            "Mapillary Vistas v1.2 (mapillary-vistas-dataset_public_v1.2.zip) or v2.0 from "
+            "https://www.mapillary.com/dataset/vistas, in {d}/ (read in place) or extracted there, "
+            "giving {d}/training/images/*.jpg and {d}/training/labels/*.png (v1.2) or "
+            "{d}/training/v1.2/labels/*.png (v2.0 archive)."),
         layouts=(
             # The v2.0 archive keeps the v1.2 labels in their own folder.
             Layout(Tree("{split}/v1.2/labels", **_MAPILLARY), None,

@@ -143,9 +143,8 @@ def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor, file_name: tf.
   is_png = tf.strings.substr(header, 0, 4) == b"\x89PNG"
   color_type = tf.strings.substr(header, PNG_COLOR_TYPE_OFFSET, 1)
   tf.debugging.Assert(tf.logical_not(is_png & (color_type == b"\x03")), [tf.strings.join([
-      "Mask of ", file_name, " is a palette PNG; expected a greyscale PNG "
-      "whose pixel values are label indices (convert it with PIL: "
-      "Image.fromarray(np.array(img)))."])])
+      "Mask of ", file_name, " is a palette PNG; expected a greyscale PNG whose pixel values are "
+      "label indices (convert it with PIL: Image.fromarray(np.array(img)))."])])
   # Label values are read exactly: 8-bit (mode L) or 16-bit (I;16) greyscale only. TF
   # would turn colour into luma and scale 16-bit values or 1/2/4-bit ones into 0-255.
   bit_depth = tf.strings.substr(header, PNG_BIT_DEPTH_OFFSET, 1)
