@@ -314,14 +314,9 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
 
   Precedence: `overrides` (`SETTINGS` names; None values ignored), then
   `metadata["lseg_config"]` (written by our exporters), then
-  `metadata["hyper_parameters"]` (Lightning), then the shapes:
-    backbone     the one of `backbones` whose `BACKBONE_SHAPES` the weights have;
-    features, vocab_size, context_length   their weights' shapes;
-    readout      "project" if its Linear exists ("ignore" and "add" have no weights:
-                 then it must be given); "project" (unused) for a ResNet;
-    arch_option  0 without head-block keys (every released lang-seg model); with
-                 them it must be given (1 bottleneck or 2 depthwise: same weights),
-                 and so must block_depth, and the activation when block_depth >= 2.
+  `metadata["hyper_parameters"]` (Lightning), then the shapes (`_shape_settings`; the
+  backbone: the one of `backbones` whose `BACKBONE_SHAPES` the weights have). What the
+  weights cannot tell must be given (docs/interop.md: "What the weights tell").
 
   Raises:
     ValueError naming what cannot be told and how to pass it.

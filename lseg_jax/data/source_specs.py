@@ -168,11 +168,8 @@ def build_components(data_cfg, eval_split: bool = False) -> tuple[list[Component
 
 
 def label_table(data_cfg, eval_split: bool = False) -> list[str]:
-  """The label names that batches' `label` values and `label_mask` index.
-
-  A fixed-label source: its label_names; episodic: ["other", *class_names];
-  mixture: the union in order of first appearance. `eval_split` selects the
-  table of the evaluation split (episodic sources have other classes there).
-  """
+  """The label names that batches' `label` values and `label_mask` index (the label
+  tables of the module docstring); `eval_split` selects the evaluation split's table
+  (episodic sources have other classes there)."""
   _, union = build_components(data_cfg, eval_split=eval_split)
   return union
