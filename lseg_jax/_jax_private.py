@@ -24,8 +24,7 @@ _NO_CLUSTER = "coordinator_address should be defined"
 # Texts of a failed collective or coordination call after a peer went away.
 _PEER_FAILURES = ("Gloo", "gloo", "Connection closed by peer", "Connection reset",
                   "Broken pipe", "DEADLINE_EXCEEDED", "UNAVAILABLE", "coordination")
-_CLIENT_METHODS = ("wait_at_barrier", "key_value_set", "key_value_increment",
-                   "key_value_dir_get")
+_CLIENT_METHODS = ("wait_at_barrier", "key_value_set", "key_value_increment", "key_value_dir_get")
 
 
 def missing_internals() -> list[str]:

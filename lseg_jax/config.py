@@ -151,8 +151,7 @@ def complete(config) -> ml_collections.ConfigDict:
     unknown = sorted(set(ev) - set(EVAL_FIELDS))
     if unknown:
       raise _unknown(f"evals.{name}.", unknown[0], EVAL_FIELDS)
-    _overlay(out.data.copy_and_resolve_references(), ev.get("data") or {},
-             f"evals.{name}.data.")
+    _overlay(out.data.copy_and_resolve_references(), ev.get("data") or {}, f"evals.{name}.data.")
   if out.text.tokenizer == text.BYTE_LEVEL_TOKENIZER and out.model.text_vocab_size is None:
     out.model.text_vocab_size = text.BYTE_LEVEL_VOCAB_SIZE
   out.lock()
@@ -267,6 +266,5 @@ def to_json_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-__all__ = ["EVAL_FIELDS", "REQUIRED_FIELDS", "TOP_FIELDS", "all_fields",
-           "check_config", "complete", "defaults", "evals", "override", "parse_value",
-           "to_json_dict"]
+__all__ = ["EVAL_FIELDS", "REQUIRED_FIELDS", "TOP_FIELDS", "all_fields", "check_config", "complete",
+           "defaults", "evals", "override", "parse_value", "to_json_dict"]

@@ -1,26 +1,13 @@
 """Starting the JAX distributed runtime, once per process, before any computation.
 
-JAX is multi-controller: the same program runs once per host (a TPU pod slice worker,
-a SLURM task, a Kubernetes pod, a process of `tools/launch.py`), and
-`jax.distributed.initialize` joins them into one job. `initialize` below is what every
-tool calls first:
-
-  explicit  --coordinator HOST:PORT --num-processes N --process-id I, or the
-            environment LSEG_COORDINATOR, LSEG_NUM_PROCESSES, LSEG_PROCESS_ID
-            (the process id falls back to JOB_COMPLETION_INDEX, set by a
-            Kubernetes indexed Job); JAX_COORDINATOR_ADDRESS is JAX's own;
-  automatic where JAX detects the cluster: Cloud TPU pod slices, SLURM, Open MPI,
-            Kubernetes (with the `kubernetes` package);
-  no-op     for a single process (nothing detected, or --num-processes 1).
-
-On CPU the processes exchange collectives through gloo. Once started, a watchdog thread
-(`lseg_jax._watchdog`) keeps a heartbeat per process in the coordination service: when
-a process stops beating (killed, machine lost) or exits while the others still run,
-every other process exits with `EXIT_PROCESS_LOST` and a message naming the lost
-process, instead of waiting forever in its next collective. JAX's own preemption sync
-(which catches SIGTERM on whichever process receives it) is enabled, so the training
-loop stops all processes at the same step (`lseg_jax.train_utils.Preemption`). What JAX
-has no public API for is reached through `lseg_jax._jax_private` only.
+`initialize` below is what every tool calls first: it joins the processes of a job given
+explicitly (flags or LSEG_* environment), or detected by JAX, or does nothing for a single
+process (docs/scaling.md has the table). On CPU the processes exchange collectives
+through gloo. Once started, a watchdog thread (`lseg_jax._watchdog`) ends every process
+with `EXIT_PROCESS_LOST` and a message naming a lost process (killed, or exited while the
+others run), instead of leaving it waiting forever in its next collective; JAX's own
+preemption sync stops all processes at the same step (`lseg_jax.train_utils.Preemption`).
+What JAX has no public API for is reached through `lseg_jax._jax_private` only.
 """
 from __future__ import annotations
 
@@ -119,8 +106,7 @@ def _env_int(name: str) -> int | None:
     raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _settings(coordinator, num_processes, process_id, heartbeat_timeout,
-              init_timeout) -> _Settings:
+def _settings(coordinator, num_processes, process_id, heartbeat_timeout, init_timeout) -> _Settings:
   """The arguments completed from the environment and checked (ValueError)."""
   coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
   if num_processes is None:
@@ -130,18 +116,15 @@ def _settings(coordinator, num_processes, process_id, heartbeat_timeout,
   if process_id is None and num_processes is not None:
     process_id = _env_int(ENV_K8S_INDEX)
   if heartbeat_timeout is None:
-    heartbeat_timeout = float(os.environ.get(ENV_HEARTBEAT_TIMEOUT)
-                              or DEFAULT_HEARTBEAT_TIMEOUT)
+    heartbeat_timeout = float(os.environ.get(ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT)
   if heartbeat_timeout <= 0:
     raise ValueError(f"heartbeat timeout {heartbeat_timeout} s; expected > 0")
   if init_timeout is None:
     init_timeout = _env_int(ENV_INIT_TIMEOUT) or DEFAULT_INIT_TIMEOUT
-  settings = _Settings(coordinator, num_processes, process_id, heartbeat_timeout,
-                       init_timeout)
+  settings = _Settings(coordinator, num_processes, process_id, heartbeat_timeout, init_timeout)
   if num_processes is not None and num_processes < 1:
     raise ValueError(f"--num-processes {num_processes}; expected >= 1")
-  if process_id is not None and num_processes is not None and not (
-      0 <= process_id < num_processes):
+  if process_id is not None and num_processes is not None and not (0 <= process_id < num_processes):
     raise ValueError(f"--process-id {process_id} is outside [0, {num_processes}) for "
                      f"--num-processes {num_processes}")
   explicit = settings.explicit
@@ -166,14 +149,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
   from lseg_jax import _watchdog as _watchdog_lib  # pylint: disable=g-import-not-at-top
   global _topology, _watchdog, _init_timeout
-  settings = _settings(coordinator, num_processes, process_id, heartbeat_timeout,
-                       init_timeout)
+  settings = _settings(coordinator, num_processes, process_id, heartbeat_timeout, init_timeout)
   _init_timeout = settings.init_timeout
   if _topology is not None:
     return _topology
   single = settings.single
-  if (not single and all(v is None for v in settings.explicit)
-      and _jax_private.backends_started()):
+  if not single and all(v is None for v in settings.explicit) and _jax_private.backends_started():
     # JAX already ran here (a library caller, a test): too late to detect a cluster,
     # and nothing asked for one.
     single = True

@@ -45,12 +45,10 @@ def free(default, type_=None) -> Field:
 
 def integer(default, lo=None, *, optional=False) -> Field:
   return Field(default, int, lambda v: _is_int(v) and (lo is None or v >= lo),
-               "an integer" + (f" >= {lo}" if lo is not None else ""),
-               optional or default is None)
+               "an integer" + (f" >= {lo}" if lo is not None else ""), optional or default is None)
 
 
-def number(default, lo=None, hi=None, *, lo_open=False, hi_open=False,
-           optional=False) -> Field:
+def number(default, lo=None, hi=None, *, lo_open=False, hi_open=False, optional=False) -> Field:
   def ok(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
       return False

@@ -273,8 +273,7 @@ def backbone_shapes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return dict(image, text_width=int(text_width), text_dim=int(text_dim))
 
 
-def find_backbone(state_dict: Mapping[str, Any],
-                  backbones: Mapping[str, Mapping[str, Any]]) -> str:
+def find_backbone(state_dict: Mapping[str, Any], backbones: Mapping[str, Mapping[str, Any]]) -> str:
   """The one name in `backbones` ({name: `backbone_shapes`-like dict}) the weights fit."""
   shapes = backbone_shapes(state_dict)
   found = [name for name, known in backbones.items()
@@ -315,14 +314,9 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
 
   Precedence: `overrides` (`SETTINGS` names; None values ignored), then
   `metadata["lseg_config"]` (written by our exporters), then
-  `metadata["hyper_parameters"]` (Lightning), then the shapes:
-    backbone     the one of `backbones` whose `BACKBONE_SHAPES` the weights have;
-    features, vocab_size, context_length   their weights' shapes;
-    readout      "project" if its Linear exists ("ignore" and "add" have no weights:
-                 then it must be given); "project" (unused) for a ResNet;
-    arch_option  0 without head-block keys (every released lang-seg model); with
-                 them it must be given (1 bottleneck or 2 depthwise: same weights),
-                 and so must block_depth, and the activation when block_depth >= 2.
+  `metadata["hyper_parameters"]` (Lightning), then the shapes (`_shape_settings`; the
+  backbone: the one of `backbones` whose `BACKBONE_SHAPES` the weights have). What the
+  weights cannot tell must be given (docs/interop.md: "What the weights tell").
 
   Raises:
     ValueError naming what cannot be told and how to pass it.
@@ -363,8 +357,7 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
 def json_safe(value):
   """The JSON-representable part of a checkpoint's metadata (Lightning hparams)."""
   if isinstance(value, dict):
-    return {str(k): v for k, v in ((k, json_safe(v)) for k, v in value.items())
-            if v is not None}
+    return {str(k): v for k, v in ((k, json_safe(v)) for k, v in value.items()) if v is not None}
   if isinstance(value, (list, tuple)):
     return [json_safe(v) for v in value]
   if isinstance(value, (bool, int, float, str)):
@@ -393,9 +386,8 @@ def tensor_warnings(state_dict: Mapping[str, Any]) -> list[str]:
 
 
 __all__ = ["ACTIVATIONS", "BACKBONE_SHAPES", "CLIP_IMAGE_PREFIXES", "CLIP_PREFIX",
-           "HEAD_BLOCK_WEIGHT", "HPARAMS", "LIGHTNING_PREFIX", "PROJECT_READOUT",
-           "RESNET_LAYOUT", "RESNET_PREFIX", "RESNET_SHAPES", "RESNET_STEM", "SETTINGS",
-           "TEXT_SHAPES", "VIT_PREFIX", "VIT_SHAPES", "backbone_shapes", "check_layout",
-           "find_backbone", "infer_settings", "is_resnet", "json_safe", "load_state_dict_file",
-           "numpy_state_dict", "read_checkpoint", "resnet_blocks", "split_checkpoint",
-           "tensor_warnings", "torch_load", "vit_shapes"]
+           "HEAD_BLOCK_WEIGHT", "HPARAMS", "LIGHTNING_PREFIX", "PROJECT_READOUT", "RESNET_LAYOUT",
+           "RESNET_PREFIX", "RESNET_SHAPES", "RESNET_STEM", "SETTINGS", "TEXT_SHAPES", "VIT_PREFIX",
+           "VIT_SHAPES", "backbone_shapes", "check_layout", "find_backbone", "infer_settings",
+           "is_resnet", "json_safe", "load_state_dict_file", "numpy_state_dict", "read_checkpoint",
+           "resnet_blocks", "split_checkpoint", "tensor_warnings", "torch_load", "vit_shapes"]

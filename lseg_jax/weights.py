@@ -1,31 +1,14 @@
 """Pretrained weights by name: a path, a Hub id, a URL or an official name -> a local file.
 
-`resolve(spec, kind=..., what=...)` accepts, in this order:
-  * a local path (returned as it is);
-  * a name the official code uses (`OFFICIAL`: `ViT-B/32`, `RN50x16` as in `clip.load`,
-    `vit_large_patch16_384`, `vit_base_patch32_384` as in timm 0.4.12, `resnet101` as
-    in torchvision): downloaded from the one source the table names and checked
-    against the SHA-256 it states;
-  * an http(s) URL: downloaded into this library's cache; a path component of 64 hex
-    digits (OpenAI CLIP's URLs) is the file's SHA-256 and is checked;
-  * a Hugging Face Hub id (`owner/name`, e.g. `timm/vit_large_patch16_384.augreg_in21k_ft_in1k`,
-    `openai/clip-vit-base-patch32`): downloaded with `huggingface_hub` into its cache
-    (`HF_HOME`, `HF_ENDPOINT`, `HF_HUB_OFFLINE` apply); a file stored with Git LFS is
-    checked against the SHA-256 the Hub states for it (its ETag, the name of the blob).
-
-Files already in a cache are used without touching the network. Direct downloads
-stream into a temporary file beside the target, are hashed while they arrive and are
-renamed into place only when complete and verified: a killed or cut-off download leaves
-no file that passes for complete, and the next try starts it again. A file whose hash
-differs is an error and is deleted. Every failure is a `WeightsError` (an OSError, so
-the tools print it as one `error: ...` line) naming the spec and what to do.
-
-Processes resolving the same name at once share one download through a file lock beside
-the target (`huggingface_hub` locks its blobs the same way); each host downloads into its
-own cache unless the cache directory is shared.
-
-Direct downloads live in `$LSEG_JAX_CACHE` (default `~/.cache/lseg_jax`, under
-`$XDG_CACHE_HOME` when set); `HF_HUB_OFFLINE=1` turns their network use off too.
+`resolve(spec, kind=..., what=...)` accepts, in this order, a local path (returned as it
+is), an official name (`OFFICIAL`), an http(s) URL and a Hugging Face Hub id (`owner/name`);
+docs/interop.md, "Pretrained weights by name", says where each comes from, how it is
+checked (SHA-256) and how downloads behave (verified before they are renamed into place;
+processes resolving one name at once share its download through a file lock). Direct
+downloads live in `$LSEG_JAX_CACHE` (default `~/.cache/lseg_jax`, under `$XDG_CACHE_HOME`
+when set); `HF_HUB_OFFLINE=1` turns their network use off too. Every failure is a
+`WeightsError` (an OSError, so the tools print it as one `error: ...` line) naming the
+spec and what to do.
 """
 from __future__ import annotations
 
@@ -166,8 +149,7 @@ def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
                          f"weights: a path, a URL, a Hub id, or one of {names(kind)}")
     if entry.hub:
       return hub_files(entry.hub, ((entry.filename,),), label, sha256=entry.sha256)[0]
-    return download_url(entry.url, label, sha256=entry.sha256,
-                        sha256_prefix=entry.sha256_prefix)
+    return download_url(entry.url, label, sha256=entry.sha256, sha256_prefix=entry.sha256_prefix)
   if spec.startswith(("http://", "https://")):
     return download_url(spec, label)
   if HUB_ID.fullmatch(spec):
@@ -300,8 +282,7 @@ def hub_files(repo: str, groups: Sequence[Sequence[str]], label: str, *,
   missing = []
   for files in groups:
     try:
-      return [_hub_download(repo, f, label, sha256 if len(files) == 1 else "")
-              for f in files]
+      return [_hub_download(repo, f, label, sha256 if len(files) == 1 else "") for f in files]
     except huggingface_hub.errors.RemoteEntryNotFoundError:
       missing.append(" + ".join(files))
   raise WeightsError(f"{label}: Hugging Face Hub repo {repo!r} has none of "
@@ -330,8 +311,7 @@ def _hub_download(repo: str, filename: str, label: str, sha256: str) -> str:
         endpoint=os.environ.get("HF_ENDPOINT") or None)
   except errors.RemoteEntryNotFoundError:
     raise
-  except (errors.RepositoryNotFoundError, errors.GatedRepoError,
-          errors.RevisionNotFoundError) as e:
+  except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError) as e:
     raise WeightsError(f"{label}: no Hugging Face Hub repo {repo!r} readable without a "
                        f"login ({type(e).__name__}); check the name") from None
   except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
@@ -363,7 +343,6 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-__all__ = ["CLIP_TOKENIZERS", "HUB_ID", "OFFICIAL", "Official", "TOKENIZER_FILES",
-           "WeightsError", "cache_dir", "download_url", "file_sha256", "hub_cache_dir",
-           "hub_cached", "hub_files", "hub_unreachable", "names", "offline", "resolve",
-           "url_cache_path"]
+__all__ = ["CLIP_TOKENIZERS", "HUB_ID", "OFFICIAL", "Official", "TOKENIZER_FILES", "WeightsError",
+           "cache_dir", "download_url", "file_sha256", "hub_cache_dir", "hub_cached", "hub_files",
+           "hub_unreachable", "names", "offline", "resolve", "url_cache_path"]

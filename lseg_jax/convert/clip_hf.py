@@ -61,11 +61,9 @@ def text_config_from_hf(config: Mapping[str, Any], **overrides) -> clip_text.Tex
   Raises ValueError for text towers this layout cannot express (another
   activation, MLP ratio or LayerNorm epsilon).
   """
-  # Missing fields take the transformers defaults (the ViT-B/32 text tower).
-  if "text_config" in config:  # CLIPModel: its own projection_dim sizes text_projection
-    text, projection_dim = config["text_config"], config.get("projection_dim", 512)
-  else:  # CLIPTextConfig of CLIPTextModelWithProjection
-    text, projection_dim = config, config.get("projection_dim", 512)
+  # Missing fields take the transformers defaults (the ViT-B/32 text tower). A CLIPModel
+  # nests the text fields under "text_config"; its own projection_dim sizes text_projection.
+  text, projection_dim = config.get("text_config", config), config.get("projection_dim", 512)
   width = text.get("hidden_size", 512)
   checks = {"hidden_act": (text.get("hidden_act", "quick_gelu"), "quick_gelu"),
             "intermediate_size": (text.get("intermediate_size", 2048), 4 * width),
@@ -74,10 +72,8 @@ def text_config_from_hf(config: Mapping[str, Any], **overrides) -> clip_text.Tex
     if value != expected:
       raise ValueError(f"CLIP text config has {name}={value!r}; the OpenAI-layout tower "
                        f"supports only {expected!r}")
-  fields = dict(width=width,
-                layers=text.get("num_hidden_layers", 12),
-                heads=text.get("num_attention_heads", 8),
-                embed_dim=projection_dim,
+  fields = dict(width=width, layers=text.get("num_hidden_layers", 12),
+                heads=text.get("num_attention_heads", 8), embed_dim=projection_dim,
                 vocab_size=text.get("vocab_size", 49408),
                 context_length=text.get("max_position_embeddings", 77))
   return clip_text.TextConfig(**{**fields, **overrides})

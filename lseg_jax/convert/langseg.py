@@ -1,17 +1,10 @@
 """lang-seg `LSegNet` state dict <-> our `LSeg`, both directions with one table.
 
 The official key layout is `lseg_jax.langseg_layout`'s (shared with the PyTorch LSeg,
-with reading files and inferring settings from shapes); this module holds the table:
-  clip_pretrained.*                 OpenAI CLIP text tower (`convert.clip_openai`); the
-                                    image tower and `logit_scale` are skipped
-  pretrained.model.*                timm ViT (`convert.timm_vit`)
-  pretrained.act_postprocessN.{0.project.0,3,4}.*   readout Linear, 1x1 conv, resample
-                                    (ConvTranspose2d [I, O, k, k] or strided 3x3 conv)
-  pretrained.layer1.{0,1}.*, pretrained.layer1.4.*, pretrained.layer{2,3,4}.*
-                                    `LSegRNNetZS`'s ResNet (`convert.torchvision_resnet`,
-                                    "langseg" layout) instead of the ViT
-  scratch.*                         projections, fusion blocks (BatchNorm), head1 and
-                                    head_block ([1,1,3,3] <-> our [3,3] kernel)
+with reading files and inferring settings from shapes); this module holds the table,
+made of the CLIP text tower's (`convert.clip_openai`), the timm ViT's (`convert.timm_vit`)
+or lang-seg's ResNet's (`convert.torchvision_resnet`, "langseg" layout) and the decoder's
+rules below. Key by key: docs/interop.md, "Key layout".
 """
 from __future__ import annotations
 
@@ -152,9 +145,8 @@ def torch_config(cfg: lseg.LSegConfig) -> dict[str, Any]:
   """The `lseg_config` metadata our exporter writes (`TorchLSegConfig` fields)."""
   text = clip_text.decode_variant(cfg.text_variant)
   return dict(backbone=cfg.backbone, features=cfg.num_features, readout=cfg.readout,
-              arch_option=cfg.arch_option, block_depth=cfg.block_depth,
-              activation=cfg.activation, vocab_size=cfg.text_vocab_size or text.vocab_size,
-              context_length=text.context_length)
+              arch_option=cfg.arch_option, block_depth=cfg.block_depth, activation=cfg.activation,
+              vocab_size=cfg.text_vocab_size or text.vocab_size, context_length=text.context_length)
 
 
 def export_langseg(model: lseg.LSeg) -> dict[str, np.ndarray]:
@@ -169,8 +161,7 @@ def add_clip_image_tower(state_dict: Mapping[str, np.ndarray],
   CLIP model whose text tower LSeg uses, so that the official LSegNet loads strictly."""
   clip_sd = layout.numpy_state_dict(clip_state_dict)
   prefix = clip_openai.find_prefix(clip_sd)
-  ours, theirs = (state_dict[CLIP_PREFIX + "text_projection"],
-                  clip_sd[prefix + "text_projection"])
+  ours, theirs = state_dict[CLIP_PREFIX + "text_projection"], clip_sd[prefix + "text_projection"]
   if ours.shape != theirs.shape:
     raise ValueError(
         f"the CLIP checkpoint's text projection is {tuple(theirs.shape)} but the LSeg model's "

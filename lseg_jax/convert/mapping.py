@@ -120,8 +120,7 @@ def reshape(torch_shape: Sequence[int], nnx_shape: Sequence[int]) -> Hook:
       raise ValueError(f"expected shape {torch_shape}, got {x.shape}")
     return x.reshape(nnx_shape)
 
-  return Hook(f"reshape{torch_shape}->{nnx_shape}", to_nnx,
-              lambda x: (np.reshape(x, torch_shape),))
+  return Hook(f"reshape{torch_shape}->{nnx_shape}", to_nnx, lambda x: (np.reshape(x, torch_shape),))
 
 
 def concat(n: int, axis: int, then: Hook | None = None) -> Hook:
@@ -296,8 +295,7 @@ def _match_rule(table: MappingTable, path: str):
   return found[0] if found else (None, None)
 
 
-def torch_to_nnx(state_dict: Mapping[str, Any], table: MappingTable, abstract_state,
-                 ) -> nnx.State:
+def torch_to_nnx(state_dict: Mapping[str, Any], table: MappingTable, abstract_state) -> nnx.State:
   """{torch key: array} -> nested nnx.State of numpy arrays filling every leaf of
   `abstract_state` (anything `flatten_params` takes; `ignore_nnx` paths aside) in its
   dtypes. MappingError lists all unknown, missing and mis-shaped keys at once."""

@@ -5,14 +5,10 @@ layouts: Conv2d weights [O, I, kH, kW] <-> kernels [kH, kW, I, O], and BatchNorm
 `weight`/`bias`/`running_mean`/`running_var`/`num_batches_tracked` <->
 `scale`/`bias`/`mean`/`var`/`num_batches_tracked` (int64 <-> int32).
 
-Two layouts of the same weights:
-  "torchvision"  `conv1`, `bn1`, `layerS.I.*`, plus the classifier `fc.*` (skipped:
-                 not part of our model), as in torchvision's ImageNet checkpoints;
-  "langseg"      lang-seg's `_make_resnet_backbone` (`LSegRNNetZS.pretrained`):
-                 `layer1` is nn.Sequential(conv1, bn1, relu, maxpool, layer1), so the
-                 stem is `layer1.0` / `layer1.1` and the first stage's blocks are
-                 `layer1.4.I.*`; `layer2..4.I.*` as torchvision; no `fc`
-                 (`langseg_layout.RESNET_LAYOUT`, the one owner of that layout).
+Two layouts of the same weights (`LAYOUTS`): "torchvision" (`conv1`, `bn1`, `layerS.I.*`,
+plus the classifier `fc.*`, skipped: not part of our model), as in torchvision's ImageNet
+checkpoints, and "langseg", lang-seg's regrouping in `LSegRNNetZS.pretrained`
+(`langseg_layout.RESNET_LAYOUT`, the one owner of that layout).
 """
 from __future__ import annotations
 
@@ -37,8 +33,7 @@ def _block_rules(nnx_block: str, torch_block: str) -> list[Rule]:
   for c in (1, 2, 3):
     rules.append(Rule(f"{nnx_block}/conv{c}/kernel", f"{torch_block}.conv{c}.weight", CONV))
     rules += batch_norm(f"{nnx_block}/bn{c}", f"{torch_block}.bn{c}")
-  rules.append(Rule(f"{nnx_block}/downsample/0/kernel", f"{torch_block}.downsample.0.weight",
-                    CONV))
+  rules.append(Rule(f"{nnx_block}/downsample/0/kernel", f"{torch_block}.downsample.0.weight", CONV))
   rules += batch_norm(f"{nnx_block}/downsample/1", f"{torch_block}.downsample.1")
   return rules
 
@@ -91,8 +86,7 @@ def load_torchvision_resnet(path_or_state_dict,
     return mapping.load_module(state_dict, tab, resnet_module)
   if resnet_module is None:
     resnet_module = infer_variant(state_dict, prefix)
-  cfg = (resnet.decode_variant(resnet_module) if isinstance(resnet_module, str)
-         else resnet_module)
+  cfg = resnet.decode_variant(resnet_module) if isinstance(resnet_module, str) else resnet_module
   if not isinstance(cfg, resnet.ResNetConfig):
     raise TypeError(f"resnet_module must be a ResNet, ResNetConfig or variant name, "
                     f"got {type(resnet_module).__name__}")

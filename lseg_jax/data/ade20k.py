@@ -19,8 +19,7 @@ from lseg_jax.data.dataset_layouts import Layout, MixtureDataset, TRAINING_VALID
 from lseg_jax.data.dataset_layouts import make_source, renamed
 from lseg_jax.data.label_names import ADE20K_NAMES
 
-ADE20K_URL = (
-    "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip")
+ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 
 ADE20K = MixtureDataset(
     name="ade20k", title="ADE20K", splits=TRAINING_VALIDATION,

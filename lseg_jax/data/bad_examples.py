@@ -71,30 +71,25 @@ def indexed_examples(source: registry.Source, index_ds: tf.data.Dataset,
   return _keep_good(ds, source, data_cfg, stats)
 
 
-def streamed_examples(source: registry.Source, data_cfg, stats: PipelineStats,
-                      *, process_index: int, process_count: int,
-                      shuffle_seed: int | None = None,
+def streamed_examples(source: registry.Source, data_cfg, stats: PipelineStats, *,
+                      process_index: int, process_count: int, shuffle_seed: int | None = None,
                       start: int = 0) -> tf.data.Dataset:
   """This host's good raw examples (plus `_position`) of a source without index access,
   from position `start` (the examples before it are decoded and dropped): one pass in the
   source's order, or with a `shuffle_seed` an endless stream reshuffled every pass."""
-  ds = source.as_dataset(process_index=process_index,
-                         process_count=process_count,
-                         shuffle=shuffle_seed is not None,
-                         seed=shuffle_seed or 0)
+  ds = source.as_dataset(process_index=process_index, process_count=process_count,
+                         shuffle=shuffle_seed is not None, seed=shuffle_seed or 0)
   if shuffle_seed is not None:
     ds = ds.shuffle(data_cfg.shuffle_buffer, seed=shuffle_seed,
                     reshuffle_each_iteration=True).repeat()
   if start:
     logging.warning("Resuming a %s stream at example %d by reading and "
-                    "dropping the examples before it.", type(source).__name__,
-                    start)
+                    "dropping the examples before it.", type(source).__name__, start)
   ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds).skip(start)
   num_labels = num_mask_values(source)
 
   def mark(pos, ex):
-    ex = dict(ex, _position=pos, _index=pos, _ok=tf.constant(True),
-              _reason=tf.constant(""))
+    ex = dict(ex, _position=pos, _index=pos, _ok=tf.constant(True), _reason=tf.constant(""))
     return _check_example(ex, num_labels)
   ds = ds.map(no_autograph(mark))
   return _keep_good(ds, source, data_cfg, stats)
@@ -120,14 +115,12 @@ def _guarded_load(source: registry.Source):
 
   def bad(index):
     ex = {k: _zeros_like_spec(s) for k, s in spec.items()}
-    ex.update(file_name=source.file_name(index), _index=index,
-              _ok=tf.constant(False),
+    ex.update(file_name=source.file_name(index), _index=index, _ok=tf.constant(False),
               _reason=tf.constant(_LOAD_FAILED))
     return ex
 
   def load(index):
-    ok = tf.data.Dataset.from_tensors(index).map(
-        no_autograph(good)).ignore_errors()
+    ok = tf.data.Dataset.from_tensors(index).map(no_autograph(good)).ignore_errors()
     marker = tf.data.Dataset.from_tensors(index).map(no_autograph(bad))
     return ok.concatenate(marker).take(1)
   return load

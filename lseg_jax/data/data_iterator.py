@@ -14,8 +14,7 @@ from lseg_jax.data import registry
 from lseg_jax.data.bad_examples import BadExampleError
 
 
-def resolve_process(process_index: int | None,
-                    process_count: int | None) -> tuple[int, int]:
+def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   """(process_index, process_count), each defaulting to jax's."""
   if process_index is None:
     process_index = jax.process_index()
@@ -51,18 +50,16 @@ class DataIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._it is None:
       self._it = self.dataset.as_numpy_iterator()
+    # A bad example ends its stream (bad_examples.py) with its error recorded: what
+    # follows it (the stream's end, a short batch, eval padding) is never data.
     try:
       batch = next(self._it)
     except StopIteration:
-      if self.stats.error is not None:
-        raise self.stats.error from None
-      raise
+      if self.stats.error is None:
+        raise
     except tf.errors.OpError as e:
-      if self.stats.error is not None:
-        raise self.stats.error from None
-      raise BadExampleError(_readable(e.message)) from e
-    # A bad example ends its stream (bad_examples.py): what follows it (a short
-    # batch, eval padding) is never data.
+      if self.stats.error is None:
+        raise BadExampleError(_readable(e.message)) from e
     if self.stats.error is not None:
       raise self.stats.error from None
     return batch

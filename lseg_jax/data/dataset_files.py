@@ -21,10 +21,6 @@ from lseg_jax.data import preprocess
 from lseg_jax.data import registry
 from lseg_jax.labels import IGNORE_INDEX, OTHER_LABEL
 
-# A PNG's bit depth and colour type bytes (in IHDR) sit at offsets 24 and 25;
-# colour type 3 means "palette".
-_PNG_BIT_DEPTH_OFFSET = 24
-_PNG_COLOR_TYPE_OFFSET = 25
 # The first bytes of a TIFF file (little- and big-endian).
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
@@ -59,8 +55,7 @@ class FolderTree(FileTree):
 
   def glob(self, pattern):
     start = len(self.location) + 1
-    return sorted(p[start:] for p in
-                  tf.io.gfile.glob(f"{self.location}/{pattern}"))
+    return sorted(p[start:] for p in tf.io.gfile.glob(f"{self.location}/{pattern}"))
 
   def read_bytes(self, path):
     with tf.io.gfile.GFile(self.describe(path), "rb") as f:
@@ -86,8 +81,7 @@ class ZipTree(FileTree):
     with self._lock:
       if self._zip is None:
         local = "://" not in self.archive
-        f = open(self.archive, "rb") if local else tf.io.gfile.GFile(
-            self.archive, "rb")
+        f = open(self.archive, "rb") if local else tf.io.gfile.GFile(self.archive, "rb")
         self._zip = zipfile.ZipFile(f)
       return self._zip
 
@@ -103,7 +97,7 @@ class ZipTree(FileTree):
   def read(self, path):
     def _read(p):
       # An object array keeps trailing NUL bytes, which bytes arrays strip.
-      return np.array(self.read_bytes(_as_bytes(p).decode()), dtype=object)
+      return np.array(self.read_bytes(preprocess.as_bytes(p).decode()), dtype=object)
     out = tf.numpy_function(_read, [path], tf.string, stateful=False)
     out.set_shape([])
     return out
@@ -114,9 +108,8 @@ def _match_parts(name_parts, pattern_parts):
       fnmatch.fnmatchcase(n, p) for n, p in zip(name_parts, pattern_parts))
 
 
-def find_root(data_dir: str | None, *, marker: str, dataset: str,
-              expected: str, folders: tuple[str, ...] = (),
-              archives: tuple[str, ...] = ()) -> FileTree:
+def find_root(data_dir: str | None, *, marker: str, dataset: str, expected: str,
+              folders: tuple[str, ...] = (), archives: tuple[str, ...] = ()) -> FileTree:
   """The dataset root under `data_dir`: the first tree that contains `marker`.
 
   Tried in order: `data_dir` itself, `data_dir/<folder>` for each of
@@ -164,9 +157,8 @@ def _open_zip(archive):
   return zipfile.ZipFile(archive)
 
 
-def pair_files(image_tree: FileTree, image_pattern: str, mask_tree: FileTree,
-               mask_pattern: str, mask_of, *, dataset: str,
-               expected: str) -> tuple[list[str], list[str]]:
+def pair_files(image_tree: FileTree, image_pattern: str, mask_tree: FileTree, mask_pattern: str,
+               mask_of, *, dataset: str, expected: str) -> tuple[list[str], list[str]]:
   """Images matching `image_pattern` and their label files `mask_of(image)`.
 
   (Called with the trees swapped, it lists the label files and finds their images.)
@@ -180,13 +172,11 @@ def pair_files(image_tree: FileTree, image_pattern: str, mask_tree: FileTree,
         f"{dataset}: no file matches {image_tree.describe(image_pattern)}. "
         f"Expected: {expected}")
   masks = [mask_of(p) for p in images]
-  check_present(mask_tree, masks, mask_pattern, dataset=dataset,
-                expected=expected)
+  check_present(mask_tree, masks, mask_pattern, dataset=dataset, expected=expected)
   return images, masks
 
 
-def check_present(tree: FileTree, paths: list[str], pattern: str, *,
-                  dataset: str, expected: str):
+def check_present(tree: FileTree, paths: list[str], pattern: str, *, dataset: str, expected: str):
   """Raises FileNotFoundError naming the first of `paths` not in `tree`.
 
   `pattern` must match every one of `paths` (one glob instead of a lookup
@@ -215,18 +205,13 @@ def decode_label_png(data: tf.Tensor) -> tf.Tensor:
   Palette PNGs (VOC, Mapillary Vistas) hold palette indices, which TF's PNG
   decoder would turn into colours: those are decoded with PIL instead.
   """
-  is_palette = tf.strings.substr(data, _PNG_COLOR_TYPE_OFFSET, 1) == b"\x03"
-  # decode_png(dtype=uint16) rescales 8-bit values (x 257): pick by bit depth.
-  is_16bit = tf.strings.substr(data, _PNG_BIT_DEPTH_OFFSET, 1) == b"\x10"
+  is_palette = tf.strings.substr(data, preprocess.PNG_COLOR_TYPE_OFFSET, 1) == b"\x03"
+  is_16bit = tf.strings.substr(data, preprocess.PNG_BIT_DEPTH_OFFSET, 1) == b"\x10"
 
   def _decode_grey():
-    mask = tf.cond(is_16bit,
-                   lambda: tf.cast(tf.io.decode_png(data, dtype=tf.uint16),
-                                   tf.int32),
-                   lambda: tf.cast(tf.io.decode_png(data), tf.int32))
+    mask = preprocess.decode_png_values(data, is_16bit)
     tf.debugging.assert_equal(
-        tf.shape(mask)[-1], 1,
-        message="expected a single-channel label PNG (pixel = label value)")
+        tf.shape(mask)[-1], 1, message="expected a single-channel label PNG (pixel = label value)")
     return mask[..., 0]
 
   mask = tf.cond(is_palette, lambda: _decode_with_pil(data), _decode_grey)
@@ -240,10 +225,8 @@ def decode_label_map(data: tf.Tensor) -> tf.Tensor:
   TIFF maps (16-bit in the prepared A-847 and PC-459 layouts) are read with PIL at
   their full depth: values above 255 stay as stored.
   """
-  is_tiff = tf.reduce_any(
-      tf.equal(tf.strings.substr(data, 0, 4), tf.constant(_TIFF_MAGIC)))
-  mask = tf.cond(is_tiff, lambda: _decode_with_pil(data),
-                 lambda: decode_label_png(data))
+  is_tiff = tf.reduce_any(tf.equal(tf.strings.substr(data, 0, 4), tf.constant(_TIFF_MAGIC)))
+  mask = tf.cond(is_tiff, lambda: _decode_with_pil(data), lambda: decode_label_png(data))
   mask.set_shape([None, None])
   return mask
 
@@ -253,7 +236,7 @@ def _decode_with_pil(data):
   def _decode(b):
     from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
     try:
-      mask = np.asarray(Image.open(io.BytesIO(_as_bytes(b))))
+      mask = np.asarray(Image.open(io.BytesIO(preprocess.as_bytes(b))))
     except (OSError, ValueError) as e:
       reason = ("Pillow cannot identify it" if isinstance(e, UnidentifiedImageError)
                 else f"Pillow: {e}")
@@ -262,15 +245,7 @@ def _decode_with_pil(data):
       return np.zeros((0, 0), np.int32), (
           f"its mask has shape {mask.shape}; expected a single-channel label map")
     return mask.astype(np.int32), ""
-  # Failures as the image decoder reports them: an assertion whose text is the reason.
-  mask, error = tf.numpy_function(_decode, [data], (tf.int32, tf.string), stateful=False)
-  with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
-    return tf.identity(mask)
-
-
-def _as_bytes(value) -> bytes:
-  """A tf.string scalar handed to numpy_function (bytes, or a 0-d array)."""
-  return value.item() if isinstance(value, np.ndarray) else bytes(value)
+  return preprocess.with_pil(_decode, data, tf.int32)  # failures as the image decoder's
 
 
 def decode_luma(data: tf.Tensor) -> tf.Tensor:
@@ -283,8 +258,7 @@ def decode_luma(data: tf.Tensor) -> tf.Tensor:
 def map_values(mask: tf.Tensor, table: np.ndarray) -> tf.Tensor:
   """int32 [H, W] raw values -> `table[value]`; values past the table -> -1."""
   size = len(table)
-  mapped = tf.gather(tf.constant(table, tf.int32),
-                     tf.clip_by_value(mask, 0, size - 1))
+  mapped = tf.gather(tf.constant(table, tf.int32), tf.clip_by_value(mask, 0, size - 1))
   return tf.where((mask >= 0) & (mask < size), mapped, IGNORE_INDEX)
 
 
@@ -354,9 +328,8 @@ class FileEpisodes(FilePairs):
   Registered with `episodic=True` (see `registry.register`).
   """
 
-  def __init__(self, *, class_names, image_tree, images, mask_tree, masks,
-               class_index, foreground, ignore_value: int | None = None,
-               luma_threshold: int | None = None):
+  def __init__(self, *, class_names, image_tree, images, mask_tree, masks, class_index, foreground,
+               ignore_value: int | None = None, luma_threshold: int | None = None):
     super().__init__(image_tree, images, mask_tree, masks)
     self.class_names = list(class_names)
     self.label_names = [OTHER_LABEL, *self.class_names]
@@ -376,6 +349,5 @@ class FileEpisodes(FilePairs):
       mask = tf.where(raw == self._ignore_value, IGNORE_INDEX, mask)
     check_same_size(image, mask, name)
     class_index = tf.gather(self._class_index, index)
-    return {"image": image, "mask": mask, "file_name": name,
-            "class_index": class_index,
+    return {"image": image, "mask": mask, "file_name": name, "class_index": class_index,
             "class_name": tf.gather(tf.constant(self.class_names), class_index)}

@@ -38,8 +38,7 @@ class Tree:
   archives: tuple[str, ...] = ()
   under: str = ""
 
-  def find(self, data_dir, folder, *, dataset,
-           expected) -> dataset_files.FileTree:
+  def find(self, data_dir, folder, *, dataset, expected) -> dataset_files.FileTree:
     """This tree of split folder `folder` under `data_dir`."""
     fill = functools.partial(str.format, split=folder)
     base = data_dir
@@ -130,9 +129,8 @@ class MixtureDataset:
     return np.asarray(self.value_table, np.int32)
 
 
-def make_source(dataset: MixtureDataset, split: str, *,
-                data_dir: str | None = None, use_tfds: bool = False,
-                tfds_data_dir: str | None = None) -> registry.Source:
+def make_source(dataset: MixtureDataset, split: str, *, data_dir: str | None = None,
+                use_tfds: bool = False, tfds_data_dir: str | None = None) -> registry.Source:
   """`dataset`'s split read from `data_dir` (registered as `dataset.name`).
 
   With `use_tfds` (datasets with a `tfds` layout), reads the TFDS dataset
@@ -150,16 +148,14 @@ def make_source(dataset: MixtureDataset, split: str, *,
     return dataset.build(trees, folder, data_dir, expected)
   image_glob = layout.image_glob.format(split=folder)
   mask_glob = layout.mask_glob.format(split=folder)
-  pair = functools.partial(dataset_files.pair_files, dataset=dataset.title,
-                           expected=expected)
+  pair = functools.partial(dataset_files.pair_files, dataset=dataset.title, expected=expected)
   if layout.image_of is None:
     images, masks = pair(trees[0], image_glob, trees[1], mask_glob, layout.mask_of)
   else:
     masks, images = pair(trees[1], mask_glob, trees[0], image_glob, layout.image_of)
   return dataset_files.FileSegmentation(
-      label_names=dataset.label_names, image_tree=trees[0], images=images,
-      mask_tree=trees[1], masks=masks, value_table=dataset.values,
-      ignore_value=dataset.ignore_value)
+      label_names=dataset.label_names, image_tree=trees[0], images=images, mask_tree=trees[1],
+      masks=masks, value_table=dataset.values, ignore_value=dataset.ignore_value)
 
 
 def _find_layout(dataset, folder, data_dir, expected):
@@ -181,8 +177,7 @@ def _tfds_source(dataset, folder, data_dir, tfds_data_dir):
     raise ValueError(f"{dataset.title} has no TFDS version; got "
                      "use_tfds=True, expected False.")
   builder = tfds.builder(dataset.tfds.name, data_dir=tfds_data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
   return TfdsSegmentation(
       builder, dataset.tfds.splits[folder], label_names=dataset.label_names,
       image_key=dataset.tfds.image_key, mask_key=dataset.tfds.mask_key,
@@ -200,9 +195,8 @@ class TfdsSegmentation(registry.Source):
 
   is_indexed = False
 
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, *,
-               label_names, image_key: str, mask_key: str, name_key: str,
-               value_table: np.ndarray):
+  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, *, label_names, image_key: str,
+               mask_key: str, name_key: str, value_table: np.ndarray):
     splits = builder.info.splits
     if splits and split not in splits:
       raise ValueError(f"Unknown split {split!r} of {builder.name}; expected "
@@ -213,19 +207,15 @@ class TfdsSegmentation(registry.Source):
     self._keys = image_key, mask_key, name_key
     self._table = np.asarray(value_table, np.int32)
 
-  def as_dataset(self, *, process_index=0, process_count=1, shuffle=False,
-                 seed=0):
+  def as_dataset(self, *, process_index=0, process_count=1, shuffle=False, seed=0):
     registry.check_process(process_index, process_count)
     split = tfds.even_splits(self._split, n=process_count)[process_index]
     ds = self._builder.as_dataset(
-        split=split, shuffle_files=shuffle,
-        read_config=tfds.ReadConfig(shuffle_seed=seed))
+        split=split, shuffle_files=shuffle, read_config=tfds.ReadConfig(shuffle_seed=seed))
     image_key, mask_key, name_key = self._keys
 
     def convert(ex):
       mask = tf.cast(ex[mask_key][..., 0], tf.int32)
-      return {"image": ex[image_key],
-              "mask": dataset_files.map_values(mask, self._table),
+      return {"image": ex[image_key], "mask": dataset_files.map_values(mask, self._table),
               "file_name": ex[name_key]}
-    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -18,8 +18,7 @@ from lseg_jax.data.tfdata import deterministic, no_autograph
 from lseg_jax.labels import IGNORE_INDEX
 
 
-def make_eval_iterator(data_cfg, *, batch_size: int,
-                       process_index: int | None = None,
+def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int | None = None,
                        process_count: int | None = None) -> DataIterator:
   """One pass over the eval split in a fixed order, per host (default: JAX's process
   slice), in batches of `batch_size` (the data contract in `lseg_jax.data`). Every host
@@ -35,29 +34,25 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
 
   streams, total = [], 0
   for comp in components:
-    ds = _host_examples(comp.source, data_cfg, stats, process_index,
-                        process_count)
+    ds = _host_examples(comp.source, data_cfg, stats, process_index, process_count)
     total += -(-comp.source.num_examples // process_count)
 
     def prepare(ex, comp=comp):
       image, mask = preprocess.eval_preprocess(
           ex["image"], ex["mask"], mode=mode, crop_size=crop, base_size=base)
-      label, label_mask = comp.to_table(mask, ex.get("class_index"),
-                                        len(union))
+      label, label_mask = comp.to_table(mask, ex.get("class_index"), len(union))
       size = tf.shape(label)
       if pad_to is not None:
         tf.debugging.Assert(
             tf.reduce_all(size <= tf.constant(pad_to)),
-            [tf.strings.format("Eval image {} has size {}, larger than "
-                               "data_cfg.eval_pad_to={}.",
+            [tf.strings.format("Eval image {} has size {}, larger than data_cfg.eval_pad_to={}.",
                                (ex["file_name"], size, tf.constant(pad_to)))])
       out = {"image": image, "label": label, "label_mask": label_mask,
              "valid": tf.constant(True), "image_size": size}
       if episodic:
         out["class_index"] = tf.cast(ex.get("class_index", 0), tf.int32)
       return out
-    streams.append(ds.map(no_autograph(prepare),
-                          num_parallel_calls=data_cfg.num_parallel_calls,
+    streams.append(ds.map(no_autograph(prepare), num_parallel_calls=data_cfg.num_parallel_calls,
                           deterministic=True))
 
   ds = streams[0]
@@ -68,8 +63,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int,
       _pad_example(len(union), pad_to, episodic)).repeat())
   ds = _padded_batches(ds.take(num_batches * batch_size), batch_size, pad_to)
   ds = deterministic(ds.prefetch(data_cfg.prefetch))
-  return DataIterator(ds, union, stats, batch_size, num_batches,
-                      episodic=episodic)
+  return DataIterator(ds, union, stats, batch_size, num_batches, episodic=episodic)
 
 
 def _pad_to(data_cfg):
@@ -90,15 +84,13 @@ def _host_examples(source, data_cfg, stats, process_index, process_count):
   if source.is_indexed:
     host = source.host_indices(process_index, process_count)
     index_ds = tf.data.Dataset.zip(
-        tf.data.Dataset.range(len(host)),
-        tf.data.Dataset.from_tensor_slices(host))
+        tf.data.Dataset.range(len(host)), tf.data.Dataset.from_tensor_slices(host))
     return bad_examples.indexed_examples(source, index_ds, data_cfg, stats)
   if source.num_examples is None:
     raise ValueError(f"Eval source {type(source).__name__} needs "
                      "num_examples to pad every host to the same count.")
   return bad_examples.streamed_examples(
-      source, data_cfg, stats, process_index=process_index,
-      process_count=process_count)
+      source, data_cfg, stats, process_index=process_index, process_count=process_count)
 
 
 def _padded_batches(ds, batch_size, pad_to):
@@ -115,10 +107,9 @@ def _padded_batches(ds, batch_size, pad_to):
 
 def _pad_example(num_labels: int, pad_to, episodic: bool) -> dict:
   """The `valid=False` example that fills the last batches of a host."""
-  pad = {"image": tf.zeros([0, 0, 3], tf.float32),
-         "label": tf.zeros([0, 0], tf.int32),
-         "label_mask": tf.ones([num_labels], tf.bool),
-         "valid": tf.constant(False), "image_size": tf.zeros([2], tf.int32)}
+  pad = {"image": tf.zeros([0, 0, 3], tf.float32), "label": tf.zeros([0, 0], tf.int32),
+         "label_mask": tf.ones([num_labels], tf.bool), "valid": tf.constant(False),
+         "image_size": tf.zeros([2], tf.int32)}
   if episodic:
     pad["class_index"] = tf.constant(0, tf.int32)
   if pad_to is not None:

@@ -2,45 +2,15 @@
 
   source = registry.get_source("pascal5i", "validation", data_dir=DIR, fold=0)
 
-Each example is one query image with the binary mask of its episode class
-(0 other, 1 the class, -1 ignore), `class_index` (position of the class in
-`source.class_names`, the fold's classes) and `class_name`. LSeg evaluates
-zero-shot on the query images only, so no support images are produced.
-
-Episode lists and order follow HSNet's loaders (`fewshot_data/data/*.py` of
-the official LSeg code). They read HSNet's split files (its `data/splits`
-folder; lang-seg ships the same as `fewshot_data/data/splits`), which this
-package does not redistribute: pass `splits_dir=` (config:
-`data.source_kwargs`), set $LSEG_FEWSHOT_SPLITS, or put the folder at
-DATA_DIR/splits.
-  * pascal5i: "validation" = the fold's val list (`pascal/val/fold{k}.txt`)
-    cycled to 1000 episodes; "train" = the other folds' train lists, one
-    episode per (image, class) line. Classes 5*fold .. 5*fold+4 are the
-    fold's (held-out) classes. Label 255 (object boundaries) -> ignore.
-  * coco20i: classes fold, fold+4, ..., fold+76 are the fold's. An episode
-    draws a class uniformly, then an image uniformly from that class's list
-    (HSNet's fold pickles `coco/{trn,val}/fold{k}.pkl`: class id -> image
-    paths; read with an unpickler that admits only plain containers).
-    "validation" has 1000 episodes, "train" as many as the listed images.
-    By default they are the official evaluation's episodes: lang-seg's
-    `test_lseg_zs.py` calls `fix_randseed(0)` and its loader draws each
-    episode from NumPy's global stream with `np.random.choice(..., 1,
-    replace=False)`: the class, the query image, then (shot >= 1) support
-    images until `shot` of them differ from the query. A legacy
-    `np.random.RandomState(episode_seed)` making the same draws in the same
-    order gives that sequence; `episode_seed` 0 is the paper's, any other
-    value departs from it (HSNet's training draws new episodes every epoch:
-    vary the seed to get that).
-  * fss1000: classes of the split (`fss/{trn,val,test}.txt`), sorted; the
-    queries are every .jpg of each class in file-name order. With shot=1 the
-    "test" split drops each class's first image ("1.jpg", HSNet's 1-shot
-    support): 2,160 episodes; with shot=0 (lang-seg's `--nshot 0`, the
-    paper's zero-shot row, the default) all 2,400 images are queries. Masks:
-    grey level >= 128 -> 1.
-  * `shot` (config: `data.shot`) is the official `--nshot`: the number of
-    support images an episode draws. No support image is produced; the
-    shot decides which episodes there are (COCO-20i's draw, FSS-1000's
-    queries). PASCAL-5i's episodes do not depend on it.
+Each example is one query image with the binary mask of its episode class (0 other,
+1 the class, -1 ignore), `class_index` (into `source.class_names`, the fold's classes)
+and `class_name`; LSeg evaluates zero-shot on the query images only, so no support
+image is produced. Episode lists and order follow HSNet's loaders (`fewshot_data/data/*.py`
+of the official LSeg code), read from HSNet's split files (`splits_dir=`,
+$LSEG_FEWSHOT_SPLITS or DATA_DIR/splits). `shot` (config: `data.shot`) is the official
+`--nshot`: it decides which episodes there are (COCO-20i's draw, FSS-1000's queries), not
+what an example holds. Each dataset's layout, folds, splits and draws: docs/datasets.md,
+"Zero-shot episodes".
 """
 from __future__ import annotations
 
@@ -56,8 +26,7 @@ from lseg_jax.data.label_names import COCO_FEWSHOT_NAMES, PASCAL_VOC_NAMES
 NUM_FOLDS = 4
 NUM_EVAL_EPISODES = 1000
 _SPLITS = {"train": "trn", "validation": "val", "val": "val", "test": "val"}
-_FSS_SPLITS = {"train": "trn", "validation": "val", "val": "val",
-               "test": "test"}
+_FSS_SPLITS = {"train": "trn", "validation": "val", "val": "val", "test": "test"}
 
 HSNET_URL = "https://github.com/juhongm999/hsnet"
 SPLITS_ENV = "LSEG_FEWSHOT_SPLITS"
@@ -133,13 +102,11 @@ def _check_shot(shot, dataset):
                      "--nshot: 0 for the paper's zero-shot rows).")
 
 
-def _read_pascal_list(split: str, fold: int, splits_dir, data_dir
-                      ) -> list[tuple[str, int]]:
+def _read_pascal_list(split: str, fold: int, splits_dir, data_dir) -> list[tuple[str, int]]:
   """(image name, class id) lines of HSNet's PASCAL-5i split file."""
   with open(splits_file(splits_dir, data_dir, "pascal", split, f"fold{fold}.txt")) as f:
     lines = f.read().split()
-  return [(line.split("__")[0], int(line.split("__")[1]) - 1)
-          for line in lines]
+  return [(line.split("__")[0], int(line.split("__")[1]) - 1) for line in lines]
 
 
 @registry.register("pascal5i", episodic=True)
@@ -163,14 +130,11 @@ def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0,
       expected=expected, folders=("VOC2012", "VOCdevkit/VOC2012"))
   images = [f"JPEGImages/{name}.jpg" for name, _ in episodes]
   masks = [f"SegmentationClassAug/{name}.png" for name, _ in episodes]
-  for paths, pattern in ((images, "JPEGImages/*.jpg"),
-                         (masks, "SegmentationClassAug/*.png")):
-    dataset_files.check_present(tree, paths, pattern, dataset="PASCAL-5i",
-                                expected=expected)
+  for paths, pattern in ((images, "JPEGImages/*.jpg"), (masks, "SegmentationClassAug/*.png")):
+    dataset_files.check_present(tree, paths, pattern, dataset="PASCAL-5i", expected=expected)
   return dataset_files.FileEpisodes(
-      class_names=[PASCAL_VOC_NAMES[c] for c in classes], image_tree=tree,
-      images=images, mask_tree=tree, masks=masks,
-      class_index=[classes.index(c) for _, c in episodes],
+      class_names=[PASCAL_VOC_NAMES[c] for c in classes], image_tree=tree, images=images,
+      mask_tree=tree, masks=masks, class_index=[classes.index(c) for _, c in episodes],
       foreground=[c + 1 for _, c in episodes], ignore_value=255)
 
 
@@ -236,18 +200,15 @@ def make_coco20i(split: str, *, data_dir: str | None = None, fold: int = 0,
   if num_episodes is None:
     num_episodes = (NUM_EVAL_EPISODES if split == "val" else
                     len({p for c in classes for p in lists[c]}))
-  class_pos, paths = official_coco_draw(lists, classes, num_episodes, shot,
-                                        episode_seed)
+  class_pos, paths = official_coco_draw(lists, classes, num_episodes, shot, episode_seed)
   expected = COCO_EXPECTED.format(d=data_dir)
   tree = dataset_files.find_root(
-      data_dir, marker="annotations", dataset="COCO-20i", expected=expected,
-      folders=("COCO2014",))
+      data_dir, marker="annotations", dataset="COCO-20i", expected=expected, folders=("COCO2014",))
   images = list(paths)
   masks = ["annotations/" + os.path.splitext(p)[0] + ".png" for p in paths]
   for paths, pattern in ((images, f"{coco_split}/*.jpg"),
                          (masks, f"annotations/{coco_split}/*.png")):
-    dataset_files.check_present(tree, paths, pattern, dataset="COCO-20i",
-                                expected=expected)
+    dataset_files.check_present(tree, paths, pattern, dataset="COCO-20i", expected=expected)
   return dataset_files.FileEpisodes(
       class_names=[COCO_FEWSHOT_NAMES[c] for c in classes], image_tree=tree,
       images=images, mask_tree=tree, masks=masks, class_index=class_pos,
@@ -282,11 +243,8 @@ def make_fss1000(split: str, *, data_dir: str | None = None, shot: int = 0,
     queries = [p for p in paths if p.split("/")[1].split(".")[1] == "jpg"]
     images += queries
     class_index += [index] * len(queries)
-  masks = [p.split("/")[0] + "/" + p.split("/")[1].split(".")[0] + ".png"
-           for p in images]
-  dataset_files.check_present(tree, masks, "*/*.png", dataset="FSS-1000",
-                              expected=expected)
+  masks = [p.split("/")[0] + "/" + p.split("/")[1].split(".")[0] + ".png" for p in images]
+  dataset_files.check_present(tree, masks, "*/*.png", dataset="FSS-1000", expected=expected)
   return dataset_files.FileEpisodes(
-      class_names=categories, image_tree=tree, images=images, mask_tree=tree,
-      masks=masks, class_index=class_index, foreground=[1] * len(images),
-      luma_threshold=128)
+      class_names=categories, image_tree=tree, images=images, mask_tree=tree, masks=masks,
+      class_index=class_index, foreground=[1] * len(images), luma_threshold=128)

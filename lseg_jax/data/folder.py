@@ -38,11 +38,9 @@ def read_label_names(path: str) -> list[str]:
                        "name per line (line i names mask value i - 1).")
   if not lines:
     raise ValueError(f"{path} names no labels.")
-  seen = set()
-  for name in lines:
-    if name in seen:
+  for i, name in enumerate(lines):
+    if name in lines[:i]:
       raise ValueError(f"{path} names label {name!r} twice.")
-    seen.add(name)
   return lines
 
 
@@ -84,11 +82,9 @@ class FolderSource(registry.Source):
                        "stem; expected one image per mask.")
     unused = sorted(set(masks) - stems)
     if unused:
-      logging.warning("%d masks in %s have no image, e.g. %s.", len(unused),
-                      masks_dir, unused[:3])
+      logging.warning("%d masks in %s have no image, e.g. %s.", len(unused), masks_dir, unused[:3])
     self.num_examples = len(images)
-    self._image_paths = tf.constant(
-        [os.path.join(images_dir, f) for f in images])
+    self._image_paths = tf.constant([os.path.join(images_dir, f) for f in images])
     self._mask_paths = tf.constant(
         [os.path.join(masks_dir, masks[os.path.splitext(f)[0]])
          for f in images])
@@ -99,9 +95,8 @@ class FolderSource(registry.Source):
   def load(self, index):
     image_path = self.file_name(index)
     return preprocess.decode_example(
-        tf.io.read_file(image_path),
-        tf.io.read_file(tf.gather(self._mask_paths, index)), image_path,
-        mask_ignore=MASK_IGNORE)
+        tf.io.read_file(image_path), tf.io.read_file(tf.gather(self._mask_paths, index)),
+        image_path, mask_ignore=MASK_IGNORE)
 
 
 @registry.register("folder")
@@ -113,6 +108,5 @@ def make_source(split: str, *, data_dir: str | None = None) -> FolderSource:
   split_dir = os.path.join(data_dir, split)
   top_labels = os.path.join(data_dir, "labels.txt")
   if tf.io.gfile.isdir(os.path.join(split_dir, "images")):
-    return FolderSource(
-        split_dir, (os.path.join(split_dir, "labels.txt"), top_labels))
+    return FolderSource(split_dir, (os.path.join(split_dir, "labels.txt"), top_labels))
   return FolderSource(data_dir, (top_labels,))

@@ -17,8 +17,7 @@ import jax
 def to_global(batch, sharding):
   """Per-host pytree of numpy arrays [b, ...] -> global jax.Arrays [process_count * b, ...]
   with `sharding` (of the global batch, e.g. `sharding.batch_sharding(mesh)`)."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def prefetch_to_device(iterator: Iterator, size: int, sharding) -> Iterator:

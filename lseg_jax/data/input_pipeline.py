@@ -28,7 +28,6 @@ from lseg_jax.data.eval_stream import make_eval_iterator
 from lseg_jax.data.host_to_device import prefetch_to_device, to_global
 from lseg_jax.data.source_specs import is_episodic, label_table
 from lseg_jax.data.train_stream import make_train_dataset, make_train_iterator
-from lseg_jax.data.train_stream import steps_per_epoch
 from lseg_jax.labels import IGNORE_INDEX, OTHER_LABEL
 
 
@@ -75,7 +74,6 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    "FIELDS", "BadExampleError", "DataIterator", "IGNORE_INDEX", "OTHER_LABEL",
-    "PipelineStats", "default_data_config", "is_episodic", "label_table",
-    "make_eval_iterator", "make_train_dataset", "make_train_iterator",
-    "prefetch_to_device", "steps_per_epoch", "to_global"]
+    "FIELDS", "BadExampleError", "DataIterator", "IGNORE_INDEX", "OTHER_LABEL", "PipelineStats",
+    "default_data_config", "is_episodic", "label_table", "make_eval_iterator", "make_train_dataset",
+    "make_train_iterator", "prefetch_to_device", "to_global"]

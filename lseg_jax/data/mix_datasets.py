@@ -2,23 +2,11 @@
 
   source = registry.get_source("cityscapes", "train", data_dir=DIR)
 
-Registered sources (label names in `label_names.DATASET_LABEL_NAMES`), each
-with splits "train" and "validation" (the seventh, ade20k, is in `ade20k`):
-  bdd100k           BDD100K semantic segmentation, 19 classes (train ids).
-  cityscapes        Cityscapes fine annotations, label ids -> 19 train ids;
-                    also from TFDS `cityscapes/semantic_segmentation` with
-                    `use_tfds=True`.
-  coco_panoptic     COCO panoptic 2017 as semantic masks, 133 classes.
-  idd               IDD segmentation (IDD 20k part I), 26 level-3 classes.
-  mapillary_vistas  Mapillary Vistas v1.2, 65 classes.
-  sunrgbd           SUN RGB-D, 37 classes ("validation" = its test split).
-Everything a dataset marks as void / unlabeled becomes -1 (ignore). The
-error raised when files are missing names the archive to download and where
-to put it; docs/datasets.md has the details.
-
-Each dataset is one `dataset_layouts.MixtureDataset` row of `DATASETS`: its
-split folders, where its files are (`Layout`s, tried in order: the first whose
-trees are found is read) and how stored label values become classes.
+bdd100k, cityscapes (also from TFDS with `use_tfds=True`), coco_panoptic, idd,
+mapillary_vistas and sunrgbd ("validation" = its test split), each with splits "train" and
+"validation" (the seventh, ade20k, is in `ade20k`), are the `dataset_layouts.MixtureDataset`
+rows of `DATASETS`; whatever a dataset marks as void becomes -1 (ignore). Downloads,
+layouts and label mappings: docs/datasets.md, "The mixture datasets".
 """
 from __future__ import annotations
 
@@ -83,13 +71,11 @@ DATASETS = (
     MixtureDataset(
         name="bdd100k", title="BDD100K", splits=_TRAIN_VAL,
         expected=(
-            "BDD100K from https://bdd-data.berkeley.edu/ (or "
-            "https://dl.cv.ethz.ch/bdd100k/data/): bdd100k_images_10k.zip and "
-            "bdd100k_sem_seg_labels_trainval.zip in {d}/ (read in place) or "
-            "extracted there (giving {d}/bdd100k/images/10k/train/*.jpg and "
-            "{d}/bdd100k/labels/sem_seg/masks/train/*.png); or the older "
-            "bdd100k_seg.zip ({d}/bdd100k/seg/images/, "
-            "{d}/bdd100k/seg/labels/)."),
+            "BDD100K from https://bdd-data.berkeley.edu/ (or https://dl.cv.ethz.ch/bdd100k/data/): "
+            "bdd100k_images_10k.zip and bdd100k_sem_seg_labels_trainval.zip in {d}/ (read in "
+            "place) or extracted there (giving {d}/bdd100k/images/10k/train/*.jpg and "
+            "{d}/bdd100k/labels/sem_seg/masks/train/*.png); or the older bdd100k_seg.zip "
+            "({d}/bdd100k/seg/images/, {d}/bdd100k/seg/labels/)."),
         layouts=(
             # The older single-archive release.
             Layout(Tree("seg/labels", _BDD, ("bdd100k_seg.zip",)), None,
@@ -108,9 +94,8 @@ DATASETS = (
         name="cityscapes", title="Cityscapes", splits=_TRAIN_VAL,
         expected=(
             "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
-            "https://www.cityscapes-dataset.com/downloads/ (registration "
-            "needed) in {d}/ (read in place) or extracted there, giving "
-            "{d}/leftImg8bit/train/<city>/*_leftImg8bit.png and "
+            "https://www.cityscapes-dataset.com/downloads/ (registration needed) in {d}/ (read in "
+            "place) or extracted there, giving {d}/leftImg8bit/train/<city>/*_leftImg8bit.png and "
             "{d}/gtFine/train/<city>/*_gtFine_labelIds.png."),
         layouts=(Layout(
             Tree("leftImg8bit", archives=("leftImg8bit_trainvaltest.zip",)),
@@ -127,14 +112,12 @@ DATASETS = (
     MixtureDataset(
         name="coco_panoptic", title="COCO panoptic", splits=_TRAIN_VAL,
         expected=(
-            "COCO 2017 from https://cocodataset.org/#download: train2017.zip "
-            "and val2017.zip in {d}/ (read in place, or extracted to "
-            "{d}/train2017/*.jpg, {d}/val2017/*.jpg), and "
+            "COCO 2017 from https://cocodataset.org/#download: train2017.zip and val2017.zip in "
+            "{d}/ (read in place, or extracted to {d}/train2017/*.jpg, {d}/val2017/*.jpg), and "
             "panoptic_annotations_trainval2017.zip extracted in {d}/ (giving "
-            "{d}/annotations/panoptic_train2017.json) with the archives "
-            "inside it, {d}/annotations/panoptic_train2017.zip and "
-            "panoptic_val2017.zip, read in place or extracted to "
-            "{d}/annotations/panoptic_train2017/*.png."),
+            "{d}/annotations/panoptic_train2017.json) with the archives inside it, "
+            "{d}/annotations/panoptic_train2017.zip and panoptic_val2017.zip, read in place or "
+            "extracted to {d}/annotations/panoptic_train2017/*.png."),
         layouts=(Layout(
             Tree("{split}2017", archives=("{split}2017.zip",)),
             Tree("panoptic_{split}2017", archives=("panoptic_{split}2017.zip",),
@@ -145,13 +128,12 @@ DATASETS = (
         name="idd", title="IDD", splits=_TRAIN_VAL,
         expected=(
             "IDD Segmentation (IDD 20k part I, idd-segmentation.tar.gz from "
-            "https://idd.insaan.iiit.ac.in/) extracted to "
-            "{d}/IDD_Segmentation/ (leftImg8bit/train/<seq>/*_leftImg8bit.png, "
-            "gtFine/train/<seq>/*_gtFine_polygons.json), then the level-3 "
-            "label PNGs generated next to the polygons with the AutoNUE "
-            "toolkit (https://github.com/AutoNUE/public-code): python "
-            "preperation/createLabels.py --datadir {d}/IDD_Segmentation "
-            "--id-type level3Id, giving "
+            "https://idd.insaan.iiit.ac.in/) extracted to {d}/IDD_Segmentation/ "
+            "(leftImg8bit/train/<seq>/*_leftImg8bit.png, "
+            "gtFine/train/<seq>/*_gtFine_polygons.json), then the level-3 label PNGs generated "
+            "next to the polygons with the AutoNUE toolkit "
+            "(https://github.com/AutoNUE/public-code): python preperation/createLabels.py "
+            "--datadir {d}/IDD_Segmentation --id-type level3Id, giving "
             "gtFine/train/<seq>/*_gtFine_labellevel3Ids.png."),
         layouts=(Layout(
             Tree("gtFine", ("IDD_Segmentation",)), None,
@@ -163,11 +145,10 @@ DATASETS = (
         name="mapillary_vistas", title="Mapillary Vistas",
         splits=TRAINING_VALIDATION,
         expected=(
-            "Mapillary Vistas v1.2 (mapillary-vistas-dataset_public_v1.2.zip) "
-            "or v2.0 from https://www.mapillary.com/dataset/vistas, in {d}/ "
-            "(read in place) or extracted there, giving "
-            "{d}/training/images/*.jpg and {d}/training/labels/*.png (v1.2) "
-            "or {d}/training/v1.2/labels/*.png (v2.0 archive)."),
+            "Mapillary Vistas v1.2 (mapillary-vistas-dataset_public_v1.2.zip) or v2.0 from "
+            "https://www.mapillary.com/dataset/vistas, in {d}/ (read in place) or extracted there, "
+            "giving {d}/training/images/*.jpg and {d}/training/labels/*.png (v1.2) or "
+            "{d}/training/v1.2/labels/*.png (v2.0 archive)."),
         layouts=(
             # The v2.0 archive keeps the v1.2 labels in their own folder.
             Layout(Tree("{split}/v1.2/labels", **_MAPILLARY), None,
@@ -210,8 +191,7 @@ class CocoPanoptic(dataset_files.FilePairs):
   of no segment (id 0) are ignored.
   """
 
-  def __init__(self, annotations: dict, image_tree, image_folder, mask_tree,
-               mask_folder, expected):
+  def __init__(self, annotations: dict, image_tree, image_folder, mask_tree, mask_folder, expected):
     class_of = {}
     for cat in annotations["categories"]:
       if cat["name"] not in COCO_PANOPTIC_NAMES:
@@ -224,16 +204,14 @@ class CocoPanoptic(dataset_files.FilePairs):
     masks = [f"{mask_folder}/{a['file_name']}" for a in anns]
     for tree, paths, pattern in ((image_tree, images, f"{image_folder}/*"),
                                  (mask_tree, masks, f"{mask_folder}/*.png")):
-      dataset_files.check_present(tree, paths, pattern,
-                                  dataset="COCO panoptic", expected=expected)
+      dataset_files.check_present(tree, paths, pattern, dataset="COCO panoptic", expected=expected)
     super().__init__(image_tree, images, mask_tree, masks)
     self.label_names = list(COCO_PANOPTIC_NAMES)
     # Per image, its segment ids sorted, behind a sentinel id 0 (-> ignore) so
     # that every lookup has a row to land on.
     ids, classes, starts = [], [], [0]
     for a in anns:
-      segs = sorted((s["id"], class_of[s["category_id"]])
-                    for s in a["segments_info"])
+      segs = sorted((s["id"], class_of[s["category_id"]]) for s in a["segments_info"])
       ids += [0] + [s for s, _ in segs]
       classes += [IGNORE_INDEX] + [c for _, c in segs]
       starts.append(len(ids))
@@ -251,8 +229,7 @@ class CocoPanoptic(dataset_files.FilePairs):
     seg_classes = tf.slice(self._seg_classes, [start], [size])
     flat = tf.reshape(ids, [-1])
     pos = tf.minimum(tf.searchsorted(seg_ids, flat), size - 1)
-    mask = tf.where(tf.gather(seg_ids, pos) == flat,
-                    tf.gather(seg_classes, pos), IGNORE_INDEX)
+    mask = tf.where(tf.gather(seg_ids, pos) == flat, tf.gather(seg_classes, pos), IGNORE_INDEX)
     mask = tf.reshape(mask, tf.shape(ids))
     dataset_files.check_same_size(image, mask, name)
     return {"image": image, "mask": mask, "file_name": name}

@@ -3,25 +3,11 @@
   source = registry.get_source("a847", "validation", data_dir=ROOT)
 
 ROOT is the detectron2 datasets root (`DETECTRON2_DATASETS`) that CAT-Seg's
-`datasets/prepare_*.py` scripts fill; each source reads one prepared folder:
-  a847    ADE20K-Full validation, 847 classes: ADE20K_2021_17_01/images_detectron2/
-          validation/*.jpg, annotations_detectron2/validation/*.tif (16-bit).
-  pc459   PASCAL Context validation, 459 classes: VOCdevkit/VOC2010/JPEGImages/*.jpg,
-          annotations_detectron2/pc459_val/*.tif (16-bit).
-  pc59    PASCAL Context validation, 59 classes: annotations_detectron2/pc59_val/*.png.
-  pas20   PASCAL VOC 2012 validation, 20 classes (background ignored):
-          VOCdevkit/VOC2012/JPEGImages/*.jpg, annotations_detectron2/val/*.png.
-  pas21   the same images, background as class 20: annotations_detectron2_bg/val/*.png.
-  pas20b  pas21's masks, scored with 59 names (`Source.scored_names`): the 20 VOC
-          classes, and the 39 PC-59 classes that are not VOC classes, which count as
-          background (`Source.scored_class`).
-  a150    ADE20K SceneParse150 validation: the `ade20k` source's data, named with
-          the benchmark's class list.
-A stored value is its class; the ignore value (65535 in the TIFF maps, 255 in the
-PNGs) reads as -1, and any other value outside the class range fails the example
-with an error naming it. The label files make the split: each pairs with the image
-of its name. Class lists: `label_names.class_names`; docs/datasets.md has the
-preparation steps.
+`datasets/prepare_*.py` scripts fill; each source (a847, pc459, pc59, pas20, pas21, pas20b,
+a150) reads one prepared folder, whose label files make the split. A stored value is its
+class and the ignore value (65535 in the TIFF maps, 255 in the PNGs) reads as -1; pas20b
+scores 59 names (`Source.scored_names`, `Source.scored_class`). Folders, preparation and
+class lists: docs/datasets.md, "Open-vocabulary benchmarks".
 """
 from __future__ import annotations
 

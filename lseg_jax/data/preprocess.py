@@ -45,9 +45,10 @@ from lseg_jax.labels import IGNORE_INDEX
 
 EVAL_RESIZE_MODES = ("none", "long_side", "center_crop", "square")
 _PIL_FILTERS = {"bilinear": 2, "bicubic": 3}  # PIL.Image.BILINEAR, .BICUBIC
-# A PNG's colour type byte (IHDR) sits at offset 25; 3 means "palette".
-_PNG_BIT_DEPTH_OFFSET = 24
-_PNG_COLOR_TYPE_OFFSET = 25
+# A PNG's bit depth and colour type bytes (in IHDR) sit at offsets 24 and 25; colour
+# type 3 means "palette".
+PNG_BIT_DEPTH_OFFSET = 24
+PNG_COLOR_TYPE_OFFSET = 25
 
 
 def _header(data: tf.Tensor) -> tf.Tensor:
@@ -77,34 +78,45 @@ def decode_image(data: tf.Tensor) -> tf.Tensor:
   header = _header(data)
   is_png8 = tf.logical_and(
       tf.strings.substr(header, 0, 8) == b"\x89PNG\r\n\x1a\n",
-      tf.strings.substr(header, _PNG_BIT_DEPTH_OFFSET, 1) == b"\x08")
-  use_tf = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2] != 4,
-                   lambda: is_png8)
+      tf.strings.substr(header, PNG_BIT_DEPTH_OFFSET, 1) == b"\x08")
+  use_tf = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2] != 4, lambda: is_png8)
 
   def with_tf():
     return tf.cond(
-        is_jpeg,
-        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        is_jpeg, lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
         lambda: tf.io.decode_png(data, channels=3))
 
-  def with_pil():
-    # A failure comes back as a message and fails a TF assertion, so that it is a TF
-    # op error in graphs and eagerly alike (the bad-example guard expects those).
-    image, error = tf.numpy_function(_pil_rgb, [data], (tf.uint8, tf.string),
-                                     stateful=False)
-    with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
-      return tf.identity(image)
-
-  image = tf.cond(use_tf, with_tf, with_pil)
+  image = tf.cond(use_tf, with_tf, lambda: with_pil(_pil_rgb, data, tf.uint8))
   image.set_shape([None, None, 3])
   return image
+
+
+def with_pil(decode, data: tf.Tensor, dtype) -> tf.Tensor:
+  """`decode(bytes) -> (array, error text)` (Pillow) in a `tf.numpy_function`. A failure
+  comes back as its text and fails a TF assertion, so that it is a TF op error in graphs
+  and eagerly alike (the bad-example guard expects those)."""
+  out, error = tf.numpy_function(decode, [data], (dtype, tf.string), stateful=False)
+  with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
+    return tf.identity(out)
+
+
+def as_bytes(value) -> bytes:
+  """A tf.string scalar handed to numpy_function (bytes, or a 0-d array)."""
+  return value.item() if isinstance(value, np.ndarray) else bytes(value)
+
+
+def decode_png_values(data: tf.Tensor, is_16bit: tf.Tensor) -> tf.Tensor:
+  """PNG bytes -> int32 [H, W, C], the stored values (decode_png(dtype=uint16) would scale
+  8-bit values by 257: the caller picks by the bit depth)."""
+  return tf.cond(is_16bit, lambda: tf.cast(tf.io.decode_png(data, dtype=tf.uint16), tf.int32),
+                 lambda: tf.cast(tf.io.decode_png(data), tf.int32))
 
 
 def _pil_rgb(data) -> tuple[np.ndarray, bytes]:
   """Bytes (numpy_function's bytes or 0-d array) -> (uint8 [H, W, 3], b"") with
   Pillow, or (an empty image, the reason) when Pillow cannot decode them."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  data = data.item() if isinstance(data, np.ndarray) else bytes(data)
+  data = as_bytes(data)
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
@@ -122,22 +134,20 @@ def _pil_rgb(data) -> tuple[np.ndarray, bytes]:
         "Pillow reads").encode()
 
 
-def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
-                   file_name: tf.Tensor, *,
+def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor, file_name: tf.Tensor, *,
                    mask_ignore: int = 255) -> dict[str, tf.Tensor]:
   """Encoded image and greyscale label PNG (pixel value = label index, `mask_ignore` ->
   -1) -> {"image": uint8 [H, W, 3], "mask": int32 [H, W], "file_name": for errors}."""
   image = decode_image(image_bytes)
   header = _header(mask_bytes)
   is_png = tf.strings.substr(header, 0, 4) == b"\x89PNG"
-  color_type = tf.strings.substr(header, _PNG_COLOR_TYPE_OFFSET, 1)
+  color_type = tf.strings.substr(header, PNG_COLOR_TYPE_OFFSET, 1)
   tf.debugging.Assert(tf.logical_not(is_png & (color_type == b"\x03")), [tf.strings.join([
-      "Mask of ", file_name, " is a palette PNG; expected a greyscale PNG "
-      "whose pixel values are label indices (convert it with PIL: "
-      "Image.fromarray(np.array(img)))."])])
+      "Mask of ", file_name, " is a palette PNG; expected a greyscale PNG whose pixel values are "
+      "label indices (convert it with PIL: Image.fromarray(np.array(img)))."])])
   # Label values are read exactly: 8-bit (mode L) or 16-bit (I;16) greyscale only. TF
   # would turn colour into luma and scale 16-bit values or 1/2/4-bit ones into 0-255.
-  bit_depth = tf.strings.substr(header, _PNG_BIT_DEPTH_OFFSET, 1)
+  bit_depth = tf.strings.substr(header, PNG_BIT_DEPTH_OFFSET, 1)
   is_grey = is_png & (color_type == b"\x00")
   is_16bit = bit_depth == b"\x10"
   with tf.control_dependencies([tf.debugging.Assert(
@@ -147,9 +157,7 @@ def decode_example(image_bytes: tf.Tensor, mask_bytes: tf.Tensor,
           "I;16); expected one channel whose pixel values are label indices (colour, "
           "alpha, 1/2/4-bit and palette masks are refused: save np.asarray(mask) with "
           "Image.fromarray as uint8 or uint16)."])])]):
-    mask = tf.cond(is_16bit,
-                   lambda: tf.cast(tf.io.decode_png(mask_bytes, dtype=tf.uint16), tf.int32),
-                   lambda: tf.cast(tf.io.decode_png(mask_bytes), tf.int32))[..., 0]
+    mask = decode_png_values(mask_bytes, is_16bit)[..., 0]
   mask = tf.where(mask == mask_ignore, IGNORE_INDEX, mask)
   return {"image": image, "mask": mask, "file_name": file_name}
 
@@ -184,8 +192,7 @@ def resize_image(image: tf.Tensor, size, offset=(0, 0), window=None, *,
   return tf.cast(out, tf.float32)
 
 
-def resize_nearest(x: tf.Tensor, size, offset=(0, 0),
-                   window=None) -> tf.Tensor:
+def resize_nearest(x: tf.Tensor, size, offset=(0, 0), window=None) -> tf.Tensor:
   """Nearest-neighbour resize of [H, W, ...] to `size` (h, w), any dtype.
 
   Picks exactly PIL's NEAREST source pixels: PIL walks the output adding the
@@ -224,9 +231,8 @@ def _pad_to(image, mask, height, width):
   return image, mask
 
 
-def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
-                  crop_size: int = 480, base_size: int = 520,
-                  scale_range=(0.5, 2.0), flip: bool = True):
+def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *, crop_size: int = 480,
+                  base_size: int = 520, scale_range=(0.5, 2.0), flip: bool = True):
   """The official training augmentation (module docstring) of image uint8 [H, W, 3] and
   mask int32 [H, W] with this example's stateless seed int64 [2] -> normalised image
   float32 [crop_size, crop_size, 3], mask int32 [crop_size, crop_size]."""
@@ -237,8 +243,7 @@ def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *,
     image = tf.cond(do_flip, lambda: image[:, ::-1], lambda: image)
     mask = tf.cond(do_flip, lambda: mask[:, ::-1], lambda: mask)
   lo, hi = int(base_size * scale_range[0]), int(base_size * scale_range[1])
-  long_size = tf.random.stateless_uniform([], scale_seed, lo, hi + 1,
-                                          dtype=tf.int32)
+  long_size = tf.random.stateless_uniform([], scale_seed, lo, hi + 1, dtype=tf.int32)
   shape = tf.shape(mask)
   oh, ow = _long_side_size(shape[0], shape[1], long_size)
   # Crop offsets in the resized image padded up to crop_size; the crop window's
@@ -267,8 +272,7 @@ def _square(image, mask, size):
     idx = tf.cast(tf.floor(tf.range(size, dtype=tf.float32) * step), tf.int32)
     return tf.minimum(idx, in_len - 1)
   mask = tf.gather(tf.gather(mask, src(h), axis=0), src(w), axis=1)
-  return (tf.ensure_shape(normalize(image), [size, size, 3]),
-          tf.ensure_shape(mask, [size, size]))
+  return (tf.ensure_shape(normalize(image), [size, size, 3]), tf.ensure_shape(mask, [size, size]))
 
 
 def eval_preprocess(image: tf.Tensor, mask: tf.Tensor, *, mode: str = "none",

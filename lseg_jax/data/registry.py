@@ -78,8 +78,7 @@ def _import_builtin_sources():
   # Sources register themselves on import; importing here avoids a cycle with
   # modules that import `register` from this file.
   import importlib
-  for module in ("synthetic", "folder", "fewshot", "ade20k", "mix_datasets",
-                 "openvocab"):
+  for module in ("synthetic", "folder", "fewshot", "ade20k", "mix_datasets", "openvocab"):
     try:
       importlib.import_module(f"lseg_jax.data.{module}")
     except ModuleNotFoundError as e:
@@ -120,8 +119,7 @@ class Source:
 
   @property
   def scored_names(self) -> list[str]:
-    return list(self.label_names if self._scored_names is None
-                else self._scored_names)
+    return list(self.label_names if self._scored_names is None else self._scored_names)
 
   @scored_names.setter
   def scored_names(self, names):
@@ -151,8 +149,7 @@ class Source:
     check_process(process_index, process_count)
     if self.num_examples is None:
       raise ValueError(f"{type(self).__name__} has no num_examples.")
-    return np.arange(process_index, self.num_examples, process_count,
-                     dtype=np.int64)
+    return np.arange(process_index, self.num_examples, process_count, dtype=np.int64)
 
   def as_dataset(self, *, process_index: int = 0, process_count: int = 1,
                  shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:

@@ -54,8 +54,7 @@ def source_specs(data_cfg, eval_split: bool = False) -> list[SourceSpec]:
     "eval_split",] **kwargs} passes its kwargs to its factory; data_dir,
     fold and shot default to the config's when set.
   """
-  split_key, other_split_key = (("eval_split", "split") if eval_split
-                                else ("split", "eval_split"))
+  split_key, other_split_key = ("eval_split", "split") if eval_split else ("split", "eval_split")
   defaults = {key: data_cfg[key] for key in ("data_dir", "fold", "shot")
               if data_cfg.get(key) is not None}
   if data_cfg.name != MIX:
@@ -69,8 +68,7 @@ def source_specs(data_cfg, eval_split: bool = False) -> list[SourceSpec]:
                        "expected > 0.")
     split = item.pop(split_key, data_cfg[split_key])
     item.pop(other_split_key, None)
-    specs.append(SourceSpec(item.pop("name"), split, weight,
-                            dict(defaults, **item)))
+    specs.append(SourceSpec(item.pop("name"), split, weight, dict(defaults, **item)))
   return specs
 
 
@@ -97,8 +95,7 @@ def is_episodic(data_cfg) -> bool:
   """
   if data_cfg["name"] != MIX:
     return registry.is_episodic(data_cfg["name"])
-  return any(registry.is_episodic(item["name"])
-             for item in _mixture_entries(data_cfg))
+  return any(registry.is_episodic(item["name"]) for item in _mixture_entries(data_cfg))
 
 
 @dataclasses.dataclass
@@ -136,10 +133,8 @@ class Component:
     else:
       own = mask
       present = remap
-    label = tf.where(own == IGNORE_INDEX, IGNORE_INDEX,
-                     tf.gather(remap, tf.maximum(own, 0)))
-    label_mask = tf.scatter_nd(present[:, None],
-                               tf.ones_like(present, tf.bool), [union_size])
+    label = tf.where(own == IGNORE_INDEX, IGNORE_INDEX, tf.gather(remap, tf.maximum(own, 0)))
+    label_mask = tf.scatter_nd(present[:, None], tf.ones_like(present, tf.bool), [union_size])
     return label, label_mask
 
 
@@ -155,8 +150,7 @@ def source_table(source: registry.Source) -> list[str]:
   return list(source.label_names)
 
 
-def build_components(data_cfg, eval_split: bool = False
-                     ) -> tuple[list[Component], list[str]]:
+def build_components(data_cfg, eval_split: bool = False) -> tuple[list[Component], list[str]]:
   """Builds the config's sources: (components, union label table)."""
   components, union = [], []
   for spec in source_specs(data_cfg, eval_split):
@@ -174,11 +168,8 @@ def build_components(data_cfg, eval_split: bool = False
 
 
 def label_table(data_cfg, eval_split: bool = False) -> list[str]:
-  """The label names that batches' `label` values and `label_mask` index.
-
-  A fixed-label source: its label_names; episodic: ["other", *class_names];
-  mixture: the union in order of first appearance. `eval_split` selects the
-  table of the evaluation split (episodic sources have other classes there).
-  """
+  """The label names that batches' `label` values and `label_mask` index (the label
+  tables of the module docstring); `eval_split` selects the evaluation split's table
+  (episodic sources have other classes there)."""
   _, union = build_components(data_cfg, eval_split=eval_split)
   return union

@@ -38,20 +38,14 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def _config_name(height, width, num_train, num_validation, seed):
-  return f"{height}x{width}_n{num_train}_{num_validation}_s{seed}"
-
-
-def make_config(height=64, width=64, num_train=512, num_validation=64,
-                seed=0) -> SyntheticConfig:
+def make_config(height=64, width=64, num_train=512, num_validation=64, seed=0) -> SyntheticConfig:
   for key, value in dict(height=height, width=width).items():
     if value < 16:
       raise ValueError(f"Synthetic image {key}={value} is too small; "
                        "expected >= 16.")
   return SyntheticConfig(
-      name=_config_name(height, width, num_train, num_validation, seed),
-      version="1.0.0", height=height, width=width, num_train=num_train,
-      num_validation=num_validation, seed=seed)
+      name=f"{height}x{width}_n{num_train}_{num_validation}_s{seed}", version="1.0.0",
+      height=height, width=width, num_train=num_train, num_validation=num_validation, seed=seed)
 
 
 class LsegSynthetic(tfds.core.GeneratorBasedBuilder):
@@ -122,14 +116,13 @@ def _shape_region(label, rng, yy, xx, height, width):
   return (np.abs(yy - cy) < rh) & (np.abs(xx - cx) < r)
 
 
+_PLAIN = {1: [200., 30., 30.], 2: [30., 180., 40.], 3: [30., 50., 210.]}  # RGB
+
+
 def _texture(label, rng, yy, xx):
   noise = rng.normal(0, 8, yy.shape + (3,))
-  if label == 1:
-    base = np.broadcast_to([200., 30., 30.], noise.shape)
-  elif label == 2:
-    base = np.broadcast_to([30., 180., 40.], noise.shape)
-  elif label == 3:
-    base = np.broadcast_to([30., 50., 210.], noise.shape)
+  if label in _PLAIN:
+    base = np.broadcast_to(_PLAIN[label], noise.shape)
   elif label == 4:
     stripe = ((yy // 3) % 2 == 0)[..., None]
     base = np.where(stripe, [230., 210., 20.], [60., 50., 0.])
@@ -146,8 +139,7 @@ def build(data_dir: str | None = None, **config_kwargs) -> LsegSynthetic:
   if config.name in LsegSynthetic.builder_configs:
     config = config.name  # TFDS refuses a custom config named like a built-in.
   builder = LsegSynthetic(data_dir=data_dir, config=config)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 
@@ -158,9 +150,8 @@ class EncodedSource(registry.Source):
   ignore. Suits small datasets (the synthetic one, benchmarks, tests).
   """
 
-  def __init__(self, images: list[bytes], masks: list[bytes],
-               file_names: list[str], label_names: list[str],
-               mask_ignore: int = MASK_IGNORE):
+  def __init__(self, images: list[bytes], masks: list[bytes], file_names: list[str],
+               label_names: list[str], mask_ignore: int = MASK_IGNORE):
     if not len(images) == len(masks) == len(file_names):
       raise ValueError(f"Got {len(images)} images, {len(masks)} masks and "
                        f"{len(file_names)} file names; expected equal counts.")
@@ -208,8 +199,7 @@ _SOURCES: dict[tuple, EncodedSource] = {}
 
 
 @registry.register("synthetic")
-def make_source(split: str, *, data_dir: str | None = None,
-                **config_kwargs) -> EncodedSource:
+def make_source(split: str, *, data_dir: str | None = None, **config_kwargs) -> EncodedSource:
   """The synthetic dataset split ("train" / "validation"), built if missing.
 
   Sources are cached per (data_dir, config, split): pipelines ask for the

@@ -18,8 +18,6 @@ skipped as bad before step k.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
@@ -43,17 +41,15 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   `start_step` on (equal to the uninterrupted stream's batches from there); the process
   slice defaults to JAX's."""
   ds, union, stats = make_train_dataset(
-      data_cfg, global_batch_size=global_batch_size, seed=seed,
-      start_step=start_step, process_index=process_index,
-      process_count=process_count)
+      data_cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+      process_index=process_index, process_count=process_count)
   process_index, process_count = resolve_process(process_index, process_count)
   return DataIterator(ds, union, stats, global_batch_size // process_count,
                       episodic=source_specs.is_episodic(data_cfg))
 
 
-def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
-                       start_step: int = 0, process_index: int | None = None,
-                       process_count: int | None = None):
+def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                       process_index: int | None = None, process_count: int | None = None):
   """(endless per-host train tf.data.Dataset, label names, stats): `make_train_iterator`."""
   process_index, process_count = resolve_process(process_index, process_count)
   bad_examples.check_on_bad(data_cfg)
@@ -90,8 +86,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
     slots = owners.filter(no_autograph(lambda pos, c, mine, i=i: tf.equal(c, i)))
     slots = slots.map(no_autograph(lambda pos, c, mine: (pos, mine)))
     if comp.source.is_indexed:
-      index_ds = tf.data.Dataset.zip(
-          _index_stream(comp.source, comp_seed, comp_start), slots)
+      index_ds = tf.data.Dataset.zip(_index_stream(comp.source, comp_seed, comp_start), slots)
       index_ds = index_ds.filter(no_autograph(lambda item, slot: slot[1])).map(
           no_autograph(lambda item, slot: (slot[0], item[1])))
       ds = bad_examples.indexed_examples(comp.source, index_ds, data_cfg, stats)
@@ -104,8 +99,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
           no_autograph(lambda ex, slot: slot[1])).map(
               no_autograph(lambda ex, slot: dict(ex, _position=slot[0])))
     augment = _augment_fn(data_cfg, comp, len(union), _seed_int(seed, 3, i))
-    streams.append(ds.map(no_autograph(augment),
-                          num_parallel_calls=data_cfg.num_parallel_calls,
+    streams.append(ds.map(no_autograph(augment), num_parallel_calls=data_cfg.num_parallel_calls,
                           deterministic=True))
 
   if len(streams) == 1:
@@ -119,8 +113,7 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   return deterministic(ds), union, stats
 
 
-def _augment_fn(data_cfg, comp: source_specs.Component, union_size: int,
-                aug_seed: int):
+def _augment_fn(data_cfg, comp: source_specs.Component, union_size: int, aug_seed: int):
   """Raw example -> {image, label, label_mask}, augmented from its position."""
   crop, base = data_cfg.crop_size, data_cfg.base_size
   scale_range, flip = tuple(data_cfg.scale_range), bool(data_cfg.flip)
@@ -137,8 +130,7 @@ def _augment_fn(data_cfg, comp: source_specs.Component, union_size: int,
 
 def _seed_int(*values) -> int:
   """A 63-bit integer derived from the given integers (stable across runs)."""
-  state = np.random.SeedSequence([int(v) for v in values]).generate_state(
-      2, np.uint32)
+  state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
   return int((int(state[0]) << 31) ^ int(state[1]))
 
 
@@ -152,11 +144,9 @@ def _index_stream(source: registry.Source, seed, start):
   epoch_seed = tf.constant(seed, tf.int64)
 
   def epoch(e):
-    perm = tf.random.experimental.stateless_shuffle(
-        host, seed=tf.stack([epoch_seed, e]))
+    perm = tf.random.experimental.stateless_shuffle(host, seed=tf.stack([epoch_seed, e]))
     return tf.data.Dataset.from_tensor_slices(perm)
-  indices = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(
-      no_autograph(epoch))
+  indices = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(no_autograph(epoch))
   indices = indices.skip(start % n)
   positions = tf.data.Dataset.range(start, _MAX_EPOCHS)
   return tf.data.Dataset.zip(positions, indices)
@@ -187,8 +177,3 @@ def _mixture_counts(choices, num_components, start) -> list[int]:
     c = choices(tf.constant(full, tf.int64))[:rest].numpy()
     counts += np.bincount(c, minlength=num_components)
   return [int(x) for x in counts]
-
-
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-  """Whole steps in one epoch of `num_examples` (for schedules and logs)."""
-  return max(1, math.floor(num_examples / global_batch_size))

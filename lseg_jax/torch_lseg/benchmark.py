@@ -75,14 +75,12 @@ def bench_torch(cfg: TorchLSegConfig, task: str, dtype: str, device, *, batch_si
 
   if task == "train":
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                          momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
     def step(i):
       opt.zero_grad(set_to_none=True)
       with autocast:
-        logits = model(images[i % 2], model.encode_text(tokens) if train_text else text,
-                       mask)
+        logits = model(images[i % 2], model.encode_text(tokens) if train_text else text, mask)
       loss = F.cross_entropy(logits.float(), label[i % 2], ignore_index=-1)
       loss.backward()
       opt.step()

@@ -52,8 +52,7 @@ class Transformer(nn.Module):
 
   def __init__(self, width: int, layers: int, heads: int):
     super().__init__()
-    self.resblocks = nn.ModuleList(
-        [ResidualAttentionBlock(width, heads) for _ in range(layers)])
+    self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
   def forward(self, x, mask):
     for block in self.resblocks:

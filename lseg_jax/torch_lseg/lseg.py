@@ -48,25 +48,21 @@ _VIT_TINY = dict(width=32, depth=4, heads=2, mlp=64)
 _RESAMPLE_VIT16 = (4, 2, 1, 0.5)
 _RESAMPLE_VIT32 = (8, 4, 2, 1)
 
+_LSEG_L16 = dict(vit=_VIT_L16, hooks=(5, 11, 17, 23), widths=(256, 512, 1024, 1024),
+                 resample=_RESAMPLE_VIT16)
+_LSEG_TINY = dict(hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32), text=_TINY_TEXT)
+
 # backbone -> structure. The official backbones pair a ViT image encoder with
 # the text tower of a CLIP model (ViT-B/32's for both ViT-based names).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "clip_vitl16_384": dict(
-        vit=_VIT_L16, hooks=(5, 11, 17, 23), widths=(256, 512, 1024, 1024),
-        resample=_RESAMPLE_VIT16, text=_CLIP_B32_TEXT),
-    "clipRN50x16_vitl16_384": dict(
-        vit=_VIT_L16, hooks=(5, 11, 17, 23), widths=(256, 512, 1024, 1024),
-        resample=_RESAMPLE_VIT16, text=_CLIP_RN50X16_TEXT),
+    "clip_vitl16_384": dict(_LSEG_L16, text=_CLIP_B32_TEXT),
+    "clipRN50x16_vitl16_384": dict(_LSEG_L16, text=_CLIP_RN50X16_TEXT),
     "clip_vitb32_384": dict(
         vit=_VIT_B32, hooks=(2, 5, 8, 11), widths=(96, 192, 384, 768),
         resample=_RESAMPLE_VIT32, text=_CLIP_B32_TEXT),
     # Tiny test variants: the same structure with small widths.
-    "tiny_vit16": dict(
-        vit=dict(patch=16, **_VIT_TINY), hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32),
-        resample=_RESAMPLE_VIT16, text=_TINY_TEXT),
-    "tiny_vit32": dict(
-        vit=dict(patch=32, **_VIT_TINY), hooks=(0, 1, 2, 3), widths=(8, 16, 32, 32),
-        resample=_RESAMPLE_VIT32, text=_TINY_TEXT),
+    "tiny_vit16": dict(_LSEG_TINY, vit=dict(patch=16, **_VIT_TINY), resample=_RESAMPLE_VIT16),
+    "tiny_vit32": dict(_LSEG_TINY, vit=dict(patch=32, **_VIT_TINY), resample=_RESAMPLE_VIT32),
     # ResNet image encoders (`resnet`: Bottleneck blocks per stage), `LSegRNNetZS`.
     "clip_resnet101": dict(resnet=(3, 4, 23, 3), widths=STAGE_WIDTHS, text=_CLIP_B32_TEXT),
     "tiny_resnet": dict(resnet=(1, 1, 1, 1), widths=STAGE_WIDTHS, text=_TINY_TEXT),
@@ -93,8 +89,7 @@ class TorchLSegConfig:
     _check_choice("arch_option", self.arch_option, ARCH_OPTIONS)
     _check_choice("activation", self.activation, ACTIVATIONS)
     if self.features is None:
-      object.__setattr__(self, "features",
-                         16 if self.backbone.startswith("tiny") else 256)
+      object.__setattr__(self, "features", 16 if self.backbone.startswith("tiny") else 256)
     for name in ("features", "vocab_size", "context_length"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
@@ -182,8 +177,7 @@ class ViTBackbone(nn.Module):
     self.hooks = tuple(hooks)
     assert list(self.hooks) == sorted(set(self.hooks)), self.hooks
     for i, (width, factor) in enumerate(zip(widths, resample)):
-      self.add_module(f"act_postprocess{i + 1}",
-                      Reassemble(readout, vit["width"], width, factor))
+      self.add_module(f"act_postprocess{i + 1}", Reassemble(readout, vit["width"], width, factor))
 
   def _pos_embed(self, grid_hw):
     """Position embeddings [1, 1+h*w, C], the grid part resized bilinearly."""
@@ -191,8 +185,7 @@ class ViTBackbone(nn.Module):
     cls_pos, grid_pos = pos[:, :1], pos[0, 1:]
     side = int(math.isqrt(grid_pos.shape[0]))
     grid_pos = grid_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid_pos = F.interpolate(grid_pos, size=grid_hw, mode="bilinear",
-                             align_corners=False)
+    grid_pos = F.interpolate(grid_pos, size=grid_hw, mode="bilinear", align_corners=False)
     grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(1, grid_hw[0] * grid_hw[1], -1)
     return torch.cat([cls_pos, grid_pos], dim=1)
 
@@ -209,8 +202,7 @@ class ViTBackbone(nn.Module):
       tokens = block(tokens)
       if i in self.hooks:
         hooked.append(tokens)
-    return [getattr(self, f"act_postprocess{i + 1}")(t, grid_hw)
-            for i, t in enumerate(hooked)]
+    return [getattr(self, f"act_postprocess{i + 1}")(t, grid_hw) for i, t in enumerate(hooked)]
 
 
 # --- Decoder: DPT fusion blocks ---
@@ -328,8 +320,7 @@ class LSegTorch(nn.Module):
     self.scratch = nn.Module()
     for i, width in enumerate(variant["widths"]):
       self.scratch.add_module(
-          f"layer{i + 1}_rn",
-          nn.Conv2d(width, config.features, 3, padding=1, bias=False))
+          f"layer{i + 1}_rn", nn.Conv2d(width, config.features, 3, padding=1, bias=False))
     for i in range(4):
       self.scratch.add_module(f"refinenet{i + 1}", FusionBlock(config.features))
     self.scratch.head1 = nn.Conv2d(config.features, self.embed_dim, kernel_size=1)

@@ -1,12 +1,6 @@
-"""lang-seg's ResNet image encoder (`LSegRNNetZS.pretrained`) for the PyTorch LSeg.
-
-lang-seg's `_make_resnet_backbone` regroups a torchvision ResNet: `layer1` is
-nn.Sequential(conv1, bn1, relu, maxpool, layer1), and `layer2..4` are torchvision's.
-The state-dict keys are therefore `pretrained.layer1.0.*` (stem conv),
-`pretrained.layer1.1.*` (stem BatchNorm), `pretrained.layer1.4.I.*` (first stage) and
-`pretrained.layer{2,3,4}.I.*`; torchvision's classifier `fc` is not kept
-(`langseg_layout.RESNET_LAYOUT`; checkpoints are recognised and their depth counted
-there, for this model and the JAX converter alike).
+"""lang-seg's ResNet image encoder (`LSegRNNetZS.pretrained`) for the PyTorch LSeg: a
+torchvision ResNet regrouped as lang-seg's `_make_resnet_backbone` does (its keys:
+`langseg_layout.RESNET_LAYOUT`; docs/interop.md, "Key layout").
 """
 from __future__ import annotations
 
@@ -34,10 +28,8 @@ class ResNetBackbone(nn.Module):
     self.layer2 = net.layer2
     self.layer3 = net.layer3
     self.layer4 = net.layer4
-    self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1),
-                         persistent=False)
-    self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1),
-                         persistent=False)
+    self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
+    self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
 
   def forward(self, x):
     """[B, 3, H, W] (mean 0.5, std 0.5) -> [B, 256, H/4, W/4], [B, 512, H/8, W/8],
