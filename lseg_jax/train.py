@@ -69,9 +69,9 @@ def make_train_step(spec: state_lib.StateSpec, frozen: tuple[str, ...], accum_st
 
   def loss_fn(params, frozen_params, rest, batch, text_emb):
     model = nnx.merge(graphdef, params, frozen_params, rest)
-    logits = model(batch["image"], text_emb, batch["label_mask"])
-    loss, _ = losses.cross_entropy(logits, batch["label"])
-    correct, valid = losses.pixel_accuracy_counts(logits, batch["label"])
+    logits = model.half_logits(batch["image"], text_emb, batch["label_mask"])
+    loss, valid, correct = losses.upsampled_loss_and_accuracy(
+        logits, batch["label"], batch["label_mask"])
     new_rest = optim.partition(model, frozen)[3]
     return loss, (new_rest, correct, valid)
 

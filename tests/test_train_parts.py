@@ -18,6 +18,7 @@ from lseg_jax import train
 from lseg_jax import train_utils
 from lseg_jax.convert import clip_openai, mapping, timm_vit
 from lseg_jax.models import lseg
+from lseg_jax.models import resize
 
 
 def test_cross_entropy_matches_torch_ignore_index():
@@ -48,6 +49,35 @@ def test_masked_labels_get_no_probability_and_finite_gradients():
   assert float(losses.cross_entropy(logits, jnp.full((2, 1, 1), -1))[0]) == 0.0
   correct, valid = losses.pixel_accuracy_counts(logits, jnp.array([[[0]], [[2]]]))
   assert (int(correct), int(valid)) == (1, 2)
+
+
+def test_upsampled_loss_on_phases_equals_the_full_size_loss():
+  """The training loss scores the x2 upsampling's phases; the same logits as the model's
+  full-size output, so the same loss, counts and gradient (sums in another order:
+  float32 rounding, 1e-6 relative), with masked labels and ignored pixels."""
+  rng = np.random.default_rng(0)
+  half = jnp.asarray(rng.normal(size=(2, 5, 7, 4)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(-1, 4, size=(2, 10, 14)).astype(np.int32))
+  mask = jnp.array([[True, True, False, True], [True, True, True, True]])
+  labels = jnp.where((labels == 2) & ~mask[:, 2, None, None], -1, labels)
+
+  def full(x):
+    logits = resize.upsample2x_align_corners(jnp.where(mask[:, None, None, :], x, 0.0))
+    logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+    loss, count = losses.cross_entropy(logits, labels)
+    return loss, (count, losses.pixel_accuracy_counts(logits, labels)[0])
+
+  def phased(x):
+    loss, count, correct = losses.upsampled_loss_and_accuracy(
+        jnp.where(mask[:, None, None, :], x, 0.0), labels, mask)
+    return loss, (count, correct)
+  (want, (count, correct)), want_grad = jax.value_and_grad(full, has_aux=True)(half)
+  (got, (got_count, got_correct)), grad = jax.value_and_grad(phased, has_aux=True)(half)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  assert (int(got_count), int(got_correct)) == (int(count), int(correct))
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="half size"):
+    losses.upsampled_loss_and_accuracy(half, labels[:, :9], mask)
 
 
 def test_metric_writer_one_object_per_step_and_resume_truncation(tmp_path):

@@ -259,6 +259,16 @@ class LSeg(nnx.Module):
     label embeddings [L, D] or [B, L, D] (any norm), optional bool label_mask [B, L]
     (False: not a candidate, logit -inf and out of the bottleneck max; every row needs a
     True) -> float32 logits [B, H, W, L]."""
+    logits = resize.upsample2x_align_corners(self.half_logits(images, text_emb, label_mask))
+    if label_mask is not None:
+      logits = jnp.where(label_mask[:, None, None, :], logits, -jnp.inf)
+    return logits
+
+  def half_logits(self, images, text_emb, label_mask=None):
+    """As `__call__`, before its last step (the bilinear x2 upsampling, then -inf for the
+    labels `label_mask` rules out): float32 logits [B, H/2, W/2, L], 0 for ruled-out
+    labels. The training loss runs on the upsampling's phases of these
+    (`losses.upsampled_loss_and_accuracy`) instead of a full-size copy."""
     b = images.shape[0]
     if text_emb.ndim not in (2, 3) or text_emb.shape[-1] != self.text_dim:
       raise ValueError(f"expected text_emb [L, {self.text_dim}] or [B, L, {self.text_dim}], "
@@ -278,18 +288,14 @@ class LSeg(nnx.Module):
     eq = "bhwd,ld->bhwl" if text.ndim == 2 else "bhwd,bld->bhwl"
     # The pixel embeddings are U x / |U x| (`embed_pixels`; U: the x2 upsampling). U is
     # linear, so their scores U x . t are U (x . t): L channels are upsampled instead
-    # of D, and U x only enters through its norms (computed without keeping U x).
+    # of D, and U x only enters through its norms (computed without making U x).
     scores = resize.upsample2x_align_corners(
         jnp.einsum(eq, x, text, precision=jax.lax.Precision.HIGHEST))
-    norms = jnp.sqrt(jnp.sum(jnp.square(resize.upsample2x_align_corners(x)), axis=-1,
-                             keepdims=True))
+    norms = jnp.sqrt(resize.upsampled_squared_norms(x))[..., None]
     logits = LOGIT_SCALE * (scores / norms)
     if self.scratch.head_block is not None:
       logits = self.scratch.head_block(logits, label_mask)
     if label_mask is not None:
       # Zero (not -inf) through the resize: -inf * 0 weights would give NaN.
       logits = jnp.where(label_mask[:, None, None, :], logits, 0.0)
-    logits = resize.upsample2x_align_corners(logits)
-    if label_mask is not None:
-      logits = jnp.where(label_mask[:, None, None, :], logits, -jnp.inf)
     return logits

@@ -96,7 +96,9 @@ def _shifted(x, axis: int, shifts):
   return {d: jax.lax.slice_in_dim(xp, lo + d, lo + d + n, axis=axis) for d in set(shifts)}
 
 
-def _upsample_axis(x, axis: int, stencil):
+def _phases(x, axis: int, stencil):
+  """The r phases of an integer-factor upsampling along `axis`: phase p [..., n, ...]
+  holds outputs r*i + p."""
   d0, d1, w1 = stencil
   r, n = w1.shape
   shape = [1] * x.ndim
@@ -106,10 +108,18 @@ def _upsample_axis(x, axis: int, stencil):
   # multiply-add the compiler may form does not depend on how it orders the operands
   # (e.g. after folding a reversal into this loop), so every compiled copy of a
   # resize gives the same bits; flip averaging relies on that.
-  phases = [taps[d0[p]] + (taps[d1[p]] - taps[d0[p]]) * jnp.asarray(w1[p], x.dtype).reshape(shape)
-            for p in range(r)]
-  y = jnp.stack(phases, axis=axis + 1)  # [..., n, r, ...]: output r*i + p
-  return y.reshape(*x.shape[:axis], n * r, *x.shape[axis + 1:])
+  return [taps[d0[p]] + (taps[d1[p]] - taps[d0[p]]) * jnp.asarray(w1[p], x.dtype).reshape(shape)
+          for p in range(r)]
+
+
+def _interleave(phases, axis: int):
+  """Phases [..., n, ...] -> [..., r n, ...] with output r*i + p = phases[p][i]."""
+  y = jnp.stack(phases, axis=axis + 1)  # [..., n, r, ...]
+  return y.reshape(*y.shape[:axis], -1, *y.shape[axis + 2:])
+
+
+def _upsample_axis(x, axis: int, stencil):
+  return _interleave(_phases(x, axis, stencil), axis)
 
 
 def _matmul_axis(x, axis: int, out_size: int, align_corners: bool):
@@ -146,3 +156,48 @@ def resize_bilinear(x, size: tuple[int, int], align_corners: bool):
 def upsample2x_align_corners(x):
   """[..., H, W, C] -> [..., 2H, 2W, C], bilinear with align_corners=True."""
   return resize_bilinear(x, (2 * x.shape[-3], 2 * x.shape[-2]), align_corners=True)
+
+
+def _x2_stencils(x):
+  h, w = x.shape[-3], x.shape[-2]
+  return _stencil(h, 2 * h, True), _stencil(w, 2 * w, True)
+
+
+def upsample2x_phases(x) -> dict[tuple[int, int], jax.Array]:
+  """The four phases of `upsample2x_align_corners(x)` without interleaving them:
+  {(p, q): y[..., p::2, q::2, :]}, each [..., H, W, C], by the same arithmetic (the
+  same bits as slicing the interleaved result). A per-pixel function of the upsampled
+  array (the training loss) can run on the phases: on TPUs, interleaving costs a layout
+  copy of the whole array and another of its gradient."""
+  sh, sw = _x2_stencils(x)
+  cols = _phases(x, x.ndim - 2, sw)  # width first, as resize_bilinear
+  return {(p, q): row for q, col in enumerate(cols)
+          for p, row in enumerate(_phases(col, x.ndim - 3, sh))}
+
+
+def _tap(x, axis: int, d: int):
+  return _shifted(x, axis, (d,))[d]
+
+
+def upsampled_squared_norms(x):
+  """sum(square(upsample2x_align_corners(x)), -1) [..., 2H, 2W] without making the
+  upsampled [..., 2H, 2W, C] array: float32 rounding apart, the same values.
+
+  Along the height, output 2i + p is y0 + (y1 - y0) h of two rows y0, y1 of the
+  width-upsampled map y (one of its two phases), so its squared norm is
+  (1 - h)^2 |y0|^2 + 2 (1 - h) h <y0, y1> + h^2 |y1|^2: the per-pixel norms and
+  neighbour inner products of y, reductions that fuse with the arithmetic making y.
+  """
+  (hd0, hd1, hw), sw = _x2_stencils(x)
+  ah, h = x.ndim - 3, x.shape[-3]
+  cols = []
+  for y in _phases(x, x.ndim - 2, sw):
+    norms = jnp.sum(jnp.square(y), axis=-1)  # [..., H, W]
+    rows = []
+    for p in range(2):
+      w1 = jnp.asarray(hw[p], x.dtype).reshape(h, 1)
+      dot = jnp.sum(_tap(y, ah, hd0[p]) * _tap(y, ah, hd1[p]), axis=-1)
+      rows.append(jnp.square(1 - w1) * _tap(norms, ah, hd0[p])
+                  + 2 * (1 - w1) * w1 * dot + jnp.square(w1) * _tap(norms, ah, hd1[p]))
+    cols.append(_interleave(rows, ah))
+  return _interleave(cols, x.ndim - 2)
