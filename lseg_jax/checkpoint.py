@@ -1,26 +1,6 @@
 """Orbax checkpoints: the one place that knows the on-disk layout.
 
-A checkpoint directory is an Orbax `CheckpointManager` root with one folder per step.
-Each step holds the items
-  model:     the model state (parameters and BatchNorm statistics) as a pure pytree,
-  meta:      JSON with `model_config` (LSegConfig.to_dict()) and free-form extras
-             (training config, data position, label names, ...),
-  opt_state: optional optimizer state (training checkpoints only).
-Everything that loads a model (prediction, evaluation, fine-tuning, export) calls
-`load_model`, whichever tool wrote the directory (training or `tools/convert.py import`).
-Orbax writes each step to a temporary folder and renames it when complete, so a run
-killed mid-save leaves the previous step as the latest complete one. In a
-multi-process job every process takes part in saving and restoring (each writes its
-own shards; process 0 writes the metadata). Paths go through `etils.epath`, Orbax's
-own path layer, so a directory may be remote (gs://...).
-
-Integrity: `save` records a CRC-32 of every array in `meta["integrity"]` and refuses
-non-finite parameters; every restore recomputes the checksums and raises
-`DamagedCheckpointError` naming the first array that differs (or an unreadable step).
-`restore_newest_intact` walks back to the newest intact step; training resumes from it
-and moves damaged step folders aside (`STEP.damaged`). In a multi-process job the
-checksums cover the arrays each process holds whole; arrays sharded over processes are
-checked for NaN/Inf over all processes together.
+Layout, atomicity and integrity rules: docs/training.md, "Checkpoints".
 """
 from __future__ import annotations
 

@@ -1,37 +1,6 @@
 """FLOPs of LSeg per image, from the model config, the crop size and the label count.
 
-What is counted: every matrix product and convolution, at 2 FLOPs per
-multiply-accumulate, as this implementation computes them:
-
-  ViT (the blocks up to the last hook; T = N + 1 tokens of width C, N patches of
-  p x p pixels, MLP width M):
-    patch embedding        2 N (3 p^2) C
-    per block: qkv 6 T C^2, scores QK^T 2 T^2 C, weights x V 2 T^2 C,
-               projection 2 T C^2, MLP 4 T C M
-  DPT decoder (per hook i, width w_i, resampled to P_i pixels; F features):
-    readout "project"      2 N (2C) C
-    1x1 conv               2 N C w_i
-    resample               ConvTranspose k x k, stride k: 2 N k^2 w_i^2;
-                           3x3 stride-2 conv: 2 (P_i) 9 w_i^2
-    layerN_rn (3x3)        2 P_i 9 w_i F
-    fusion block i         2 (or 4 with the skip unit) 3x3 convs: 2 P_i 9 F^2 each;
-                           out_conv (1x1) 2 P_i F^2
-  head: head1 (1x1 to the text width D) 2 P_1 F D; spatial regularisation (arch_option
-    1 or 2): max(block_depth, 1) single-channel 3x3 convs per label on the H/2 x W/2
-    map, 2 (H/2)(W/2) 9 L each.
-  logits: 2 P_1 D L (the scores are taken before the last x2 upsampling).
-
-Not counted: normalisations, activations, softmax, resizes, the L2 norms, the loss
-(elementwise work, a few percent at most), and the CLIP text tower: label embeddings
-are computed once per label set, not per image.
-
-lang-seg applies out_conv after each fusion block's x2 upsampling and head1 and the
-logits at H/2 x W/2, 4x the pixels; `reference_order=True` counts them there, for
-comparisons with the official model (it computes the same function).
-
-Training: backward = 2 x forward, so a training step costs 3 x forward per image.
-Example: ViT-L/16 at 480 x 480 with 150 labels, 0.78 TFLOP forward, 2.35 TFLOP per
-training image (2.43 in lang-seg's order).
+What is counted and how: docs/evaluation.md, "FLOP count".
 """
 from __future__ import annotations
 
@@ -73,7 +42,7 @@ def count(cfg: lseg.LSegConfig, height: int, width: int | None = None,
           num_labels: int = 150, *, reference_order: bool = False) -> Flops:
   """FLOPs of one image of `height` x `width` (default square) with `num_labels` labels.
 
-  See the module docstring for what is counted. `height` and `width` must be valid
+  What is counted: docs/evaluation.md, "FLOP count". `height` and `width` must be valid
   input sizes for the model (multiples of its `size_multiple`).
   """
   width = height if width is None else width

@@ -1,20 +1,6 @@
 """The paper's optimizer as optax, driven by regex rules over flat parameter names.
 
-lang-seg (`modules/lsegmentation_module.py`) trains with
-  torch.optim.SGD([{pretrained: lr}, {scratch: 10 lr}], momentum=0.9, weight_decay=1e-4)
-  lr(t) = base_lr * (1 - t / T) ** 0.9,    base_lr = 0.004 / 16 * batch_size,
-and never hands the CLIP text tower (`clip_pretrained`) to the optimizer. Here:
-
-  frozen rules    names matching them are not optimised at all: they are split off the
-                  model (`partition`), get no gradient and no optimizer state;
-  lr_mults        `(regex, multiplier)`, first match wins, default 1 (`scratch/.*`: 10);
-  no_decay        names excluded from weight decay (none in the paper: torch applies
-                  it to every parameter of the optimizer, biases and BatchNorm included).
-
-The update reproduces torch's SGD exactly: d = g + wd * p; buf = momentum * buf + d
-(buf starts at 0, so the first buf is d); p -= lr_group(t) * buf. Optional global-norm
-clipping acts on the raw gradients first. The schedule counts optimizer steps (lang-seg
-steps its LambdaLR once per epoch; per step is the finer version of the same curve).
+lang-seg's recipe and the torch-SGD parity: docs/training.md, "The optimizer".
 """
 from __future__ import annotations
 

@@ -1,19 +1,6 @@
 """Device mesh and regex rules -> `NamedSharding`s for parameters, state and batches.
 
-The mesh has two axes: `data` (pure data parallelism) and `fsdp` (data parallelism
-whose parameters and optimizer state are split over the axis, gathered per layer by
-XLA when needed). A batch is split over both axes together, so every device sees
-different examples; BatchNorm's means over the batch axis of such a global array are
-then means over the global batch.
-
-Sharding rules are `(regex, action)` pairs over flat parameter names
-("pretrained/model/blocks/0/attn/qkv/kernel", see `lseg_jax.names`); the first rule
-whose regex fully matches a name decides:
-  "fsdp"       split the largest axis divisible by the `fsdp` axis size, if the array
-               has at least `min_size` elements (else replicate);
-  "replicate"  a full copy on every device;
-  a tuple      an explicit `PartitionSpec`, e.g. (None, "fsdp").
-Names that no rule matches are replicated.
+Mesh axes and rule actions: docs/scaling.md, "Sharding rules".
 """
 from __future__ import annotations
 
