@@ -264,7 +264,3 @@ def check_config(config) -> None:
 def to_json_dict(config) -> dict[str, Any]:
   """The config as JSON-able nested dicts (a checkpoint's `meta["config"]`)."""
   return json.loads(config.to_json())
-
-
-__all__ = ["EVAL_FIELDS", "REQUIRED_FIELDS", "TOP_FIELDS", "all_fields", "check_config", "complete",
-           "defaults", "evals", "override", "parse_value", "to_json_dict"]

@@ -319,9 +319,3 @@ def preemption_sync_enabled() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   from lseg_jax import _jax_private  # pylint: disable=g-import-not-at-top
   return jax.process_count() > 1 and _jax_private.preemption_sync_enabled()
-
-
-__all__ = ["DEFAULT_HEARTBEAT_TIMEOUT", "ENV_COORDINATOR", "ENV_HEARTBEAT_TIMEOUT",
-           "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "EXIT_PROCESS_LOST", "Topology",
-           "add_arguments", "await_lost_process", "barrier", "compile_in_step", "done",
-           "initialize", "leaving", "preemption_sync_enabled", "shutdown_finished"]

@@ -82,7 +82,3 @@ def config_dict_of(fields: dict[str, Field]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       name: config_dict.placeholder(f.type) if f.default is None else f.default
       for name, f in fields.items()})
-
-
-__all__ = ["Field", "boolean", "config_dict_of", "free", "integer", "number", "one_of",
-           "range_pair"]

@@ -383,11 +383,3 @@ def tensor_warnings(state_dict: Mapping[str, Any]) -> list[str]:
       out.append(f"tensor {key!r} has {bad} NaN/Inf values; the imported model's "
                  "predictions will not be finite")
   return out
-
-
-__all__ = ["ACTIVATIONS", "BACKBONE_SHAPES", "CLIP_IMAGE_PREFIXES", "CLIP_PREFIX",
-           "HEAD_BLOCK_WEIGHT", "HPARAMS", "LIGHTNING_PREFIX", "PROJECT_READOUT", "RESNET_LAYOUT",
-           "RESNET_PREFIX", "RESNET_SHAPES", "RESNET_STEM", "SETTINGS", "TEXT_SHAPES", "VIT_PREFIX",
-           "VIT_SHAPES", "backbone_shapes", "check_layout", "find_backbone", "infer_settings",
-           "is_resnet", "json_safe", "load_state_dict_file", "numpy_state_dict", "read_checkpoint",
-           "resnet_blocks", "split_checkpoint", "tensor_warnings", "torch_load", "vit_shapes"]

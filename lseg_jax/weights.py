@@ -341,8 +341,3 @@ def file_sha256(path: str) -> str:
     while chunk := f.read(1 << 22):
       digest.update(chunk)
   return digest.hexdigest()
-
-
-__all__ = ["CLIP_TOKENIZERS", "HUB_ID", "OFFICIAL", "Official", "TOKENIZER_FILES", "WeightsError",
-           "cache_dir", "download_url", "file_sha256", "hub_cache_dir", "hub_cached", "hub_files",
-           "hub_unreachable", "names", "offline", "resolve", "url_cache_path"]
