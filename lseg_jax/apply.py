@@ -73,6 +73,3 @@ def forward(apply: Callable, mesh: jax.sharding.Mesh, dtype: Any = jnp.float32, 
 
   batch = sharding.batch_sharding(mesh)
   return jax.jit(fn, out_shardings=(batch, batch) if with_embeddings else batch)
-
-
-__all__ = ["LSegApply", "forward", "model_apply"]

@@ -20,6 +20,3 @@ class MissingFileError(UserError, FileNotFoundError):
 class NonFiniteError(UserError, FloatingPointError):
   """Training diverged (a non-finite loss or gradient: too high a learning rate), or
   arrays to be saved are not finite; also a FloatingPointError."""
-
-
-__all__ = ["MissingFileError", "NonFiniteError", "UserError"]

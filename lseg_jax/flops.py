@@ -86,6 +86,3 @@ def count(cfg: lseg.LSegConfig, height: int, width: int | None = None,
   logits = 2 * head_pixels * d * num_labels
   return Flops(vit=float(vit_flops(vcfg, height, width)), decoder=float(decoder),
                head=float(head), logits=float(logits))
-
-
-__all__ = ["Flops", "count", "vit_flops"]

@@ -557,9 +557,3 @@ class ImagePredictor:
       logits = resize_image(logits, (h, w), align_corners=False)
     return {"logits": logits, "label_map": logits.argmax(-1).astype(np.int32),
             "embeddings": None if emb is None else np.asarray(emb[0]), "input_size": size}
-
-
-__all__ = ["OFFICIAL_SCALES", "CropRunner", "ImagePredictor", "SlidingWindow",
-           "SlidingWindowInference", "model_input_size",
-           "ViewProtocol", "normalize_image", "resize_blocks", "resize_image", "scaled_size",
-           "window_origins"]

@@ -108,6 +108,3 @@ def pretrained_weights(init_cfg, abstract: lseg.LSeg) -> dict[str, np.ndarray]:
             "clip": _from_clip}[field]
     weights.update(load(path, abstract))
   return weights
-
-
-__all__ = ["INIT_FIELDS", "pretrained_weights"]

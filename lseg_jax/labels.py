@@ -26,6 +26,3 @@ def text_names(label_names: Sequence[str], episodic: bool,
   if episodic and names and names[0] == OTHER_LABEL:
     names[0] = background_text or EPISODE_BACKGROUND_TEXT
   return names
-
-
-__all__ = ["EPISODE_BACKGROUND_TEXT", "IGNORE_INDEX", "OTHER_LABEL", "text_names"]

@@ -261,8 +261,3 @@ class FewShotMeter:
     ids = slice(None) if self.class_ids is None else self.class_ids
     out["episodes"] = self.num_episodes[ids]
     return out
-
-
-__all__ = ["EPS", "FewShotMeter", "SegmentationMeter", "confusion_matrix",
-           "confusion_matrix_np", "episode_confusion", "episode_confusion_np", "fewshot_iou",
-           "miou_pixacc", "to_host"]

@@ -107,7 +107,3 @@ def first_match(name: str, rules: Sequence[tuple[str, Any]], default: Any = None
 def matches(name: str, patterns: Iterable[str]) -> bool:
   """Whether any regex of `patterns` fully matches `name`."""
   return any(re.fullmatch(p, name) for p in patterns)
-
-
-__all__ = ["SEP", "check_patterns", "check_rules", "first_match", "flatten", "key_name",
-           "matches", "path_name", "split_name"]

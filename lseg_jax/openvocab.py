@@ -209,7 +209,3 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append(f"| {row['benchmark']} | {row['classes']} | {row['images']} | "
                  f"{100 * row['mIoU']:.2f} | {summary['protocol']} |")
   return "\n".join(lines) + "\n"
-
-
-__all__ = ["SYNONYMS", "embed_rows", "evaluate_benchmark", "markdown", "protocol_window",
-           "run_suite", "scored_table", "scored_texts", "synonyms_of", "write_json"]

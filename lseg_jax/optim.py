@@ -143,8 +143,3 @@ def make_optimizer(optim_cfg, params, *, total_steps: int, global_batch_size: in
   if any(m != 1.0 for m in jax.tree.leaves(mults)):
     parts.append(scale_by_tree(mults))
   return optax.chain(*parts), schedule
-
-
-__all__ = ["PAPER_BASE_LR", "PAPER_BATCH", "base_learning_rate", "decay_mask",
-           "default_optim_config", "lr_multipliers", "lr_schedule", "make_optimizer",
-           "partition", "scale_by_tree", "trainable_filter"]

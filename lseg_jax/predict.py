@@ -411,10 +411,3 @@ def save_label_map(path: str | BinaryIO, label_map: np.ndarray, num_labels: int)
   for up to 256 labels, 16-bit above)."""
   dtype = np.uint8 if num_labels <= 256 else np.uint16
   Image.fromarray(np.asarray(label_map).astype(dtype)).save(path, format="PNG")
-
-
-__all__ = ["ALPHA_BACKGROUND", "IMAGE_EXTENSIONS", "MULTI_SCALE", "PROTOCOLS", "SINGLE_SCALE",
-           "InputImage", "Prediction", "Segmenter", "check_labels", "default_window",
-           "describe_mode", "limit_size", "list_images", "load_image", "long_label_warnings",
-           "parse_labels", "read_labels_file", "save_label_map",
-           "to_rgb8"]

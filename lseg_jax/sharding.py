@@ -126,8 +126,3 @@ def with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying `shardings` (targets for Orbax restores and jit)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract_tree, shardings)
-
-
-__all__ = ["BATCH_AXES", "DEFAULT_MIN_SIZE", "DEFAULT_RULES", "MESH_AXES", "P",
-           "batch_sharding", "fsdp_spec", "make_mesh", "map_with_names", "names",
-           "partition_spec", "replicated", "tree_shardings", "with_shardings"]

@@ -137,7 +137,3 @@ def restore(mngr, step: int, spec: StateSpec) -> dict[str, Any]:
   state = {**split_model_state(restored["model"], spec), "opt": restored["opt_state"],
            "step": jnp.asarray(step, jnp.int32)}
   return jax.tree.map(jax.device_put, state, spec.shardings)
-
-
-__all__ = ["MODEL_KEYS", "StateSpec", "init_state", "load_weights", "model_from_state",
-           "model_state_dict", "restore", "split_model_state", "state_spec"]

@@ -261,9 +261,3 @@ def checkpoint_label_embedder(model, meta: dict[str, Any], checkpoint_dir: str, 
   template = template or None
   embedder = LabelEmbedder(model.clip_pretrained, load_tokenizer(spec), template=template)
   return embedder, spec, template
-
-
-__all__ = ["BYTE_LEVEL_TOKENIZER", "BYTE_LEVEL_VOCAB_SIZE", "CONTEXT_LENGTH",
-           "DEFAULT_TOKENIZER", "LabelEmbedder", "byte_level_tokenizer",
-           "checkpoint_label_embedder", "clean_text",
-           "load_tokenizer", "token_counts", "tokenize", "validate_labels"]

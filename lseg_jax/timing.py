@@ -19,6 +19,3 @@ def time_calls(fn: Callable[[int], Any], steps: int) -> dict[str, float]:
     times.append(time.perf_counter() - t0)
   return {"first_step_s": first, "step_s_median": statistics.median(times),
           "step_s_min": min(times)}
-
-
-__all__ = ["time_calls"]

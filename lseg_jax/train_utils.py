@@ -211,6 +211,3 @@ class Preemption:
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
-
-
-__all__ = ["INTERRUPTED_EXIT", "METRICS_FILE", "MetricWriter", "Preemption", "TrainMeter", "due"]

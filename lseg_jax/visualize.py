@@ -108,7 +108,3 @@ def overlay_with_legend(image: np.ndarray, label_map: np.ndarray, labels: Sequen
 def swatch_centre(index: int, image_width: int) -> tuple[int, int]:
   """(x, y) of legend row `index`'s swatch centre in an `overlay_with_legend` image."""
   return image_width + LEGEND_PAD + SWATCH // 2, LEGEND_PAD + index * LEGEND_ROW + SWATCH // 2
-
-
-__all__ = ["area_fractions", "colorize", "legend", "overlay", "overlay_with_legend", "palette",
-           "swatch_centre"]

@@ -148,8 +148,3 @@ def dot_product_attention(q, k, v, implementation: str = "auto"):
   if implementation == "tpu_flash":
     return tpu_flash_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-
-
-__all__ = ["CUDNN_TOKEN_MULTIPLE", "IMPLEMENTATIONS", "TPU_TOKEN_MULTIPLE",
-           "check_implementation", "compiling_for", "dot_product_attention", "kernel_mesh",
-           "padded_attention", "resolve", "tpu_flash_attention"]

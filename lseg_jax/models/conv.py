@@ -128,6 +128,3 @@ def Conv(in_features: int, out_features: int, kernel_size, **kwargs) -> nnx.Conv
   """`nnx.Conv(...)` computed with this module's `conv_general_dilated`."""
   return nnx.Conv(in_features, out_features, kernel_size,
                   conv_general_dilated=conv_general_dilated, **kwargs)
-
-
-__all__ = ["Conv", "conv_general_dilated"]
