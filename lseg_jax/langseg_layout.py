@@ -273,6 +273,15 @@ def backbone_shapes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return dict(image, text_width=int(text_width), text_dim=int(text_dim))
 
 
+def variant_shapes(vit: Mapping[str, Any] | None, resnet_blocks: Sequence[int] | None,
+                   text: Mapping[str, Any]) -> dict[str, Any]:
+  """The `BACKBONE_SHAPES` of a ViT ({width, patch, depth}) or ResNet (Bottleneck blocks
+  per stage) image encoder with a CLIP text tower ({width, embed_dim})."""
+  image = (dict(resnet_blocks=tuple(resnet_blocks)) if resnet_blocks is not None else
+           dict(vit_width=vit["width"], patch=vit["patch"], depth=vit["depth"]))
+  return dict(image, text_width=text["width"], text_dim=text["embed_dim"])
+
+
 def find_backbone(state_dict: Mapping[str, Any], backbones: Mapping[str, Mapping[str, Any]]) -> str:
   """The one name in `backbones` ({name: `backbone_shapes`-like dict}) the weights fit."""
   shapes = backbone_shapes(state_dict)

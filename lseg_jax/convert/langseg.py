@@ -78,18 +78,10 @@ def table_for(cfg: lseg.LSegConfig) -> MappingTable:
 
 
 # --- Config inference ---
-def _image_shapes(image_variant: str) -> dict[str, Any]:
-  """The `langseg_layout.VIT_SHAPES` or `RESNET_SHAPES` of an image encoder variant."""
-  if image_variant in resnet.RESNET_VARIANTS:
-    return dict(resnet_blocks=tuple(resnet.RESNET_VARIANTS[image_variant]))
-  v = vit.VIT_VARIANTS[image_variant]
-  return dict(vit_width=v["width"], patch=v["patch"], depth=v["depth"])
-
-
 # What identifies each backbone in its weights (`langseg_layout.find_backbone`).
 _BACKBONE_SHAPES = {
-    name: dict(_image_shapes(image), text_width=clip_text.TEXT_VARIANTS[t]["width"],
-               text_dim=clip_text.TEXT_VARIANTS[t]["embed_dim"])
+    name: layout.variant_shapes(vit.VIT_VARIANTS.get(image), resnet.RESNET_VARIANTS.get(image),
+                                clip_text.TEXT_VARIANTS[t])
     for name, (image, t) in lseg.BACKBONES.items()}
 # LSegConfig fields that are checkpoint settings under the same name.
 _MODEL_SETTINGS = tuple(layout.HPARAMS.values())

@@ -454,9 +454,5 @@ class LSegTorch(nn.Module):
 
 
 # What identifies each backbone in its weights (`langseg_layout.find_backbone`).
-_BACKBONE_SHAPES = {
-    name: dict(dict(resnet_blocks=tuple(v["resnet"])) if "resnet" in v
-               else dict(vit_width=v["vit"]["width"], patch=v["vit"]["patch"],
-                         depth=v["vit"]["depth"]),
-               text_width=v["text"]["width"], text_dim=v["text"]["embed_dim"])
-    for name, v in VARIANTS.items()}
+_BACKBONE_SHAPES = {name: layout.variant_shapes(v.get("vit"), v.get("resnet"), v["text"])
+                    for name, v in VARIANTS.items()}
