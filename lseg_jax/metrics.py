@@ -1,8 +1,7 @@
 """Segmentation metrics: confusion matrices on device, exact totals on the host.
 
-Two protocols, each reproducing the code the paper's numbers come from. This
-docstring is the one statement of their formulas; docs/evaluation.md and the
-other modules refer to it.
+Two protocols, each reproducing the code the paper's numbers come from. This docstring is the
+one statement of their formulas; docs/evaluation.md and the other modules refer to it.
 
 Fixed label sets (ADE20K, `test_lseg.py` with PyTorch-Encoding's
 `SegmentationMetric`): intersections, unions, correct and labelled pixel
@@ -32,11 +31,10 @@ intersections and unions are summed over that class's episodes, then
   mIoU      = mean over the fold's classes of IoU_fg(k)
   FB-IoU    = mean over {bg, fg} of (sum_k I(k)) / (sum_k U(k)).
 
-Each scored example is one episode of its class (`class_index`); padding
-examples (`valid=False`) are not episodes. Ignored pixels (-1; HSNet's PASCAL
-boundary value 255) are removed from both the prediction and the ground truth
-(HSNet's `query_ignore_idx`). A fold class without any episode has IoU 0 and
-still counts in the mean, as in HSNet.
+Each scored example is one episode of its class (`class_index`); padding examples
+(`valid=False`) are not episodes. Ignored pixels (-1; HSNet's PASCAL boundary value 255) are
+removed from both the prediction and the ground truth (HSNet's `query_ignore_idx`). A fold
+class without any episode has IoU 0 and still counts in the mean, as in HSNet.
 
 All values here are fractions in [0, 1] (HSNet prints x100).
 

@@ -1,11 +1,10 @@
 """Reading datasets in their official on-disk layouts (shared by the sources).
 
-A dataset root is a `FileTree`: a folder (any path `tf.io.gfile` reads, gs://
-included) or a folder inside a .zip archive, so a source reads the archive the
-user downloaded without extracting it. Paths inside a tree are relative and
-'/'-separated. `find_root` locates a tree and raises the "put file X at Y"
-error when it is missing; `pair_files` matches images with label files;
-`FileSegmentation` / `FileEpisodes` are the indexed sources built on them.
+A dataset root is a `FileTree`: a folder (any path `tf.io.gfile` reads, gs:// included) or a
+folder inside a .zip archive, so a source reads the archive the user downloaded without
+extracting it. Paths inside a tree are relative and '/'-separated. `find_root` locates a tree
+and raises the "put file X at Y" error when it is missing; `pair_files` matches images with
+label files; `FileSegmentation` / `FileEpisodes` are the indexed sources built on them.
 """
 from __future__ import annotations
 
@@ -294,10 +293,9 @@ class FilePairs(registry.Source):
 class FileSegmentation(FilePairs):
   """A fixed-label-set source: label PNG or TIFF values mapped by `value_table`.
 
-  Raw label value v becomes `value_table[v]` (-1 = ignore); values beyond the
-  table are ignored too. With `ignore_value`, the table is unused: that value
-  becomes -1 and every other value is its class, so that a value outside
-  [0, L) reaches the bad-example guard, which names it.
+  Raw label value v becomes `value_table[v]` (-1 = ignore); values beyond the table are ignored
+  too. With `ignore_value`, the table is unused: that value becomes -1 and every other value is
+  its class, so that a value outside [0, L) reaches the bad-example guard, which names it.
   """
 
   def __init__(self, *, label_names, image_tree, images, mask_tree, masks,
@@ -322,10 +320,9 @@ class FileSegmentation(FilePairs):
 class FileEpisodes(FilePairs):
   """Zero-shot episodes: one query image and the binary mask of one class.
 
-  Mask: 1 where the raw label equals the example's `foreground` value,
-  -1 where it equals `ignore_value`, 0 elsewhere. With `luma_threshold`, the
-  raw label is the label image's grey level >= threshold (0/1).
-  Registered with `episodic=True` (see `registry.register`).
+  Mask: 1 where the raw label equals the example's `foreground` value, -1 where it equals
+  `ignore_value`, 0 elsewhere. With `luma_threshold`, the raw label is the label image's grey
+  level >= threshold (0/1). Registered with `episodic=True` (see `registry.register`).
   """
 
   def __init__(self, *, class_names, image_tree, images, mask_tree, masks, class_index, foreground,

@@ -2,15 +2,14 @@
 
   source = registry.get_source("pascal5i", "validation", data_dir=DIR, fold=0)
 
-Each example is one query image with the binary mask of its episode class (0 other,
-1 the class, -1 ignore), `class_index` (into `source.class_names`, the fold's classes)
-and `class_name`; LSeg evaluates zero-shot on the query images only, so no support
-image is produced. Episode lists and order follow HSNet's loaders (`fewshot_data/data/*.py`
-of the official LSeg code), read from HSNet's split files (`splits_dir=`,
-$LSEG_FEWSHOT_SPLITS or DATA_DIR/splits). `shot` (config: `data.shot`) is the official
-`--nshot`: it decides which episodes there are (COCO-20i's draw, FSS-1000's queries), not
-what an example holds. Each dataset's layout, folds, splits and draws: docs/datasets.md,
-"Zero-shot episodes".
+Each example is one query image with the binary mask of its episode class (0 other, 1 the
+class, -1 ignore), `class_index` (into `source.class_names`, the fold's classes) and
+`class_name`; LSeg evaluates zero-shot on the query images only, so no support image is
+produced. Episode lists and order follow HSNet's loaders (`fewshot_data/data/*.py` of the
+official LSeg code), read from HSNet's split files (`splits_dir=`, $LSEG_FEWSHOT_SPLITS or
+DATA_DIR/splits). `shot` (config: `data.shot`) is the official `--nshot`: it decides which
+episodes there are (COCO-20i's draw, FSS-1000's queries), not what an example holds. Each
+dataset's layout, folds, splits and draws: docs/datasets.md, "Zero-shot episodes".
 """
 from __future__ import annotations
 
@@ -155,9 +154,8 @@ def official_coco_draw(lists: dict[int, list[str]], classes: list[int],
   """(class position in `classes`, query path) of each episode, drawn as HSNet's
   COCO-20i loader draws them after `fix_randseed(seed)` (module docstring).
 
-  `np.random.choice(a, 1, replace=False)` is `permutation(len(a))[:1]` in NumPy's
-  legacy generator, so each draw below consumes the stream exactly as one of
-  the loader's calls does.
+  `np.random.choice(a, 1, replace=False)` is `permutation(len(a))[:1]` in NumPy's legacy
+  generator, so each draw below consumes the stream exactly as one of the loader's calls does.
   """
   rng = np.random.RandomState(seed)
   class_pos, queries = [], []

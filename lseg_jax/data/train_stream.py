@@ -1,20 +1,17 @@
 """The endless, resumable per-host train stream.
 
-Determinism and resuming: the global batch of step s is a function of
-(seed, s) alone, whatever the number of processes: step s holds positions
-[s * B, (s + 1) * B) of one global stream (B = global batch) and process i of
-N keeps rows [i * B / N, (i + 1) * B / N) of it, so losses, and a resume onto
-another process count, do not depend on the topology. Each epoch of an indexed
-source is a stateless permutation of all its example indices drawn from
-(seed, epoch); the rows of other processes are skipped as indices, before
-anything is read. Each example's augmentation is seeded by (seed, its global
-position). `start_step=k` skips k * B positions, which costs index arithmetic
-only. Sources without index access are read whole by every process, which
-keeps its own rows. A mixture draws its dataset choices from stateless uniforms
-per block of positions (instead of `sample_from_datasets`, whose choices can't
-be fast-forwarded), so the number of examples each component has used by step
-k is computed without loading them. Resume is exact as long as no example was
-skipped as bad before step k.
+Determinism and resuming: the global batch of step s is a function of (seed, s) alone,
+whatever the number of processes: step s holds positions [s * B, (s + 1) * B) of one global
+stream (B = global batch) and process i of N keeps rows [i * B / N, (i + 1) * B / N) of it, so
+losses, and a resume onto another process count, do not depend on the topology. Each epoch of
+an indexed source is a stateless permutation of all its example indices drawn from (seed,
+epoch); the rows of other processes are skipped as indices, before anything is read. Each
+example's augmentation is seeded by (seed, its global position). `start_step=k` skips k * B
+positions, which costs index arithmetic only. Sources without index access are read whole by
+every process, which keeps its own rows. A mixture draws its dataset choices from stateless
+uniforms per block of positions (instead of `sample_from_datasets`, whose choices can't be
+fast-forwarded), so the number of examples each component has used by step k is computed
+without loading them. Resume is exact as long as no example was skipped as bad before step k.
 """
 from __future__ import annotations
 
