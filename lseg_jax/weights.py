@@ -1,14 +1,13 @@
 """Pretrained weights by name: a path, a Hub id, a URL or an official name -> a local file.
 
-`resolve(spec, kind=..., what=...)` accepts, in this order, a local path (returned as it
-is), an official name (`OFFICIAL`), an http(s) URL and a Hugging Face Hub id (`owner/name`);
-docs/interop.md, "Pretrained weights by name", says where each comes from, how it is
-checked (SHA-256) and how downloads behave (verified before they are renamed into place;
-processes resolving one name at once share its download through a file lock). Direct
-downloads live in `$LSEG_JAX_CACHE` (default `~/.cache/lseg_jax`, under `$XDG_CACHE_HOME`
-when set); `HF_HUB_OFFLINE=1` turns their network use off too. Every failure is a
-`WeightsError` (an OSError, so the tools print it as one `error: ...` line) naming the
-spec and what to do.
+`resolve(spec, kind=..., what=...)` accepts, in this order, a local path (returned as it is),
+an official name (`OFFICIAL`), an http(s) URL and a Hugging Face Hub id (`owner/name`);
+docs/interop.md, "Pretrained weights by name", says where each comes from, how it is checked
+(SHA-256) and how downloads behave (verified before they are renamed into place; processes
+resolving one name at once share its download through a file lock). Direct downloads live in
+`$LSEG_JAX_CACHE` (default `~/.cache/lseg_jax`, under `$XDG_CACHE_HOME` when set);
+`HF_HUB_OFFLINE=1` turns their network use off too. Every failure is a `WeightsError` (an
+OSError, so the tools print it as one `error: ...` line) naming the spec and what to do.
 """
 from __future__ import annotations
 
@@ -318,8 +317,7 @@ def _hub_download(repo: str, filename: str, label: str, sha256: str) -> str:
     cause = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
     raise _no_network(label, where, cause) from e
   except errors.HfHubHTTPError as e:
-    raise WeightsError(f"{label}: downloading {where} failed: "
-                       f"{str(e).splitlines()[0]}") from None
+    raise WeightsError(f"{label}: downloading {where} failed: {str(e).splitlines()[0]}") from None
   blob = os.path.realpath(path)
   expected = (sha256 or (os.path.basename(blob) if _SHA256.fullmatch(
       os.path.basename(blob)) else "")).lower()

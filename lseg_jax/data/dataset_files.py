@@ -146,8 +146,7 @@ def find_root(data_dir: str | None, *, marker: str, dataset: str, expected: str,
         return ZipTree(archive, prefix)
   looked = [f"{data_dir}/{f}".rstrip("/") for f in ("", *folders)] + zips
   raise FileNotFoundError(
-      f"{dataset} not found: no folder {marker}/ in any of {looked}. "
-      f"Expected: {expected}")
+      f"{dataset} not found: no folder {marker}/ in any of {looked}. Expected: {expected}")
 
 
 def _open_zip(archive):
@@ -185,16 +184,14 @@ def check_present(tree: FileTree, paths: list[str], pattern: str, *, dataset: st
   missing = [p for p in paths if p not in present]
   if missing:
     raise FileNotFoundError(
-        f"{dataset}: {tree.describe(missing[0])} is missing "
-        f"({len(set(missing))} of {len(set(paths))} needed files matching "
-        f"{pattern} are). Expected: {expected}")
+        f"{dataset}: {tree.describe(missing[0])} is missing ({len(set(missing))} of "
+        f"{len(set(paths))} needed files matching {pattern} are). Expected: {expected}")
 
 
 def split_folder(split: str, folders: dict[str, str], dataset: str) -> str:
   """The folder name of `split` in `folders`, or a ValueError naming both."""
   if split not in folders:
-    raise ValueError(f"Unknown {dataset} split {split!r}; expected one of "
-                     f"{sorted(folders)}.")
+    raise ValueError(f"Unknown {dataset} split {split!r}; expected one of {sorted(folders)}.")
   return folders[split]
 
 

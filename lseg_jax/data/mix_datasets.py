@@ -41,8 +41,7 @@ def _sunrgbd_mask(image: str) -> str:
 def _coco_panoptic(trees, folder, data_dir, expected) -> "CocoPanoptic":
   ann_file = f"{data_dir}/annotations/panoptic_{folder}2017.json"
   if not tf.io.gfile.exists(ann_file):
-    raise FileNotFoundError(f"COCO panoptic: {ann_file} is missing. "
-                            f"Expected: {expected}")
+    raise FileNotFoundError(f"COCO panoptic: {ann_file} is missing. Expected: {expected}")
   with tf.io.gfile.GFile(ann_file) as f:
     return CocoPanoptic(json.load(f), trees[0], f"{folder}2017", trees[1],
                         f"panoptic_{folder}2017", expected)
@@ -168,11 +167,10 @@ DATASETS = (
         expected=(
             "SUN RGB-D's 37-class segmentation as PNGs: "
             "{d}/image/{{train,test}}/img-NNNNNN.jpg with labels "
-            "{d}/label37/{{train,test}}/NNNNNNNN.png (value 0 = unlabeled, "
-            "k = class k), the layout of sun_rgbd.tgz "
-            "(http://cvgl.stanford.edu/data2/sun_rgbd.tgz, as used by MSeg); "
-            "the official release (http://rgbd.cs.princeton.edu/) keeps these "
-            "labels in SUNRGBDtoolbox/Metadata/SUNRGBD2Dseg.mat."),
+            "{d}/label37/{{train,test}}/NNNNNNNN.png (value 0 = unlabeled, k = class k), the "
+            "layout of sun_rgbd.tgz (http://cvgl.stanford.edu/data2/sun_rgbd.tgz, as used by "
+            "MSeg); the official release (http://rgbd.cs.princeton.edu/) keeps these labels "
+            "in SUNRGBDtoolbox/Metadata/SUNRGBD2Dseg.mat."),
         layouts=(Layout(
             Tree("label37", ("sun_rgbd", "SUNRGBD")), None,
             "image/{split}/img-*.jpg", "label37/{split}/*.png",

@@ -2,11 +2,10 @@
 
 A *source* yields raw examples (the data contract in `lseg_jax.data`'s docstring).
 
-Most sources are *indexed*: they know their `num_examples` and can load example
-`i` inside a tf.data graph (`load(i)`). The input pipeline then shuffles
-indices, not decoded images, so per-epoch shuffling is a full permutation and
-resuming at step k skips indices without decoding anything. A source that can
-only stream overrides `as_dataset` instead (`is_indexed = False`).
+Most sources are *indexed*: they know their `num_examples` and can load example `i` inside a
+tf.data graph (`load(i)`). The input pipeline then shuffles indices, not decoded images, so
+per-epoch shuffling is a full permutation and resuming at step k skips indices without decoding
+anything. A source that can only stream overrides `as_dataset` instead (`is_indexed = False`).
 
 Registering a source (`episodic=True` for zero-shot episode sources: the one place
 that says so; `is_episodic(name)` answers without building a source, and `get_source`
@@ -70,8 +69,7 @@ def get_source(name: str, split: str, **kwargs) -> "Source":
 def _check_known(name: str):
   _import_builtin_sources()
   if name not in _FACTORIES:
-    raise ValueError(f"Unknown dataset source {name!r}; expected one of "
-                     f"{sorted(_FACTORIES)}.")
+    raise ValueError(f"Unknown dataset source {name!r}; expected one of {sorted(_FACTORIES)}.")
 
 
 def _import_builtin_sources():
