@@ -1,37 +1,6 @@
 """Decoding, augmentation and normalisation: TF ops on one example at a time.
 
-Training augmentation follows the official LSeg recipe (PyTorch-Encoding's
-`BaseDataset._sync_transform`, base_size 520, crop_size 480):
-
-  1. horizontal flip with probability 0.5;
-  2. long side := an integer drawn uniformly from
-     [int(base_size * lo), int(base_size * hi)] (both ends included, default
-     lo, hi = 0.5, 2.0); short side := int(short * long_new / long + 0.5).
-     Image: Pillow's BICUBIC itself (`resize_image`), mask: nearest
-     neighbour ONLY (PIL's NEAREST pixel choice);
-  3. pad bottom/right up to crop_size: image with 0 (black), mask with ignore;
-  4. random crop_size x crop_size crop;
-  5. normalise with mean 0.5, std 0.5: x / 255 * 2 - 1.
-
-Evaluation (`eval_resize` in the data config):
-  "none": the official test path (`test_lseg.py`, dataset mode "testval"):
-    the image and mask stay at their original resolution; the evaluator's
-    multi-scale sliding window (long side = base_size * scale) does the
-    resizing and scores against the full-resolution mask. Batches are padded
-    (image 0, mask ignore) and carry each example's true `image_size`.
-  "long_side": resize so the long side is base_size (bicubic image, nearest
-    mask), as the official test code does at scale 1.0.
-  "center_crop": PyTorch-Encoding's "val" mode (`_val_sync_transform`, used
-    by the official validation during training): short side := crop_size,
-    other side truncated, centre crop crop_size x crop_size.
-  "square": HSNet's few-shot protocol (used by lang-seg's zero-shot tests):
-    image resized to crop_size x crop_size without keeping the aspect ratio
-    (Pillow's BILINEAR itself, as torchvision's Resize on a PIL image), mask with
-    PyTorch's legacy nearest (`F.interpolate(mode="nearest")`: source index
-    floor(dst * in / out)).
-
-All randomness comes from stateless ops seeded by the caller, so the same
-(seed, example position) always gives the same augmentation.
+The training recipe and the evaluation resize modes: docs/datasets.md, "Preprocessing".
 """
 from __future__ import annotations
 
@@ -233,7 +202,7 @@ def _pad_to(image, mask, height, width):
 
 def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *, crop_size: int = 480,
                   base_size: int = 520, scale_range=(0.5, 2.0), flip: bool = True):
-  """The official training augmentation (module docstring) of image uint8 [H, W, 3] and
+  """The official training augmentation (docs/datasets.md) of image uint8 [H, W, 3] and
   mask int32 [H, W] with this example's stateless seed int64 [2] -> normalised image
   float32 [crop_size, crop_size, 3], mask int32 [crop_size, crop_size]."""
   flip_seed, scale_seed, y_seed, x_seed = tf.unstack(
@@ -277,7 +246,7 @@ def _square(image, mask, size):
 
 def eval_preprocess(image: tf.Tensor, mask: tf.Tensor, *, mode: str = "none",
                     crop_size: int = 480, base_size: int = 520):
-  """Evaluation preprocessing `mode` (module docstring) of image uint8 [H, W, 3] and
+  """Evaluation preprocessing `mode` (docs/datasets.md) of image uint8 [H, W, 3] and
   mask int32 [H, W] -> normalised image float32 [h, w, 3], mask int32 [h, w]."""
   if mode not in EVAL_RESIZE_MODES:
     raise ValueError(f"eval_resize={mode!r}; expected one of {EVAL_RESIZE_MODES}.")
