@@ -1,47 +1,6 @@
 """Segmentation metrics: confusion matrices on device, exact totals on the host.
 
-Two protocols, each reproducing the code the paper's numbers come from. This docstring is the
-one statement of their formulas; docs/evaluation.md and the other modules refer to it.
-
-Fixed label sets (ADE20K, `test_lseg.py` with PyTorch-Encoding's
-`SegmentationMetric`): intersections, unions, correct and labelled pixel
-counts are summed over the whole dataset, then
-
-  pixAcc = correct / (eps + labelled)
-  IoU_c  = I_c / (eps + U_c)             eps = np.spacing(1) ~ 2.2e-16
-  mIoU   = mean of IoU_c over ALL C classes.
-
-Ignored pixels (label -1, `labels.IGNORE_INDEX`; any label outside [0, C)) count
-nowhere: not in labelled, and their prediction enters neither I nor U (PyTorch-
-Encoding multiplies the prediction by `target > 0` before its histograms). A class
-absent from both the predictions and the ground truth of the whole dataset has
-U = 0, so IoU = 0 and it still counts in the mean (it lowers mIoU; on ADE20K's
-validation set every class is present, so this matters for small or partial
-evaluations only). `miou_pixacc` also reports `mIoU_present`, the mean over
-classes with U > 0, clearly named as a non-official extra. Per-class IoU in
-reports is I_c / (eps + U_c) of the dataset totals (not `test_lseg.py`'s printed
-list, which averages the running IoU after every batch).
-
-Few-shot episodes (HSNet's `Evaluator` + `AverageMeter`, used by
-`test_lseg_zs.py`): each episode is a binary problem (0 = background/"other",
-1 = the episode class). Per class of the fold, foreground and background
-intersections and unions are summed over that class's episodes, then
-
-  IoU_fg(k) = I_fg(k) / max(U_fg(k), 1)
-  mIoU      = mean over the fold's classes of IoU_fg(k)
-  FB-IoU    = mean over {bg, fg} of (sum_k I(k)) / (sum_k U(k)).
-
-Each scored example is one episode of its class (`class_index`); padding examples
-(`valid=False`) are not episodes. Ignored pixels (-1; HSNet's PASCAL boundary value 255) are
-removed from both the prediction and the ground truth (HSNet's `query_ignore_idx`). A fold
-class without any episode has IoU 0 and still counts in the mean, as in HSNet.
-
-All values here are fractions in [0, 1] (HSNet prints x100).
-
-Counts: per batch, `confusion_matrix`/`episode_confusion` are jitted and
-return int32 (exact below 2^31 pixels per batch). With global arrays sharded
-over devices (and hosts) the result is the global sum, replicated; meters
-accumulate it on the host in int64, so dataset totals cannot overflow.
+The formulas of both protocols: docs/evaluation.md, "Formulas" (under "Metrics").
 """
 from __future__ import annotations
 
