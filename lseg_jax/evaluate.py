@@ -144,10 +144,9 @@ class Evaluator:
       if scored_class is not None:
         self._scored = jax.device_put(np.asarray(scored_class, np.int32), replicated)
     else:
-      self.mesh = mesh if mesh is not None else sharding.make_mesh(
-          {"data": -1, "fsdp": 1}, jax.local_devices())
       self._infer = inference.SlidingWindowInference.for_model(
-          model, window, mesh=self.mesh, crops_per_device=crops_per_device)
+          model, window, mesh=mesh, crops_per_device=crops_per_device)
+      self.mesh = self._infer.runner.mesh
       if not episodic:
         self._text = jnp.asarray(text_emb, jnp.float32)
     if episodic:
