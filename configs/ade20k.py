@@ -12,13 +12,16 @@ and --config.init.clip take a local path instead. Variants:
   vitb32   ViT-B/32 image encoder (timm vit_base_patch32_384), CLIP ViT-B/32 text;
   rn50x16  ViT-L/16 image encoder, CLIP RN50x16 text encoder (768-d).
 More arguments: arch_option=0|1|2 and block_depth=N (spatial regularisation
-ablation, activation=lrelu|relu|tanh), epochs=240, runlocal (4 tiny CPU steps: needs
-the data, not the weights: it starts from random weights). Recipe (lang-seg train.sh): global batch 16, SGD momentum
-0.9, weight decay 1e-4, base lr 0.004 x batch/16 with the decoder at 10x, poly decay
-0.9, 240 epochs, crop 480 from base size 520, scale 0.5-2.0, flip; bfloat16 compute
+ablation, activation=lrelu|relu|tanh), epochs=240, tpu=v4-8|v5e-16|v5e-64|v5p-128|v6e-64
+(the batch and mesh for that TPU slice: `common.TPU_SLICES`), runlocal (4 tiny CPU
+steps: needs the data, not the weights: it starts from random weights).
+Recipe (lang-seg train.sh): global batch 16, SGD momentum 0.9, weight decay 1e-4, base
+lr 0.004 x batch/16 with the decoder at 10x, poly decay 0.9, 240 epochs, crop 480 from
+base size 520, scale 0.5-2.0, flip; bfloat16 compute
 (float32 parameters, logits and loss). Attention is cuDNN's fused kernel on NVIDIA
-GPUs and XLA's elsewhere (model.attention="auto"); on many chips shard ViT-L with
---config.mesh.fsdp=N, and --config.model.remat=dots trades compute for memory.
+GPUs, the Pallas flash kernel on TPUs and XLA's elsewhere (model.attention="auto");
+--config.model.remat=dots|full trades compute for memory, --config.mesh.fsdp=N shards
+the parameters and optimizer state over N devices (docs/scaling.md).
 """
 from configs import common
 
@@ -31,11 +34,13 @@ VARIANTS = {
 
 def get_config(arg=None):
   args = common.parse_arg(arg, variant="vitl16", arch_option=0, block_depth=0,
-                          activation="lrelu", epochs=common.PAPER_EPOCHS, runlocal=False)
+                          activation="lrelu", epochs=common.PAPER_EPOCHS, tpu="",
+                          runlocal=False)
   if args.variant not in VARIANTS:
     raise ValueError(f"unknown variant {args.variant!r}; expected one of {sorted(VARIANTS)}")
   c = common.base_config()
   c.batch_size = 16
+  common.set_tpu_slice(c, args.tpu)
   c.total_steps = common.ade20k_steps(args.epochs, c.batch_size)
   c.log_every_steps = 50
   c.eval_every_steps = 5000

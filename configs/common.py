@@ -31,6 +31,19 @@ PAPER_WEIGHTS = {
     "clip_resnet101": {"torchvision_resnet": "resnet101", "clip": "ViT-B/32"},
 }
 
+# Named TPU slices, `tpu=NAME` of ade20k.py, fewshot.py and mix7.py: the global batch
+# (chips x images per chip) and remat of a run on that slice, data-parallel (the
+# parameters and optimizer state, 2.6 GiB per chip for ViT-L/16, fit every generation).
+# Each entry's ViT-L/16 train step was compiled for its slice with `tools/benchmark.py
+# --aot` and fits its HBM (docs/scaling.md, "Which slice, which batch"). The learning
+# rate follows the batch (x batch/16).
+TPU_SLICES = {
+    "v4-8": (16, "none"),  # 4 chips, 4 images each: the paper's batch
+    "v5e-16": (16, "none"),  # 16 chips, 1 image each: the paper's batch
+    "v5e-64": (256, "none"),  # 64 chips, 4 images each
+    "v5p-128": (256, "none"),  # 64 chips, 4 images each
+    "v6e-64": (256, "none"),  # 64 chips, 4 images each
+}
 
 def base_config() -> ml_collections.ConfigDict:
   """An empty config with the field groups a config file fills in (see
@@ -90,6 +103,16 @@ def set_paper_weights(c: ml_collections.ConfigDict, backbone: str) -> None:
   for field, name in PAPER_WEIGHTS.get(backbone, {}).items():
     c.init[field] = name
 
+
+def set_tpu_slice(c: ml_collections.ConfigDict, name: str) -> None:
+  """`tpu=NAME`: the batch size, remat and mesh of `TPU_SLICES[NAME]` ("" keeps the
+  config's own)."""
+  if not name:
+    return
+  if name not in TPU_SLICES:
+    raise ValueError(f"unknown TPU slice tpu={name!r}; expected one of {sorted(TPU_SLICES)}")
+  c.batch_size, c.model.remat = TPU_SLICES[name]
+  c.mesh.data, c.mesh.fsdp = -1, 1
 
 def ade20k_steps(epochs: int = PAPER_EPOCHS, batch_size: int = 16) -> int:
   return epochs * ADE20K_TRAIN_IMAGES // batch_size

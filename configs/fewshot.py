@@ -17,7 +17,8 @@ and the ViT-L/16 FSS-1000 row (lang-seg's `LSegNetZS`):
 
 Arguments: dataset=pascal|coco|fss, fold=0..3 (PASCAL-5i and COCO-20i; FSS-1000 has
 one split), backbone (clip_resnet101 by default, or any LSegConfig backbone),
-steps=N, runlocal (random weights). The pretrained weights are those the official code
+steps=N, tpu=NAME (a TPU slice's batch and mesh, `common.TPU_SLICES`), runlocal (random
+weights). The pretrained weights are those the official code
 starts from, by name (downloaded once, SHA-256 checked; `configs/common.py`
 PAPER_WEIGHTS, docs/interop.md): `resnet101` is torchvision's ImageNet ResNet-101
 (IMAGENET1K_V1, `resnet101-63fe2227.pth`: what `torchvision.models.resnet101(pretrained=True)`
@@ -63,13 +64,14 @@ DEFAULT_BACKBONE = "clip_resnet101"
 
 def get_config(arg=None):
   args = common.parse_arg(arg, dataset="pascal", fold=0, backbone=DEFAULT_BACKBONE,
-                          steps=20_000, runlocal=False)
+                          steps=20_000, tpu="", runlocal=False)
   if args.dataset not in DATASETS:
     raise ValueError(f"unknown dataset {args.dataset!r}; expected one of {sorted(DATASETS)}")
   if not 0 <= args.fold < 4:
     raise ValueError(f"fold={args.fold}; expected 0, 1, 2 or 3")
   c = common.base_config()
   c.batch_size = 16
+  common.set_tpu_slice(c, args.tpu)
   c.total_steps = args.steps
   c.log_every_steps = 50
   c.eval_every_steps = 2000

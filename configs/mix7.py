@@ -8,7 +8,8 @@ with probabilities proportional to their training-set sizes (a concatenation, as
 PyTorch ConcatDataset would); the label table is the union of their label names and
 each example's label mask marks its own dataset's labels, so every pixel competes
 only with the classes its dataset annotates. Arguments: epochs=200 (passes over the
-mixture; "e200" of the demo checkpoint), runlocal. The recipe is the ADE20K one
+mixture; "e200" of the demo checkpoint), tpu=NAME (a TPU slice's batch and mesh,
+`common.TPU_SLICES`), runlocal. The recipe is the ADE20K one
 (ViT-L/16 + CLIP ViT-B/32 text, SGD, lr 0.004 x batch/16, decoder 10x, poly 0.9,
 crop 480, bfloat16), starting from the official code's pretrained weights by name
 (timm vit_large_patch16_384 and CLIP ViT-B/32, downloaded once and checked: see
@@ -32,9 +33,10 @@ TRAIN_SIZES = {
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, epochs=200, runlocal=False)
+  args = common.parse_arg(arg, epochs=200, tpu="", runlocal=False)
   c = common.base_config()
   c.batch_size = 16
+  common.set_tpu_slice(c, args.tpu)
   c.total_steps = args.epochs * sum(TRAIN_SIZES.values()) // c.batch_size
   c.log_every_steps = 50
   c.eval_every_steps = 10_000

@@ -66,10 +66,26 @@ def test_variants_and_ablation_args():
     ("ade20k", "block_depth=two", "expected int"),
     ("fewshot", "dataset=voc", "unknown dataset"),
     ("fewshot", "fold=4", "fold=4"),
+    ("mix7", "tpu=v5e-8", "unknown TPU slice tpu='v5e-8'"),
 ])
 def test_bad_args_fail_clearly(name, arg, match):
   with pytest.raises(ValueError, match=match):
     _load(name).get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["ade20k", "fewshot", "mix7"])
+def test_tpu_slices_set_batch_mesh_and_schedule(name):
+  """tpu=NAME: the slice's global batch (the learning rate follows it in the library),
+  remat and a data-parallel mesh; epoch-based schedules keep their epochs."""
+  from configs import common as configs_common  # pylint: disable=g-import-not-at-top
+  plain = _load(name).get_config(None)
+  for slice_name, (batch, remat) in configs_common.TPU_SLICES.items():
+    c = _load(name).get_config(f"tpu={slice_name}")
+    assert (c.batch_size, c.model.remat) == (batch, remat)
+    assert (c.mesh.data, c.mesh.fsdp) == (-1, 1)
+    if name != "fewshot":  # a step count, not epochs
+      assert c.total_steps == plain.total_steps * 16 // batch
+    config_lib.complete(c)
 
 
 @pytest.mark.parametrize("name", ["synthetic_tiny", "ade20k", "fewshot", "mix7"])
