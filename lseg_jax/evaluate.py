@@ -353,10 +353,6 @@ class Evaluation:
     return [cls(name, ev.data, int(ev.batch_size), ev.num_batches, ev.every_steps,
                 bool(ev.at_end)) for name, ev in config_lib.evals(config).items()]
 
-  @property
-  def prefix(self) -> str:
-    return "eval" if self.name == "val" else f"eval_{self.name}"
-
   def iterator(self):
     from lseg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     per_host = self.batch_size // jax.process_count()
@@ -400,7 +396,8 @@ class Evaluation:
   def scalars(self, report: dict[str, Any]) -> dict[str, float]:
     """The report's summary metrics as logged scalars ("eval/miou", ...)."""
     keys = {"mIoU": "miou", "pixAcc": "pixacc", "FB-IoU": "fbiou"}
-    return {f"{self.prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items()
+    prefix = "eval" if self.name == "val" else f"eval_{self.name}"
+    return {f"{prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items()
             if k in keys}
 
 
