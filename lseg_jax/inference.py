@@ -245,15 +245,6 @@ class CropRunner:
     self.state = jax.device_put(state, self._replicated)
     self._forward = apply_lib.forward(apply, self.mesh, flip=flip)
 
-  def _logits(self, crops: np.ndarray, text_emb, mask: np.ndarray | None) -> np.ndarray:
-    """One full batch through the forward; masked labels 0."""
-    logits = np.asarray(self._forward(
-        self.state, jax.device_put(crops, self._data), text_emb,
-        None if mask is None else jax.device_put(mask, self._data)))
-    if mask is None:
-      return logits
-    return np.where(mask[:, None, None, :], logits, np.float32(0.0))
-
   def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray | None
                ) -> np.ndarray:
     n = crops.shape[0]
@@ -280,7 +271,12 @@ class CropRunner:
           text = np.concatenate([text, np.repeat(text[-1:], pad, axis=0)])
       if per_crop:
         text = jax.device_put(text, self._data)
-      outs.append(self._logits(chunk, text, mask)[:k])
+      logits = np.asarray(self._forward(
+          self.state, jax.device_put(chunk, self._data), text,
+          None if mask is None else jax.device_put(mask, self._data)))
+      if mask is not None:
+        logits = np.where(mask[:, None, None, :], logits, np.float32(0.0))
+      outs.append(logits[:k])
     return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
