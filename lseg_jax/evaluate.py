@@ -158,8 +158,10 @@ class Evaluator:
     for key in ("image", "label", "label_mask", "valid"):
       if key not in batch:
         raise ValueError(f"eval batch lacks {key!r}; got keys {sorted(batch)}")
-    if self.episodic and "class_index" not in batch:
-      raise ValueError("episode batches need 'class_index'; got keys " + str(sorted(batch)))
+    if self.episodic:
+      if "class_index" not in batch:
+        raise ValueError("episode batches need 'class_index'; got keys " + str(sorted(batch)))
+      _check_episode_masks(batch)
     if self.window is None:
       self._update_single(batch)
     else:
@@ -176,7 +178,6 @@ class Evaluator:
       return jax.make_array_from_process_local_data(self._data, np.asarray(x))
 
     if self.episodic:
-      _check_episode_masks(batch)
       text = global_array(self._table[self._rows(batch)])
       arrays = {k: global_array(batch[k]) for k in ("image", "label", "valid", "class_index")}
       logits = self._forward(self._state, arrays["image"], text, None)
@@ -201,9 +202,7 @@ class Evaluator:
                     episode_rows(batch["class_index"]), 0)
 
   def _update_multi(self, batch):
-    if self.episodic:
-      _check_episode_masks(batch)
-      rows = self._rows(batch)
+    rows = self._rows(batch) if self.episodic else None
     items = []
     for i in np.flatnonzero(batch["valid"]):
       h, w = (batch["image_size"][i] if "image_size" in batch
@@ -245,11 +244,6 @@ class Evaluator:
       num_examples = int(_sum_over_hosts(np.array([num_examples]))[0])
       if self.episodic:
         episodes = _sum_over_hosts(episodes)
-    if self.episodic:
-      r = metrics.fewshot_iou(conf)
-      r["episodes"] = episodes
-    else:
-      r = metrics.miou_pixacc(conf)
     report = {
         "protocol": "episodes" if self.episodic else "fixed",
         "mode": ("single_scale" if self.window is None else "multi_scale"
@@ -258,11 +252,12 @@ class Evaluator:
         "num_examples": num_examples,
     }
     if self.episodic:
-      classes = self.label_names[1:]
+      r, classes = metrics.fewshot_iou(conf), self.label_names[1:]
       report["metrics"] = {"mIoU": r["mIoU"], "FB-IoU": r["FB-IoU"]}
       report["per_class_iou"] = dict(zip(classes, map(float, r["iou"])))
-      report["per_class_episodes"] = dict(zip(classes, map(int, r["episodes"])))
+      report["per_class_episodes"] = dict(zip(classes, map(int, episodes)))
     else:
+      r = metrics.miou_pixacc(conf)
       report["metrics"] = {"pixAcc": r["pixAcc"], "mIoU": r["mIoU"],
                            "mIoU_present": r["mIoU_present"]}
       report["per_class_iou"] = dict(zip(self.label_names, map(float, r["iou"])))
@@ -358,10 +353,6 @@ class Evaluation:
     return [cls(name, ev.data, int(ev.batch_size), ev.num_batches, ev.every_steps,
                 bool(ev.at_end)) for name, ev in config_lib.evals(config).items()]
 
-  @property
-  def prefix(self) -> str:
-    return "eval" if self.name == "val" else f"eval_{self.name}"
-
   def iterator(self):
     from lseg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     per_host = self.batch_size // jax.process_count()
@@ -405,7 +396,8 @@ class Evaluation:
   def scalars(self, report: dict[str, Any]) -> dict[str, float]:
     """The report's summary metrics as logged scalars ("eval/miou", ...)."""
     keys = {"mIoU": "miou", "pixAcc": "pixacc", "FB-IoU": "fbiou"}
-    return {f"{self.prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items()
+    prefix = "eval" if self.name == "val" else f"eval_{self.name}"
+    return {f"{prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items()
             if k in keys}
 
 

@@ -202,8 +202,6 @@ def resize_blocks(sources, size: tuple[int, int], align_corners: bool, *,
 
 def resize_image(x, size: tuple[int, int], align_corners: bool) -> np.ndarray:
   """Bilinear resize of float32 [H, W, C] to `size` on the device (`_resize_rows`)."""
-  if np.ndim(x) != 3:
-    raise ValueError(f"expected an array [H, W, C], got shape {np.shape(x)}")
   if tuple(size) == tuple(np.shape(x)[:2]):
     return np.asarray(x, np.float32)
   return resize_blocks([x], size, align_corners)
@@ -245,17 +243,7 @@ class CropRunner:
     self._data = sharding.batch_sharding(self.mesh)
     self._replicated = sharding.replicated(self.mesh)
     self.state = jax.device_put(state, self._replicated)
-    self.apply = apply
     self._forward = apply_lib.forward(apply, self.mesh, flip=flip)
-
-  def _logits(self, crops: np.ndarray, text_emb, mask: np.ndarray | None) -> np.ndarray:
-    """One full batch through the forward; masked labels 0."""
-    logits = np.asarray(self._forward(
-        self.state, jax.device_put(crops, self._data), text_emb,
-        None if mask is None else jax.device_put(mask, self._data)))
-    if mask is None:
-      return logits
-    return np.where(mask[:, None, None, :], logits, np.float32(0.0))
 
   def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray | None
                ) -> np.ndarray:
@@ -283,7 +271,12 @@ class CropRunner:
           text = np.concatenate([text, np.repeat(text[-1:], pad, axis=0)])
       if per_crop:
         text = jax.device_put(text, self._data)
-      outs.append(self._logits(chunk, text, mask)[:k])
+      logits = np.asarray(self._forward(
+          self.state, jax.device_put(chunk, self._data), text,
+          None if mask is None else jax.device_put(mask, self._data)))
+      if mask is not None:
+        logits = np.where(mask[:, None, None, :], logits, np.float32(0.0))
+      outs.append(logits[:k])
     return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
@@ -529,13 +522,12 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 
 class ImagePredictor:
   """Logits, label map and pixel embeddings of whole images, one at a time, one compilation
-  per input size. An image whose sides are not multiples of `model.size_multiple` (or
-  whose long side exceeds `max_side`) is resized (bilinear, align_corners=False) to
-  `model_input_size` and its logits resized back the same way before the argmax; the
-  embeddings stay at the model's resolution [H'/2, W'/2, D]."""
+  per input size. An image whose sides are not multiples of `model.size_multiple` is
+  resized (bilinear, align_corners=False) to `model_input_size` and its logits resized back
+  the same way before the argmax; the embeddings stay at the model's resolution
+  [H'/2, W'/2, D]."""
 
-  def __init__(self, model, max_side: int | None = None):
-    self.max_side = max_side
+  def __init__(self, model):
     self.size_multiple = model.size_multiple
     self.apply, self.state = apply_lib.model_apply(model)
     self.mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
@@ -546,7 +538,7 @@ class ImagePredictor:
     [H, W], "embeddings" float32 [H'/2, W'/2, D] or None, "input_size" (H', W')}."""
     x = normalize_image(image)
     h, w = x.shape[:2]
-    size = model_input_size(h, w, self.size_multiple, self.max_side)
+    size = model_input_size(h, w, self.size_multiple)
     if size != (h, w):
       x = resize_image(x, size, align_corners=False)
     forward = apply_lib.forward(self.apply, self.mesh, with_embeddings=embeddings)

@@ -168,26 +168,22 @@ class InputImage:
   max_side: int | None = None
 
   @property
-  def resized(self) -> bool:
-    return tuple(self.image.shape[:2]) != tuple(self.original_size)
-
-  @property
   def conversion(self) -> str | None:
     """How the file's pixels became 8-bit RGB (`describe_mode`), if worth saying."""
     return describe_mode(self.mode)
 
   @property
   def warnings(self) -> list[str]:
-    if not self.resized:
-      return []
     (h0, w0), (h, w) = self.original_size, self.image.shape[:2]
+    if (h0, w0) == (h, w):
+      return []
     return [f"the image is {w0}x{h0} pixels; it was shrunk to {w}x{h} (--max-side "
             f"{self.max_side}) and the outputs have that size"]
 
   def report_fields(self) -> dict[str, Any]:
     """The keys it adds to `Prediction.report`."""
     out: dict[str, Any] = {}
-    if self.resized:
+    if self.warnings:  # shrunk by limit_size
       out["original_size"] = list(self.original_size)
     if self.conversion:
       out["input_conversion"] = self.conversion
@@ -306,11 +302,10 @@ class Prediction:
   def area_rows(self) -> list[list[Any]]:
     """[index, label, colour "#rrggbb", area %, pixels] per label, in label order."""
     counts = np.bincount(self.label_map.reshape(-1), minlength=len(self.labels))
-    areas = counts / max(self.label_map.size, 1)
     colours = visualize.palette(len(self.labels))
     return [[i, name, "#%02x%02x%02x" % tuple(int(c) for c in colours[i]),
              round(100.0 * float(a), 2), int(counts[i])]
-            for i, (name, a) in enumerate(zip(self.labels, areas))]
+            for i, (name, a) in enumerate(zip(self.labels, self.areas))]
 
   def summary(self) -> str:
     """'dog 41.2%, grass 55.0%, other 3.8%'."""

@@ -42,16 +42,12 @@ VERBOSE_FLAG = "--verbose"
 DEBUG_ENV = "LSEG_DEBUG"
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-  return "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
-
-
 def user_error_message(e: BaseException) -> str | None:
   """The one-line message of an error the user caused (`UserError`, or the device
   running out of memory); None for a bug, which keeps its traceback."""
   if isinstance(e, UserError):
     return str(e) or type(e).__name__
-  if _is_out_of_memory(e):
+  if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
     return ("the device ran out of memory; use a smaller batch size or crop size "
             "(--config.batch_size, --config.data.crop_size), smaller images "
             "(predict: --max-side), or --config.model.dtype=bfloat16 ("
@@ -217,10 +213,8 @@ def start_jax(args: argparse.Namespace):
   """Joins the process to its multi-process job (a no-op for one process) before the
   first JAX computation; logs and returns the `distributed.Topology`."""
   try:
-    return distributed.initialize(
-        getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-        getattr(args, "process_id", None),
-        heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
+    return distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                  heartbeat_timeout=args.heartbeat_timeout)
   except (ValueError, RuntimeError) as e:
     raise UserError(str(e)) from e
 
@@ -244,20 +238,11 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, *, required: bool = Tru
                       help="override the checkpoint's compute dtype")
 
 
-def model_overrides(overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
-  """{field: value} of the `model.FIELD` overrides (compute fields of a loaded model,
-  e.g. dtype or attention)."""
-  out = {}
-  for key, value in overrides:
-    group, _, field = key.partition(".")
-    if group == "model":
-      out[field] = config_lib.parse_value(value)
-  return out
-
-
 def load_checkpoint(args):
   """(model, meta, embedder, tokenizer spec, template) for the checkpoint arguments."""
-  overrides = model_overrides(args.overrides)
+  # The model.FIELD overrides: compute fields of the loaded model (dtype, attention, ...).
+  overrides = {key.partition(".")[2]: config_lib.parse_value(value)
+               for key, value in args.overrides if key.partition(".")[0] == "model"}
   if args.dtype:
     overrides["dtype"] = args.dtype
   directory = checkpoint.resolve_directory(args.checkpoint)
@@ -284,8 +269,3 @@ def setup_logging() -> None:
   if _drop_library_info not in handler.filters:
     handler.addFilter(_drop_library_info)
 
-
-__all__ = ["DEBUG_ENV", "USER_ERROR_EXIT", "UserError", "VERBOSE_FLAG", "add_checkpoint_args",
-           "add_config_arg", "entry_point", "load_checkpoint",
-           "load_config", "new_parser", "parse", "read_config_file", "run", "setup_logging",
-           "split_overrides", "start_jax", "user_error_message"]

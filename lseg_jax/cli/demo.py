@@ -95,10 +95,6 @@ class Result:
   status: str
   warnings: list[str]
 
-  @property
-  def files(self) -> list[str]:
-    return [self.overlay, self.label_map, self.report]
-
 
 class DemoBackend:
   """The demo without its web page (`parse_args`' arguments): loads the model once,
@@ -189,8 +185,6 @@ class DemoBackend:
       raise ValueError(self.missing())
     if alpha is None or not 0 <= float(alpha) <= 1:
       raise ValueError(f"opacity {alpha!r} must be in [0, 1]")
-    if protocol not in predict.PROTOCOLS:
-      raise ValueError(f"protocol {protocol!r}; expected one of {list(predict.PROTOCOLS)}")
     labels = predict.parse_labels(labels_text or "")
     template = (template or "").strip() or None
     if template is not None and template.count("{}") != 1:
@@ -290,7 +284,8 @@ def _segment_handler(backend: DemoBackend, gr, pd):
     styled = table.style.apply(
         lambda col: [f"background-color: {c}; color: {_text_colour(c)}" for c in col],
         subset=["colour"]).format({"area %": "{:.2f}"})
-    return out.overlay, out.colour_map, styled, out.files, out.status
+    return (out.overlay, out.colour_map, styled, [out.overlay, out.label_map, out.report],
+            out.status)
 
   return run
 

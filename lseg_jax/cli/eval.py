@@ -151,19 +151,6 @@ def sliding_window(args, data_cfg) -> inference.SlidingWindow | None:
       crop_size=args.crop_size or data_cfg.crop_size)
 
 
-def _named(evals, args, config):
-  if args.eval is not None:
-    evals = [ev for ev in evals if ev.name == args.eval]
-    if not evals:
-      names = [ev.name for ev in evaluate.Evaluation.from_config(config)]
-      raise common.UserError(f"--eval {args.eval!r} is not among the config's "
-                             f"evaluations {names}")
-  if args.out and len(evals) > 1:
-    raise common.UserError(f"--out names one report but the config has {len(evals)} "
-                           f"evaluations {[ev.name for ev in evals]}; add --eval NAME")
-  return evals
-
-
 def select_evaluations(config, args) -> list[evaluate.Evaluation]:
   """The config's evaluations (`evaluate.Evaluation.from_config`) with the command
   line's data and protocol flags laid over them (unset flags keep the config's value).
@@ -174,7 +161,16 @@ def select_evaluations(config, args) -> list[evaluate.Evaluation]:
   Raises:
     UserError: no evaluation has the chosen name, or one report is asked of several.
   """
-  evals = _named(evaluate.Evaluation.from_config(config), args, config)
+  evals = evaluate.Evaluation.from_config(config)
+  if args.eval is not None:
+    named = [ev for ev in evals if ev.name == args.eval]
+    if not named:
+      raise common.UserError(f"--eval {args.eval!r} is not among the config's "
+                             f"evaluations {[ev.name for ev in evals]}")
+    evals = named
+  if args.out and len(evals) > 1:
+    raise common.UserError(f"--out names one report but the config has {len(evals)} "
+                           f"evaluations {[ev.name for ev in evals]}; add --eval NAME")
   for ev in evals:
     data = ev.data
     with data.unlocked():
