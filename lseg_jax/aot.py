@@ -66,15 +66,18 @@ def slice_devices(topology: str) -> list[Any]:
     raise UserError("compiling for a TPU needs libtpu: pip install -e \".[tpu]\"") from e
   from jax.experimental import topologies
   # pylint: enable=g-import-not-at-top
+  # v4 and v5p chips run their two TensorCores as one device ("megacore"), as JAX does
+  # on them; the compile-only client would otherwise show each core as a device.
+  options = {"chip_config_name": "megacore"} if generation in ("v4", "v5p") else {}
   try:
-    desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
   except jax.errors.JaxRuntimeError as e:
     raise UserError(f"TPU topology {topology!r}: {str(e).splitlines()[0]}") from e
   return list(desc.devices)
 
 
 def slice_shape(devices) -> dict[str, int]:
-  """Chips, hosts and devices of a slice (v4 shows each chip's 2 cores as 2 devices)."""
+  """Chips, hosts and devices of a slice."""
   chips = {tuple(d.coords) for d in devices}
   return {"devices": len(devices), "chips": len(chips),
           "hosts": len({d.process_index for d in devices})}

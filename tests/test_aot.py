@@ -72,6 +72,28 @@ def test_tiny_train_and_eval_compile_for_a_two_host_tpu_slice():
   assert 2 < ratio < 3, ratio
 
 
+def test_every_generation_gives_one_device_per_chip_and_a_mesh():
+  """v4 and v5p run each chip's two TensorCores as one device (megacore), as JAX does on
+  them; the mesh constructor takes every generation's devices."""
+  probe = (
+      "import json\n"
+      "from lseg_jax import aot, sharding\n"
+      "out = {}\n"
+      "for topology in ('v4:2x2x1', 'v5e:2x2', 'v5p:2x2x1', 'v6e:2x2'):\n"
+      "  devices = aot.slice_devices(topology)\n"
+      "  mesh = sharding.make_mesh({'data': -1, 'fsdp': 2}, devices)\n"
+      "  out[topology] = [aot.slice_shape(devices), dict(mesh.shape)]\n"
+      "print(json.dumps(out))\n")
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([_tpu_python(), "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for topology, (shape, mesh) in out.items():
+    assert shape == {"devices": 4, "chips": 4, "hosts": 1}, (topology, shape)
+    assert mesh == {"data": 2, "fsdp": 2}, (topology, mesh)
+
+
 def test_a_program_that_does_not_fit_is_a_result():
   """v5e chips hold 16 GiB: a 1024-image batch of 512 px crops per chip does not fit."""
   out = _benchmark_aot("--aot", "v5e:2x4", "--task", "train", "--config.batch_size=8192",
