@@ -45,6 +45,7 @@ TPU_SLICES = {
     "v6e-64": (256, "none"),  # 64 chips, 4 images each
 }
 
+
 def base_config() -> ml_collections.ConfigDict:
   """An empty config with the field groups a config file fills in (see
   `lseg_jax.config` for every field and its default)."""
@@ -113,6 +114,7 @@ def set_tpu_slice(c: ml_collections.ConfigDict, name: str) -> None:
     raise ValueError(f"unknown TPU slice tpu={name!r}; expected one of {sorted(TPU_SLICES)}")
   c.batch_size, c.model.remat = TPU_SLICES[name]
   c.mesh.data, c.mesh.fsdp = -1, 1
+
 
 def ade20k_steps(epochs: int = PAPER_EPOCHS, batch_size: int = 16) -> int:
   return epochs * ADE20K_TRAIN_IMAGES // batch_size

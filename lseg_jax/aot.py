@@ -92,9 +92,9 @@ class AotResult:
   hbm: dict[str, float]  # GiB per device: arguments, outputs, temporaries, total
   flops: float | None = None
   bytes_accessed: float | None = None  # XLA's count (VMEM accesses included)
-  hbm_bytes: float | None = None  # HBM only (`traffic_breakdown`)
   message: str = ""  # "does not fit: ..." when it does not
-  hlo: str = dataclasses.field(default="", repr=False)  # the compiled program's text
+  # `traffic_breakdown` of the compiled program, every source ranked
+  traffic: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
   def as_dict(self, chip: Chip, shape: dict[str, int], images: int) -> dict[str, Any]:
     """JSON-ready figures with per-image costs and the roofline for `images` per step."""
@@ -107,7 +107,7 @@ class AotResult:
       out["message"] = self.message
       return out
     flops_chip, bytes_chip = self.flops * per_chip, self.bytes_accessed * per_chip
-    hbm_chip = self.hbm_bytes * per_chip
+    hbm_chip = self.traffic["bytes"] * per_chip
     images_chip = images / shape["chips"]
     compute_s = flops_chip / (chip.peak_tflops * 1e12)
     memory_s = hbm_chip / (chip.hbm_tb_per_s * 1e12)
@@ -162,10 +162,9 @@ def compile_program(program: str, jitted, args: tuple[Any, ...]) -> AotResult:
                   + mem.generated_code_size_in_bytes) / GIB
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  hlo = compiled.as_text()
   return AotResult(program, seconds, True, hbm, float(cost["flops"]),
-                   float(cost["bytes accessed"]), float(traffic_breakdown(hlo, 0)["bytes"]),
-                   hlo=hlo)
+                   float(cost["bytes accessed"]),
+                   traffic=traffic_breakdown(compiled.as_text(), top=None))
 
 
 def _abstract_text(spec: state_lib.StateSpec, mesh, num_labels: int):
@@ -239,7 +238,7 @@ def report(topology: str, config, num_labels: int,
                                                         or config.batch_size)
     out[name] = result.as_dict(CHIPS[generation], shape, images)
     if breakdown and result.fits:
-      out[name]["hbm_traffic_by_source"] = traffic_breakdown(result.hlo, breakdown)["top"]
+      out[name]["hbm_traffic_by_source"] = result.traffic["top"][:breakdown]
   return out
 
 
@@ -248,16 +247,22 @@ def report(topology: str, config, num_labels: int,
 # that emitted them (the HLO's stack frames) and to the forward or backward pass.
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
           "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
-_LAID_OUT = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\](\{[^}]*\})?")
+_ARRAY = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\](\{[^}]*\})?")  # type, dims, layout
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*?)\)(?:, |$)")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
          "partition-id", "replica-id"}
 
 
-def _shape_bytes(shape: str) -> int:
-  return sum(_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-             for t, dims in _ARRAY.findall(shape))
+def _shape_bytes(shape: str) -> tuple[int, int]:
+  """(bytes of the arrays of `shape` placed in HBM, bytes of all of them). Arrays whose
+  layout names a memory space S(n) are not in HBM: S(1) is the TPU core's VMEM, where
+  XLA prefetches operands with copy-start."""
+  hbm = every = 0
+  for t, dims, layout in _ARRAY.findall(shape):
+    size = _BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    every += size
+    hbm += 0 if re.search(r"S\(\d+\)", layout) else size
+  return hbm, every
 
 
 def _frames(hlo: str) -> dict[int, str]:
@@ -293,15 +298,7 @@ def _frames(hlo: str) -> dict[int, str]:
   return {i: where(i) for i in frames}
 
 
-def _hbm_shape_bytes(shape: str) -> int:
-  """Bytes of the arrays of `shape` placed in HBM (layouts without a memory space S(n);
-  S(1) is the TPU core's VMEM, where XLA prefetches operands with copy-start)."""
-  return sum(_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-             for t, dims, layout in _LAID_OUT.findall(shape)
-             if not re.search(r"S\(\d+\)", layout))
-
-
-def traffic_breakdown(hlo: str, top: int = 20) -> dict[str, Any]:
+def traffic_breakdown(hlo: str, top: int | None = 20) -> dict[str, Any]:
   """HBM bytes per device of a compiled program's text (`compiled.as_text()`), by source.
 
   Each top-level instruction of the entry computation is charged the bytes of its result
@@ -313,7 +310,7 @@ def traffic_breakdown(hlo: str, top: int = 20) -> dict[str, Any]:
   and again when the fusion reads it from there. Here a copy-start moves its HBM source
   (or HBM destination, for an eviction) once, and VMEM accesses are not HBM traffic.
   Returns {"bytes": HBM bytes per device, "xla_like_bytes": every array counted as XLA
-  does (within a few % of `bytes accessed`), "top": the `top` sources}.
+  does (within a few % of `bytes accessed`), "top": the `top` sources (None: all)}.
   """
   frames = _frames(hlo)
   entry = hlo[hlo.index("\nENTRY "):]
@@ -325,7 +322,7 @@ def traffic_breakdown(hlo: str, top: int = 20) -> dict[str, Any]:
     if not m:
       continue
     name, shape, opcode, operands = m.groups()
-    sizes[name] = (_hbm_shape_bytes(shape), _shape_bytes(shape))
+    sizes[name] = _shape_bytes(shape)
     if opcode in _FREE:
       continue
     inputs = [sizes.get(o.split()[-1].lstrip("%"), (0, 0))
