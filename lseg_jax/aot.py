@@ -218,6 +218,14 @@ def compile_eval(config, devices, num_labels: int) -> tuple[AotResult, Any]:
 PROGRAMS = {"train": compile_train, "eval": compile_eval}
 
 
+def _describe(topology: str, shape: dict[str, int], config, num_labels: int) -> dict[str, Any]:
+  return {"topology": topology, **shape, "model": config.model.backbone,
+          "dtype": config.model.dtype, "remat": config.model.remat,
+          "crop": config.data.crop_size, "labels": num_labels,
+          "global_batch": config.batch_size,
+          "batch_per_chip": config.batch_size / shape["chips"]}
+
+
 def report(topology: str, config, num_labels: int,
            programs: dict[str, Callable[..., tuple[AotResult, Any]]],
            breakdown: int = 0) -> dict[str, Any]:
@@ -226,11 +234,7 @@ def report(topology: str, config, num_labels: int,
   generation = topology.split(":")[0]
   devices = slice_devices(topology)
   shape = slice_shape(devices)
-  out: dict[str, Any] = {"topology": topology, **shape,
-                         "model": config.model.backbone, "dtype": config.model.dtype,
-                         "remat": config.model.remat, "crop": config.data.crop_size,
-                         "labels": num_labels, "global_batch": config.batch_size,
-                         "batch_per_chip": config.batch_size / shape["chips"]}
+  out = _describe(topology, shape, config, num_labels)
   for name, fn in programs.items():
     result, mesh = fn(config, devices, num_labels)
     out["mesh"] = dict(mesh.shape)
@@ -239,6 +243,61 @@ def report(topology: str, config, num_labels: int,
     out[name] = result.as_dict(CHIPS[generation], shape, images)
     if breakdown and result.fits:
       out[name]["hbm_traffic_by_source"] = result.traffic["top"][:breakdown]
+  return out
+
+
+def largest_batch(topology: str, config, num_labels: int, start: int = 1,
+                  log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+  """The most images per chip whose train step fits the chip's HBM, bracketed by two
+  compiles: one that fits at n images per chip and one refused at n + 1.
+
+  Starts at `start`; each next guess extrapolates the HBM per chip of the compiles that
+  fit to the chip's capacity (XLA squeezes a program near the limit, so the guess errs
+  low), or halves the bracket found so far when it falls outside. A refused compile takes seconds, one
+  that fits minutes for full-size models. Returns `report`'s line for the largest batch
+  that fits (for `start` if none does) with "largest_images_per_chip" and every compile
+  "tried".
+  """
+  if start < 1:
+    raise UserError(f"--aot-fit {start}: expected at least 1 image per chip")
+  chip = CHIPS[topology.split(":")[0]]
+  devices = slice_devices(topology)
+  shape = slice_shape(devices)
+  per_chip = shape["devices"] // shape["chips"]
+  tried: dict[int, tuple[AotResult, Any]] = {}
+  gib = {}  # images per chip -> HBM GiB per chip, of the compiles that fit
+  n = start
+  while True:
+    trial = config.copy_and_resolve_references()
+    trial.batch_size = n * shape["chips"]
+    tried[n] = compile_train(trial, devices, num_labels)
+    if tried[n][0].fits:
+      gib[n] = tried[n][0].hbm["total"] * per_chip
+    log(f"{n} images per chip: "
+        + (f"fits in {gib[n]:.2f} GiB" if n in gib else tried[n][0].message))
+    lo = max(gib, default=0)
+    hi = min((k for k in tried if k not in gib), default=None)
+    if hi == lo + 1:
+      break
+    if not gib:
+      n = max(1, hi // 2)
+      continue
+    first = min(gib)
+    per_image = (gib[lo] - gib[first]) / (lo - first) if lo > first else 0
+    per_image = per_image if per_image > 0 else gib[lo] / lo
+    n = lo + max(1, int((chip.hbm_gib - gib[lo]) / per_image))
+    if hi is not None and n >= hi:
+      n = (lo + hi) // 2
+  best = lo or start
+  config = config.copy_and_resolve_references()
+  config.batch_size = best * shape["chips"]
+  out = _describe(topology, shape, config, num_labels)
+  out["mesh"] = dict(tried[best][1].shape)
+  out["train"] = tried[best][0].as_dict(chip, shape, config.batch_size)
+  out["largest_images_per_chip"] = lo
+  out["tried"] = [{"images_per_chip": k, "fits": r.fits,
+                   **({"hbm_gib_per_chip": round(gib[k], 3)} if r.fits
+                      else {"message": r.message})} for k, (r, _) in sorted(tried.items())]
   return out
 
 
@@ -345,5 +404,5 @@ def traffic_breakdown(hlo: str, top: int | None = 20) -> dict[str, Any]:
 
 
 __all__ = ["AotResult", "CHIPS", "Chip", "PROGRAMS", "abstract_batch", "compile_eval",
-           "compile_program", "compile_train", "report", "slice_devices", "slice_shape",
-           "traffic_breakdown"]
+           "compile_program", "compile_train", "largest_batch", "report", "slice_devices",
+           "slice_shape", "traffic_breakdown"]

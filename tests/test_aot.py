@@ -149,3 +149,31 @@ def test_traffic_breakdown_counts_hbm_once_and_vmem_never():
   assert out["bytes"] == 4096 + 4 + 8192
   assert out["xla_like_bytes"] == (4096 + (8192 + 4)) + (4096 + (8192 + 4)) + 3 * 4096
   assert sum(row["gb"] for row in out["top"]) == pytest.approx(out["bytes"] / 1e9, abs=1e-3)
+
+
+def test_largest_batch_brackets_the_limit(monkeypatch):
+  """`--aot-fit`'s search on a stand-in compiler: 2 GiB + 1.5 GiB per image up to 9 images
+  per chip, then squeezed to 0.25 GiB per image (as XLA does near the limit), refused
+  above v5e's 15.75 GiB. It ends with 10 fitting and 11 refused, whatever the start."""
+  monkeypatch.setattr(aot, "slice_devices", lambda topology: ["chip"] * 4)
+  monkeypatch.setattr(aot, "slice_shape", lambda devices: {"devices": 4, "chips": 4, "hosts": 1})
+
+  def compile_train(config, devices, num_labels):
+    n = config.batch_size // 4
+    gib = 2 + 1.5 * min(n, 9) + 0.25 * max(n - 9, 0)
+    mesh = type("Mesh", (), {"shape": {"data": 4, "fsdp": 1}})()
+    if gib > 15.75:
+      return aot.AotResult("train", 1.0, False, {}, message=f"does not fit: needs {gib}"), mesh
+    return aot.AotResult("train", 1.0, True, {"total": gib}, 1e12 * n, 1e10 * n,
+                         traffic={"bytes": 1e10 * n}), mesh
+  monkeypatch.setattr(aot, "compile_train", compile_train)
+  config = config_lib.complete(synthetic_tiny.get_config())
+  for start in (1, 4, 10, 11, 40):
+    out = aot.largest_batch("v5e:2x2", config, 6, start)
+    assert out["largest_images_per_chip"] == 10, (start, out["tried"])
+    assert out["global_batch"] == 40 and out["train"]["fits"]
+    assert out["train"]["hbm_gib_per_chip"]["total"] == 15.75
+    tried = {t["images_per_chip"]: t["fits"] for t in out["tried"]}
+    assert tried[10] and not tried[11] and len(tried) <= 6, (start, tried)
+  with pytest.raises(errors.UserError, match="at least 1 image per chip"):
+    aot.largest_batch("v5e:2x2", config, 6, 0)

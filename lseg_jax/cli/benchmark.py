@@ -5,6 +5,7 @@ r"""Times the real train and inference steps of a config on generated batches.
       --config.batch_size=1 --config.data.crop_size=384 --config.model.dtype=float32 --torch
   python tools/benchmark.py --config configs/ade20k.py:variant=vitl16 --aot v5p:2x2x1 \
       --config.batch_size=32 --aot-breakdown 20
+  python tools/benchmark.py --config configs/ade20k.py:variant=vitl16 --aot v5e:2x2 --aot-fit
 
 Random weights, no data files, label embeddings computed once (the text tower is not part
 of the cost). `train` times the jitted, donated train step of `tools/train.py`; `infer` the
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="compile for a TPU slice instead of timing (see below)")
   p.add_argument("--aot-breakdown", type=int, default=0, metavar="N",
                  help="with --aot: the N source lines moving the most HBM bytes")
+  p.add_argument("--aot-fit", type=int, nargs="?", const=1, default=None, metavar="START",
+                 help="with --aot: the most images per chip whose train step fits, found "
+                      "by compiles from START (default 1) images per chip")
   p.add_argument("--json", default=None, help="also write the JSON line to this file")
   distributed.add_arguments(p)
   return p
@@ -290,10 +294,14 @@ def run_aot(args, config) -> int:
   jax.config.update("jax_platforms", "cpu")  # the host; the TPU devices are described
   names = ("train", "eval") if args.task == "both" else (
       "eval" if args.task == "infer" else "train",)
-  programs = {name: aot.PROGRAMS[name] for name in names}
-  log(f"compiling {', '.join(names)} for {args.aot} (minutes for full-size models)")
-  results = aot.report(args.aot, config, args.labels, programs,
-                       breakdown=args.aot_breakdown)
+  if args.aot_fit is not None:
+    log(f"the largest train batch per chip that fits {args.aot}, from {args.aot_fit}")
+    results = aot.largest_batch(args.aot, config, args.labels, args.aot_fit, log=log)
+  else:
+    log(f"compiling {', '.join(names)} for {args.aot} (minutes for full-size models)")
+    programs = {name: aot.PROGRAMS[name] for name in names}
+    results = aot.report(args.aot, config, args.labels, programs,
+                         breakdown=args.aot_breakdown)
   results["date"] = datetime.date.today().isoformat()
   emit(results, args.json)
   return 0
