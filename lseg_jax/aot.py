@@ -128,6 +128,7 @@ def _sig(x: float, digits: int = 4) -> float:
 
 
 _GIB_FIGURE = re.compile(r"\(([\d.]+)([KMGT])\)")
+_GIB_UNIT = {"K": 2 ** -20, "M": 2 ** -10, "G": 1, "T": 2 ** 10}
 
 
 def _not_fit_message(error: Exception) -> str:
@@ -279,8 +280,9 @@ def largest_batch(topology: str, config, num_labels: int, start: int = 1,
     hi = min((k for k in tried if k not in gib), default=None)
     if hi == lo + 1:
       break
-    if not gib:
-      n = max(1, hi // 2)
+    if not gib:  # scaled by what the chip has over what the refused compile needed
+      figures = [float(v) * _GIB_UNIT[u] for v, u in _GIB_FIGURE.findall(tried[hi][0].message)]
+      n = max(1, min(hi - 1, int(hi * (figures[-1] / figures[0] if figures else 0.5))))
       continue
     first = min(gib)
     per_image = (gib[lo] - gib[first]) / (lo - first) if lo > first else 0
