@@ -57,6 +57,8 @@ class _PlainUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(
         f"unexpected object {module}.{name} in an HSNet split pickle; expected only "
         "dicts of lists of image paths")
+
+
 PASCAL_EXPECTED = (
     "HSNet's PASCAL-5i layout: the VOC2012 devkit (VOCtrainval_11-May-2012.tar "
     "from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/) extracted so that "
@@ -75,15 +77,10 @@ FSS_EXPECTED = (
     "extracted to {d}/FSS-1000/<class>/<n>.jpg with masks <n>.png.")
 
 
-def _check_fold(fold, dataset):
-  if fold not in range(NUM_FOLDS):
-    raise ValueError(f"{dataset} fold={fold!r}; expected one of "
-                     f"{list(range(NUM_FOLDS))}.")
-
-
 def fold_classes(dataset: str, fold: int, split: str) -> list[int]:
   """Class ids (0-based) of `fold`'s "val" classes, or of the other folds'."""
-  _check_fold(fold, dataset)
+  if fold not in range(NUM_FOLDS):
+    raise ValueError(f"{dataset} fold={fold!r}; expected one of {list(range(NUM_FOLDS))}.")
   if dataset == "pascal5i":
     held_out = [fold * 5 + i for i in range(5)]
     num_classes = 20
