@@ -29,19 +29,10 @@ def _header(data: tf.Tensor) -> tf.Tensor:
 def decode_image(data: tf.Tensor) -> tf.Tensor:
   """Image bytes -> uint8 [H, W, 3], the values Pillow gives (the official loaders).
 
-  lang-seg's loaders read every image with `Image.open(f).convert("RGB")`; this
-  returns those values exactly:
-    * JPEGs with 1 or 3 components: TF's libjpeg with the accurate integer DCT,
-      which equals Pillow's decoder (TF's default fast DCT does not: on photos
-      most values differ, by up to ~15 grey levels).
-    * 8-bit PNGs (grey, grey + alpha, RGB, RGBA, palette): TF's PNG decoder,
-      alpha dropped, palettes expanded, as `convert("RGB")`.
-    * everything else (CMYK/YCCK JPEGs, PNGs of 1, 2, 4 or 16 bits, GIF, BMP,
-      WebP, TIFF, ...): Pillow itself, through `tf.numpy_function`.
-  The EXIF orientation is not applied, as in the official code. One departure:
-  16-bit greyscale images (Pillow mode I;16), which `convert("RGB")` clips at
-  255, are scaled to round(value / 257) as the prediction tool does; none of
-  the paper's datasets holds such images.
+  Exactly lang-seg's `Image.open(f).convert("RGB")`: JPEGs with 1 or 3 components through
+  TF's libjpeg with the accurate integer DCT, 8-bit PNGs through TF's PNG decoder, the rest
+  (CMYK/YCCK JPEGs, PNGs of 1, 2, 4 or 16 bits, GIF, BMP, WebP, TIFF, ...) through Pillow. Why,
+  and the one departure (16-bit grey -> round(v / 257)): docs/evaluation.md, "Decoding".
   """
   is_jpeg = tf.io.is_jpeg(data)
   header = _header(data)
