@@ -189,7 +189,6 @@ def renamed(pattern: str, replacement: str) -> Callable[[str], str]:
   return functools.partial(re.sub, pattern, replacement)
 
 
-
 class TfdsSegmentation(registry.Source):
   """A prepared TFDS segmentation dataset, streamed (not indexed)."""
 

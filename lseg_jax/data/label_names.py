@@ -143,7 +143,6 @@ SUNRGBD_NAMES = (
 )
 
 
-
 @functools.cache
 def class_names(name: str) -> tuple[str, ...]:
   """The class list `class_names/<name>.txt` shipped with the package."""
