@@ -143,19 +143,12 @@ def num_mask_values(source: registry.Source) -> int:
   return 2 if source.is_episodic else len(source.label_names)
 
 
-def source_table(source: registry.Source) -> list[str]:
-  """The source's own label table (["other", *class_names] for episodes)."""
-  if source.is_episodic:
-    return [OTHER_LABEL, *source.class_names]
-  return list(source.label_names)
-
-
 def build_components(data_cfg, eval_split: bool = False) -> tuple[list[Component], list[str]]:
   """Builds the config's sources: (components, union label table)."""
   components, union = [], []
   for spec in source_specs(data_cfg, eval_split):
     source = registry.get_source(spec.name, spec.split, **spec.kwargs)
-    table = source_table(source)
+    table = [OTHER_LABEL, *source.class_names] if source.is_episodic else list(source.label_names)
     if not table:
       raise ValueError(f"Source {spec.name!r} has no label names; expected "
                        "at least one.")
