@@ -12,7 +12,7 @@ of the cost). `train` times the jitted, donated train step of `tools/train.py`; 
 forward + per-pixel argmax of single-scale evaluation and prediction; `--multiscale` also
 the official multi-scale protocol on one `--image-size` image. Each figure: the first call
 (compilation + one step) on its own, then the median and minimum of `--steps` calls, with
-images/s, FLOPs (`lseg_jax.flops`), MFU (peaks: `PEAK_FLOPS`) and peak device memory.
+images/s, FLOPs (`lseg_jax.flops`), MFU (peaks: `peak_flops`) and peak device memory.
 `--torch` also times the PyTorch LSeg (`lseg_jax.torch_lseg.benchmark`), `--data` the
 input pipeline (`benchmark_data.measure`); `--aot TOPOLOGY` times nothing and compiles for
 a TPU slice instead (`lseg_jax.aot`, no TPU needed). What each figure means: README,
@@ -41,23 +41,15 @@ NA = "n/a"
 TASKS = ("train", "infer", "both")
 TORCH_DTYPES = ("float32", "bfloat16")
 TORCH_TEXT_TOWER = ("frozen", "trained")
-# Peak dense FLOP/s per device, by compute dtype, keyed by a substring of
+# Peak dense FLOP/s per GPU, by compute dtype, keyed by a substring of
 # `jax.Device.device_kind` (first match wins, so the more specific keys come first).
-# GPU float32 figures are TF32 tensor-core peaks (XLA's default float32 matmul
-# precision on NVIDIA GPUs); TPU float32 matmuls run as several bfloat16 passes and
-# have no published peak.
+# The float32 figures are TF32 tensor-core peaks (XLA's default float32 matmul
+# precision on NVIDIA GPUs). TPUs: `aot.CHIPS` (see `peak_flops`).
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
     ("H100", {"bfloat16": 989e12, "float32": 494e12}),  # SXM
     ("H200", {"bfloat16": 989e12, "float32": 494e12}),
     ("A100", {"bfloat16": 312e12, "float32": 156e12}),
-    ("TPU v4", {"bfloat16": 275e12}),
-    ("TPU v5 lite", {"bfloat16": 197e12}),  # v5e
-    ("TPU v5e", {"bfloat16": 197e12}),
-    ("TPU v5p", {"bfloat16": 459e12}),
-    ("TPU v5", {"bfloat16": 459e12}),  # v5p reports "TPU v5"
-    ("TPU v6 lite", {"bfloat16": 918e12}),  # v6e
-    ("TPU v6e", {"bfloat16": 918e12}),
 )
 
 
@@ -94,8 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
-  """The device's peak dense FLOP/s for `dtype` from `PEAK_FLOPS`; None if unknown."""
-  for key, peaks in PEAK_FLOPS:
+  """The device's peak dense FLOP/s for `dtype`, None if unknown. GPUs: `PEAK_FLOPS`; TPUs:
+  bfloat16 from `aot.CHIPS` (float32 matmuls run as several bfloat16 passes: no peak)."""
+  rows = list(PEAK_FLOPS)
+  if "tpu" in device_kind.lower():
+    from lseg_jax import aot  # pylint: disable=g-import-not-at-top
+    tpus = {key: {"bfloat16": chip.peak_tflops * 1e12} for generation, chip in aot.CHIPS.items()
+            for key in (chip.device_kind, f"TPU {generation}")}
+    # By device kind or generation name, longest first: "TPU v5 lite" (v5e) and "TPU v5p"
+    # before "TPU v5" (what v5p reports).
+    rows += sorted(tpus.items(), key=lambda row: -len(row[0]))
+  for key, peaks in rows:
     if key.lower() in device_kind.lower():
       return peaks.get(dtype)
   return None
