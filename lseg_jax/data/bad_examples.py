@@ -1,19 +1,18 @@
 """The bad-example guard: every raw example reaches a pipeline through it.
 
-An undecodable image, or a mask whose size differs from its image's, is a
-*bad* example: with `data_cfg.on_bad_example == "error"` it raises a
-`BadExampleError` naming the file, with "skip" it is dropped, counted in the
-pipeline's `PipelineStats` and logged. A mask value outside
+An undecodable image, or a mask whose size differs from its image's, is a *bad* example: with
+`data_cfg.on_bad_example == "error"` it raises a `BadExampleError` naming the file, with "skip" it
+is dropped, counted in the pipeline's `PipelineStats` and logged. A mask value outside
 [0, num_labels) other than -1 (ignore) always raises.
 
-An error ends the stream where it happened instead of failing a tf.data op:
-TensorFlow would print the error, with a Python traceback, from each input
-thread it reaches. `DataIterator` raises the recorded error instead.
+An error ends the stream where it happened instead of failing a tf.data op: TensorFlow would print
+the error, with a Python traceback, from each input thread it reaches. `DataIterator` raises the
+recorded error instead.
 
-Two readers apply the guard: `indexed_examples` (sources with `load(index)`,
-where each load is confined so that one corrupt file can be named) and
-`streamed_examples` (sources without index access). Both yield checked raw
-examples with an int64 `_position` (the example's place in the stream).
+Two readers apply the guard: `indexed_examples` (sources with `load(index)`, where each load is
+confined so that one corrupt file can be named) and `streamed_examples` (sources without index
+access). Both yield checked raw examples with an int64 `_position` (the example's place in the
+stream).
 """
 from __future__ import annotations
 
