@@ -133,9 +133,8 @@ def make_source(dataset: MixtureDataset, split: str, *, data_dir: str | None = N
                 use_tfds: bool = False, tfds_data_dir: str | None = None) -> registry.Source:
   """`dataset`'s split read from `data_dir` (registered as `dataset.name`).
 
-  With `use_tfds` (datasets with a `tfds` layout), reads the TFDS dataset
-  from `tfds_data_dir`, preparing it first from the archives in `data_dir`
-  (its manual download folder) if needed.
+  With `use_tfds` (datasets with a `tfds` layout), reads the TFDS dataset from `tfds_data_dir`,
+  preparing it first from the archives in `data_dir` (its manual download folder) if needed.
   """
   folder = dataset_files.split_folder(split, dataset.splits, dataset.title)
   expected = dataset.expected.format(d=data_dir)
