@@ -12,7 +12,7 @@ of the cost). `train` times the jitted, donated train step of `tools/train.py`; 
 forward + per-pixel argmax of single-scale evaluation and prediction; `--multiscale` also
 the official multi-scale protocol on one `--image-size` image. Each figure: the first call
 (compilation + one step) on its own, then the median and minimum of `--steps` calls, with
-images/s, FLOPs (`lseg_jax.flops`), MFU (peaks: `peak_flops`) and peak device memory.
+images/s, FLOPs (`lseg_jax.flops`), MFU (peaks: `PEAK_FLOPS`) and peak device memory.
 `--torch` also times the PyTorch LSeg (`lseg_jax.torch_lseg.benchmark`), `--data` the
 input pipeline (`benchmark_data.measure`); `--aot TOPOLOGY` times nothing and compiles for
 a TPU slice instead (`lseg_jax.aot`, no TPU needed). What each figure means: README,
