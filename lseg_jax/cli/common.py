@@ -1,19 +1,17 @@
 """The argument layer the command-line tools share.
 
 Every tool that reads a run config takes `--config FILE[:ARG]` and any number of
-`--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`);
-eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
-`--tokenizer`, `--prompt`, `--dtype`). Every tool that runs JAX takes the
-multi-process arguments (`lseg_jax.distributed.add_arguments`: `--coordinator`,
-`--num-processes`, `--process-id`, `--heartbeat-timeout`) and calls `start_jax` before
-its first computation.
+`--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`); eval and
+predict share the checkpoint arguments (`--checkpoint`, `--step`, `--tokenizer`, `--prompt`,
+`--dtype`). Every tool that runs JAX takes the multi-process arguments
+(`lseg_jax.distributed.add_arguments`: `--coordinator`, `--num-processes`, `--process-id`,
+`--heartbeat-timeout`) and calls `start_jax` before its first computation.
 
-Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
-can cause (a bad value, a missing or damaged file), which the library raises as
-`lseg_jax.errors.UserError`, ends in one line "error: ..." and exit code 2;
-`--verbose` or LSEG_DEBUG=1 shows the traceback instead (and TensorFlow's C++ warnings,
-otherwise hidden unless TF_CPP_MIN_LOG_LEVEL is set: `lseg_jax.cli`). Any other
-exception is a bug and keeps its traceback (exit code 1). A failed run
+Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user can cause (a
+bad value, a missing or damaged file), which the library raises as `lseg_jax.errors.UserError`, ends
+in one line "error: ..." and exit code 2; `--verbose` or LSEG_DEBUG=1 shows the traceback instead
+(and TensorFlow's C++ warnings, otherwise hidden unless TF_CPP_MIN_LOG_LEVEL is set:
+`lseg_jax.cli`). Any other exception is a bug and keeps its traceback (exit code 1). A failed run
 exits at once, whatever threads are still running.
 """
 from __future__ import annotations

@@ -45,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_workdir(workdir: str) -> None:
   """Raises UserError unless `workdir` is a writable folder or can be made one.
 
-  Creates nothing: process 0 makes the folder once the settings have been checked, so
-  a run refused for bad settings leaves nothing behind. Remote paths (gs://...) are
-  checked by their first write.
+  Creates nothing: process 0 makes the folder once the settings have been checked, so a run refused
+  for bad settings leaves nothing behind. Remote paths (gs://...) are checked by their first write.
   """
   if "://" in workdir:
     return

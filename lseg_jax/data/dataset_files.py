@@ -88,8 +88,7 @@ class ZipTree(FileTree):
         fnmatch.fnmatchcase(name, part) for name, part in zip(n.split("/"), parts))]
 
   def read_bytes(self, path):
-    # ZipFile serialises reads of a shared handle itself: safe from the
-    # parallel tf.data threads.
+    # ZipFile serialises reads of a shared handle itself: safe from the parallel tf.data threads.
     return self._open().read(self.prefix + path)
 
   def read(self, path):

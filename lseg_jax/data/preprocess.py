@@ -155,11 +155,10 @@ def resize_image(image: tf.Tensor, size, offset=(0, 0), window=None, *,
 def resize_nearest(x: tf.Tensor, size, offset=(0, 0), window=None) -> tf.Tensor:
   """Nearest-neighbour resize of [H, W, ...] to `size` (h, w), any dtype.
 
-  Picks exactly PIL's NEAREST source pixels: PIL walks the output adding the
-  float64 step in / out to a start of step / 2 and truncates, so the source
-  index is floor(cumsum) (not floor((o + 0.5) * in / out), which differs at
-  exact ties). Written as a gather so labels are never interpolated.
-  `offset`/`window` select a window of the output as in `resize_image`.
+  Picks exactly PIL's NEAREST source pixels: PIL walks the output adding the float64 step in / out
+  to a start of step / 2 and truncates, so the source index is floor(cumsum) (not
+  floor((o + 0.5) * in / out), which differs at exact ties). Written as a gather so labels are
+  never interpolated. `offset`/`window` select a window of the output as in `resize_image`.
   """
   window = size if window is None else window
 
