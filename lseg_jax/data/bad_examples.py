@@ -163,8 +163,7 @@ def _keep_good(ds, source, data_cfg, stats: PipelineStats) -> tf.data.Dataset:
   ds = ds.take_while(no_autograph(lambda ex: ex["_verdict"] < 2))
   ds = ds.filter(no_autograph(lambda ex: ex["_verdict"] == 0))
   return ds.map(no_autograph(lambda ex: {
-      k: v for k, v in ex.items()
-      if k not in ("_verdict", "_bad_value", "_num_labels")}))
+      k: v for k, v in ex.items() if k not in ("_verdict", "_bad_value", "_num_labels")}))
 
 
 def _bad_value_reason(source, value: int, num_labels: int) -> str:

@@ -121,9 +121,8 @@ def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0,
     episodes = [e for f in range(NUM_FOLDS) if f != fold
                 for e in _read_pascal_list("trn", f, splits_dir, data_dir)]
   expected = PASCAL_EXPECTED.format(d=data_dir)
-  tree = dataset_files.find_root(
-      data_dir, marker="SegmentationClassAug", dataset="PASCAL-5i",
-      expected=expected, folders=("VOC2012", "VOCdevkit/VOC2012"))
+  tree = dataset_files.find_root(data_dir, marker="SegmentationClassAug", dataset="PASCAL-5i",
+                                 expected=expected, folders=("VOC2012", "VOCdevkit/VOC2012"))
   images = [f"JPEGImages/{name}.jpg" for name, _ in episodes]
   masks = [f"SegmentationClassAug/{name}.png" for name, _ in episodes]
   for paths, pattern in ((images, "JPEGImages/*.jpg"), (masks, "SegmentationClassAug/*.png")):
