@@ -97,11 +97,11 @@ def _add_clip_weights(state_dict, clip_path: str, trust_pickle: bool):
     merged = langseg.add_clip_image_tower(state_dict, clip_sd)
   except (ValueError, FileNotFoundError) as e:
     raise UserError(f"cannot take CLIP's image tower from {clip_path!r}: {e}") from e
-  prefix = clip_openai.find_prefix(clip_sd)
-  differ = [k for k, v in state_dict.items() if k.startswith(langseg_layout.CLIP_PREFIX)
-            and prefix + k[len(langseg_layout.CLIP_PREFIX):] in clip_sd
-            and not np.array_equal(np.asarray(clip_sd[prefix + k[len(langseg_layout.CLIP_PREFIX):]],
-                                              np.float32), v)]
+  # Our CLIP tensor name -> the same tensor's name in the CLIP file.
+  ours, theirs = langseg_layout.CLIP_PREFIX, clip_openai.find_prefix(clip_sd)
+  names = {k: theirs + k[len(ours):] for k in state_dict if k.startswith(ours)}
+  differ = [k for k, name in names.items() if name in clip_sd
+            and not np.array_equal(np.asarray(clip_sd[name], np.float32), state_dict[k])]
   if differ:
     print(f"warning: {len(differ)} text-tower tensors of {clip_path} differ from the model's "
           f"(e.g. {differ[0]}); the model's are kept. Is it the CLIP model LSeg was "
