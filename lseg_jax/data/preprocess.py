@@ -180,16 +180,6 @@ def _long_side_size(h, w, long_size):
   return tf.cast(oh, tf.int32), tf.cast(ow, tf.int32)
 
 
-def _pad_to(image, mask, height, width):
-  """Pads image (0) and mask (ignore) bottom/right to >= (height, width)."""
-  shape = tf.shape(mask)
-  pad_h = tf.maximum(height - shape[0], 0)
-  pad_w = tf.maximum(width - shape[1], 0)
-  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
-  mask = tf.pad(mask, [[0, pad_h], [0, pad_w]], constant_values=IGNORE_INDEX)
-  return image, mask
-
-
 def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *, crop_size: int = 480,
                   base_size: int = 520, scale_range=(0.5, 2.0), flip: bool = True):
   """The official training augmentation (docs/datasets.md) of image uint8 [H, W, 3] and
@@ -214,7 +204,10 @@ def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *, crop_si
   wh, ww = tf.minimum(crop_size, oh - y0), tf.minimum(crop_size, ow - x0)
   image = resize_image(image, (oh, ow), (y0, x0), (wh, ww))
   mask = resize_nearest(mask, (oh, ow), (y0, x0), (wh, ww))
-  image, mask = _pad_to(image, mask, crop_size, crop_size)
+  # Both are [wh, ww]: padded bottom/right to the crop, image with 0, mask with ignore.
+  pad = [[0, crop_size - wh], [0, crop_size - ww]]
+  image = tf.pad(image, pad + [[0, 0]])
+  mask = tf.pad(mask, pad, constant_values=IGNORE_INDEX)
   image = tf.ensure_shape(normalize(image), [crop_size, crop_size, 3])
   mask = tf.ensure_shape(mask, [crop_size, crop_size])
   return image, mask
