@@ -166,14 +166,6 @@ def _keep_good(ds, source, data_cfg, stats: PipelineStats) -> tf.data.Dataset:
       k: v for k, v in ex.items() if k not in ("_verdict", "_bad_value", "_num_labels")}))
 
 
-def _bad_value_reason(source, value: int, num_labels: int) -> str:
-  """The out-of-range message, in the value convention of the source's files."""
-  ignore = getattr(source, "mask_ignore", None)
-  expected = (f"below {num_labels} or the dataset's ignore value" if ignore is None else
-              f"0-{num_labels - 1} ({num_labels} labels) or {ignore} for ignore")
-  return f"its mask has value {value} outside [0, {num_labels}); expected a label index {expected}"
-
-
 def _bad_example_handler(source, data_cfg, stats: PipelineStats):
   """(bad example's fields) -> 1 (skip it) or 2 (stop: stats.error is set)."""
   on_bad = data_cfg.on_bad_example
@@ -181,8 +173,12 @@ def _bad_example_handler(source, data_cfg, stats: PipelineStats):
   def handle(index, file_name, reason, fatal, bad_value, num_labels):
     file_name = file_name.numpy().decode("utf-8", "replace")
     reason = reason.numpy().decode("utf-8", "replace")
-    if fatal.numpy():
-      reason = _bad_value_reason(source, int(bad_value.numpy()), int(num_labels.numpy()))
+    if fatal.numpy():  # out of range: said in the value convention of the source's files
+      n, ignore = int(num_labels.numpy()), getattr(source, "mask_ignore", None)
+      expected = (f"below {n} or the dataset's ignore value" if ignore is None else
+                  f"0-{n - 1} ({n} labels) or {ignore} for ignore")
+      reason = (f"its mask has value {int(bad_value.numpy())} outside [0, {n}); expected a "
+                f"label index {expected}")
     if fatal.numpy() or on_bad == "error":
       if not fatal.numpy() and source.is_indexed and reason == _LOAD_FAILED:
         reason = _load_error_reason(source, index, file_name)
