@@ -44,7 +44,6 @@ if "tensorflow" not in _sys.modules:
   with _quiet_native_stderr():
     import tensorflow  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
 
-from lseg_jax.data.registry import get_source, register, Source  # noqa: E402
 from lseg_jax.labels import IGNORE_INDEX  # noqa: E402
 
-__all__ = ["IGNORE_INDEX", "Source", "get_source", "register"]
+__all__ = ["IGNORE_INDEX"]
