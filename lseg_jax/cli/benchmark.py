@@ -106,8 +106,7 @@ def summarize(timing: dict[str, float], batch: int, flops_per_image: float | Non
               peak_total: float | None) -> dict[str, Any]:
   """Rounded timing plus images/s and MFU."""
   ips = batch / timing["step_s_median"]
-  mfu = (flops_per_image * ips / peak_total
-         if flops_per_image is not None and peak_total else None)
+  mfu = flops_per_image * ips / peak_total if flops_per_image is not None and peak_total else None
   out = {k: round(v, 4) for k, v in timing.items()}
   out.update(batch_size=batch, images_per_s=round(ips, 4),
              s_per_image=round(1 / ips, 4),
@@ -327,8 +326,7 @@ def bench_jax(results: dict[str, Any], args, config, spec, mesh, state, text_emb
   # Inference first: the train step donates (invalidates) the state it is given.
   if "infer" in tasks:
     log(f"infer: batch {infer_batch}, {args.steps} timed steps")
-    timing = bench_infer(state, spec, mesh, text_emb, infer_batch, crop, args.labels,
-                         args.steps)
+    timing = bench_infer(state, spec, mesh, text_emb, infer_batch, crop, args.labels, args.steps)
     results["infer"] = {**summarize(timing, infer_batch, flops_of("infer"), peak),
                         "peak_memory_bytes": peak_memory(device)}
     log(f"  {json.dumps(results['infer'])}")

@@ -193,8 +193,7 @@ class DemoBackend:
     if image_source is None:
       raise ValueError("no image: upload one, paste one, take one with the webcam or pick "
                        "an example")
-    source = predict.load_image(image_source, name=repr(image_name),
-                                max_side=self.args.max_side)
+    source = predict.load_image(image_source, name=repr(image_name), max_side=self.args.max_side)
     image = source.image
     warnings = list(source.warnings)
 
@@ -313,8 +312,7 @@ def build_app(backend: DemoBackend):
                             label="Protocol", elem_id="protocol",
                             info="multi-scale + flip: the paper's test protocol, "
                                  "many times slower")
-        alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity",
-                          elem_id="alpha")
+        alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", elem_id="alpha")
         button = gr.Button("Segment", variant="primary", elem_id="segment")
         gr.Examples(backend.write_examples(), inputs=[image, labels], label="Examples")
       with gr.Column(scale=1):

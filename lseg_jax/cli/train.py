@@ -57,8 +57,7 @@ def check_workdir(workdir: str) -> None:
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise common.UserError(f"--workdir {workdir!r} is not writable ({existing!r} is a "
-                           f"file); {fix}")
+    raise common.UserError(f"--workdir {workdir!r} is not writable ({existing!r} is a file); {fix}")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise common.UserError(f"--workdir {workdir!r} is not writable (permission denied on "
                            f"{existing!r}); {fix}")

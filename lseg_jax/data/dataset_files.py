@@ -120,8 +120,7 @@ def find_root(data_dir: str | None, *, marker: str, dataset: str, expected: str,
     FileNotFoundError: naming `data_dir` and what was expected there.
   """
   if not data_dir:
-    raise ValueError(f"{dataset} needs data_dir=<the directory holding it>. "
-                     f"Expected: {expected}")
+    raise ValueError(f"{dataset} needs data_dir=<the directory holding it>. Expected: {expected}")
   data_dir = data_dir.rstrip("/")
   for folder in ("", *folders):
     root = f"{data_dir}/{folder}".rstrip("/")
