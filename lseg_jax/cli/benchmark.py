@@ -41,23 +41,15 @@ NA = "n/a"
 TASKS = ("train", "infer", "both")
 TORCH_DTYPES = ("float32", "bfloat16")
 TORCH_TEXT_TOWER = ("frozen", "trained")
-# Peak dense FLOP/s per device, by compute dtype, keyed by a substring of
+# Peak dense FLOP/s per GPU, by compute dtype, keyed by a substring of
 # `jax.Device.device_kind` (first match wins, so the more specific keys come first).
-# GPU float32 figures are TF32 tensor-core peaks (XLA's default float32 matmul
-# precision on NVIDIA GPUs); TPU float32 matmuls run as several bfloat16 passes and
-# have no published peak.
+# The float32 figures are TF32 tensor-core peaks (XLA's default float32 matmul
+# precision on NVIDIA GPUs). TPUs: `aot.CHIPS` (see `peak_flops`).
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
     ("H100", {"bfloat16": 989e12, "float32": 494e12}),  # SXM
     ("H200", {"bfloat16": 989e12, "float32": 494e12}),
     ("A100", {"bfloat16": 312e12, "float32": 156e12}),
-    ("TPU v4", {"bfloat16": 275e12}),
-    ("TPU v5 lite", {"bfloat16": 197e12}),  # v5e
-    ("TPU v5e", {"bfloat16": 197e12}),
-    ("TPU v5p", {"bfloat16": 459e12}),
-    ("TPU v5", {"bfloat16": 459e12}),  # v5p reports "TPU v5"
-    ("TPU v6 lite", {"bfloat16": 918e12}),  # v6e
-    ("TPU v6e", {"bfloat16": 918e12}),
 )
 
 
@@ -94,8 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
-  """The device's peak dense FLOP/s for `dtype` from `PEAK_FLOPS`; None if unknown."""
-  for key, peaks in PEAK_FLOPS:
+  """The device's peak dense FLOP/s for `dtype`, None if unknown. GPUs: `PEAK_FLOPS`; TPUs:
+  bfloat16 from `aot.CHIPS` (float32 matmuls run as several bfloat16 passes: no peak)."""
+  rows = list(PEAK_FLOPS)
+  if "tpu" in device_kind.lower():
+    from lseg_jax import aot  # pylint: disable=g-import-not-at-top
+    tpus = {key: {"bfloat16": chip.peak_tflops * 1e12} for generation, chip in aot.CHIPS.items()
+            for key in (chip.device_kind, f"TPU {generation}")}
+    # By device kind or generation name, longest first: "TPU v5 lite" (v5e) and "TPU v5p"
+    # before "TPU v5" (what v5p reports).
+    rows += sorted(tpus.items(), key=lambda row: -len(row[0]))
+  for key, peaks in rows:
     if key.lower() in device_kind.lower():
       return peaks.get(dtype)
   return None
@@ -105,8 +106,7 @@ def summarize(timing: dict[str, float], batch: int, flops_per_image: float | Non
               peak_total: float | None) -> dict[str, Any]:
   """Rounded timing plus images/s and MFU."""
   ips = batch / timing["step_s_median"]
-  mfu = (flops_per_image * ips / peak_total
-         if flops_per_image is not None and peak_total else None)
+  mfu = flops_per_image * ips / peak_total if flops_per_image is not None and peak_total else None
   out = {k: round(v, 4) for k, v in timing.items()}
   out.update(batch_size=batch, images_per_s=round(ips, 4),
              s_per_image=round(1 / ips, 4),
@@ -326,8 +326,7 @@ def bench_jax(results: dict[str, Any], args, config, spec, mesh, state, text_emb
   # Inference first: the train step donates (invalidates) the state it is given.
   if "infer" in tasks:
     log(f"infer: batch {infer_batch}, {args.steps} timed steps")
-    timing = bench_infer(state, spec, mesh, text_emb, infer_batch, crop, args.labels,
-                         args.steps)
+    timing = bench_infer(state, spec, mesh, text_emb, infer_batch, crop, args.labels, args.steps)
     results["infer"] = {**summarize(timing, infer_batch, flops_of("infer"), peak),
                         "peak_memory_bytes": peak_memory(device)}
     log(f"  {json.dumps(results['infer'])}")

@@ -1,9 +1,8 @@
 r"""Examples/sec of the training input pipeline on ADE20K-shaped data.
 
-Encodes generated scenes as JPEG images and PNG masks (150 labels) at an
-ADE20K-like size, then times the full per-host train pipeline: decode, the
-LSeg augmentation (random scale 0.5-2.0 of base 520, flip, pad, crop 480),
-normalise, batch.
+Encodes generated scenes as JPEG images and PNG masks (150 labels) at an ADE20K-like size,
+then times the full per-host train pipeline: decode, the LSeg augmentation (random scale
+0.5-2.0 of base 520, flip, pad, crop 480), normalise, batch.
 
   python tools/benchmark_data.py --batch_size=16 --num_batches=20
 """
@@ -26,15 +25,13 @@ def make_source(height, width, num_images):
   """An in-memory source of JPEG scenes with 150-label PNG masks."""
   images, masks = [], []
   for i in range(num_images):
-    image, mask = synthetic.generate_scene(np.random.default_rng(i), height,
-                                           width)
+    image, mask = synthetic.generate_scene(np.random.default_rng(i), height, width)
     # Spread the 6 synthetic classes over a 150-label table.
     mask = np.where(mask == synthetic.MASK_IGNORE, mask,
                     (mask.astype(np.int32) * 29 + i) % NUM_LABELS)
     images.append(tf.io.encode_jpeg(image, quality=90).numpy())
     masks.append(tf.io.encode_png(mask.astype(np.uint8)[..., None]).numpy())
-  return synthetic.EncodedSource(images, masks,
-                                 [f"bench_{i}" for i in range(num_images)],
+  return synthetic.EncodedSource(images, masks, [f"bench_{i}" for i in range(num_images)],
                                  [f"label_{i}" for i in range(NUM_LABELS)])
 
 

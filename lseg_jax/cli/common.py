@@ -1,19 +1,17 @@
 """The argument layer the command-line tools share.
 
 Every tool that reads a run config takes `--config FILE[:ARG]` and any number of
-`--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`);
-eval and predict share the checkpoint arguments (`--checkpoint`, `--step`,
-`--tokenizer`, `--prompt`, `--dtype`). Every tool that runs JAX takes the
-multi-process arguments (`lseg_jax.distributed.add_arguments`: `--coordinator`,
-`--num-processes`, `--process-id`, `--heartbeat-timeout`) and calls `start_jax` before
-its first computation.
+`--config.KEY=VALUE` overrides of fields of the completed config (`lseg_jax.config`); eval and
+predict share the checkpoint arguments (`--checkpoint`, `--step`, `--tokenizer`, `--prompt`,
+`--dtype`). Every tool that runs JAX takes the multi-process arguments
+(`lseg_jax.distributed.add_arguments`: `--coordinator`, `--num-processes`, `--process-id`,
+`--heartbeat-timeout`) and calls `start_jax` before its first computation.
 
-Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user
-can cause (a bad value, a missing or damaged file), which the library raises as
-`lseg_jax.errors.UserError`, ends in one line "error: ..." and exit code 2;
-`--verbose` or LSEG_DEBUG=1 shows the traceback instead (and TensorFlow's C++ warnings,
-otherwise hidden unless TF_CPP_MIN_LOG_LEVEL is set: `lseg_jax.cli`). Any other
-exception is a bug and keeps its traceback (exit code 1). A failed run
+Every tool runs its `main` through `entry_point` (`run`, then exit): an error the user can cause (a
+bad value, a missing or damaged file), which the library raises as `lseg_jax.errors.UserError`, ends
+in one line "error: ..." and exit code 2; `--verbose` or LSEG_DEBUG=1 shows the traceback instead
+(and TensorFlow's C++ warnings, otherwise hidden unless TF_CPP_MIN_LOG_LEVEL is set:
+`lseg_jax.cli`). Any other exception is a bug and keeps its traceback (exit code 1). A failed run
 exits at once, whatever threads are still running.
 """
 from __future__ import annotations
@@ -88,8 +86,7 @@ def run(main, argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   # What follows "--" is another command's (tools/launch.py), its --verbose included.
   end = argv.index("--") if "--" in argv else len(argv)
-  verbose = (VERBOSE_FLAG in argv[:end]
-             or os.environ.get(DEBUG_ENV, "") not in ("", "0"))
+  verbose = VERBOSE_FLAG in argv[:end] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
   argv = [a for a in argv[:end] if a != VERBOSE_FLAG] + argv[end:]
   try:
     return main(argv)
@@ -132,8 +129,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str
   return rest, overrides
 
 
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
-          ) -> argparse.Namespace:
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
   """`parser.parse_args` that also collects config overrides into `args.overrides`."""
   rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(rest)
@@ -158,8 +154,7 @@ def _config_file_error(spec: str, e: BaseException) -> UserError:
   if isinstance(e, flags.IllegalFlagValueError):  # ml_collections wraps ValueErrors
     e = e.__cause__ or e.__context__ or e
   if isinstance(e, SyntaxError):
-    return UserError(f"--config {spec!r}: syntax error in {e.filename} line {e.lineno}: "
-                     f"{e.msg}")
+    return UserError(f"--config {spec!r}: syntax error in {e.filename} line {e.lineno}: {e.msg}")
   if isinstance(e, ValueError):  # get_config's own checks: the message says what is wrong
     return UserError(f"--config {spec!r}: {e}")
   if isinstance(e, AttributeError) and "get_config" in str(e):
@@ -176,8 +171,7 @@ def read_config_file(spec: str):
   if the file is missing, does not parse, or its get_config fails."""
   path = spec.partition(":")[0]
   if not os.path.isfile(path):
-    raise UserError(f"--config file {path!r} does not exist; expected "
-                    "configs/NAME.py[:ARGS]")
+    raise UserError(f"--config file {path!r} does not exist; expected configs/NAME.py[:ARGS]")
   values = flags.FlagValues()
   # sys_argv: otherwise the flag reads the process's own --config.KEY overrides; they
   # are applied by lseg_jax.config (which knows the library's defaults and the fields

@@ -43,15 +43,6 @@ def _require_torch(what: str) -> None:
 
 
 # --- import ---
-def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir):
-    if not os.path.isdir(out_dir):
-      raise UserError(f"OUT_DIR {out_dir!r} exists and is not a directory")
-    if os.listdir(out_dir) and not overwrite:
-      raise UserError(f"OUT_DIR {out_dir!r} exists and is not empty; pass --overwrite "
-                         "to replace it")
-
-
 def run_import(args) -> str:
   src = os.fspath(args.src)
   if src.startswith(("http://", "https://")):
@@ -60,7 +51,12 @@ def run_import(args) -> str:
     raise UserError(f"SRC {src!r} is not a file")
   if not src.endswith(".safetensors"):
     _require_torch(f"reading {os.path.basename(src)} (a PyTorch file)")
-  _check_out_dir(args.out_dir, args.overwrite)
+  if os.path.exists(args.out_dir):
+    if not os.path.isdir(args.out_dir):
+      raise UserError(f"OUT_DIR {args.out_dir!r} exists and is not a directory")
+    if os.listdir(args.out_dir) and not args.overwrite:
+      raise UserError(f"OUT_DIR {args.out_dir!r} exists and is not empty; pass --overwrite "
+                      "to replace it")
   start = time.perf_counter()
   try:
     state_dict, meta = langseg_layout.read_checkpoint(src, weights_only=not args.trust_pickle)
@@ -101,11 +97,11 @@ def _add_clip_weights(state_dict, clip_path: str, trust_pickle: bool):
     merged = langseg.add_clip_image_tower(state_dict, clip_sd)
   except (ValueError, FileNotFoundError) as e:
     raise UserError(f"cannot take CLIP's image tower from {clip_path!r}: {e}") from e
-  prefix = clip_openai.find_prefix(clip_sd)
-  differ = [k for k, v in state_dict.items() if k.startswith(langseg_layout.CLIP_PREFIX)
-            and prefix + k[len(langseg_layout.CLIP_PREFIX):] in clip_sd
-            and not np.array_equal(np.asarray(clip_sd[prefix + k[len(langseg_layout.CLIP_PREFIX):]],
-                                              np.float32), v)]
+  # Our CLIP tensor name -> the same tensor's name in the CLIP file.
+  ours, theirs = langseg_layout.CLIP_PREFIX, clip_openai.find_prefix(clip_sd)
+  names = {k: theirs + k[len(ours):] for k in state_dict if k.startswith(ours)}
+  differ = [k for k, name in names.items() if name in clip_sd
+            and not np.array_equal(np.asarray(clip_sd[name], np.float32), state_dict[k])]
   if differ:
     print(f"warning: {len(differ)} text-tower tensors of {clip_path} differ from the model's "
           f"(e.g. {differ[0]}); the model's are kept. Is it the CLIP model LSeg was "
@@ -175,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   exp = sub.add_parser(
       "export", help="lseg-jax checkpoint directory -> PyTorch state dict (LSegNet layout)",
-      description="The file format and how the official code loads it: docs/interop.md, \"Export\".")
+      description="The file format and how the official code loads it: docs/interop.md, "
+                  "\"Export\".")
   exp.add_argument("ckpt_dir", metavar="CKPT_DIR", help="checkpoint directory (ours)")
   exp.add_argument("out", metavar="OUT.pt", help="file to write")
   exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

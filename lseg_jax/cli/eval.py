@@ -155,8 +155,8 @@ def select_evaluations(config, args) -> list[evaluate.Evaluation]:
   """The config's evaluations (`evaluate.Evaluation.from_config`) with the command
   line's data and protocol flags laid over them (unset flags keep the config's value).
 
-  --batch-size is per process; without it, the evaluation's, or 2 per local device for
-  a bare dataset (--data NAME).
+  --batch-size is per process; without it, the evaluation's, or 2 per local device for a bare
+  dataset (--data NAME).
 
   Raises:
     UserError: no evaluation has the chosen name, or one report is asked of several.
@@ -178,10 +178,9 @@ def select_evaluations(config, args) -> list[evaluate.Evaluation]:
                            ("eval_split", args.split), ("data_dir", args.data_dir)):
         if value:
           data[field] = value
-      if args.fold is not None:
-        data.fold = args.fold
-      if args.shot is not None:
-        data.shot = args.shot
+      for field in ("fold", "shot"):  # 0 is one of each: set unless None
+        if getattr(args, field) is not None:
+          data[field] = getattr(args, field)
       ev.window = sliding_window(args, data)
       if ev.window is not None and not (args.keep_eval_resize or args.eval_resize):
         data.eval_resize = "none"
@@ -223,10 +222,9 @@ def main(argv=None) -> int:
     if jax.process_index() == 0:
       out = args.out or default_out(ckpt_dir, ev.data, report["mode"])
       openvocab.write_json(out, report)  # in one piece, local or remote
-      title = (f"{report['dataset']} / {report['split']}"
-               + (f" / fold {report['fold']}" if report["fold"] is not None else "")
-               + f" ({report['protocol']}, {report['mode']})")
-      print(title)
+      print(f"{report['dataset']} / {report['split']}"
+            + (f" / fold {report['fold']}" if report["fold"] is not None else "")
+            + f" ({report['protocol']}, {report['mode']})")
       print(evaluate.format_table(report))
       print(f"report: {out}")
   distributed.done()

@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="cpu: forced host devices and gloo; gpu: GPUs split over processes")
   p.add_argument("--port", type=int, default=0,
                  help="coordinator port on 127.0.0.1 (default: a free one)")
-  p.add_argument("command", nargs=argparse.REMAINDER,
-                 help="-- the command each process runs")
+  p.add_argument("command", nargs=argparse.REMAINDER, help="-- the command each process runs")
   return p
 
 

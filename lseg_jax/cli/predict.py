@@ -45,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
   lab.add_argument("--labels-file", help="a text file with one label name per line")
   p.add_argument("--out", required=True, help="OUT.png (with --image) or an output folder")
   p.add_argument("--logits-out", default=None, help="OUT.npz (--image) or a folder (--images)")
-  p.add_argument("--embeddings-out", default=None,
-                 help="OUT.npy (--image) or a folder (--images)")
+  p.add_argument("--embeddings-out", default=None, help="OUT.npy (--image) or a folder (--images)")
   p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
   p.add_argument("--multiscale", action="store_true",
                  help="the official multi-scale + flip protocol (slower)")

@@ -24,6 +24,7 @@ from lseg_jax.cli import eval as eval_cli
 from lseg_jax.cli import predict
 from lseg_jax.data import synthetic
 
+
 def build_parser() -> argparse.ArgumentParser:
   p = common.new_parser(__doc__)
   common.add_config_arg(p, required=False, help_text=(
@@ -32,26 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def default_config():
-  """configs/synthetic_tiny.py's config (the `configs` package ships with the project)."""
-  # Lazily: `configs` is a folder of the project, not of the installed package.
-  from configs import synthetic_tiny  # pylint: disable=g-import-not-at-top
-  return synthetic_tiny.get_config()
-
-
-def write_example_image(path: str, height: int, width: int, seed: int = 12345) -> None:
-  """A scene from the synthetic generator that is in neither split (another seed)."""
-  image, _ = synthetic.generate_scene(np.random.default_rng(seed), height, width)
-  Image.fromarray(image).save(path)
-
-
 def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
-  config = (common.load_config(args.config, args.overrides) if args.config
-            else common.load_config(None, args.overrides, base=default_config()))
+  if args.config:
+    config = common.load_config(args.config, args.overrides)
+  else:
+    # Lazily: `configs` is a folder of the project, not of the installed package.
+    from configs import synthetic_tiny  # pylint: disable=g-import-not-at-top
+    config = common.load_config(None, args.overrides, base=synthetic_tiny.get_config())
   if config.data.name != "synthetic":
     raise common.UserError(f"run_default.py runs the synthetic config; got data "
-                     f"{config.data.name!r} (use tools/train.py for other configs)")
+                           f"{config.data.name!r} (use tools/train.py for other configs)")
   common.setup_logging()
   workdir = os.path.abspath(args.workdir)
 
@@ -68,7 +60,10 @@ def main(argv=None) -> int:
 
   example = os.path.join(workdir, "example.png")
   kwargs = config.data.source_kwargs
-  write_example_image(example, kwargs.get("height", 64), kwargs.get("width", 64))
+  # A scene from the synthetic generator that is in neither split (another seed).
+  image, _ = synthetic.generate_scene(np.random.default_rng(12345), kwargs.get("height", 64),
+                                      kwargs.get("width", 64))
+  Image.fromarray(image).save(example)
   rc = predict.main([
       "--checkpoint", workdir, "--image", example, "--labels", ",".join(synthetic.LABEL_NAMES),
       "--out", os.path.join(workdir, "prediction.png")])

@@ -45,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_workdir(workdir: str) -> None:
   """Raises UserError unless `workdir` is a writable folder or can be made one.
 
-  Creates nothing: process 0 makes the folder once the settings have been checked, so
-  a run refused for bad settings leaves nothing behind. Remote paths (gs://...) are
-  checked by their first write.
+  Creates nothing: process 0 makes the folder once the settings have been checked, so a run refused
+  for bad settings leaves nothing behind. Remote paths (gs://...) are checked by their first write.
   """
   if "://" in workdir:
     return
@@ -58,8 +57,7 @@ def check_workdir(workdir: str) -> None:
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise common.UserError(f"--workdir {workdir!r} is not writable ({existing!r} is a "
-                           f"file); {fix}")
+    raise common.UserError(f"--workdir {workdir!r} is not writable ({existing!r} is a file); {fix}")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise common.UserError(f"--workdir {workdir!r} is not writable (permission denied on "
                            f"{existing!r}); {fix}")

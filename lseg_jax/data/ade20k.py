@@ -2,11 +2,10 @@
 
   source = registry.get_source("ade20k", "validation", data_dir=DIR)
 
-Read from the official ADEChallengeData2016.zip, in place or extracted; stored value 0
-("other") is ignored and value k is class k - 1 (`label_names.ADE20K_NAMES`).
-TFDS's `scene_parse150` is not a way into ADE20K: it is built from the 2017 Places
-challenge's instance annotations (100 classes in the red channel), not the 150-class
-semantic masks that LSeg trains and evaluates on.
+Read from the official ADEChallengeData2016.zip, in place or extracted; stored value 0 ("other") is
+ignored and value k is class k - 1 (`label_names.ADE20K_NAMES`). TFDS's `scene_parse150` is not a
+way into ADE20K: it is built from the 2017 Places challenge's instance annotations (100 classes in
+the red channel), not the 150-class semantic masks that LSeg trains and evaluates on.
 """
 from __future__ import annotations
 

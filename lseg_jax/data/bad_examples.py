@@ -1,19 +1,18 @@
 """The bad-example guard: every raw example reaches a pipeline through it.
 
-An undecodable image, or a mask whose size differs from its image's, is a
-*bad* example: with `data_cfg.on_bad_example == "error"` it raises a
-`BadExampleError` naming the file, with "skip" it is dropped, counted in the
-pipeline's `PipelineStats` and logged. A mask value outside
+An undecodable image, or a mask whose size differs from its image's, is a *bad* example: with
+`data_cfg.on_bad_example == "error"` it raises a `BadExampleError` naming the file, with "skip" it
+is dropped, counted in the pipeline's `PipelineStats` and logged. A mask value outside
 [0, num_labels) other than -1 (ignore) always raises.
 
-An error ends the stream where it happened instead of failing a tf.data op:
-TensorFlow would print the error, with a Python traceback, from each input
-thread it reaches. `DataIterator` raises the recorded error instead.
+An error ends the stream where it happened instead of failing a tf.data op: TensorFlow would print
+the error, with a Python traceback, from each input thread it reaches. `DataIterator` raises the
+recorded error instead.
 
-Two readers apply the guard: `indexed_examples` (sources with `load(index)`,
-where each load is confined so that one corrupt file can be named) and
-`streamed_examples` (sources without index access). Both yield checked raw
-examples with an int64 `_position` (the example's place in the stream).
+Two readers apply the guard: `indexed_examples` (sources with `load(index)`, where each load is
+confined so that one corrupt file can be named) and `streamed_examples` (sources without index
+access). Both yield checked raw examples with an int64 `_position` (the example's place in the
+stream).
 """
 from __future__ import annotations
 
@@ -164,16 +163,7 @@ def _keep_good(ds, source, data_cfg, stats: PipelineStats) -> tf.data.Dataset:
   ds = ds.take_while(no_autograph(lambda ex: ex["_verdict"] < 2))
   ds = ds.filter(no_autograph(lambda ex: ex["_verdict"] == 0))
   return ds.map(no_autograph(lambda ex: {
-      k: v for k, v in ex.items()
-      if k not in ("_verdict", "_bad_value", "_num_labels")}))
-
-
-def _bad_value_reason(source, value: int, num_labels: int) -> str:
-  """The out-of-range message, in the value convention of the source's files."""
-  ignore = getattr(source, "mask_ignore", None)
-  expected = (f"below {num_labels} or the dataset's ignore value" if ignore is None else
-              f"0-{num_labels - 1} ({num_labels} labels) or {ignore} for ignore")
-  return f"its mask has value {value} outside [0, {num_labels}); expected a label index {expected}"
+      k: v for k, v in ex.items() if k not in ("_verdict", "_bad_value", "_num_labels")}))
 
 
 def _bad_example_handler(source, data_cfg, stats: PipelineStats):
@@ -183,8 +173,12 @@ def _bad_example_handler(source, data_cfg, stats: PipelineStats):
   def handle(index, file_name, reason, fatal, bad_value, num_labels):
     file_name = file_name.numpy().decode("utf-8", "replace")
     reason = reason.numpy().decode("utf-8", "replace")
-    if fatal.numpy():
-      reason = _bad_value_reason(source, int(bad_value.numpy()), int(num_labels.numpy()))
+    if fatal.numpy():  # out of range: said in the value convention of the source's files
+      n, ignore = int(num_labels.numpy()), getattr(source, "mask_ignore", None)
+      expected = (f"below {n} or the dataset's ignore value" if ignore is None else
+                  f"0-{n - 1} ({n} labels) or {ignore} for ignore")
+      reason = (f"its mask has value {int(bad_value.numpy())} outside [0, {n}); expected a "
+                f"label index {expected}")
     if fatal.numpy() or on_bad == "error":
       if not fatal.numpy() and source.is_indexed and reason == _LOAD_FAILED:
         reason = _load_error_reason(source, index, file_name)

@@ -59,13 +59,9 @@ class DataIterator:
         raise
     except tf.errors.OpError as e:
       if self.stats.error is None:
-        raise BadExampleError(_readable(e.message)) from e
+        # The assertion's own text, without TF's op and stack decorations.
+        first = e.message.strip().splitlines()[0]
+        raise BadExampleError(first.replace("assertion failed: ", "").strip("[] ")) from e
     if self.stats.error is not None:
       raise self.stats.error from None
     return batch
-
-
-def _readable(message: str) -> str:
-  """Strips TF's op/stack decorations from an assertion message."""
-  first = message.strip().splitlines()[0]
-  return first.replace("assertion failed: ", "").strip("[] ")

@@ -79,18 +79,16 @@ class ZipTree(FileTree):
   def _open(self) -> zipfile.ZipFile:
     with self._lock:
       if self._zip is None:
-        local = "://" not in self.archive
-        f = open(self.archive, "rb") if local else tf.io.gfile.GFile(self.archive, "rb")
-        self._zip = zipfile.ZipFile(f)
+        self._zip = _open_zip(self.archive)
       return self._zip
 
   def glob(self, pattern):
     parts = pattern.split("/")
-    return [n for n in self._names if _match_parts(n.split("/"), parts)]
+    return [n for n in self._names if len(n.split("/")) == len(parts) and all(
+        fnmatch.fnmatchcase(name, part) for name, part in zip(n.split("/"), parts))]
 
   def read_bytes(self, path):
-    # ZipFile serialises reads of a shared handle itself: safe from the
-    # parallel tf.data threads.
+    # ZipFile serialises reads of a shared handle itself: safe from the parallel tf.data threads.
     return self._open().read(self.prefix + path)
 
   def read(self, path):
@@ -100,11 +98,6 @@ class ZipTree(FileTree):
     out = tf.numpy_function(_read, [path], tf.string, stateful=False)
     out.set_shape([])
     return out
-
-
-def _match_parts(name_parts, pattern_parts):
-  return len(name_parts) == len(pattern_parts) and all(
-      fnmatch.fnmatchcase(n, p) for n, p in zip(name_parts, pattern_parts))
 
 
 def find_root(data_dir: str | None, *, marker: str, dataset: str, expected: str,
@@ -127,8 +120,7 @@ def find_root(data_dir: str | None, *, marker: str, dataset: str, expected: str,
     FileNotFoundError: naming `data_dir` and what was expected there.
   """
   if not data_dir:
-    raise ValueError(f"{dataset} needs data_dir=<the directory holding it>. "
-                     f"Expected: {expected}")
+    raise ValueError(f"{dataset} needs data_dir=<the directory holding it>. Expected: {expected}")
   data_dir = data_dir.rstrip("/")
   for folder in ("", *folders):
     root = f"{data_dir}/{folder}".rstrip("/")

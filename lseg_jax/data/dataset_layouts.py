@@ -133,14 +133,20 @@ def make_source(dataset: MixtureDataset, split: str, *, data_dir: str | None = N
                 use_tfds: bool = False, tfds_data_dir: str | None = None) -> registry.Source:
   """`dataset`'s split read from `data_dir` (registered as `dataset.name`).
 
-  With `use_tfds` (datasets with a `tfds` layout), reads the TFDS dataset
-  from `tfds_data_dir`, preparing it first from the archives in `data_dir`
-  (its manual download folder) if needed.
+  With `use_tfds` (datasets with a `tfds` layout), reads the TFDS dataset from `tfds_data_dir`,
+  preparing it first from the archives in `data_dir` (its manual download folder) if needed.
   """
   folder = dataset_files.split_folder(split, dataset.splits, dataset.title)
   expected = dataset.expected.format(d=data_dir)
   if use_tfds:
-    return _tfds_source(dataset, folder, data_dir, tfds_data_dir)
+    if dataset.tfds is None:
+      raise ValueError(f"{dataset.title} has no TFDS version; got use_tfds=True, expected False.")
+    builder = tfds.builder(dataset.tfds.name, data_dir=tfds_data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+    return TfdsSegmentation(
+        builder, dataset.tfds.splits[folder], label_names=dataset.label_names,
+        image_key=dataset.tfds.image_key, mask_key=dataset.tfds.mask_key,
+        name_key=dataset.tfds.name_key, value_table=dataset.values)
   layout, trees = _find_layout(dataset, folder, data_dir, expected)
   if dataset.check is not None:
     dataset.check(trees[0])
@@ -172,22 +178,9 @@ def _find_layout(dataset, folder, data_dir, expected):
         raise
 
 
-def _tfds_source(dataset, folder, data_dir, tfds_data_dir):
-  if dataset.tfds is None:
-    raise ValueError(f"{dataset.title} has no TFDS version; got "
-                     "use_tfds=True, expected False.")
-  builder = tfds.builder(dataset.tfds.name, data_dir=tfds_data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
-  return TfdsSegmentation(
-      builder, dataset.tfds.splits[folder], label_names=dataset.label_names,
-      image_key=dataset.tfds.image_key, mask_key=dataset.tfds.mask_key,
-      name_key=dataset.tfds.name_key, value_table=dataset.values)
-
-
 def renamed(pattern: str, replacement: str) -> Callable[[str], str]:
   """Image path -> label path by one regular-expression substitution."""
   return functools.partial(re.sub, pattern, replacement)
-
 
 
 class TfdsSegmentation(registry.Source):

@@ -1,9 +1,8 @@
 """One pass over the evaluation split, per host, in a fixed order.
 
-Every host yields the same number of batches: the last ones are padded with
-`valid=False` examples. Images keep their size (`eval_resize="none"`, padded
-per batch or to `eval_pad_to`) or are resized to one static shape, see
-`preprocess.eval_preprocess`.
+Every host yields the same number of batches: the last ones are padded with `valid=False` examples.
+Images keep their size (`eval_resize="none"`, padded per batch or to `eval_pad_to`) or are resized
+to one static shape, see `preprocess.eval_preprocess`.
 """
 from __future__ import annotations
 

@@ -57,6 +57,8 @@ class _PlainUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(
         f"unexpected object {module}.{name} in an HSNet split pickle; expected only "
         "dicts of lists of image paths")
+
+
 PASCAL_EXPECTED = (
     "HSNet's PASCAL-5i layout: the VOC2012 devkit (VOCtrainval_11-May-2012.tar "
     "from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/) extracted so that "
@@ -75,15 +77,10 @@ FSS_EXPECTED = (
     "extracted to {d}/FSS-1000/<class>/<n>.jpg with masks <n>.png.")
 
 
-def _check_fold(fold, dataset):
-  if fold not in range(NUM_FOLDS):
-    raise ValueError(f"{dataset} fold={fold!r}; expected one of "
-                     f"{list(range(NUM_FOLDS))}.")
-
-
 def fold_classes(dataset: str, fold: int, split: str) -> list[int]:
   """Class ids (0-based) of `fold`'s "val" classes, or of the other folds'."""
-  _check_fold(fold, dataset)
+  if fold not in range(NUM_FOLDS):
+    raise ValueError(f"{dataset} fold={fold!r}; expected one of {list(range(NUM_FOLDS))}.")
   if dataset == "pascal5i":
     held_out = [fold * 5 + i for i in range(5)]
     num_classes = 20
@@ -124,9 +121,8 @@ def make_pascal5i(split: str, *, data_dir: str | None = None, fold: int = 0,
     episodes = [e for f in range(NUM_FOLDS) if f != fold
                 for e in _read_pascal_list("trn", f, splits_dir, data_dir)]
   expected = PASCAL_EXPECTED.format(d=data_dir)
-  tree = dataset_files.find_root(
-      data_dir, marker="SegmentationClassAug", dataset="PASCAL-5i",
-      expected=expected, folders=("VOC2012", "VOCdevkit/VOC2012"))
+  tree = dataset_files.find_root(data_dir, marker="SegmentationClassAug", dataset="PASCAL-5i",
+                                 expected=expected, folders=("VOC2012", "VOCdevkit/VOC2012"))
   images = [f"JPEGImages/{name}.jpg" for name, _ in episodes]
   masks = [f"SegmentationClassAug/{name}.png" for name, _ in episodes]
   for paths, pattern in ((images, "JPEGImages/*.jpg"), (masks, "SegmentationClassAug/*.png")):

@@ -55,21 +55,18 @@ class FolderSource(registry.Source):
     masks_dir = os.path.join(root, "masks")
     for d in (images_dir, masks_dir):
       if not tf.io.gfile.isdir(d):
-        raise ValueError(f"Folder dataset {root!r} has no {os.path.basename(d)}"
-                         "/ sub-folder; expected images/, masks/ and "
-                         "labels.txt.")
+        raise ValueError(f"Folder dataset {root!r} has no {os.path.basename(d)}/ sub-folder; "
+                         "expected images/, masks/ and labels.txt.")
     labels_paths = labels_paths or (os.path.join(root, "labels.txt"),)
     found = [p for p in labels_paths if tf.io.gfile.exists(p)]
     if not found:
-      raise ValueError(f"Folder dataset {root!r} has no labels.txt; looked "
-                       f"for {list(labels_paths)}.")
-    labels_path = found[0]
-    self.label_names = read_label_names(labels_path)
+      raise ValueError(f"Folder dataset {root!r} has no labels.txt; looked for "
+                       f"{list(labels_paths)}.")
+    self.label_names = read_label_names(found[0])
     images = sorted(f for f in tf.io.gfile.listdir(images_dir)
                     if f.lower().endswith(IMAGE_EXTENSIONS))
     if not images:
-      raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in "
-                       f"{images_dir!r}.")
+      raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir!r}.")
     masks = {os.path.splitext(f)[0]: f for f in tf.io.gfile.listdir(masks_dir)
              if f.lower().endswith(".png")}
     missing = [f for f in images if os.path.splitext(f)[0] not in masks]
@@ -86,8 +83,7 @@ class FolderSource(registry.Source):
     self.num_examples = len(images)
     self._image_paths = tf.constant([os.path.join(images_dir, f) for f in images])
     self._mask_paths = tf.constant(
-        [os.path.join(masks_dir, masks[os.path.splitext(f)[0]])
-         for f in images])
+        [os.path.join(masks_dir, masks[os.path.splitext(f)[0]]) for f in images])
 
   def file_name(self, index):
     return tf.gather(self._image_paths, index)

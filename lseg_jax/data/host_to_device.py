@@ -1,9 +1,8 @@
 """Host batches -> global device arrays, and keeping transfers ahead.
 
-Each process reads its own slice of every batch (`make_*_iterator`);
-`to_global` joins the slices into global `jax.Array`s with
-`jax.make_array_from_process_local_data`, so device computations see the
-global batch.
+Each process reads its own slice of every batch (`make_*_iterator`); `to_global` joins the slices
+into global `jax.Array`s with `jax.make_array_from_process_local_data`, so device computations see
+the global batch.
 """
 from __future__ import annotations
 

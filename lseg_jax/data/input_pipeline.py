@@ -1,21 +1,19 @@
 """Per-host tf.data input pipelines: the public entry point.
 
-  it = input_pipeline.make_train_iterator(config.data, global_batch_size=B,
-                                          seed=0)
+  it = input_pipeline.make_train_iterator(config.data, global_batch_size=B, seed=0)
   batch = next(it)  # numpy dict; it.label_names, it.episodic
 
-Batches follow the data contract stated in `lseg_jax.data`'s docstring (the
-label table is `label_table(data_cfg)`). Whether a config reads episodes is
-`is_episodic(cfg)` (no pipeline built) or an iterator's `episodic` attribute.
+Batches follow the data contract stated in `lseg_jax.data`'s docstring (the label table is
+`label_table(data_cfg)`). Whether a config reads episodes is `is_episodic(cfg)` (no pipeline built)
+or an iterator's `episodic` attribute.
 
 Data config fields: `FIELDS` below (each with its default and allowed values).
 
-Where things live: `source_specs` (config -> sources, label table, episodic),
-`bad_examples` (the guard every example passes, `BadExampleError`,
-`PipelineStats`), `train_stream` (endless, resumable; its docstring states the
-determinism contract), `eval_stream` (one padded pass), `host_to_device`
-(global arrays), `data_iterator` (the iterator both streams return), `tfdata`
-(the tf.data settings they share).
+Where things live: `source_specs` (config -> sources, label table, episodic), `bad_examples` (the
+guard every example passes, `BadExampleError`, `PipelineStats`), `train_stream` (endless, resumable;
+its docstring states the determinism contract), `eval_stream` (one padded pass), `host_to_device`
+(global arrays), `data_iterator` (the iterator both streams return), `tfdata` (the tf.data settings
+they share).
 """
 from __future__ import annotations
 

@@ -54,9 +54,8 @@ def _check_mapillary_config(tree):
       labels = json.loads(tree.read_bytes(config))["labels"]
       names = [label["readable"].lower() for label in labels]
       if names[:-1] != list(MAPILLARY_VISTAS_NAMES):
-        raise ValueError(
-            f"Mapillary Vistas: {tree.describe(config)} lists {len(names)} "
-            "labels that are not v1.2's 66; expected the v1.2 release.")
+        raise ValueError(f"Mapillary Vistas: {tree.describe(config)} lists {len(names)} labels "
+                         "that are not v1.2's 66; expected the v1.2 release.")
       return
 
 
@@ -78,17 +77,12 @@ DATASETS = (
         layouts=(
             # The older single-archive release.
             Layout(Tree("seg/labels", _BDD, ("bdd100k_seg.zip",)), None,
-                   "seg/images/{split}/*.jpg",
-                   "seg/labels/{split}/*_train_id.png",
-                   renamed(r"^seg/images/(.*)\.jpg$",
-                            r"seg/labels/\1_train_id.png")),
+                   "seg/images/{split}/*.jpg", "seg/labels/{split}/*_train_id.png",
+                   renamed(r"^seg/images/(.*)\.jpg$", r"seg/labels/\1_train_id.png")),
             Layout(Tree("images/10k", _BDD, ("bdd100k_images_10k.zip",)),
-                   Tree("labels/sem_seg", _BDD,
-                        ("bdd100k_sem_seg_labels_trainval.zip",)),
-                   "images/10k/{split}/*.jpg",
-                   "labels/sem_seg/masks/{split}/*.png",
-                   renamed(r"^images/10k/(.*)\.jpg$",
-                            r"labels/sem_seg/masks/\1.png")))),
+                   Tree("labels/sem_seg", _BDD, ("bdd100k_sem_seg_labels_trainval.zip",)),
+                   "images/10k/{split}/*.jpg", "labels/sem_seg/masks/{split}/*.png",
+                   renamed(r"^images/10k/(.*)\.jpg$", r"labels/sem_seg/masks/\1.png")))),
     MixtureDataset(
         name="cityscapes", title="Cityscapes", splits=_TRAIN_VAL,
         expected=(
@@ -99,15 +93,12 @@ DATASETS = (
         layouts=(Layout(
             Tree("leftImg8bit", archives=("leftImg8bit_trainvaltest.zip",)),
             Tree("gtFine", archives=("gtFine_trainvaltest.zip",)),
-            "leftImg8bit/{split}/*/*_leftImg8bit.png",
-            "gtFine/{split}/*/*_gtFine_labelIds.png",
-            renamed(r"^leftImg8bit/(.*)_leftImg8bit\.png$",
-                     r"gtFine/\1_gtFine_labelIds.png")),),
+            "leftImg8bit/{split}/*/*_leftImg8bit.png", "gtFine/{split}/*/*_gtFine_labelIds.png",
+            renamed(r"^leftImg8bit/(.*)_leftImg8bit\.png$", r"gtFine/\1_gtFine_labelIds.png")),),
         value_table=CITYSCAPES_TRAIN_IDS,
         tfds=TfdsLayout("cityscapes/semantic_segmentation",
-                        {"train": "train", "val": "validation"},
-                        image_key="image_left", mask_key="segmentation_label",
-                        name_key="image_id")),
+                        {"train": "train", "val": "validation"}, image_key="image_left",
+                        mask_key="segmentation_label", name_key="image_id")),
     MixtureDataset(
         name="coco_panoptic", title="COCO panoptic", splits=_TRAIN_VAL,
         expected=(
@@ -136,13 +127,11 @@ DATASETS = (
             "gtFine/train/<seq>/*_gtFine_labellevel3Ids.png."),
         layouts=(Layout(
             Tree("gtFine", ("IDD_Segmentation",)), None,
-            "leftImg8bit/{split}/*/*_leftImg8bit.*",
-            "gtFine/{split}/*/*_gtFine_labellevel3Ids.png",
+            "leftImg8bit/{split}/*/*_leftImg8bit.*", "gtFine/{split}/*/*_gtFine_labellevel3Ids.png",
             renamed(r"^leftImg8bit/(.*)_leftImg8bit\.[^/]*$",
-                     r"gtFine/\1_gtFine_labellevel3Ids.png")),)),
+                    r"gtFine/\1_gtFine_labellevel3Ids.png")),)),
     MixtureDataset(
-        name="mapillary_vistas", title="Mapillary Vistas",
-        splits=TRAINING_VALIDATION,
+        name="mapillary_vistas", title="Mapillary Vistas", splits=TRAINING_VALIDATION,
         expected=(
             "Mapillary Vistas v1.2 (mapillary-vistas-dataset_public_v1.2.zip) or v2.0 from "
             "https://www.mapillary.com/dataset/vistas, in {d}/ (read in place) or extracted there, "
@@ -152,18 +141,15 @@ DATASETS = (
             # The v2.0 archive keeps the v1.2 labels in their own folder.
             Layout(Tree("{split}/v1.2/labels", **_MAPILLARY), None,
                    "{split}/images/*.jpg", "{split}/v1.2/labels/*.png",
-                   renamed(r"^([^/]*)/images/(.*)\.jpg$",
-                            r"\1/v1.2/labels/\2.png")),
+                   renamed(r"^([^/]*)/images/(.*)\.jpg$", r"\1/v1.2/labels/\2.png")),
             Layout(Tree("{split}", **_MAPILLARY), None,
                    "{split}/images/*.jpg", "{split}/labels/*.png",
-                   renamed(r"^([^/]*)/images/(.*)\.jpg$",
-                            r"\1/labels/\2.png"))),
+                   renamed(r"^([^/]*)/images/(.*)\.jpg$", r"\1/labels/\2.png"))),
         # Value 65 ("Unlabeled") falls past the table: ignored.
         check=_check_mapillary_config),
     MixtureDataset(
         name="sunrgbd", title="SUN RGB-D",
-        splits={"train": "train", "test": "test", "validation": "test",
-                "val": "test"},
+        splits={"train": "train", "test": "test", "validation": "test", "val": "test"},
         expected=(
             "SUN RGB-D's 37-class segmentation as PNGs: "
             "{d}/image/{{train,test}}/img-NNNNNN.jpg with labels "
@@ -171,10 +157,8 @@ DATASETS = (
             "layout of sun_rgbd.tgz (http://cvgl.stanford.edu/data2/sun_rgbd.tgz, as used by "
             "MSeg); the official release (http://rgbd.cs.princeton.edu/) keeps these labels "
             "in SUNRGBDtoolbox/Metadata/SUNRGBD2Dseg.mat."),
-        layouts=(Layout(
-            Tree("label37", ("sun_rgbd", "SUNRGBD")), None,
-            "image/{split}/img-*.jpg", "label37/{split}/*.png",
-            _sunrgbd_mask),),
+        layouts=(Layout(Tree("label37", ("sun_rgbd", "SUNRGBD")), None,
+                        "image/{split}/img-*.jpg", "label37/{split}/*.png", _sunrgbd_mask),),
         value_table=np.arange(-1, len(SUNRGBD_NAMES))),
 )
 
@@ -193,8 +177,8 @@ class CocoPanoptic(dataset_files.FilePairs):
     class_of = {}
     for cat in annotations["categories"]:
       if cat["name"] not in COCO_PANOPTIC_NAMES:
-        raise ValueError(f"COCO panoptic category {cat['name']!r} is not one "
-                         "of the 133 of panoptic_coco_categories.json.")
+        raise ValueError(f"COCO panoptic category {cat['name']!r} is not one of the 133 of "
+                         "panoptic_coco_categories.json.")
       class_of[cat["id"]] = COCO_PANOPTIC_NAMES.index(cat["name"])
     image_file = {im["id"]: im["file_name"] for im in annotations["images"]}
     anns = sorted(annotations["annotations"], key=lambda a: a["file_name"])

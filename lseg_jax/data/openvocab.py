@@ -29,10 +29,8 @@ def _voc(name, title, annotations):
   """A PASCAL VOC 2012 benchmark read from `annotations`/val/*.png."""
   return MixtureDataset(
       name=name, title=title, splits=_VAL, ignore_value=255,
-      expected=_PREPARE.format(
-          script="prepare_voc.py",
-          files=f"VOCdevkit/VOC2012/JPEGImages/*.jpg and VOCdevkit/VOC2012/{annotations}"
-                "/val/*.png"),
+      expected=_PREPARE.format(script="prepare_voc.py", files=(
+          f"VOCdevkit/VOC2012/JPEGImages/*.jpg and VOCdevkit/VOC2012/{annotations}/val/*.png")),
       layouts=(Layout(
           Tree(annotations, ("VOCdevkit/VOC2012",)), None, "JPEGImages/*.jpg",
           f"{annotations}/{{split}}/*.png", None,
@@ -42,19 +40,14 @@ def _voc(name, title, annotations):
 def _context(name, ext, ignore_value):
   """PASCAL Context (VOC2010 images) read from annotations_detectron2/<name>_val."""
   folder = f"annotations_detectron2/{name}_{{split}}"
-  script = "prepare_pascal_context_" + name[2:] + ".py"
   return MixtureDataset(
-      name=name, title=f"PASCAL Context ({name})", splits=_VAL,
-      ignore_value=ignore_value,
-      expected=_PREPARE.format(
-          script=script,
-          files=f"VOCdevkit/VOC2010/JPEGImages/*.jpg and VOCdevkit/VOC2010/"
-                f"{folder.format(split='val')}/*.{ext}"),
+      name=name, title=f"PASCAL Context ({name})", splits=_VAL, ignore_value=ignore_value,
+      expected=_PREPARE.format(script=f"prepare_pascal_context_{name[2:]}.py", files=(
+          f"VOCdevkit/VOC2010/JPEGImages/*.jpg and VOCdevkit/VOC2010/{folder.format(split='val')}"
+          f"/*.{ext}")),
       layouts=(Layout(
-          Tree(folder, ("VOCdevkit/VOC2010",)), None, "JPEGImages/*.jpg",
-          f"{folder}/*.{ext}", None,
-          image_of=renamed(rf"^annotations_detectron2/[^/]*/(.*)\.{ext}$",
-                           r"JPEGImages/\1.jpg")),))
+          Tree(folder, ("VOCdevkit/VOC2010",)), None, "JPEGImages/*.jpg", f"{folder}/*.{ext}", None,
+          image_of=renamed(rf"^annotations_detectron2/[^/]*/(.*)\.{ext}$", r"JPEGImages/\1.jpg")),))
 
 
 BENCHMARKS = (

@@ -29,19 +29,10 @@ def _header(data: tf.Tensor) -> tf.Tensor:
 def decode_image(data: tf.Tensor) -> tf.Tensor:
   """Image bytes -> uint8 [H, W, 3], the values Pillow gives (the official loaders).
 
-  lang-seg's loaders read every image with `Image.open(f).convert("RGB")`; this
-  returns those values exactly:
-    * JPEGs with 1 or 3 components: TF's libjpeg with the accurate integer DCT,
-      which equals Pillow's decoder (TF's default fast DCT does not: on photos
-      most values differ, by up to ~15 grey levels).
-    * 8-bit PNGs (grey, grey + alpha, RGB, RGBA, palette): TF's PNG decoder,
-      alpha dropped, palettes expanded, as `convert("RGB")`.
-    * everything else (CMYK/YCCK JPEGs, PNGs of 1, 2, 4 or 16 bits, GIF, BMP,
-      WebP, TIFF, ...): Pillow itself, through `tf.numpy_function`.
-  The EXIF orientation is not applied, as in the official code. One departure:
-  16-bit greyscale images (Pillow mode I;16), which `convert("RGB")` clips at
-  255, are scaled to round(value / 257) as the prediction tool does; none of
-  the paper's datasets holds such images.
+  Exactly lang-seg's `Image.open(f).convert("RGB")`: JPEGs with 1 or 3 components through
+  TF's libjpeg with the accurate integer DCT, 8-bit PNGs through TF's PNG decoder, the rest
+  (CMYK/YCCK JPEGs, PNGs of 1, 2, 4 or 16 bits, GIF, BMP, WebP, TIFF, ...) through Pillow. Why,
+  and the one departure (16-bit grey -> round(v / 257)): docs/evaluation.md, "Decoding".
   """
   is_jpeg = tf.io.is_jpeg(data)
   header = _header(data)
@@ -164,11 +155,10 @@ def resize_image(image: tf.Tensor, size, offset=(0, 0), window=None, *,
 def resize_nearest(x: tf.Tensor, size, offset=(0, 0), window=None) -> tf.Tensor:
   """Nearest-neighbour resize of [H, W, ...] to `size` (h, w), any dtype.
 
-  Picks exactly PIL's NEAREST source pixels: PIL walks the output adding the
-  float64 step in / out to a start of step / 2 and truncates, so the source
-  index is floor(cumsum) (not floor((o + 0.5) * in / out), which differs at
-  exact ties). Written as a gather so labels are never interpolated.
-  `offset`/`window` select a window of the output as in `resize_image`.
+  Picks exactly PIL's NEAREST source pixels: PIL walks the output adding the float64 step in / out
+  to a start of step / 2 and truncates, so the source index is floor(cumsum) (not
+  floor((o + 0.5) * in / out), which differs at exact ties). Written as a gather so labels are
+  never interpolated. `offset`/`window` select a window of the output as in `resize_image`.
   """
   window = size if window is None else window
 
@@ -188,16 +178,6 @@ def _long_side_size(h, w, long_size):
   oh = tf.where(h > w, l64, tf.floor(h64 * l64 / w64 + 0.5))
   ow = tf.where(h > w, tf.floor(w64 * l64 / h64 + 0.5), l64)
   return tf.cast(oh, tf.int32), tf.cast(ow, tf.int32)
-
-
-def _pad_to(image, mask, height, width):
-  """Pads image (0) and mask (ignore) bottom/right to >= (height, width)."""
-  shape = tf.shape(mask)
-  pad_h = tf.maximum(height - shape[0], 0)
-  pad_w = tf.maximum(width - shape[1], 0)
-  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
-  mask = tf.pad(mask, [[0, pad_h], [0, pad_w]], constant_values=IGNORE_INDEX)
-  return image, mask
 
 
 def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *, crop_size: int = 480,
@@ -224,7 +204,10 @@ def train_augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, *, crop_si
   wh, ww = tf.minimum(crop_size, oh - y0), tf.minimum(crop_size, ow - x0)
   image = resize_image(image, (oh, ow), (y0, x0), (wh, ww))
   mask = resize_nearest(mask, (oh, ow), (y0, x0), (wh, ww))
-  image, mask = _pad_to(image, mask, crop_size, crop_size)
+  # Both are [wh, ww]: padded bottom/right to the crop, image with 0, mask with ignore.
+  pad = [[0, crop_size - wh], [0, crop_size - ww]]
+  image = tf.pad(image, pad + [[0, 0]])
+  mask = tf.pad(mask, pad, constant_values=IGNORE_INDEX)
   image = tf.ensure_shape(normalize(image), [crop_size, crop_size, 3])
   mask = tf.ensure_shape(mask, [crop_size, crop_size])
   return image, mask

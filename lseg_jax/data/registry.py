@@ -7,9 +7,9 @@ tf.data graph (`load(i)`). The input pipeline then shuffles indices, not decoded
 per-epoch shuffling is a full permutation and resuming at step k skips indices without decoding
 anything. A source that can only stream overrides `as_dataset` instead (`is_indexed = False`).
 
-Registering a source (`episodic=True` for zero-shot episode sources: the one place
-that says so; `is_episodic(name)` answers without building a source, and `get_source`
-sets the built source's `is_episodic` from it):
+Registering a source (`episodic=True` for zero-shot episode sources: the one place that says
+so; `is_episodic(name)` answers without building a source, and `get_source` sets the built
+source's `is_episodic` from it):
 
   @registry.register("my_data")
   def _make(split, *, data_dir=None, **kwargs) -> Source: ...
@@ -32,8 +32,8 @@ def register(name: str, *, episodic: bool = False):
 
   Args:
     name: the source's name in data configs.
-    episodic: whether its sources are zero-shot episode sources (`get_source`
-      sets their `is_episodic` from it).
+    episodic: whether its sources are zero-shot episode sources (`get_source` sets their
+      `is_episodic` from it).
   """
   def decorator(factory):
     if name in _FACTORIES and _FACTORIES[name] is not factory:
@@ -88,23 +88,19 @@ class Source:
   """A dataset split. Subclasses set the attributes and implement `load`.
 
   Attributes:
-    label_names: names of the mask values 0..L-1 (for episodic sources the
-      binary mask's table is ["other", class_name] per example; `class_names`
-      lists the fold's classes).
+    label_names: names of the mask values 0..L-1 (for episodic sources the binary mask's table
+      is ["other", class_name] per example; `class_names` lists the fold's classes).
     num_examples: number of examples in the split (None if unknown).
-    is_episodic: True for zero-shot episode sources (set by `get_source` from
-      the registration).
+    is_episodic: True for zero-shot episode sources (set by `get_source` from the registration).
     is_indexed: True if `load(index)` is implemented.
-    mask_ignore: the value of "ignore" in the source's stored masks (255 in PNG
-      masks; None where the files have no single such value), for messages.
-    scored_names: the texts a model scores on this source's images (default:
-      `label_names`).
-    scored_class: int32 [len(scored_names)]: the ground-truth class (index into
-      `label_names`) that a pixel predicted as scored name j counts as (default:
-      arange). Evaluation takes the argmax over `scored_names`, maps it through
-      `scored_class` and compares the result with the mask. PAS-20b scores 59
-      names: the 20 VOC classes count as themselves, the 39 other PC-59 classes
-      as background (class 20 of its masks).
+    mask_ignore: the value of "ignore" in the source's stored masks (255 in PNG masks; None
+      where the files have no single such value), for messages.
+    scored_names: the texts a model scores on this source's images (default: `label_names`).
+    scored_class: int32 [len(scored_names)]: the ground-truth class (index into `label_names`)
+      that a pixel predicted as scored name j counts as (default: arange). Evaluation takes the
+      argmax over `scored_names`, maps it through `scored_class` and compares the result with
+      the mask. PAS-20b scores 59 names: the 20 VOC classes count as themselves, the 39 other
+      PC-59 classes as background (class 20 of its masks).
   """
   label_names: list[str] = []
   num_examples: int | None = None
@@ -153,8 +149,8 @@ class Source:
                  shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
     """One pass over this process's slice of raw examples.
 
-    With `shuffle`, the order is a permutation drawn from `seed` alone, so the
-    same seed gives the same order on every run.
+    With `shuffle`, the order is a permutation drawn from `seed` alone, so the same seed gives
+    the same order on every run.
     """
     indices = tf.constant(self.host_indices(process_index, process_count))
     if shuffle:

@@ -1,16 +1,14 @@
 """Source specs: how a data config becomes sources and one label table.
 
-A data config names one registered source, or a mixture (`name == "mix"`) of
-several. `source_specs` reads which sources, splits, weights and factory
-arguments that means and `is_episodic` whether they are zero-shot episode
-sources (the registry records it), both without building anything;
-`build_components` builds the sources and places each source's own labels in
-the union table that batches index.
+A data config names one registered source, or a mixture (`name == "mix"`) of several.
+`source_specs` reads which sources, splits, weights and factory arguments that means and
+`is_episodic` whether they are zero-shot episode sources (the registry records it), both
+without building anything; `build_components` builds the sources and places each source's own
+labels in the union table that batches index.
 
-Label tables: a fixed-label source contributes its `label_names`; an episodic
-source ["other", *class_names] (mask value 1 of an episode stands for its
-class); a mixture the union of its components' tables, in order of first
-appearance.
+Label tables: a fixed-label source contributes its `label_names`; an episodic source
+["other", *class_names] (mask value 1 of an episode stands for its class); a mixture the union
+of its components' tables, in order of first appearance.
 """
 from __future__ import annotations
 
@@ -50,9 +48,9 @@ def source_specs(data_cfg, eval_split: bool = False) -> list[SourceSpec]:
     eval_split: read `eval_split` instead of `split`.
 
   Returns:
-    One SourceSpec per source. A mixture entry {"name", "weight", ["split",
-    "eval_split",] **kwargs} passes its kwargs to its factory; data_dir,
-    fold and shot default to the config's when set.
+    One SourceSpec per source. A mixture entry {"name", "weight", ["split", "eval_split",]
+    **kwargs} passes its kwargs to its factory; data_dir, fold and shot default to the
+    config's when set.
   """
   split_key, other_split_key = ("eval_split", "split") if eval_split else ("split", "eval_split")
   defaults = {key: data_cfg[key] for key in ("data_dir", "fold", "shot")
@@ -64,8 +62,7 @@ def source_specs(data_cfg, eval_split: bool = False) -> list[SourceSpec]:
   for item in _mixture_entries(data_cfg):
     weight = float(item.pop("weight", 1.0))
     if weight <= 0:
-      raise ValueError(f"Mixture weight of {item['name']!r} is {weight}; "
-                       "expected > 0.")
+      raise ValueError(f"Mixture weight of {item['name']!r} is {weight}; expected > 0.")
     split = item.pop(split_key, data_cfg[split_key])
     item.pop(other_split_key, None)
     specs.append(SourceSpec(item.pop("name"), split, weight, dict(defaults, **item)))
@@ -75,9 +72,8 @@ def source_specs(data_cfg, eval_split: bool = False) -> list[SourceSpec]:
 def _mixture_entries(data_cfg) -> list[dict[str, Any]]:
   """The mixture's entries as dicts, each with a "name"."""
   if not data_cfg["mixture"]:
-    raise ValueError(f"data_cfg.name={MIX!r} needs a non-empty "
-                     "data_cfg.mixture list of {'name': ..., 'weight': ...} "
-                     f"dicts; got {data_cfg['mixture']!r}.")
+    raise ValueError(f"data_cfg.name={MIX!r} needs a non-empty data_cfg.mixture list of "
+                     f"{{'name': ..., 'weight': ...}} dicts; got {data_cfg['mixture']!r}.")
   entries = [dict(item) for item in data_cfg["mixture"]]
   for item in entries:
     if "name" not in item:
@@ -89,9 +85,9 @@ def _mixture_entries(data_cfg) -> list[dict[str, Any]]:
 def is_episodic(data_cfg) -> bool:
   """Whether the config reads zero-shot episodes (builds no source).
 
-  True when any of its sources is registered as episodic (pascal5i, coco20i,
-  fss1000); its eval batches then carry `class_index`. Reads only `name`
-  and, for a mixture, `mixture`: a plain {"name": ...} dict will do.
+  True when any of its sources is registered as episodic (pascal5i, coco20i, fss1000); its
+  eval batches then carry `class_index`. Reads only `name` and, for a mixture, `mixture`: a
+  plain {"name": ...} dict will do.
   """
   if data_cfg["name"] != MIX:
     return registry.is_episodic(data_cfg["name"])
@@ -123,8 +119,7 @@ class Component:
       union_size: L, the size of the union table.
 
     Returns:
-      label int32 [H, W] indexing the union table (-1 = ignore), and
-      label_mask bool [L].
+      label int32 [H, W] indexing the union table (-1 = ignore), and label_mask bool [L].
     """
     remap = tf.constant(self.remap)
     if self.source.is_episodic:
@@ -143,22 +138,14 @@ def num_mask_values(source: registry.Source) -> int:
   return 2 if source.is_episodic else len(source.label_names)
 
 
-def source_table(source: registry.Source) -> list[str]:
-  """The source's own label table (["other", *class_names] for episodes)."""
-  if source.is_episodic:
-    return [OTHER_LABEL, *source.class_names]
-  return list(source.label_names)
-
-
 def build_components(data_cfg, eval_split: bool = False) -> tuple[list[Component], list[str]]:
   """Builds the config's sources: (components, union label table)."""
   components, union = [], []
   for spec in source_specs(data_cfg, eval_split):
     source = registry.get_source(spec.name, spec.split, **spec.kwargs)
-    table = source_table(source)
+    table = [OTHER_LABEL, *source.class_names] if source.is_episodic else list(source.label_names)
     if not table:
-      raise ValueError(f"Source {spec.name!r} has no label names; expected "
-                       "at least one.")
+      raise ValueError(f"Source {spec.name!r} has no label names; expected at least one.")
     for label in table:
       if label not in union:
         union.append(label)

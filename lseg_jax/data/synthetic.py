@@ -1,9 +1,9 @@
 """`lseg_synthetic`: a generated segmentation dataset that builds in seconds.
 
-Each image is a noisy grey background with a few shapes drawn on it. Every
-class has its own colour and texture, so a pixel's class can be told from its
-neighbourhood alone and a tiny model reaches a high mIoU. A one-pixel band on
-shape boundaries is marked ignore (255 in the stored PNG, -1 in raw examples).
+Each image is a noisy grey background with a few shapes drawn on it. Every class has its own
+colour and texture, so a pixel's class can be told from its neighbourhood alone and a tiny model
+reaches a high mIoU. A one-pixel band on shape boundaries is marked ignore (255 in the stored
+PNG, -1 in raw examples).
 
 Build it into a directory (tests use temporary ones):
 
@@ -41,8 +41,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 def make_config(height=64, width=64, num_train=512, num_validation=64, seed=0) -> SyntheticConfig:
   for key, value in dict(height=height, width=width).items():
     if value < 16:
-      raise ValueError(f"Synthetic image {key}={value} is too small; "
-                       "expected >= 16.")
+      raise ValueError(f"Synthetic image {key}={value} is too small; expected >= 16.")
   return SyntheticConfig(
       name=f"{height}x{width}_n{num_train}_{num_validation}_s{seed}", version="1.0.0",
       height=height, width=width, num_train=num_train, num_validation=num_validation, seed=seed)
@@ -70,8 +69,7 @@ class LsegSynthetic(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Nothing to download.
     cfg = self.builder_config
     return {"train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation",
-                                                  cfg.num_validation)}
+            "validation": self._generate_examples("validation", cfg.num_validation)}
 
   def _generate_examples(self, split, num):
     cfg = self.builder_config
@@ -146,8 +144,8 @@ def build(data_dir: str | None = None, **config_kwargs) -> LsegSynthetic:
 class EncodedSource(registry.Source):
   """An indexed source over in-memory encoded images and masks.
 
-  Masks are single-channel PNGs with value = label index, `mask_ignore` =
-  ignore. Suits small datasets (the synthetic one, benchmarks, tests).
+  Masks are single-channel PNGs with value = label index, `mask_ignore` = ignore. Suits small
+  datasets (the synthetic one, benchmarks, tests).
   """
 
   def __init__(self, images: list[bytes], masks: list[bytes], file_names: list[str],
@@ -173,17 +171,13 @@ class EncodedSource(registry.Source):
 
 def source_from_tfds(builder: tfds.core.DatasetBuilder, split: str,
                      label_names: list[str]) -> EncodedSource:
-  """Reads a small TFDS split (image, mask, file_name) into an EncodedSource.
-
-  Examples are ordered by file name.
-  """
+  """Reads a small TFDS split (image, mask, file_name) into an EncodedSource, ordered by file
+  name."""
   if split not in builder.info.splits:
     raise ValueError(f"Unknown split {split!r} of {builder.name}; expected one "
                      f"of {sorted(builder.info.splits)}.")
-  ds = builder.as_dataset(
-      split=split, shuffle_files=False,
-      decoders={"image": tfds.decode.SkipDecoding(),
-                "mask": tfds.decode.SkipDecoding()})
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={
+      "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
   images, masks, names = [], [], []
   for ex in ds.as_numpy_iterator():
     images.append(ex["image"])
@@ -202,8 +196,8 @@ _SOURCES: dict[tuple, EncodedSource] = {}
 def make_source(split: str, *, data_dir: str | None = None, **config_kwargs) -> EncodedSource:
   """The synthetic dataset split ("train" / "validation"), built if missing.
 
-  Sources are cached per (data_dir, config, split): pipelines ask for the
-  same split several times (label table, train, eval).
+  Sources are cached per (data_dir, config, split): pipelines ask for the same split several
+  times (label table, train, eval).
   """
   key = (data_dir, split, tuple(sorted(config_kwargs.items())))
   if key not in _SOURCES:
