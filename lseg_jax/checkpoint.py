@@ -103,13 +103,9 @@ def resolve_directory(directory: str) -> str:
   """A checkpoint directory, given it or a training work directory that holds one."""
   directory = absolute(directory)
   sub = directory / CHECKPOINT_SUBDIR
-  if sub.is_dir() and not _has_steps(directory):
+  if sub.is_dir() and not any(p.name.isdigit() for p in directory.iterdir()):
     return str(sub)
   return str(directory)
-
-
-def _has_steps(directory: epath.Path) -> bool:
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3,
