@@ -407,11 +407,10 @@ class SlidingWindowInference:
                        f"size multiple of backbone {model.cfg.backbone}")
     if isinstance(window, ViewProtocol):
       window = dataclasses.replace(window, size_multiple=m)
-    mesh = mesh if mesh is not None else sharding.make_mesh(
-        {"data": -1, "fsdp": 1}, jax.local_devices())
     apply, state = apply_lib.model_apply(model)
+    devices = jax.local_device_count() if mesh is None else mesh.size  # CropRunner's default
     runner = CropRunner(apply, state, flip=window.flip, mesh=mesh,
-                        batch_size=crops_per_device * mesh.size)
+                        batch_size=crops_per_device * devices)
     return cls(runner, window)
 
   def __call__(self, image: np.ndarray, text_emb, label_mask: np.ndarray | None = None
