@@ -23,6 +23,7 @@ import numpy as np
 from lseg_jax import evaluate
 from lseg_jax import inference
 from lseg_jax import text as text_lib
+from lseg_jax import train_utils
 from lseg_jax.data import input_pipeline
 from lseg_jax.data import registry
 from lseg_jax.errors import UserError
@@ -108,17 +109,7 @@ def check_benchmarks(names: Sequence[str], suite: dict[str, str]) -> list[str]:
   return list(names)
 
 
-def write_json(path: str, obj: Any, text: str | None = None) -> None:
-  """Writes `obj` as JSON (or `text`) in one piece through tf.io.gfile (local or remote
-  paths): a temporary file renamed over `path`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  folder, name = posixpath.split(str(path))
-  if folder:
-    tf.io.gfile.makedirs(folder)
-  tmp = posixpath.join(folder, f".{name}.tmp")
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(json.dumps(obj, indent=2) if text is None else text)
-  tf.io.gfile.rename(tmp, str(path), overwrite=True)
+write_json = train_utils.write_json  # the one whole-file writer, also of the metric file
 
 
 def _finished(path: str, protocol: dict[str, Any]) -> dict | None:

@@ -13,6 +13,7 @@ import posixpath
 import signal
 import threading
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -87,20 +88,29 @@ class MetricWriter:
 
   def _replace(self, text: str) -> None:
     """Writes the whole file in one piece (a new file renamed over the old one)."""
-    tmp = self.path + ".tmp"
     if self._local:
-      _write_synced(tmp, "w", text)
-      os.replace(tmp, self.path)
-      return
-    gfile = self._tf.io.gfile
-    with gfile.GFile(tmp, "w") as f:
-      f.write(text)
-    gfile.rename(tmp, self.path, overwrite=True)
+      _write_synced(self.path + ".tmp", "w", text)
+      os.replace(self.path + ".tmp", self.path)
+    else:
+      write_json(self.path, None, text)
 
   def close(self) -> None:
     self.flush()
     if self.enabled:
       self._tb.close()
+
+
+def write_json(path: str, obj: Any, text: str | None = None) -> None:
+  """Writes `obj` as JSON (or `text`) in one piece through tf.io.gfile (local or remote
+  paths): a temporary file renamed over `path`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  folder, name = posixpath.split(str(path))
+  if folder:
+    tf.io.gfile.makedirs(folder)
+  tmp = posixpath.join(folder, f".{name}.tmp")
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(json.dumps(obj, indent=2) if text is None else text)
+  tf.io.gfile.rename(tmp, str(path), overwrite=True)
 
 
 def _write_synced(path: str, mode: str, text: str) -> None:
