@@ -250,8 +250,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_model_state: Any,
   (DamagedCheckpointError naming the array)."""
   if isinstance(abstract_model_state, nnx.State):
     abstract_model_state = abstract_model_state.to_pure_dict()
-  items = dict(model=ocp.args.StandardRestore(abstract_model_state),
-               meta=ocp.args.JsonRestore())
+  items = dict(model=ocp.args.StandardRestore(abstract_model_state), meta=ocp.args.JsonRestore())
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
   return _restore_verified(mngr, step, items)

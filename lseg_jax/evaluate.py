@@ -50,8 +50,7 @@ def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1
   out = dict(batch)
   out["image"] = np.pad(batch["image"], ((0, 0), (0, ph), (0, pw), (0, 0)),
                         constant_values=pad_value)
-  out["label"] = np.pad(batch["label"], ((0, 0), (0, ph), (0, pw)),
-                        constant_values=IGNORE_INDEX)
+  out["label"] = np.pad(batch["label"], ((0, 0), (0, ph), (0, pw)), constant_values=IGNORE_INDEX)
   return out
 
 
@@ -205,8 +204,7 @@ class Evaluator:
     rows = self._rows(batch) if self.episodic else None
     items = []
     for i in np.flatnonzero(batch["valid"]):
-      h, w = (batch["image_size"][i] if "image_size" in batch
-              else batch["label"].shape[1:3])
+      h, w = (batch["image_size"][i] if "image_size" in batch else batch["label"].shape[1:3])
       label = batch["label"][i, :h, :w]
       ci = int(batch["class_index"][i]) if self.episodic else None
       labels = rows[i] if self.episodic else (
@@ -223,8 +221,7 @@ class Evaluator:
         self.meter.add(metrics.episode_confusion_np(pred[None], bl, ci_arr,
                                                     len(self.label_names) - 1), ci_arr)
       else:
-        self.meter.add(metrics.confusion_matrix_np(pred[None], label[None],
-                                                   len(self.label_names)))
+        self.meter.add(metrics.confusion_matrix_np(pred[None], label[None], len(self.label_names)))
       self.num_examples += 1
 
   def running(self) -> dict[str, float]:
@@ -300,8 +297,7 @@ def _scored_argmax(scores, scored=None):
 def _batch_confusion(logits, label, valid, scored=None, *, num_labels):
   """The global confusion of a batch's predictions (the argmax of the forward's logits,
   mapped through `scored` [T] if given)."""
-  return metrics.confusion_matrix(_scored_argmax(logits, scored), label, num_labels,
-                                  valid=valid)
+  return metrics.confusion_matrix(_scored_argmax(logits, scored), label, num_labels, valid=valid)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
@@ -397,8 +393,7 @@ class Evaluation:
     """The report's summary metrics as logged scalars ("eval/miou", ...)."""
     keys = {"mIoU": "miou", "pixAcc": "pixacc", "FB-IoU": "fbiou"}
     prefix = "eval" if self.name == "val" else f"eval_{self.name}"
-    return {f"{prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items()
-            if k in keys}
+    return {f"{prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items() if k in keys}
 
 
 def _scored_names(data) -> tuple[list[str], np.ndarray] | None:

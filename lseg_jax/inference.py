@@ -179,10 +179,8 @@ def resize_blocks(sources, size: tuple[int, int], align_corners: bool, *,
   out_h, out_w = size
   sources = [jnp.asarray(s, jnp.float32) for s in sources]
   channels = sources[0].shape[-1]
-  rows = out_h if reduce is None else int(np.clip(block_bytes // (4 * out_w * channels),
-                                                  1, out_h))
-  width_taps = [[jnp.asarray(t) for t in _taps(s.shape[1], out_w, align_corners)]
-                for s in sources]
+  rows = out_h if reduce is None else int(np.clip(block_bytes // (4 * out_w * channels), 1, out_h))
+  width_taps = [[jnp.asarray(t) for t in _taps(s.shape[1], out_w, align_corners)] for s in sources]
   height_taps = [_taps(s.shape[0], out_h, align_corners) for s in sources]
   mask = None if label_mask is None else jnp.asarray(label_mask, bool)
   blocks = []
@@ -245,8 +243,7 @@ class CropRunner:
     self.state = jax.device_put(state, self._replicated)
     self._forward = apply_lib.forward(apply, self.mesh, flip=flip)
 
-  def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray | None
-               ) -> np.ndarray:
+  def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray | None) -> np.ndarray:
     n = crops.shape[0]
     per_crop = np.ndim(text_emb) == 3
     if per_crop:
@@ -341,8 +338,7 @@ class _ViewJob:
     self.canvas = self.count = self.global_scores = None
     if p.crop_size is None:
       m = p.size_multiple
-      self.crops = [(0, 0, 0, _pad_to(x, -(-height // m) * m, -(-width // m) * m,
-                                      p.pad_value))]
+      self.crops = [(0, 0, 0, _pad_to(x, -(-height // m) * m, -(-width // m) * m, p.pad_value))]
     else:
       c = p.crop_size
       ys, xs = range(0, height - c + 1, p.stride), range(0, width - c + 1, p.stride)
@@ -378,8 +374,7 @@ class _ViewJob:
       scores += resize_image(self.global_scores, self.work, align_corners=False)
       scores /= 2
     self.canvas = self.count = self.global_scores = None
-    return resize_blocks([scores], self.size, False, reduce=reduce,
-                         label_mask=self.label_mask)
+    return resize_blocks([scores], self.size, False, reduce=reduce, label_mask=self.label_mask)
 
 
 class SlidingWindowInference:
@@ -531,8 +526,7 @@ class ImagePredictor:
     self.apply, self.state = apply_lib.model_apply(model)
     self.mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
 
-  def __call__(self, image: np.ndarray, text_emb, *, embeddings: bool = False
-               ) -> dict[str, Any]:
+  def __call__(self, image: np.ndarray, text_emb, *, embeddings: bool = False) -> dict[str, Any]:
     """image uint8 [H, W, 3] -> {"logits" float32 [H, W, L], "label_map" int32
     [H, W], "embeddings" float32 [H'/2, W'/2, D] or None, "input_size" (H', W')}."""
     x = normalize_image(image)

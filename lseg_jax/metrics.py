@@ -40,8 +40,7 @@ def _batched_bincount(index, weights, length):
   local to the devices holding each example; the sum over the batch is then
   one small all-reduce instead of gathering every pixel.
   """
-  counts = jax.vmap(
-      lambda i, w: jnp.zeros((length,), jnp.int32).at[i].add(w))(index, weights)
+  counts = jax.vmap(lambda i, w: jnp.zeros((length,), jnp.int32).at[i].add(w))(index, weights)
   return counts.sum(axis=0)
 
 
@@ -89,8 +88,7 @@ def confusion_matrix_np(pred, label, num_classes: int) -> np.ndarray:
     raise ValueError(f"pred {pred.shape} and label {label.shape} must have the same shape")
   keep = (label >= 0) & (label < num_classes)
   index = label[keep].astype(np.int64) * num_classes + pred[keep]
-  return np.bincount(index, minlength=num_classes * num_classes).reshape(
-      num_classes, num_classes)
+  return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def episode_confusion_np(pred, label, class_index, num_classes: int) -> np.ndarray:

@@ -251,8 +251,7 @@ def check_labels(labels: Sequence[str], where: str = "the label set") -> list[st
     raise ValueError(f"{where}: {e}") from None
 
 
-def long_label_warnings(prompts: Sequence[str], tokenizer, context_length: int
-                        ) -> list[str]:
+def long_label_warnings(prompts: Sequence[str], tokenizer, context_length: int) -> list[str]:
   """A warning per prompt that CLIP's context cannot hold (it is truncated)."""
   counts = text.token_counts(prompts, tokenizer)
   return [f"label text {p!r} is {n} tokens long; CLIP reads {context_length}, so it was "

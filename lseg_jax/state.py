@@ -131,8 +131,7 @@ def model_from_state(state, graphdef) -> lseg.LSeg:
 def restore(mngr, step: int, spec: StateSpec) -> dict[str, Any]:
   """The train state of checkpoint `step`, restored directly into its shardings."""
   from lseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  target = {k: sharding.with_shardings(spec.abstract[k], spec.shardings[k])
-            for k in spec.abstract}
+  target = {k: sharding.with_shardings(spec.abstract[k], spec.shardings[k]) for k in spec.abstract}
   restored = checkpoint.restore(mngr, step, model_state_dict(target), target["opt"])
   state = {**split_model_state(restored["model"], spec), "opt": restored["opt_state"],
            "step": jnp.asarray(step, jnp.int32)}

@@ -62,8 +62,7 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
   if path == BYTE_LEVEL_TOKENIZER:
     return byte_level_tokenizer()
   if os.path.isdir(path):
-    missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(
-        os.path.join(path, f))]
+    missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(path, f))]
     if missing and not os.path.isfile(os.path.join(path, "tokenizer.json")):
       raise MissingFileError(f"tokenizer folder {path!r} lacks {missing}")
     tokenizer = CLIPTokenizer.from_pretrained(path)
@@ -133,8 +132,7 @@ def validate_labels(labels: Sequence[str]) -> list[str]:
   return labels
 
 
-def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LENGTH
-             ) -> np.ndarray:
+def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LENGTH) -> np.ndarray:
   """Label names -> token ids [N, context_length] int32, as `clip.tokenize`.
 
   Each row is [start, BPE tokens..., end, 0, ...]. A label too long for the
@@ -184,8 +182,7 @@ class LabelEmbedder:
     if max_cached is not None and max_cached < 1:
       raise ValueError(f"max_cached={max_cached}; expected >= 1 or None")
     if context_length is None:
-      context_length = getattr(getattr(text_model, "cfg", None), "context_length",
-                               CONTEXT_LENGTH)
+      context_length = getattr(getattr(text_model, "cfg", None), "context_length", CONTEXT_LENGTH)
     self.vocab_size = getattr(getattr(text_model, "cfg", None), "vocab_size", None)
     if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
       raise UserError(

@@ -148,8 +148,7 @@ def jit_train_step(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mesh):
   compiled = []
 
   def run(state, batch, text_emb):
-    args = ({k: v for k, v in state.items() if k != "frozen"}, state["frozen"], batch,
-            text_emb)
+    args = ({k: v for k, v in state.items() if k != "frozen"}, state["frozen"], batch, text_emb)
     if not compiled:  # several processes: compiled ahead, first run in step
       compiled.append(distributed.compile_in_step(jitted, *args))
     new, metrics = compiled[0](*args)
@@ -186,16 +185,14 @@ def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
   if recorded and set(recorded) != set(checkpoint.flat_arrays(spec.abstract["opt"])):
     saved_optim = (meta.get("config") or {}).get("optim") or {}
     optim_now = config_lib.to_json_dict(config)["optim"]
-    differ = [k for k in sorted(saved_optim) if k in optim_now
-              and optim_now[k] != saved_optim[k]]
+    differ = [k for k in sorted(saved_optim) if k in optim_now and optim_now[k] != saved_optim[k]]
     raise UserError(f"{where} holds another optimizer state"
                      + (f" (config.optim.{differ[0]}={saved_optim[differ[0]]!r} there, "
                         f"{config.optim[differ[0]]!r} now)" if differ else "") + f"; {fix}")
   return state_lib.restore(mngr, step, spec), meta
 
 
-def _divergence_message(step: int, m, last_good: int | None, ckpt_dir: str,
-                        base_lr: float) -> str:
+def _divergence_message(step: int, m, last_good: int | None, ckpt_dir: str, base_lr: float) -> str:
   """What went wrong at a non-finite step, and how to go on."""
   what = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
           f"grad_norm={float(m['grad_norm'])}); stopped without applying it.")

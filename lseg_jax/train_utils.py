@@ -134,8 +134,7 @@ class TrainMeter:
 
   def sums(self) -> dict[str, float]:
     """The running sums since the last log (saved with a checkpoint)."""
-    return {"loss": self.loss, "correct": self.correct, "valid": self.valid,
-            "steps": self.steps}
+    return {"loss": self.loss, "correct": self.correct, "valid": self.valid, "steps": self.steps}
 
   def reset(self):
     self.loss, self.correct, self.valid, self.steps = 0.0, 0, 0, 0

@@ -128,8 +128,7 @@ class ResidualAttentionBlock(nnx.Module):
 class Transformer(nnx.Module):
 
   def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
-    self.resblocks = nnx.List(
-        [ResidualAttentionBlock(cfg, rngs=rngs) for _ in range(cfg.layers)])
+    self.resblocks = nnx.List([ResidualAttentionBlock(cfg, rngs=rngs) for _ in range(cfg.layers)])
 
   def __call__(self, x):
     for block in self.resblocks:

@@ -55,8 +55,7 @@ class ConvTransposeKxK(nnx.Module):
     bound = 1.0 / (cout * k * k) ** 0.5
     self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (k, k, cin, cout),
                                                jnp.float32, -bound, bound))
-    self.bias = nnx.Param(jax.random.uniform(rngs.params(), (cout,), jnp.float32,
-                                             -bound, bound))
+    self.bias = nnx.Param(jax.random.uniform(rngs.params(), (cout,), jnp.float32, -bound, bound))
 
   def __call__(self, x):
     """[B, H, W, Cin] -> [B, kH, kW, Cout]."""

@@ -24,8 +24,7 @@ ARCH_OPTIONS = {0: None, 1: "bottleneck", 2: "depthwise"}
 class SpatialRegularization(nnx.Module):
   """`arch_option` 1 (bottleneck) or 2 (depthwise), applied `block_depth` times."""
 
-  def __init__(self, arch_option: int, block_depth: int, activation: str, *,
-               rngs: nnx.Rngs):
+  def __init__(self, arch_option: int, block_depth: int, activation: str, *, rngs: nnx.Rngs):
     if arch_option not in (1, 2):
       raise ValueError(f"arch_option must be 1 (bottleneck) or 2 (depthwise), got {arch_option!r}")
     if activation not in ACTIVATIONS:

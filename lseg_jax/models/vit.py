@@ -156,8 +156,7 @@ class VisionTransformer(nnx.Module):
     # Unused by LSeg (the hooks take un-normalised block outputs) but part of
     # the timm and lang-seg checkpoints, so kept for lossless import/export.
     self.norm = _layer_norm(cfg.width, cfg, rngs)
-    self.head = (nnx.Linear(cfg.width, cfg.num_classes, rngs=rngs)
-                 if cfg.num_classes else None)
+    self.head = nnx.Linear(cfg.width, cfg.num_classes, rngs=rngs) if cfg.num_classes else None
 
   def grid_size(self, height: int, width: int) -> tuple[int, int]:
     p = self.cfg.patch

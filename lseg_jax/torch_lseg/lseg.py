@@ -397,8 +397,7 @@ class LSegTorch(nn.Module):
       raise ValueError(f"images must be floating point, got {x.dtype}")
     h, w = x.shape[2:]
     if h % 32 or w % 32 or h == 0 or w == 0:
-      raise ValueError(f"image height and width must be positive multiples of 32, "
-                       f"got {h}x{w}")
+      raise ValueError(f"image height and width must be positive multiples of 32, got {h}x{w}")
 
   def _check_labels(self, x, text_features, label_mask):
     self._check_image(x)
