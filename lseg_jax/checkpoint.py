@@ -125,9 +125,8 @@ def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: dict[st
          opt_state: Any = None, *, force: bool = True, check_finite: bool = True) -> bool:
   """Saves one step. `model_state` is `nnx.state(model)` or its pure dict.
 
-  Records the arrays' checksums in the meta; raises FloatingPointError (nothing saved)
-  if any floating-point array is not finite (unless check_finite=False: imports, which
-  warn instead).
+  Records the arrays' checksums in the meta; raises FloatingPointError (nothing saved) if any
+  floating-point array is not finite (unless check_finite=False: imports, which warn instead).
   """
   if isinstance(model_state, nnx.State):
     model_state = model_state.to_pure_dict()

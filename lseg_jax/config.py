@@ -1,12 +1,11 @@
 """Run configs: the library's defaults, in one place, under a config file's values.
 
-A config file of `configs/` is plain data: `get_config(arg)` returns a ConfigDict
-holding only what the experiment sets. `complete(config)` lays it over `defaults()`
-(every field the library reads, at the paper's values where it has them), refuses
-fields the library does not know, and returns a locked config; the training loop, the
-evaluator and the tools then read `config.key` directly. Every field is declared once,
-with its default and allowed values (`lseg_jax.fields`), from which `defaults()` and
-`check_config()` derive. Fields:
+A config file of `configs/` is plain data: `get_config(arg)` returns a ConfigDict holding only what
+the experiment sets. `complete(config)` lays it over `defaults()` (every field the library reads, at
+the paper's values where it has them), refuses fields the library does not know, and returns a
+locked config; the training loop, the evaluator and the tools then read `config.key` directly. Every
+field is declared once, with its default and allowed values (`lseg_jax.fields`), from which
+`defaults()` and `check_config()` derive. Fields:
 
   seed, batch_size, ...: `TOP_FIELDS` below;
   model     `lseg_jax.models.lseg.LSegConfig` fields;
@@ -19,11 +18,10 @@ with its default and allowed values (`lseg_jax.fields`), from which `defaults()`
   text      tokenizer (`lseg_jax.text.load_tokenizer`) and template (None: bare label
             names, as LSeg);
   evals     {name: evaluation} run during training and by `tools/eval.py`; each
-            evaluation may set `data` (fields laid over `config.data`, e.g. another
-            split, fold or dataset), `every_steps`, `batch_size`, `num_batches` and
-            `at_end`; unset ones follow eval_every_steps, eval_batch_size,
-            eval_num_batches and eval_at_end. Empty: one evaluation "val" of
-            config.data's eval split.
+            evaluation may set `data` (fields laid over `config.data`, e.g. another split, fold or
+            dataset), `every_steps`, `batch_size`, `num_batches` and `at_end`; unset ones follow
+            eval_every_steps, eval_batch_size, eval_num_batches and eval_at_end. Empty: one
+            evaluation "val" of config.data's eval split.
 """
 from __future__ import annotations
 

@@ -261,10 +261,9 @@ def compile_in_step(jitted, *args):
   return compiled
 
 
-# The lost-process policy: a process that finished says so (`done`), one that exits
-# early says so (`leaving`), and a collective that failed because a peer died waits for
-# the watchdog to name it (`await_lost_process`); a lost peer ends the others with
-# EXIT_PROCESS_LOST.
+# The lost-process policy: a process that finished says so (`done`), one that exits early says so
+# (`leaving`), and a collective that failed because a peer died waits for the watchdog to name it
+# (`await_lost_process`); a lost peer ends the others with EXIT_PROCESS_LOST.
 
 def done() -> None:
   """Tells the other processes that this one finished its work: its exit (and a slow
@@ -306,9 +305,8 @@ def await_lost_process(error: BaseException) -> None:
 
 
 def leaving() -> None:
-  """Tells the other processes that this one is exiting (what atexit does, for a
-  process that ends with os._exit): they report it as lost by name, without waiting
-  for its heartbeat to stop."""
+  """Tells the other processes that this one is exiting (what atexit does, for a process that ends
+  with os._exit): they report it as lost by name, without waiting for its heartbeat to stop."""
   if _watchdog is not None:
     _watchdog.mark_exited()
 

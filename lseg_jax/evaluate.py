@@ -1,9 +1,8 @@
 """Evaluation loops: fixed label sets (pixAcc, mIoU) and zero-shot episodes (mIoU, FB-IoU).
 
-Both consume eval batches of the data contract (`lseg_jax.data`): `image`
-[B, H, W, 3] normalised, `label` [B, H, W] (-1 ignore) indexing the
-pipeline's `label_names`, `label_mask` [B, L], `valid` [B], `image_size`
-[B, 2] and, for episodes, `class_index` [B]; and label embeddings [L, D] of
+Both consume eval batches of the data contract (`lseg_jax.data`): `image` [B, H, W, 3] normalised,
+`label` [B, H, W] (-1 ignore) indexing the pipeline's `label_names`, `label_mask` [B, L], `valid`
+[B], `image_size` [B, 2] and, for episodes, `class_index` [B]; and label embeddings [L, D] of
 `label_names` (computed once, `lseg_jax.text.LabelEmbedder`).
 
 The inference modes (window=None: single scale, the batch sharded over every host's

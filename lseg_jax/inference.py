@@ -171,10 +171,9 @@ def resize_blocks(sources, size: tuple[int, int], align_corners: bool, *,
   sources: arrays [h_i, w_i, C] (numpy or device), each resized to `size` = (H, W)
     (`_resize_rows`) and summed in order. Labels False in `label_mask` [C] get -inf.
   reduce: None returns the sum, float32 numpy [H, W, C]; else a function of a device
-    block [R, W, C] -> [R, W] (an argmax), and the result is its numpy [H, W]. Only
-    [R, W, C] floats exist at a time, R chosen so that a block is about `block_bytes`:
-    scoring at full resolution never materialises [H, W, C] (847 labels on a 2048 x
-    1536 image would take 10.7 GB).
+    block [R, W, C] -> [R, W] (an argmax), and the result is its numpy [H, W]. Only [R, W, C] floats
+    exist at a time, R chosen so that a block is about `block_bytes`: scoring at full resolution
+    never materialises [H, W, C] (847 labels on a 2048 x 1536 image would take 10.7 GB).
   """
   out_h, out_w = size
   sources = [jnp.asarray(s, jnp.float32) for s in sources]
@@ -515,11 +514,10 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 
 
 class ImagePredictor:
-  """Logits, label map and pixel embeddings of whole images, one at a time, one compilation
-  per input size. An image whose sides are not multiples of `model.size_multiple` is
-  resized (bilinear, align_corners=False) to `model_input_size` and its logits resized back
-  the same way before the argmax; the embeddings stay at the model's resolution
-  [H'/2, W'/2, D]."""
+  """Logits, label map and pixel embeddings of whole images, one at a time, one compilation per
+  input size. An image whose sides are not multiples of `model.size_multiple` is resized (bilinear,
+  align_corners=False) to `model_input_size` and its logits resized back the same way before the
+  argmax; the embeddings stay at the model's resolution [H'/2, W'/2, D]."""
 
   def __init__(self, model):
     self.size_multiple = model.size_multiple

@@ -12,8 +12,7 @@ converter (`lseg_jax.convert.langseg`, JAX) and the PyTorch LSeg
                   lang-seg's regrouped torchvision ResNet (`RESNET_LAYOUT`) under
                   `pretrained.` instead of the ViT and its reassemble stages;
   settings        `infer_settings`: the hyper-parameters (`SETTINGS`, the names of our
-                  exporter's `lseg_config` metadata) from the caller, the metadata and
-                  the shapes.
+                  exporter's `lseg_config` metadata) from the caller, the metadata and the shapes.
 """
 from __future__ import annotations
 
@@ -29,10 +28,9 @@ LIGHTNING_PREFIX = "net."
 CLIP_PREFIX = "clip_pretrained."
 VIT_PREFIX = "pretrained.model."
 RESNET_PREFIX = "pretrained."
-# lang-seg's `_make_resnet_backbone` regroups a torchvision ResNet: `layer1` is
-# nn.Sequential(conv1, bn1, relu, maxpool, layer1), `layer2..4` are torchvision's.
-# Torch names (under RESNET_PREFIX) of the stem conv, the stem BatchNorm and the four
-# stages of Bottleneck blocks; no classifier `fc`.
+# lang-seg's `_make_resnet_backbone` regroups a torchvision ResNet: `layer1` is nn.Sequential(conv1,
+# bn1, relu, maxpool, layer1), `layer2..4` are torchvision's. Torch names (under RESNET_PREFIX) of
+# the stem conv, the stem BatchNorm and the four stages of Bottleneck blocks; no classifier `fc`.
 RESNET_LAYOUT = ("layer1.0", "layer1.1", ("layer1.4", "layer2", "layer3", "layer4"))
 RESNET_STEM = f"{RESNET_PREFIX}{RESNET_LAYOUT[0]}.weight"  # identifies an LSegRNNetZS
 # CLIP's image side, which `clip.load` puts under `clip_pretrained` but LSeg never runs.
@@ -321,11 +319,10 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
                    **overrides) -> dict[str, Any]:
   """The settings of an LSegNet state dict ({name: value}, None values left out).
 
-  Precedence: `overrides` (`SETTINGS` names; None values ignored), then
-  `metadata["lseg_config"]` (written by our exporters), then
-  `metadata["hyper_parameters"]` (Lightning), then the shapes (`_shape_settings`; the
-  backbone: the one of `backbones` whose `BACKBONE_SHAPES` the weights have). What the
-  weights cannot tell must be given (docs/interop.md: "What the weights tell").
+  Precedence: `overrides` (`SETTINGS` names; None values ignored), then `metadata["lseg_config"]`
+  (written by our exporters), then `metadata["hyper_parameters"]` (Lightning), then the shapes
+  (`_shape_settings`; the backbone: the one of `backbones` whose `BACKBONE_SHAPES` the weights
+  have). What the weights cannot tell must be given (docs/interop.md: "What the weights tell").
 
   Raises:
     ValueError naming what cannot be told and how to pass it.

@@ -137,11 +137,10 @@ def miou_pixacc(conf) -> dict:
 
 
 def fewshot_iou(conf, class_ids: Sequence[int] | None = None) -> dict:
-  """HSNet's mIoU and FB-IoU of conf int [K, 2, 2] (`episode_confusion` summed over the
-  episodes) over `class_ids` (HSNet's classes of interest; default all K): floats "mIoU",
-  "FB-IoU" and numpy arrays over those n classes, "iou" float64 [n] (foreground),
-  "intersection" and "union" int64 [n, 2] (background, foreground), "episodes_pixels"
-  int64 [n] (scored pixels per class)."""
+  """HSNet's mIoU and FB-IoU of conf int [K, 2, 2] (`episode_confusion` summed over the episodes)
+  over `class_ids` (HSNet's classes of interest; default all K): floats "mIoU", "FB-IoU" and numpy
+  arrays over those n classes, "iou" float64 [n] (foreground), "intersection" and "union" int64
+  [n, 2] (background, foreground), "episodes_pixels" int64 [n] (scored pixels per class)."""
   conf = np.asarray(conf, np.int64)
   if conf.ndim != 3 or conf.shape[1:] != (2, 2):
     raise ValueError(f"expected per-class binary confusion matrices [K, 2, 2], got "

@@ -1,13 +1,12 @@
 """The open-vocabulary benchmark suite (A-847 ... PAS-21) under one named protocol.
 
-A protocol is plain data (configs/openvocab.py): a `ViewProtocol` or `SlidingWindow`,
-prompt templates and a synonym rule. A benchmark is a fixed-label source; its
-`scored_names` are the texts the model scores, `scored_class` the ground-truth class
-each counts as (PAS-20b: 39 extra names scored as background). Scoring is the one
-evaluator's (`evaluate.Evaluator(scored_class=...)`) at the ground truth's resolution.
-Every process runs every benchmark on its own images; process 0 writes each report as
-soon as it is done (atomically), then the suite's JSON and Markdown. A rerun reuses the
-finished reports (process 0 decides, every process follows).
+A protocol is plain data (configs/openvocab.py): a `ViewProtocol` or `SlidingWindow`, prompt
+templates and a synonym rule. A benchmark is a fixed-label source; its `scored_names` are the texts
+the model scores, `scored_class` the ground-truth class each counts as (PAS-20b: 39 extra names
+scored as background). Scoring is the one evaluator's (`evaluate.Evaluator(scored_class=...)`) at
+the ground truth's resolution. Every process runs every benchmark on its own images; process 0
+writes each report as soon as it is done (atomically), then the suite's JSON and Markdown. A rerun
+reuses the finished reports (process 0 decides, every process follows).
 """
 from __future__ import annotations
 

@@ -48,9 +48,8 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
   its EXIF orientation says, then shrunk by `limit_size(image, max_side)`. Pixel modes
   become RGB as docs/evaluation.md, "Prediction" states (`to_rgb8`).
 
-  `source` is a path, bytes, a binary file or a PIL image; `name` names it in errors
-  (default: the path). ValueError for what Pillow cannot read or more pixels than its
-  decompression-bomb limit.
+  `source` is a path, bytes, a binary file or a PIL image; `name` names it in errors (default: the
+  path). ValueError for what Pillow cannot read or more pixels than its decompression-bomb limit.
   """
   image, mode = _read(source, name)
   return InputImage(limit_size(image, max_side), mode, tuple(image.shape[:2]), max_side)

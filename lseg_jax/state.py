@@ -1,10 +1,9 @@
 """The train state before and after it exists: abstract spec, initialisation, weights.
 
-The state is a dict {"params", "frozen", "rest", "opt", "step"}: trainable parameters,
-frozen parameters (the text tower), other model variables (BatchNorm statistics),
-optimizer state and the number of optimizer steps done. `state_spec` fixes the shapes,
-dtypes and shardings of every array before any is allocated, so the state is created
-(or restored) directly where it lives.
+The state is a dict {"params", "frozen", "rest", "opt", "step"}: trainable parameters, frozen
+parameters (the text tower), other model variables (BatchNorm statistics), optimizer state and the
+number of optimizer steps done. `state_spec` fixes the shapes, dtypes and shardings of every array
+before any is allocated, so the state is created (or restored) directly where it lives.
 """
 from __future__ import annotations
 

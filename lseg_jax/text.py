@@ -104,8 +104,7 @@ def _hub_folder(name: str) -> str:
 
 
 def clean_text(text: str) -> str:
-  """OpenAI CLIP's text cleaning: ftfy, HTML unescaping, whitespace collapsing,
-  lower case."""
+  """OpenAI CLIP's text cleaning: ftfy, HTML unescaping, whitespace collapsing, lower case."""
   text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
   return re.sub(r"\s+", " ", text).strip().lower()
 

@@ -1,11 +1,10 @@
 """Training LSeg, top to bottom: mesh -> state -> labels -> data -> step -> loop.
 
-`train_and_evaluate(config, workdir)` runs a config of `configs/` (every field:
-`lseg_jax.config`). The state lives on a ("data", "fsdp") mesh: the batch is split
-over all devices, parameters and optimizer state by regex rules (`lseg_jax.sharding`).
-The training step is one pure jitted function of the state (`nnx.merge` inside), with
-the state donated. The evaluations of `config.evals` run on the sharded state with the
-same `lseg_jax.evaluate.Evaluation` objects that `tools/eval.py` uses.
+`train_and_evaluate(config, workdir)` runs a config of `configs/` (every field: `lseg_jax.config`).
+The state lives on a ("data", "fsdp") mesh: the batch is split over all devices, parameters and
+optimizer state by regex rules (`lseg_jax.sharding`). The training step is one pure jitted function
+of the state (`nnx.merge` inside), with the state donated. The evaluations of `config.evals` run on
+the sharded state with the same `lseg_jax.evaluate.Evaluation` objects that `tools/eval.py` uses.
 
 The workdir holds
   checkpoints/   Orbax steps (model state, optimizer state, meta with the config,
@@ -210,18 +209,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, checkpoints.
 
   Returns:
-    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM, SIGINT
-     or stop_at_step), "terminated": bool (by SIGTERM or SIGINT), "interrupted": bool
-     (by SIGINT, Ctrl-C), "checkpoint_dir": where checkpoints are saved,
-     "train": last logged train metrics,
-     "eval": last eval metrics, "state": the final train state (global arrays),
-     "label_names": the train label table, "embed": label names -> [L, D] label
-     embeddings from the model's text tower}.
+    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM, SIGINT or
+     stop_at_step), "terminated": bool (by SIGTERM or SIGINT), "interrupted": bool (by SIGINT,
+     Ctrl-C), "checkpoint_dir": where checkpoints are saved, "train": last logged train metrics,
+     "eval": last eval metrics, "state": the final train state (global arrays), "label_names":
+     the train label table, "embed": label names -> [L, D] label embeddings from the model's text
+     tower}.
 
   Raises:
     errors.NonFiniteError (a FloatingPointError): a step produced a non-finite loss or
-      gradient; the run stops without saving that step (the latest checkpoint is the
-      last good one).
+      gradient; the run stops without saving that step (the latest checkpoint is the last good one).
   """
   config = config_lib.complete(config)
   config_lib.check_config(config)

@@ -1,10 +1,9 @@
 """Small pieces of the training loop: when things are due, the metric file, the
 meter and the SIGTERM / SIGINT handler.
 
-A local metric file is appended to and synced to disk line by line; a remote one
-(gs://..., through `tf.io.gfile`, wherever TensorFlow reaches it) is replaced whole
-(a new file renamed over the old), since object stores have no append. Either way a
-kill leaves whole lines only."""
+A local metric file is appended to and synced to disk line by line; a remote one (gs://..., through
+`tf.io.gfile`, wherever TensorFlow reaches it) is replaced whole (a new file renamed over the old),
+since object stores have no append. Either way a kill leaves whole lines only."""
 from __future__ import annotations
 
 import json
@@ -170,13 +169,12 @@ class TrainMeter:
 class Preemption:
   """SIGTERM or SIGINT (Ctrl-C) -> every process stops after the same step.
 
-  One process: handlers turn either signal into a flag. Several processes: the signal
-  reaches one of them at a time, so JAX's preemption sync manager (started by
-  `jax.distributed.initialize`) catches SIGTERM on whichever process gets it and every
-  process agrees on the step to stop after; a SIGINT is passed on to it as a SIGTERM
-  of the process. `reached(step)` must be called after every step by every process.
-  `interrupted` tells a SIGINT from a SIGTERM; a second SIGINT exits at once (code
-  130) without saving.
+  One process: handlers turn either signal into a flag. Several processes: the signal reaches one of
+  them at a time, so JAX's preemption sync manager (started by `jax.distributed.initialize`) catches
+  SIGTERM on whichever process gets it and every process agrees on the step to stop after; a SIGINT
+  is passed on to it as a SIGTERM of the process. `reached(step)` must be called after every step by
+  every process. `interrupted` tells a SIGINT from a SIGTERM; a second SIGINT exits at once
+  (code 130) without saving.
   """
 
   def __init__(self):

@@ -86,12 +86,11 @@ OFFICIAL: dict[str, Official] = {
         sha256_prefix="63fe2227", source="torchvision models/resnet.py"),
 }
 
-# The Hub repo holding the tokenizer files (vocab.json, merges.txt) of each name that
-# openai/CLIP's `clip.load` takes, for `config.text.tokenizer` / `--tokenizer`
-# (`lseg_jax.text.load_tokenizer`). `clip.tokenize` reads one BPE
-# (bpe_simple_vocab_16e6) for every model, so all entries give the same tokenizer;
-# OpenAI published transformers files only for its ViT models, so the ResNet names point
-# at the ViT-B/32 repo. Every "clip" name of OFFICIAL has an entry (tests check it).
+# The Hub repo holding the tokenizer files (vocab.json, merges.txt) of each name that openai/CLIP's
+# `clip.load` takes, for `config.text.tokenizer` / `--tokenizer` (`lseg_jax.text.load_tokenizer`).
+# `clip.tokenize` reads one BPE (bpe_simple_vocab_16e6) for every model, so all entries give the
+# same tokenizer; OpenAI published transformers files only for its ViT models, so the ResNet names
+# point at the ViT-B/32 repo. Every "clip" name of OFFICIAL has an entry (tests check it).
 CLIP_TOKENIZERS: dict[str, str] = {
     **dict.fromkeys(("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32"),
                     "openai/clip-vit-base-patch32"),

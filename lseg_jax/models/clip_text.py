@@ -1,11 +1,9 @@
 """CLIP text tower (OpenAI layout) as a Flax NNX module.
 
-Attribute names mirror OpenAI CLIP's state dict (`token_embedding`,
-`positional_embedding`, `transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc,
-mlp.c_proj}`, `ln_final`, `text_projection`), so the conversion table
-(`lseg_jax.convert.clip_openai`) is the identity up to Linear transposes.
-The attention keeps q, k and v in one fused `in_proj`, as `nn.MultiheadAttention`
-stores them.
+Attribute names mirror OpenAI CLIP's state dict (`token_embedding`, `positional_embedding`,
+`transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection`),
+so the conversion table (`lseg_jax.convert.clip_openai`) is the identity up to Linear transposes.
+The attention keeps q, k and v in one fused `in_proj`, as `nn.MultiheadAttention` stores them.
 """
 from __future__ import annotations
 

@@ -6,12 +6,11 @@
     * 1/0.07 -> spatial regularisation (optional) -> bilinear x2 -> logits [B, H, W, L]
 
 Module names follow lang-seg's `LSegNet` (`pretrained.model`, `pretrained.act_postprocessN`,
-`scratch.*`, `clip_pretrained`), so its checkpoints map onto this model key by key. The
-ResNet backbones keep the torchvision ResNet at `pretrained/model` too (lang-seg regroups
-it as `pretrained.layer1..4`: `convert.torchvision_resnet`).
-The text tower lives in the model (for checkpoint interop) but the forward pass takes
-label embeddings: they are computed once per label set (`lseg_jax.text.LabelEmbedder`)
-and a training step never runs the text tower.
+`scratch.*`, `clip_pretrained`), so its checkpoints map onto this model key by key. The ResNet
+backbones keep the torchvision ResNet at `pretrained/model` too (lang-seg regroups it as
+`pretrained.layer1..4`: `convert.torchvision_resnet`). The text tower lives in the model (for
+checkpoint interop) but the forward pass takes label embeddings: they are computed once per label
+set (`lseg_jax.text.LabelEmbedder`) and a training step never runs the text tower.
 """
 from __future__ import annotations
 
@@ -220,9 +219,8 @@ class LSeg(nnx.Module):
 
   @property
   def size_multiple(self) -> int:
-    """Input sides must be multiples of this: the patch size, or twice it for the
-    patch-16 decoder, whose coarsest level halves the token grid; the output stride
-    (32) of a ResNet."""
+    """Input sides must be multiples of this: the patch size, or twice it for the patch-16 decoder,
+    whose coarsest level halves the token grid; the output stride (32) of a ResNet."""
     if self.patch_size is None:
       return resnet.OUTPUT_STRIDE
     return 32 if self.patch_size == 16 else self.patch_size
@@ -255,10 +253,9 @@ class LSeg(nnx.Module):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
   def __call__(self, images, text_emb, label_mask=None):
-    """images [B, H, W, 3] (mean 0.5, std 0.5; sides multiples of `size_multiple`),
-    label embeddings [L, D] or [B, L, D] (any norm), optional bool label_mask [B, L]
-    (False: not a candidate, logit -inf and out of the bottleneck max; every row needs a
-    True) -> float32 logits [B, H, W, L]."""
+    """images [B, H, W, 3] (mean 0.5, std 0.5; sides multiples of `size_multiple`), label embeddings
+    [L, D] or [B, L, D] (any norm), optional bool label_mask [B, L] (False: not a candidate, logit
+    -inf and out of the bottleneck max; every row needs a True) -> float32 logits [B, H, W, L]."""
     logits = resize.upsample2x_align_corners(self.half_logits(images, text_emb, label_mask))
     if label_mask is not None:
       logits = jnp.where(label_mask[:, None, None, :], logits, -jnp.inf)

@@ -1,11 +1,10 @@
 """LSeg's label-equivariant spatial regularisation blocks (paper Sec. 3.3).
 
-One 3x3 single-channel conv is shared by every label channel (and by every repeat
-of the block, as in lang-seg where `head_block` is one module applied
-`block_depth` times). It is written as a vmap over the label axis, so permuting
-the labels permutes the output and nothing else. `BottleneckBlock`
-(arch_option 1) adds the max over the candidate labels before the activation;
-`DepthwiseBlock` (arch_option 2) does not.
+One 3x3 single-channel conv is shared by every label channel (and by every repeat of the block, as
+in lang-seg where `head_block` is one module applied `block_depth` times). It is written as a vmap
+over the label axis, so permuting the labels permutes the output and nothing else. `BottleneckBlock`
+(arch_option 1) adds the max over the candidate labels before the activation; `DepthwiseBlock`
+(arch_option 2) does not.
 """
 from __future__ import annotations
 
