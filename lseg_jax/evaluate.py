@@ -33,7 +33,7 @@ from lseg_jax import inference
 from lseg_jax import labels as labels_lib
 from lseg_jax import metrics
 from lseg_jax import sharding
-from lseg_jax.labels import EPISODE_BACKGROUND_TEXT, IGNORE_INDEX, OTHER_LABEL
+from lseg_jax.labels import IGNORE_INDEX, OTHER_LABEL
 
 
 def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1.0
@@ -423,7 +423,3 @@ def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
     lines.append(f"{key:<{width}}  {100 * value:7.2f}")
   lines.append(f"{'examples':<{width}}  {report['num_examples']:7d}")
   return "\n".join(lines)
-
-
-__all__ = ["EPISODE_BACKGROUND_TEXT", "OTHER_LABEL", "Evaluation", "Evaluator",
-           "episode_label", "episode_rows", "evaluate", "format_table", "pad_batch"]

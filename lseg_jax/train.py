@@ -48,10 +48,8 @@ from lseg_jax.errors import UserError
 from lseg_jax.models import attention
 from lseg_jax.models import lseg
 
-CHECKPOINT_SUBDIR = checkpoint.CHECKPOINT_SUBDIR
 METRICS_FILE = train_utils.METRICS_FILE
 _BATCH_KEYS = ("image", "label", "label_mask")
-StateSpec = state_lib.StateSpec
 
 
 # --- The training step ---
@@ -244,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{max(1, round(config.data.crop_size / spec.size_multiple)) * spec.size_multiple}")
 
   # --- Checkpoints: resume from the latest complete step if there is one.
-  ckpt_dir = str(epath.Path(workdir) / CHECKPOINT_SUBDIR)
+  ckpt_dir = str(epath.Path(workdir) / checkpoint.CHECKPOINT_SUBDIR)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.keep_checkpoints)
   # A damaged newest step (checksum mismatch, partial or empty folder) is moved aside
   # and the run resumes from the newest intact one.
@@ -382,7 +380,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr.close()
   summary.update(step=step, state=state, label_names=label_names, embed=embed)
   return summary
-
-
-__all__ = ["CHECKPOINT_SUBDIR", "METRICS_FILE", "StateSpec", "check_batch_config",
-           "jit_train_step", "make_train_step", "train_and_evaluate"]
