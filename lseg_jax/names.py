@@ -31,8 +31,7 @@ def key_name(key) -> str | None:
     return str(key.key)
   if hasattr(key, "name"):  # GetAttrKey
     return None if key.name in _PAYLOAD_ATTRS else str(key.name)
-  raise TypeError(f"unsupported path segment {key!r}; expected a str, an int or a jax "
-                  "pytree key")
+  raise TypeError(f"unsupported path segment {key!r}; expected a str, an int or a jax pytree key")
 
 
 def path_name(path: Iterable[Any]) -> str:

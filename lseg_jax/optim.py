@@ -48,8 +48,7 @@ def complete_optim_config(optim_cfg) -> ml_collections.ConfigDict:
   out = default_optim_config()
   unknown = sorted(set(dict(optim_cfg)) - set(out))
   if unknown:
-    raise ValueError(f"config.optim has unknown fields {unknown}; expected some of "
-                     f"{sorted(out)}")
+    raise ValueError(f"config.optim has unknown fields {unknown}; expected some of {sorted(out)}")
   for key, value in dict(optim_cfg).items():
     out[key] = value
   return out

@@ -198,8 +198,7 @@ def _divergence_message(step: int, m, last_good: int | None, ckpt_dir: str, base
   if last_good is None:
     return (f"{what} No checkpoint was written (the run diverged before its first "
             f"checkpoint); restart from scratch with {fix}.")
-  return (f"{what} The last good checkpoint is step {last_good} in {ckpt_dir}. "
-          f"Rerun with {fix}.")
+  return f"{what} The last good checkpoint is step {last_good} in {ckpt_dir}. Rerun with {fix}."
 
 
 # --- train_and_evaluate ---

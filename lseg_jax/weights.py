@@ -283,8 +283,7 @@ def hub_files(repo: str, groups: Sequence[Sequence[str]], label: str, *,
       return [_hub_download(repo, f, label, sha256 if len(files) == 1 else "") for f in files]
     except huggingface_hub.errors.RemoteEntryNotFoundError:
       missing.append(" + ".join(files))
-  raise WeightsError(f"{label}: Hugging Face Hub repo {repo!r} has none of "
-                     f"{' or '.join(missing)}")
+  raise WeightsError(f"{label}: Hugging Face Hub repo {repo!r} has none of {' or '.join(missing)}")
 
 
 def hub_unreachable(timeout: float = CONNECT_TIMEOUT_S) -> str | None:

@@ -318,8 +318,7 @@ def torch_to_nnx(state_dict: Mapping[str, Any], table: MappingTable, abstract_st
       mis_shaped.append(f"{shapes} -> {path}: {rule.hook.name} failed ({e})")
       continue
     if tuple(value.shape) != tuple(target.shape):
-      mis_shaped.append(f"{shapes} -> {path} {tuple(value.shape)}, "
-                        f"expected {tuple(target.shape)}")
+      mis_shaped.append(f"{shapes} -> {path} {tuple(value.shape)}, expected {tuple(target.shape)}")
       continue
     out[path] = np.asarray(value, dtype=target.dtype)
   unknown = sorted(k for k in state_dict
