@@ -160,13 +160,6 @@ def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
 
 
 # --- Direct URLs ---
-def _url_sha256(url: str) -> str:
-  for part in urllib.parse.urlparse(url).path.split("/"):
-    if _SHA256.fullmatch(part):
-      return part
-  return ""
-
-
 def url_cache_path(url: str) -> str:
   """Where `download_url` keeps `url`'s file: the URL's own file name, in a folder
   named by the URL's hash (two URLs never share a file)."""
@@ -187,7 +180,8 @@ def download_url(url: str, label: str, *, sha256: str = "", sha256_prefix: str =
   the file is kept as the server sent it (its size checked against Content-Length).
   """
   import filelock  # pylint: disable=g-import-not-at-top
-  sha256 = (sha256 or _url_sha256(url)).lower()
+  parts = urllib.parse.urlparse(url).path.split("/")
+  sha256 = (sha256 or next((p for p in parts if _SHA256.fullmatch(p)), "")).lower()
   dest = url_cache_path(url)
   if os.path.isfile(dest):
     return dest
