@@ -153,9 +153,14 @@ def _read_step(directory: str, step: int | None, read: Callable[[Any, int], Any]
   the newest intact one (damaged newer ones are skipped with a warning)."""
   directory = resolve_directory(directory)
   mngr = manager(directory, read_only=True)
-  _resolve_step(mngr, directory, step)
   if step is not None:
+    if step not in mngr.all_steps():
+      raise FileNotFoundError(f"checkpoint step {step} not in {directory!r}; "
+                              f"available steps: {sorted(mngr.all_steps())}")
     return read(mngr, step)
+  if mngr.latest_step() is None:
+    raise MissingFileError(f"no complete checkpoint found in {directory!r}; expected a directory "
+                           "written by tools/train.py or tools/convert.py import")
   return restore_newest_intact(mngr, lambda s: read(mngr, s))[1]
 
 
@@ -228,18 +233,6 @@ def _move_aside(mngr, steps) -> None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("lseg_jax checkpoint moved aside")
   mngr.reload()
-
-
-def _resolve_step(mngr, directory, step):
-  if step is None:
-    step = mngr.latest_step()
-  if step is None:
-    raise MissingFileError(f"no complete checkpoint found in {directory!r}; expected a directory "
-                            "written by tools/train.py or tools/convert.py import")
-  if step not in mngr.all_steps():
-    raise FileNotFoundError(f"checkpoint step {step} not in {directory!r}; "
-                            f"available steps: {sorted(mngr.all_steps())}")
-  return step
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_model_state: Any,
