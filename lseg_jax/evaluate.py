@@ -82,9 +82,8 @@ def _check_episode_masks(batch) -> None:
   if bad.size:
     i = int(bad[0])
     raise ValueError(f"episode {i} of the batch has label_mask candidates "
-                     f"{np.flatnonzero(mask[i]).tolist()}; expected exactly "
-                     f"{rows[i].tolist()} (\"other\" and 1 + class_index "
-                     f"{int(batch['class_index'][i])})")
+                     f"{np.flatnonzero(mask[i]).tolist()}; expected exactly {rows[i].tolist()} "
+                     f"(\"other\" and 1 + class_index {int(batch['class_index'][i])})")
 
 
 def _check_table(label_names: Sequence[str], episodic: bool, text_emb, scored_class=None):

@@ -224,8 +224,7 @@ def check_layout(state_dict: Mapping[str, Any], where: str = "checkpoint",
       hint = ""
     raise ValueError(
         f"{where} is not an {what} state dict: it has no keys under "
-        f"{[p for p, ok in groups.items() if not ok]}{hint}; first keys: "
-        f"{sorted(state_dict)[:10]}")
+        f"{[p for p, ok in groups.items() if not ok]}{hint}; first keys: {sorted(state_dict)[:10]}")
 
 
 def vit_shapes(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
@@ -349,14 +348,12 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
         "(--arch-option), and block_depth (--block-depth)")
   if settings["arch_option"] in (1, 2):
     if settings.get("block_depth") is None:
-      raise ValueError(f"arch_option {settings['arch_option']} needs block_depth (how many "
-                       "times the head block runs; --block-depth), which the weights "
-                       "do not tell")
+      raise ValueError(f"arch_option {settings['arch_option']} needs block_depth (how many times "
+                       "the head block runs; --block-depth), which the weights do not tell")
     # The activation only runs between head-block applications.
     if settings["block_depth"] >= 2 and settings.get("activation") is None:
-      raise ValueError(f"block_depth {settings['block_depth']} needs the head-block "
-                       f"activation (one of {list(ACTIVATIONS)}; --activation), which the "
-                       "weights do not tell")
+      raise ValueError(f"block_depth {settings['block_depth']} needs the head-block activation "
+                       f"(one of {list(ACTIVATIONS)}; --activation), which the weights do not tell")
   return settings
 
 

@@ -387,9 +387,8 @@ class Segmenter:
         logits = self._multi(inference.normalize_image(image), text_emb)
         input_size, emb = None, None
     if not np.isfinite(logits).all():
-      raise NonFiniteLogitsError("the model's logits are not finite (NaN/Inf): the "
-                                 "checkpoint holds non-finite weights or is damaged; no "
-                                 "prediction made")
+      raise NonFiniteLogitsError("the model's logits are not finite (NaN/Inf): the checkpoint "
+                                 "holds non-finite weights or is damaged; no prediction made")
     return Prediction(
         image=image, labels=labels, prompts=prompts,
         template=self.embedder.template_for(template), protocol=protocol, logits=logits,

@@ -91,10 +91,9 @@ def _hub_folder(name: str) -> str:
                 for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
   if offline or weights.hub_unreachable(3.0) is not None:
     raise MissingFileError(
-        f"{label} (vocab.json, merges.txt) is not in the local Hugging Face cache and "
-        "the hub cannot be reached (offline); pass --tokenizer FOLDER with vocab.json "
-        "and merges.txt (byte-level for the tiny test models), or fetch "
-        f"{name!r} once while online")
+        f"{label} (vocab.json, merges.txt) is not in the local Hugging Face cache and the hub "
+        "cannot be reached (offline); pass --tokenizer FOLDER with vocab.json and merges.txt "
+        f"(byte-level for the tiny test models), or fetch {name!r} once while online")
   try:
     return os.path.dirname(weights.hub_files(repo, weights.TOKENIZER_FILES, label)[0])
   except weights.WeightsError as e:
