@@ -108,8 +108,6 @@ def _check_choice(name, value, choices):
 
 
 # --- Image encoder: timm ViT + reassemble blocks ---
-
-
 class _Fn(nn.Module):
   """A parameter-free step of the official nn.Sequential."""
 
@@ -206,8 +204,6 @@ class ViTBackbone(nn.Module):
 
 
 # --- Decoder: DPT fusion blocks ---
-
-
 class ResidualConvUnit(nn.Module):
   """x + BN(conv(ReLU(BN(conv(ReLU(x)))))), convs 3x3 without bias."""
 
@@ -242,8 +238,6 @@ class FusionBlock(nn.Module):
 
 
 # --- Spatial regularisation on the logits ---
-
-
 class _LabelwiseConv(nn.Module):
   """ONE 3x3 single-channel conv applied to every label map independently."""
 
@@ -289,8 +283,6 @@ class BottleneckBlock(DepthwiseBlock):
 
 
 # --- LSeg ---
-
-
 class LSegTorch(nn.Module):
   """LSeg as the official `LSegNet.forward` computes it, except that everything stays
   float32 (the official casts pixel features to half before the dot product), text
