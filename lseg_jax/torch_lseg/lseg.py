@@ -251,17 +251,13 @@ class _LabelwiseConv(nn.Module):
     return self.depthwise(x.reshape(b * l, 1, h, w)).reshape(b, l, h, w)
 
 
-def _make_activation(name):
-  return {"relu": nn.ReLU(), "lrelu": nn.LeakyReLU(), "tanh": nn.Tanh()}[name]
-
-
 class DepthwiseBlock(nn.Module):
   """arch_option 2: act(conv(x)) per label map."""
 
   def __init__(self, activation: str):
     super().__init__()
     self.depthwise = _LabelwiseConv()
-    self.activation = _make_activation(activation)
+    self.activation = {"relu": nn.ReLU(), "lrelu": nn.LeakyReLU(), "tanh": nn.Tanh()}[activation]
 
   def _combine(self, x, conv_x, label_mask):
     del x, label_mask
@@ -326,7 +322,6 @@ class LSegTorch(nn.Module):
         persistent=False)
 
   # -- text -------------------------------------------------------------------
-
   def encode_text(self, tokens):
     """Token ids [L, context_length] int -> unnormalised embeddings [L, D]."""
     return self.clip_pretrained.encode_text(tokens)
@@ -336,7 +331,6 @@ class LSegTorch(nn.Module):
     return self(x, self.encode_text(tokens), label_mask)
 
   # -- image ------------------------------------------------------------------
-
   def pixel_features(self, x):
     """Images [B, 3, H, W] -> unnormalised pixel embeddings [B, D, H/2, W/2]."""
     self._check_image(x)
@@ -414,7 +408,6 @@ class LSegTorch(nn.Module):
     return text_features, label_mask
 
   # -- checkpoints --------------------------------------------------------------
-
   def save_checkpoint(self, path):
     """Writes {"state_dict": ..., "lseg_config": {...}} for `from_checkpoint`."""
     torch.save({"state_dict": self.state_dict(),
