@@ -489,8 +489,7 @@ class SlidingWindowInference:
 
 
 # --- Whole-image prediction (tools/predict.py) ---
-def model_input_size(h: int, w: int, multiple: int, max_side: int | None = None
-                     ) -> tuple[int, int]:
+def model_input_size(h: int, w: int, multiple: int, max_side: int | None = None) -> tuple[int, int]:
   """(H', W') fed to the model: (h, w) if both are multiples of `multiple`, else
   each side rounded to the nearest multiple (at least one multiple). With `max_side`,
   an image whose long side exceeds it is first scaled down (aspect kept) so that the

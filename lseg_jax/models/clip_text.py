@@ -65,8 +65,7 @@ def _normal(std):
 
 def _layer_norm(cfg: TextConfig, rngs: nnx.Rngs):
   # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
-  return nnx.LayerNorm(cfg.width, epsilon=1e-5, use_fast_variance=False, dtype=cfg.dtype,
-                       rngs=rngs)
+  return nnx.LayerNorm(cfg.width, epsilon=1e-5, use_fast_variance=False, dtype=cfg.dtype, rngs=rngs)
 
 
 def _linear(din, dout, std, cfg: TextConfig, rngs: nnx.Rngs):

@@ -77,8 +77,7 @@ def decode_variant(variant: str, **overrides) -> ViTConfig:
 
 def _layer_norm(dim, cfg, rngs):
   # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
-  return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=cfg.dtype,
-                       rngs=rngs)
+  return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=cfg.dtype, rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
