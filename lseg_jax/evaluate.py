@@ -134,8 +134,7 @@ class Evaluator:
       self._forward = apply_lib.forward(apply, self.mesh)
       # Arrays already on this mesh (a sharded train state) stay where they are.
       self._state = jax.tree.map(
-          lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(_host(x), replicated),
-          state)
+          lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(_host(x), replicated), state)
       if not episodic:
         self._text = jax.device_put(_host(jnp.asarray(text_emb, jnp.float32)), replicated)
       if scored_class is not None:

@@ -290,10 +290,9 @@ def find_backbone(state_dict: Mapping[str, Any], backbones: Mapping[str, Mapping
     else:
       image = (f"a ViT of width {shapes['vit_width']}, patch {shapes['patch']}, depth "
                f"{shapes['depth']}")
-    raise ValueError(
-        f"no known LSeg backbone has {image} with a CLIP text tower of width "
-        f"{shapes['text_width']} and output {shapes['text_dim']}; known backbones: "
-        f"{sorted(backbones)}; pass backbone=...")
+    raise ValueError(f"no known LSeg backbone has {image} with a CLIP text tower of width "
+                     f"{shapes['text_width']} and output {shapes['text_dim']}; known backbones: "
+                     f"{sorted(backbones)}; pass backbone=...")
   return found[0]
 
 

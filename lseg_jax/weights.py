@@ -216,9 +216,8 @@ def _fetch(url: str, dest: str, label: str, sha256: str, sha256_prefix: str) -> 
       except urllib.error.URLError as e:
         raise _no_network(label, url, f"cannot reach it: {e.reason}") from None
       except (OSError, http.client.HTTPException, socket.timeout) as e:
-        raise WeightsError(
-            f"{label}: the download of {url} broke off after {size} bytes ({e!r}); "
-            "nothing was kept: run again to restart it") from None
+        raise WeightsError(f"{label}: the download of {url} broke off after {size} bytes ({e!r}); "
+                           "nothing was kept: run again to restart it") from None
     if total is not None and size != total:
       raise WeightsError(f"{label}: the download of {url} stopped at {size} of {total} "
                          "bytes; nothing was kept: run again to restart it")

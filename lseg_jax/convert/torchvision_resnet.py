@@ -67,9 +67,8 @@ def infer_variant(state_dict: Mapping[str, Any], prefix: str = "") -> str:
   for name, layers in resnet.RESNET_VARIANTS.items():
     if tuple(layers) == counts:
       return name
-  raise ValueError(
-      f"the ResNet has {counts} Bottleneck blocks per stage; no known variant has "
-      f"that: {dict(sorted(resnet.RESNET_VARIANTS.items()))}")
+  raise ValueError(f"the ResNet has {counts} Bottleneck blocks per stage; no known variant has "
+                   f"that: {dict(sorted(resnet.RESNET_VARIANTS.items()))}")
 
 
 def load_torchvision_resnet(path_or_state_dict,

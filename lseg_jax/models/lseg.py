@@ -50,10 +50,10 @@ DPT_WIDTHS = {
 # imagenet_norm=True)` for clip_resnet101); our models all take mean 0.5 / std 0.5.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# CLIP's initial temperature, exp(log(1/0.07)) in float32 as lang-seg computes it.
 # LSegConfig fields that change how the model computes, not its parameters: a checkpoint
 # resumes or initialises a model that differs from it only in these.
 COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat")
+# CLIP's initial temperature, exp(log(1/0.07)) in float32 as lang-seg computes it.
 LOGIT_SCALE = float(np.exp(np.float32(np.log(1 / 0.07)), dtype=np.float32))
 
 
@@ -181,10 +181,8 @@ class Scratch(nnx.Module):
     for i in range(4):
       setattr(self, f"refinenet{i + 1}", dpt.FusionBlock(f, dtype=dtype, rngs=rngs))
     self.head1 = conv.Conv(f, text_dim, (1, 1), dtype=dtype, rngs=rngs)
-    self.head_block = (
-        spatial_reg.SpatialRegularization(cfg.arch_option, cfg.block_depth, cfg.activation,
-                                          rngs=rngs)
-        if cfg.arch_option else None)
+    self.head_block = (spatial_reg.SpatialRegularization(
+        cfg.arch_option, cfg.block_depth, cfg.activation, rngs=rngs) if cfg.arch_option else None)
 
   def __call__(self, layers):
     """4 reassembled maps -> pixel features [B, H/4, W/4, D] (not normalised), before
@@ -204,8 +202,7 @@ class LSeg(nnx.Module):
   def __init__(self, cfg: LSegConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     text_cfg = clip_text.decode_variant(
-        cfg.text_variant,
-        **({"vocab_size": cfg.text_vocab_size} if cfg.text_vocab_size else {}))
+        cfg.text_variant, **({"vocab_size": cfg.text_vocab_size} if cfg.text_vocab_size else {}))
     self.clip_pretrained = clip_text.CLIPTextTransformer(text_cfg, rngs=rngs)
     self.text_dim = text_cfg.embed_dim
     self.pretrained = (PretrainedResNet(cfg, rngs=rngs) if cfg.image_encoder == "resnet"

@@ -160,9 +160,8 @@ class VisionTransformer(nnx.Module):
   def grid_size(self, height: int, width: int) -> tuple[int, int]:
     p = self.cfg.patch
     if height % p or width % p:
-      raise ValueError(
-          f"image size {height}x{width} is not a multiple of the ViT patch size {p}; "
-          f"resize or pad the image to a multiple of {p} pixels")
+      raise ValueError(f"image size {height}x{width} is not a multiple of the ViT patch size {p}; "
+                       f"resize or pad the image to a multiple of {p} pixels")
     return height // p, width // p
 
   def resized_pos_embed(self, gh: int, gw: int):

@@ -400,10 +400,9 @@ class LSegTorch(nn.Module):
     if label_mask is not None:
       if (not torch.is_tensor(label_mask) or label_mask.dtype != torch.bool
           or tuple(label_mask.shape) != (b, num_labels)):
-        raise ValueError(
-            f"label_mask must be a bool tensor [{b}, {num_labels}], got "
-            f"{getattr(label_mask, 'dtype', type(label_mask))} "
-            f"{tuple(getattr(label_mask, 'shape', ()))}")
+        raise ValueError(f"label_mask must be a bool tensor [{b}, {num_labels}], got "
+                         f"{getattr(label_mask, 'dtype', type(label_mask))} "
+                         f"{tuple(getattr(label_mask, 'shape', ()))}")
       label_mask = label_mask.to(x.device)
     return text_features, label_mask
 
