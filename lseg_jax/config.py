@@ -12,8 +12,7 @@ field is declared once, with its default and allowed values (`lseg_jax.fields`),
   data      `lseg_jax.data.input_pipeline.FIELDS`;
   optim     `lseg_jax.optim.FIELDS` (the paper's recipe);
   mesh      {"data": -1, "fsdp": 1}: device mesh sizes (-1: the remaining devices);
-  sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see
-            `lseg_jax.sharding`;
+  sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see `lseg_jax.sharding`;
   init      checkpoint / timm_vit / torchvision_resnet / clip weights (`lseg_jax.init`);
   text      tokenizer (`lseg_jax.text.load_tokenizer`) and template (None: bare label
             names, as LSeg);

@@ -68,17 +68,14 @@ class ViewProtocol:
     resize: "short_side": the short side to `size`, the long side then at most
       `max_size` (detectron2's ResizeShortestEdge sizes); "square": size x size.
     size, max_size: see resize.
-    crop_size: None: one view, the resized image padded at the bottom/right with
-      `pad_value` to the model's size multiple (detectron2's ImageList padding),
-      scores cut back to the resized size. Else the window side: windows every
-      int(crop_size * (1 - overlap)) pixels, laid out as torch's Unfold (they must
-      cover the resized image), their scores averaged where they overlap.
+    crop_size: None: one view, the resized image padded at the bottom/right with `pad_value` to the
+      model's size multiple (detectron2's ImageList padding), scores cut back to the resized size.
+      Else the window side: windows every int(crop_size * (1 - overlap)) pixels, laid out as torch's
+      Unfold (they must cover the resized image), their scores averaged where they overlap.
     overlap: see crop_size.
-    global_view: with windows, also the image resized to crop_size x crop_size;
-      its scores, resized to the resized image's size, are averaged with the
-      windows' (CAT-Seg: (windows + global) / 2).
-    activation: "none" or "sigmoid" (CAT-Seg), applied to each view's logits before
-      they are merged.
+    global_view: with windows, also the image resized to crop_size x crop_size; its scores, resized
+      to the resized image's size, are averaged with the windows' (CAT-Seg: (windows + global) / 2).
+    activation: "none" or "sigmoid" (CAT-Seg), applied to each view's logits before they are merged.
   All resizes are bilinear with align_corners=False, the scores' last one to the
   original size (detectron2's sem_seg_postprocess).
   """

@@ -4,9 +4,8 @@ The one owner of what a lang-seg checkpoint looks like on disk, shared by the
 converter (`lseg_jax.convert.langseg`, JAX) and the PyTorch LSeg
 (`lseg_jax.torch_lseg`, which imports nothing from the JAX side):
 
-  reading files   `load_state_dict_file` (any state dict; safetensors need no torch),
-                  `torch_load`, `read_checkpoint` / `split_checkpoint` (an LSegNet
-                  checkpoint and its metadata);
+  reading files   `load_state_dict_file` (any state dict; safetensors need no torch), `torch_load`,
+                  `read_checkpoint` / `split_checkpoint` (an LSegNet checkpoint and its metadata);
   key layout      the prefixes below (Lightning `.ckpt` files put every key under
                   `net.`), `check_layout`; the zero-shot `LSegRNNetZS` (`is_resnet`) has
                   lang-seg's regrouped torchvision ResNet (`RESNET_LAYOUT`) under

@@ -9,9 +9,8 @@ the sharded state with the same `lseg_jax.evaluate.Evaluation` objects that `too
 The workdir holds
   checkpoints/   Orbax steps (model state, optimizer state, meta with the config,
                  label names, tokenizer and data position), async, keep-N;
-  metrics.jsonl  one JSON object per logged step ("step", "train/loss", "train/lr",
-                 "train/pixacc", "train/images_per_sec", "train/step_time",
-                 "eval/miou", "eval/pixacc", ...);
+  metrics.jsonl  one JSON object per logged step ("step", "train/loss", "train/lr", "train/pixacc",
+                 "train/images_per_sec", "train/step_time", "eval/miou", "eval/pixacc", ...);
   events.*       the same scalars for TensorBoard.
 A run restarted on the same workdir resumes from the latest complete checkpoint and
 continues with the same data order, giving the same losses as an uninterrupted one.
