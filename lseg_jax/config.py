@@ -40,8 +40,6 @@ from lseg_jax.models import lseg
 _OPEN_FIELDS = ("data.source_kwargs", "evals")
 REQUIRED_FIELDS = ("seed", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
                    "checkpoint_every_steps")
-
-
 TOP_FIELDS = {
     "seed": fields.integer(0, 0),
     "batch_size": fields.integer(16, 1),  # global, per optimizer step

@@ -19,8 +19,6 @@ REASSEMBLE = {
     16: (("deconv", 4), ("deconv", 2), ("none",), ("conv_s2",)),
     32: (("deconv", 8), ("deconv", 4), ("deconv", 2), ("none",)),
 }
-
-
 READOUTS = ("ignore", "add", "project")
 
 
