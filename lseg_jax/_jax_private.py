@@ -1,12 +1,11 @@
 """The one door to JAX internals and JAX error texts (used by `lseg_jax.distributed`).
 
-JAX has no public accessor for the coordination service's client (barriers without a
-device collective; the key-value store of the heartbeat), for the preemption sync
-manager, or for whether a backend already started; and `jax.distributed.initialize`
-says "no cluster detected" only in the text of a ValueError. Everything of that kind
-lives here and nowhere else. It was written against JAX `TESTED_JAX`; on another
-version the import checks that every internal is still where it was and fails with a
-message naming what moved. tests/test_jax_private.py fails when a JAX release moves any
+JAX has no public accessor for the coordination service's client (barriers without a device
+collective; the key-value store of the heartbeat), for the preemption sync manager, or for whether a
+backend already started; and `jax.distributed.initialize` says "no cluster detected" only in the
+text of a ValueError. Everything of that kind lives here and nowhere else. It was written against
+JAX `TESTED_JAX`; on another version the import checks that every internal is still where it was and
+fails with a message naming what moved. tests/test_jax_private.py fails when a JAX release moves any
 of it or changes a text matched here.
 """
 from __future__ import annotations

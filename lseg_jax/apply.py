@@ -1,10 +1,9 @@
 """The one model-apply path: images, label embeddings, label mask -> logits.
 
-`forward(apply, mesh)` is the jitted, sharded forward pass of an LSeg graph, built once per
-(graph, mesh, dtype) and cached. Evaluation, the sliding-window inference, the
-whole-image predictor (hence tools/predict.py and the demo) and the benchmark all run it;
-variants compose on top of its output (flip sums, masking, argmax and confusion counts)
-instead of being programs of their own.
+`forward(apply, mesh)` is the jitted, sharded forward pass of an LSeg graph, built once per (graph,
+mesh, dtype) and cached. Evaluation, the sliding-window inference, the whole-image predictor (hence
+tools/predict.py and the demo) and the benchmark all run it; variants compose on top of its output
+(flip sums, masking, argmax and confusion counts) instead of being programs of their own.
 """
 from __future__ import annotations
 
@@ -50,11 +49,10 @@ def forward(apply: Callable, mesh: jax.sharding.Mesh, dtype: Any = jnp.float32, 
   multiple of its size). Images are cast to `dtype` first. The state keeps the
   sharding it has (a sharded train state stays where it is).
 
-  Options, each a variant of the same program: `flip` adds the mirrored-back logits
-  of the mirrored images, f(x) + flip(f(flip(x))) (the sum stays in the program:
-  summed outside it, the last bit of some logits changes); `with_embeddings` (an
-  `LSegApply`) returns (logits, pixel embeddings [B,H/2,W/2,D]) from one program,
-  where XLA computes their shared features once.
+  Options, each a variant of the same program: `flip` adds the mirrored-back logits of the mirrored
+  images, f(x) + flip(f(flip(x))) (the sum stays in the program: summed outside it, the last bit of
+  some logits changes); `with_embeddings` (an `LSegApply`) returns (logits, pixel embeddings
+  [B,H/2,W/2,D]) from one program, where XLA computes their shared features once.
   """
   dtype = jnp.dtype(dtype)
 

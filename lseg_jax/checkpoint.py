@@ -103,13 +103,9 @@ def resolve_directory(directory: str) -> str:
   """A checkpoint directory, given it or a training work directory that holds one."""
   directory = absolute(directory)
   sub = directory / CHECKPOINT_SUBDIR
-  if sub.is_dir() and not _has_steps(directory):
+  if sub.is_dir() and not any(p.name.isdigit() for p in directory.iterdir()):
     return str(sub)
   return str(directory)
-
-
-def _has_steps(directory: epath.Path) -> bool:
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3,
@@ -129,9 +125,8 @@ def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: dict[st
          opt_state: Any = None, *, force: bool = True, check_finite: bool = True) -> bool:
   """Saves one step. `model_state` is `nnx.state(model)` or its pure dict.
 
-  Records the arrays' checksums in the meta; raises FloatingPointError (nothing saved)
-  if any floating-point array is not finite (unless check_finite=False: imports, which
-  warn instead).
+  Records the arrays' checksums in the meta; raises FloatingPointError (nothing saved) if any
+  floating-point array is not finite (unless check_finite=False: imports, which warn instead).
   """
   if isinstance(model_state, nnx.State):
     model_state = model_state.to_pure_dict()
@@ -158,9 +153,14 @@ def _read_step(directory: str, step: int | None, read: Callable[[Any, int], Any]
   the newest intact one (damaged newer ones are skipped with a warning)."""
   directory = resolve_directory(directory)
   mngr = manager(directory, read_only=True)
-  _resolve_step(mngr, directory, step)
   if step is not None:
+    if step not in mngr.all_steps():
+      raise FileNotFoundError(f"checkpoint step {step} not in {directory!r}; "
+                              f"available steps: {sorted(mngr.all_steps())}")
     return read(mngr, step)
+  if mngr.latest_step() is None:
+    raise MissingFileError(f"no complete checkpoint found in {directory!r}; expected a directory "
+                           "written by tools/train.py or tools/convert.py import")
   return restore_newest_intact(mngr, lambda s: read(mngr, s))[1]
 
 
@@ -235,18 +235,6 @@ def _move_aside(mngr, steps) -> None:
   mngr.reload()
 
 
-def _resolve_step(mngr, directory, step):
-  if step is None:
-    step = mngr.latest_step()
-  if step is None:
-    raise MissingFileError(f"no complete checkpoint found in {directory!r}; expected a directory "
-                            "written by tools/train.py or tools/convert.py import")
-  if step not in mngr.all_steps():
-    raise FileNotFoundError(f"checkpoint step {step} not in {directory!r}; "
-                            f"available steps: {sorted(mngr.all_steps())}")
-  return step
-
-
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_model_state: Any,
             abstract_opt_state: Any = None) -> dict[str, Any]:
   """Restores `model` (and `opt_state` if an abstract one is given) into the shardings
@@ -254,8 +242,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_model_state: Any,
   (DamagedCheckpointError naming the array)."""
   if isinstance(abstract_model_state, nnx.State):
     abstract_model_state = abstract_model_state.to_pure_dict()
-  items = dict(model=ocp.args.StandardRestore(abstract_model_state),
-               meta=ocp.args.JsonRestore())
+  items = dict(model=ocp.args.StandardRestore(abstract_model_state), meta=ocp.args.JsonRestore())
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
   return _restore_verified(mngr, step, items)

@@ -1,29 +1,26 @@
 """Run configs: the library's defaults, in one place, under a config file's values.
 
-A config file of `configs/` is plain data: `get_config(arg)` returns a ConfigDict
-holding only what the experiment sets. `complete(config)` lays it over `defaults()`
-(every field the library reads, at the paper's values where it has them), refuses
-fields the library does not know, and returns a locked config; the training loop, the
-evaluator and the tools then read `config.key` directly. Every field is declared once,
-with its default and allowed values (`lseg_jax.fields`), from which `defaults()` and
-`check_config()` derive. Fields:
+A config file of `configs/` is plain data: `get_config(arg)` returns a ConfigDict holding only what
+the experiment sets. `complete(config)` lays it over `defaults()` (every field the library reads, at
+the paper's values where it has them), refuses fields the library does not know, and returns a
+locked config; the training loop, the evaluator and the tools then read `config.key` directly. Every
+field is declared once, with its default and allowed values (`lseg_jax.fields`), from which
+`defaults()` and `check_config()` derive. Fields:
 
   seed, batch_size, ...: `TOP_FIELDS` below;
   model     `lseg_jax.models.lseg.LSegConfig` fields;
   data      `lseg_jax.data.input_pipeline.FIELDS`;
   optim     `lseg_jax.optim.FIELDS` (the paper's recipe);
   mesh      {"data": -1, "fsdp": 1}: device mesh sizes (-1: the remaining devices);
-  sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see
-            `lseg_jax.sharding`;
+  sharding  rules [(regex, "fsdp" | "replicate" | spec)] and min_size, see `lseg_jax.sharding`;
   init      checkpoint / timm_vit / torchvision_resnet / clip weights (`lseg_jax.init`);
   text      tokenizer (`lseg_jax.text.load_tokenizer`) and template (None: bare label
             names, as LSeg);
   evals     {name: evaluation} run during training and by `tools/eval.py`; each
-            evaluation may set `data` (fields laid over `config.data`, e.g. another
-            split, fold or dataset), `every_steps`, `batch_size`, `num_batches` and
-            `at_end`; unset ones follow eval_every_steps, eval_batch_size,
-            eval_num_batches and eval_at_end. Empty: one evaluation "val" of
-            config.data's eval split.
+            evaluation may set `data` (fields laid over `config.data`, e.g. another split, fold or
+            dataset), `every_steps`, `batch_size`, `num_batches` and `at_end`; unset ones follow
+            eval_every_steps, eval_batch_size, eval_num_batches and eval_at_end. Empty: one
+            evaluation "val" of config.data's eval split.
 """
 from __future__ import annotations
 
@@ -43,8 +40,6 @@ from lseg_jax.models import lseg
 _OPEN_FIELDS = ("data.source_kwargs", "evals")
 REQUIRED_FIELDS = ("seed", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
                    "checkpoint_every_steps")
-
-
 TOP_FIELDS = {
     "seed": fields.integer(0, 0),
     "batch_size": fields.integer(16, 1),  # global, per optimizer step

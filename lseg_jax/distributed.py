@@ -190,8 +190,11 @@ def _join(settings: _Settings) -> bool:
   coordinator, num_processes, process_id = settings.explicit
   init_timeout, heartbeat_timeout = settings.init_timeout, settings.heartbeat_timeout
   where = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(auto-detected)"
-  give_up = threading.Timer(init_timeout, _could_not_join,
-                            (process_id, num_processes, where, init_timeout))
+  could_not_join = (f"process {process_id} of {num_processes} could not join the job at "
+                    f"coordinator {where} within {init_timeout} s: check that every process was "
+                    "started with the same coordinator address and process count, and that "
+                    "process 0 is running and reachable")
+  give_up = threading.Timer(init_timeout, _could_not_join, (could_not_join,))
   give_up.daemon = True
   give_up.start()
   if num_processes is not None:
@@ -215,23 +218,13 @@ def _join(settings: _Settings) -> bool:
   except jax.errors.JaxRuntimeError as e:
     # What JAX raises rather than aborts on: e.g. the coordinator's port taken on
     # process 0 (UNKNOWN: Failed to start RPC server); its status line is kept.
-    raise RuntimeError(_could_not_join_message(process_id, num_processes, where,
-                                               init_timeout)
-                       + " (" + str(e).splitlines()[0][:300] + ")") from None
+    raise RuntimeError(could_not_join + " (" + str(e).splitlines()[0][:300] + ")") from None
   finally:
     give_up.cancel()
 
 
-def _could_not_join_message(process_id, num_processes, coordinator, timeout) -> str:
-  return (f"process {process_id} of {num_processes} could not join the job at "
-          f"coordinator {coordinator} within {timeout} s: check that every process was "
-          "started with the same coordinator address and process count, and that "
-          "process 0 is running and reachable")
-
-
-def _could_not_join(process_id, num_processes, coordinator, timeout):
-  message = ("error: " + _could_not_join_message(process_id, num_processes, coordinator,
-                                                 timeout) + ". Nothing was written.")
+def _could_not_join(message: str):
+  message = f"error: {message}. Nothing was written."
   logging.error(message)
   print(message, file=sys.stderr, flush=True)
   os._exit(2)  # pylint: disable=protected-access
@@ -261,10 +254,9 @@ def compile_in_step(jitted, *args):
   return compiled
 
 
-# The lost-process policy: a process that finished says so (`done`), one that exits
-# early says so (`leaving`), and a collective that failed because a peer died waits for
-# the watchdog to name it (`await_lost_process`); a lost peer ends the others with
-# EXIT_PROCESS_LOST.
+# The lost-process policy: a process that finished says so (`done`), one that exits early says so
+# (`leaving`), and a collective that failed because a peer died waits for the watchdog to name it
+# (`await_lost_process`); a lost peer ends the others with EXIT_PROCESS_LOST.
 
 def done() -> None:
   """Tells the other processes that this one finished its work: its exit (and a slow
@@ -306,9 +298,8 @@ def await_lost_process(error: BaseException) -> None:
 
 
 def leaving() -> None:
-  """Tells the other processes that this one is exiting (what atexit does, for a
-  process that ends with os._exit): they report it as lost by name, without waiting
-  for its heartbeat to stop."""
+  """Tells the other processes that this one is exiting (what atexit does, for a process that ends
+  with os._exit): they report it as lost by name, without waiting for its heartbeat to stop."""
   if _watchdog is not None:
     _watchdog.mark_exited()
 

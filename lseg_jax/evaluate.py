@@ -1,9 +1,8 @@
 """Evaluation loops: fixed label sets (pixAcc, mIoU) and zero-shot episodes (mIoU, FB-IoU).
 
-Both consume eval batches of the data contract (`lseg_jax.data`): `image`
-[B, H, W, 3] normalised, `label` [B, H, W] (-1 ignore) indexing the
-pipeline's `label_names`, `label_mask` [B, L], `valid` [B], `image_size`
-[B, 2] and, for episodes, `class_index` [B]; and label embeddings [L, D] of
+Both consume eval batches of the data contract (`lseg_jax.data`): `image` [B, H, W, 3] normalised,
+`label` [B, H, W] (-1 ignore) indexing the pipeline's `label_names`, `label_mask` [B, L], `valid`
+[B], `image_size` [B, 2] and, for episodes, `class_index` [B]; and label embeddings [L, D] of
 `label_names` (computed once, `lseg_jax.text.LabelEmbedder`).
 
 The inference modes (window=None: single scale, the batch sharded over every host's
@@ -34,7 +33,7 @@ from lseg_jax import inference
 from lseg_jax import labels as labels_lib
 from lseg_jax import metrics
 from lseg_jax import sharding
-from lseg_jax.labels import EPISODE_BACKGROUND_TEXT, IGNORE_INDEX, OTHER_LABEL
+from lseg_jax.labels import IGNORE_INDEX, OTHER_LABEL
 
 
 def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1.0
@@ -50,8 +49,7 @@ def pad_batch(batch: dict[str, np.ndarray], multiple: int, pad_value: float = -1
   out = dict(batch)
   out["image"] = np.pad(batch["image"], ((0, 0), (0, ph), (0, pw), (0, 0)),
                         constant_values=pad_value)
-  out["label"] = np.pad(batch["label"], ((0, 0), (0, ph), (0, pw)),
-                        constant_values=IGNORE_INDEX)
+  out["label"] = np.pad(batch["label"], ((0, 0), (0, ph), (0, pw)), constant_values=IGNORE_INDEX)
   return out
 
 
@@ -84,9 +82,8 @@ def _check_episode_masks(batch) -> None:
   if bad.size:
     i = int(bad[0])
     raise ValueError(f"episode {i} of the batch has label_mask candidates "
-                     f"{np.flatnonzero(mask[i]).tolist()}; expected exactly "
-                     f"{rows[i].tolist()} (\"other\" and 1 + class_index "
-                     f"{int(batch['class_index'][i])})")
+                     f"{np.flatnonzero(mask[i]).tolist()}; expected exactly {rows[i].tolist()} "
+                     f"(\"other\" and 1 + class_index {int(batch['class_index'][i])})")
 
 
 def _check_table(label_names: Sequence[str], episodic: bool, text_emb, scored_class=None):
@@ -137,8 +134,7 @@ class Evaluator:
       self._forward = apply_lib.forward(apply, self.mesh)
       # Arrays already on this mesh (a sharded train state) stay where they are.
       self._state = jax.tree.map(
-          lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(_host(x), replicated),
-          state)
+          lambda x: x if _on_mesh(x, self.mesh) else jax.device_put(_host(x), replicated), state)
       if not episodic:
         self._text = jax.device_put(_host(jnp.asarray(text_emb, jnp.float32)), replicated)
       if scored_class is not None:
@@ -205,8 +201,7 @@ class Evaluator:
     rows = self._rows(batch) if self.episodic else None
     items = []
     for i in np.flatnonzero(batch["valid"]):
-      h, w = (batch["image_size"][i] if "image_size" in batch
-              else batch["label"].shape[1:3])
+      h, w = (batch["image_size"][i] if "image_size" in batch else batch["label"].shape[1:3])
       label = batch["label"][i, :h, :w]
       ci = int(batch["class_index"][i]) if self.episodic else None
       labels = rows[i] if self.episodic else (
@@ -223,8 +218,7 @@ class Evaluator:
         self.meter.add(metrics.episode_confusion_np(pred[None], bl, ci_arr,
                                                     len(self.label_names) - 1), ci_arr)
       else:
-        self.meter.add(metrics.confusion_matrix_np(pred[None], label[None],
-                                                   len(self.label_names)))
+        self.meter.add(metrics.confusion_matrix_np(pred[None], label[None], len(self.label_names)))
       self.num_examples += 1
 
   def running(self) -> dict[str, float]:
@@ -300,8 +294,7 @@ def _scored_argmax(scores, scored=None):
 def _batch_confusion(logits, label, valid, scored=None, *, num_labels):
   """The global confusion of a batch's predictions (the argmax of the forward's logits,
   mapped through `scored` [T] if given)."""
-  return metrics.confusion_matrix(_scored_argmax(logits, scored), label, num_labels,
-                                  valid=valid)
+  return metrics.confusion_matrix(_scored_argmax(logits, scored), label, num_labels, valid=valid)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
@@ -397,8 +390,7 @@ class Evaluation:
     """The report's summary metrics as logged scalars ("eval/miou", ...)."""
     keys = {"mIoU": "miou", "pixAcc": "pixacc", "FB-IoU": "fbiou"}
     prefix = "eval" if self.name == "val" else f"eval_{self.name}"
-    return {f"{prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items()
-            if k in keys}
+    return {f"{prefix}/{keys[k]}": float(v) for k, v in report["metrics"].items() if k in keys}
 
 
 def _scored_names(data) -> tuple[list[str], np.ndarray] | None:
@@ -429,7 +421,3 @@ def format_table(report: dict[str, Any], max_rows: int | None = None) -> str:
     lines.append(f"{key:<{width}}  {100 * value:7.2f}")
   lines.append(f"{'examples':<{width}}  {report['num_examples']:7d}")
   return "\n".join(lines)
-
-
-__all__ = ["EPISODE_BACKGROUND_TEXT", "OTHER_LABEL", "Evaluation", "Evaluator",
-           "episode_label", "episode_rows", "evaluate", "format_table", "pad_batch"]

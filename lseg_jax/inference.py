@@ -68,17 +68,14 @@ class ViewProtocol:
     resize: "short_side": the short side to `size`, the long side then at most
       `max_size` (detectron2's ResizeShortestEdge sizes); "square": size x size.
     size, max_size: see resize.
-    crop_size: None: one view, the resized image padded at the bottom/right with
-      `pad_value` to the model's size multiple (detectron2's ImageList padding),
-      scores cut back to the resized size. Else the window side: windows every
-      int(crop_size * (1 - overlap)) pixels, laid out as torch's Unfold (they must
-      cover the resized image), their scores averaged where they overlap.
+    crop_size: None: one view, the resized image padded at the bottom/right with `pad_value` to the
+      model's size multiple (detectron2's ImageList padding), scores cut back to the resized size.
+      Else the window side: windows every int(crop_size * (1 - overlap)) pixels, laid out as torch's
+      Unfold (they must cover the resized image), their scores averaged where they overlap.
     overlap: see crop_size.
-    global_view: with windows, also the image resized to crop_size x crop_size;
-      its scores, resized to the resized image's size, are averaged with the
-      windows' (CAT-Seg: (windows + global) / 2).
-    activation: "none" or "sigmoid" (CAT-Seg), applied to each view's logits before
-      they are merged.
+    global_view: with windows, also the image resized to crop_size x crop_size; its scores, resized
+      to the resized image's size, are averaged with the windows' (CAT-Seg: (windows + global) / 2).
+    activation: "none" or "sigmoid" (CAT-Seg), applied to each view's logits before they are merged.
   All resizes are bilinear with align_corners=False, the scores' last one to the
   original size (detectron2's sem_seg_postprocess).
   """
@@ -171,18 +168,15 @@ def resize_blocks(sources, size: tuple[int, int], align_corners: bool, *,
   sources: arrays [h_i, w_i, C] (numpy or device), each resized to `size` = (H, W)
     (`_resize_rows`) and summed in order. Labels False in `label_mask` [C] get -inf.
   reduce: None returns the sum, float32 numpy [H, W, C]; else a function of a device
-    block [R, W, C] -> [R, W] (an argmax), and the result is its numpy [H, W]. Only
-    [R, W, C] floats exist at a time, R chosen so that a block is about `block_bytes`:
-    scoring at full resolution never materialises [H, W, C] (847 labels on a 2048 x
-    1536 image would take 10.7 GB).
+    block [R, W, C] -> [R, W] (an argmax), and the result is its numpy [H, W]. Only [R, W, C] floats
+    exist at a time, R chosen so that a block is about `block_bytes`: scoring at full resolution
+    never materialises [H, W, C] (847 labels on a 2048 x 1536 image would take 10.7 GB).
   """
   out_h, out_w = size
   sources = [jnp.asarray(s, jnp.float32) for s in sources]
   channels = sources[0].shape[-1]
-  rows = out_h if reduce is None else int(np.clip(block_bytes // (4 * out_w * channels),
-                                                  1, out_h))
-  width_taps = [[jnp.asarray(t) for t in _taps(s.shape[1], out_w, align_corners)]
-                for s in sources]
+  rows = out_h if reduce is None else int(np.clip(block_bytes // (4 * out_w * channels), 1, out_h))
+  width_taps = [[jnp.asarray(t) for t in _taps(s.shape[1], out_w, align_corners)] for s in sources]
   height_taps = [_taps(s.shape[0], out_h, align_corners) for s in sources]
   mask = None if label_mask is None else jnp.asarray(label_mask, bool)
   blocks = []
@@ -245,8 +239,7 @@ class CropRunner:
     self.state = jax.device_put(state, self._replicated)
     self._forward = apply_lib.forward(apply, self.mesh, flip=flip)
 
-  def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray | None
-               ) -> np.ndarray:
+  def __call__(self, crops: np.ndarray, text_emb, label_mask: np.ndarray | None) -> np.ndarray:
     n = crops.shape[0]
     per_crop = np.ndim(text_emb) == 3
     if per_crop:
@@ -341,8 +334,7 @@ class _ViewJob:
     self.canvas = self.count = self.global_scores = None
     if p.crop_size is None:
       m = p.size_multiple
-      self.crops = [(0, 0, 0, _pad_to(x, -(-height // m) * m, -(-width // m) * m,
-                                      p.pad_value))]
+      self.crops = [(0, 0, 0, _pad_to(x, -(-height // m) * m, -(-width // m) * m, p.pad_value))]
     else:
       c = p.crop_size
       ys, xs = range(0, height - c + 1, p.stride), range(0, width - c + 1, p.stride)
@@ -378,8 +370,7 @@ class _ViewJob:
       scores += resize_image(self.global_scores, self.work, align_corners=False)
       scores /= 2
     self.canvas = self.count = self.global_scores = None
-    return resize_blocks([scores], self.size, False, reduce=reduce,
-                         label_mask=self.label_mask)
+    return resize_blocks([scores], self.size, False, reduce=reduce, label_mask=self.label_mask)
 
 
 class SlidingWindowInference:
@@ -407,11 +398,10 @@ class SlidingWindowInference:
                        f"size multiple of backbone {model.cfg.backbone}")
     if isinstance(window, ViewProtocol):
       window = dataclasses.replace(window, size_multiple=m)
-    mesh = mesh if mesh is not None else sharding.make_mesh(
-        {"data": -1, "fsdp": 1}, jax.local_devices())
     apply, state = apply_lib.model_apply(model)
+    devices = jax.local_device_count() if mesh is None else mesh.size  # CropRunner's default
     runner = CropRunner(apply, state, flip=window.flip, mesh=mesh,
-                        batch_size=crops_per_device * mesh.size)
+                        batch_size=crops_per_device * devices)
     return cls(runner, window)
 
   def __call__(self, image: np.ndarray, text_emb, label_mask: np.ndarray | None = None
@@ -496,8 +486,7 @@ class SlidingWindowInference:
 
 
 # --- Whole-image prediction (tools/predict.py) ---
-def model_input_size(h: int, w: int, multiple: int, max_side: int | None = None
-                     ) -> tuple[int, int]:
+def model_input_size(h: int, w: int, multiple: int, max_side: int | None = None) -> tuple[int, int]:
   """(H', W') fed to the model: (h, w) if both are multiples of `multiple`, else
   each side rounded to the nearest multiple (at least one multiple). With `max_side`,
   an image whose long side exceeds it is first scaled down (aspect kept) so that the
@@ -521,19 +510,17 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 
 
 class ImagePredictor:
-  """Logits, label map and pixel embeddings of whole images, one at a time, one compilation
-  per input size. An image whose sides are not multiples of `model.size_multiple` is
-  resized (bilinear, align_corners=False) to `model_input_size` and its logits resized back
-  the same way before the argmax; the embeddings stay at the model's resolution
-  [H'/2, W'/2, D]."""
+  """Logits, label map and pixel embeddings of whole images, one at a time, one compilation per
+  input size. An image whose sides are not multiples of `model.size_multiple` is resized (bilinear,
+  align_corners=False) to `model_input_size` and its logits resized back the same way before the
+  argmax; the embeddings stay at the model's resolution [H'/2, W'/2, D]."""
 
   def __init__(self, model):
     self.size_multiple = model.size_multiple
     self.apply, self.state = apply_lib.model_apply(model)
     self.mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.local_devices()[:1])
 
-  def __call__(self, image: np.ndarray, text_emb, *, embeddings: bool = False
-               ) -> dict[str, Any]:
+  def __call__(self, image: np.ndarray, text_emb, *, embeddings: bool = False) -> dict[str, Any]:
     """image uint8 [H, W, 3] -> {"logits" float32 [H, W, L], "label_map" int32
     [H, W], "embeddings" float32 [H'/2, W'/2, D] or None, "input_size" (H', W')}."""
     x = normalize_image(image)

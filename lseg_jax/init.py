@@ -43,9 +43,8 @@ def _from_checkpoint(directory: str, model_config: lseg.LSegConfig) -> dict[str,
   diff = {k: (v, getattr(model_config, k)) for k, v in theirs.to_dict().items()
           if k not in lseg.COMPUTE_ONLY_FIELDS and getattr(model_config, k) != v}
   if diff:
-    raise ValueError(f"init.checkpoint {directory!r} holds a different model: "
-                     + ", ".join(f"{k}={a!r} there, {b!r} in config.model"
-                                 for k, (a, b) in diff.items()))
+    raise ValueError(f"init.checkpoint {directory!r} holds a different model: " + ", ".join(
+        f"{k}={a!r} there, {b!r} in config.model" for k, (a, b) in diff.items()))
   return _prefixed("", nnx.state(model))
 
 

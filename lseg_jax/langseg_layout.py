@@ -4,16 +4,14 @@ The one owner of what a lang-seg checkpoint looks like on disk, shared by the
 converter (`lseg_jax.convert.langseg`, JAX) and the PyTorch LSeg
 (`lseg_jax.torch_lseg`, which imports nothing from the JAX side):
 
-  reading files   `load_state_dict_file` (any state dict; safetensors need no torch),
-                  `torch_load`, `read_checkpoint` / `split_checkpoint` (an LSegNet
-                  checkpoint and its metadata);
+  reading files   `load_state_dict_file` (any state dict; safetensors need no torch), `torch_load`,
+                  `read_checkpoint` / `split_checkpoint` (an LSegNet checkpoint and its metadata);
   key layout      the prefixes below (Lightning `.ckpt` files put every key under
                   `net.`), `check_layout`; the zero-shot `LSegRNNetZS` (`is_resnet`) has
                   lang-seg's regrouped torchvision ResNet (`RESNET_LAYOUT`) under
                   `pretrained.` instead of the ViT and its reassemble stages;
   settings        `infer_settings`: the hyper-parameters (`SETTINGS`, the names of our
-                  exporter's `lseg_config` metadata) from the caller, the metadata and
-                  the shapes.
+                  exporter's `lseg_config` metadata) from the caller, the metadata and the shapes.
 """
 from __future__ import annotations
 
@@ -29,10 +27,9 @@ LIGHTNING_PREFIX = "net."
 CLIP_PREFIX = "clip_pretrained."
 VIT_PREFIX = "pretrained.model."
 RESNET_PREFIX = "pretrained."
-# lang-seg's `_make_resnet_backbone` regroups a torchvision ResNet: `layer1` is
-# nn.Sequential(conv1, bn1, relu, maxpool, layer1), `layer2..4` are torchvision's.
-# Torch names (under RESNET_PREFIX) of the stem conv, the stem BatchNorm and the four
-# stages of Bottleneck blocks; no classifier `fc`.
+# lang-seg's `_make_resnet_backbone` regroups a torchvision ResNet: `layer1` is nn.Sequential(conv1,
+# bn1, relu, maxpool, layer1), `layer2..4` are torchvision's. Torch names (under RESNET_PREFIX) of
+# the stem conv, the stem BatchNorm and the four stages of Bottleneck blocks; no classifier `fc`.
 RESNET_LAYOUT = ("layer1.0", "layer1.1", ("layer1.4", "layer2", "layer3", "layer4"))
 RESNET_STEM = f"{RESNET_PREFIX}{RESNET_LAYOUT[0]}.weight"  # identifies an LSegRNNetZS
 # CLIP's image side, which `clip.load` puts under `clip_pretrained` but LSeg never runs.
@@ -226,8 +223,7 @@ def check_layout(state_dict: Mapping[str, Any], where: str = "checkpoint",
       hint = ""
     raise ValueError(
         f"{where} is not an {what} state dict: it has no keys under "
-        f"{[p for p, ok in groups.items() if not ok]}{hint}; first keys: "
-        f"{sorted(state_dict)[:10]}")
+        f"{[p for p, ok in groups.items() if not ok]}{hint}; first keys: {sorted(state_dict)[:10]}")
 
 
 def vit_shapes(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
@@ -293,10 +289,9 @@ def find_backbone(state_dict: Mapping[str, Any], backbones: Mapping[str, Mapping
     else:
       image = (f"a ViT of width {shapes['vit_width']}, patch {shapes['patch']}, depth "
                f"{shapes['depth']}")
-    raise ValueError(
-        f"no known LSeg backbone has {image} with a CLIP text tower of width "
-        f"{shapes['text_width']} and output {shapes['text_dim']}; known backbones: "
-        f"{sorted(backbones)}; pass backbone=...")
+    raise ValueError(f"no known LSeg backbone has {image} with a CLIP text tower of width "
+                     f"{shapes['text_width']} and output {shapes['text_dim']}; known backbones: "
+                     f"{sorted(backbones)}; pass backbone=...")
   return found[0]
 
 
@@ -321,11 +316,10 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
                    **overrides) -> dict[str, Any]:
   """The settings of an LSegNet state dict ({name: value}, None values left out).
 
-  Precedence: `overrides` (`SETTINGS` names; None values ignored), then
-  `metadata["lseg_config"]` (written by our exporters), then
-  `metadata["hyper_parameters"]` (Lightning), then the shapes (`_shape_settings`; the
-  backbone: the one of `backbones` whose `BACKBONE_SHAPES` the weights have). What the
-  weights cannot tell must be given (docs/interop.md: "What the weights tell").
+  Precedence: `overrides` (`SETTINGS` names; None values ignored), then `metadata["lseg_config"]`
+  (written by our exporters), then `metadata["hyper_parameters"]` (Lightning), then the shapes
+  (`_shape_settings`; the backbone: the one of `backbones` whose `BACKBONE_SHAPES` the weights
+  have). What the weights cannot tell must be given (docs/interop.md: "What the weights tell").
 
   Raises:
     ValueError naming what cannot be told and how to pass it.
@@ -352,14 +346,12 @@ def infer_settings(state_dict: Mapping[str, Any], metadata: Mapping[str, Any] | 
         "(--arch-option), and block_depth (--block-depth)")
   if settings["arch_option"] in (1, 2):
     if settings.get("block_depth") is None:
-      raise ValueError(f"arch_option {settings['arch_option']} needs block_depth (how many "
-                       "times the head block runs; --block-depth), which the weights "
-                       "do not tell")
+      raise ValueError(f"arch_option {settings['arch_option']} needs block_depth (how many times "
+                       "the head block runs; --block-depth), which the weights do not tell")
     # The activation only runs between head-block applications.
     if settings["block_depth"] >= 2 and settings.get("activation") is None:
-      raise ValueError(f"block_depth {settings['block_depth']} needs the head-block "
-                       f"activation (one of {list(ACTIVATIONS)}; --activation), which the "
-                       "weights do not tell")
+      raise ValueError(f"block_depth {settings['block_depth']} needs the head-block activation "
+                       f"(one of {list(ACTIVATIONS)}; --activation), which the weights do not tell")
   return settings
 
 

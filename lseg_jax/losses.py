@@ -69,6 +69,3 @@ def upsampled_loss_and_accuracy(half_logits, labels, label_mask=None,
     right, _ = pixel_accuracy_counts(logits, phase_labels, ignore_index)
     total, count, correct = total + nll, count + valid, correct + right
   return _mean(total, count), count, correct
-
-
-__all__ = ["cross_entropy", "pixel_accuracy_counts", "upsampled_loss_and_accuracy"]

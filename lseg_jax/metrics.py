@@ -40,8 +40,7 @@ def _batched_bincount(index, weights, length):
   local to the devices holding each example; the sum over the batch is then
   one small all-reduce instead of gathering every pixel.
   """
-  counts = jax.vmap(
-      lambda i, w: jnp.zeros((length,), jnp.int32).at[i].add(w))(index, weights)
+  counts = jax.vmap(lambda i, w: jnp.zeros((length,), jnp.int32).at[i].add(w))(index, weights)
   return counts.sum(axis=0)
 
 
@@ -89,8 +88,7 @@ def confusion_matrix_np(pred, label, num_classes: int) -> np.ndarray:
     raise ValueError(f"pred {pred.shape} and label {label.shape} must have the same shape")
   keep = (label >= 0) & (label < num_classes)
   index = label[keep].astype(np.int64) * num_classes + pred[keep]
-  return np.bincount(index, minlength=num_classes * num_classes).reshape(
-      num_classes, num_classes)
+  return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def episode_confusion_np(pred, label, class_index, num_classes: int) -> np.ndarray:
@@ -139,11 +137,10 @@ def miou_pixacc(conf) -> dict:
 
 
 def fewshot_iou(conf, class_ids: Sequence[int] | None = None) -> dict:
-  """HSNet's mIoU and FB-IoU of conf int [K, 2, 2] (`episode_confusion` summed over the
-  episodes) over `class_ids` (HSNet's classes of interest; default all K): floats "mIoU",
-  "FB-IoU" and numpy arrays over those n classes, "iou" float64 [n] (foreground),
-  "intersection" and "union" int64 [n, 2] (background, foreground), "episodes_pixels"
-  int64 [n] (scored pixels per class)."""
+  """HSNet's mIoU and FB-IoU of conf int [K, 2, 2] (`episode_confusion` summed over the episodes)
+  over `class_ids` (HSNet's classes of interest; default all K): floats "mIoU", "FB-IoU" and numpy
+  arrays over those n classes, "iou" float64 [n] (foreground), "intersection" and "union" int64
+  [n, 2] (background, foreground), "episodes_pixels" int64 [n] (scored pixels per class)."""
   conf = np.asarray(conf, np.int64)
   if conf.ndim != 3 or conf.shape[1:] != (2, 2):
     raise ValueError(f"expected per-class binary confusion matrices [K, 2, 2], got "

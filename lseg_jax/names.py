@@ -1,10 +1,9 @@
 """Flat parameter names and the regex rules over them (JAX-free).
 
-A parameter's flat name joins its path segments with "/": the model's attribute
-names, with list indices as decimal segments ("pretrained/model/blocks/0/attn/qkv/
-kernel"). Sharding, optimizer, freezing and checkpoint-conversion rules are regexes
-over these names, all matched here: a regex must match the whole name
-(`re.fullmatch`), and of `(regex, value)` rules the first match decides.
+A parameter's flat name joins its path segments with "/": the model's attribute names, with list
+indices as decimal segments ("pretrained/model/blocks/0/attn/qkv/kernel"). Sharding, optimizer,
+freezing and checkpoint-conversion rules are regexes over these names, all matched here: a regex
+must match the whole name (`re.fullmatch`), and of `(regex, value)` rules the first match decides.
 
 Key paths of jax pytrees are read by duck typing (`DictKey.key`, `SequenceKey.idx`,
 `GetAttrKey.name`, `FlattenedIndexKey.key`), so this module imports no JAX;
@@ -32,8 +31,7 @@ def key_name(key) -> str | None:
     return str(key.key)
   if hasattr(key, "name"):  # GetAttrKey
     return None if key.name in _PAYLOAD_ATTRS else str(key.name)
-  raise TypeError(f"unsupported path segment {key!r}; expected a str, an int or a jax "
-                  "pytree key")
+  raise TypeError(f"unsupported path segment {key!r}; expected a str, an int or a jax pytree key")
 
 
 def path_name(path: Iterable[Any]) -> str:
@@ -42,8 +40,7 @@ def path_name(path: Iterable[Any]) -> str:
 
 
 def split_name(name: str) -> tuple[str | int, ...]:
-  """"a/0/b" -> ("a", 0, "b"): digit segments are list indices (no attribute name is
-  all digits)."""
+  """"a/0/b" -> ("a", 0, "b"): digit segments are list indices (no attribute name is all digits)."""
   return tuple(int(s) if s.isdigit() else s for s in name.split(SEP))
 
 

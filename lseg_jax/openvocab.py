@@ -1,13 +1,12 @@
 """The open-vocabulary benchmark suite (A-847 ... PAS-21) under one named protocol.
 
-A protocol is plain data (configs/openvocab.py): a `ViewProtocol` or `SlidingWindow`,
-prompt templates and a synonym rule. A benchmark is a fixed-label source; its
-`scored_names` are the texts the model scores, `scored_class` the ground-truth class
-each counts as (PAS-20b: 39 extra names scored as background). Scoring is the one
-evaluator's (`evaluate.Evaluator(scored_class=...)`) at the ground truth's resolution.
-Every process runs every benchmark on its own images; process 0 writes each report as
-soon as it is done (atomically), then the suite's JSON and Markdown. A rerun reuses the
-finished reports (process 0 decides, every process follows).
+A protocol is plain data (configs/openvocab.py): a `ViewProtocol` or `SlidingWindow`, prompt
+templates and a synonym rule. A benchmark is a fixed-label source; its `scored_names` are the texts
+the model scores, `scored_class` the ground-truth class each counts as (PAS-20b: 39 extra names
+scored as background). Scoring is the one evaluator's (`evaluate.Evaluator(scored_class=...)`) at
+the ground truth's resolution. Every process runs every benchmark on its own images; process 0
+writes each report as soon as it is done (atomically), then the suite's JSON and Markdown. A rerun
+reuses the finished reports (process 0 decides, every process follows).
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ import numpy as np
 from lseg_jax import evaluate
 from lseg_jax import inference
 from lseg_jax import text as text_lib
+from lseg_jax import train_utils
 from lseg_jax.data import input_pipeline
 from lseg_jax.data import registry
 from lseg_jax.errors import UserError
@@ -108,17 +108,7 @@ def check_benchmarks(names: Sequence[str], suite: dict[str, str]) -> list[str]:
   return list(names)
 
 
-def write_json(path: str, obj: Any, text: str | None = None) -> None:
-  """Writes `obj` as JSON (or `text`) in one piece through tf.io.gfile (local or remote
-  paths): a temporary file renamed over `path`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  folder, name = posixpath.split(str(path))
-  if folder:
-    tf.io.gfile.makedirs(folder)
-  tmp = posixpath.join(folder, f".{name}.tmp")
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(json.dumps(obj, indent=2) if text is None else text)
-  tf.io.gfile.rename(tmp, str(path), overwrite=True)
+write_json = train_utils.write_json  # the one whole-file writer, also of the metric file
 
 
 def _finished(path: str, protocol: dict[str, Any]) -> dict | None:

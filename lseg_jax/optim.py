@@ -48,8 +48,7 @@ def complete_optim_config(optim_cfg) -> ml_collections.ConfigDict:
   out = default_optim_config()
   unknown = sorted(set(dict(optim_cfg)) - set(out))
   if unknown:
-    raise ValueError(f"config.optim has unknown fields {unknown}; expected some of "
-                     f"{sorted(out)}")
+    raise ValueError(f"config.optim has unknown fields {unknown}; expected some of {sorted(out)}")
   for key, value in dict(optim_cfg).items():
     out[key] = value
   return out
@@ -68,8 +67,7 @@ def trainable_filter(frozen: Sequence[str]) -> Callable[[tuple, Any], bool]:
 def partition(model: nnx.Module, frozen: Sequence[str]):
   """model -> (graphdef, trainable params, frozen params, the rest: BatchNorm statistics),
   pure and disjoint; `nnx.merge(graphdef, params, frozen_params, rest)` rebuilds it."""
-  graphdef, params, frozen_params, rest = nnx.split(
-      model, trainable_filter(frozen), nnx.Param, ...)
+  graphdef, params, frozen_params, rest = nnx.split(model, trainable_filter(frozen), nnx.Param, ...)
   return graphdef, nnx.pure(params), nnx.pure(frozen_params), nnx.pure(rest)
 
 
@@ -103,8 +101,7 @@ def lr_multipliers(params, rules) -> Any:
     if not isinstance(mult, (int, float)) or mult <= 0:
       raise ValueError(f"optim.lr_mults: multiplier of {pattern!r} is {mult!r}; expected a "
                        "number > 0 (freeze parameters with optim.frozen instead of 0)")
-  return sharding.map_with_names(
-      lambda name, _: float(names.first_match(name, rules, 1.0)), params)
+  return sharding.map_with_names(lambda name, _: float(names.first_match(name, rules, 1.0)), params)
 
 
 def decay_mask(params, no_decay: Sequence[str]) -> Any:
@@ -136,8 +133,7 @@ def make_optimizer(optim_cfg, params, *, total_steps: int, global_batch_size: in
   if optim_cfg.weight_decay:
     parts.append(optax.add_decayed_weights(
         float(optim_cfg.weight_decay), mask=decay_mask(params, optim_cfg.no_decay)))
-  parts.append(optax.trace(decay=float(optim_cfg.momentum),
-                           nesterov=bool(optim_cfg.nesterov)))
+  parts.append(optax.trace(decay=float(optim_cfg.momentum), nesterov=bool(optim_cfg.nesterov)))
   parts.append(optax.scale_by_learning_rate(schedule))
   mults = lr_multipliers(params, optim_cfg.lr_mults)
   if any(m != 1.0 for m in jax.tree.leaves(mults)):

@@ -48,9 +48,8 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
   its EXIF orientation says, then shrunk by `limit_size(image, max_side)`. Pixel modes
   become RGB as docs/evaluation.md, "Prediction" states (`to_rgb8`).
 
-  `source` is a path, bytes, a binary file or a PIL image; `name` names it in errors
-  (default: the path). ValueError for what Pillow cannot read or more pixels than its
-  decompression-bomb limit.
+  `source` is a path, bytes, a binary file or a PIL image; `name` names it in errors (default: the
+  path). ValueError for what Pillow cannot read or more pixels than its decompression-bomb limit.
   """
   image, mode = _read(source, name)
   return InputImage(limit_size(image, max_side), mode, tuple(image.shape[:2]), max_side)
@@ -251,8 +250,7 @@ def check_labels(labels: Sequence[str], where: str = "the label set") -> list[st
     raise ValueError(f"{where}: {e}") from None
 
 
-def long_label_warnings(prompts: Sequence[str], tokenizer, context_length: int
-                        ) -> list[str]:
+def long_label_warnings(prompts: Sequence[str], tokenizer, context_length: int) -> list[str]:
   """A warning per prompt that CLIP's context cannot hold (it is truncated)."""
   counts = text.token_counts(prompts, tokenizer)
   return [f"label text {p!r} is {n} tokens long; CLIP reads {context_length}, so it was "
@@ -389,9 +387,8 @@ class Segmenter:
         logits = self._multi(inference.normalize_image(image), text_emb)
         input_size, emb = None, None
     if not np.isfinite(logits).all():
-      raise NonFiniteLogitsError("the model's logits are not finite (NaN/Inf): the "
-                                 "checkpoint holds non-finite weights or is damaged; no "
-                                 "prediction made")
+      raise NonFiniteLogitsError("the model's logits are not finite (NaN/Inf): the checkpoint "
+                                 "holds non-finite weights or is damaged; no prediction made")
     return Prediction(
         image=image, labels=labels, prompts=prompts,
         template=self.embedder.template_for(template), protocol=protocol, logits=logits,

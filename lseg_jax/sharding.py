@@ -27,8 +27,7 @@ def names(tree) -> list[str]:
 
 def map_with_names(fn: Callable[[str, Any], Any], tree, *rest):
   """`jax.tree.map` whose function also receives each leaf's flat name."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, *x: fn(names_lib.path_name(p), *x), tree, *rest)
+  return jax.tree_util.tree_map_with_path(lambda p, *x: fn(names_lib.path_name(p), *x), tree, *rest)
 
 
 # --- Mesh ---

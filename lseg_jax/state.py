@@ -1,10 +1,9 @@
 """The train state before and after it exists: abstract spec, initialisation, weights.
 
-The state is a dict {"params", "frozen", "rest", "opt", "step"}: trainable parameters,
-frozen parameters (the text tower), other model variables (BatchNorm statistics),
-optimizer state and the number of optimizer steps done. `state_spec` fixes the shapes,
-dtypes and shardings of every array before any is allocated, so the state is created
-(or restored) directly where it lives.
+The state is a dict {"params", "frozen", "rest", "opt", "step"}: trainable parameters, frozen
+parameters (the text tower), other model variables (BatchNorm statistics), optimizer state and the
+number of optimizer steps done. `state_spec` fixes the shapes, dtypes and shardings of every array
+before any is allocated, so the state is created (or restored) directly where it lives.
 """
 from __future__ import annotations
 
@@ -131,8 +130,7 @@ def model_from_state(state, graphdef) -> lseg.LSeg:
 def restore(mngr, step: int, spec: StateSpec) -> dict[str, Any]:
   """The train state of checkpoint `step`, restored directly into its shardings."""
   from lseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  target = {k: sharding.with_shardings(spec.abstract[k], spec.shardings[k])
-            for k in spec.abstract}
+  target = {k: sharding.with_shardings(spec.abstract[k], spec.shardings[k]) for k in spec.abstract}
   restored = checkpoint.restore(mngr, step, model_state_dict(target), target["opt"])
   state = {**split_model_state(restored["model"], spec), "opt": restored["opt_state"],
            "step": jnp.asarray(step, jnp.int32)}

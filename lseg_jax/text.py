@@ -62,8 +62,7 @@ def load_tokenizer(path_or_name: str | os.PathLike = DEFAULT_TOKENIZER):
   if path == BYTE_LEVEL_TOKENIZER:
     return byte_level_tokenizer()
   if os.path.isdir(path):
-    missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(
-        os.path.join(path, f))]
+    missing = [f for f in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(path, f))]
     if missing and not os.path.isfile(os.path.join(path, "tokenizer.json")):
       raise MissingFileError(f"tokenizer folder {path!r} lacks {missing}")
     tokenizer = CLIPTokenizer.from_pretrained(path)
@@ -92,10 +91,9 @@ def _hub_folder(name: str) -> str:
                 for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
   if offline or weights.hub_unreachable(3.0) is not None:
     raise MissingFileError(
-        f"{label} (vocab.json, merges.txt) is not in the local Hugging Face cache and "
-        "the hub cannot be reached (offline); pass --tokenizer FOLDER with vocab.json "
-        "and merges.txt (byte-level for the tiny test models), or fetch "
-        f"{name!r} once while online")
+        f"{label} (vocab.json, merges.txt) is not in the local Hugging Face cache and the hub "
+        "cannot be reached (offline); pass --tokenizer FOLDER with vocab.json and merges.txt "
+        f"(byte-level for the tiny test models), or fetch {name!r} once while online")
   try:
     return os.path.dirname(weights.hub_files(repo, weights.TOKENIZER_FILES, label)[0])
   except weights.WeightsError as e:
@@ -105,8 +103,7 @@ def _hub_folder(name: str) -> str:
 
 
 def clean_text(text: str) -> str:
-  """OpenAI CLIP's text cleaning: ftfy, HTML unescaping, whitespace collapsing,
-  lower case."""
+  """OpenAI CLIP's text cleaning: ftfy, HTML unescaping, whitespace collapsing, lower case."""
   text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
   return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -133,8 +130,7 @@ def validate_labels(labels: Sequence[str]) -> list[str]:
   return labels
 
 
-def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LENGTH
-             ) -> np.ndarray:
+def tokenize(labels: Sequence[str], tokenizer, context_length: int = CONTEXT_LENGTH) -> np.ndarray:
   """Label names -> token ids [N, context_length] int32, as `clip.tokenize`.
 
   Each row is [start, BPE tokens..., end, 0, ...]. A label too long for the
@@ -184,8 +180,7 @@ class LabelEmbedder:
     if max_cached is not None and max_cached < 1:
       raise ValueError(f"max_cached={max_cached}; expected >= 1 or None")
     if context_length is None:
-      context_length = getattr(getattr(text_model, "cfg", None), "context_length",
-                               CONTEXT_LENGTH)
+      context_length = getattr(getattr(text_model, "cfg", None), "context_length", CONTEXT_LENGTH)
     self.vocab_size = getattr(getattr(text_model, "cfg", None), "vocab_size", None)
     if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
       raise UserError(

@@ -1,18 +1,16 @@
 """Training LSeg, top to bottom: mesh -> state -> labels -> data -> step -> loop.
 
-`train_and_evaluate(config, workdir)` runs a config of `configs/` (every field:
-`lseg_jax.config`). The state lives on a ("data", "fsdp") mesh: the batch is split
-over all devices, parameters and optimizer state by regex rules (`lseg_jax.sharding`).
-The training step is one pure jitted function of the state (`nnx.merge` inside), with
-the state donated. The evaluations of `config.evals` run on the sharded state with the
-same `lseg_jax.evaluate.Evaluation` objects that `tools/eval.py` uses.
+`train_and_evaluate(config, workdir)` runs a config of `configs/` (every field: `lseg_jax.config`).
+The state lives on a ("data", "fsdp") mesh: the batch is split over all devices, parameters and
+optimizer state by regex rules (`lseg_jax.sharding`). The training step is one pure jitted function
+of the state (`nnx.merge` inside), with the state donated. The evaluations of `config.evals` run on
+the sharded state with the same `lseg_jax.evaluate.Evaluation` objects that `tools/eval.py` uses.
 
 The workdir holds
   checkpoints/   Orbax steps (model state, optimizer state, meta with the config,
                  label names, tokenizer and data position), async, keep-N;
-  metrics.jsonl  one JSON object per logged step ("step", "train/loss", "train/lr",
-                 "train/pixacc", "train/images_per_sec", "train/step_time",
-                 "eval/miou", "eval/pixacc", ...);
+  metrics.jsonl  one JSON object per logged step ("step", "train/loss", "train/lr", "train/pixacc",
+                 "train/images_per_sec", "train/step_time", "eval/miou", "eval/pixacc", ...);
   events.*       the same scalars for TensorBoard.
 A run restarted on the same workdir resumes from the latest complete checkpoint and
 continues with the same data order, giving the same losses as an uninterrupted one.
@@ -49,10 +47,8 @@ from lseg_jax.errors import UserError
 from lseg_jax.models import attention
 from lseg_jax.models import lseg
 
-CHECKPOINT_SUBDIR = checkpoint.CHECKPOINT_SUBDIR
 METRICS_FILE = train_utils.METRICS_FILE
 _BATCH_KEYS = ("image", "label", "label_mask")
-StateSpec = state_lib.StateSpec
 
 
 # --- The training step ---
@@ -148,8 +144,7 @@ def jit_train_step(spec: state_lib.StateSpec, config, mesh: jax.sharding.Mesh):
   compiled = []
 
   def run(state, batch, text_emb):
-    args = ({k: v for k, v in state.items() if k != "frozen"}, state["frozen"], batch,
-            text_emb)
+    args = ({k: v for k, v in state.items() if k != "frozen"}, state["frozen"], batch, text_emb)
     if not compiled:  # several processes: compiled ahead, first run in step
       compiled.append(distributed.compile_in_step(jitted, *args))
     new, metrics = compiled[0](*args)
@@ -186,16 +181,14 @@ def _restore(mngr, step: int, spec: state_lib.StateSpec, config):
   if recorded and set(recorded) != set(checkpoint.flat_arrays(spec.abstract["opt"])):
     saved_optim = (meta.get("config") or {}).get("optim") or {}
     optim_now = config_lib.to_json_dict(config)["optim"]
-    differ = [k for k in sorted(saved_optim) if k in optim_now
-              and optim_now[k] != saved_optim[k]]
+    differ = [k for k in sorted(saved_optim) if k in optim_now and optim_now[k] != saved_optim[k]]
     raise UserError(f"{where} holds another optimizer state"
                      + (f" (config.optim.{differ[0]}={saved_optim[differ[0]]!r} there, "
                         f"{config.optim[differ[0]]!r} now)" if differ else "") + f"; {fix}")
   return state_lib.restore(mngr, step, spec), meta
 
 
-def _divergence_message(step: int, m, last_good: int | None, ckpt_dir: str,
-                        base_lr: float) -> str:
+def _divergence_message(step: int, m, last_good: int | None, ckpt_dir: str, base_lr: float) -> str:
   """What went wrong at a non-finite step, and how to go on."""
   what = (f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
           f"grad_norm={float(m['grad_norm'])}); stopped without applying it.")
@@ -204,8 +197,7 @@ def _divergence_message(step: int, m, last_good: int | None, ckpt_dir: str,
   if last_good is None:
     return (f"{what} No checkpoint was written (the run diverged before its first "
             f"checkpoint); restart from scratch with {fix}.")
-  return (f"{what} The last good checkpoint is step {last_good} in {ckpt_dir}. "
-          f"Rerun with {fix}.")
+  return f"{what} The last good checkpoint is step {last_good} in {ckpt_dir}. Rerun with {fix}."
 
 
 # --- train_and_evaluate ---
@@ -213,18 +205,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, checkpoints.
 
   Returns:
-    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM, SIGINT
-     or stop_at_step), "terminated": bool (by SIGTERM or SIGINT), "interrupted": bool
-     (by SIGINT, Ctrl-C), "checkpoint_dir": where checkpoints are saved,
-     "train": last logged train metrics,
-     "eval": last eval metrics, "state": the final train state (global arrays),
-     "label_names": the train label table, "embed": label names -> [L, D] label
-     embeddings from the model's text tower}.
+    {"step": last step, "preempted": bool (stopped before total_steps: SIGTERM, SIGINT or
+     stop_at_step), "terminated": bool (by SIGTERM or SIGINT), "interrupted": bool (by SIGINT,
+     Ctrl-C), "checkpoint_dir": where checkpoints are saved, "train": last logged train metrics,
+     "eval": last eval metrics, "state": the final train state (global arrays), "label_names":
+     the train label table, "embed": label names -> [L, D] label embeddings from the model's text
+     tower}.
 
   Raises:
     errors.NonFiniteError (a FloatingPointError): a step produced a non-finite loss or
-      gradient; the run stops without saving that step (the latest checkpoint is the
-      last good one).
+      gradient; the run stops without saving that step (the latest checkpoint is the last good one).
   """
   config = config_lib.complete(config)
   config_lib.check_config(config)
@@ -250,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{max(1, round(config.data.crop_size / spec.size_multiple)) * spec.size_multiple}")
 
   # --- Checkpoints: resume from the latest complete step if there is one.
-  ckpt_dir = str(epath.Path(workdir) / CHECKPOINT_SUBDIR)
+  ckpt_dir = str(epath.Path(workdir) / checkpoint.CHECKPOINT_SUBDIR)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=config.keep_checkpoints)
   # A damaged newest step (checksum mismatch, partial or empty folder) is moved aside
   # and the run resumes from the newest intact one.
@@ -388,7 +378,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr.close()
   summary.update(step=step, state=state, label_names=label_names, embed=embed)
   return summary
-
-
-__all__ = ["CHECKPOINT_SUBDIR", "METRICS_FILE", "StateSpec", "check_batch_config",
-           "jit_train_step", "make_train_step", "train_and_evaluate"]

@@ -1,10 +1,9 @@
 """Small pieces of the training loop: when things are due, the metric file, the
 meter and the SIGTERM / SIGINT handler.
 
-A local metric file is appended to and synced to disk line by line; a remote one
-(gs://..., through `tf.io.gfile`, wherever TensorFlow reaches it) is replaced whole
-(a new file renamed over the old), since object stores have no append. Either way a
-kill leaves whole lines only."""
+A local metric file is appended to and synced to disk line by line; a remote one (gs://..., through
+`tf.io.gfile`, wherever TensorFlow reaches it) is replaced whole (a new file renamed over the old),
+since object stores have no append. Either way a kill leaves whole lines only."""
 from __future__ import annotations
 
 import json
@@ -13,6 +12,7 @@ import posixpath
 import signal
 import threading
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -87,20 +87,29 @@ class MetricWriter:
 
   def _replace(self, text: str) -> None:
     """Writes the whole file in one piece (a new file renamed over the old one)."""
-    tmp = self.path + ".tmp"
     if self._local:
-      _write_synced(tmp, "w", text)
-      os.replace(tmp, self.path)
-      return
-    gfile = self._tf.io.gfile
-    with gfile.GFile(tmp, "w") as f:
-      f.write(text)
-    gfile.rename(tmp, self.path, overwrite=True)
+      _write_synced(self.path + ".tmp", "w", text)
+      os.replace(self.path + ".tmp", self.path)
+    else:
+      write_json(self.path, None, text)
 
   def close(self) -> None:
     self.flush()
     if self.enabled:
       self._tb.close()
+
+
+def write_json(path: str, obj: Any, text: str | None = None) -> None:
+  """Writes `obj` as JSON (or `text`) in one piece through tf.io.gfile (local or remote
+  paths): a temporary file renamed over `path`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  folder, name = posixpath.split(str(path))
+  if folder:
+    tf.io.gfile.makedirs(folder)
+  tmp = posixpath.join(folder, f".{name}.tmp")
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(json.dumps(obj, indent=2) if text is None else text)
+  tf.io.gfile.rename(tmp, str(path), overwrite=True)
 
 
 def _write_synced(path: str, mode: str, text: str) -> None:
@@ -124,8 +133,7 @@ class TrainMeter:
 
   def sums(self) -> dict[str, float]:
     """The running sums since the last log (saved with a checkpoint)."""
-    return {"loss": self.loss, "correct": self.correct, "valid": self.valid,
-            "steps": self.steps}
+    return {"loss": self.loss, "correct": self.correct, "valid": self.valid, "steps": self.steps}
 
   def reset(self):
     self.loss, self.correct, self.valid, self.steps = 0.0, 0, 0, 0
@@ -161,13 +169,12 @@ class TrainMeter:
 class Preemption:
   """SIGTERM or SIGINT (Ctrl-C) -> every process stops after the same step.
 
-  One process: handlers turn either signal into a flag. Several processes: the signal
-  reaches one of them at a time, so JAX's preemption sync manager (started by
-  `jax.distributed.initialize`) catches SIGTERM on whichever process gets it and every
-  process agrees on the step to stop after; a SIGINT is passed on to it as a SIGTERM
-  of the process. `reached(step)` must be called after every step by every process.
-  `interrupted` tells a SIGINT from a SIGTERM; a second SIGINT exits at once (code
-  130) without saving.
+  One process: handlers turn either signal into a flag. Several processes: the signal reaches one of
+  them at a time, so JAX's preemption sync manager (started by `jax.distributed.initialize`) catches
+  SIGTERM on whichever process gets it and every process agrees on the step to stop after; a SIGINT
+  is passed on to it as a SIGTERM of the process. `reached(step)` must be called after every step by
+  every process. `interrupted` tells a SIGINT from a SIGTERM; a second SIGINT exits at once
+  (code 130) without saving.
   """
 
   def __init__(self):

@@ -98,8 +98,7 @@ def overlay_with_legend(image: np.ndarray, label_map: np.ndarray, labels: Sequen
   blended = Image.fromarray(overlay(image, label_map, len(labels), alpha))
   areas = area_fractions(label_map, len(labels)) if show_areas else None
   panel = legend(labels, areas, height=blended.height)
-  out = Image.new("RGB", (blended.width + panel.width, max(blended.height, panel.height)),
-                  "white")
+  out = Image.new("RGB", (blended.width + panel.width, max(blended.height, panel.height)), "white")
   out.paste(blended, (0, 0))
   out.paste(panel, (blended.width, 0))
   return out

@@ -86,12 +86,11 @@ OFFICIAL: dict[str, Official] = {
         sha256_prefix="63fe2227", source="torchvision models/resnet.py"),
 }
 
-# The Hub repo holding the tokenizer files (vocab.json, merges.txt) of each name that
-# openai/CLIP's `clip.load` takes, for `config.text.tokenizer` / `--tokenizer`
-# (`lseg_jax.text.load_tokenizer`). `clip.tokenize` reads one BPE
-# (bpe_simple_vocab_16e6) for every model, so all entries give the same tokenizer;
-# OpenAI published transformers files only for its ViT models, so the ResNet names point
-# at the ViT-B/32 repo. Every "clip" name of OFFICIAL has an entry (tests check it).
+# The Hub repo holding the tokenizer files (vocab.json, merges.txt) of each name that openai/CLIP's
+# `clip.load` takes, for `config.text.tokenizer` / `--tokenizer` (`lseg_jax.text.load_tokenizer`).
+# `clip.tokenize` reads one BPE (bpe_simple_vocab_16e6) for every model, so all entries give the
+# same tokenizer; OpenAI published transformers files only for its ViT models, so the ResNet names
+# point at the ViT-B/32 repo. Every "clip" name of OFFICIAL has an entry (tests check it).
 CLIP_TOKENIZERS: dict[str, str] = {
     **dict.fromkeys(("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32"),
                     "openai/clip-vit-base-patch32"),
@@ -161,13 +160,6 @@ def resolve(spec: str | os.PathLike, *, kind: str, what: str) -> str:
 
 
 # --- Direct URLs ---
-def _url_sha256(url: str) -> str:
-  for part in urllib.parse.urlparse(url).path.split("/"):
-    if _SHA256.fullmatch(part):
-      return part
-  return ""
-
-
 def url_cache_path(url: str) -> str:
   """Where `download_url` keeps `url`'s file: the URL's own file name, in a folder
   named by the URL's hash (two URLs never share a file)."""
@@ -188,7 +180,8 @@ def download_url(url: str, label: str, *, sha256: str = "", sha256_prefix: str =
   the file is kept as the server sent it (its size checked against Content-Length).
   """
   import filelock  # pylint: disable=g-import-not-at-top
-  sha256 = (sha256 or _url_sha256(url)).lower()
+  parts = urllib.parse.urlparse(url).path.split("/")
+  sha256 = (sha256 or next((p for p in parts if _SHA256.fullmatch(p)), "")).lower()
   dest = url_cache_path(url)
   if os.path.isfile(dest):
     return dest
@@ -223,9 +216,8 @@ def _fetch(url: str, dest: str, label: str, sha256: str, sha256_prefix: str) -> 
       except urllib.error.URLError as e:
         raise _no_network(label, url, f"cannot reach it: {e.reason}") from None
       except (OSError, http.client.HTTPException, socket.timeout) as e:
-        raise WeightsError(
-            f"{label}: the download of {url} broke off after {size} bytes ({e!r}); "
-            "nothing was kept: run again to restart it") from None
+        raise WeightsError(f"{label}: the download of {url} broke off after {size} bytes ({e!r}); "
+                           "nothing was kept: run again to restart it") from None
     if total is not None and size != total:
       raise WeightsError(f"{label}: the download of {url} stopped at {size} of {total} "
                          "bytes; nothing was kept: run again to restart it")
@@ -284,8 +276,7 @@ def hub_files(repo: str, groups: Sequence[Sequence[str]], label: str, *,
       return [_hub_download(repo, f, label, sha256 if len(files) == 1 else "") for f in files]
     except huggingface_hub.errors.RemoteEntryNotFoundError:
       missing.append(" + ".join(files))
-  raise WeightsError(f"{label}: Hugging Face Hub repo {repo!r} has none of "
-                     f"{' or '.join(missing)}")
+  raise WeightsError(f"{label}: Hugging Face Hub repo {repo!r} has none of {' or '.join(missing)}")
 
 
 def hub_unreachable(timeout: float = CONNECT_TIMEOUT_S) -> str | None:

@@ -1,9 +1,8 @@
 """Hugging Face CLIP text tower <-> `CLIPTextTransformer`.
 
-Reads the `model.safetensors` + `config.json` of a `CLIPModel` or
-`CLIPTextModelWithProjection` with safetensors' numpy API (no torch). Hugging
-Face keeps q, k and v as separate Linears; our tower fuses them into `in_proj`,
-so those three keys map to one parameter (and split again on export).
+Reads the `model.safetensors` + `config.json` of a `CLIPModel` or `CLIPTextModelWithProjection` with
+safetensors' numpy API (no torch). Hugging Face keeps q, k and v as separate Linears; our tower
+fuses them into `in_proj`, so those three keys map to one parameter (and split again on export).
 """
 from __future__ import annotations
 

@@ -49,9 +49,8 @@ def table(torch_prefix: str = "", nnx_prefix: str = "") -> MappingTable:
 
 
 def find_prefix(state_dict: Mapping[str, Any]) -> str:
-  """The key prefix of the OpenAI CLIP text tower in `state_dict` ("" for a bare
-  CLIP model, "clip_pretrained." for lang-seg, "net.clip_pretrained." for its
-  Lightning checkpoints)."""
+  """The key prefix of the OpenAI CLIP text tower in `state_dict` ("" for a bare CLIP model,
+  "clip_pretrained." for lang-seg, "net.clip_pretrained." for its Lightning checkpoints)."""
   return mapping.find_prefix(state_dict, "token_embedding.weight", "positional_embedding",
                              "OpenAI CLIP text tower")
 

@@ -82,8 +82,7 @@ def update(model: nnx.Module, params) -> None:
     raise ValueError(f"params do not match the model's shapes: {bad[:_MAX_LISTED]}")
   # jnp.array copies: jnp.asarray may share a numpy buffer on CPU, and a buffer taken
   # from a live torch module (`tensor.numpy()`) changes when torch updates it in place.
-  nnx.update(model, unflatten(
-      {k: jnp.array(v, dtype=current[k].dtype) for k, v in flat.items()}))
+  nnx.update(model, unflatten({k: jnp.array(v, dtype=current[k].dtype) for k, v in flat.items()}))
 
 
 # --- Hooks: array conversions that run in both directions ---
@@ -318,8 +317,7 @@ def torch_to_nnx(state_dict: Mapping[str, Any], table: MappingTable, abstract_st
       mis_shaped.append(f"{shapes} -> {path}: {rule.hook.name} failed ({e})")
       continue
     if tuple(value.shape) != tuple(target.shape):
-      mis_shaped.append(f"{shapes} -> {path} {tuple(value.shape)}, "
-                        f"expected {tuple(target.shape)}")
+      mis_shaped.append(f"{shapes} -> {path} {tuple(value.shape)}, expected {tuple(target.shape)}")
       continue
     out[path] = np.asarray(value, dtype=target.dtype)
   unknown = sorted(k for k in state_dict

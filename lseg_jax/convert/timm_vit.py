@@ -22,17 +22,15 @@ _BLOCK = "blocks.{i}."
 _NNX_BLOCK = "blocks/{i}/"
 
 
-TABLE = MappingTable(
-    rules=(
-        Rule("cls_token", "cls_token"),
-        Rule("pos_embed", "pos_embed"),
-        *conv("patch_embed/proj", "patch_embed.proj"),
-        *mapping.block_rules(_NNX_BLOCK, _BLOCK, ("norm1", "norm2"),
-                             ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")),
-        *layer_norm("norm", "norm"),
-        *linear("head", "head"),
-    ),
-)
+TABLE = MappingTable(rules=(
+    Rule("cls_token", "cls_token"),
+    Rule("pos_embed", "pos_embed"),
+    *conv("patch_embed/proj", "patch_embed.proj"),
+    *mapping.block_rules(_NNX_BLOCK, _BLOCK, ("norm1", "norm2"),
+                         ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")),
+    *layer_norm("norm", "norm"),
+    *linear("head", "head"),
+))
 
 
 def table(torch_prefix: str = "", nnx_prefix: str = "", *, head: bool = True) -> MappingTable:

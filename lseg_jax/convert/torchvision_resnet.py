@@ -67,19 +67,17 @@ def infer_variant(state_dict: Mapping[str, Any], prefix: str = "") -> str:
   for name, layers in resnet.RESNET_VARIANTS.items():
     if tuple(layers) == counts:
       return name
-  raise ValueError(
-      f"the ResNet has {counts} Bottleneck blocks per stage; no known variant has "
-      f"that: {dict(sorted(resnet.RESNET_VARIANTS.items()))}")
+  raise ValueError(f"the ResNet has {counts} Bottleneck blocks per stage; no known variant has "
+                   f"that: {dict(sorted(resnet.RESNET_VARIANTS.items()))}")
 
 
 def load_torchvision_resnet(path_or_state_dict,
                             resnet_module: resnet.ResNet | resnet.ResNetConfig | str | None = None,
                             *, prefix: str | None = None) -> resnet.ResNet:
-  """Loads torchvision ResNet weights (a state dict or any file
-  `langseg_layout.read_state_dict` reads; `fc.*` skipped; prefix None: found) into
-  `resnet_module`, our ResNet updated in place, or one built from a `ResNetConfig` or
-  variant name (None: `infer_variant`) without initialising it. MappingError lists every
-  missing, unknown and mis-shaped key."""
+  """Loads torchvision ResNet weights (a state dict or any file `langseg_layout.read_state_dict`
+  reads; `fc.*` skipped; prefix None: found) into `resnet_module`, our ResNet updated in place, or
+  one built from a `ResNetConfig` or variant name (None: `infer_variant`) without initialising it.
+  MappingError lists every missing, unknown and mis-shaped key."""
   state_dict, prefix = mapping.read_under_prefix(path_or_state_dict, prefix, find_prefix)
   tab = table(prefix)
   if isinstance(resnet_module, resnet.ResNet):

@@ -123,8 +123,7 @@ def tpu_flash_attention(q, k, v):
   def local(q, k, v):
     q, k, v = (jnp.pad(t, ((0, 0), (0, padded - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
                for t in (q, k, v))
-    segment = jnp.broadcast_to((jnp.arange(padded) >= n).astype(jnp.int32),
-                               (q.shape[0], padded))
+    segment = jnp.broadcast_to((jnp.arange(padded) >= n).astype(jnp.int32), (q.shape[0], padded))
     out = pallas_flash.flash_attention(
         q, k, v, segment_ids=pallas_flash.SegmentIds(q=segment, kv=segment),
         sm_scale=head_dim ** -0.5)

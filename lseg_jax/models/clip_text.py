@@ -1,11 +1,9 @@
 """CLIP text tower (OpenAI layout) as a Flax NNX module.
 
-Attribute names mirror OpenAI CLIP's state dict (`token_embedding`,
-`positional_embedding`, `transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc,
-mlp.c_proj}`, `ln_final`, `text_projection`), so the conversion table
-(`lseg_jax.convert.clip_openai`) is the identity up to Linear transposes.
-The attention keeps q, k and v in one fused `in_proj`, as `nn.MultiheadAttention`
-stores them.
+Attribute names mirror OpenAI CLIP's state dict (`token_embedding`, `positional_embedding`,
+`transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection`),
+so the conversion table (`lseg_jax.convert.clip_openai`) is the identity up to Linear transposes.
+The attention keeps q, k and v in one fused `in_proj`, as `nn.MultiheadAttention` stores them.
 """
 from __future__ import annotations
 
@@ -67,8 +65,7 @@ def _normal(std):
 
 def _layer_norm(cfg: TextConfig, rngs: nnx.Rngs):
   # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
-  return nnx.LayerNorm(cfg.width, epsilon=1e-5, use_fast_variance=False, dtype=cfg.dtype,
-                       rngs=rngs)
+  return nnx.LayerNorm(cfg.width, epsilon=1e-5, use_fast_variance=False, dtype=cfg.dtype, rngs=rngs)
 
 
 def _linear(din, dout, std, cfg: TextConfig, rngs: nnx.Rngs):
@@ -128,8 +125,7 @@ class ResidualAttentionBlock(nnx.Module):
 class Transformer(nnx.Module):
 
   def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
-    self.resblocks = nnx.List(
-        [ResidualAttentionBlock(cfg, rngs=rngs) for _ in range(cfg.layers)])
+    self.resblocks = nnx.List([ResidualAttentionBlock(cfg, rngs=rngs) for _ in range(cfg.layers)])
 
   def __call__(self, x):
     for block in self.resblocks:

@@ -3,16 +3,14 @@
 `Conv` is `nnx.Conv` (same parameters, names and initialisation) with its own
 `conv_general_dilated`:
 
-- 1x1 kernels are one matrix product over the channel axis. As convolutions, their
-  kernel gradient becomes a convolution whose window is the whole feature map
-  (192x192 for `head1` at a 384-px crop), which XLA's CPU backend ran at under 10
-  GFLOP/s: 3.9 s of a 12.5 s ViT-B/32 training step.
-- On the CPU, stride-1 KxK kernels (the 3x3 convolutions of the fusion blocks) keep
-  XLA's forward and input-gradient convolutions but compute the kernel gradient as
-  one matrix product of the width-shifted inputs with the row-shifted output
-  gradients: XLA's own kernel-gradient convolution ran ~2.7x slower than the forward
-  one (0.32 s vs 0.12 s CPU for a [2, 96, 96, 256] 3x3 conv; 0.19 s this way).
-  GPUs and TPUs keep XLA's convolution gradients.
+- 1x1 kernels are one matrix product over the channel axis. As convolutions, their kernel gradient
+  becomes a convolution whose window is the whole feature map (192x192 for `head1` at a 384-px
+  crop), which XLA's CPU backend ran at under 10 GFLOP/s: 3.9 s of a 12.5 s ViT-B/32 training step.
+- On the CPU, stride-1 KxK kernels (the 3x3 convolutions of the fusion blocks) keep XLA's forward
+  and input-gradient convolutions but compute the kernel gradient as one matrix product of the
+  width-shifted inputs with the row-shifted output gradients: XLA's own kernel-gradient convolution
+  ran ~2.7x slower than the forward one (0.32 s vs 0.12 s CPU for a [2, 96, 96, 256] 3x3 conv;
+  0.19 s this way). GPUs and TPUs keep XLA's convolution gradients.
 - Everything else is `lax.conv_general_dilated` unchanged.
 """
 from __future__ import annotations

@@ -19,8 +19,6 @@ REASSEMBLE = {
     16: (("deconv", 4), ("deconv", 2), ("none",), ("conv_s2",)),
     32: (("deconv", 8), ("deconv", 4), ("deconv", 2), ("none",)),
 }
-
-
 READOUTS = ("ignore", "add", "project")
 
 
@@ -55,8 +53,7 @@ class ConvTransposeKxK(nnx.Module):
     bound = 1.0 / (cout * k * k) ** 0.5
     self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (k, k, cin, cout),
                                                jnp.float32, -bound, bound))
-    self.bias = nnx.Param(jax.random.uniform(rngs.params(), (cout,), jnp.float32,
-                                             -bound, bound))
+    self.bias = nnx.Param(jax.random.uniform(rngs.params(), (cout,), jnp.float32, -bound, bound))
 
   def __call__(self, x):
     """[B, H, W, Cin] -> [B, kH, kW, Cout]."""

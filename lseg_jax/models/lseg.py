@@ -6,12 +6,11 @@
     * 1/0.07 -> spatial regularisation (optional) -> bilinear x2 -> logits [B, H, W, L]
 
 Module names follow lang-seg's `LSegNet` (`pretrained.model`, `pretrained.act_postprocessN`,
-`scratch.*`, `clip_pretrained`), so its checkpoints map onto this model key by key. The
-ResNet backbones keep the torchvision ResNet at `pretrained/model` too (lang-seg regroups
-it as `pretrained.layer1..4`: `convert.torchvision_resnet`).
-The text tower lives in the model (for checkpoint interop) but the forward pass takes
-label embeddings: they are computed once per label set (`lseg_jax.text.LabelEmbedder`)
-and a training step never runs the text tower.
+`scratch.*`, `clip_pretrained`), so its checkpoints map onto this model key by key. The ResNet
+backbones keep the torchvision ResNet at `pretrained/model` too (lang-seg regroups it as
+`pretrained.layer1..4`: `convert.torchvision_resnet`). The text tower lives in the model (for
+checkpoint interop) but the forward pass takes label embeddings: they are computed once per label
+set (`lseg_jax.text.LabelEmbedder`) and a training step never runs the text tower.
 """
 from __future__ import annotations
 
@@ -51,10 +50,10 @@ DPT_WIDTHS = {
 # imagenet_norm=True)` for clip_resnet101); our models all take mean 0.5 / std 0.5.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# CLIP's initial temperature, exp(log(1/0.07)) in float32 as lang-seg computes it.
 # LSegConfig fields that change how the model computes, not its parameters: a checkpoint
 # resumes or initialises a model that differs from it only in these.
 COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat")
+# CLIP's initial temperature, exp(log(1/0.07)) in float32 as lang-seg computes it.
 LOGIT_SCALE = float(np.exp(np.float32(np.log(1 / 0.07)), dtype=np.float32))
 
 
@@ -182,10 +181,8 @@ class Scratch(nnx.Module):
     for i in range(4):
       setattr(self, f"refinenet{i + 1}", dpt.FusionBlock(f, dtype=dtype, rngs=rngs))
     self.head1 = conv.Conv(f, text_dim, (1, 1), dtype=dtype, rngs=rngs)
-    self.head_block = (
-        spatial_reg.SpatialRegularization(cfg.arch_option, cfg.block_depth, cfg.activation,
-                                          rngs=rngs)
-        if cfg.arch_option else None)
+    self.head_block = (spatial_reg.SpatialRegularization(
+        cfg.arch_option, cfg.block_depth, cfg.activation, rngs=rngs) if cfg.arch_option else None)
 
   def __call__(self, layers):
     """4 reassembled maps -> pixel features [B, H/4, W/4, D] (not normalised), before
@@ -205,8 +202,7 @@ class LSeg(nnx.Module):
   def __init__(self, cfg: LSegConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     text_cfg = clip_text.decode_variant(
-        cfg.text_variant,
-        **({"vocab_size": cfg.text_vocab_size} if cfg.text_vocab_size else {}))
+        cfg.text_variant, **({"vocab_size": cfg.text_vocab_size} if cfg.text_vocab_size else {}))
     self.clip_pretrained = clip_text.CLIPTextTransformer(text_cfg, rngs=rngs)
     self.text_dim = text_cfg.embed_dim
     self.pretrained = (PretrainedResNet(cfg, rngs=rngs) if cfg.image_encoder == "resnet"
@@ -220,9 +216,8 @@ class LSeg(nnx.Module):
 
   @property
   def size_multiple(self) -> int:
-    """Input sides must be multiples of this: the patch size, or twice it for the
-    patch-16 decoder, whose coarsest level halves the token grid; the output stride
-    (32) of a ResNet."""
+    """Input sides must be multiples of this: the patch size, or twice it for the patch-16 decoder,
+    whose coarsest level halves the token grid; the output stride (32) of a ResNet."""
     if self.patch_size is None:
       return resnet.OUTPUT_STRIDE
     return 32 if self.patch_size == 16 else self.patch_size
@@ -255,10 +250,9 @@ class LSeg(nnx.Module):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
   def __call__(self, images, text_emb, label_mask=None):
-    """images [B, H, W, 3] (mean 0.5, std 0.5; sides multiples of `size_multiple`),
-    label embeddings [L, D] or [B, L, D] (any norm), optional bool label_mask [B, L]
-    (False: not a candidate, logit -inf and out of the bottleneck max; every row needs a
-    True) -> float32 logits [B, H, W, L]."""
+    """images [B, H, W, 3] (mean 0.5, std 0.5; sides multiples of `size_multiple`), label embeddings
+    [L, D] or [B, L, D] (any norm), optional bool label_mask [B, L] (False: not a candidate, logit
+    -inf and out of the bottleneck max; every row needs a True) -> float32 logits [B, H, W, L]."""
     logits = resize.upsample2x_align_corners(self.half_logits(images, text_emb, label_mask))
     if label_mask is not None:
       logits = jnp.where(label_mask[:, None, None, :], logits, -jnp.inf)

@@ -1,18 +1,16 @@
 """Exact bilinear resizing with PyTorch's `F.interpolate` semantics.
 
-`jax.image.resize` matches neither `align_corners=True` nor PyTorch's
-`align_corners=False` source-index clamping, so LSeg parity needs its own op.
-Along each axis, output o interpolates x[i0] and x[i1] with PyTorch's float32 taps
-and weights (`axis_taps`; no antialiasing).
+`jax.image.resize` matches neither `align_corners=True` nor PyTorch's `align_corners=False`
+source-index clamping, so LSeg parity needs its own op. Along each axis, output o interpolates x[i0]
+and x[i1] with PyTorch's float32 taps and weights (`axis_taps`; no antialiasing).
 
-No gathers: their gradients are scatter-adds, slow on every backend. Upsampling by
-an integer factor r (every resize inside LSeg: the x2 steps of the decoder and the
-logits) is a stencil: output r*i + p reads the input at i + d for a shift d that
-depends on the phase p only (clamped at the borders), so each phase is shifted
-slices and a weight vector, and the phases interleave by a reshape; the gradient is
-slices and adds. Any other size change (the position-embedding grid) is a product
-with a small [out, in] interpolation matrix per axis. Both agree with PyTorch to
-float32 rounding (< 1e-6 relative, values and gradients).
+No gathers: their gradients are scatter-adds, slow on every backend. Upsampling by an integer factor
+r (every resize inside LSeg: the x2 steps of the decoder and the logits) is a stencil: output
+r*i + p reads the input at i + d for a shift d that depends on the phase p only (clamped at the
+borders), so each phase is shifted slices and a weight vector, and the phases interleave by a
+reshape; the gradient is slices and adds. Any other size change (the position-embedding grid) is a
+product with a small [out, in] interpolation matrix per axis. Both agree with PyTorch to float32
+rounding (< 1e-6 relative, values and gradients).
 """
 from __future__ import annotations
 
@@ -142,9 +140,8 @@ def _resize_axis(x, axis: int, out_size: int, align_corners: bool):
 def resize_bilinear(x, size: tuple[int, int], align_corners: bool):
   """Bilinear resize of `x` [..., H, W, C] to `size` = (h, w), as torch does.
 
-  Matches `F.interpolate(x_nchw, size=size, mode="bilinear",
-  align_corners=align_corners)` (no antialias). PyTorch interpolates the
-  width first, then the height; so do we.
+  Matches `F.interpolate(x_nchw, size=size, mode="bilinear", align_corners=align_corners)` (no
+  antialias). PyTorch interpolates the width first, then the height; so do we.
   """
   if x.ndim < 3:
     raise ValueError(f"expected an array [..., H, W, C], got shape {x.shape}")

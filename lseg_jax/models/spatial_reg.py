@@ -1,11 +1,10 @@
 """LSeg's label-equivariant spatial regularisation blocks (paper Sec. 3.3).
 
-One 3x3 single-channel conv is shared by every label channel (and by every repeat
-of the block, as in lang-seg where `head_block` is one module applied
-`block_depth` times). It is written as a vmap over the label axis, so permuting
-the labels permutes the output and nothing else. `BottleneckBlock`
-(arch_option 1) adds the max over the candidate labels before the activation;
-`DepthwiseBlock` (arch_option 2) does not.
+One 3x3 single-channel conv is shared by every label channel (and by every repeat of the block, as
+in lang-seg where `head_block` is one module applied `block_depth` times). It is written as a vmap
+over the label axis, so permuting the labels permutes the output and nothing else. `BottleneckBlock`
+(arch_option 1) adds the max over the candidate labels before the activation; `DepthwiseBlock`
+(arch_option 2) does not.
 """
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ ARCH_OPTIONS = {0: None, 1: "bottleneck", 2: "depthwise"}
 class SpatialRegularization(nnx.Module):
   """`arch_option` 1 (bottleneck) or 2 (depthwise), applied `block_depth` times."""
 
-  def __init__(self, arch_option: int, block_depth: int, activation: str, *,
-               rngs: nnx.Rngs):
+  def __init__(self, arch_option: int, block_depth: int, activation: str, *, rngs: nnx.Rngs):
     if arch_option not in (1, 2):
       raise ValueError(f"arch_option must be 1 (bottleneck) or 2 (depthwise), got {arch_option!r}")
     if activation not in ACTIVATIONS:

@@ -77,8 +77,7 @@ def decode_variant(variant: str, **overrides) -> ViTConfig:
 
 def _layer_norm(dim, cfg, rngs):
   # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
-  return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=cfg.dtype,
-                       rngs=rngs)
+  return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=cfg.dtype, rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
@@ -156,15 +155,13 @@ class VisionTransformer(nnx.Module):
     # Unused by LSeg (the hooks take un-normalised block outputs) but part of
     # the timm and lang-seg checkpoints, so kept for lossless import/export.
     self.norm = _layer_norm(cfg.width, cfg, rngs)
-    self.head = (nnx.Linear(cfg.width, cfg.num_classes, rngs=rngs)
-                 if cfg.num_classes else None)
+    self.head = nnx.Linear(cfg.width, cfg.num_classes, rngs=rngs) if cfg.num_classes else None
 
   def grid_size(self, height: int, width: int) -> tuple[int, int]:
     p = self.cfg.patch
     if height % p or width % p:
-      raise ValueError(
-          f"image size {height}x{width} is not a multiple of the ViT patch size {p}; "
-          f"resize or pad the image to a multiple of {p} pixels")
+      raise ValueError(f"image size {height}x{width} is not a multiple of the ViT patch size {p}; "
+                       f"resize or pad the image to a multiple of {p} pixels")
     return height // p, width // p
 
   def resized_pos_embed(self, gh: int, gw: int):

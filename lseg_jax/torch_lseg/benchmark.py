@@ -93,10 +93,8 @@ def bench_torch(cfg: TorchLSegConfig, task: str, dtype: str, device, *, batch_si
         model(images[i % 2], text, mask).argmax(1)
       sync()
 
-  timing = time_calls(step, steps)
-  out = {k: round(v, 4) for k, v in timing.items()}
-  out["peak_memory_bytes"] = (int(torch.cuda.max_memory_allocated())
-                              if device.type == "cuda" else NA)
+  out = {k: round(v, 4) for k, v in time_calls(step, steps).items()}
+  out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else NA
   del model
   return out
 

@@ -108,8 +108,6 @@ def _check_choice(name, value, choices):
 
 
 # --- Image encoder: timm ViT + reassemble blocks ---
-
-
 class _Fn(nn.Module):
   """A parameter-free step of the official nn.Sequential."""
 
@@ -206,8 +204,6 @@ class ViTBackbone(nn.Module):
 
 
 # --- Decoder: DPT fusion blocks ---
-
-
 class ResidualConvUnit(nn.Module):
   """x + BN(conv(ReLU(BN(conv(ReLU(x)))))), convs 3x3 without bias."""
 
@@ -242,8 +238,6 @@ class FusionBlock(nn.Module):
 
 
 # --- Spatial regularisation on the logits ---
-
-
 class _LabelwiseConv(nn.Module):
   """ONE 3x3 single-channel conv applied to every label map independently."""
 
@@ -257,17 +251,13 @@ class _LabelwiseConv(nn.Module):
     return self.depthwise(x.reshape(b * l, 1, h, w)).reshape(b, l, h, w)
 
 
-def _make_activation(name):
-  return {"relu": nn.ReLU(), "lrelu": nn.LeakyReLU(), "tanh": nn.Tanh()}[name]
-
-
 class DepthwiseBlock(nn.Module):
   """arch_option 2: act(conv(x)) per label map."""
 
   def __init__(self, activation: str):
     super().__init__()
     self.depthwise = _LabelwiseConv()
-    self.activation = _make_activation(activation)
+    self.activation = {"relu": nn.ReLU(), "lrelu": nn.LeakyReLU(), "tanh": nn.Tanh()}[activation]
 
   def _combine(self, x, conv_x, label_mask):
     del x, label_mask
@@ -289,8 +279,6 @@ class BottleneckBlock(DepthwiseBlock):
 
 
 # --- LSeg ---
-
-
 class LSegTorch(nn.Module):
   """LSeg as the official `LSegNet.forward` computes it, except that everything stays
   float32 (the official casts pixel features to half before the dot product), text
@@ -334,7 +322,6 @@ class LSegTorch(nn.Module):
         persistent=False)
 
   # -- text -------------------------------------------------------------------
-
   def encode_text(self, tokens):
     """Token ids [L, context_length] int -> unnormalised embeddings [L, D]."""
     return self.clip_pretrained.encode_text(tokens)
@@ -344,7 +331,6 @@ class LSegTorch(nn.Module):
     return self(x, self.encode_text(tokens), label_mask)
 
   # -- image ------------------------------------------------------------------
-
   def pixel_features(self, x):
     """Images [B, 3, H, W] -> unnormalised pixel embeddings [B, D, H/2, W/2]."""
     self._check_image(x)
@@ -397,8 +383,7 @@ class LSegTorch(nn.Module):
       raise ValueError(f"images must be floating point, got {x.dtype}")
     h, w = x.shape[2:]
     if h % 32 or w % 32 or h == 0 or w == 0:
-      raise ValueError(f"image height and width must be positive multiples of 32, "
-                       f"got {h}x{w}")
+      raise ValueError(f"image height and width must be positive multiples of 32, got {h}x{w}")
 
   def _check_labels(self, x, text_features, label_mask):
     self._check_image(x)
@@ -415,15 +400,13 @@ class LSegTorch(nn.Module):
     if label_mask is not None:
       if (not torch.is_tensor(label_mask) or label_mask.dtype != torch.bool
           or tuple(label_mask.shape) != (b, num_labels)):
-        raise ValueError(
-            f"label_mask must be a bool tensor [{b}, {num_labels}], got "
-            f"{getattr(label_mask, 'dtype', type(label_mask))} "
-            f"{tuple(getattr(label_mask, 'shape', ()))}")
+        raise ValueError(f"label_mask must be a bool tensor [{b}, {num_labels}], got "
+                         f"{getattr(label_mask, 'dtype', type(label_mask))} "
+                         f"{tuple(getattr(label_mask, 'shape', ()))}")
       label_mask = label_mask.to(x.device)
     return text_features, label_mask
 
   # -- checkpoints --------------------------------------------------------------
-
   def save_checkpoint(self, path):
     """Writes {"state_dict": ..., "lseg_config": {...}} for `from_checkpoint`."""
     torch.save({"state_dict": self.state_dict(),
