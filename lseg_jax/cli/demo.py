@@ -246,21 +246,13 @@ class _Upload:
   name: str
 
 
-def build_app(backend: DemoBackend):
-  """The Gradio Blocks page of `backend`."""
-  # Before Gradio is imported: no analytics or version checks (no network).
-  os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-  os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-  # Gradio (and its pandas) is an optional dependency: imported here only.
-  # pylint: disable=g-import-not-at-top
-  import gradio as gr
-  import pandas as pd
-  # pylint: enable=g-import-not-at-top
+def _image_file_component(gr):
+  """The Gradio image input (a `gr.Image` subclass) that yields `_Upload`s."""
 
   class ImageFile(gr.Image):
-    """The image input: a gr.Image that hands over the uploaded file untouched as an
-    `_Upload`: `lseg_jax.predict` reads it (Gradio's own conversion would clip 16-bit images
-    and fail on files that are not images before a message can be shown)."""
+    """gr.Image that hands over the uploaded file untouched: `lseg_jax.predict`
+    reads it (Gradio's own conversion would clip 16-bit images and fail on
+    files that are not images before a message can be shown)."""
     is_template = True  # Drawn by the frontend's Image component.
 
     def preprocess(self, payload):
@@ -271,8 +263,13 @@ def build_app(backend: DemoBackend):
         return _Upload(base64.b64decode(payload.url.split(",", 1)[1]), name)
       return _Upload(payload.path, name)
 
+  return ImageFile
+
+
+def _segment_handler(backend: DemoBackend, gr, pd):
+  """The page's Segment callback: `backend.segment`, its refusals as `gr.Error`s."""
+
   def run(upload, labels_text, template, protocol, alpha):
-    """The page's Segment callback: `backend.segment`, its refusals as `gr.Error`s."""
     try:
       out = backend.segment(None if upload is None else upload.source,
                             None if upload is None else upload.name,
@@ -288,6 +285,23 @@ def build_app(backend: DemoBackend):
         subset=["colour"]).format({"area %": "{:.2f}"})
     return (out.overlay, out.colour_map, styled, [out.overlay, out.label_map, out.report],
             out.status)
+
+  return run
+
+
+def build_app(backend: DemoBackend):
+  """The Gradio Blocks page of `backend`."""
+  # Before Gradio is imported: no analytics or version checks (no network).
+  os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+  os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+  # Gradio (and its pandas) is an optional dependency: imported here only.
+  # pylint: disable=g-import-not-at-top
+  import gradio as gr
+  import pandas as pd
+  # pylint: enable=g-import-not-at-top
+
+  ImageFile = _image_file_component(gr)  # pylint: disable=invalid-name
+  run = _segment_handler(backend, gr, pd)
 
   template = backend.default_template()
   with gr.Blocks(title="LSeg: language-driven segmentation", analytics_enabled=False,
