@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from lseg_jax import errors
 from lseg_jax import flops
 from lseg_jax.cli import benchmark
 from lseg_jax.models import lseg
@@ -105,3 +106,8 @@ def test_torch_text_tower_trained_runs_and_updates_it_every_step(monkeypatch, te
     assert len(set(stepped)) == 1 and stepped[0] > text_params
   else:
     assert encoded == [] and len(stepped) == 3
+
+
+def test_aot_fit_without_a_topology_is_a_user_error():
+  with pytest.raises(errors.UserError, match="needs --aot TOPOLOGY"):
+    benchmark.main(["--config", "configs/synthetic_tiny.py", "--aot-fit", "4"])

@@ -35,6 +35,7 @@ from typing import Any, Callable
 from lseg_jax import distributed
 from lseg_jax.cli import common
 from lseg_jax.convert import langseg
+from lseg_jax.errors import UserError
 from lseg_jax.timing import time_calls
 
 NA = "n/a"
@@ -348,9 +349,12 @@ def bench_jax(results: dict[str, Any], args, config, spec, mesh, state, text_emb
 def main(argv=None) -> int:
   args = common.parse(build_parser(), argv)
   if args.steps < 1:
-    raise ValueError(f"--steps={args.steps}; expected >= 1")
+    raise UserError(f"--steps={args.steps}; expected >= 1")
   if args.labels < 1:
-    raise ValueError(f"--labels={args.labels}; expected >= 1")
+    raise UserError(f"--labels={args.labels}; expected >= 1")
+  if args.aot_fit is not None and not args.aot:
+    raise UserError(f"--aot-fit {args.aot_fit} searches a TPU slice's batch: it needs --aot "
+                    "TOPOLOGY")
   config = common.load_config(args.config, args.overrides)
   if args.aot:
     return run_aot(args, config)
