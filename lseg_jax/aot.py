@@ -254,7 +254,8 @@ def largest_batch(topology: str, config, num_labels: int, start: int = 1,
 
   Starts at `start`; each next guess extrapolates the HBM per chip of the compiles that
   fit to the chip's capacity (XLA squeezes a program near the limit, so the guess errs
-  low), or halves the bracket found so far when it falls outside. A refused compile takes seconds, one
+  low; without a refusal yet it grows the batch at least 1.5 times), or halves the bracket
+  found so far when it falls outside. A refused compile takes seconds, one
   that fits minutes for full-size models. Returns `report`'s line for the largest batch
   that fits (for `start` if none does) with "largest_images_per_chip" and every compile
   "tried".
@@ -288,7 +289,9 @@ def largest_batch(topology: str, config, num_labels: int, start: int = 1,
     per_image = (gib[lo] - gib[first]) / (lo - first) if lo > first else 0
     per_image = per_image if per_image > 0 else gib[lo] / lo
     n = lo + max(1, int((chip.hbm_gib - gib[lo]) / per_image))
-    if hi is not None and n >= hi:
+    if hi is None:  # at least 1.5 times: XLA's squeezing can hold the HBM flat for a while
+      n = max(n, lo + lo // 2)
+    elif n >= hi:
       n = (lo + hi) // 2
   best = lo or start
   config = config.copy_and_resolve_references()
