@@ -127,7 +127,9 @@ def _sig(x: float, digits: int = 4) -> float:
   return float(f"{x:.{digits}g}")
 
 
-_GIB_FIGURE = re.compile(r"\(([\d.]+)([KMGT])\)")
+# XLA's two wordings: "... temporaries (16.68G) exceeds available HBM (15.75G)" and
+# "Used 15.82G of 15.75G hbm": the first figure is what the program needs, the last the chip.
+_GIB_FIGURE = re.compile(r"(?:\(|Used |of )([\d.]+)([KMGT])\b")
 _GIB_UNIT = {"K": 2 ** -20, "M": 2 ** -10, "G": 1, "T": 2 ** 10}
 
 

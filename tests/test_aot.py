@@ -177,3 +177,13 @@ def test_largest_batch_brackets_the_limit(monkeypatch):
     assert tried[10] and not tried[11] and len(tried) <= 6, (start, tried)
   with pytest.raises(errors.UserError, match="at least 1 image per chip"):
     aot.largest_batch("v5e:2x2", config, 6, 0)
+
+
+@pytest.mark.parametrize("xla_text", [
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    "temporaries (16.06G) exceeds available HBM (15.75G).",
+    "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+    "of memory in memory space hbm. Used 16.06G of 15.75G hbm. Exceeded hbm capacity by 320M."])
+def test_both_wordings_of_xla_out_of_memory_give_the_figures(xla_text):
+  message = aot._not_fit_message(RuntimeError(xla_text))  # pylint: disable=protected-access
+  assert message.startswith("does not fit: needs 16.06 GiB of 15.75 GiB ("), message
