@@ -257,10 +257,9 @@ def largest_batch(topology: str, config, num_labels: int, start: int = 1,
   Starts at `start`; each next guess extrapolates the HBM per chip of the compiles that
   fit to the chip's capacity (XLA squeezes a program near the limit, so the guess errs
   low; without a refusal yet it grows the batch at least 1.5 times), or halves the bracket
-  found so far when it falls outside. A refused compile takes seconds, one
-  that fits minutes for full-size models. Returns `report`'s line for the largest batch
-  that fits (for `start` if none does) with "largest_images_per_chip" and every compile
-  "tried".
+  found so far when it falls outside. A refused compile takes seconds, one that fits
+  minutes for full-size models. Returns `report`'s line for the largest batch that fits
+  (for `start` if none does) with "largest_images_per_chip" and every compile "tried".
   """
   if start < 1:
     raise UserError(f"--aot-fit {start}: expected at least 1 image per chip")
