@@ -93,6 +93,8 @@ class AotResult:
   flops: float | None = None
   bytes_accessed: float | None = None  # XLA's count (VMEM accesses included)
   message: str = ""  # "does not fit: ..." when it does not
+  needs_gib: float | None = None  # when it does not fit and XLA says: what it needs, per device
+  has_gib: float | None = None  # and what the device has for it
   # `traffic_breakdown` of the compiled program, every source ranked
   traffic: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -133,15 +135,17 @@ _GIB_FIGURE = re.compile(r"(?:\(|Used |of )([\d.]+)([KMGT])\b")
 _GIB_UNIT = {"K": 2 ** -20, "M": 2 ** -10, "G": 1, "T": 2 ** 10}
 
 
-def _not_fit_message(error: Exception) -> str:
-  """'does not fit: needs X GiB of Y' from XLA's RESOURCE_EXHAUSTED text."""
+def _not_fit(program: str, seconds: float, error: Exception) -> AotResult:
+  """'does not fit: needs X GiB of Y' (and the two figures) from XLA's RESOURCE_EXHAUSTED."""
   text = str(error)
   line = next((l for l in text.splitlines() if "RESOURCE_EXHAUSTED" in l), text.splitlines()[0])
   figures = _GIB_FIGURE.findall(line)
-  if len(figures) >= 2:
-    (need, unit), (have, unit2) = figures[0], figures[-1]
-    return f"does not fit: needs {need} {unit}iB of {have} {unit2}iB ({line.strip()})"
-  return f"does not fit: {line.strip()}"
+  if len(figures) < 2:
+    return AotResult(program, seconds, False, {}, message=f"does not fit: {line.strip()}")
+  (need, unit), (have, unit2) = figures[0], figures[-1]
+  message = f"does not fit: needs {need} {unit}iB of {have} {unit2}iB ({line.strip()})"
+  return AotResult(program, seconds, False, {}, message=message,
+                   needs_gib=float(need) * _GIB_UNIT[unit], has_gib=float(have) * _GIB_UNIT[unit2])
 
 
 def compile_program(program: str, jitted, args: tuple[Any, ...]) -> AotResult:
@@ -154,7 +158,7 @@ def compile_program(program: str, jitted, args: tuple[Any, ...]) -> AotResult:
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return AotResult(program, time.perf_counter() - t0, False, {}, message=_not_fit_message(e))
+    return _not_fit(program, time.perf_counter() - t0, e)
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   hbm = {"arguments": mem.argument_size_in_bytes / GIB,
@@ -283,8 +287,9 @@ def largest_batch(topology: str, config, num_labels: int, start: int = 1,
     if hi == lo + 1:
       break
     if not gib:  # scaled by what the chip has over what the refused compile needed
-      figures = [float(v) * _GIB_UNIT[u] for v, u in _GIB_FIGURE.findall(tried[hi][0].message)]
-      n = max(1, min(hi - 1, int(hi * (figures[-1] / figures[0] if figures else 0.5))))
+      refused = tried[hi][0]
+      n = max(1, min(hi - 1, int(hi * (refused.has_gib / refused.needs_gib
+                                       if refused.needs_gib else 0.5))))
       continue
     first = min(gib)
     per_image = (gib[lo] - gib[first]) / (lo - first) if lo > first else 0

@@ -163,7 +163,8 @@ def test_largest_batch_brackets_the_limit(monkeypatch):
     gib = 2 + 1.5 * min(n, 9) + 0.25 * max(n - 9, 0)
     mesh = type("Mesh", (), {"shape": {"data": 4, "fsdp": 1}})()
     if gib > 15.75:
-      return aot.AotResult("train", 1.0, False, {}, message=f"does not fit: needs ({gib:.2f}G) of ({15.75}G)"), mesh
+      return aot.AotResult("train", 1.0, False, {}, message="does not fit", needs_gib=gib,
+                           has_gib=15.75), mesh
     return aot.AotResult("train", 1.0, True, {"total": gib}, 1e12 * n, 1e10 * n,
                          traffic={"bytes": 1e10 * n}), mesh
   monkeypatch.setattr(aot, "compile_train", compile_train)
@@ -185,5 +186,6 @@ def test_largest_batch_brackets_the_limit(monkeypatch):
     "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
     "of memory in memory space hbm. Used 16.06G of 15.75G hbm. Exceeded hbm capacity by 320M."])
 def test_both_wordings_of_xla_out_of_memory_give_the_figures(xla_text):
-  message = aot._not_fit_message(RuntimeError(xla_text))  # pylint: disable=protected-access
-  assert message.startswith("does not fit: needs 16.06 GiB of 15.75 GiB ("), message
+  result = aot._not_fit("train", 1.0, RuntimeError(xla_text))  # pylint: disable=protected-access
+  assert result.message.startswith("does not fit: needs 16.06 GiB of 15.75 GiB ("), result.message
+  assert not result.fits and (result.needs_gib, result.has_gib) == (16.06, 15.75)
