@@ -11,9 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from lseg_jax.models import dpt, resize, spatial_reg  # noqa: E402
+from lseg_jax.models import attention, dpt, resize, spatial_reg  # noqa: E402
 
 RTOL = 1e-5
+# Upsamplings are stencils on CPUs and GPUs, products with the interpolation matrix in
+# programs compiled for TPUs: both are checked here, on the CPU.
+TARGETS = pytest.mark.parametrize("target", ["cpu", "tpu"])
 
 
 def rel_err(a, b):
@@ -40,18 +43,20 @@ def test_resize_bilinear_matches_torch(src, dst, align_corners):
   assert rel_err(ours, nhwc(ref)) < RTOL
 
 
+@TARGETS
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("src,dst", [((12, 12), (24, 24)), ((7, 9), (14, 18)), ((3, 5), (12, 20)),
                                      ((1, 3), (4, 6)), ((24, 24), (30, 30)), ((24, 24), (5, 7)),
                                      ((4, 4), (12, 12))])
-def test_resize_bilinear_value_and_gradient_match_torch_to_1e6(src, dst, align_corners):
+def test_resize_bilinear_value_and_gradient_match_torch_to_1e6(src, dst, align_corners, target):
   """Both code paths (integer-factor stencil, interpolation matrix) and both corner
   conventions, forward and backward, against torch autograd."""
   rng = np.random.RandomState(0)
   x = rng.randn(2, *src, 3).astype(np.float32)
   g = rng.randn(2, *dst, 3).astype(np.float32)
-  ours, vjp = jax.vjp(lambda v: resize.resize_bilinear(v, dst, align_corners), jnp.asarray(x))
-  (grad,) = vjp(jnp.asarray(g))
+  with attention.compiling_for(target):
+    ours, vjp = jax.vjp(lambda v: resize.resize_bilinear(v, dst, align_corners), jnp.asarray(x))
+    (grad,) = vjp(jnp.asarray(g))
   xt = nchw(x).requires_grad_()
   ref = F.interpolate(xt, size=dst, mode="bilinear", align_corners=align_corners)
   ref.backward(nchw(g))
@@ -59,19 +64,21 @@ def test_resize_bilinear_value_and_gradient_match_torch_to_1e6(src, dst, align_c
   assert rel_err(grad, nhwc(xt.grad)) < 1e-6
 
 
+@TARGETS
 @pytest.mark.parametrize("src", [(12, 12), (7, 9), (1, 3), (2, 2)])
-def test_upsample2x_phases_and_squared_norms_match_torch(src):
+def test_upsample2x_phases_and_squared_norms_match_torch(src, target):
   """The x2 upsampling's phases are the interleaved result's pixels, bit for bit; the
   squared norms of the upsampled array, made from inner products of the input's
   neighbours, equal torch's to 1e-6 relative, values and gradients."""
   rng = np.random.RandomState(0)
   x = rng.randn(2, *src, 16).astype(np.float32)
-  up = resize.upsample2x_align_corners(jnp.asarray(x))
-  for (p, q), phase in resize.upsample2x_phases(jnp.asarray(x)).items():
-    np.testing.assert_array_equal(phase, up[:, p::2, q::2])
   g = rng.randn(2, 2 * src[0], 2 * src[1]).astype(np.float32)
-  ours, vjp = jax.vjp(resize.upsampled_squared_norms, jnp.asarray(x))
-  (grad,) = vjp(jnp.asarray(g))
+  with attention.compiling_for(target):
+    up = resize.upsample2x_align_corners(jnp.asarray(x))
+    for (p, q), phase in resize.upsample2x_phases(jnp.asarray(x)).items():
+      np.testing.assert_array_equal(phase, up[:, p::2, q::2])
+    ours, vjp = jax.vjp(resize.upsampled_squared_norms, jnp.asarray(x))
+    (grad,) = vjp(jnp.asarray(g))
   xt = nchw(x).requires_grad_()
   ref = F.interpolate(xt, scale_factor=2, mode="bilinear", align_corners=True).square().sum(1)
   ref.backward(torch.from_numpy(g))
@@ -90,14 +97,17 @@ def test_axis_taps_are_torch_weights(align_corners):
         resize.interpolation_matrix(n_in, n_out, align_corners), weights)
 
 
-def test_resize_has_no_gather_or_scatter():
+@TARGETS
+def test_resize_has_no_gather_or_scatter(target):
   """Gradients of gathers are scatter-adds, slow on every backend: none in either path."""
   x = jnp.ones((2, 12, 12, 4))
   for size in [(24, 24), (30, 30)]:
     for align_corners in (False, True):
       f = lambda v: jnp.sum(resize.resize_bilinear(v, size, align_corners) ** 2)
-      text = str(jax.make_jaxpr(jax.grad(f))(x))
+      with attention.compiling_for(target):
+        text = str(jax.make_jaxpr(jax.grad(f))(x))
       assert "gather" not in text and "scatter" not in text, text
+      assert ("dot_general" in text) == (target == "tpu" or size == (30, 30)), text
 
 
 def test_upsample2x_matches_torch_scale_factor():

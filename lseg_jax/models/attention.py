@@ -50,6 +50,12 @@ def compiling_for(platform: str):
   return _setting(_TARGET_PLATFORM, platform)
 
 
+def target_platform() -> str:
+  """The platform programs traced now are compiled for: `compiling_for`'s, else JAX's
+  default backend."""
+  return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
 def kernel_mesh(mesh: jax.sharding.Mesh | None):
   """Within the block (entered while a jitted program traces), kernels XLA cannot
   partition run per device over `mesh`, whose every axis splits the batch."""
@@ -80,7 +86,7 @@ def resolve(implementation: str, dtype, head_dim: int) -> str:
   check_implementation(implementation)
   if implementation != "auto":
     return implementation
-  if (_TARGET_PLATFORM.get() or jax.default_backend()) == "tpu":
+  if target_platform() == "tpu":
     return "tpu_flash"
   if _TARGET_PLATFORM.get() not in (None, "gpu"):
     return "xla"

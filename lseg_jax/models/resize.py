@@ -11,6 +11,12 @@ borders), so each phase is shifted slices and a weight vector, and the phases in
 reshape; the gradient is slices and adds. Any other size change (the position-embedding grid) is a
 product with a small [out, in] interpolation matrix per axis. Both agree with PyTorch to float32
 rounding (< 1e-6 relative, values and gradients).
+
+Programs compiled for TPUs (`attention.target_platform()`) upsample by the matrix product too (each
+phase by its rows of the matrix): there XLA turns the stencil's shifted slices, edge copies and
+interleaving, and their gradients, into layout copies that move 3 to 6 times the bytes of the
+product's input and output (docs/scaling.md), while the product costs the MXU ~1% of the train
+step's FLOPs.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lseg_jax.models import attention
 
 
 def axis_taps(in_size: int, out_size: int, align_corners: bool):
@@ -94,11 +102,22 @@ def _shifted(x, axis: int, shifts):
   return {d: jax.lax.slice_in_dim(xp, lo + d, lo + d + n, axis=axis) for d in set(shifts)}
 
 
+def _by_matmul() -> bool:
+  return attention.target_platform() == "tpu"
+
+
 def _phases(x, axis: int, stencil):
   """The r phases of an integer-factor upsampling along `axis`: phase p [..., n, ...]
   holds outputs r*i + p."""
   d0, d1, w1 = stencil
   r, n = w1.shape
+  if _by_matmul():  # phase p: the rows r*i + p of the interpolation matrix
+    rows = np.arange(n)
+    mats = np.zeros((r, n, n), np.float32)
+    for p in range(r):
+      mats[p, rows, np.clip(rows + d0[p], 0, n - 1)] += np.float32(1) - w1[p]
+      mats[p, rows, np.clip(rows + d1[p], 0, n - 1)] += w1[p]
+    return [_matmul_axis(x, axis, mats[p]) for p in range(r)]
   shape = [1] * x.ndim
   shape[axis] = n
   taps = _shifted(x, axis, d0 + d1)
@@ -120,9 +139,9 @@ def _upsample_axis(x, axis: int, stencil):
   return _interleave(_phases(x, axis, stencil), axis)
 
 
-def _matmul_axis(x, axis: int, out_size: int, align_corners: bool):
-  m = jnp.asarray(interpolation_matrix(x.shape[axis], out_size, align_corners), x.dtype)
-  y = jax.lax.dot_general(m, x, (((1,), (axis,)), ((), ())),
+def _matmul_axis(x, axis: int, m: np.ndarray):
+  """y = m @ x along `axis` for an [out, in] matrix `m`."""
+  y = jax.lax.dot_general(jnp.asarray(m, x.dtype), x, (((1,), (axis,)), ((), ())),
                           precision=jax.lax.Precision.HIGHEST)  # [out, rest...]
   return jnp.moveaxis(y, 0, axis)
 
@@ -132,9 +151,9 @@ def _resize_axis(x, axis: int, out_size: int, align_corners: bool):
   if in_size == out_size:  # identity for either convention
     return x
   stencil = _stencil(in_size, out_size, align_corners)
-  if stencil is not None:
+  if stencil is not None and not _by_matmul():
     return _upsample_axis(x, axis, stencil)
-  return _matmul_axis(x, axis, out_size, align_corners)
+  return _matmul_axis(x, axis, interpolation_matrix(in_size, out_size, align_corners))
 
 
 def resize_bilinear(x, size: tuple[int, int], align_corners: bool):
