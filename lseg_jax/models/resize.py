@@ -106,18 +106,14 @@ def _by_matmul() -> bool:
   return attention.target_platform() == "tpu"
 
 
-def _phases(x, axis: int, stencil):
-  """The r phases of an integer-factor upsampling along `axis`: phase p [..., n, ...]
-  holds outputs r*i + p."""
-  d0, d1, w1 = stencil
-  r, n = w1.shape
+def _phases(x, axis: int, r: int, align_corners: bool):
+  """The r phases of an r-times upsampling along `axis`: phase p [..., n, ...] holds
+  outputs r*i + p."""
+  n = x.shape[axis]
   if _by_matmul():  # phase p: the rows r*i + p of the interpolation matrix
-    rows = np.arange(n)
-    mats = np.zeros((r, n, n), np.float32)
-    for p in range(r):
-      mats[p, rows, np.clip(rows + d0[p], 0, n - 1)] += np.float32(1) - w1[p]
-      mats[p, rows, np.clip(rows + d1[p], 0, n - 1)] += w1[p]
-    return [_matmul_axis(x, axis, mats[p]) for p in range(r)]
+    m = interpolation_matrix(n, r * n, align_corners)
+    return [_matmul_axis(x, axis, m[p::r]) for p in range(r)]
+  d0, d1, w1 = _stencil(n, r * n, align_corners)
   shape = [1] * x.ndim
   shape[axis] = n
   taps = _shifted(x, axis, d0 + d1)
@@ -135,10 +131,6 @@ def _interleave(phases, axis: int):
   return y.reshape(*y.shape[:axis], -1, *y.shape[axis + 2:])
 
 
-def _upsample_axis(x, axis: int, stencil):
-  return _interleave(_phases(x, axis, stencil), axis)
-
-
 def _matmul_axis(x, axis: int, m: np.ndarray):
   """y = m @ x along `axis` for an [out, in] matrix `m`."""
   y = jax.lax.dot_general(jnp.asarray(m, x.dtype), x, (((1,), (axis,)), ((), ())),
@@ -150,9 +142,8 @@ def _resize_axis(x, axis: int, out_size: int, align_corners: bool):
   in_size = x.shape[axis]
   if in_size == out_size:  # identity for either convention
     return x
-  stencil = _stencil(in_size, out_size, align_corners)
-  if stencil is not None and not _by_matmul():
-    return _upsample_axis(x, axis, stencil)
+  if _stencil(in_size, out_size, align_corners) is not None and not _by_matmul():
+    return _interleave(_phases(x, axis, out_size // in_size, align_corners), axis)
   return _matmul_axis(x, axis, interpolation_matrix(in_size, out_size, align_corners))
 
 
@@ -174,21 +165,15 @@ def upsample2x_align_corners(x):
   return resize_bilinear(x, (2 * x.shape[-3], 2 * x.shape[-2]), align_corners=True)
 
 
-def _x2_stencils(x):
-  h, w = x.shape[-3], x.shape[-2]
-  return _stencil(h, 2 * h, True), _stencil(w, 2 * w, True)
-
-
 def upsample2x_phases(x) -> dict[tuple[int, int], jax.Array]:
   """The four phases of `upsample2x_align_corners(x)` without interleaving them:
   {(p, q): y[..., p::2, q::2, :]}, each [..., H, W, C], by the same arithmetic (the
   same bits as slicing the interleaved result). A per-pixel function of the upsampled
   array (the training loss) can run on the phases: on TPUs, interleaving costs a layout
   copy of the whole array and another of its gradient."""
-  sh, sw = _x2_stencils(x)
-  cols = _phases(x, x.ndim - 2, sw)  # width first, as resize_bilinear
+  cols = _phases(x, x.ndim - 2, 2, True)  # width first, as resize_bilinear
   return {(p, q): row for q, col in enumerate(cols)
-          for p, row in enumerate(_phases(col, x.ndim - 3, sh))}
+          for p, row in enumerate(_phases(col, x.ndim - 3, 2, True))}
 
 
 def _tap(x, axis: int, d: int):
@@ -204,10 +189,10 @@ def upsampled_squared_norms(x):
   (1 - h)^2 |y0|^2 + 2 (1 - h) h <y0, y1> + h^2 |y1|^2: the per-pixel norms and
   neighbour inner products of y, reductions that fuse with the arithmetic making y.
   """
-  (hd0, hd1, hw), sw = _x2_stencils(x)
   ah, h = x.ndim - 3, x.shape[-3]
+  hd0, hd1, hw = _stencil(h, 2 * h, True)
   cols = []
-  for y in _phases(x, x.ndim - 2, sw):
+  for y in _phases(x, x.ndim - 2, 2, True):
     norms = jnp.sum(jnp.square(y), axis=-1)  # [..., H, W]
     rows = []
     for p in range(2):
