@@ -104,6 +104,42 @@ def test_a_program_that_does_not_fit_is_a_result():
   assert "GiB of 15.75 GiB" in fig["message"], fig["message"]
 
 
+_V6E_STRIDED_BLOCK = """
+import sys
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from lseg_jax import aot
+from lseg_jax.models import attention, resnet
+mesh = jax.sharding.Mesh(aot.slice_devices("v6e:2x2"), ("data",))
+block = resnet.Bottleneck(8, 8, 2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+def loss(params, rest, x):
+  return jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32) ** 2)
+def abstract(tree, spec=P()):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=NamedSharding(mesh, spec)), tree)
+x = jax.ShapeDtypeStruct((4, 64, 64, 8), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+with attention.compiling_for("tpu"):
+  jax.jit(jax.grad(loss, argnums=(0, 2))).lower(
+      abstract(nnx.pure(params)), abstract(nnx.pure(rest)), x).compile()
+print("compiled")
+"""
+
+
+def test_resnet_strided_block_gradient_compiles_for_v6e():
+  """libtpu (jax[tpu] 0.10.2) overflowed its stack and killed the process compiling this
+  for v6e (the ResNet-101 train step, at any batch) until `resnet.Bottleneck` held its
+  strided conv apart from BatchNorm in TPU programs. A child process, so a crash fails
+  the test instead of ending the run."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([_tpu_python(), "-c", _V6E_STRIDED_BLOCK], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == "compiled", (
+      proc.returncode, proc.stderr[-2000:])
+
+
 def test_unknown_topology_is_a_user_error():
   with pytest.raises(errors.UserError, match="expected GENERATION:GRID"):
     aot.slice_devices("v9z:2x2")

@@ -7,13 +7,14 @@ train mode (batch statistics), and the running statistics torch updates in train
 must come out the same. Run with `-s` to see the errors.
 """
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lseg_jax import init
 from lseg_jax.convert import mapping, torchvision_resnet
-from lseg_jax.models import lseg, resnet
+from lseg_jax.models import attention, lseg, resnet
 
 import test_convert_common as common
 
@@ -180,3 +181,29 @@ def test_gradients_reach_every_parameter():
   flat = mapping.flatten_params(grads)
   assert flat and all(np.isfinite(np.asarray(g)).all() for g in flat.values())
   assert np.abs(np.asarray(flat["conv1/kernel"])).max() > 0
+
+
+def test_tpu_programs_hold_the_strided_conv_apart_from_batchnorm():
+  """Traced for a TPU, a stride-2 block puts an optimization barrier before its 3x3 conv
+  (libtpu crashes compiling the gradient for v6e without it: tests/test_aot.py); traced
+  for this CPU it does not. The values and gradients are bit-identical either way."""
+  block = resnet.Bottleneck(8, 4, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+  params, rest = nnx.pure(params), nnx.pure(rest)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 8)), jnp.float32)
+
+  def loss(params, x):
+    model = nnx.merge(graphdef, params, rest)
+    return jnp.sum(model(x) ** 2), nnx.pure(nnx.state(model, nnx.BatchStat))
+
+  step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  # Fresh lambdas: JAX caches a trace per function, whatever the platform setting.
+  here = jax.jit(lambda p, x: step(p, x))(params, x)
+  assert "optimization_barrier" not in str(jax.make_jaxpr(lambda p, x: step(p, x))(params, x))
+  with attention.compiling_for("tpu"):
+    assert "optimization_barrier" in str(jax.make_jaxpr(lambda p, x: step(p, x))(params, x))
+    tpu = jax.jit(lambda p, x: step(p, x))(params, x)
+  leaves = jax.tree.leaves(here)
+  assert len(leaves) == len(jax.tree.leaves(tpu)) > 10
+  for a, b in zip(leaves, jax.tree.leaves(tpu)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -19,6 +19,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from lseg_jax.models import attention
 from lseg_jax.models import dpt
 
 # Blocks per stage; "tiny" keeps torchvision's widths with one block per stage (tests).
@@ -85,6 +86,11 @@ class Bottleneck(nnx.Module):
   def __call__(self, x):
     """[B, H, W, cin] -> [B, H/stride, W/stride, 4 * planes]."""
     out = jax.nn.relu(self.bn1(self.conv1(x)))
+    if self.conv2.strides != 1 and attention.target_platform() == "tpu":
+      # libtpu's compiler (jax[tpu] 0.10.2) crashes on v6e when the gradient of a
+      # strided conv fuses with BatchNorm's backward (a stack overflow, the process gone):
+      # the barrier keeps them apart. Values are the same.
+      out = jax.lax.optimization_barrier(out)
     out = jax.nn.relu(self.bn2(self.conv2(out)))
     out = self.bn3(self.conv3(out))
     shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
