@@ -105,26 +105,22 @@ def test_a_program_that_does_not_fit_is_a_result():
 
 
 _V6E_STRIDED_BLOCK = """
-import sys
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-from lseg_jax import aot
-from lseg_jax.models import attention, resnet
-mesh = jax.sharding.Mesh(aot.slice_devices("v6e:2x2"), ("data",))
+from lseg_jax import aot, sharding
+from lseg_jax.models import resnet
+mesh = sharding.make_mesh({"data": -1}, aot.slice_devices("v6e:2x2"))
 block = resnet.Bottleneck(8, 8, 2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
 graphdef, params, rest = nnx.split(block, nnx.Param, ...)
 def loss(params, rest, x):
   return jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32) ** 2)
-def abstract(tree, spec=P()):
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-      a.shape, a.dtype, sharding=NamedSharding(mesh, spec)), tree)
-x = jax.ShapeDtypeStruct((4, 64, 64, 8), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
-with attention.compiling_for("tpu"):
-  jax.jit(jax.grad(loss, argnums=(0, 2))).lower(
-      abstract(nnx.pure(params)), abstract(nnx.pure(rest)), x).compile()
-print("compiled")
+replicated = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+    a.shape, a.dtype, sharding=sharding.replicated(mesh)), nnx.pure(tree))
+x = jax.ShapeDtypeStruct((4, 64, 64, 8), jnp.bfloat16, sharding=sharding.batch_sharding(mesh))
+result = aot.compile_program("train", jax.jit(jax.grad(loss, argnums=(0, 2))),
+                             (replicated(params), replicated(rest), x))
+print("compiled" if result.fits else result.message)
 """
 
 
